@@ -1,0 +1,231 @@
+"""`neuron-assets`: run the pipeline, query the description database, look at a neuron.
+
+    neuron-assets run                          materialize every asset of the config
+    neuron-assets sql "select ..."             read-only SQL over the catalog
+    neuron-assets show 3 1021 --polarity pos   a neuron's exemplars, activating tokens marked
+    neuron-assets ui                           the Dagster UI on the same storage
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from neuron_assets.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; a rerun resumes from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ValueError, LookupError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuron-assets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config (default: $NEURON_ASSETS_CONFIG, else the embedded demo)")
+    commands = parser.add_subparsers(dest="command")
+
+    run = commands.add_parser("run", help="materialize the configured assets in-process, then build the catalog")
+    run.add_argument("--select", help="comma-separated asset names (default: all)")
+    run.set_defaults(handler=cmd_run)
+
+    sql = commands.add_parser("sql", help="run a read-only SQL query against the description database")
+    sql.add_argument("query", help="SQL text, or @file.sql")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format")
+    sql.set_defaults(handler=cmd_sql)
+
+    show = commands.add_parser("show", help="a neuron's statistics and exemplars, activating tokens marked")
+    show.add_argument("layer", type=int)
+    show.add_argument("neuron", type=int)
+    show.add_argument("--polarity", choices=["pos", "neg"], default="pos")
+    show.add_argument("--split", choices=["train", "val", "test"], default="train")
+    show.add_argument("--kind", choices=["top", "random", "quantile"], default="top")
+    show.add_argument("-n", type=int, default=10, help="exemplars shown")
+    show.set_defaults(handler=cmd_show)
+
+    ui = commands.add_parser("ui", help="start the Dagster UI (dagster dev) on this config's storage")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(handler=cmd_ui)
+    return parser
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    import dagster as dg
+
+    from neuron_assets.defs.definitions import build_definitions
+    from neuron_assets.store import Store
+
+    config = load_config(args.config)
+    config.root.mkdir(parents=True, exist_ok=True)
+    defs = build_definitions(args.config)
+    assets = list(defs.assets)
+    if args.select:
+        wanted = {name.strip() for name in args.select.split(",")}
+        known = {a.key.to_user_string() for a in assets}
+        unknown = wanted - known
+        if unknown:
+            raise ValueError(f"unknown asset(s) {sorted(unknown)}; the assets are {sorted(known)}")
+        selection = [a for a in assets if a.key.to_user_string() in wanted]
+    else:
+        selection = assets
+    partitions = next(a.partitions_def for a in assets if a.partitions_def is not None)
+    keys = partitions.get_partition_keys()
+    print(f"neuron-assets: config '{config.name}' ({config.hash}), model {config.subject.model}, "
+          f"{len(keys)} partitions (layer x polarity), storage {config.root}", file=sys.stderr)
+    started = time.time()
+    with _instance(config.root) as instance:
+        result = dg.materialize(
+            selection,
+            instance=instance,
+            resources=defs.resources,
+            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            raise_on_error=False,
+        )
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        message = failure.step_failure_data.error.message.strip() if failure else "the run failed"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    store = Store(config.root)
+    views = store.build_catalog()
+    _print_summary(store, views, time.time() - started)
+    return 0
+
+
+def _instance(root: Path):
+    """The Dagster instance the UI reads too: $DAGSTER_HOME, else the storage root."""
+    import dagster as dg
+
+    home = Path(os.environ.get("DAGSTER_HOME") or root)
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def _print_summary(store, views: list[str], seconds: float) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(store.catalog_path), read_only=True)
+    print(f"\n{'table':<24} {'partitions':>10} {'rows':>10}")
+    for view in views:
+        rows = con.execute(f"select count(*) from {view}").fetchone()[0]
+        files = len(list((store.data_dir / view).rglob("*.parquet"))) if (store.data_dir / view).exists() else 0
+        print(f"{view:<24} {files or '-':>10} {rows:>10}")
+    con.close()
+    print(f"\ndone in {seconds:.0f} s. DuckDB catalog: {store.catalog_path}")
+    print('query it: neuron-assets sql "select layer, polarity, count(*) from exemplars group by all"')
+
+
+# -- sql ----------------------------------------------------------------------------------
+
+
+def cmd_sql(args) -> int:
+    import duckdb
+
+    from neuron_assets.store import Store
+
+    config = load_config(args.config)
+    store = Store(config.root)
+    query = Path(args.query[1:]).read_text() if args.query.startswith("@") else args.query
+    if not store.data_dir.exists():
+        raise LookupError(f"no data under {config.root}; run `neuron-assets run` first")
+    con = store.connect(read_only=True)
+    try:
+        relation = con.sql(query)
+    except duckdb.CatalogException as err:
+        views = ", ".join(store.views())
+        raise LookupError(f"{str(err).splitlines()[0]}. Views in the catalog: {views or 'none yet'}") from None
+    except duckdb.Error as err:
+        raise ValueError(f"SQL error: {str(err).splitlines()[0]}") from None
+    if relation is None:
+        return 0
+    if args.format == "table":
+        relation.show(max_rows=args.max_rows, max_width=200)
+    elif args.format == "csv":
+        relation.pl().write_csv(sys.stdout)
+    else:
+        json.dump(relation.pl().to_dicts(), sys.stdout, default=str, indent=1)
+        print()
+    return 0
+
+
+# -- show ---------------------------------------------------------------------------------
+
+
+def cmd_show(args) -> int:
+    from neuron_assets.exemplars import load_feature_exemplars
+    from neuron_assets.render import highlight_terminal
+    from neuron_assets.store import Store
+    from neuron_assets.types import ExemplarKind, Polarity, Split
+
+    config = load_config(args.config)
+    store = Store(config.root)
+    features = {f.feature.index: f for f in load_feature_exemplars(store, args.layer, Polarity(args.polarity))}
+    feature = features.get(args.neuron)
+    if feature is None:
+        some = ", ".join(str(n) for n in sorted(features)[:20])
+        raise LookupError(f"neuron {args.neuron} of layer {args.layer} was not collected; collected neurons include {some} "
+                          "(set features.neurons to collect others)")
+    stats = feature.stats
+    color = sys.stdout.isatty()
+    print(f"{feature.feature}: max {stats.max:.3f}, mean {stats.mean:.3f}, std {stats.std:.3f}, "
+          f"active on {stats.frac_active:.1%} of tokens; q99 {stats.quantiles[0.99]:.3f}")
+    descriptions = _best_description(store, feature.feature)
+    if descriptions:
+        print(descriptions)
+    print(f"\n{args.kind} {args.split} exemplars (tokens at >= half the strongest exemplar's activation "
+          + ("in bold" if color else "in {{ }}") + "):")
+    exemplars = feature.select(Split(args.split), ExemplarKind(args.kind))[: args.n]
+    reference = max((e.extreme for e in exemplars), default=0.0)
+    for exemplar in exemplars:
+        print(f"{exemplar.rank:>3} {exemplar.extreme:>8.3f}  {highlight_terminal(exemplar.record, feature.feature.polarity, color, reference)}")
+    return 0
+
+
+def _best_description(store, feature) -> str | None:
+    if not store.exists("neuron_descriptions", feature.layer, feature.polarity.value):
+        return None
+    import polars as pl
+
+    rows = store.read("neuron_descriptions", feature.layer, feature.polarity.value).filter(pl.col("neuron") == feature.index)
+    if rows.height == 0 or "description" not in rows.columns:
+        return None
+    return f"description: {rows['description'][0]}"
+
+
+# -- ui -----------------------------------------------------------------------------------
+
+
+def cmd_ui(args) -> int:
+    config = load_config(args.config)
+    env = dict(os.environ, DAGSTER_HOME=os.environ.get("DAGSTER_HOME") or str(config.root))
+    if args.config:
+        env["NEURON_ASSETS_CONFIG"] = str(Path(args.config).resolve())
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    command = ["dagster", "dev", "-p", str(args.port)] + (["-w", str(workspace)] if workspace.exists() else ["-m", "neuron_assets.defs"])
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

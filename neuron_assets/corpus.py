@@ -1,0 +1,303 @@
+"""Corpus: text sources -> fixed-length token sequences -> equal train / val / test splits.
+
+Each text window comes from a single document and is preceded by a fixed prefix (the
+tokenizer's BOS or CLS token, then the configured prefix text), as Transluce prepends its
+chat header. A chat (a ``messages`` field) is rendered with the tokenizer's chat template
+and cut to ``seq_len``. Each split gets the same number of sequences and the same share of
+every source, and a document's windows all land in one split. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+
+from neuron_assets.config import CorpusConfig, SourceConfig
+from neuron_assets.types import Split
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be built; the message names the source and the fix."""
+
+
+@dataclass(frozen=True)
+class TokenWindow:
+    source: str
+    doc_id: int
+    token_ids: list[int]
+    tokens: list[str]
+    prefix_len: int
+
+
+def build_sequences(config: CorpusConfig, tokenizer) -> pl.DataFrame:
+    """The ``sequences`` table: seq_id, split, source, doc_id, token_ids, tokens, prefix_len, n_tokens."""
+    prefix_ids, prefix_tokens = _prefix(config.prefix, tokenizer)
+    if len(prefix_ids) >= config.seq_len:
+        raise CorpusError(
+            f"the prefix takes {len(prefix_ids)} tokens, leaving none of corpus.seq_len={config.seq_len}; "
+            "raise seq_len or shorten corpus.prefix"
+        )
+    total_weight = sum(source.weight for source in config.sources)
+    if not config.sources:
+        raise CorpusError("corpus.sources is empty; add at least one source (see configs/demo.yaml)")
+    shares = {source.name: source.weight / total_weight for source in config.sources}
+    if len(shares) != len(config.sources):
+        raise CorpusError("corpus.sources names must be unique")
+
+    per_split = config.sequences_per_split
+    documents_by_source = {}
+    for source in config.sources:
+        # A margin beyond the exact need lets whole documents fill every split exactly.
+        wanted = math.ceil(per_split * shares[source.name] * 1.2) * len(Split) + 3 * config.max_windows_per_document
+        documents_by_source[source.name] = _windows_by_document(
+            source, tokenizer, config, prefix_ids, prefix_tokens, wanted
+        )
+    # A source too small for its share shrinks every split alike, keeping shares and sizes equal.
+    for name, documents in documents_by_source.items():
+        available = sum(len(windows) for windows in documents)
+        fits = int(available / (len(Split) * shares[name]))
+        if fits < per_split:
+            per_split = fits
+    if per_split < 1:
+        raise CorpusError("the corpus has no usable sequences; add documents or lower corpus.seq_len")
+    if per_split < config.sequences_per_split:
+        warnings.warn(
+            f"the corpus holds only {per_split} sequences per split of the {config.sequences_per_split} asked "
+            "(corpus.sequences_per_split); add documents to reach it",
+            stacklevel=2,
+        )
+
+    rng = random.Random(config.seed)
+    rows: list[tuple[str, TokenWindow]] = []
+    counts = _split_counts(per_split, shares)
+    for source in config.sources:
+        assigned = _assign_documents(documents_by_source[source.name], counts[source.name], rng)
+        # Whole documents may leave one split a few windows short: trim the others to match.
+        fill = min(len(windows) for windows in assigned.values())
+        rows += [(split, window) for split, windows in assigned.items() for window in windows[:fill]]
+        if fill < counts[source.name]:
+            warnings.warn(f"source '{source.name}' fills only {fill} of its {counts[source.name]} sequences per split", stacklevel=2)
+    ordered = []
+    for split in Split:
+        in_split = [window for s, window in rows if s == split.value]
+        rng.shuffle(in_split)  # batches mix sources
+        ordered += [(split.value, window) for window in in_split]
+    return pl.DataFrame(
+        {
+            "seq_id": list(range(len(ordered))),
+            "split": [split for split, _ in ordered],
+            "source": [w.source for _, w in ordered],
+            "doc_id": [w.doc_id for _, w in ordered],
+            "token_ids": [w.token_ids for _, w in ordered],
+            "tokens": [w.tokens for _, w in ordered],
+            "prefix_len": [w.prefix_len for _, w in ordered],
+            "n_tokens": [len(w.token_ids) for _, w in ordered],
+        },
+        schema={
+            "seq_id": pl.Int64, "split": pl.String, "source": pl.String, "doc_id": pl.Int64,
+            "token_ids": pl.List(pl.Int32), "tokens": pl.List(pl.String), "prefix_len": pl.Int16, "n_tokens": pl.Int32,
+        },
+    )
+
+
+def read_documents(source: SourceConfig) -> Iterator[str | list[dict]]:
+    """The documents of one source, in file order: text, or a chat (list of messages)."""
+    if source.kind == "builtin":
+        yield from _builtin_documents(source.path)
+        return
+    path = Path(source.path).expanduser()
+    if not path.exists():
+        raise CorpusError(f"source '{source.name}': {path} does not exist; fix corpus.sources[].path")
+    if source.kind == "text":
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".txt", ".md", ".rst"}) if path.is_dir() else [path]
+        for file in files:
+            yield file.read_text(errors="replace")
+        return
+    field = source.messages_field or source.text_field
+    if source.kind == "jsonl":
+        with path.open() as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CorpusError(f"source '{source.name}': {path}:{line_no} is not JSON ({err.msg})") from None
+                yield _field(row, field, source, f"{path}:{line_no}")
+        return
+    frame = pl.read_parquet(path, columns=None)
+    if field not in frame.columns:
+        raise CorpusError(f"source '{source.name}': {path} has no column '{field}' (columns: {', '.join(frame.columns)})")
+    yield from frame.get_column(field).to_list()
+
+
+# -- tokenizing into windows ------------------------------------------------------------
+
+
+def _windows_by_document(source, tokenizer, config, prefix_ids, prefix_tokens, wanted) -> list[list[TokenWindow]]:
+    """Windows grouped by document, read until ``wanted`` windows are found."""
+    window_len = config.seq_len - len(prefix_ids)
+    rng = random.Random(f"{config.seed}:{source.name}")
+    grouped: list[list[TokenWindow]] = []
+    n_documents = n_windows = longest = 0
+    for doc_id, document in enumerate(read_documents(source)):
+        n_documents += 1
+        if isinstance(document, list):
+            windows = _chat_window(document, source, doc_id, tokenizer, config.seq_len)
+            longest = max(longest, len(windows[0].token_ids) if windows else 0)
+        else:
+            if not isinstance(document, str) or not document.strip():
+                continue
+            ids, tokens = tokenize_with_text(document, tokenizer)
+            longest = max(longest, len(ids))
+            starts = list(range(0, len(ids) - window_len + 1, window_len))
+            if len(starts) > config.max_windows_per_document:
+                starts = sorted(rng.sample(starts, config.max_windows_per_document))
+            windows = [
+                TokenWindow(source.name, doc_id, prefix_ids + ids[s : s + window_len],
+                            prefix_tokens + tokens[s : s + window_len], len(prefix_ids))
+                for s in starts
+            ]
+        if windows:
+            grouped.append(windows)
+            n_windows += len(windows)
+            if n_windows >= wanted:
+                break
+    if n_documents == 0:
+        raise CorpusError(f"source '{source.name}' ({source.kind} {source.path}) has no documents; point it at non-empty files")
+    if not grouped:
+        raise CorpusError(
+            f"no document of source '{source.name}' is long enough: a window needs {window_len} tokens "
+            f"(corpus.seq_len={config.seq_len} minus a {len(prefix_ids)}-token prefix) and the longest document "
+            f"has {longest}; lower corpus.seq_len or add longer documents"
+        )
+    return grouped
+
+
+def tokenize_with_text(text: str, tokenizer) -> tuple[list[int], list[str]]:
+    """Token ids and, for each, the text from the end of the previous token to its own end.
+
+    The strings concatenate to the text, each carrying its leading whitespace, which is how
+    explainers and simulators show them.
+    """
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids = list(encoded["input_ids"])
+    tokens, previous_end = [], 0
+    for start, end in encoded["offset_mapping"]:
+        piece = text[previous_end:end] if end > previous_end else ""
+        tokens.append(piece)
+        previous_end = max(previous_end, end)
+    return ids, tokens
+
+
+def _chat_window(messages, source, doc_id, tokenizer, seq_len) -> list[TokenWindow]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise CorpusError(
+            f"source '{source.name}' holds chats but the tokenizer has no chat template; "
+            "use an instruct model's tokenizer or read a plain text_field instead of messages_field"
+        )
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise CorpusError(f"source '{source.name}', document {doc_id}: messages must be a list of {{role, content}}")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids, tokens = tokenize_with_text(text, tokenizer)
+    if len(ids) < 2:
+        return []
+    return [TokenWindow(source.name, doc_id, ids[:seq_len], tokens[:seq_len], 0)]
+
+
+def _prefix(prefix_text: str, tokenizer) -> tuple[list[int], list[str]]:
+    ids, tokens = [], []
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    if start_id is not None:
+        ids.append(int(start_id))
+        tokens.append(tokenizer.convert_ids_to_tokens(int(start_id)))
+    if prefix_text:
+        more_ids, more_tokens = tokenize_with_text(prefix_text, tokenizer)
+        ids += more_ids
+        tokens += more_tokens
+    return ids, tokens
+
+
+# -- splitting --------------------------------------------------------------------------
+
+
+def _split_counts(per_split: int, shares: dict[str, float]) -> dict[str, int]:
+    """Sequences per split for each source, summing exactly to per_split (largest remainder)."""
+    raw = {name: per_split * share for name, share in shares.items()}
+    counts = {name: int(value) for name, value in raw.items()}
+    leftover = per_split - sum(counts.values())
+    for name in sorted(raw, key=lambda n: raw[n] - counts[n], reverse=True)[:leftover]:
+        counts[name] += 1
+    return counts
+
+
+def _assign_documents(documents: list[list[TokenWindow]], per_split: int, rng: random.Random) -> dict[str, list[TokenWindow]]:
+    """Whole documents go to the emptiest split until every split holds per_split windows."""
+    order = list(range(len(documents)))
+    rng.shuffle(order)
+    assigned: dict[str, list[TokenWindow]] = {split.value: [] for split in Split}
+    for index in order:
+        open_splits = [s for s, windows in assigned.items() if len(windows) < per_split]
+        if not open_splits:
+            break
+        emptiest = min(open_splits, key=lambda s: len(assigned[s]))
+        room = per_split - len(assigned[emptiest])
+        assigned[emptiest] += documents[index][:room]
+    return assigned
+
+
+# -- the built-in offline source ----------------------------------------------------------
+
+STDLIB_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "configparser", "contextlib", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools", "glob",
+    "gzip", "hashlib", "heapq", "html.parser", "http.client", "inspect", "io", "ipaddress", "itertools", "json",
+    "logging", "math", "mimetypes", "operator", "os", "pathlib", "pickle", "pprint", "queue", "random", "re",
+    "sched", "secrets", "shlex", "shutil", "socket", "sqlite3", "statistics", "string", "struct", "subprocess",
+    "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "tokenize", "traceback", "typing",
+    "unittest", "urllib.parse", "uuid", "warnings", "weakref", "xml.etree.ElementTree", "zipfile",
+)
+
+
+def _builtin_documents(name: str) -> Iterator[str]:
+    if name == "pydoc_topics":
+        from pydoc_data.topics import topics
+
+        for key in sorted(topics):
+            yield topics[key]
+    elif name == "stdlib_docstrings":
+        for module_name in STDLIB_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            yield from _docstrings(module)
+    else:
+        raise CorpusError(f"unknown builtin source '{name}'; the builtin sources are pydoc_topics and stdlib_docstrings")
+
+
+def _docstrings(module) -> Iterator[str]:
+    seen = set()
+    objects = [module] + [obj for _, obj in sorted(vars(module).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
+    for obj in objects:
+        if getattr(obj, "__module__", module.__name__) != module.__name__ and obj is not module:
+            continue
+        doc = inspect.getdoc(obj)
+        if doc and len(doc) >= 200 and doc not in seen:
+            seen.add(doc)
+            yield doc
+
+
+def _field(row: dict, field: str, source: SourceConfig, where: str):
+    if field not in row:
+        raise CorpusError(f"source '{source.name}': {where} has no field '{field}' (fields: {', '.join(row)}); set text_field or messages_field")
+    return row[field]

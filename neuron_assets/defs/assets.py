@@ -1,0 +1,113 @@
+"""Assets of the foundation: the corpus and the per-layer exemplar tables.
+
+Asset bodies stay thin: read the config, call the core in neuron_assets.pipeline, return
+metadata. Partitioned assets are built by a factory because the partition set (the model's
+layers) comes from the config.
+"""
+
+
+import dagster as dg
+import polars as pl
+
+from neuron_assets.defs.partitions import parse_partition_keys
+from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
+from neuron_assets.pipeline import Written, make_corpus, make_exemplars
+from neuron_assets.store import Store
+from neuron_assets.types import Split
+
+
+@dg.asset(
+    description="The corpus: fixed-length token sequences in equal train / val / test splits (table `sequences`).",
+    check_specs=[dg.AssetCheckSpec("equal_splits", asset="corpus", description="train, val and test hold as many sequences each")],
+    kinds={"parquet"},
+)
+def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> dg.MaterializeResult:
+    config = settings.load()
+    written = make_corpus(config, context.run_id)
+    sizes = Store(config.root).read("sequences").group_by("split", "source").len().sort("split", "source")
+    per_split = sizes.group_by("split").agg(pl.col("len").sum())["len"].to_list()
+    return dg.MaterializeResult(
+        metadata={
+            "rows": written.rows,
+            "path": dg.MetadataValue.path(str(written.path)),
+            "config_hash": config.hash,
+            "split_sizes": dg.MetadataValue.md(_markdown_table(sizes)),
+        },
+        data_version=dg.DataVersion(f"{config.hash}-{written.rows}"),
+        check_results=[dg.AssetCheckResult(check_name="equal_splits", passed=len(set(per_split)) == 1 and len(per_split) == len(Split),
+                                           metadata={"per_split": str(per_split)})],
+    )
+
+
+def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        deps=[corpus],
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool="gpu",
+        description="Per neuron x polarity x split: top-k, random and activation-decile exemplars with per-token "
+        "activations (table `exemplars`), plus per-neuron statistics (table `neuron_stats`). Materializing many "
+        "partitions is one run and one forward pass over the corpus.",
+        check_specs=[dg.AssetCheckSpec("every_feature_has_exemplars", asset="exemplars")],
+        kinds={"pytorch", "parquet"},
+    )
+    def exemplars(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, subject: SubjectModelResource) -> dg.MaterializeResult:
+        config = settings.load()
+        requested = parse_partition_keys(context.partition_keys)
+        context.log.info(f"one forward pass for {len(requested)} partitions: {[f'{l}|{p.value}' for l, p in requested]}")
+        written = make_exemplars(config, requested, context.run_id, subject=subject.load(config))
+        store = Store(config.root)
+        missing = _features_without_exemplars(store, written)
+        return dg.MaterializeResult(
+            metadata={
+                "partitions": len(requested),
+                "rows": sum(w.rows for w in written if w.table == "exemplars"),
+                "config_hash": config.hash,
+                "written": dg.MetadataValue.md(_written_table(written)),
+                "preview": dg.MetadataValue.md(_preview(store, *requested[0])),
+                "root": dg.MetadataValue.path(str(store.data_dir / "exemplars")),
+            },
+            data_version=dg.DataVersion(config.hash),
+            check_results=[dg.AssetCheckResult(check_name="every_feature_has_exemplars", passed=not missing,
+                                               metadata={"features_without_top_exemplars": len(missing)})],
+        )
+
+    return [exemplars]
+
+
+def _features_without_exemplars(store: Store, written: list[Written]) -> list[tuple]:
+    missing = []
+    for w in written:
+        if w.table != "neuron_stats":
+            continue
+        stats = pl.read_parquet(w.path).select("neuron")
+        top = pl.read_parquet(store.path("exemplars", w.layer, w.polarity)).filter(pl.col("kind") == "top").select("neuron").unique()
+        missing += [(w.layer, w.polarity, n) for n in stats.join(top, on="neuron", how="anti")["neuron"].to_list()]
+    return missing
+
+
+def _written_table(written: list[Written]) -> str:
+    lines = ["| table | layer | polarity | rows | path |", "|---|---|---|---|---|"]
+    lines += [f"| {w.table} | {w.layer} | {w.polarity} | {w.rows} | `{w.path}` |" for w in written]
+    return "\n".join(lines)
+
+
+def _preview(store: Store, layer: int, polarity) -> str:
+    """The first neuron's three strongest train exemplars, activating tokens in bold."""
+    from neuron_assets.exemplars import load_feature_exemplars
+    from neuron_assets.render import highlight_markdown
+
+    features = load_feature_exemplars(store, layer, polarity)
+    if not features:
+        return "no features"
+    feature = features[0]
+    lines = [f"**{feature.feature}** (max {feature.stats.max:.3f})", ""]
+    for exemplar in feature.top(Split.TRAIN)[:3]:
+        lines.append(f"- {exemplar.extreme:.3f}: " + highlight_markdown(exemplar.record, feature.feature.polarity))
+    return "\n".join(lines)
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""The Dagster code location: every asset, check, job, schedule and sensor of the platform."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from neuron_assets.config import load_config
+from neuron_assets.defs.assets import corpus, exemplar_assets
+from neuron_assets.defs.partitions import layer_polarity_partitions
+from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
+
+
+def build_definitions(config_path: str | None = None) -> dg.Definitions:
+    """Definitions for one config file (default: $NEURON_ASSETS_CONFIG or the embedded demo)."""
+    config = load_config(config_path)
+    partitions = layer_polarity_partitions(config)
+    assets = [corpus, *exemplar_assets(partitions)]
+    return dg.Definitions(
+        assets=assets,
+        resources={
+            "settings": NeuronAssetsConfig(config_path=config_path or ""),
+            "subject": SubjectModelResource(),
+        },
+    )

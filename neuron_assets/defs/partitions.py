@@ -1,0 +1,30 @@
+"""Per-feature assets are partitioned by layer x polarity."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from neuron_assets.config import Config
+from neuron_assets.subject import count_layers
+from neuron_assets.types import Polarity
+
+
+def layer_polarity_partitions(config: Config) -> dg.MultiPartitionsDefinition:
+    layers = range(count_layers(config.subject)) if config.features.layers == "all" else sorted(config.features.layers)
+    return dg.MultiPartitionsDefinition({
+        "layer": dg.StaticPartitionsDefinition([str(layer) for layer in layers]),
+        "polarity": dg.StaticPartitionsDefinition(list(config.features.polarities)),
+    })
+
+
+def parse_partition_keys(keys: list) -> list[tuple[int, Polarity]]:
+    """'3|pos' (or a MultiPartitionKey) -> (3, Polarity.POS)."""
+    parsed = []
+    for key in keys:
+        by_dimension = getattr(key, "keys_by_dimension", None) or dict(zip(("layer", "polarity"), str(key).split("|")))
+        parsed.append((int(by_dimension["layer"]), Polarity(by_dimension["polarity"])))
+    return parsed
+
+
+def partition_key(layer: int, polarity: Polarity | str) -> str:
+    return f"{layer}|{Polarity(polarity).value}"

