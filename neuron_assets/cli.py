@@ -3,6 +3,7 @@
     neuron-assets run                          materialize every asset of the config
     neuron-assets sql "select ..."             read-only SQL over the catalog
     neuron-assets show 3 1021 --polarity pos   a neuron's exemplars, activating tokens marked
+    neuron-assets config                       the effective config, every field documented
     neuron-assets ui                           the Dagster UI on the same storage
 """
 
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--kind", choices=["top", "random", "quantile"], default="top")
     show.add_argument("-n", type=int, default=10, help="exemplars shown")
     show.set_defaults(handler=cmd_show)
+
+    show_config = commands.add_parser("config", help="print the effective config as YAML, every field documented")
+    show_config.set_defaults(handler=cmd_config)
 
     ui = commands.add_parser("ui", help="start the Dagster UI (dagster dev) on this config's storage")
     ui.add_argument("--port", type=int, default=3000)
@@ -211,6 +215,13 @@ def _best_description(store, feature) -> str | None:
     if rows.height == 0 or "description" not in rows.columns:
         return None
     return f"description: {rows['description'][0]}"
+
+
+def cmd_config(args) -> int:
+    from neuron_assets.config import documented_yaml
+
+    print(documented_yaml(load_config(args.config)), end="")
+    return 0
 
 
 # -- ui -----------------------------------------------------------------------------------

@@ -188,6 +188,13 @@ class ExplainConfig(Section):
     """Seconds one request may take."""
     backoff_s: float = Field(1.0, ge=0)
     """Delay before the first retry; it doubles each retry (with jitter, at most 60 s)."""
+    extra_body: dict[str, object] = Field(default_factory=dict)
+    """Extra fields sent with every request (openai backend), e.g. vLLM's
+    {structured_outputs: {regex: ...}} or {chat_template_kwargs: {enable_thinking: false}}."""
+    usd_per_million_prompt_tokens: float = Field(0.0, ge=0)
+    """Price of prompt tokens, for the cost shown with the candidates (0: not shown)."""
+    usd_per_million_completion_tokens: float = Field(0.0, ge=0)
+    """Price of completion tokens, for the cost shown with the candidates."""
     device: str = "auto"
     """torch device of the transformers backend: auto (cuda when available), cpu, cuda, ..."""
     engine_kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -204,14 +211,136 @@ class ExplainConfig(Section):
         return value
 
 
+class FinetunedSimulatorConfig(Section):
+    backbone: str = BUILTIN_MINILM
+    """Backbone the simulator is fine-tuned from: a Hugging Face name or local path, or
+    builtin:all-MiniLM-L6-v2 (the MiniLM the package ships). Production (Transluce):
+    meta-llama/Llama-3.1-8B-Instruct in bfloat16."""
+    head: Literal["token_classification", "lm_head_slots"] = "token_classification"
+    """The 11-class per-token head: token_classification (a new linear head, any encoder or
+    decoder), or lm_head_slots (the first 11 rows of a causal LM's head, as Transluce does)."""
+    alignment: Literal["char_offsets", "subject_ids"] = "char_offsets"
+    """How subject tokens meet the backbone's: char_offsets re-tokenizes the text and reads
+    each subject token at its last backbone sub-token (any backbone); subject_ids feeds the
+    subject's own token ids (the backbone shares the subject's tokenizer, as in Transluce)."""
+    backbone_layers: int | None = Field(2, ge=1)
+    """Keep only the first N transformer layers of the backbone (CPU speed); null keeps all."""
+    max_length: int = Field(256, ge=16)
+    """Longest simulator input in backbone tokens; a longer description is cut, never the input."""
+    batch_size: int = Field(32, ge=1)
+    """(description, exemplar) pairs per forward pass when simulating: all k candidates of
+    a feature against one exemplar (more exemplars when k is smaller than this)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype. auto: bfloat16 on GPU, float32 on CPU."""
+    device: str = "auto"
+    """torch device: auto (cuda when available), cpu, cuda, cuda:1, ..."""
+    checkpoint: str | None = None
+    """A trained simulator folder to score with instead of the one simulator_checkpoint trains."""
+    allow_download: bool = False
+    """Let transformers download the backbone. Off: only the local HF cache or a path is used."""
+
+
+class SimulatorTrainingConfig(Section):
+    stage1_features: int = Field(96, ge=1)
+    """Features (over all layers and polarities) sampled for stage 1: (a random candidate
+    description, a train exemplar, its discretized activations)."""
+    stage2_features: int = Field(48, ge=0)
+    """A fresh sample for stage 2: its candidates are re-ranked by the stage-1 simulator and
+    the best one is trained on. 0 skips stage 2."""
+    heldout_features: int = Field(24, ge=1)
+    """Features never trained on; the held-out correlation (and its shuffled-description
+    control) in the checkpoint's metadata is measured on them."""
+    exemplars_per_feature: int = Field(6, ge=1)
+    """Train-split exemplars per feature: top ones first, then quantile and random ones."""
+    rerank_exemplars: int = Field(4, ge=1)
+    """Exemplars per feature on which stage 2 re-ranks the candidates."""
+    stage1_epochs: int = Field(3, ge=1)
+    """Passes over the stage-1 data."""
+    stage2_epochs: int = Field(2, ge=1)
+    """Passes over the stage-2 data."""
+    batch_size: int = Field(16, ge=1)
+    """Training pairs per optimizer step."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """AdamW peak learning rate (linear warm-up, then linear decay). Transluce-scale
+    backbones want about 1e-5."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    warmup_share: float = Field(0.1, ge=0, lt=1)
+    """Share of the steps spent warming the learning rate up."""
+    save_every_steps: int = Field(50, ge=1)
+    """Steps between resumable training states (model, optimizer, schedule, data order)."""
+    seed: int = 0
+    """Seed of the feature samples, candidate choice, data order and head initialization."""
+
+
+class PromptedSimulatorConfig(Section):
+    backend: Literal["transformers", "openai_completions"] = "transformers"
+    """Where the logprobs come from: transformers (a local forward pass) or
+    openai_completions (an OpenAI-compatible completions endpoint with echo + logprobs,
+    e.g. vLLM's server)."""
+    model: str | None = None
+    """A local Hugging Face path or name (transformers), or the model name the endpoint
+    serves (openai_completions). Required when simulate.backend is prompted. Base models
+    suit this prompt best (Bills et al. used one)."""
+    base_url: str | None = None
+    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (openai_completions)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key; read from the environment only."""
+    placeholder: str = "unknown"
+    """The activation written at every token of the simulated sequence; the model's
+    distribution over 0..10 at its position is read."""
+    top_logprobs: int = Field(20, ge=11)
+    """Alternatives asked per position (openai_completions); 0..10 absent from them count as 0."""
+    concurrency: int = Field(8, ge=1)
+    """Requests in flight at once (openai_completions)."""
+    max_retries: int = Field(3, ge=0)
+    """Retries of a failed request."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds one request may take."""
+    device: str = "auto"
+    """torch device of the transformers backend."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype of the transformers backend. auto: bfloat16 on GPU, float32 on CPU."""
+    batch_size: int = Field(4, ge=1)
+    """Prompts per forward pass (transformers)."""
+
+
 class SimulateConfig(Section):
-    backend: str = "lexical"
-    """Simulator backend: lexical (offline), finetuned, prompted."""
+    backend: str = "finetuned"
+    """Simulator the correlation scorer uses: lexical (offline rule: the tokens and words a
+    description names), finetuned (Transluce's 11-class per-token model, trained by the
+    simulator_checkpoint asset), prompted (Bills et al.'s all-at-once logprob simulator)."""
+    finetuned: FinetunedSimulatorConfig = FinetunedSimulatorConfig()
+    """The fine-tuned simulator's model and inference settings."""
+    training: SimulatorTrainingConfig = SimulatorTrainingConfig()
+    """How simulator_training_data and simulator_checkpoint build and train it."""
+    prompted: PromptedSimulatorConfig = PromptedSimulatorConfig()
+    """The prompted simulator's model and endpoint."""
 
 
 class ScoreConfig(Section):
-    scorers: list[str] = ["correlation"]
-    """Scorers to run on every candidate."""
+    scorers: list[str] = ["correlation", "embedding"]
+    """Scorers run on every candidate: correlation (simulated vs true activations, Pearson),
+    detection and fuzzing (delphi; ask an LLM through the explain backend, skipped with a
+    note when explain.backend is statistical), embedding (description vs exemplars in
+    MiniLM's embedding space, AUC)."""
+    select_by: str = "correlation"
+    """The scorer whose val score picks the best of the k candidates."""
+    top_exemplars: int = Field(20, ge=1)
+    """Top exemplars of a split in E_val (and E_test)."""
+    random_exemplars: int = Field(5, ge=0)
+    """Random sequences of a split in E_val (and E_test)."""
+    shuffled_control: bool = True
+    """Also score, for every feature, a description written for another feature of the same
+    layer and polarity: the baseline that says what a score is worth."""
+    control_seed: int = 0
+    """Seed of the shuffled-control assignment."""
+    judge_examples: int = Field(10, ge=2)
+    """Detection and fuzzing: activating and as many non-activating examples per candidate."""
+    embedding_model: str = BUILTIN_MINILM
+    """Sentence embedding model of the embedding scorer (mean pooling)."""
+    schedule: str | None = "0 3 * * *"
+    """Cron schedule of the rescore job (null: no schedule)."""
 
 
 class Config(Section):
@@ -301,3 +430,31 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
         model = nested[0]
     return model
 
+
+
+def documented_yaml(config: Config | None = None) -> str:
+    """The config as YAML with every field's documentation as a comment above it."""
+    config = config or Config()
+    lines = ["# neuron_assets configuration; every key is optional (defaults = the embedded demo).", ""]
+    _document(config, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _document(section: BaseModel, depth: int, lines: list[str]) -> None:
+    pad = "  " * depth
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        for doc_line in (info.description or "").splitlines():
+            lines.append(f"{pad}# {doc_line.strip()}")
+        if isinstance(value, BaseModel) and not isinstance(value, NeuronSample):
+            lines.append(f"{pad}{name}:")
+            _document(value, depth + 1, lines)
+            if depth == 0:
+                lines.append("")
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            lines.append(f"{pad}{name}:")
+            for item in value:
+                dumped = yaml.safe_dump([item.model_dump(mode="json")], sort_keys=False).strip().splitlines()
+                lines += [f"{pad}  {line}" for line in dumped]
+        else:
+            lines.append(f"{pad}{name}: {json.dumps(section.model_dump(mode='json')[name])}")  # JSON is YAML

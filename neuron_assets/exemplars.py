@@ -127,6 +127,8 @@ def collect_exemplars(
         state.update(split, acts, counted, seq_ids.to(acts.device), _batch_keys(seed, batch_no, len(rows), seq_len))
         bar.update(1)
         done = batch_no + 1
+        if done == len(batches) or batches[done][0] != split:
+            state.offload(split)  # a finished split's exemplars wait in host memory
         if checkpoint is not None and done % config.checkpoint_every == 0 and done < len(batches):
             with atomic_path(checkpoint) as tmp:
                 torch.save({"signature": signature, "batches_done": done, "state": state.to_saved()}, tmp)
@@ -203,20 +205,35 @@ class _KeptSequences:
         self.acts = torch.zeros((features, k, seq_len), dtype=dtype, device=device)
 
     def offer(self, keys: torch.Tensor, extremes: torch.Tensor, seq_ids: torch.Tensor, acts: torch.Tensor) -> None:
-        """keys, extremes: (B, F); seq_ids: (B,); acts: (B, T, F)."""
+        """keys, extremes: (B, F); seq_ids: (B,); acts: (B, T, F).
+
+        The kept set is unordered (ranks come at the end): a candidate that enters takes
+        the slot of one that leaves, so only entering token rows are copied.
+        """
         k = self.keys.shape[1]
-        features, batch = self.keys.shape[0], keys.shape[0]
-        all_keys = torch.cat([self.keys, keys.T.float()], dim=1)
-        top_keys, index = all_keys.topk(k, dim=1)
-        entered = (index >= k) & torch.isfinite(top_keys)
-        self.extremes = torch.cat([self.extremes, extremes.T.float()], dim=1).gather(1, index)
-        self.seq_ids = torch.cat([self.seq_ids, seq_ids.expand(features, batch)], dim=1).gather(1, index)
-        self.keys = top_keys
-        changed = entered.any(dim=1).nonzero().squeeze(1)
-        if changed.numel():  # only features whose kept set changed pay for moving token rows
-            pool = torch.cat([self.acts[changed], acts.permute(2, 0, 1)[changed].to(self.acts.dtype)], dim=1)
-            picked = index[changed].unsqueeze(-1).expand(-1, -1, pool.shape[-1])
-            self.acts[changed] = pool.gather(1, picked)
+        all_keys = torch.cat([self.keys, keys.T.float()], dim=1)  # (F, k + B)
+        chosen = torch.zeros_like(all_keys, dtype=torch.bool)
+        chosen.scatter_(1, all_keys.topk(k, dim=1).indices, True)
+        # Row by row, the leaving slots and the entering candidates are equally many, and
+        # nonzero() lists both in row-major order, so they pair up.
+        leave_row, leave_slot = (~chosen[:, :k]).nonzero(as_tuple=True)
+        enter_row, enter_seq = chosen[:, k:].nonzero(as_tuple=True)
+        if enter_row.numel() == 0:
+            return
+        self.keys[leave_row, leave_slot] = keys.T.float()[enter_row, enter_seq]
+        self.extremes[leave_row, leave_slot] = extremes.T.float()[enter_row, enter_seq]
+        self.seq_ids[leave_row, leave_slot] = seq_ids[enter_seq]
+        self.acts[leave_row, leave_slot] = acts[enter_seq, :, enter_row].to(self.acts.dtype)
+
+    def ranked(self) -> _KeptSequences:
+        """A copy ordered by key, largest first."""
+        order = self.keys.argsort(dim=1, descending=True, stable=True)
+        ranked = _KeptSequences.__new__(_KeptSequences)
+        ranked.keys = self.keys.gather(1, order)
+        ranked.extremes = self.extremes.gather(1, order)
+        ranked.seq_ids = self.seq_ids.gather(1, order)
+        ranked.acts = self.acts.gather(1, order.unsqueeze(-1).expand_as(self.acts))
+        return ranked
 
     def state(self) -> dict:
         return {name: getattr(self, name).cpu() for name in ("keys", "extremes", "seq_ids", "acts")}
@@ -264,8 +281,8 @@ class _CollectorState:
         for (key_split, polarity), top in self.top.items():
             if key_split != split:
                 continue
-            signed = acts.float() * Polarity(polarity).sign
-            extremes = signed.masked_fill(~counted.unsqueeze(-1), -torch.inf).amax(dim=1)  # (B, F)
+            signed = acts if polarity == Polarity.POS.value else -acts
+            extremes = signed.masked_fill(~counted.unsqueeze(-1), -torch.inf).amax(dim=1).float()  # (B, F)
             top.offer(extremes, extremes, seq_ids, acts)
             reservoir = self.reservoir.get((split, polarity))
             if reservoir is not None:
@@ -278,18 +295,27 @@ class _CollectorState:
         if split == Split.TRAIN.value:
             self._update_stats(acts, counted, token_keys)
 
+    def offload(self, split: str) -> None:
+        for key in [key for key in self.top if key[0] == split]:
+            self.top[key] = _KeptSequences.restore(self.top[key].state(), "cpu")
+            if key in self.reservoir:
+                self.reservoir[key] = _KeptSequences.restore(self.reservoir[key].state(), "cpu")
+        self.random_acts[split] = self.random_acts[split].cpu()
+
     def _update_stats(self, acts, counted, token_keys) -> None:
-        values = acts.float()[counted]  # (counted tokens, F)
-        self.sums["sum"] += values.sum(0, dtype=torch.float64)
-        self.sums["sumsq"] += (values.double() ** 2).sum(0)
-        self.sums["n_pos"] += (values > 0).sum(0)
-        self.sums["n_neg"] += (values < 0).sum(0)
-        self.sums["n_tokens"] += values.shape[0]
-        keys = token_keys[counted]
-        better = keys > self.token_keys.min()  # only tokens that can enter the sample move
+        # acts is zero wherever a token does not count. One sequence at a time keeps the
+        # float32 copies at (T, F) rather than (B, T, F).
+        for row in acts:
+            row = row.float()
+            self.sums["sum"] += row.sum(0)
+            self.sums["sumsq"] += (row * row).sum(0)
+            self.sums["n_pos"] += (row > 0).sum(0)
+            self.sums["n_neg"] += (row < 0).sum(0)
+        self.sums["n_tokens"] += counted.sum()
+        better = counted & (token_keys > self.token_keys.min())  # only tokens that can enter the sample move
         if better.any():
-            all_keys = torch.cat([self.token_keys, keys[better]])
-            all_values = torch.cat([self.token_values, values[better]])
+            all_keys = torch.cat([self.token_keys, token_keys[better]])
+            all_values = torch.cat([self.token_values, acts[better].float()])
             self.token_keys, index = all_keys.topk(self.token_keys.shape[0])
             self.token_values = all_values[index]
 
@@ -325,7 +351,7 @@ class _CollectorState:
         for polarity in polarities:
             blocks = []
             for split in Split:
-                top = self.top[(split.value, polarity.value)]
+                top = self.top[(split.value, polarity.value)].ranked()
                 blocks.append(_Block(ExemplarKind.TOP, split, top.seq_ids, top.extremes, top.acts,
                                      torch.isfinite(top.keys), None))
                 reservoir = self.reservoir.get((split.value, polarity.value))
@@ -364,7 +390,7 @@ class _CollectorState:
         quantiles = torch.quantile(sample, torch.tensor(STAT_QUANTILES, device=sample.device), dim=0) if sample.shape[0] else None
         top = self.top[(Split.TRAIN.value, polarity.value)]
         columns = {
-            "max": top.extremes[:, 0].cpu().numpy(),
+            "max": top.extremes.amax(dim=1).cpu().numpy(),
             "mean": (mean * polarity.sign).float().cpu().numpy(),
             "std": variance.sqrt().float().cpu().numpy(),
             "frac_active": ((self.sums["n_pos"] if polarity is Polarity.POS else self.sums["n_neg"]) / n).float().cpu().numpy(),

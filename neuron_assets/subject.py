@@ -8,6 +8,7 @@ every requested layer, and the pass stops right after the deepest one.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,10 @@ def load_subject(config: SubjectConfig) -> SubjectModel:
     dtype = _choose_dtype(config.dtype, device)
     path = resolve_model_path(config.model)
     try:
-        model = AutoModel.from_pretrained(
-            path, dtype=dtype, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
-        )
+        with _quiet_transformers():  # loading a causal LM's base model reports its unused LM head
+            model = AutoModel.from_pretrained(
+                path, dtype=dtype, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
+            )
     except (OSError, ValueError) as err:
         raise SubjectError(_not_found_message(config, err)) from None
     model.to(device).eval()
@@ -126,6 +128,7 @@ class SubjectModel:
     sites: dict[int, nn.Module]
     device: torch.device
     dtype: torch.dtype
+    stop_after_deepest: bool = True  # off only to measure the cost of running every layer
 
     @property
     def num_layers(self) -> int:
@@ -173,7 +176,7 @@ class SubjectModel:
             def read_site(module, args):
                 hidden = args[0]
                 captured[layer] = hidden if index is None else hidden.index_select(-1, index)
-                if layer == deepest:
+                if layer == deepest and self.stop_after_deepest:
                     raise _StopForward
 
             return read_site
@@ -188,6 +191,18 @@ class SubjectModel:
             for handle in handles:
                 handle.remove()
         return captured
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 class _StopForward(Exception):

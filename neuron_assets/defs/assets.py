@@ -6,6 +6,8 @@ layers) comes from the config.
 """
 
 
+import warnings
+
 import dagster as dg
 import polars as pl
 
@@ -14,6 +16,8 @@ from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResourc
 from neuron_assets.pipeline import Written, make_corpus, make_exemplars
 from neuron_assets.store import Store
 from neuron_assets.types import Split
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)  # BackfillPolicy is beta in dagster 1.13
 
 
 @dg.asset(

@@ -1,0 +1,75 @@
+"""Activation collection: bare forward pass vs one-pass exemplars vs one pass per layer.
+
+On the same batches of the embedded demo corpus, in one run:
+  (a) the bare forward pass of the whole model, no hooks;
+  (b) exemplar collection for all layers in one pass (top-k, reservoirs, stats);
+  (c) the naive way: one full forward pass per layer, each collecting that layer.
+Prints tokens/s of each and the ratios a/b (overhead of collection) and c/b (speed-up of
+one pass). Usage: python bench/activations.py [--sequences-per-split 100] [--neurons all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from neuron_assets.config import Config, FeaturesConfig, NeuronSample
+from neuron_assets.corpus import build_sequences
+from neuron_assets.exemplars import _batch_tensors, _plan_batches, collect_exemplars, select_neurons
+from neuron_assets.subject import load_subject
+from neuron_assets.types import Polarity
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences-per-split", type=int, default=100)
+    parser.add_argument("--neurons", default="all", help="'all' or a per-layer sample size")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+
+    config = Config()
+    subject = load_subject(config.subject)
+    sequences = build_sequences(config.corpus.model_copy(update={"sequences_per_split": args.sequences_per_split}),
+                                subject.tokenizer)
+    neurons_config = FeaturesConfig(neurons="all" if args.neurons == "all" else NeuronSample(sample=int(args.neurons)))
+    neurons = select_neurons(neurons_config, subject.num_layers, subject.neurons_per_layer)
+    polarities = [Polarity.POS, Polarity.NEG]
+    tokens = int(sequences["n_tokens"].sum())
+    seq_len = int(sequences["n_tokens"].max())
+    n_features = sum(len(v) for v in neurons.values())
+    print(f"{subject.name}: {subject.num_layers} layers, {n_features} features, {sequences.height} sequences, "
+          f"{tokens} tokens, batch {args.batch_size}, {torch.get_num_threads()} threads")
+
+    def bare():
+        with torch.inference_mode():
+            for _, rows in _plan_batches(sequences, args.batch_size):
+                ids, mask, _, _ = _batch_tensors(sequences, rows, seq_len, subject.tokenizer)
+                subject.model(input_ids=ids.to(subject.device), attention_mask=mask.to(subject.device))
+
+    def one_pass():
+        collect_exemplars(subject, sequences, neurons, polarities, config.exemplars, args.batch_size, progress=False)
+
+    def per_layer():
+        subject.stop_after_deepest = False
+        try:
+            for layer, indices in neurons.items():
+                collect_exemplars(subject, sequences, {layer: indices}, polarities, config.exemplars, args.batch_size,
+                                  progress=False)
+        finally:
+            subject.stop_after_deepest = True
+
+    bare()  # warm-up: first-call allocations and thread start-up
+    timings = {}
+    for name, fn in (("a bare forward", bare), ("b one pass, all layers", one_pass), ("c one pass per layer", per_layer)):
+        start = time.perf_counter()
+        fn()
+        timings[name[0]] = time.perf_counter() - start
+        print(f"{name:<26} {timings[name[0]]:8.2f} s {tokens / timings[name[0]]:10.0f} tokens/s")
+    print(f"a/b = {timings['a'] / timings['b']:.2f}  (share of the one-pass run spent in the bare forward pass)")
+    print(f"c/b = {timings['c'] / timings['b']:.2f}  (speed-up of one pass over one pass per layer)")
+
+
+if __name__ == "__main__":
+    main()

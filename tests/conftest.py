@@ -1,0 +1,79 @@
+"""Session fixtures: tiny models and corpora built on the fly (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.tiny_models import make_tiny_gpt2, make_tiny_llama, sample_texts, train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer(sample_texts(600), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer, num_layers=3, hidden=64, intermediate=96, heads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tiny_tokenizer) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), tiny_tokenizer, num_layers=2, hidden=64, intermediate=96, heads=1)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A folder of 60 documents, eight sentences each."""
+    folder = tmp_path_factory.mktemp("texts")
+    sentences = sample_texts(480, seed=1)
+    for i in range(60):
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(sentences[i * 8 : (i + 1) * 8]))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_corpus(tmp_path_factory) -> Path:
+    """A JSONL file of short chats, shorter than the sequence length, so batches hold padding."""
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    sentences = sample_texts(200, seed=2)
+    with path.open("w") as handle:
+        for i in range(100):
+            messages = [{"role": "user", "content": sentences[2 * i]}, {"role": "assistant", "content": sentences[2 * i + 1]}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_llama, text_corpus):
+    """Write a small config for the tiny Llama and return (path, dict); tests may edit and rewrite it."""
+
+    def write(**overrides) -> Path:
+        raw = {
+            "name": "tiny",
+            "storage": {"root": str(tmp_path / "home")},
+            "subject": {"model": str(tiny_llama), "batch_size": 8},
+            "corpus": {
+                "sources": [{"name": "texts", "kind": "text", "path": str(text_corpus)}],
+                "seq_len": 16,
+                "sequences_per_split": 24,
+            },
+            "features": {"layers": "all", "neurons": {"sample": 6, "seed": 0}},
+            "exemplars": {"top_k": 3, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4,
+                          "quantile_reservoir": 8, "stats_token_sample": 64},
+        }
+        for dotted, value in overrides.items():
+            node = raw
+            *parents, leaf = dotted.split("__")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
