@@ -267,6 +267,14 @@ class SimulatorTrainingConfig(Section):
     """AdamW weight decay."""
     warmup_share: float = Field(0.1, ge=0, lt=1)
     """Share of the steps spent warming the learning rate up."""
+    active_class_weight: float = Field(5.0, gt=0)
+    """Loss weight of the classes 1..10 against class 0. Most tokens are 0, and on a small
+    budget a plain cross-entropy (1.0, as Transluce trains at scale) learns to predict 0
+    everywhere long before it learns to read the description."""
+    freeze_embeddings: bool = True
+    """Keep the backbone's token embeddings fixed (not tied output rows): faster on CPU, and the
+    simulator must match description and input tokens by the pretrained embeddings rather
+    than memorize words. Added tokens start from the embedding of their name."""
     save_every_steps: int = Field(50, ge=1)
     """Steps between resumable training states (model, optimizer, schedule, data order)."""
     seed: int = 0

@@ -48,6 +48,7 @@ def test_partition_range_materialization_writes_every_partition(tiny_config, tmp
     assert materialized == set(keys)
     checks = result.get_asset_check_evaluations()
     assert checks and all(check.passed for check in checks)
+    assert {check.partition for check in checks} >= set(keys), "each partition gets its own check evaluation"
 
 
 def test_run_then_sql_and_show(tiny_config, capsys):

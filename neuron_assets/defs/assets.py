@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)  # BackfillPolicy is 
     description="The corpus: fixed-length token sequences in equal train / val / test splits (table `sequences`).",
     check_specs=[dg.AssetCheckSpec("equal_splits", asset="corpus", description="train, val and test hold as many sequences each")],
     kinds={"parquet"},
+    backfill_policy=dg.BackfillPolicy.single_run(),  # lets `dagster asset materialize --partition-range` select corpus too
 )
 def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> dg.MaterializeResult:
     config = settings.load()
@@ -58,10 +59,16 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
     def exemplars(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, subject: SubjectModelResource) -> dg.MaterializeResult:
         config = settings.load()
         requested = parse_partition_keys(context.partition_keys)
+        if not requested:
+            raise dg.Failure("no partitions in the requested range: a layer x polarity range is a rectangle and "
+                             "polarity runs pos...neg, e.g. '0|pos...5|neg'")
         context.log.info(f"one forward pass for {len(requested)} partitions: {[f'{l}|{p.value}' for l, p in requested]}")
         written = make_exemplars(config, requested, context.run_id, subject=subject.load(config))
         store = Store(config.root)
         missing = _features_without_exemplars(store, written)
+        log_partition_checks(context, "every_feature_has_exemplars",
+                             {key: not any((l, p) == (layer, polarity.value) for l, p, _ in missing)
+                              for key, (layer, polarity) in zip(context.partition_keys, requested)})
         return dg.MaterializeResult(
             metadata={
                 "partitions": len(requested),
@@ -79,6 +86,15 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
     return [exemplars]
 
 
+def log_partition_checks(context: dg.AssetExecutionContext, check_name: str, passed_by_key: dict) -> None:
+    """Record a check per partition in a range run, where Dagster stores the returned result
+    without a partition (a single-partition run records it itself)."""
+    if len(passed_by_key) > 1:
+        for key, passed in passed_by_key.items():
+            context.log_event(dg.AssetCheckEvaluation(asset_key=context.asset_key, check_name=check_name,
+                                                      passed=bool(passed), partition=key))
+
+
 def _features_without_exemplars(store: Store, written: list[Written]) -> list[tuple]:
     missing = []
     for w in written:
@@ -92,7 +108,7 @@ def _features_without_exemplars(store: Store, written: list[Written]) -> list[tu
 
 def _written_table(written: list[Written]) -> str:
     lines = ["| table | layer | polarity | rows | path |", "|---|---|---|---|---|"]
-    lines += [f"| {w.table} | {w.layer} | {w.polarity} | {w.rows} | `{w.path}` |" for w in written]
+    lines += [f"| {w.table} | {w.layer} | {w.polarity} | {w.rows} | `{w.path}` |" for w in written]  # no '|' in cells
     return "\n".join(lines)
 
 

@@ -27,11 +27,6 @@ from tests.support.tiny_models import sample_texts
 
 PREFIX = "<|begin_of_text|>"
 TOKEN = re.compile(r"\s*\w+|\s*[^\w\s]")
-WORDS = (
-    "cat dog man sister teacher bird engineer neighbour children woman doctor farmer student river machine "
-    "committee musician pilot baker king robot scientist ball door book box letter car song table lamp garden "
-    "drink clock idea map coat room question page noise train"
-).split()
 DESCRIPTION_TEMPLATES = (
     'the word "{w}"',
     '"{w}"',
@@ -63,6 +58,15 @@ def planted_corpus(per_split: int = 160, sentences_per_sequence: int = 3, seed: 
         ]
         random_ids[split] = rng.sample(range(per_split), random_per_split)
     return PlantedCorpus(sequences, random_ids)
+
+
+def planted_words(corpus: PlantedCorpus, min_sequences: int = 10) -> list[str]:
+    """Words of 3+ letters in at least ``min_sequences`` train sequences, in a fixed order."""
+    counts: dict[str, int] = {}
+    for tokens in corpus.sequences[Split.TRAIN]:
+        for word in {t.strip().lower() for t in tokens[1:] if t.strip().isalpha() and len(t.strip()) >= 3}:
+            counts[word] = counts.get(word, 0) + 1
+    return sorted(w for w, n in counts.items() if n >= min_sequences)
 
 
 def planted_feature(corpus: PlantedCorpus, word: str, index: int, polarity: Polarity = Polarity.POS, layer: int = 0,
