@@ -263,6 +263,9 @@ class SimulatorTrainingConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     """AdamW peak learning rate (linear warm-up, then linear decay). Transluce-scale
     backbones want about 1e-5."""
+    stage2_learning_rate: float | None = Field(None, gt=0)
+    """Peak learning rate of stage 2, which continues from stage 1 on less data. Default: a
+    third of learning_rate."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay."""
     warmup_share: float = Field(0.1, ge=0, lt=1)

@@ -6,6 +6,7 @@ import dagster as dg
 
 from neuron_assets.config import load_config
 from neuron_assets.defs.assets import corpus, exemplar_assets
+from neuron_assets.defs.explain_assets import ExplainerResource, explain_assets
 from neuron_assets.defs.partitions import layer_polarity_partitions
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
 
@@ -14,11 +15,12 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     """Definitions for one config file (default: $NEURON_ASSETS_CONFIG or the embedded demo)."""
     config = load_config(config_path)
     partitions = layer_polarity_partitions(config)
-    assets = [corpus, *exemplar_assets(partitions)]
+    assets = [corpus, *exemplar_assets(partitions), *explain_assets(partitions, config)]
     return dg.Definitions(
         assets=assets,
         resources={
             "settings": NeuronAssetsConfig(config_path=config_path or ""),
             "subject": SubjectModelResource(),
+            "explainer": ExplainerResource(),
         },
     )

@@ -1,0 +1,114 @@
+"""The explainer stage in Dagster: the `candidate_descriptions` asset, its check, and the
+explainer resource.
+
+The asset body is thin: read each requested partition's exemplars through the store, call
+neuron_assets.explain.explain_features, write through the store, return metadata. It has a
+single-run backfill policy, so a range of partitions is one run that builds the explainer
+(a vLLM engine, say) once.
+"""
+
+
+import dagster as dg
+import polars as pl
+
+from neuron_assets.config import Config, ExplainConfig
+from neuron_assets.defs.partitions import parse_partition_keys
+from neuron_assets.defs.resources import NeuronAssetsConfig
+from neuron_assets.exemplars import load_feature_exemplars
+from neuron_assets.explain import (
+    Explainer,
+    corpus_from_sequences,
+    explain_features,
+    incomplete_features,
+    make_explainer,
+    summarize_candidates,
+)
+from neuron_assets.store import Store, with_lineage
+from neuron_assets.subject import load_tokenizer
+
+TABLE = "candidate_descriptions"
+CHECK = "every_feature_has_k_candidates"
+GPU_BACKENDS = {"vllm", "transformers"}
+
+_built: dict[str, Explainer] = {}  # one explainer per explain config, per process
+
+
+class ExplainerResource(dg.ConfigurableResource):
+    """The configured explainer backend, built on first use and kept for the process (a
+    vLLM engine or a local model loads once for every partition)."""
+
+    def get(self, config: ExplainConfig) -> Explainer:
+        key = config.model_dump_json()
+        if key not in _built:
+            _built[key] = make_explainer(config)
+        return _built[key]
+
+
+def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None = None) -> list[dg.AssetsDefinition]:
+    """The candidate_descriptions asset over ``partitions``; GPU backends of ``config`` put
+    it in the gpu pool."""
+
+    @dg.asset(
+        name=TABLE,
+        deps=["exemplars", "corpus"],
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool="gpu" if config is not None and config.explain.backend in GPU_BACKENDS else None,
+        description="Per neuron x polarity: k candidate descriptions (best-of-k), each with the backend, explainer "
+        "model, prompt format, exemplars and puzzle that made it, token counts and latency; a failed candidate is a "
+        "row with its reason in `failure` (table `candidate_descriptions`).",
+        check_specs=[dg.AssetCheckSpec(CHECK, asset=TABLE, description="every selected feature has k candidates, "
+                                       "each a description or a recorded failure")],
+        kinds={"parquet"},
+    )
+    def candidate_descriptions(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
+                               explainer: ExplainerResource) -> dg.MaterializeResult:
+        config = settings.load()
+        store = Store(config.root)
+        backend = explainer.get(config.explain)
+        tokenizer = load_tokenizer(config.subject)
+        corpus = corpus_from_sequences(store.read("sequences"), seed=config.explain.seed)
+        frames, missing, written = [], [], []
+        for layer, polarity in parse_partition_keys(context.partition_keys):
+            features = load_feature_exemplars(store, layer, polarity)
+            frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
+                                     explainer=backend, corpus=corpus)
+            frame = with_lineage(frame, config.subject.model, config.hash, context.run_id)
+            written.append((layer, polarity.value, frame.height, store.write(TABLE, frame, layer, polarity.value)))
+            missing += [(layer, polarity.value, n) for n in
+                        incomplete_features(frame, [f.feature.index for f in features], config.explain.k)]
+            frames.append(frame)
+            context.log.info(f"layer {layer} {polarity.value}: {frame.height} candidates for {len(features)} features")
+        summary = summarize_candidates(pl.concat(frames), config.explain)
+        metadata = {
+            "rows": summary.rows,
+            "features": summary.features,
+            "described": summary.described,
+            "failed": summary.failed,
+            "prompt_tokens": summary.prompt_tokens,
+            "completion_tokens": summary.completion_tokens,
+            "mean_latency_s": round(summary.mean_latency_s, 4),
+            "backend": f"{backend.backend} ({backend.model})",
+            "config_hash": config.hash,
+            "examples": dg.MetadataValue.md(summary.examples_markdown),
+            "failures": dg.MetadataValue.md(summary.failures_markdown),
+            "written": dg.MetadataValue.md(_written_table(written)),
+            "root": dg.MetadataValue.path(str(store.data_dir / TABLE)),
+        }
+        if summary.cost_usd is not None:
+            metadata["cost_usd"] = round(summary.cost_usd, 4)
+        return dg.MaterializeResult(
+            metadata=metadata,
+            data_version=dg.DataVersion(config.hash),
+            check_results=[dg.AssetCheckResult(check_name=CHECK, passed=not missing,
+                                               metadata={"features_missing_candidates": len(missing),
+                                                         "first_missing": str(missing[:10])})],
+        )
+
+    return [candidate_descriptions]
+
+
+def _written_table(written: list[tuple]) -> str:
+    lines = ["| layer | polarity | rows | path |", "|---|---|---|---|"]
+    lines += [f"| {layer} | {polarity} | {rows} | `{path}` |" for layer, polarity, rows, path in written]
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""Exemplars as an explainer sees them: display tokens, highlight thresholds, 0-10 scales.
+
+An :class:`Excerpt` is one exemplar ready to be shown: the fixed prefix dropped (it is the
+same in every sequence and never highlighted), activations in the polarity's orientation
+(never negative), and every token in a display form that cannot break the prompt: special
+tokens of chat templates become ``⟨eot_id⟩``, line breaks and tabs become ``\\n`` and ``\\t``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from neuron_assets.types import ActivationRecord, Polarity
+
+MIN_HIGHLIGHTED = 3  # Transluce: relax the threshold until this many distinct tokens are marked
+
+# Token shapes that some model family uses as a control token. A literal one inside a prompt
+# is parsed as that control token by the explainer's tokenizer (a `<|eot_id|>` in a user
+# message ends the turn), so every one is shown with brackets no tokenizer treats as special.
+CONTROL_TOKEN = re.compile(
+    r"<\|[^<>|\s]{1,48}\|>"  # <|eot_id|>, <|im_start|>, <|endoftext|>
+    r"|</?s>|<unk>|<pad>|<mask>|<bos>|<eos>|<start_of_turn>|<end_of_turn>|<think>|</think>"
+    r"|\[/?INST\]|\[(?:CLS|SEP|PAD|MASK|UNK|BOS|EOS)\]"
+)
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def show_control_token(token: str) -> str:
+    """``<|eot_id|>`` -> ``⟨eot_id⟩``, ``[SEP]`` -> ``⟨SEP⟩``: readable, and special to no tokenizer."""
+    name = token.strip().strip("<>[]|/") or token.strip()
+    return f"⟨{'/' if token.strip().startswith(('</', '[/')) else ''}{name}⟩"
+
+
+def defuse_control_tokens(text: str) -> str:
+    """Every control-token shape in ``text`` rewritten by :func:`show_control_token`."""
+    return CONTROL_TOKEN.sub(lambda match: show_control_token(match.group(0)), text)
+
+
+class TokenDisplay:
+    """How one subject tokenizer's tokens are written into a prompt."""
+
+    def __init__(self, special_ids: Iterable[int] = ()):
+        self.special_ids = frozenset(int(i) for i in special_ids)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> TokenDisplay:
+        """Special tokens are the tokenizer's own special and added-special tokens."""
+        if tokenizer is None:
+            return cls()
+        ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+            if getattr(added, "special", False):
+                ids.add(token_id)
+        return cls(ids)
+
+    def show(self, token: str, token_id: int = -1) -> str:
+        if token_id in self.special_ids or CONTROL_TOKEN.fullmatch(token.strip() or "-"):
+            lead = token[: len(token) - len(token.lstrip())]
+            return lead + show_control_token(token)
+        for raw, escaped in _ESCAPES.items():
+            token = token.replace(raw, escaped)
+        return token
+
+
+@dataclass(frozen=True, eq=False)
+class Excerpt:
+    """One sequence as shown to an explainer; ``activations`` are >= 0 (polarity orientation)."""
+
+    seq_id: int
+    tokens: tuple[str, ...]  # display forms
+    activations: np.ndarray  # float32
+
+    @property
+    def peak(self) -> float:
+        return float(self.activations.max()) if self.activations.size else 0.0
+
+    def window(self, length: int) -> Excerpt:
+        """At most ``length`` whole tokens around the peak, a third of them before it."""
+        if len(self.tokens) <= length:
+            return self
+        peak = int(np.argmax(self.activations))
+        start = min(max(0, peak - length // 3), len(self.tokens) - length)
+        return self.span(start, start + length)
+
+    def span(self, start: int, stop: int) -> Excerpt:
+        return Excerpt(self.seq_id, self.tokens[start:stop], self.activations[start:stop])
+
+
+def excerpt_of(record: ActivationRecord, polarity: Polarity, display: TokenDisplay | None = None) -> Excerpt:
+    """The part of ``record`` after its fixed prefix, in display form."""
+    display = display or TokenDisplay()
+    start = record.prefix_len
+    ids = record.token_ids if len(record.token_ids) == len(record.tokens) else (-1,) * len(record.tokens)
+    shown = tuple(display.show(token, token_id) for token, token_id in zip(record.tokens[start:], ids[start:]))
+    return Excerpt(record.seq_id, shown, record.polarity_activations(polarity)[start:])
+
+
+def highlight_threshold(excerpts: Sequence[Excerpt], ladder: Sequence[float] = ()) -> float:
+    """The highest threshold of ``ladder`` that marks at least 3 distinct tokens.
+
+    ``ladder`` is the feature's quantiles, most extreme first. When none of them marks 3
+    distinct tokens, the threshold relaxes to exactly the third most active distinct token's
+    peak. When the excerpts hold fewer than 3 distinct active tokens, every active token is
+    marked. So whenever the excerpts hold 3 distinct active tokens, 3 are marked.
+    """
+    peaks = sorted(distinct_token_peaks(excerpts).values(), reverse=True)
+    if not peaks:
+        return math.inf
+    if len(peaks) < MIN_HIGHLIGHTED:
+        return min(float(a) for e in excerpts for a in e.activations if a > 0)
+    for threshold in sorted((t for t in ladder if t > 0), reverse=True):
+        if sum(peak >= threshold for peak in peaks) >= MIN_HIGHLIGHTED:
+            return float(threshold)
+    return float(peaks[MIN_HIGHLIGHTED - 1])
+
+
+def distinct_token_peaks(excerpts: Sequence[Excerpt]) -> dict[str, float]:
+    """Each distinct active token (whitespace ignored) -> its highest activation."""
+    peaks: dict[str, float] = {}
+    for excerpt in excerpts:
+        for token, value in zip(excerpt.tokens, excerpt.activations):
+            if value > 0:
+                key = token_key(token)
+                peaks[key] = max(peaks.get(key, 0.0), float(value))
+    return peaks
+
+
+def token_key(token: str) -> str:
+    return token.strip() or token
+
+
+def highlighted_text(excerpt: Excerpt, threshold: float, open_mark: str = "{{", close_mark: str = "}}") -> str:
+    """The excerpt's text with every run of tokens at or above ``threshold`` in one pair of
+    marks; whitespace at the edges of a run stays outside the marks."""
+    parts: list[str] = []
+    tokens, active = excerpt.tokens, excerpt.activations >= threshold
+    start = 0
+    while start < len(tokens):
+        stop = start + 1
+        while stop < len(tokens) and active[stop] == active[start]:
+            stop += 1
+        text = "".join(tokens[start:stop])
+        if active[start]:
+            core = text.strip()
+            if core:
+                lead = text[: len(text) - len(text.lstrip())]
+                trail = text[len(text.rstrip()) :]
+                text = f"{lead}{open_mark}{core}{close_mark}{trail}"
+            else:
+                text = f"{open_mark}{text}{close_mark}"
+        parts.append(text)
+        start = stop
+    return defuse_control_tokens("".join(parts))
+
+
+def plain_text(excerpt: Excerpt) -> str:
+    return defuse_control_tokens("".join(excerpt.tokens))
+
+
+def scaled_0_to_10(excerpts: Sequence[Excerpt]) -> list[list[int]]:
+    """Bills et al.'s scale: floor(10 * a / max) over all excerpts shown together."""
+    top = max((e.peak for e in excerpts), default=0.0)
+    if top <= 0:
+        return [[0] * len(e.tokens) for e in excerpts]
+    return [[min(10, int(math.floor(10 * float(a) / top))) for a in e.activations] for e in excerpts]

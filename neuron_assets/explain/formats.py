@@ -1,0 +1,350 @@
+"""Prompt formats: how exemplars (and the one solved puzzle) are written into a chat prompt.
+
+A prompt is: a system message (the format's instructions, the notation, how to answer); the
+puzzle's excerpts as a user turn and its known description as the assistant's answer; the
+feature's excerpts as the last user turn. Every answer ends with a line that starts with
+:data:`ANSWER_TAG`, which :func:`parse_description` reads.
+
+Formats (``PromptFormat``): ``highlight`` (Transluce), ``token_activation`` (Bills et al.),
+``contrastive`` (positives beside hard and random negatives). ``ChainOfThought`` asks for
+reasoning before the answer line, with any of them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from neuron_assets.config import ExplainConfig, PromptFormat
+from neuron_assets.explain.excerpts import (
+    Excerpt,
+    TokenDisplay,
+    defuse_control_tokens,
+    distinct_token_peaks,
+    excerpt_of,
+    highlight_threshold,
+    highlighted_text,
+    plain_text,
+    scaled_0_to_10,
+    token_key,
+)
+from neuron_assets.types import FeatureExemplars, FeatureStats, Split
+
+ANSWER_TAG = "[DESCRIPTION]:"
+MAX_DESCRIPTION_CHARS = 400
+
+FEATURE_INTRO = (
+    "We are studying a feature of a neural network language model: a number computed at every "
+    "token of a text, large where the text holds some particular pattern."
+)
+DESCRIBE = (
+    "Write one concise phrase, specific enough that a reader could predict which tokens of a new "
+    "text the feature is active on."
+)
+NOTATION = "Special tokens of a chat format are shown as ⟨name⟩, line breaks as \\n and tabs as \\t."
+DIRECT_ANSWER = f"Answer with one line: {ANSWER_TAG} followed by the description."
+REASONED_ANSWER = (
+    "First reason step by step: which tokens are most active, what they have in common, what "
+    "comes before them; check the idea against every excerpt. Then end with one line: "
+    f"{ANSWER_TAG} followed by the description."
+)
+
+
+class MalformedAnswer(ValueError):
+    """An explainer's answer with no usable description; the message says what was wrong."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system, user, assistant
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What one prompt shows of a feature (or a puzzle)."""
+
+    positives: tuple[Excerpt, ...]
+    negatives: tuple[Excerpt, ...] = ()
+    ladder: tuple[float, ...] = ()  # highlight thresholds to try, most extreme first
+
+    @property
+    def threshold(self) -> float:
+        return highlight_threshold(self.positives, self.ladder)
+
+    @property
+    def seq_ids(self) -> tuple[int, ...]:
+        """Every sequence shown, positives first, each once."""
+        return tuple(dict.fromkeys(e.seq_id for e in (*self.positives, *self.negatives)))
+
+
+@dataclass(frozen=True)
+class SolvedPuzzle:
+    """A puzzle as a prompt shows it: its excerpts and its known description."""
+
+    name: str
+    shown: Shown
+    description: str
+
+
+class PromptFormatter(Protocol):
+    name: str
+
+    @property
+    def instructions(self) -> str: ...
+
+    def show(self, feature: FeatureExemplars, positives: Sequence[Excerpt], display: TokenDisplay,
+             rng: random.Random) -> Shown:
+        """The prompt's exemplars: ``positives`` plus whatever else the format shows."""
+        ...
+
+    def render(self, shown: Shown) -> str:
+        """The user message that shows ``shown``."""
+        ...
+
+
+def prompt_builder_for(config: ExplainConfig) -> PromptBuilder:
+    """The configured format, with reasoning before the answer when ``config.cot``."""
+    return PromptBuilder(FORMATS[config.prompt_format](), ChainOfThought() if config.cot else DirectAnswer())
+
+
+def parse_description(answer: str | None) -> str:
+    """The description on the answer's last line that starts with :data:`ANSWER_TAG`."""
+    if answer is None or not answer.strip():
+        raise MalformedAnswer("empty answer")
+    at = answer.lower().rfind(ANSWER_TAG.lower())
+    if at < 0:
+        raise MalformedAnswer(f"no '{ANSWER_TAG}' line in the answer")
+    lines = answer[at + len(ANSWER_TAG) :].strip().splitlines()
+    description = lines[0].strip() if lines else ""
+    if len(description) >= 2 and description[0] == description[-1] == '"' and description.count('"') == 2:
+        description = description[1:-1].strip()
+    if not description:
+        raise MalformedAnswer(f"nothing after '{ANSWER_TAG}'")
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise MalformedAnswer(f"description of {len(description)} characters (at most {MAX_DESCRIPTION_CHARS})")
+    return description
+
+
+def quantile_ladder(stats: FeatureStats) -> tuple[float, ...]:
+    """The feature's quantile values, most extreme quantile first."""
+    return tuple(float(stats.quantiles[q]) for q in sorted(stats.quantiles, reverse=True))
+
+
+# -- the formats ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HighlightFormat:
+    """Transluce: one line per excerpt, active tokens in {{ }}."""
+
+    name: str = PromptFormat.HIGHLIGHT.value
+
+    @property
+    def instructions(self) -> str:
+        return (
+            f"{FEATURE_INTRO} Below are excerpts of text on which the feature is strongly active, with "
+            "the tokens where it is active marked {{like this}}. Describe what the feature responds to: "
+            "what the marked tokens have in common, and the context before them when it matters. "
+            f"{DESCRIBE}"
+        )
+
+    def show(self, feature, positives, display, rng) -> Shown:
+        return Shown(tuple(positives), (), quantile_ladder(feature.stats))
+
+    def render(self, shown: Shown) -> str:
+        threshold = shown.threshold
+        return "\n".join(
+            f"Excerpt {i}: {highlighted_text(e, threshold).lstrip(' ')}" for i, e in enumerate(shown.positives, start=1)
+        )
+
+
+@dataclass(frozen=True)
+class TokenActivationFormat:
+    """Bills et al.: token<TAB>activation lines, activations scaled to integers 0-10; when
+    fewer than ``repeat_below`` of the tokens are non-zero, the non-zero pairs again."""
+
+    name: str = PromptFormat.TOKEN_ACTIVATION.value
+    repeat_below: float = 0.2
+
+    @property
+    def instructions(self) -> str:
+        return (
+            f"{FEATURE_INTRO} Below are excerpts of text on which the feature is strongly active, one "
+            "token per line as token<tab>activation, between <start> and <end>. Activations go from 0 "
+            "to 10; the higher the value, the stronger the match. Describe what the feature responds "
+            "to: what the tokens with high activations have in common, and the context before them "
+            f"when it matters. {DESCRIBE}"
+        )
+
+    def show(self, feature, positives, display, rng) -> Shown:
+        return Shown(tuple(positives), (), quantile_ladder(feature.stats))
+
+    def render(self, shown: Shown) -> str:
+        scaled = scaled_0_to_10(shown.positives)
+        blocks = [_token_lines(i, e, levels, False) for i, (e, levels) in enumerate(zip(shown.positives, scaled), 1)]
+        text = "\n\n".join(blocks)
+        total = sum(len(levels) for levels in scaled)
+        non_zero = sum(level > 0 for levels in scaled for level in levels)
+        if total and non_zero / total < self.repeat_below:
+            repeated = [
+                _token_lines(i, e, levels, True)
+                for i, (e, levels) in enumerate(zip(shown.positives, scaled), 1)
+                if any(levels)
+            ]
+            text += "\n\nSame activations, but with all zeros filtered out:\n" + "\n\n".join(repeated)
+        return text
+
+
+@dataclass(frozen=True)
+class ContrastiveFormat:
+    """Active excerpts beside inactive ones: hard negatives (windows that hold the feature's
+    most active tokens where it stays quiet) and random inactive sequences, all from train."""
+
+    name: str = PromptFormat.CONTRASTIVE.value
+    hard_negatives: int = 5
+    random_negatives: int = 3
+    window: int = 24  # tokens of a hard negative, around the shared token
+    top_tokens: int = 5  # the feature's most active distinct tokens that hard negatives share
+    quiet_share: float = 0.1  # "not active": below this share of the positives' peak
+
+    @property
+    def instructions(self) -> str:
+        return (
+            f"{FEATURE_INTRO} Below are excerpts of text on which the feature is strongly active, with "
+            "the tokens where it is active marked {{like this}}, followed by excerpts on which it is "
+            "not active at all; some of those contain the same words as the marked tokens. Describe "
+            "what the feature responds to, and in particular what separates the active excerpts from "
+            f"the inactive ones. {DESCRIBE}"
+        )
+
+    def show(self, feature, positives, display, rng) -> Shown:
+        ladder = quantile_ladder(feature.stats)
+        return Shown(tuple(positives), tuple(self.negatives_for(feature, positives, ladder, display, rng)), ladder)
+
+    def negatives_for(self, feature: FeatureExemplars, positives: Sequence[Excerpt], ladder, display,
+                      rng) -> list[Excerpt]:
+        threshold = highlight_threshold(positives, ladder)
+        quiet = min(threshold, self.quiet_share * max((e.peak for e in positives), default=0.0))
+        if quiet <= 0:
+            return []
+        peaks = distinct_token_peaks([e for e in positives])
+        shared = set(sorted(peaks, key=peaks.get, reverse=True)[: self.top_tokens])
+        pool = {}
+        for exemplar in feature.exemplars:
+            if exemplar.split is Split.TRAIN:
+                pool.setdefault(exemplar.record.seq_id, (exemplar.kind.value, exemplar.record))
+        hard, calm = [], []
+        for kind, record in pool.values():
+            excerpt = excerpt_of(record, feature.feature.polarity, display)
+            window = _quiet_window_with(excerpt, shared, quiet, self.window)
+            if window is not None:
+                hard.append(window)
+            elif kind == "random" and excerpt.peak < quiet:
+                calm.append(excerpt)
+        rng.shuffle(hard)
+        rng.shuffle(calm)
+        return hard[: self.hard_negatives] + calm[: self.random_negatives]
+
+    def render(self, shown: Shown) -> str:
+        threshold = shown.threshold
+        active = [f"Excerpt {i}: {highlighted_text(e, threshold).lstrip(' ')}"
+                  for i, e in enumerate(shown.positives, 1)]
+        start = len(shown.positives) + 1
+        inactive = [f"Excerpt {i}: {plain_text(e).lstrip(' ')}" for i, e in enumerate(shown.negatives, start)]
+        inactive = inactive or ["(none found)"]
+        return "Active excerpts:\n" + "\n".join(active) + "\n\nInactive excerpts:\n" + "\n".join(inactive)
+
+
+FORMATS: dict[PromptFormat, type[PromptFormatter]] = {
+    PromptFormat.HIGHLIGHT: HighlightFormat,
+    PromptFormat.TOKEN_ACTIVATION: TokenActivationFormat,
+    PromptFormat.CONTRASTIVE: ContrastiveFormat,
+}
+
+
+# -- how the answer is asked for -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectAnswer:
+    suffix: str = ""
+    instruction: str = DIRECT_ANSWER
+
+    def worked_answer(self, puzzle: SolvedPuzzle) -> str:
+        return f"{ANSWER_TAG} {puzzle.description}"
+
+
+@dataclass(frozen=True)
+class ChainOfThought:
+    """Step-by-step reasoning before the answer line; the puzzle's worked answer names its
+    most active tokens before giving its description."""
+
+    suffix: str = "+cot"
+    instruction: str = REASONED_ANSWER
+
+    def worked_answer(self, puzzle: SolvedPuzzle) -> str:
+        peaks = distinct_token_peaks(puzzle.shown.positives)
+        top = sorted(peaks, key=lambda key: (-peaks[key], key))[:5]
+        quoted = [f'"{token_key(t)}"' for t in top]
+        named = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f" and {quoted[-1]}"
+        return (
+            f"Step 1: the most active tokens are {named}.\n"
+            f"Step 2: what they have in common, checked against every excerpt: {puzzle.description}.\n"
+            f"{ANSWER_TAG} {puzzle.description}"
+        )
+
+
+@dataclass(frozen=True)
+class PromptBuilder:
+    """A format and an answer style: builds the chat messages of one prompt."""
+
+    formatter: PromptFormatter
+    answer: DirectAnswer | ChainOfThought
+
+    @property
+    def name(self) -> str:
+        """Stored as ``prompt_format``: e.g. ``highlight`` or ``highlight+cot``."""
+        return self.formatter.name + self.answer.suffix
+
+    @property
+    def system(self) -> str:
+        return f"{self.formatter.instructions}\n\n{NOTATION}\n\n{self.answer.instruction}"
+
+    def show(self, feature, positives, display, rng) -> Shown:
+        return self.formatter.show(feature, positives, display, rng)
+
+    def messages(self, shown: Shown, puzzle: SolvedPuzzle | None) -> list[ChatMessage]:
+        messages = [ChatMessage("system", self.system)]
+        if puzzle is not None:
+            messages += [
+                ChatMessage("user", self.formatter.render(puzzle.shown)),
+                ChatMessage("assistant", self.answer.worked_answer(puzzle)),
+            ]
+        messages.append(ChatMessage("user", self.formatter.render(shown)))
+        return messages
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _token_lines(index: int, excerpt: Excerpt, levels: list[int], non_zero_only: bool) -> str:
+    lines = [f"{token}\t{level}" for token, level in zip(excerpt.tokens, levels) if level or not non_zero_only]
+    return f"Excerpt {index}:\n<start>\n" + defuse_control_tokens("\n".join(lines)) + "\n<end>"
+
+
+def _quiet_window_with(excerpt: Excerpt, shared: set[str], quiet: float, length: int) -> Excerpt | None:
+    """A window of ``excerpt`` around an occurrence of a ``shared`` token where every
+    activation stays below ``quiet``; None when there is none."""
+    for position, token in enumerate(excerpt.tokens):
+        if token_key(token) not in shared:
+            continue
+        start = max(0, min(position - length // 2, len(excerpt.tokens) - length))
+        window = excerpt.span(start, start + length)
+        if window.peak < quiet:
+            return window
+    return None

@@ -1,0 +1,5 @@
+-- Per neuron x polarity: the k candidate descriptions of best-of-k, one row each, with the
+-- backend, explainer model, prompt format, exemplar seq_ids and puzzle that made it, token
+-- counts and latency. A failed candidate has a null description and its reason in `failure`.
+CREATE OR REPLACE VIEW candidate_descriptions AS
+SELECT * FROM read_parquet('{data}/candidate_descriptions/*/*/*.parquet', union_by_name = true);
