@@ -254,13 +254,13 @@ class SimulatorTrainingConfig(Section):
     """Train-split exemplars per feature: top ones first, then quantile and random ones."""
     rerank_exemplars: int = Field(4, ge=1)
     """Exemplars per feature on which stage 2 re-ranks the candidates."""
-    stage1_epochs: int = Field(3, ge=1)
+    stage1_epochs: int = Field(4, ge=1)
     """Passes over the stage-1 data."""
     stage2_epochs: int = Field(2, ge=1)
     """Passes over the stage-2 data."""
     batch_size: int = Field(16, ge=1)
     """Training pairs per optimizer step."""
-    learning_rate: float = Field(1e-4, gt=0)
+    learning_rate: float = Field(4e-4, gt=0)
     """AdamW peak learning rate (linear warm-up, then linear decay). Transluce-scale
     backbones want about 1e-5."""
     stage2_learning_rate: float | None = Field(None, gt=0)
@@ -317,10 +317,16 @@ class PromptedSimulatorConfig(Section):
 
 
 class SimulateConfig(Section):
-    backend: str = "finetuned"
-    """Simulator the correlation scorer uses: lexical (offline rule: the tokens and words a
-    description names), finetuned (Transluce's 11-class per-token model, trained by the
-    simulator_checkpoint asset), prompted (Bills et al.'s all-at-once logprob simulator)."""
+    backend: str = "lexical"
+    """The simulator whose correlation selects each feature's best candidate: lexical
+    (offline rule: the tokens and words a description names), finetuned (Transluce's
+    11-class per-token model, trained by the simulator_checkpoint asset), prompted (Bills et
+    al.'s all-at-once logprob simulator). Production: finetuned."""
+    compare_with: list[str] = ["finetuned"]
+    """More simulators whose correlation is scored beside the backend's on every candidate,
+    for comparison only (not used to select). The demo scores its CPU-trained fine-tuned
+    simulator beside the lexical rule; a GPU config would select by finetuned and compare
+    with lexical."""
     finetuned: FinetunedSimulatorConfig = FinetunedSimulatorConfig()
     """The fine-tuned simulator's model and inference settings."""
     training: SimulatorTrainingConfig = SimulatorTrainingConfig()

@@ -9,15 +9,19 @@ from neuron_assets.defs.assets import corpus, exemplar_assets
 from neuron_assets.defs.explain_assets import ExplainerResource, explain_assets
 from neuron_assets.defs.partitions import layer_polarity_partitions
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
+from neuron_assets.defs.score_assets import score_definitions
 
 
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
     """Definitions for one config file (default: $NEURON_ASSETS_CONFIG or the embedded demo)."""
     config = load_config(config_path)
     partitions = layer_polarity_partitions(config)
-    assets = [corpus, *exemplar_assets(partitions), *explain_assets(partitions, config)]
+    scoring = score_definitions(partitions, config)
     return dg.Definitions(
-        assets=assets,
+        assets=[corpus, *exemplar_assets(partitions), *explain_assets(partitions, config), *scoring["assets"]],
+        jobs=scoring["jobs"],
+        schedules=scoring["schedules"],
+        sensors=scoring["sensors"],
         resources={
             "settings": NeuronAssetsConfig(config_path=config_path or ""),
             "subject": SubjectModelResource(),

@@ -90,8 +90,9 @@ def planted_feature(corpus: PlantedCorpus, word: str, index: int, polarity: Pola
         exemplars += [Exemplar(split, ExemplarKind.TOP, rank, extremes[i], records[i]) for rank, i in enumerate(order)]
         exemplars += [Exemplar(split, ExemplarKind.RANDOM, rank, extremes[i], records[i])
                       for rank, i in enumerate(corpus.random_ids[split])]
-        quiet = [i for i in range(len(records)) if i not in order][:2]
-        exemplars += [Exemplar(split, ExemplarKind.QUANTILE, rank, extremes[i], records[i]) for rank, i in enumerate(quiet)]
+        active = [i for i in sorted(range(len(records)), key=lambda i: -extremes[i]) if extremes[i] > 0.5]
+        sampled = active[len(active) // 2 :: max(1, len(active) // 4)][:2]  # from the lower deciles, like delphi
+        exemplars += [Exemplar(split, ExemplarKind.QUANTILE, rank, extremes[i], records[i]) for rank, i in enumerate(sampled)]
     flat = np.concatenate(train_values)
     stats = FeatureStats(float(flat.max()), float(flat.mean()), float(flat.std()), float((flat > 0).mean()), {})
     return FeatureExemplars(FeatureId(layer, index, polarity), stats, tuple(exemplars))

@@ -1,0 +1,548 @@
+"""Scorers: how well a description predicts its feature on held-out text.
+
+Every scorer takes one feature, its k candidate descriptions and a split, and returns one
+:class:`Score` per description, so a scorer can batch the k candidates (the fine-tuned
+simulator shares each exemplar's forward pass among them).
+
+- ``correlation`` (Bills et al., Transluce): Pearson r between simulated and true
+  activations over all tokens of E_split (the top-20 exemplars of the split plus its 5
+  random sequences), concatenated; the true activations are relu(a) for pos and relu(-a)
+  for neg; the fixed prefix is left out. Constant predictions score 0 and are flagged.
+- ``detection`` and ``fuzzing`` (delphi): an LLM, through the explain backend's model, says
+  which examples show the feature (detection) or whether the marked tokens are the
+  feature's (fuzzing); the score is the balanced accuracy over activating (quantile) and
+  non-activating (random) examples.
+- ``embedding``: the description and each example embedded with MiniLM (mean pooling);
+  the score is the AUC with which cosine similarity separates activating (top) from
+  random examples.
+
+Scorers are chosen by name from :data:`SCORERS` (``score.scorers``).
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from neuron_assets.config import Config, ExplainConfig, ScoreConfig
+from neuron_assets.simulate.base import Simulator
+from neuron_assets.types import ActivationRecord, FeatureExemplars, Polarity, Split
+
+CONSTANT_PREDICTION = "constant_prediction"
+CONSTANT_ACTIVATION = "constant_activation"
+TOO_FEW_TOKENS = "too_few_tokens"
+NO_EXAMPLES = "no_examples"
+NO_NEGATIVES = "no_negatives"
+UNANSWERED = "unanswered"
+
+
+@dataclass(frozen=True)
+class Score:
+    value: float  # in [-1, 1]; never NaN
+    flags: tuple[str, ...] = ()  # why a value is a default (constant predictions, no examples, ...)
+    n_examples: int = 0
+    n_tokens: int = 0
+
+
+class Scorer(Protocol):
+    name: str
+    simulator: str | None  # the simulator a score depends on, stored with it
+
+    def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]: ...
+
+
+class ScorerUnavailable(RuntimeError):
+    """A scorer that cannot run with this configuration (no LLM for detection); the message says why."""
+
+
+# -- the correlation scorer ------------------------------------------------------------------
+
+
+def evaluation_records(feature: FeatureExemplars, split: Split, top: int = 20, random_count: int = 5) -> list[ActivationRecord]:
+    """E_split: the split's top exemplars, then its random sequences (each sequence once)."""
+    chosen = [e.record for e in feature.top(split)[:top]] + [e.record for e in feature.random(split)[:random_count]]
+    return list({record.seq_id: record for record in chosen}.values())
+
+
+def pearson_over_tokens(predicted: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> Score:
+    """Pearson r of two per-record token series, all records concatenated."""
+    if len(predicted) != len(true):
+        raise ValueError(f"{len(predicted)} predicted records for {len(true)} true ones")
+    p = np.concatenate([np.asarray(x, dtype=np.float64) for x in predicted]) if predicted else np.zeros(0)
+    t = np.concatenate([np.asarray(x, dtype=np.float64) for x in true]) if true else np.zeros(0)
+    if p.shape != t.shape:
+        raise ValueError(f"{p.size} predicted tokens for {t.size} true ones")
+    n = int(p.size)
+    if n < 2:
+        return Score(0.0, (TOO_FEW_TOKENS,), len(true), n)
+    p_centered, t_centered = p - p.mean(), t - t.mean()
+    p_norm, t_norm = np.sqrt((p_centered**2).sum()), np.sqrt((t_centered**2).sum())
+    if not p_norm > 1e-12 * max(1.0, np.abs(p).max()):
+        return Score(0.0, (CONSTANT_PREDICTION,), len(true), n)
+    if not t_norm > 0:
+        return Score(0.0, (CONSTANT_ACTIVATION,), len(true), n)
+    r = float((p_centered * t_centered).sum() / (p_norm * t_norm))
+    return Score(float(np.clip(r, -1.0, 1.0)), (), len(true), n)
+
+
+def correlation_score(predicted: Sequence[np.ndarray], records: Sequence[ActivationRecord], polarity: Polarity) -> Score:
+    """Pearson r over the records' tokens after their prefix; true = the polarity's activations."""
+    return pearson_over_tokens(
+        [np.asarray(p)[r.prefix_len :] for p, r in zip(predicted, records)],
+        [r.polarity_activations(polarity)[r.prefix_len :] for r in records],
+    )
+
+
+class CorrelationScorer:
+    name = "correlation"
+
+    def __init__(self, simulator: Simulator, top: int = 20, random_count: int = 5):
+        self.simulator_impl = simulator
+        self.simulator = simulator.name
+        self.top = top
+        self.random_count = random_count
+
+    def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]:
+        records = evaluation_records(feature, split, self.top, self.random_count)
+        if not records:
+            return [Score(0.0, (NO_EXAMPLES,)) for _ in descriptions]
+        simulated = self.simulator_impl.simulate(list(descriptions), records)
+        return [correlation_score(per_record, records, feature.feature.polarity) for per_record in simulated]
+
+
+# -- classification scorers (delphi) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgedExample:
+    text: str
+    is_positive: bool  # what a perfect judge answers
+
+
+def balanced_accuracy(truth: Sequence[bool], answers: Sequence[bool | None]) -> Score:
+    """(TPR + TNR) / 2 over the answered examples; unanswered ones are flagged, not guessed."""
+    answered = [(t, a) for t, a in zip(truth, answers) if a is not None]
+    flags = (f"{UNANSWERED}:{len(truth) - len(answered)}",) if len(answered) < len(truth) else ()
+    positives = [a for t, a in answered if t]
+    negatives = [a for t, a in answered if not t]
+    if not positives or not negatives:
+        return Score(0.5, flags + ((NO_NEGATIVES if positives else NO_EXAMPLES),), len(truth))
+    tpr = sum(positives) / len(positives)
+    tnr = sum(not a for a in negatives) / len(negatives)
+    return Score(float((tpr + tnr) / 2), flags, len(truth))
+
+
+class Judge(Protocol):
+    """An LLM that answers chat prompts (the explain backend's model)."""
+
+    name: str
+
+    def answer(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str | None]: ...
+
+
+DETECTION_SYSTEM = (
+    "You are an intelligent and meticulous linguistics researcher. You will be given a feature of text, "
+    "such as \"male pronouns\" or \"text with negative sentiment\", and several numbered text examples. "
+    "Decide for each example whether it contains the feature. Answer with a Python list of 0s and 1s, one per "
+    "example in order (1 = contains the feature), and nothing else."
+)
+FUZZING_SYSTEM = (
+    "You are an intelligent and meticulous linguistics researcher. You will be given a feature of text and "
+    "several numbered text examples in which some tokens are marked <<like this>>. Decide for each example whether "
+    "the marked tokens are where the feature is (1) or the marks are wrong (0). Answer with a Python list of 0s and "
+    "1s, one per example in order, and nothing else."
+)
+
+
+class ClassificationScorer:
+    """Detection or fuzzing: examples are shown ``batch`` at a time, in a seeded order."""
+
+    name: str
+    system: str
+    simulator = None
+
+    def __init__(self, judge: Judge, examples: int = 10, batch: int = 5, seed: int = 0):
+        self.judge = judge
+        self.examples = examples
+        self.batch = batch
+        self.seed = seed
+
+    @staticmethod
+    def make_examples(feature: FeatureExemplars, split: Split, n: int, rng: random.Random) -> list[JudgedExample]:
+        raise NotImplementedError
+
+    def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]:
+        rng = random.Random(f"{self.seed}:{self.name}:{feature.feature}")
+        examples = self.make_examples(feature, split, self.examples, rng)
+        if not examples:
+            return [Score(0.5, (NO_EXAMPLES,)) for _ in descriptions]
+        rng.shuffle(examples)
+        batches = [examples[i : i + self.batch] for i in range(0, len(examples), self.batch)]
+        conversations = [self._prompt(d, b) for d in descriptions for b in batches]
+        answers = self.judge.answer(conversations)
+        scores = []
+        for i, _ in enumerate(descriptions):
+            judged: list[bool | None] = []
+            for j, batch in enumerate(batches):
+                judged += parse_judgements(answers[i * len(batches) + j], len(batch))
+            scores.append(balanced_accuracy([e.is_positive for e in examples], judged))
+        return scores
+
+    def _prompt(self, description: str, batch: Sequence[JudgedExample]) -> list[dict[str, str]]:
+        shown = "\n".join(f"Example {i}: {e.text}" for i, e in enumerate(batch))
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": f"Feature: {description}\n\n{shown}\n\nAnswer with a list of {len(batch)} numbers."},
+        ]
+
+
+class DetectionScorer(ClassificationScorer):
+    name = "detection"
+    system = DETECTION_SYSTEM
+
+    @staticmethod
+    def make_examples(feature, split, n, rng):
+        return detection_examples(feature, split, n, rng)
+
+
+class FuzzingScorer(ClassificationScorer):
+    name = "fuzzing"
+    system = FUZZING_SYSTEM
+
+    @staticmethod
+    def make_examples(feature, split, n, rng):
+        return fuzzing_examples(feature, split, n, rng)
+
+
+def parse_judgements(answer: str | None, n: int) -> list[bool | None]:
+    """The last Python list of n 0/1 values in an answer; anything else is n unanswered."""
+    if answer:
+        for candidate in reversed(re.findall(r"\[[^\[\]]*\]", answer)):
+            try:
+                values = ast.literal_eval(candidate)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(values, list) and len(values) == n and all(v in (0, 1) for v in values):
+                return [bool(v) for v in values]
+    return [None] * n
+
+
+def detection_examples(feature: FeatureExemplars, split: Split, n: int, rng: random.Random) -> list[JudgedExample]:
+    """Activating: the split's quantile samples, topped up with its top exemplars, n in all;
+    non-activating: its random sequences whose peak is below the weakest activating one."""
+    positives, negatives = _activating_and_quiet(feature, split, n)
+    return [JudgedExample(_plain(r), True) for r in positives] + [JudgedExample(_plain(r), False) for r in negatives]
+
+
+def fuzzing_examples(feature: FeatureExemplars, split: Split, n: int, rng: random.Random) -> list[JudgedExample]:
+    """Half the activating examples marked at their activating tokens (correct), the other
+    half and the non-activating ones marked at as many random tokens (wrong)."""
+    polarity = feature.feature.polarity
+    positives, negatives = _activating_and_quiet(feature, split, n)
+    examples = []
+    for i, record in enumerate(positives):
+        values = record.polarity_activations(polarity)[record.prefix_len :]
+        marked = set(np.nonzero(values >= 0.5 * values.max())[0].tolist()) if values.size and values.max() > 0 else set()
+        if i % 2 == 0 and marked:
+            examples.append(JudgedExample(_marked(record, marked), True))
+        else:
+            examples.append(JudgedExample(_marked(record, _random_positions(record, max(1, len(marked)), rng)), False))
+    for record in negatives:
+        examples.append(JudgedExample(_marked(record, _random_positions(record, 2, rng)), False))
+    return examples
+
+
+def _activating_and_quiet(feature: FeatureExemplars, split: Split, n: int):
+    ranked = [e for e in feature.quantile(split) if e.extreme > 0] + feature.top(split)  # quantiles first, as delphi
+    positives, seen = [], set()
+    for exemplar in ranked:
+        if exemplar.record.seq_id not in seen and len(positives) < n:
+            seen.add(exemplar.record.seq_id)
+            positives.append(exemplar)
+    weakest = min((e.extreme for e in positives), default=0.0)
+    shown = {e.record.seq_id for e in positives}
+    negatives = [e for e in feature.random(split) if e.extreme < weakest and e.record.seq_id not in shown][:n]
+    return [e.record for e in positives], [e.record for e in negatives]
+
+
+def _plain(record: ActivationRecord) -> str:
+    from neuron_assets.explain.excerpts import defuse_control_tokens
+
+    return defuse_control_tokens("".join(record.tokens[record.prefix_len :]).replace("\n", " "))
+
+
+def _marked(record: ActivationRecord, positions: set[int]) -> str:
+    from neuron_assets.explain.excerpts import defuse_control_tokens
+
+    parts = []
+    for i, token in enumerate(record.tokens[record.prefix_len :]):
+        token = token.replace("\n", " ")
+        core = token.lstrip()
+        parts.append(token[: len(token) - len(core)] + f"<<{core}>>" if i in positions and core else token)
+    return defuse_control_tokens("".join(parts))
+
+
+def _random_positions(record: ActivationRecord, count: int, rng: random.Random) -> set[int]:
+    n = len(record.tokens) - record.prefix_len
+    return set(rng.sample(range(n), min(count, n))) if n > 0 else set()
+
+
+# -- the embedding scorer ---------------------------------------------------------------------
+
+
+class EmbeddingScorer:
+    """AUC of cos(description, example) separating the split's top exemplars from its random
+    sequences that peak below every one of them. Sequence embeddings are cached by seq_id
+    (random sequences are shared by every feature)."""
+
+    name = "embedding"
+    simulator = None
+
+    def __init__(self, embed: Callable[[list[str]], np.ndarray], top: int = 20, random_count: int = 5):
+        self.embed = embed
+        self.top = top
+        self.random_count = random_count
+        self._cache: dict[int, np.ndarray] = {}
+
+    def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]:
+        top = feature.top(split)[: self.top]
+        positives = [e.record for e in top]
+        weakest = min((e.extreme for e in top), default=0.0)
+        negatives = [e.record for e in feature.random(split)[: self.random_count]
+                     if e.extreme < weakest and e.record.seq_id not in {r.seq_id for r in positives}]
+        if not positives or not negatives:
+            return [Score(0.5, (NO_NEGATIVES if positives else NO_EXAMPLES,), len(positives) + len(negatives))
+                    for _ in descriptions]
+        records = positives + negatives
+        missing = [r for r in records if r.seq_id not in self._cache]
+        if missing:
+            for record, vector in zip(missing, self.embed([_plain(r) for r in missing])):
+                self._cache[record.seq_id] = vector
+        examples = np.stack([self._cache[r.seq_id] for r in records])
+        queries = self.embed([d or "" for d in descriptions])
+        labels = np.array([True] * len(positives) + [False] * len(negatives))
+        return [Score(roc_auc(examples @ q, labels), (), len(records)) for q in queries]
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Probability that a random positive outranks a random negative (ties count half)."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+class MiniLMEmbedder:
+    """Sentence embeddings: mean pooling over the last hidden state, L2-normalized."""
+
+    def __init__(self, model: str, device: str = "auto", batch_size: int = 64):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from neuron_assets.simulate.finetuned import quiet_transformers, resolve_device
+        from neuron_assets.subject import resolve_model_path
+
+        path = resolve_model_path(model)
+        self.device = resolve_device(device)
+        with quiet_transformers():
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
+        self.batch_size = batch_size
+        self._torch = torch
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
+                                   max_length=256, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+# -- judges: the explain backend's model answering classification prompts ------------------------
+
+
+class OpenAIChatJudge:
+    """OpenAI's API or any OpenAI-compatible server (vLLM's), from the explain section."""
+
+    name = "openai"
+
+    def __init__(self, config: ExplainConfig):
+        import os
+
+        import openai
+
+        if not config.model:
+            raise ScorerUnavailable("detection and fuzzing need explain.model (the judge model)")
+        key = os.environ.get(config.api_key_env) or ("unused" if config.base_url else None)
+        if key is None:
+            raise ScorerUnavailable(f"detection and fuzzing need an API key in ${config.api_key_env}")
+        self.client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.timeout_s,
+                                    max_retries=config.max_retries)
+        self.model = config.model
+        self.concurrency = config.concurrency
+
+    def answer(self, conversations):
+        def one(messages):
+            try:
+                reply = self.client.chat.completions.create(model=self.model, messages=list(messages), temperature=0.0,
+                                                            max_tokens=64)
+            except Exception:  # a failed request is an unanswered batch, counted in the flags
+                return None
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, conversations))
+
+
+class TransformersJudge:
+    """A local chat model through Hugging Face generate (greedy)."""
+
+    name = "transformers"
+
+    def __init__(self, config: ExplainConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from neuron_assets.simulate.finetuned import quiet_transformers, resolve_device
+
+        if not config.model:
+            raise ScorerUnavailable("detection and fuzzing need explain.model (a local chat model folder)")
+        self.device = resolve_device(config.device)
+        with quiet_transformers():
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
+            self.lm = AutoModelForCausalLM.from_pretrained(config.model, local_files_only=True).to(self.device).eval()
+        self._torch = torch
+
+    def answer(self, conversations):
+        out = []
+        for messages in conversations:
+            encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True)
+            with self._torch.no_grad():
+                generated = self.lm.generate(
+                    encoded["input_ids"].to(self.device), attention_mask=encoded["attention_mask"].to(self.device),
+                    max_new_tokens=24, do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                    else self.tokenizer.eos_token_id,
+                )
+            out.append(self.tokenizer.decode(generated[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
+        return out
+
+
+JUDGES: dict[str, Callable[[ExplainConfig], Judge]] = {
+    "openai": OpenAIChatJudge,
+    "transformers": TransformersJudge,
+}
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoringContext:
+    """What scorers are built from. ``simulator_factory(name)`` builds a simulator; it and the
+    judge are made on first use."""
+
+    config: Config
+    simulator_factory: Callable[[str], Simulator]
+    simulators: tuple[str, ...] = ()  # correlation is scored with each; the first selects
+    judge: Judge | None = None
+    embedder: Callable[[list[str]], np.ndarray] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # scorer -> why it did not run
+
+    def make_judge(self) -> Judge:
+        if self.judge is None:
+            explain = self.config.explain
+            if explain.backend not in JUDGES:
+                raise ScorerUnavailable(
+                    f"detection and fuzzing need an LLM: explain.backend '{explain.backend}' has none "
+                    f"(use one of {', '.join(JUDGES)}; a vLLM server is the openai backend with base_url)"
+                )
+            self.judge = JUDGES[explain.backend](explain)
+        return self.judge
+
+    def make_embedder(self) -> Callable[[list[str]], np.ndarray]:
+        if self.embedder is None:
+            self.embedder = MiniLMEmbedder(self.config.score.embedding_model)
+        return self.embedder
+
+
+ScorerFactory = Callable[[ScoringContext], list[Scorer]]
+
+
+def _correlation(context: ScoringContext) -> list[Scorer]:
+    """One correlation scorer per simulator; a simulator after the first that cannot be built
+    here is left out (the first, which selects, must build)."""
+    from neuron_assets.simulate import SimulatorUnavailable
+
+    score = context.config.score
+    scorers = []
+    for i, name in enumerate(context.simulators):
+        try:
+            simulator = context.simulator_factory(name)
+        except SimulatorUnavailable as err:
+            if i == 0:
+                raise ScorerUnavailable(str(err)) from None
+            context.skipped[f"correlation/{name}"] = str(err)
+            continue
+        scorers.append(CorrelationScorer(simulator, score.top_exemplars, score.random_exemplars))
+    return scorers
+
+
+def _detection(context: ScoringContext) -> list[Scorer]:
+    score = context.config.score
+    return [DetectionScorer(context.make_judge(), score.judge_examples, seed=score.control_seed)]
+
+
+def _fuzzing(context: ScoringContext) -> list[Scorer]:
+    score = context.config.score
+    return [FuzzingScorer(context.make_judge(), score.judge_examples, seed=score.control_seed)]
+
+
+def _embedding(context: ScoringContext) -> list[Scorer]:
+    score = context.config.score
+    return [EmbeddingScorer(context.make_embedder(), score.top_exemplars, score.random_exemplars)]
+
+
+SCORERS: dict[str, ScorerFactory] = {
+    "correlation": _correlation,
+    "detection": _detection,
+    "fuzzing": _fuzzing,
+    "embedding": _embedding,
+}
+
+
+def build_scorers(config: ScoreConfig, context: ScoringContext) -> tuple[list[Scorer], dict[str, str]]:
+    """The configured scorers (the selecting one first), and for each one that cannot run
+    here, why it was skipped. The selecting scorer is the first one named score.select_by."""
+    unknown = [name for name in config.scorers if name not in SCORERS]
+    if unknown:
+        raise ScorerUnavailable(f"unknown scorer(s) {', '.join(unknown)} in score.scorers; known: {', '.join(SCORERS)}")
+    if config.select_by not in config.scorers:
+        raise ScorerUnavailable(f"score.select_by '{config.select_by}' is not in score.scorers {config.scorers}")
+    context.skipped = {}
+    scorers: list[Scorer] = []
+    for name in sorted(dict.fromkeys(config.scorers), key=lambda n: n != config.select_by):
+        try:
+            scorers += SCORERS[name](context)
+        except ScorerUnavailable as err:
+            if name == config.select_by:
+                raise
+            context.skipped[name] = str(err)
+    return scorers, dict(context.skipped)

@@ -1,0 +1,328 @@
+"""The simulate-and-score stages as plain functions: read the store, compute, write the store.
+
+Dagster assets (neuron_assets.defs.score_assets) and the CLI call these; tests call them
+directly. Tables written:
+
+- ``simulator_training_data`` (one file): the held-out, stage-1 and stage-2 rows;
+- ``simulator_checkpoints`` (one file, one row per trained simulator, appended): where each
+  checkpoint is, its loss curve summary and held-out correlation;
+- ``description_scores`` (per layer x polarity): every candidate x scorer on val, with the
+  shuffled controls;
+- ``neuron_descriptions`` (per layer x polarity): the best candidate by val, its test
+  score, and its shuffled control's val and test scores.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from neuron_assets.config import Config
+from neuron_assets.exemplars import load_feature_exemplars
+from neuron_assets.score import ScoringContext, Scorer, build_scorers
+from neuron_assets.select import SCORES_SCHEMA, ShuffledControl, score_candidates, select_best, shuffled_controls
+from neuron_assets.simulate import FINETUNED, build_simulator, needs_checkpoint, simulator_names
+from neuron_assets.store import MissingTableError, Store, with_lineage
+from neuron_assets.types import FeatureExemplars, FeatureId, Polarity, Split
+
+TRAINING_TABLE = "simulator_training_data"
+CHECKPOINTS_TABLE = "simulator_checkpoints"
+SCORES_TABLE = "description_scores"
+DESCRIPTIONS_TABLE = "neuron_descriptions"
+CANDIDATES_TABLE = "candidate_descriptions"
+
+Log = Callable[[str], object]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+# -- reading upstream tables ---------------------------------------------------------------
+
+
+def read_candidates(store: Store, layer: int, polarity: Polarity) -> dict[FeatureId, list[str | None]]:
+    """Feature -> its candidates' descriptions by candidate number (None where one failed)."""
+    frame = store.read(CANDIDATES_TABLE, layer, polarity.value).select("neuron", "candidate", "description")
+    out: dict[FeatureId, list[str | None]] = {}
+    for row in frame.sort("neuron", "candidate").iter_rows(named=True):
+        slots = out.setdefault(FeatureId(layer, row["neuron"], polarity), [])
+        slots += [None] * (row["candidate"] + 1 - len(slots))
+        slots[row["candidate"]] = row["description"]
+    return out
+
+
+def candidate_partitions(store: Store, config: Config) -> list[tuple[int, Polarity]]:
+    """The (layer, polarity) partitions with candidate descriptions, within the config's polarities."""
+    wanted = set(config.features.polarities)
+    return [(layer, Polarity(p)) for layer, p in store.partitions(CANDIDATES_TABLE) if p in wanted]
+
+
+# -- simulator training data and checkpoint ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingDataWritten:
+    path: Path
+    rows: int
+    features: dict[str, int]  # role -> features
+    partitions: int
+
+
+def make_simulator_training_data(config: Config, run_id: str, log: Log = _quiet) -> TrainingDataWritten:
+    from neuron_assets.simulate.training import TRAINING_DATA_SCHEMA, plan_training_data
+
+    store = Store(config.root)
+    features: list[FeatureExemplars] = []
+    candidates: dict[FeatureId, list[str | None]] = {}
+    partitions = candidate_partitions(store, config)
+    for layer, polarity in partitions:
+        features += load_feature_exemplars(store, layer, polarity)
+        candidates.update(read_candidates(store, layer, polarity))
+    frame = plan_training_data(features, candidates, config.simulate.training) if features else \
+        pl.DataFrame(schema=TRAINING_DATA_SCHEMA)
+    frame = with_lineage(frame, config.subject.model, config.hash, run_id)
+    path = store.write(TRAINING_TABLE, frame)
+    counts = frame.group_by("role").agg(pl.struct("layer", "polarity", "neuron").n_unique().alias("n"))
+    by_role = {row["role"]: row["n"] for row in counts.iter_rows(named=True)}
+    log(f"simulator training data: {frame.height} rows from {len(partitions)} partitions, features {by_role}")
+    return TrainingDataWritten(path, frame.height, by_role, len(partitions))
+
+
+@dataclass(frozen=True)
+class CheckpointWritten:
+    trained: bool  # False when the configured simulator needs no training
+    reason: str = ""
+    version: str | None = None
+    path: Path | None = None
+    heldout_correlation: float | None = None
+    heldout_shuffled_correlation: float | None = None
+    stage1_heldout_correlation: float | None = None
+    loss_curve: dict[str, list[float]] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed: bool = False
+
+
+def make_simulator_checkpoint(config: Config, run_id: str, log: Log = _quiet) -> CheckpointWritten:
+    """Train (or resume, or find already trained) the fine-tuned simulator on the stored
+    training data; record it in ``simulator_checkpoints``."""
+    if not needs_checkpoint(config):
+        reason = (f"simulate.finetuned.checkpoint is set ({config.simulate.finetuned.checkpoint})"
+                  if config.simulate.finetuned.checkpoint else
+                  f"no scored simulator is finetuned (simulate.backend {config.simulate.backend}, compare_with "
+                  f"{config.simulate.compare_with})")
+        return CheckpointWritten(False, reason + "; nothing to train")
+    from neuron_assets.simulate.alignment import control_token_forms
+    from neuron_assets.simulate.training import STAGE1, STAGE2, train_simulator
+    from neuron_assets.subject import load_tokenizer
+
+    store = Store(config.root)
+    frame = store.read(TRAINING_TABLE).drop("model", "config_hash", "run_id", strict=False)
+    added = control_token_forms(_special_tokens(load_tokenizer(config.subject)))
+    trained = train_simulator(frame, config.simulate.finetuned, config.simulate.training,
+                              store.checkpoint_dir / "simulator", added, log=log)
+    last = trained.heldout.get(STAGE2) or trained.heldout[STAGE1]
+    row = {
+        "version": trained.version, "path": str(trained.path), "backbone": config.simulate.finetuned.backbone,
+        "head": config.simulate.finetuned.head, "alignment": config.simulate.finetuned.alignment,
+        "stage1_steps": trained.steps.get(STAGE1, 0), "stage2_steps": trained.steps.get(STAGE2, 0),
+        "final_loss": (trained.loss_curve.get(STAGE2) or trained.loss_curve[STAGE1])[-1],
+        "heldout_correlation": last.described, "heldout_shuffled_correlation": last.shuffled,
+        "heldout_features": last.features, "stage2_changed": trained.stage2_changed,
+        "train_seconds": trained.seconds, "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
+    }
+    _append_checkpoint_row(store, with_lineage(pl.DataFrame([row]), config.subject.model, config.hash, run_id))
+    return CheckpointWritten(
+        True, "", trained.version, trained.path, last.described, last.shuffled, trained.heldout[STAGE1].described,
+        trained.loss_curve, trained.steps, trained.seconds, trained.resumed,
+    )
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            tokens.add(added.content)
+    return sorted(tokens)
+
+
+def _append_checkpoint_row(store: Store, row: pl.DataFrame) -> None:
+    try:
+        existing = store.read(CHECKPOINTS_TABLE)
+    except MissingTableError:
+        existing = None
+    if existing is not None:  # one row per version: a re-materialization of a trained version replaces it
+        existing = existing.filter(pl.col("version") != row["version"][0])
+    frame = row if existing is None else pl.concat([existing, row], how="diagonal_relaxed")
+    store.write(CHECKPOINTS_TABLE, frame)
+
+
+def latest_checkpoint(store: Store) -> tuple[str, Path] | None:
+    """(version, path) of the most recently trained simulator whose folder still exists."""
+    try:
+        frame = store.read(CHECKPOINTS_TABLE)
+    except MissingTableError:
+        return None
+    for row in frame.sort("created_at", descending=True).iter_rows(named=True):
+        if (Path(row["path"]) / "simulator.json").is_file():
+            return row["version"], Path(row["path"])
+    return None
+
+
+# -- description scores and neuron descriptions --------------------------------------------
+
+
+_last_built: dict = {}
+
+
+@dataclass
+class Scoring:
+    """The scorers of one run, built once (the simulator loads once for every partition)."""
+
+    scorers: list[Scorer]
+    skipped: dict[str, str]  # scorer -> why it did not run
+    simulator_version: str | None
+
+    @classmethod
+    def build(cls, config: Config, store: Store, judge=None) -> Scoring:
+        """The configured scorers on the latest checkpoint; the last one built is reused while
+        neither the config nor the checkpoint changes (the scores and selection assets of one
+        run share the loaded simulator)."""
+        names = simulator_names(config)
+        checkpoint = latest_checkpoint(store) if needs_checkpoint(config) else None
+        version = checkpoint[0] if checkpoint else (config.simulate.finetuned.checkpoint if FINETUNED in names else None)
+        key = (config.model_dump_json(), str(store.root), version, id(judge))
+        if _last_built.get("key") != key:
+            def simulator(name: str):
+                return build_simulator(config, checkpoint[1] if checkpoint else None, name)
+
+            context = ScoringContext(config, simulator, tuple(names), judge)
+            scorers, skipped = build_scorers(config.score, context)
+            _last_built.clear()
+            _last_built.update(key=key, scoring=cls(scorers, skipped, version))
+        return _last_built["scoring"]
+
+    @property
+    def selector(self) -> Scorer:
+        """The scorer whose val score selects (score.select_by; with the simulate.backend simulator)."""
+        return self.scorers[0]
+
+
+@dataclass(frozen=True)
+class ScoresWritten:
+    layer: int
+    polarity: str
+    path: Path
+    rows: int
+    features: int
+    unscored: list[int]  # features with exemplars but no scored candidate
+    seconds: float
+
+
+def make_description_scores(config: Config, layer: int, polarity: Polarity, run_id: str,
+                            scoring: Scoring | None = None, log: Log = _quiet) -> ScoresWritten:
+    started = time.perf_counter()
+    store = Store(config.root)
+    polarity = Polarity(polarity)
+    scoring = scoring or Scoring.build(config, store)
+    features = load_feature_exemplars(store, layer, polarity)
+    candidates = read_candidates(store, layer, polarity)
+    controls = shuffled_controls(features, candidates, config.score.control_seed) if config.score.shuffled_control else {}
+    frame = score_candidates(features, candidates, scoring.scorers, Split.VAL, controls)
+    frame = with_lineage(frame.with_columns(pl.lit(scoring.simulator_version, pl.String).alias("simulator_version")),
+                         config.subject.model, config.hash, run_id)
+    path = store.write(SCORES_TABLE, frame, layer, polarity.value)
+    scored = set(frame["neuron"].unique().to_list()) if frame.height else set()
+    unscored = sorted(f.feature.index for f in features if f.feature.index not in scored)
+    log(f"layer {layer} {polarity.value}: {frame.height} scores for {len(scored)} features "
+        f"({len(unscored)} without candidates)")
+    return ScoresWritten(layer, polarity.value, path, frame.height, len(scored), unscored, time.perf_counter() - started)
+
+
+DESCRIPTIONS_SCHEMA = {
+    "layer": pl.Int64, "polarity": pl.String, "neuron": pl.Int64, "candidate": pl.Int64, "description": pl.String,
+    "scorer": pl.String, "simulator": pl.String, "val_score": pl.Float64, "test_score": pl.Float64,
+    "val_flags": pl.List(pl.String), "test_flags": pl.List(pl.String), "control_description": pl.String,
+    "control_source_neuron": pl.Int64, "control_val_score": pl.Float64, "control_test_score": pl.Float64,
+    "n_candidates": pl.Int64, "explainer_backend": pl.String, "explainer_model": pl.String,
+    "simulator_version": pl.String,
+}
+
+
+@dataclass(frozen=True)
+class DescriptionsWritten:
+    layer: int
+    polarity: str
+    path: Path
+    rows: int
+    frame: pl.DataFrame
+    seconds: float
+
+
+def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run_id: str,
+                             scoring: Scoring | None = None, log: Log = _quiet) -> DescriptionsWritten:
+    """The best candidate by val (score.select_by), then it and its shuffled control on test."""
+    started = time.perf_counter()
+    store = Store(config.root)
+    polarity = Polarity(polarity)
+    scores = store.read(SCORES_TABLE, layer, polarity.value)
+    scoring = scoring or Scoring.build(config, store)
+    scorer = scoring.selector
+    best = select_best(scores, scorer.name, scorer.simulator)
+    features = {f.feature.index: f for f in load_feature_exemplars(store, layer, polarity)}
+    explainers = _explainers(store, layer, polarity)
+    rows = []
+    for row in best.iter_rows(named=True):
+        feature = features.get(row["neuron"])
+        if feature is None:
+            continue
+        described = [row["description"]] + ([row["control_description"]] if row["control_description"] else [])
+        test = scorer.score(feature, described, Split.TEST)
+        rows.append({
+            "layer": layer, "polarity": polarity.value, "neuron": row["neuron"], "candidate": row["candidate"],
+            "description": row["description"], "scorer": scorer.name, "simulator": row["simulator"],
+            "val_score": row["val_score"], "test_score": test[0].value, "val_flags": row["val_flags"],
+            "test_flags": list(test[0].flags), "control_description": row["control_description"],
+            "control_source_neuron": row["control_source_neuron"], "control_val_score": row["control_val_score"],
+            "control_test_score": test[1].value if len(test) > 1 else None, "n_candidates": row["n_candidates"],
+            **explainers.get((row["neuron"], row["candidate"]), {"explainer_backend": None, "explainer_model": None}),
+            "simulator_version": scores["simulator_version"][0] if "simulator_version" in scores.columns else None,
+        })
+    frame = with_lineage(pl.DataFrame(rows, schema=DESCRIPTIONS_SCHEMA), config.subject.model, config.hash, run_id)
+    path = store.write(DESCRIPTIONS_TABLE, frame, layer, polarity.value)
+    log(f"layer {layer} {polarity.value}: {frame.height} neuron descriptions")
+    return DescriptionsWritten(layer, polarity.value, path, frame.height, frame, time.perf_counter() - started)
+
+
+def _explainers(store: Store, layer: int, polarity: Polarity) -> dict[tuple[int, int], dict]:
+    try:
+        frame = store.read(CANDIDATES_TABLE, layer, polarity.value)
+    except MissingTableError:
+        return {}
+    columns = [c for c in ("backend", "explainer_model") if c in frame.columns]
+    out = {}
+    for row in frame.select("neuron", "candidate", *columns).iter_rows(named=True):
+        out[(row["neuron"], row["candidate"])] = {"explainer_backend": row.get("backend"),
+                                                 "explainer_model": row.get("explainer_model")}
+    return out
+
+
+def read_all(store: Store, table: str) -> pl.DataFrame:
+    """Every partition of a per-layer table, concatenated (empty when none is written)."""
+    frames = [store.read(table, layer, polarity) for layer, polarity in store.partitions(table)]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
+__all__ = [
+    "CHECKPOINTS_TABLE", "DESCRIPTIONS_SCHEMA", "DESCRIPTIONS_TABLE", "SCORES_SCHEMA", "SCORES_TABLE",
+    "TRAINING_TABLE", "CheckpointWritten", "DescriptionsWritten", "Scoring", "ScoresWritten", "ShuffledControl",
+    "TrainingDataWritten", "candidate_partitions", "latest_checkpoint", "make_description_scores",
+    "make_neuron_descriptions", "make_simulator_checkpoint", "make_simulator_training_data", "read_all",
+    "read_candidates",
+]

@@ -1,0 +1,173 @@
+"""Selection and evaluation: score every candidate, keep the best by val, report it on test.
+
+- :func:`score_candidates`: every candidate x scorer on one split, plus the *shuffled
+  control* of every feature: a description written for another feature of the same layer
+  and polarity, scored the same way. The control says what a score is worth: a simulator
+  that predicts from generic properties of the text (where anything fires) scores well
+  above 0 even with the wrong description.
+- :func:`select_best`: per feature, the candidate with the highest val score of one scorer
+  (ties: the lower candidate number).
+- :func:`expected_best_of_k` and :func:`best_of_k_curve`: the mean best-of-k score for
+  every k, estimated without bias from all k' <= k subsets of the n scored candidates
+  (order statistics), and a power-law fit ``mean_best(k) = a * k^b`` (Transluce reports
+  the improvement with k this way).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from neuron_assets.score import Score, Scorer
+from neuron_assets.types import FeatureExemplars, FeatureId, Split
+
+CANDIDATE = "candidate"
+SHUFFLED_CONTROL = "shuffled_control"
+CONTROL_CANDIDATE = -1
+
+SCORES_SCHEMA = {
+    "layer": pl.Int64, "polarity": pl.String, "neuron": pl.Int64, "candidate": pl.Int64, "role": pl.String,
+    "description": pl.String, "source_neuron": pl.Int64, "scorer": pl.String, "simulator": pl.String,
+    "split": pl.String, "score": pl.Float64, "flags": pl.List(pl.String), "n_examples": pl.Int64,
+    "n_tokens": pl.Int64,
+}
+
+
+@dataclass(frozen=True)
+class ShuffledControl:
+    source: FeatureId  # the feature the description was written for
+    candidate: int
+    description: str
+
+
+def shuffled_controls(
+    features: Sequence[FeatureExemplars], candidates: Mapping[FeatureId, Sequence[str | None]], seed: int = 0
+) -> dict[FeatureId, ShuffledControl]:
+    """Each feature with candidates -> a random candidate of another such feature (a seeded
+    derangement within the given features; none when fewer than two have candidates)."""
+    described = sorted(f.feature for f in features if any(candidates.get(f.feature, ())))
+    if len(described) < 2:
+        return {}
+    rng = random.Random(f"{seed}:{described[0].layer}:{described[0].polarity.value}")
+    order = described[:]
+    rng.shuffle(order)
+    controls = {}
+    for i, feature in enumerate(order):
+        source = order[(i + 1) % len(order)]
+        options = [(c, d) for c, d in enumerate(candidates[source]) if d]
+        number, description = rng.choice(options)
+        controls[feature] = ShuffledControl(source, number, description)
+    return controls
+
+
+def score_candidates(
+    features: Sequence[FeatureExemplars],
+    candidates: Mapping[FeatureId, Sequence[str | None]],
+    scorers: Sequence[Scorer],
+    split: Split,
+    controls: Mapping[FeatureId, ShuffledControl] | None = None,
+    progress=None,
+) -> pl.DataFrame:
+    """One row per (feature, scored description, scorer); failed (null) candidates are left out."""
+    rows = []
+    for feature in features:
+        options = [(c, d) for c, d in enumerate(candidates.get(feature.feature, ())) if d]
+        control = (controls or {}).get(feature.feature)
+        entries = [(c, CANDIDATE, d, feature.feature.index) for c, d in options]
+        if control is not None:
+            entries.append((CONTROL_CANDIDATE, SHUFFLED_CONTROL, control.description, control.source.index))
+        if not entries:
+            continue
+        for scorer in scorers:
+            scores = scorer.score(feature, [e[2] for e in entries], split)
+            rows += [_score_row(feature.feature, entry, scorer, split, score) for entry, score in zip(entries, scores)]
+        if progress is not None:
+            progress(1)
+    return pl.DataFrame(rows, schema=SCORES_SCHEMA)
+
+
+def _score_row(feature: FeatureId, entry, scorer: Scorer, split: Split, score: Score) -> dict:
+    candidate, role, description, source = entry
+    return {
+        "layer": feature.layer, "polarity": feature.polarity.value, "neuron": feature.index, "candidate": candidate,
+        "role": role, "description": description, "source_neuron": source, "scorer": scorer.name,
+        "simulator": scorer.simulator, "split": split.value, "score": float(score.value), "flags": list(score.flags),
+        "n_examples": score.n_examples, "n_tokens": score.n_tokens,
+    }
+
+
+def rows_of(scores: pl.DataFrame, scorer: str, simulator: str | None = None) -> pl.DataFrame:
+    """The rows of one scorer (and, for simulator-based scorers, one simulator)."""
+    same_simulator = pl.col("simulator").is_null() if simulator is None else pl.col("simulator") == simulator
+    return scores.filter((pl.col("scorer") == scorer) & same_simulator)
+
+
+def select_best(scores: pl.DataFrame, scorer: str, simulator: str | None = None) -> pl.DataFrame:
+    """Per feature, the best candidate by ``scorer`` with ``simulator`` (one row each: neuron,
+    candidate, description, val_score, val_flags) joined with its shuffled control's val score."""
+    scores = rows_of(scores, scorer, simulator)
+    chosen = scores.filter(pl.col("role") == CANDIDATE)
+    best = (
+        chosen.sort(["neuron", "score", "candidate"], descending=[False, True, False])
+        .group_by("neuron", maintain_order=True)
+        .agg(
+            pl.col("candidate").first(), pl.col("description").first(), pl.col("score").first().alias("val_score"),
+            pl.col("flags").first().alias("val_flags"), pl.len().alias("n_candidates"),
+            pl.col("simulator").first(),
+        )
+    )
+    control = scores.filter(pl.col("role") == SHUFFLED_CONTROL).select(
+        "neuron", pl.col("description").alias("control_description"),
+        pl.col("source_neuron").alias("control_source_neuron"), pl.col("score").alias("control_val_score"),
+    )
+    return best.join(control, on="neuron", how="left").sort("neuron")
+
+
+# -- best of k ---------------------------------------------------------------------------------
+
+
+def expected_best_of_k(values: Sequence[float], k: int) -> float:
+    """The mean over all k-subsets of ``values`` of the subset's maximum (exact, no sampling):
+    sorted ascending, value i (1-based) is the max of C(i-1, k-1) of the C(n, k) subsets."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    n = ordered.size
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} with {n} values")
+    weights = np.array([math.comb(i - 1, k - 1) for i in range(1, n + 1)], dtype=np.float64) / math.comb(n, k)
+    return float((weights * ordered).sum())
+
+
+@dataclass(frozen=True)
+class BestOfKCurve:
+    k: tuple[int, ...]
+    mean_best: tuple[float, ...]
+    features: tuple[int, ...]  # features with at least k scored candidates
+    fit_a: float | None  # mean_best(k) ~ a * k^b, least squares in log-log space
+    fit_b: float | None
+
+    def fitted(self, k: float) -> float | None:
+        return None if self.fit_a is None else self.fit_a * k**self.fit_b
+
+
+def best_of_k_curve(scores: pl.DataFrame, scorer: str, simulator: str | None = None) -> BestOfKCurve:
+    chosen = rows_of(scores, scorer, simulator).filter(pl.col("role") == CANDIDATE)
+    per_feature = [
+        group["score"].to_numpy() for _, group in chosen.group_by(["layer", "polarity", "neuron"], maintain_order=True)
+    ]
+    largest = max((v.size for v in per_feature), default=0)
+    ks, means, counts = [], [], []
+    for k in range(1, largest + 1):
+        bests = [expected_best_of_k(v, k) for v in per_feature if v.size >= k]
+        ks.append(k)
+        means.append(float(np.mean(bests)))
+        counts.append(len(bests))
+    fit_a = fit_b = None
+    if len(ks) >= 2 and all(m > 0 for m in means):
+        fit_b, log_a = np.polyfit(np.log(ks), np.log(means), 1)
+        fit_a, fit_b = float(np.exp(log_a)), float(fit_b)
+    return BestOfKCurve(tuple(ks), tuple(means), tuple(counts), fit_a, fit_b)

@@ -1,0 +1,98 @@
+"""Simulators: a description and token sequences in, predicted activations (0-10) out.
+
+Backends are chosen by name (``simulate.backend``) from :data:`SIMULATORS`:
+
+- ``lexical``: an offline rule over the tokens and words a description names;
+- ``finetuned``: Transluce's fine-tuned 11-class per-token simulator (a checkpoint that
+  :mod:`neuron_assets.simulate.training` trains);
+- ``prompted``: Bills et al.'s all-at-once logprob simulator (a local model or an
+  OpenAI-compatible completions endpoint).
+
+torch and transformers are imported only when a backend that needs them is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from neuron_assets.config import Config
+from neuron_assets.simulate.base import (
+    MAX_ACTIVATION,
+    NUM_CLASSES,
+    SimulatedActivations,
+    Simulator,
+    discretize,
+    expected_value,
+)
+from neuron_assets.simulate.lexical import LexicalSimulator
+
+
+class SimulatorUnavailable(RuntimeError):
+    """A simulator that cannot be built with this configuration; the message says how to fix it."""
+
+
+def _lexical(config: Config, checkpoint: Path | None) -> Simulator:
+    return LexicalSimulator()
+
+
+def _finetuned(config: Config, checkpoint: Path | None) -> Simulator:
+    from neuron_assets.simulate.finetuned import FinetunedSimulator
+
+    settings = config.simulate.finetuned
+    path = settings.checkpoint or checkpoint
+    if path is None:
+        raise SimulatorUnavailable(
+            "the finetuned simulator has no checkpoint: materialize simulator_checkpoint first "
+            "(neuron-assets run), or set simulate.finetuned.checkpoint to a trained simulator folder"
+        )
+    return FinetunedSimulator.load(path, settings.device, settings.dtype, settings.batch_size)
+
+
+def _prompted(config: Config, checkpoint: Path | None) -> Simulator:
+    from neuron_assets.simulate.prompted import LOGPROB_SOURCES, PromptedSimulator
+
+    settings = config.simulate.prompted
+    try:
+        source = LOGPROB_SOURCES[settings.backend](settings)
+    except ValueError as err:
+        raise SimulatorUnavailable(str(err)) from None
+    return PromptedSimulator(source, settings.placeholder)
+
+
+SIMULATORS: dict[str, Callable[[Config, Path | None], Simulator]] = {
+    "lexical": _lexical,
+    "finetuned": _finetuned,
+    "prompted": _prompted,
+}
+
+
+FINETUNED = "finetuned"
+
+
+def simulator_names(config: Config) -> list[str]:
+    """The simulators scored: simulate.backend (it selects), then simulate.compare_with."""
+    return list(dict.fromkeys([config.simulate.backend, *config.simulate.compare_with]))
+
+
+def needs_checkpoint(config: Config) -> bool:
+    """Whether a scored simulator is the fine-tuned one that simulator_checkpoint trains."""
+    return FINETUNED in simulator_names(config) and not config.simulate.finetuned.checkpoint
+
+
+def build_simulator(config: Config, checkpoint: str | Path | None = None, name: str | None = None) -> Simulator:
+    """Simulator ``name`` (default: simulate.backend); ``checkpoint`` is the trained fine-tuned
+    one, when there is one."""
+    name = name or config.simulate.backend
+    try:
+        factory = SIMULATORS[name]
+    except KeyError:
+        raise SimulatorUnavailable(f"unknown simulator '{name}' in simulate.backend or simulate.compare_with; "
+                                   f"known: {', '.join(SIMULATORS)}") from None
+    return factory(config, Path(checkpoint) if checkpoint else None)
+
+
+__all__ = [
+    "MAX_ACTIVATION", "NUM_CLASSES", "SIMULATORS", "LexicalSimulator", "SimulatedActivations", "Simulator",
+    "SimulatorUnavailable", "build_simulator", "discretize", "expected_value", "needs_checkpoint", "simulator_names",
+]

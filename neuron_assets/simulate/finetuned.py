@@ -1,0 +1,317 @@
+"""Transluce's fine-tuned simulator: a transformer with an 11-class head at every token.
+
+The input is ``## Neuron Description: {description} ## Input: {tokens}`` (see
+:mod:`neuron_assets.simulate.alignment`); the head gives, at each subject token, a
+distribution over the activation values 0..10, and the prediction is its expected value.
+
+Heads (``head`` in the checkpoint's spec):
+
+- ``token_classification``: a new linear layer on the last hidden state (any encoder or
+  decoder; the embedded default fine-tunes the MiniLM the package ships).
+- ``lm_head_slots``: the first 11 rows of a causal LM's output layer, as Transluce does
+  with Llama-3.1-8B-Instruct, so no new parameters are needed.
+
+A checkpoint is a folder: the model (safetensors) and its config, the tokenizer (with the
+control-token display forms as added tokens), and ``simulator.json`` (:class:`SimulatorSpec`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from neuron_assets.simulate.alignment import (
+    DESCRIPTION_HEAD,
+    INPUT_HEAD,
+    NOT_READ,
+    PAIR_ENCODERS,
+    EncodedPair,
+    PairEncoder,
+)
+from neuron_assets.simulate.base import NUM_CLASSES, SimulatedActivations
+from neuron_assets.types import ActivationRecord
+
+SPEC_FILE = "simulator.json"
+SPEC_VERSION = 1
+
+
+class SimulatorLoadError(ValueError):
+    """A simulator checkpoint or backbone that cannot be loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class SimulatorSpec:
+    """What a checkpoint folder is, beside its weights: written to ``simulator.json``."""
+
+    head: str
+    alignment: str
+    max_length: int
+    backbone: str  # the model it was fine-tuned from
+    added_tokens: tuple[str, ...] = ()
+    num_classes: int = NUM_CLASSES
+    template: str = DESCRIPTION_HEAD + "{description}" + INPUT_HEAD + "{tokens}"
+    version: int = SPEC_VERSION
+    extra: dict = field(default_factory=dict)  # training summary, for people
+
+    def write(self, directory: Path) -> None:
+        payload = asdict(self)
+        payload["added_tokens"] = list(self.added_tokens)
+        (Path(directory) / SPEC_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+    @classmethod
+    def read(cls, directory: Path) -> SimulatorSpec:
+        path = Path(directory) / SPEC_FILE
+        if not path.is_file():
+            raise SimulatorLoadError(f"{directory} is not a simulator checkpoint: it has no {SPEC_FILE}")
+        payload = json.loads(path.read_text())
+        if payload.get("version") != SPEC_VERSION:
+            raise SimulatorLoadError(f"{path}: spec version {payload.get('version')} is not {SPEC_VERSION}")
+        payload["added_tokens"] = tuple(payload.get("added_tokens", ()))
+        return cls(**payload)
+
+
+# -- heads --------------------------------------------------------------------------------
+
+
+class ClassHead(Protocol):
+    name: str
+
+    def load(self, path: str, dtype: torch.dtype, overrides: dict, local_only: bool): ...
+
+    def class_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, positions, 11) logits."""
+        ...
+
+
+class TokenClassificationHead:
+    name = "token_classification"
+
+    def load(self, path: str, dtype: torch.dtype, overrides: dict, local_only: bool):
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=NUM_CLASSES, dtype=dtype, local_files_only=local_only, **overrides
+        )
+
+    def class_logits(self, model, input_ids, attention_mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+
+class LmHeadSlots:
+    """The first 11 output rows of a causal LM: only they are computed, not the whole vocabulary."""
+
+    name = "lm_head_slots"
+
+    def load(self, path: str, dtype: torch.dtype, overrides: dict, local_only: bool):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only, **overrides)
+
+    def class_logits(self, model, input_ids, attention_mask):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        output = model.get_output_embeddings()
+        bias = output.bias[:NUM_CLASSES] if getattr(output, "bias", None) is not None else None
+        return torch.nn.functional.linear(hidden, output.weight[:NUM_CLASSES], bias).float()
+
+
+CLASS_HEADS: dict[str, ClassHead] = {head.name: head for head in (TokenClassificationHead(), LmHeadSlots())}
+
+
+# -- the simulator ------------------------------------------------------------------------
+
+
+class FinetunedSimulator:
+    """Simulator ``finetuned``. Pairs are batched record-major, so all k candidates of a
+    feature share each forward pass with their exemplar (and fill it with more exemplars
+    when k < batch_size); ``batch_size=1`` is one pair per forward."""
+
+    name = "finetuned"
+
+    def __init__(self, model, tokenizer, spec: SimulatorSpec, device: torch.device, batch_size: int = 32):
+        if spec.head not in CLASS_HEADS:
+            raise SimulatorLoadError(f"unknown head '{spec.head}'; known: {', '.join(CLASS_HEADS)}")
+        if spec.alignment not in PAIR_ENCODERS:
+            raise SimulatorLoadError(f"unknown alignment '{spec.alignment}'; known: {', '.join(PAIR_ENCODERS)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.device = device
+        self.batch_size = batch_size
+        self.head = CLASS_HEADS[spec.head]
+        self.encoder: PairEncoder = PAIR_ENCODERS[spec.alignment](tokenizer, spec.max_length)
+        self.pad_id = _pad_id(tokenizer)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str,
+        head: str = "token_classification",
+        alignment: str = "char_offsets",
+        max_length: int = 256,
+        backbone_layers: int | None = None,
+        added_tokens: Sequence[str] = (),
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 32,
+        seed: int = 0,
+        allow_download: bool = False,
+    ) -> FinetunedSimulator:
+        """An untrained simulator on a pretrained backbone (the start of training)."""
+        from transformers import AddedToken, AutoTokenizer
+
+        from neuron_assets.subject import resolve_model_path
+
+        path = resolve_model_path(backbone)
+        torch_device = resolve_device(device)
+        overrides = {"num_hidden_layers": backbone_layers} if backbone_layers else {}
+        if head not in CLASS_HEADS:
+            raise SimulatorLoadError(f"unknown head '{head}'; known: {', '.join(CLASS_HEADS)}")
+        with quiet_transformers():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not allow_download)
+                torch.manual_seed(seed)  # the new head's initialization
+                model = CLASS_HEADS[head].load(path, resolve_dtype(dtype, torch_device), overrides, not allow_download)
+            except OSError as err:
+                raise SimulatorLoadError(
+                    f"cannot load the simulator backbone '{backbone}' ({err}); give a local path, or set "
+                    "simulate.finetuned.allow_download: true to fetch it from the Hugging Face hub"
+                ) from None
+            new = [AddedToken(t, normalized=False, special=False) for t in added_tokens if t not in tokenizer.get_vocab()]
+            if new:
+                tokenizer.add_tokens(new)
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+                _embed_added_tokens_by_name(model, tokenizer, [t.content for t in new])
+        spec = SimulatorSpec(head, alignment, max_length, backbone, tuple(added_tokens))
+        return cls(model.to(torch_device).eval(), tokenizer, spec, torch_device, batch_size)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 32) -> FinetunedSimulator:
+        """A trained simulator from a checkpoint folder."""
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        spec = SimulatorSpec.read(directory)
+        torch_device = resolve_device(device)
+        if spec.head not in CLASS_HEADS:
+            raise SimulatorLoadError(f"{directory}: unknown head '{spec.head}'; known: {', '.join(CLASS_HEADS)}")
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            model = CLASS_HEADS[spec.head].load(str(directory), resolve_dtype(dtype, torch_device), {}, True)
+        return cls(model.to(torch_device).eval(), tokenizer, spec, torch_device, batch_size)
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            self.model.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+        spec = self.spec if extra is None else SimulatorSpec(**{**asdict(self.spec), "extra": extra})
+        spec.write(directory)
+        return directory
+
+    # -- simulating -----------------------------------------------------------------------
+    def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
+        pairs = [(d, r) for r in range(len(records)) for d in range(len(descriptions))]
+        result: SimulatedActivations = [[None] * len(records) for _ in descriptions]  # type: ignore[list-item]
+        encoded = {}
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            batch = [encoded.setdefault(p, self.encoder.encode(descriptions[p[0]], records[p[1]])) for p in chunk]
+            for (d, r), values in zip(chunk, self.predict(batch)):
+                result[d][r] = values
+            for p in chunk:
+                encoded.pop(p, None)
+        return result
+
+    def predict(self, batch: Sequence[EncodedPair]) -> list[np.ndarray]:
+        """Expected activation at every subject token of each encoded pair (0 where not read)."""
+        self.model.eval()
+        input_ids, attention_mask = self.collate(batch)
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.head.class_logits(self.model, input_ids, attention_mask), dim=-1)
+            expected = (probabilities * torch.arange(NUM_CLASSES, device=probabilities.device)).sum(-1).cpu().numpy()
+        out = []
+        for row, pair in zip(expected, batch):
+            values = np.zeros(len(pair.read_at), dtype=np.float32)
+            read = pair.read_at != NOT_READ
+            values[read] = row[pair.read_at[read]]
+            out.append(values)
+        return out
+
+    def class_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head.class_logits(self.model, input_ids, attention_mask)
+
+    def collate(self, batch: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded input ids and attention mask on the simulator's device."""
+        width = max(len(pair.input_ids) for pair in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, pair in enumerate(batch):
+            input_ids[i, : len(pair.input_ids)] = torch.tensor(pair.input_ids, dtype=torch.long)
+            attention_mask[i, : len(pair.input_ids)] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def freeze_token_embeddings(model) -> bool:
+    """Fix the input token embeddings, unless they are tied to the output rows a head trains."""
+    embeddings = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is embeddings.weight:
+        return False
+    embeddings.weight.requires_grad_(False)
+    return True
+
+
+def _embed_added_tokens_by_name(model, tokenizer, added: Sequence[str]) -> None:
+    """An added control token (``⟨eot_id⟩``) starts as the mean embedding of its name's tokens
+    (``eot id``), so it means something even where embeddings are not trained."""
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for token in added:
+            name = token.strip("⟨⟩/").replace("_", " ").replace("|", " ").strip() or token
+            ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+            if ids:
+                weight[tokenizer.convert_tokens_to_ids(token)] = weight[ids].mean(0)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' load reports and progress bars off (a new head is expected to be missing)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

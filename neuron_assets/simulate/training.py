@@ -1,0 +1,447 @@
+"""Training the fine-tuned simulator in Transluce's two stages.
+
+- **Data** (:func:`plan_training_data`): the features with candidate descriptions are
+  shuffled (seeded) and split, disjointly, into a held-out set, a stage-1 sample and a
+  stage-2 sample. Each feature contributes a few train-split exemplars (top ones first,
+  then activation-quantile and random ones, so the simulator also learns where the feature
+  is quiet) with their activations discretized to 0..10 against the feature's max.
+  Stage-1 and held-out rows carry one random candidate description; stage-2 rows carry
+  all candidates.
+- **Stage 1**: train on (random candidate, exemplar, classes).
+- **Stage 2**: the stage-1 simulator re-ranks each stage-2 feature's candidates by their
+  correlation on a few of its exemplars; training continues on (best candidate, exemplar).
+- **Held-out correlation**: the mean over held-out features of the correlation between
+  simulated and true activations, beside the same with a description of another held-out
+  feature (the shuffled control): a simulator that reads descriptions beats its control.
+
+The loss is cross-entropy over the 11 classes at the input tokens only. Training states
+are saved every few steps and a rerun resumes from the last one; the finished checkpoint
+is renamed into place in one step, and a finished version is never trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
+from neuron_assets.score import pearson_over_tokens
+from neuron_assets.simulate.alignment import NOT_READ
+from neuron_assets.simulate.base import NUM_CLASSES, discretize
+from neuron_assets.simulate.finetuned import FinetunedSimulator, freeze_token_embeddings
+from neuron_assets.store import atomic_path
+from neuron_assets.types import ActivationRecord, FeatureExemplars, FeatureId, Polarity, Split
+
+STAGE1, STAGE2, HELDOUT = "stage1", "stage2", "heldout"
+IGNORED = -100
+METADATA_FILE = "metadata.json"
+
+Log = Callable[[str], object]
+
+
+# -- the data ----------------------------------------------------------------------------------
+
+
+def plan_training_data(
+    features: Sequence[FeatureExemplars],
+    candidates: Mapping[FeatureId, Sequence[str | None]],
+    config: SimulatorTrainingConfig,
+) -> pl.DataFrame:
+    """One row per (feature, exemplar) of the held-out, stage-1 and stage-2 samples."""
+    usable = [
+        f for f in sorted(features, key=lambda f: f.feature)
+        if any(candidates.get(f.feature, ())) and f.top(Split.TRAIN) and f.stats.max > 0
+    ]
+    rng = random.Random(config.seed)
+    rng.shuffle(usable)
+    sizes = _sample_sizes(len(usable), config)
+    roles = [HELDOUT] * sizes[HELDOUT] + [STAGE1] * sizes[STAGE1] + [STAGE2] * sizes[STAGE2]
+    heldout = usable[: sizes[HELDOUT]]
+    control_of = _derangement([f.feature for f in heldout], rng)
+    chosen_description = {}
+    for feature in usable[: len(roles)]:
+        options = [d for d in candidates[feature.feature] if d]
+        chosen_description[feature.feature] = rng.choice(options)
+    rows = []
+    for role, feature in zip(roles, usable):
+        options = [d for d in candidates[feature.feature] if d]
+        control = chosen_description[control_of[feature.feature]] if role == HELDOUT and control_of else None
+        for exemplar in training_exemplars(feature, config.exemplars_per_feature):
+            record = exemplar.record
+            values = record.polarity_activations(feature.feature.polarity)
+            labels = discretize(values, feature.stats.max)
+            labels[: record.prefix_len] = 0
+            rows.append({
+                "role": role,
+                "layer": feature.feature.layer,
+                "polarity": feature.feature.polarity.value,
+                "neuron": feature.feature.index,
+                "description": None if role == STAGE2 else chosen_description[feature.feature],
+                "candidates": options,
+                "control_description": control,
+                "seq_id": record.seq_id,
+                "exemplar_kind": exemplar.kind.value,
+                "tokens": list(record.tokens),
+                "token_ids": [int(t) for t in record.token_ids],
+                "prefix_len": record.prefix_len,
+                "activations": values.astype(np.float32).tolist(),
+                "labels": labels.astype(np.int8).tolist(),
+            })
+    return pl.DataFrame(rows, schema=TRAINING_DATA_SCHEMA)
+
+
+TRAINING_DATA_SCHEMA = {
+    "role": pl.String, "layer": pl.Int64, "polarity": pl.String, "neuron": pl.Int64, "description": pl.String,
+    "candidates": pl.List(pl.String), "control_description": pl.String, "seq_id": pl.Int64,
+    "exemplar_kind": pl.String, "tokens": pl.List(pl.String), "token_ids": pl.List(pl.Int64),
+    "prefix_len": pl.Int64, "activations": pl.List(pl.Float32), "labels": pl.List(pl.Int8),
+}
+
+
+def training_exemplars(feature: FeatureExemplars, n: int):
+    """The train split's top exemplars for half of n, then quantile and random ones in turn."""
+    top = feature.top(Split.TRAIN)
+    quiet = [e for pair in _zip_longest(feature.quantile(Split.TRAIN), feature.random(Split.TRAIN)) for e in pair]
+    n_top = math.ceil(n / 2)
+    ordered = top[:n_top] + quiet + top[n_top:]
+    chosen, seen = [], set()
+    for exemplar in ordered:
+        if exemplar.record.seq_id not in seen:
+            seen.add(exemplar.record.seq_id)
+            chosen.append(exemplar)
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def _zip_longest(a, b):
+    for i in range(max(len(a), len(b))):
+        yield tuple(x[i] for x in (a, b) if i < len(x))
+
+
+def _sample_sizes(n: int, config: SimulatorTrainingConfig) -> dict[str, int]:
+    wanted = {HELDOUT: config.heldout_features, STAGE1: config.stage1_features, STAGE2: config.stage2_features}
+    total = sum(wanted.values())
+    if n >= total:
+        return wanted
+    sizes = {role: int(n * count / total) for role, count in wanted.items()}
+    if n >= 2:  # a held-out feature and a stage-1 feature at the least
+        sizes[HELDOUT] = max(1, sizes[HELDOUT])
+        sizes[STAGE1] = max(1, sizes[STAGE1])
+    else:
+        sizes = {HELDOUT: 0, STAGE1: n, STAGE2: 0}
+    sizes[STAGE1] += n - sum(sizes.values())
+    return sizes
+
+
+def _derangement(items: list[FeatureId], rng: random.Random) -> dict[FeatureId, FeatureId]:
+    """Each item -> another item (a rotation of a shuffled order); empty below two items."""
+    if len(items) < 2:
+        return {}
+    order = items[:]
+    rng.shuffle(order)
+    return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingExample:
+    description: str
+    record: ActivationRecord  # activations already in the polarity's orientation
+    labels: np.ndarray  # classes 0..10 per token
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """One feature's rows of the training data."""
+
+    feature: FeatureId
+    description: str | None
+    candidates: tuple[str, ...]
+    control_description: str | None
+    examples: tuple[TrainingExample, ...]
+
+
+def features_of(frame: pl.DataFrame, role: str) -> list[FeatureRows]:
+    out: dict[tuple, list[dict]] = {}
+    for row in frame.filter(pl.col("role") == role).iter_rows(named=True):
+        out.setdefault((row["layer"], row["polarity"], row["neuron"]), []).append(row)
+    grouped = []
+    for (layer, polarity, neuron), rows in out.items():
+        first = rows[0]
+        examples = tuple(
+            TrainingExample(
+                row["description"] or "",
+                ActivationRecord(row["seq_id"], tuple(row["tokens"]), tuple(row["token_ids"]),
+                                 np.asarray(row["activations"], dtype=np.float32), row["prefix_len"]),
+                np.asarray(row["labels"], dtype=np.int64),
+            )
+            for row in rows
+        )
+        grouped.append(FeatureRows(FeatureId(layer, neuron, Polarity(polarity)), first["description"], tuple(first["candidates"]),
+                                   first["control_description"], examples))
+    return grouped
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldoutCorrelation:
+    described: float  # mean over held-out features, with their own description
+    shuffled: float  # the same with another held-out feature's description
+    features: int
+
+
+@dataclass(frozen=True)
+class TrainedSimulator:
+    version: str
+    path: Path  # the checkpoint to simulate with (the last stage trained)
+    stage1_path: Path
+    loss_curve: dict[str, list[float]]
+    heldout: dict[str, HeldoutCorrelation]  # after stage1, and after stage2 when it ran
+    stage2_features: int
+    stage2_changed: int  # stage-2 features whose best candidate was not their first
+    steps: dict[str, int]
+    seconds: float
+    resumed: bool
+
+    def metadata(self) -> dict:
+        payload = asdict(self)
+        payload["path"], payload["stage1_path"] = str(self.path), str(self.stage1_path)
+        return payload
+
+
+def training_version(frame: pl.DataFrame, model: FinetunedSimulatorConfig, training: SimulatorTrainingConfig,
+                     added_tokens: Sequence[str]) -> str:
+    """A short hash of everything a trained simulator depends on."""
+    digest = hashlib.sha256()
+    digest.update(frame.select(sorted(frame.columns)).write_json().encode())
+    shaping = model.model_dump(mode="json", include={"backbone", "head", "alignment", "backbone_layers", "max_length"})
+    digest.update(json.dumps([shaping, training.model_dump(mode="json"), sorted(added_tokens)], sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def train_simulator(
+    frame: pl.DataFrame,
+    model_config: FinetunedSimulatorConfig,
+    training: SimulatorTrainingConfig,
+    out_root: Path,
+    added_tokens: Sequence[str] = (),
+    log: Log = print,
+) -> TrainedSimulator:
+    """Both stages; the checkpoint lands in ``out_root/<version>/`` (stage1/ and final/)."""
+    started = time.perf_counter()
+    version = training_version(frame, model_config, training, added_tokens)
+    final_dir = Path(out_root) / version
+    if (final_dir / METADATA_FILE).is_file():
+        log(f"simulator {version} is already trained: {final_dir}")
+        return _read_trained(final_dir)
+    work = Path(out_root) / f".{version}.partial"
+    work.mkdir(parents=True, exist_ok=True)
+    resumed = any(work.iterdir())
+    heldout_rows = features_of(frame, HELDOUT)
+    stage1_rows = features_of(frame, STAGE1)
+    stage2_rows = features_of(frame, STAGE2)
+    if not stage1_rows:
+        raise ValueError("the simulator training data has no stage-1 rows: no feature has a candidate description "
+                         "and train exemplars; materialize candidate_descriptions and exemplars first")
+    fit_args = dict(batch_size=training.batch_size, learning_rate=training.learning_rate,
+                    weight_decay=training.weight_decay, warmup_share=training.warmup_share,
+                    save_every=training.save_every_steps, active_weight=training.active_class_weight, log=log)
+    stage1_dir = work / "stage1"
+    losses: dict[str, list[float]] = {}
+    heldout: dict[str, HeldoutCorrelation] = {}
+    if (stage1_dir / "simulator.json").is_file():
+        simulator = FinetunedSimulator.load(stage1_dir, model_config.device, "float32", model_config.batch_size)
+        summary = json.loads((work / "stage1.json").read_text())
+        losses[STAGE1], heldout[STAGE1] = summary["loss"], HeldoutCorrelation(**summary["heldout"])
+        log(f"stage 1 already trained in {stage1_dir}")
+    else:
+        simulator = FinetunedSimulator.from_backbone(
+            model_config.backbone, model_config.head, model_config.alignment, model_config.max_length,
+            model_config.backbone_layers, added_tokens, model_config.device, "float32", model_config.batch_size,
+            training.seed, model_config.allow_download,
+        )
+        if training.freeze_embeddings and not freeze_token_embeddings(simulator.model):
+            log("token embeddings are tied to the head's output rows; training them too")
+        examples = [e for f in stage1_rows for e in f.examples]
+        log(f"stage 1: {len(examples)} pairs from {len(stage1_rows)} features")
+        losses[STAGE1] = fit(simulator, examples, epochs=training.stage1_epochs, seed=training.seed,
+                             resume=work / ".resume-stage1.pt", **fit_args)
+        heldout[STAGE1] = heldout_correlation(simulator, heldout_rows)
+        log(f"stage 1 held-out correlation {heldout[STAGE1].described:.3f} (shuffled {heldout[STAGE1].shuffled:.3f})")
+        _save_atomically(simulator, stage1_dir, {"stage": 1, "heldout": asdict(heldout[STAGE1])})
+        (work / "stage1.json").write_text(json.dumps({"loss": losses[STAGE1], "heldout": asdict(heldout[STAGE1])}))
+    if training.freeze_embeddings and not freeze_token_embeddings(simulator.model):
+        log("token embeddings are tied to the head's output rows; training them too")
+    changed = 0
+    final_from = stage1_dir
+    if stage2_rows:
+        best = rerank_candidates(simulator, stage2_rows, training.rerank_exemplars)
+        changed = sum(1 for f in stage2_rows if f.candidates and best[f.feature] != f.candidates[0])
+        examples = [TrainingExample(best[f.feature], e.record, e.labels) for f in stage2_rows for e in f.examples]
+        log(f"stage 2: {len(examples)} pairs from {len(stage2_rows)} features ({changed} re-ranked away from candidate 0)")
+        stage2_args = {**fit_args, "learning_rate": training.stage2_learning_rate or training.learning_rate / 3}
+        losses[STAGE2] = fit(simulator, examples, epochs=training.stage2_epochs, seed=training.seed + 1,
+                             resume=work / ".resume-stage2.pt", **stage2_args)
+        heldout[STAGE2] = heldout_correlation(simulator, heldout_rows)
+        log(f"stage 2 held-out correlation {heldout[STAGE2].described:.3f} (shuffled {heldout[STAGE2].shuffled:.3f})")
+        final_from = None
+    final_dir_in_work = work / "final"
+    if final_from is None:
+        _save_atomically(simulator, final_dir_in_work, {"stage": 2, "heldout": asdict(heldout[STAGE2])})
+    else:
+        shutil.copytree(final_from, final_dir_in_work, dirs_exist_ok=True)
+    result = TrainedSimulator(
+        version=version, path=final_dir / "final", stage1_path=final_dir / "stage1", loss_curve=losses,
+        heldout=heldout, stage2_features=len(stage2_rows), stage2_changed=changed,
+        steps={stage: len(curve) for stage, curve in losses.items()}, seconds=time.perf_counter() - started,
+        resumed=resumed,
+    )
+    for leftover in work.glob(".resume-*.pt"):
+        leftover.unlink()
+    (work / METADATA_FILE).write_text(json.dumps(result.metadata(), indent=2, sort_keys=True))
+    if final_dir.exists():  # a concurrent run finished first; its result stands
+        shutil.rmtree(work, ignore_errors=True)
+        return _read_trained(final_dir)
+    os.replace(work, final_dir)
+    return result
+
+
+def _read_trained(directory: Path) -> TrainedSimulator:
+    payload = json.loads((directory / METADATA_FILE).read_text())
+    payload["path"], payload["stage1_path"] = directory / "final", directory / "stage1"
+    payload["heldout"] = {k: HeldoutCorrelation(**v) for k, v in payload["heldout"].items()}
+    return TrainedSimulator(**payload)
+
+
+def _save_atomically(simulator: FinetunedSimulator, target: Path, extra: dict) -> None:
+    temp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    simulator.save(temp, extra)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(temp, target)
+
+
+def fit(
+    simulator: FinetunedSimulator,
+    examples: Sequence[TrainingExample],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float = 0.01,
+    warmup_share: float = 0.1,
+    seed: int = 0,
+    resume: Path | None = None,
+    save_every: int = 50,
+    active_weight: float = 1.0,
+    log: Log = print,
+) -> list[float]:
+    """Cross-entropy training over the 11 classes at the input tokens; returns the loss per
+    step. With ``resume``, the state is saved every ``save_every`` steps and picked up again."""
+    encoded = [simulator.encoder.encode(e.description, e.record) for e in examples]
+    targets = [_targets(pair, example.labels) for pair, example in zip(encoded, examples)]
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = epochs * steps_per_epoch
+    model = simulator.model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                  weight_decay=weight_decay)
+    warmup = max(1, int(warmup_share * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+    )
+    class_weights = torch.full((NUM_CLASSES,), float(active_weight))
+    class_weights[0] = 1.0
+    losses: list[float] = []
+    step = 0
+    if resume is not None and resume.is_file():
+        state = torch.load(resume, map_location=simulator.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, losses = state["step"], state["losses"]
+        torch.set_rng_state(state["rng"])
+        log(f"resuming at step {step}/{total} from {resume}")
+    else:
+        torch.manual_seed(seed)
+    model.train()
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = np.random.default_rng(seed + epoch).permutation(len(examples))
+        chosen = order[index * batch_size : (index + 1) * batch_size]
+        input_ids, attention_mask = simulator.collate([encoded[i] for i in chosen])
+        labels = torch.full(input_ids.shape, IGNORED, dtype=torch.long)
+        for row, i in enumerate(chosen):
+            labels[row, : len(targets[i])] = torch.from_numpy(targets[i])
+        logits = simulator.class_logits(input_ids, attention_mask)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels.to(logits.device).reshape(-1), ignore_index=IGNORED,
+                                                 weight=class_weights.to(logits.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % max(1, total // 10) == 0 or step == total:
+            log(f"step {step}/{total} loss {np.mean(losses[-max(1, total // 10):]):.4f}")
+        if resume is not None and (step % save_every == 0) and step < total:
+            with atomic_path(resume) as temp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "step": step, "losses": losses,
+                            "rng": torch.get_rng_state()}, temp)
+    model.eval()
+    return losses
+
+
+def _targets(pair, labels: np.ndarray) -> np.ndarray:
+    """Per input position: the class of the subject token read there (their max if several), else ignored."""
+    targets = np.full(len(pair.input_ids), IGNORED, dtype=np.int64)
+    for position, label in zip(pair.read_at, labels):
+        if position != NOT_READ:
+            targets[position] = max(targets[position], int(label))
+    return targets
+
+
+# -- evaluation and re-ranking ---------------------------------------------------------------
+
+
+def heldout_correlation(simulator, features: Sequence[FeatureRows]) -> HeldoutCorrelation:
+    """Mean correlation over features with their own description, and with their control's."""
+    described, shuffled = [], []
+    for feature in features:
+        records = [e.record for e in feature.examples]
+        truths = [r.activations[r.prefix_len :] for r in records]
+        descriptions = [feature.description or ""] + ([feature.control_description] if feature.control_description else [])
+        simulated = simulator.simulate(descriptions, records)
+        scores = [pearson_over_tokens([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
+        described.append(scores[0])
+        if len(scores) > 1:
+            shuffled.append(scores[1])
+    return HeldoutCorrelation(float(np.mean(described)) if described else 0.0,
+                              float(np.mean(shuffled)) if shuffled else 0.0, len(described))
+
+
+def rerank_candidates(simulator, features: Sequence[FeatureRows], exemplars: int) -> dict[FeatureId, str]:
+    """Each feature's candidate with the highest correlation on its first ``exemplars`` exemplars."""
+    best = {}
+    for feature in features:
+        records = [e.record for e in feature.examples[:exemplars]]
+        truths = [r.activations[r.prefix_len :] for r in records]
+        simulated = simulator.simulate(list(feature.candidates), records)
+        scores = [pearson_over_tokens([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
+        best[feature.feature] = feature.candidates[int(np.argmax(scores))]
+    return best

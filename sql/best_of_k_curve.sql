@@ -1,0 +1,40 @@
+-- Mean best-of-k val score for k = 1 .. (candidates per neuron), per scorer and simulator
+-- (simulator '' for scorers without one), computed exactly over all k-subsets of each
+-- neuron's scored candidates: sorted ascending, the i-th of n is the best of C(i-1, k-1) of
+-- the C(n, k) subsets. Plus the power-law fit mean_best(k) = fit_a * k^fit_b (least squares
+-- in log-log space; null when a mean is <= 0).
+CREATE OR REPLACE VIEW best_of_k_curve AS
+WITH scored AS (
+    SELECT layer, polarity, neuron, scorer, coalesce(simulator, '') AS simulator, score,
+           row_number() OVER (PARTITION BY layer, polarity, neuron, scorer, coalesce(simulator, '')
+                              ORDER BY score, candidate) AS i,
+           count(*) OVER (PARTITION BY layer, polarity, neuron, scorer, coalesce(simulator, '')) AS n
+    FROM description_scores
+    WHERE role = 'candidate'
+),
+ks AS (
+    SELECT scorer, simulator, unnest(generate_series(1, max(n))) AS k FROM scored GROUP BY scorer, simulator
+),
+per_neuron AS (
+    SELECT s.layer, s.polarity, s.neuron, s.scorer, s.simulator, ks.k,
+           sum(s.score * exp(lgamma(s.i) - lgamma(ks.k) - lgamma(s.i - ks.k + 1)
+                             - (lgamma(s.n + 1) - lgamma(ks.k + 1) - lgamma(s.n - ks.k + 1)))) AS best
+    FROM scored s JOIN ks ON ks.scorer = s.scorer AND ks.simulator = s.simulator AND s.n >= ks.k AND s.i >= ks.k
+    GROUP BY ALL
+),
+curve AS (
+    SELECT scorer, simulator, k, avg(best) AS mean_best, count(*) AS neurons FROM per_neuron GROUP BY ALL
+),
+fit AS (
+    SELECT scorer, simulator,
+           bool_and(mean_best > 0) AND count(*) >= 2 AS fittable,
+           regr_slope(CASE WHEN mean_best > 0 THEN ln(mean_best) END, ln(k)) AS b,
+           regr_intercept(CASE WHEN mean_best > 0 THEN ln(mean_best) END, ln(k)) AS log_a
+    FROM curve GROUP BY scorer, simulator
+)
+SELECT c.scorer, c.simulator, c.k, c.mean_best, c.neurons,
+       CASE WHEN f.fittable THEN exp(f.log_a) END AS fit_a,
+       CASE WHEN f.fittable THEN f.b END AS fit_b,
+       CASE WHEN f.fittable THEN exp(f.log_a) * pow(c.k, f.b) END AS fitted
+FROM curve c JOIN fit f USING (scorer, simulator)
+ORDER BY c.scorer, c.simulator, c.k;

@@ -1,0 +1,7 @@
+-- Every candidate description x scorer on E_val (the top-20 val exemplars and 5 random val
+-- sequences), one row each. role = 'candidate' rows are the k candidates (candidate 0..k-1);
+-- role = 'shuffled_control' rows (candidate -1) score a description written for another
+-- neuron of the same layer and polarity (source_neuron) the same way: what a score is worth
+-- by chance. flags say why a score is a default (e.g. constant_prediction scores 0).
+CREATE OR REPLACE VIEW description_scores AS
+SELECT * FROM read_parquet('{data}/description_scores/*/*/*.parquet', union_by_name = true);

@@ -1,0 +1,270 @@
+"""Scorers and selection: Pearson over concatenated tokens, polarity, flags, best-of-k, AUC."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy.stats import pearsonr
+
+from neuron_assets.score import (
+    CONSTANT_ACTIVATION,
+    CONSTANT_PREDICTION,
+    CorrelationScorer,
+    DetectionScorer,
+    EmbeddingScorer,
+    FuzzingScorer,
+    balanced_accuracy,
+    correlation_score,
+    evaluation_records,
+    parse_judgements,
+    pearson_over_tokens,
+    roc_auc,
+)
+from neuron_assets.select import (
+    CANDIDATE,
+    SHUFFLED_CONTROL,
+    best_of_k_curve,
+    expected_best_of_k,
+    score_candidates,
+    select_best,
+    shuffled_controls,
+)
+from neuron_assets.simulate import LexicalSimulator
+from neuron_assets.types import ActivationRecord, Polarity, Split
+from tests.support.planted import planted_candidates, planted_corpus, planted_feature, planted_words
+
+
+def _record(tokens, activations, prefix_len=0, seq_id=0):
+    return ActivationRecord(seq_id, tuple(tokens), tuple(range(len(tokens))), np.asarray(activations, np.float32), prefix_len)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return planted_corpus(per_split=60)
+
+
+# -- correlation ------------------------------------------------------------------------------
+
+
+def test_pearson_over_concatenated_tokens_equals_scipy():
+    rng = np.random.default_rng(0)
+    predicted = [rng.uniform(0, 10, n) for n in (5, 9, 3)]
+    true = [rng.normal(size=n) for n in (5, 9, 3)]
+    score = pearson_over_tokens(predicted, true)
+    expected = pearsonr(np.concatenate(predicted), np.concatenate(true)).statistic
+    assert score.value == pytest.approx(expected, abs=1e-12)
+    assert score.n_tokens == 17 and score.n_examples == 3 and score.flags == ()
+    # concatenation is not the mean of per-record correlations
+    per_record = np.mean([pearsonr(p, t).statistic for p, t in zip(predicted, true)])
+    assert abs(score.value - per_record) > 1e-3
+
+
+def test_correlation_uses_relu_of_the_polarity_and_skips_the_prefix():
+    tokens = ["<bos>", "a", "b", "c", "d", "e"]
+    signed = [9.0, 2.0, -3.0, 0.5, -1.0, 0.0]
+    record = _record(tokens, signed, prefix_len=1)
+    predicted = np.array([10.0, 1.0, 7.0, 0.0, 4.0, 2.0])
+    pos = correlation_score([predicted], [record], Polarity.POS)
+    neg = correlation_score([predicted], [record], Polarity.NEG)
+    assert pos.value == pytest.approx(pearsonr(predicted[1:], [2.0, 0.0, 0.5, 0.0, 0.0]).statistic)
+    assert neg.value == pytest.approx(pearsonr(predicted[1:], [0.0, 3.0, 0.0, 1.0, 0.0]).statistic)
+    assert pos.n_tokens == 5  # the prefix token is not counted
+    # the neg true activations are relu(-a): a predictor of -a scores 1 on neg
+    assert correlation_score([-np.asarray(signed)], [record], Polarity.NEG).value < 1.0  # not relu'd: imperfect
+    assert correlation_score([np.maximum(-np.asarray(signed), 0)], [record], Polarity.NEG).value == pytest.approx(1.0)
+
+
+def test_constant_predictions_score_zero_and_are_flagged():
+    record = _record(["a", "b", "c"], [1.0, 0.0, 2.0])
+    score = correlation_score([np.full(3, 4.0)], [record], Polarity.POS)
+    assert score.value == 0.0 and CONSTANT_PREDICTION in score.flags
+    quiet = _record(["a", "b", "c"], [-1.0, -2.0, -3.0])  # never positive: constant relu(a)
+    score = correlation_score([np.array([1.0, 2.0, 3.0])], [quiet], Polarity.POS)
+    assert score.value == 0.0 and CONSTANT_ACTIVATION in score.flags
+    assert not np.isnan(score.value)
+
+
+def test_evaluation_set_is_top_20_plus_5_random(corpus):
+    feature = planted_feature(corpus, "cat", 0, top_k=25)
+    records = evaluation_records(feature, Split.VAL, 20, 5)
+    tops = [e.record.seq_id for e in feature.top(Split.VAL)[:20]]
+    randoms = [e.record.seq_id for e in feature.random(Split.VAL)[:5]]
+    assert [r.seq_id for r in records] == list(dict.fromkeys(tops + randoms))
+    assert all(r.seq_id // 100_000 == 1 for r in records)  # val only
+
+
+def test_lexical_simulator_scores_planted_features_far_above_the_shuffled_control(corpus):
+    words = planted_words(corpus)[:12]
+    features = [planted_feature(corpus, w, i) for i, w in enumerate(words)]
+    candidates = {f.feature: planted_candidates(w, k=3) for f, w in zip(features, words)}
+    scorer = CorrelationScorer(LexicalSimulator())
+    controls = shuffled_controls(features, candidates, seed=0)
+    frame = score_candidates(features, candidates, [scorer], Split.VAL, controls)
+    assert frame.height == 12 * 4
+    assert frame["score"].is_nan().sum() == 0
+    assert frame["score"].min() >= -1 and frame["score"].max() <= 1
+    described = frame.filter(pl.col("role") == CANDIDATE)["score"].mean()
+    control = frame.filter(pl.col("role") == SHUFFLED_CONTROL)["score"].mean()
+    assert described > 0.8 and control < 0.2, (described, control)
+    for feature in features:  # every control's description was written for another feature
+        assert controls[feature.feature].source != feature.feature
+    best = select_best(frame, "correlation", "lexical")
+    assert best.height == 12 and best["control_val_score"].null_count() == 0
+
+
+def test_select_best_takes_the_highest_val_score_and_breaks_ties_by_candidate():
+    frame = pl.DataFrame({
+        "neuron": [1, 1, 1, 2, 2, 2], "candidate": [0, 1, -1, 0, 1, -1],
+        "role": [CANDIDATE, CANDIDATE, SHUFFLED_CONTROL] * 2, "description": list("abcdef"),
+        "source_neuron": [1, 1, 2, 2, 2, 1], "scorer": ["correlation"] * 6, "simulator": ["lexical"] * 6,
+        "score": [0.2, 0.7, 0.1, 0.5, 0.5, 0.0], "flags": [[]] * 6,
+    })
+    other = frame.with_columns(pl.lit("finetuned").alias("simulator"), (1 - pl.col("score")).alias("score"))
+    best = select_best(pl.concat([frame, other]), "correlation", "lexical")
+    assert best["candidate"].to_list() == [1, 0]
+    assert best["val_score"].to_list() == [0.7, 0.5]
+    assert best["control_val_score"].to_list() == [0.1, 0.0]
+    assert best["n_candidates"].to_list() == [2, 2]
+
+
+# -- best of k ----------------------------------------------------------------------------------
+
+
+def test_expected_best_of_k_equals_the_mean_over_all_subsets():
+    values = [0.3, -0.1, 0.9, 0.5, 0.2]
+    for k in range(1, 6):
+        brute = np.mean([max(s) for s in itertools.combinations(values, k)])
+        assert expected_best_of_k(values, k) == pytest.approx(brute)
+
+
+def test_best_of_k_curve_and_power_law_fit():
+    rows = []
+    for neuron in range(20):
+        for candidate, value in enumerate(np.random.default_rng(neuron).uniform(0.1, 0.9, 6)):
+            for simulator, shift in (("lexical", 0.0), ("finetuned", -0.5)):
+                rows.append({"layer": 0, "polarity": "pos", "neuron": neuron, "candidate": candidate,
+                             "role": CANDIDATE, "scorer": "correlation", "simulator": simulator,
+                             "score": float(value) + shift})
+    curve = best_of_k_curve(pl.DataFrame(rows), "correlation", "lexical")
+    assert curve.k == (1, 2, 3, 4, 5, 6)
+    assert all(a < b for a, b in zip(curve.mean_best, curve.mean_best[1:]))
+    assert curve.fit_b is not None and 0 < curve.fit_b < 1
+    assert curve.fitted(1) == pytest.approx(curve.mean_best[0], rel=0.1)
+    shifted = best_of_k_curve(pl.DataFrame(rows), "correlation", "finetuned")  # simulators are kept apart
+    np.testing.assert_allclose(np.array(shifted.mean_best) + 0.5, curve.mean_best)
+
+
+# -- classification and embedding scorers ----------------------------------------------------------
+
+
+def test_balanced_accuracy_and_judgement_parsing():
+    assert balanced_accuracy([True, True, False, False], [True, False, False, False]).value == pytest.approx(0.75)
+    score = balanced_accuracy([True, False, False], [True, None, False])
+    assert score.value == 1.0 and score.flags == ("unanswered:1",)
+    assert parse_judgements("Sure: [1, 0, 1]", 3) == [True, False, True]
+    assert parse_judgements("[1, 0]", 3) == [None] * 3
+    assert parse_judgements(None, 2) == [None, None]
+
+
+class _WordJudge:
+    """Answers like a perfect reader of 'the word "w"' descriptions: 1 where w is in the text
+    (detection) or where every marked token is w (fuzzing)."""
+
+    name = "oracle"
+
+    def answer(self, conversations):
+        import re
+
+        out = []
+        for messages in conversations:
+            user = messages[-1]["content"]
+            word = re.search(r'"(\w+)"', user.splitlines()[0]).group(1)
+            answers = []
+            for line in user.splitlines():
+                if not line.startswith("Example "):
+                    continue
+                marked = re.findall(r"<<([^>]*)>>", line)
+                if marked:
+                    answers.append(int(all(m.strip().lower() == word for m in marked)))
+                else:
+                    answers.append(int(re.search(rf"\b{word}\b", line, re.I) is not None))
+            out.append(str(answers))
+        return out
+
+
+def test_detection_and_fuzzing_with_an_oracle_judge(corpus):
+    feature = planted_feature(corpus, "cat", 0)
+    for scorer in (DetectionScorer(_WordJudge(), examples=6), FuzzingScorer(_WordJudge(), examples=6)):
+        right, wrong = scorer.score(feature, ['the word "cat"', 'the word "table"'], Split.VAL)
+        assert right.value > 0.9, (scorer.name, right)
+        assert wrong.value < right.value - 0.3, (scorer.name, wrong)
+        assert 0 <= wrong.value <= 1
+
+
+def test_roc_auc_matches_pairwise_counting():
+    rng = random.Random(0)
+    scores = np.array([rng.random() for _ in range(30)] + [0.5, 0.5])
+    labels = np.array([rng.random() < 0.4 for _ in range(30)] + [True, False])
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert roc_auc(scores, labels) == pytest.approx(pairwise)
+
+
+def test_embedding_scorer_prefers_the_right_description(corpus):
+    words = planted_words(corpus)
+    vocabulary = sorted({t.strip().lower() for seqs in corpus.sequences.values() for s in seqs for t in s[1:]})
+
+    def bag_of_words(texts):  # a stand-in embedder: normalized word counts
+        out = np.zeros((len(texts), len(vocabulary)))
+        for i, text in enumerate(texts):
+            for token in text.lower().replace('"', " ").split():
+                if token.strip(".,?") in vocabulary:
+                    out[i, vocabulary.index(token.strip(".,?"))] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    feature = planted_feature(corpus, words[3], 3, top_k=10)
+    scorer = EmbeddingScorer(bag_of_words, top=5, random_count=5)  # "blue" fires in 7 val sequences
+    right, wrong = scorer.score(feature, [f"the word {words[3]}", f"the word {words[9]}"], Split.VAL)
+    assert right.value > 0.8 and right.value > wrong.value
+
+
+def test_detection_through_a_local_chat_model_and_skipped_without_one(corpus, tiny_llama):
+    from neuron_assets.config import ExplainConfig, config_from_dict
+    from neuron_assets.score import ScoringContext, TransformersJudge, build_scorers
+
+    judge = TransformersJudge(ExplainConfig(backend="transformers", model=str(tiny_llama)))
+    feature = planted_feature(corpus, "cat", 0)
+    [score] = DetectionScorer(judge, examples=3, batch=3).score(feature, ['the word "cat"'], Split.VAL)
+    assert 0 <= score.value <= 1 and score.n_examples >= 4  # a random model's answers: counted or flagged
+    config = config_from_dict({"score": {"scorers": ["correlation", "detection", "fuzzing"]}})
+    context = ScoringContext(config, lambda name: LexicalSimulator(), ("lexical",))
+    scorers, skipped = build_scorers(config.score, context)
+    assert [s.name for s in scorers] == ["correlation"]
+    assert set(skipped) == {"detection", "fuzzing"} and "explain.backend 'statistical'" in skipped["detection"]
+
+
+def test_metadata_figures_are_png_images():
+    from neuron_assets.plots import best_of_k_figure, loss_curve_figure, markdown_image, score_histograms, val_test_scatter
+    from neuron_assets.select import BestOfKCurve
+
+    figures = [
+        score_histograms({0: [0.1, 0.5], 3: [0.2]}, {0: [0.0], 3: [-0.1]}),
+        best_of_k_figure(BestOfKCurve((1, 2, 3), (0.2, 0.25, 0.27), (5, 5, 5), 0.2, 0.28)),
+        val_test_scatter([0.1, 0.6], [0.2, 0.5], [0.0], [0.05]),
+        loss_curve_figure({"stage1": [2.0, 1.5, 1.0], "stage2": [0.9, 0.8]}),
+    ]
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000 for png in figures)
+    assert markdown_image(figures[0], "h").startswith("![h](data:image/png;base64,iVBOR")
+
+
+def test_shuffled_controls_need_two_described_features(corpus):
+    one = planted_feature(corpus, "cat", 0)
+    assert shuffled_controls([one], {one.feature: ['"cat"']}) == {}
+    two = planted_feature(corpus, "dog", 1)
+    controls = shuffled_controls([one, two], {one.feature: ['"cat"'], two.feature: [None, '"dog"']}, seed=3)
+    assert controls[one.feature].description == '"dog"' and controls[one.feature].candidate == 1
+    assert controls[two.feature].source == one.feature
