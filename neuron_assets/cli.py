@@ -2,7 +2,7 @@
 
     neuron-assets run                          materialize every asset of the config
     neuron-assets sql "select ..."             read-only SQL over the catalog
-    neuron-assets show 3 1021 --polarity pos   a neuron's exemplars, activating tokens marked
+    neuron-assets show 3 975 --polarity pos    a neuron's description and exemplars, activating tokens marked
     neuron-assets config                       the effective config, every field documented
     neuron-assets ui                           the Dagster UI on the same storage
 """
@@ -74,56 +74,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    import dagster as dg
-
-    from neuron_assets.defs.definitions import build_definitions
+    from neuron_assets.defs.materialize import materialize_config, partition_count
     from neuron_assets.store import Store
 
     config = load_config(args.config)
     config.root.mkdir(parents=True, exist_ok=True)
-    defs = build_definitions(args.config)
-    assets = list(defs.assets)
-    if args.select:
-        wanted = {name.strip() for name in args.select.split(",")}
-        known = {a.key.to_user_string() for a in assets}
-        unknown = wanted - known
-        if unknown:
-            raise ValueError(f"unknown asset(s) {sorted(unknown)}; the assets are {sorted(known)}")
-        selection = [a for a in assets if a.key.to_user_string() in wanted]
-    else:
-        selection = assets
-    partitions = next(a.partitions_def for a in assets if a.partitions_def is not None)
-    keys = partitions.get_partition_keys()
+    select = [name.strip() for name in args.select.split(",")] if args.select else None
     print(f"neuron-assets: config '{config.name}' ({config.hash}), model {config.subject.model}, "
-          f"{len(keys)} partitions (layer x polarity), storage {config.root}", file=sys.stderr)
+          f"{partition_count(args.config)} partitions (layer x polarity), storage {config.root}", file=sys.stderr)
     started = time.time()
-    with _instance(config.root) as instance:
-        result = dg.materialize(
-            selection,
-            instance=instance,
-            resources=defs.resources,
-            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-            raise_on_error=False,
-        )
-    if not result.success:
-        failure = next((e for e in result.all_events if e.is_step_failure), None)
-        message = failure.step_failure_data.error.message.strip() if failure else "the run failed"
-        print(f"error: {message}", file=sys.stderr)
+    try:
+        materialize_config(args.config, select)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     store = Store(config.root)
     views = store.build_catalog()
     _print_summary(store, views, time.time() - started)
     return 0
-
-
-def _instance(root: Path):
-    """The Dagster instance the UI reads too: $DAGSTER_HOME, else the storage root."""
-    import dagster as dg
-
-    home = Path(os.environ.get("DAGSTER_HOME") or root)
-    home.mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.from_config(str(home))
 
 
 def _print_summary(store, views: list[str], seconds: float) -> None:

@@ -197,6 +197,9 @@ class ExplainConfig(Section):
     """Price of completion tokens, for the cost shown with the candidates."""
     device: str = "auto"
     """torch device of the transformers backend: auto (cuda when available), cpu, cuda, ..."""
+    allow_download: bool = False
+    """Let the vllm backend download explain.model from the Hugging Face hub. Off: the model
+    must be a local folder or already in the local Hugging Face cache."""
     engine_kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
     """Extra keyword arguments for vLLM's LLM(...) (e.g. tensor_parallel_size,
     gpu_memory_utilization) or transformers' from_pretrained."""
@@ -316,13 +319,17 @@ class PromptedSimulatorConfig(Section):
     """Prompts per forward pass (transformers)."""
 
 
+SimulatorName = Literal["lexical", "finetuned", "prompted"]  # neuron_assets.simulate.SIMULATORS (a test checks)
+ScorerName = Literal["correlation", "detection", "fuzzing", "embedding"]  # neuron_assets.score.SCORERS
+
+
 class SimulateConfig(Section):
-    backend: str = "lexical"
+    backend: SimulatorName = "lexical"
     """The simulator whose correlation selects each feature's best candidate: lexical
     (offline rule: the tokens and words a description names), finetuned (Transluce's
     11-class per-token model, trained by the simulator_checkpoint asset), prompted (Bills et
     al.'s all-at-once logprob simulator). Production: finetuned."""
-    compare_with: list[str] = ["finetuned"]
+    compare_with: list[SimulatorName] = ["finetuned"]
     """More simulators whose correlation is scored beside the backend's on every candidate,
     for comparison only (not used to select). The demo scores its CPU-trained fine-tuned
     simulator beside the lexical rule; a GPU config would select by finetuned and compare
@@ -336,13 +343,23 @@ class SimulateConfig(Section):
 
 
 class ScoreConfig(Section):
-    scorers: list[str] = ["correlation", "embedding"]
+    scorers: list[ScorerName] = ["correlation", "embedding"]
     """Scorers run on every candidate: correlation (simulated vs true activations, Pearson),
-    detection and fuzzing (delphi; ask an LLM through the explain backend, skipped with a
-    note when explain.backend is statistical), embedding (description vs exemplars in
+    detection and fuzzing (delphi; ask an LLM through the explain backend: openai, vllm or
+    transformers, with explain.model; skipped with a note when explain.backend is
+    statistical or the judge cannot be built here, e.g. vllm without vLLM installed or
+    without GPU memory left beside the simulator), embedding (description vs exemplars in
     MiniLM's embedding space, AUC)."""
-    select_by: str = "correlation"
-    """The scorer whose val score picks the best of the k candidates."""
+    select_by: ScorerName = "correlation"
+    """The scorer whose val score picks the best of the k candidates (one of score.scorers)."""
+
+    @field_validator("select_by")
+    @classmethod
+    def _select_by_is_scored(cls, value: str, info) -> str:
+        scorers = info.data.get("scorers")
+        if scorers is not None and value not in scorers:
+            raise ValueError(f"score.select_by '{value}' is not in score.scorers {scorers}")
+        return value
     top_exemplars: int = Field(20, ge=1)
     """Top exemplars of a split in E_val (and E_test)."""
     random_exemplars: int = Field(5, ge=0)
@@ -388,7 +405,11 @@ class Config(Section):
     @property
     def hash(self) -> str:
         """Short hash of everything that shapes the results (storage location excluded)."""
-        payload = self.model_dump(mode="json", exclude={"storage"})
+        return self.sections_hash(*(name for name in type(self).model_fields if name != "storage"))
+
+    def sections_hash(self, *sections: str) -> str:
+        """Short hash of some sections: a stage's data version changes only with what it reads."""
+        payload = self.model_dump(mode="json", include=set(sections))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -209,9 +209,13 @@ def _chat_window(messages, source, doc_id, tokenizer, seq_len) -> list[TokenWind
         raise CorpusError(f"source '{source.name}', document {doc_id}: messages must be a list of {{role, content}}")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     ids, tokens = tokenize_with_text(text, tokenizer)
-    if len(ids) < 2:
+    # The template's leading special tokens (BOS, a header start) are the chat's fixed
+    # prefix: attention-sink outliers there must not win a top-k.
+    special = set(tokenizer.all_special_ids)
+    prefix_len = next((i for i, token_id in enumerate(ids) if token_id not in special), len(ids))
+    if len(ids) - prefix_len < 2:
         return []
-    return [TokenWindow(source.name, doc_id, ids[:seq_len], tokens[:seq_len], 0)]
+    return [TokenWindow(source.name, doc_id, ids[:seq_len], tokens[:seq_len], min(prefix_len, seq_len - 1))]
 
 
 def _prefix(prefix_text: str, tokenizer) -> tuple[list[int], list[str]]:

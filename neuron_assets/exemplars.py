@@ -9,8 +9,9 @@ One streaming pass over the corpus, all layers at once, keeps on the model's dev
 - running sums for mean / std / fraction active, and a uniform sample of train tokens,
   the same for every feature, for approximate quantiles.
 
-Memory is O(features x k x seq_len), independent of corpus size. The fixed prefix of each
-sequence and the padding never count. Long runs checkpoint and resume.
+Memory is O(features x (k x seq_len + token sample)), independent of corpus size; the split
+being read stays on the device and finished splits move to host memory. The fixed prefix of
+each sequence and the padding never count. Long runs checkpoint and resume.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def collect_exemplars(
         if saved.get("signature") == signature:
             state = _CollectorState.from_saved(saved["state"], subject.device)
             start = saved["batches_done"]
+            for split in {batches[i][0] for i in range(start)} - {batches[start][0]}:
+                state.offload(split)  # finished before the checkpoint: back to host memory
         else:
             warnings.warn(f"ignoring checkpoint {checkpoint}: it was made by a different run", stacklevel=2)
 
@@ -140,27 +143,40 @@ def collect_exemplars(
     bar.close()
 
     tables = state.tables(layout, sequences, polarities, config, seed)
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return tables
 
 
-def load_feature_exemplars(store: Store, layer: int, polarity: Polarity) -> list[FeatureExemplars]:
-    """Every feature's exemplars and stats for one layer x polarity, tokens joined in."""
+def checkpoint_name(model: str, sequences: pl.DataFrame, neurons: dict[int, list[int]], polarities: list[Polarity],
+                    config: ExemplarsConfig, batch_size: int, seed: int) -> str:
+    """A file name unique to what a run collects, so runs over other layers never share it."""
+    return f"exemplars-{_signature(model, sequences, neurons, polarities, config, batch_size, seed)[:16]}.pt"
+
+
+def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons: list[int] | None = None) -> list[FeatureExemplars]:
+    """Every feature's exemplars and stats for one layer x polarity (or only ``neurons``),
+    tokens joined in; only the sequences the exemplars use are read."""
     polarity = Polarity(polarity)
     exemplars = store.read("exemplars", layer, polarity.value)
     stats = store.read("neuron_stats", layer, polarity.value)
-    sequences = store.read("sequences").select("seq_id", "tokens", "token_ids", "prefix_len")
-    joined = exemplars.join(sequences, on="seq_id", how="left")
+    if neurons is not None:
+        exemplars = exemplars.filter(pl.col("neuron").is_in(neurons))
+        stats = stats.filter(pl.col("neuron").is_in(neurons))
+    store.read("sequences")  # a clear error when the corpus is missing
+    sequences = (
+        pl.scan_parquet(store.path("sequences"))
+        .select("seq_id", "tokens", "token_ids", "prefix_len")
+        .filter(pl.col("seq_id").is_in(exemplars["seq_id"].unique().implode()))
+        .collect()
+    )
+    tokens_of = {row[0]: (tuple(row[1]), tuple(row[2]), row[3]) for row in sequences.iter_rows()}
     by_neuron: dict[int, list[Exemplar]] = {}
-    for row in joined.iter_rows(named=True):
-        record = ActivationRecord(
-            seq_id=row["seq_id"], tokens=tuple(row["tokens"]), token_ids=tuple(row["token_ids"]),
-            activations=np.asarray(row["activations"], dtype=np.float32), prefix_len=row["prefix_len"],
-        )
-        by_neuron.setdefault(row["neuron"], []).append(
-            Exemplar(Split(row["split"]), ExemplarKind(row["kind"]), row["rank"], row["extreme"], record)
-        )
+    for row in exemplars.select("neuron", "split", "kind", "rank", "extreme", "seq_id", "activations").iter_rows():
+        neuron, split, kind, rank, extreme, seq_id, activations = row
+        tokens, token_ids, prefix_len = tokens_of[seq_id]  # shared by every exemplar of the sequence
+        record = ActivationRecord(seq_id, tokens, token_ids, np.asarray(activations, dtype=np.float32), prefix_len)
+        by_neuron.setdefault(neuron, []).append(Exemplar(Split(split), ExemplarKind(kind), rank, extreme, record))
     features = []
     for row in stats.sort("neuron").iter_rows(named=True):
         quantiles = {q: row[_quantile_column(q)] for q in STAT_QUANTILES}
@@ -275,7 +291,7 @@ class _CollectorState:
                       for name in ("sum", "sumsq", "n_pos", "n_neg")}
         state.sums["n_tokens"] = torch.zeros((), dtype=torch.float64, device=device)
         state.token_keys = torch.full((config.stats_token_sample,), -torch.inf, device=device)
-        state.token_values = torch.zeros((config.stats_token_sample, features), dtype=torch.float32, device=device)
+        state.token_values = torch.zeros((config.stats_token_sample, features), dtype=dtype, device=device)
         return state
 
     def update(self, split: str, acts, counted, seq_ids, random_keys) -> None:
@@ -315,12 +331,18 @@ class _CollectorState:
             self.sums["n_pos"] += (row > 0).sum(0)
             self.sums["n_neg"] += (row < 0).sum(0)
         self.sums["n_tokens"] += counted.sum()
-        better = counted & (token_keys > self.token_keys.min())  # only tokens that can enter the sample move
+        # The sample is one set of tokens for every feature: only keys are compared, and a
+        # token that enters overwrites, in place, the row of one that leaves.
+        better = counted & (token_keys > self.token_keys.min())
         if better.any():
-            all_keys = torch.cat([self.token_keys, token_keys[better]])
-            all_values = torch.cat([self.token_values, acts[better].float()])
-            self.token_keys, index = all_keys.topk(self.token_keys.shape[0])
-            self.token_values = all_values[index]
+            size = self.token_keys.shape[0]
+            candidates = token_keys[better]
+            chosen = torch.zeros(size + candidates.shape[0], dtype=torch.bool, device=candidates.device)
+            chosen[torch.cat([self.token_keys, candidates]).topk(size).indices] = True
+            leaving = (~chosen[:size]).nonzero().squeeze(1)
+            entering = chosen[size:].nonzero().squeeze(1)
+            self.token_keys[leaving] = candidates[entering]
+            self.token_values[leaving] = acts[better][entering].to(self.token_values.dtype)
 
     def to_saved(self) -> dict:
         return {
@@ -390,7 +412,7 @@ class _CollectorState:
         n = max(float(self.sums["n_tokens"]), 1.0)
         mean = self.sums["sum"] / n
         variance = (self.sums["sumsq"] / n - mean**2).clamp(min=0)
-        sample = self.token_values[torch.isfinite(self.token_keys)] * polarity.sign
+        sample = self.token_values[torch.isfinite(self.token_keys)].float() * polarity.sign
         quantiles = None
         if sample.shape[0]:  # nearest-rank quantiles from one sort; torch.quantile is far slower on wide inputs
             ordered = sample.T.contiguous().sort(dim=1).values  # (F, sample), rows contiguous for the sort

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from neuron_assets.config import Config
 from neuron_assets.corpus import build_sequences
-from neuron_assets.exemplars import collect_exemplars, select_neurons
+from neuron_assets.exemplars import checkpoint_name, collect_exemplars, select_neurons
 from neuron_assets.store import Store, with_lineage
 from neuron_assets.subject import SubjectModel, load_subject, load_tokenizer
 from neuron_assets.types import Polarity
@@ -50,10 +50,12 @@ def make_exemplars(
     selected = select_neurons(config.features.model_copy(update={"layers": layers}), subject.num_layers,
                               subject.neurons_per_layer)
     store.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    batch_size, seed = config.subject.batch_size, config.corpus.seed
+    checkpoint = store.checkpoint_dir / checkpoint_name(subject.name, sequences, selected, polarities, config.exemplars,
+                                                        batch_size, seed)
     tables = collect_exemplars(
-        subject, sequences, selected, polarities, config.exemplars, batch_size=config.subject.batch_size,
-        seed=config.corpus.seed, checkpoint=store.checkpoint_dir / f"exemplars-{config.hash}.pt",
-        progress=progress, on_batch=on_batch,
+        subject, sequences, selected, polarities, config.exemplars, batch_size=batch_size, seed=seed,
+        checkpoint=checkpoint, progress=progress, on_batch=on_batch,
     )
     written = []
     for layer, polarity in sorted(partitions, key=lambda p: (p[0], Polarity(p[1]).value)):

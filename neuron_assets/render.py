@@ -45,3 +45,15 @@ def highlight_terminal(record: ActivationRecord, polarity: Polarity, color: bool
         else:
             parts.append(text)
     return "".join(parts)
+
+
+def markdown_table(columns: list[str], rows) -> str:
+    """A markdown table for Dagster metadata; cell text is escaped so a '|' (as in the
+    partition key '0|pos') cannot split a cell."""
+
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

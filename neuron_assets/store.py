@@ -109,10 +109,17 @@ class Store:
         return created
 
     def connect(self, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-        """A connection to the catalog, built first if it does not exist."""
-        if not self.catalog_path.exists():
+        """A connection to the catalog, (re)built first if it is missing or older than a table
+        (a table written from the UI or another process since the last build)."""
+        if self.catalog_stale():
             self.build_catalog()
         return duckdb.connect(str(self.catalog_path), read_only=read_only)
+
+    def catalog_stale(self) -> bool:
+        if not self.catalog_path.exists():
+            return True
+        built = self.catalog_path.stat().st_mtime
+        return any(path.stat().st_mtime > built for path in self.data_dir.rglob(f"*{DATA_FILE}"))
 
     def views(self) -> list[str]:
         with self.connect() as con:

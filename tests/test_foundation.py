@@ -176,6 +176,8 @@ def test_splits_equal_disjoint_and_deterministic(tiny_config, chat_corpus, text_
     texts = first.filter(pl.col("source") == "texts")
     assert (texts["n_tokens"] == 16).all() and (texts["prefix_len"] == 1).all()
     assert all("".join(t).startswith("<|begin_of_text|>") for t in texts["tokens"].head(5))
+    chats = first.filter(pl.col("source") == "chats")
+    assert (chats["prefix_len"] == 2).all(), "a chat's leading <|begin_of_text|><|start_header_id|> never count"
 
 
 def test_builtin_corpus_fills_the_demo(tiny_tokenizer):

@@ -14,6 +14,7 @@ import polars as pl
 from neuron_assets.defs.partitions import parse_partition_keys
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
 from neuron_assets.pipeline import Written, make_corpus, make_exemplars
+from neuron_assets.render import markdown_table
 from neuron_assets.store import Store
 from neuron_assets.types import Split
 
@@ -36,9 +37,9 @@ def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> d
             "rows": written.rows,
             "path": dg.MetadataValue.path(str(written.path)),
             "config_hash": config.hash,
-            "split_sizes": dg.MetadataValue.md(_markdown_table(sizes)),
+            "split_sizes": dg.MetadataValue.md(markdown_table(sizes.columns, sizes.iter_rows())),
         },
-        data_version=dg.DataVersion(f"{config.hash}-{written.rows}"),
+        data_version=dg.DataVersion(config.sections_hash("subject", "corpus")),
         check_results=[dg.AssetCheckResult(check_name="equal_splits", passed=len(set(per_split)) == 1 and len(per_split) == len(Split),
                                            metadata={"per_split": str(per_split)})],
     )
@@ -78,7 +79,7 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
                 "preview": dg.MetadataValue.md(_preview(store, *requested[0])),
                 "root": dg.MetadataValue.path(str(store.data_dir / "exemplars")),
             },
-            data_version=dg.DataVersion(config.hash),
+            data_version=dg.DataVersion(config.sections_hash("subject", "corpus", "features", "exemplars")),
             check_results=[dg.AssetCheckResult(check_name="every_feature_has_exemplars", passed=not missing,
                                                metadata={"features_without_top_exemplars": len(missing)})],
         )
@@ -100,16 +101,16 @@ def _features_without_exemplars(store: Store, written: list[Written]) -> list[tu
     for w in written:
         if w.table != "neuron_stats":
             continue
-        stats = pl.read_parquet(w.path).select("neuron")
-        top = pl.read_parquet(store.path("exemplars", w.layer, w.polarity)).filter(pl.col("kind") == "top").select("neuron").unique()
+        stats = pl.read_parquet(w.path, columns=["neuron"])
+        top = pl.read_parquet(store.path("exemplars", w.layer, w.polarity), columns=["neuron", "kind"]).filter(
+            pl.col("kind") == "top").select("neuron").unique()
         missing += [(w.layer, w.polarity, n) for n in stats.join(top, on="neuron", how="anti")["neuron"].to_list()]
     return missing
 
 
 def _written_table(written: list[Written]) -> str:
-    lines = ["| table | layer | polarity | rows | path |", "|---|---|---|---|---|"]
-    lines += [f"| {w.table} | {w.layer} | {w.polarity} | {w.rows} | `{w.path}` |" for w in written]  # no '|' in cells
-    return "\n".join(lines)
+    return markdown_table(["table", "layer", "polarity", "rows", "path"],
+                          [(w.table, w.layer, w.polarity, w.rows, f"`{w.path}`") for w in written])
 
 
 def _preview(store: Store, layer: int, polarity) -> str:
@@ -117,17 +118,12 @@ def _preview(store: Store, layer: int, polarity) -> str:
     from neuron_assets.exemplars import load_feature_exemplars
     from neuron_assets.render import highlight_markdown
 
-    features = load_feature_exemplars(store, layer, polarity)
+    first = pl.read_parquet(store.path("neuron_stats", layer, polarity.value), columns=["neuron"])["neuron"].min()
+    features = load_feature_exemplars(store, layer, polarity, neurons=[first])
     if not features:
         return "no features"
     feature = features[0]
     lines = [f"**{feature.feature}** (max {feature.stats.max:.3f})", ""]
     for exemplar in feature.top(Split.TRAIN)[:3]:
         lines.append(f"- {exemplar.extreme:.3f}: " + highlight_markdown(exemplar.record, feature.feature.polarity))
-    return "\n".join(lines)
-
-
-def _markdown_table(frame: pl.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.iter_rows()]
     return "\n".join(lines)
