@@ -158,12 +158,16 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
     """Every feature's exemplars and stats for one layer x polarity (or only ``neurons``),
     tokens joined in; only the sequences the exemplars use are read."""
     polarity = Polarity(polarity)
-    exemplars = store.read("exemplars", layer, polarity.value)
-    stats = store.read("neuron_stats", layer, polarity.value)
-    if neurons is not None:
-        exemplars = exemplars.filter(pl.col("neuron").is_in(neurons))
-        stats = stats.filter(pl.col("neuron").is_in(neurons))
-    store.read("sequences")  # a clear error when the corpus is missing
+
+    def scan(table: str, *partition) -> pl.LazyFrame:
+        if not store.exists(table, *partition):
+            store.read(table, *partition)  # raises the error that says how to make the table
+        frame = pl.scan_parquet(store.path(table, *partition))
+        return frame if neurons is None or not partition else frame.filter(pl.col("neuron").is_in(neurons))
+
+    exemplars = scan("exemplars", layer, polarity.value).collect()
+    stats = scan("neuron_stats", layer, polarity.value).collect()
+    scan("sequences")
     sequences = (
         pl.scan_parquet(store.path("sequences"))
         .select("seq_id", "tokens", "token_ids", "prefix_len")

@@ -61,6 +61,10 @@ class ScorerUnavailable(RuntimeError):
     """A scorer that cannot run with this configuration (no LLM for detection); the message says why."""
 
 
+class JudgeError(RuntimeError):
+    """The judge's server refused a request for a reason retrying cannot fix (401, 404, a wrong model)."""
+
+
 # -- the correlation scorer ------------------------------------------------------------------
 
 
@@ -396,15 +400,31 @@ class OpenAIChatJudge:
                                     max_retries=config.max_retries)
         self.model = config.model
         self.concurrency = config.concurrency
+        self.extra_body = dict(config.extra_body) or None
+        self.base_url = config.base_url
+        # transient failures (after the client's own retries) leave one question unanswered,
+        # counted in the flags; anything else (401, 404, a wrong model name, a bad request) raises
+        self._transient = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
+                           openai.InternalServerError)
+        self._openai = openai
 
     def answer(self, conversations):
         def one(messages):
             try:
                 reply = self.client.chat.completions.create(model=self.model, messages=list(messages), temperature=0.0,
-                                                            max_tokens=64)
-            except Exception:  # a failed request is an unanswered batch, counted in the flags
+                                                            max_tokens=64, extra_body=self.extra_body)
+            except self._transient:
                 return None
-            return reply.choices[0].message.content
+            except self._openai.APIStatusError as err:
+                if err.status_code >= 500:
+                    return None
+                where = self.base_url or "the OpenAI API"
+                raise JudgeError(
+                    f"the detection/fuzzing judge ({self.model} at {where}) was refused with HTTP {err.status_code}: "
+                    f"{err.message}. Check explain.model, explain.base_url and the API key"
+                ) from err
+            choices = getattr(reply, "choices", None)
+            return choices[0].message.content if choices else None  # None: unanswered (unparseable)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(one, conversations))
@@ -445,9 +465,38 @@ class TransformersJudge:
         return out
 
 
+class VLLMJudge:
+    """vLLM's offline engine (greedy), the same engine the vllm explainer uses when both run
+    in one process. On a GPU that also holds the fine-tuned simulator, leave it room with
+    explain.engine_kwargs.gpu_memory_utilization."""
+
+    name = "vllm"
+
+    def __init__(self, config: ExplainConfig):
+        from neuron_assets.explain.backends.base import ExplainerUnavailable
+        from neuron_assets.explain.backends.vllm_offline import shared_engine
+
+        try:
+            self.llm = shared_engine(config)
+        except ExplainerUnavailable as err:
+            raise ScorerUnavailable(f"detection and fuzzing: {err}") from None
+        except (ValueError, RuntimeError) as err:  # e.g. too little free GPU memory beside the simulator
+            raise ScorerUnavailable(
+                f"detection and fuzzing: vLLM could not start {config.model} here ({err}); leave it room with "
+                f"explain.engine_kwargs.gpu_memory_utilization") from None
+
+    def answer(self, conversations):
+        from vllm import SamplingParams
+
+        outputs = self.llm.chat([list(m) for m in conversations], SamplingParams(temperature=0.0, max_tokens=64),
+                                use_tqdm=False)
+        return [out.outputs[0].text if out.outputs else None for out in outputs]
+
+
 JUDGES: dict[str, Callable[[ExplainConfig], Judge]] = {
     "openai": OpenAIChatJudge,
     "transformers": TransformersJudge,
+    "vllm": VLLMJudge,
 }
 
 

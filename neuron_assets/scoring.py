@@ -28,7 +28,7 @@ from neuron_assets.score import ScoringContext, Scorer, build_scorers
 from neuron_assets.select import SCORES_SCHEMA, ShuffledControl, score_candidates, select_best, shuffled_controls
 from neuron_assets.simulate import FINETUNED, build_simulator, needs_checkpoint, simulator_names
 from neuron_assets.store import MissingTableError, Store, with_lineage
-from neuron_assets.types import FeatureExemplars, FeatureId, Polarity, Split
+from neuron_assets.types import ExemplarKind, FeatureExemplars, FeatureId, Polarity, Split
 
 TRAINING_TABLE = "simulator_training_data"
 CHECKPOINTS_TABLE = "simulator_checkpoints"
@@ -75,16 +75,27 @@ class TrainingDataWritten:
 
 
 def make_simulator_training_data(config: Config, run_id: str, log: Log = _quiet) -> TrainingDataWritten:
-    from neuron_assets.simulate.training import TRAINING_DATA_SCHEMA, plan_training_data
+    """The simulator's training rows. The features are picked first from cheap columns
+    (candidates, ``neuron_stats``' max, which neurons have train top exemplars), seeded;
+    then only the picked features' exemplars are loaded (a few hundred, at any model size)."""
+    from neuron_assets.simulate.training import TRAINING_DATA_SCHEMA, plan_training_data, training_roles
 
     store = Store(config.root)
-    features: list[FeatureExemplars] = []
     candidates: dict[FeatureId, list[str | None]] = {}
+    usable: list[FeatureId] = []
     partitions = candidate_partitions(store, config)
     for layer, polarity in partitions:
-        features += load_feature_exemplars(store, layer, polarity)
-        candidates.update(read_candidates(store, layer, polarity))
-    frame = plan_training_data(features, candidates, config.simulate.training) if features else \
+        described = read_candidates(store, layer, polarity)
+        candidates.update(described)
+        usable += _usable_features(store, layer, polarity, described)
+    roles = training_roles(usable, config.simulate.training)
+    candidates = {feature: candidates[feature] for feature in roles}
+    features: list[FeatureExemplars] = []
+    for layer, polarity in partitions:
+        wanted = {f.index for f in roles if f.layer == layer and f.polarity == polarity}
+        if wanted:
+            features += load_feature_exemplars(store, layer, polarity, sorted(wanted))
+    frame = plan_training_data(features, candidates, config.simulate.training, roles) if features else \
         pl.DataFrame(schema=TRAINING_DATA_SCHEMA)
     frame = with_lineage(frame, config.subject.model, config.hash, run_id)
     path = store.write(TRAINING_TABLE, frame)
@@ -92,6 +103,21 @@ def make_simulator_training_data(config: Config, run_id: str, log: Log = _quiet)
     by_role = {row["role"]: row["n"] for row in counts.iter_rows(named=True)}
     log(f"simulator training data: {frame.height} rows from {len(partitions)} partitions, features {by_role}")
     return TrainingDataWritten(path, frame.height, by_role, len(partitions))
+
+
+def _usable_features(store: Store, layer: int, polarity: Polarity,
+                     described: dict[FeatureId, list[str | None]]) -> list[FeatureId]:
+    """Features with a candidate, a positive max and train top exemplars (read without exemplars' rows)."""
+    with_candidate = {f.index for f, options in described.items() if any(options)}
+    for table in ("neuron_stats", "exemplars"):
+        if not store.exists(table, layer, polarity.value):
+            store.read(table, layer, polarity.value)  # raises MissingTableError, which says what to materialize
+    positive = set(pl.scan_parquet(store.path("neuron_stats", layer, polarity.value))
+                   .filter(pl.col("max") > 0).select("neuron").collect()["neuron"].to_list())
+    with_top = set(pl.scan_parquet(store.path("exemplars", layer, polarity.value))
+                   .filter((pl.col("split") == Split.TRAIN.value) & (pl.col("kind") == ExemplarKind.TOP.value))
+                   .select(pl.col("neuron").unique()).collect()["neuron"].to_list())
+    return [FeatureId(layer, n, polarity) for n in sorted(with_candidate & positive & with_top)]
 
 
 @dataclass(frozen=True)
@@ -136,6 +162,7 @@ def make_simulator_checkpoint(config: Config, run_id: str, log: Log = _quiet) ->
         "heldout_correlation": last.described, "heldout_shuffled_correlation": last.shuffled,
         "heldout_features": last.features, "stage2_changed": trained.stage2_changed,
         "train_seconds": trained.seconds, "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "simulate_hash": simulate_hash(config),
     }
     _append_checkpoint_row(store, with_lineage(pl.DataFrame([row]), config.subject.model, config.hash, run_id))
     return CheckpointWritten(
@@ -145,11 +172,9 @@ def make_simulator_checkpoint(config: Config, run_id: str, log: Log = _quiet) ->
 
 
 def _special_tokens(tokenizer) -> list[str]:
-    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-        if getattr(added, "special", False):
-            tokens.add(added.content)
-    return sorted(tokens)
+    from neuron_assets.explain.excerpts import special_tokens
+
+    return sorted({text for text in special_tokens(tokenizer).values() if text})
 
 
 def _append_checkpoint_row(store: Store, row: pl.DataFrame) -> None:
@@ -163,12 +188,31 @@ def _append_checkpoint_row(store: Store, row: pl.DataFrame) -> None:
     store.write(CHECKPOINTS_TABLE, frame)
 
 
-def latest_checkpoint(store: Store) -> tuple[str, Path] | None:
-    """(version, path) of the most recently trained simulator whose folder still exists."""
+SIMULATE_HASH_IGNORES = {"device", "batch_size", "checkpoint", "allow_download"}  # not what the weights depend on
+
+
+def simulate_hash(config: Config) -> str:
+    """A short hash of what a trained simulator depends on in the config: simulate.finetuned
+    (less run-time settings) and simulate.training."""
+    import hashlib
+    import json
+
+    payload = [config.simulate.finetuned.model_dump(mode="json", exclude=SIMULATE_HASH_IGNORES),
+               config.simulate.training.model_dump(mode="json")]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def latest_checkpoint(store: Store, config: Config | None = None) -> tuple[str, Path] | None:
+    """(version, path) of the most recently trained simulator whose folder still exists; with
+    ``config``, only among those trained with its simulate.finetuned and simulate.training."""
     try:
         frame = store.read(CHECKPOINTS_TABLE)
     except MissingTableError:
         return None
+    if config is not None:
+        if "simulate_hash" not in frame.columns:
+            return None
+        frame = frame.filter(pl.col("simulate_hash") == simulate_hash(config))
     for row in frame.sort("created_at", descending=True).iter_rows(named=True):
         if (Path(row["path"]) / "simulator.json").is_file():
             return row["version"], Path(row["path"])
@@ -195,7 +239,7 @@ class Scoring:
         neither the config nor the checkpoint changes (the scores and selection assets of one
         run share the loaded simulator)."""
         names = simulator_names(config)
-        checkpoint = latest_checkpoint(store) if needs_checkpoint(config) else None
+        checkpoint = latest_checkpoint(store, config) if needs_checkpoint(config) else None
         version = checkpoint[0] if checkpoint else (config.simulate.finetuned.checkpoint if FINETUNED in names else None)
         key = (config.model_dump_json(), str(store.root), version, id(judge))
         if _last_built.get("key") != key:
@@ -251,7 +295,7 @@ DESCRIPTIONS_SCHEMA = {
     "val_flags": pl.List(pl.String), "test_flags": pl.List(pl.String), "control_description": pl.String,
     "control_source_neuron": pl.Int64, "control_val_score": pl.Float64, "control_test_score": pl.Float64,
     "n_candidates": pl.Int64, "explainer_backend": pl.String, "explainer_model": pl.String,
-    "simulator_version": pl.String,
+    "simulator_version": pl.String, "test_simulator_version": pl.String,
 }
 
 
@@ -277,6 +321,10 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
     best = select_best(scores, scorer.name, scorer.simulator)
     features = {f.feature.index: f for f in load_feature_exemplars(store, layer, polarity)}
     explainers = _explainers(store, layer, polarity)
+    val_version = scores["simulator_version"][0] if "simulator_version" in scores.columns and scores.height else None
+    if scorer.simulator == FINETUNED and val_version != scoring.simulator_version:
+        log(f"layer {layer} {polarity.value}: val scores used simulator {val_version}, test uses "
+            f"{scoring.simulator_version}; re-materialize description_scores to score both with one")
     rows = []
     for row in best.iter_rows(named=True):
         feature = features.get(row["neuron"])
@@ -292,7 +340,7 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
             "control_source_neuron": row["control_source_neuron"], "control_val_score": row["control_val_score"],
             "control_test_score": test[1].value if len(test) > 1 else None, "n_candidates": row["n_candidates"],
             **explainers.get((row["neuron"], row["candidate"]), {"explainer_backend": None, "explainer_model": None}),
-            "simulator_version": scores["simulator_version"][0] if "simulator_version" in scores.columns else None,
+            "simulator_version": val_version, "test_simulator_version": scoring.simulator_version,
         })
     frame = with_lineage(pl.DataFrame(rows, schema=DESCRIPTIONS_SCHEMA), config.subject.model, config.hash, run_id)
     path = store.write(DESCRIPTIONS_TABLE, frame, layer, polarity.value)
@@ -324,5 +372,5 @@ __all__ = [
     "TRAINING_TABLE", "CheckpointWritten", "DescriptionsWritten", "Scoring", "ScoresWritten", "ShuffledControl",
     "TrainingDataWritten", "candidate_partitions", "latest_checkpoint", "make_description_scores",
     "make_neuron_descriptions", "make_simulator_checkpoint", "make_simulator_training_data", "read_all",
-    "read_candidates",
+    "read_candidates", "simulate_hash",
 ]

@@ -45,6 +45,16 @@ class ShuffledControl:
     description: str
 
 
+def derangement(items: Sequence, rng: random.Random) -> dict:
+    """Each item -> another item: a rotation of a seeded shuffle (empty below two items).
+    The mapping iterates in the shuffled order."""
+    if len(items) < 2:
+        return {}
+    order = list(items)
+    rng.shuffle(order)
+    return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+
+
 def shuffled_controls(
     features: Sequence[FeatureExemplars], candidates: Mapping[FeatureId, Sequence[str | None]], seed: int = 0
 ) -> dict[FeatureId, ShuffledControl]:
@@ -54,11 +64,8 @@ def shuffled_controls(
     if len(described) < 2:
         return {}
     rng = random.Random(f"{seed}:{described[0].layer}:{described[0].polarity.value}")
-    order = described[:]
-    rng.shuffle(order)
     controls = {}
-    for i, feature in enumerate(order):
-        source = order[(i + 1) % len(order)]
+    for feature, source in derangement(described, rng).items():
         options = [(c, d) for c, d in enumerate(candidates[source]) if d]
         number, description = rng.choice(options)
         controls[feature] = ShuffledControl(source, number, description)

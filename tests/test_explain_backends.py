@@ -313,3 +313,14 @@ def test_transformers_backend_runs_a_local_model_and_records_gibberish_as_failur
         assert row["attempts"] == 2 and row["completion_tokens"] > 0 and row["prompt_tokens"] > 100
         assert row["description"] is None and row["failure"].startswith("malformed answer")
         assert row["prompt_tokens"] <= 2 * (1024 - 8), "each attempt's prompt fits the context window"
+
+
+def test_vllm_model_resolves_locally_or_fails_before_any_download(tmp_path, monkeypatch):
+    from neuron_assets.explain.backends.vllm_offline import local_model_path
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert local_model_path(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ExplainerUnavailable, match="allow_download"):
+        local_model_path("someone/not-downloaded-model")
+    assert local_model_path("someone/not-downloaded-model", allow_download=True) == "someone/not-downloaded-model"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import itertools
 import random
 
@@ -205,6 +207,67 @@ def test_detection_and_fuzzing_with_an_oracle_judge(corpus):
         assert 0 <= wrong.value <= 1
 
 
+class _InvertedJudge(_WordJudge):
+    def answer(self, conversations):
+        return [str([1 - v for v in ast.literal_eval(a)]) for a in super().answer(conversations)]
+
+
+class _ConstantJudge:
+    name = "constant"
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def answer(self, conversations):
+        return [str([self.value] * sum(line.startswith("Example ") for line in m[-1]["content"].splitlines()))
+                for m in conversations]
+
+
+def test_balanced_accuracy_tells_a_correct_judge_from_a_constant_or_inverted_one(corpus):
+    feature = planted_feature(corpus, "cat", 0)
+    for cls in (DetectionScorer, FuzzingScorer):
+        [right] = cls(_WordJudge(), examples=6).score(feature, ['the word "cat"'], Split.VAL)
+        [inverted] = cls(_InvertedJudge(), examples=6).score(feature, ['the word "cat"'], Split.VAL)
+        assert right.value == pytest.approx(1.0, abs=0.05) and not right.flags, (cls.name, right)
+        assert inverted.value == pytest.approx(0.0, abs=0.05), (cls.name, inverted)
+        for value in (0, 1):  # always the same answer: chance, however the examples are balanced
+            [constant] = cls(_ConstantJudge(value), examples=6).score(feature, ['the word "cat"'], Split.VAL)
+            assert constant.value == pytest.approx(0.5), (cls.name, value, constant)
+
+
+def test_openai_judge_leaves_transient_failures_unanswered_and_raises_on_the_rest(monkeypatch):
+    openai = pytest.importorskip("openai")
+    httpx = getattr(importlib.import_module("openai._exceptions"), "httpx2", None) or pytest.importorskip("httpx")
+
+    from neuron_assets.config import ExplainConfig
+    from neuron_assets.score import JudgeError, OpenAIChatJudge
+
+    request = httpx.Request("POST", "http://judge/v1/chat/completions")
+    sent = []
+
+    def failing(error):
+        def create(**kwargs):
+            sent.append(kwargs)
+            raise error
+        return create
+
+    config = ExplainConfig(backend="openai", model="judge-model", base_url="http://judge/v1",
+                           extra_body={"top_k": 1}, max_retries=0)
+    judge = OpenAIChatJudge(config)
+    conversation = [{"role": "user", "content": "hi"}]
+    for transient in (openai.APITimeoutError(request=request),
+                      openai.RateLimitError("slow down", response=httpx.Response(429, request=request), body=None),
+                      openai.InternalServerError("boom", response=httpx.Response(503, request=request), body=None)):
+        monkeypatch.setattr(judge.client.chat.completions, "create", failing(transient))
+        assert judge.answer([conversation]) == [None]
+    assert sent[0]["extra_body"] == {"top_k": 1} and sent[0]["model"] == "judge-model"
+    for fatal in (openai.AuthenticationError("no key", response=httpx.Response(401, request=request), body=None),
+                  openai.NotFoundError("no such model", response=httpx.Response(404, request=request), body=None)):
+        monkeypatch.setattr(judge.client.chat.completions, "create", failing(fatal))
+        with pytest.raises(JudgeError, match="judge-model"):
+            judge.answer([conversation])
+
+
 def test_roc_auc_matches_pairwise_counting():
     rng = random.Random(0)
     scores = np.array([rng.random() for _ in range(30)] + [0.5, 0.5])
@@ -268,3 +331,20 @@ def test_shuffled_controls_need_two_described_features(corpus):
     controls = shuffled_controls([one, two], {one.feature: ['"cat"'], two.feature: [None, '"dog"']}, seed=3)
     assert controls[one.feature].description == '"dog"' and controls[one.feature].candidate == 1
     assert controls[two.feature].source == one.feature
+
+
+def test_config_names_match_the_scorer_and_simulator_registries():
+    import typing
+
+    from neuron_assets.config import ScoreConfig, SimulateConfig, config_from_dict
+    from neuron_assets.score import SCORERS
+    from neuron_assets.simulate import SIMULATORS
+
+    assert set(typing.get_args(SimulateConfig.model_fields["backend"].annotation)) == set(SIMULATORS)
+    assert set(typing.get_args(ScoreConfig.model_fields["select_by"].annotation)) == set(SCORERS)
+    for bad, where in (({"simulate": {"backend": "finetunned"}}, "backend"),
+                       ({"simulate": {"compare_with": ["lexical", "nope"]}}, "compare_with"),
+                       ({"score": {"scorers": ["correlation", "detecton"]}}, "scorers"),
+                       ({"score": {"scorers": ["correlation"], "select_by": "embedding"}}, "select_by")):
+        with pytest.raises(Exception, match=where):
+            config_from_dict(bad)

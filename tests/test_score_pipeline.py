@@ -136,6 +136,25 @@ def test_finetuned_simulator_trains_and_scores_in_the_run(lexical_run, planted_l
     described = read_all(store, "neuron_descriptions")
     assert described.height == 24 and described["test_score"].is_nan().sum() == 0
     assert set(described["simulator"]) == {"finetuned"}  # simulate.backend selects; lexical is compared
+    assert set(described["test_simulator_version"]) == {version}
+    # the features were picked before their exemplars loaded: the rows are those of planning over every feature
+    from neuron_assets.config import Config
+    from neuron_assets.exemplars import load_feature_exemplars
+    from neuron_assets.scoring import candidate_partitions, latest_checkpoint, read_candidates
+    from neuron_assets.simulate.training import plan_training_data
+
+    config = load_config(config_path)
+    features, candidates = [], {}
+    for layer, polarity in candidate_partitions(store, config):
+        features += load_feature_exemplars(store, layer, polarity)
+        candidates.update(read_candidates(store, layer, polarity))
+    expected = plan_training_data(features, candidates, config.simulate.training)
+    assert store.read("simulator_training_data").select(expected.columns).equals(expected)
+    # a checkpoint is used only by a config with the same simulator settings
+    assert latest_checkpoint(store, config)[0] == version
+    changed = config.model_dump()
+    changed["simulate"]["training"]["seed"] += 1
+    assert latest_checkpoint(store, Config.model_validate(changed)) is None
 
 
 def _report(instance, asset: str, partitions=(None,)):
@@ -180,3 +199,21 @@ def test_new_checkpoint_triggers_rescoring_and_the_schedule_covers_every_partiti
     assert request.tags["dagster/asset_partition_range_start"] == partitions[0]
     assert request.tags["dagster/asset_partition_range_end"] == partitions[-1]
     assert defs.resolve_job_def("rescore") is not None
+
+
+def test_a_range_run_records_each_check_once_per_partition(lexical_run):
+    from neuron_assets.defs.definitions import build_definitions
+
+    defs = build_definitions(str(lexical_run))
+    assets = {a.key.to_user_string(): a for a in defs.assets}
+    keys = assets["description_scores"].partitions_def.get_partition_keys()
+    tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+    result = dg.materialize([assets["description_scores"], assets["neuron_descriptions"]],
+                            instance=dg.DagsterInstance.ephemeral(), resources=defs.resources, tags=tags)
+    assert result.success
+    by_check: dict[tuple, set] = {}
+    for check in result.get_asset_check_evaluations():
+        by_check.setdefault((check.asset_key.to_user_string(), check.check_name), set()).add(check.partition)
+    assert len(by_check) == 6  # three checks on each asset
+    for (asset, name), partitions in by_check.items():
+        assert set(keys) <= partitions, (asset, name, partitions)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuron_assets.config import Config, config_from_dict
+from neuron_assets.config import Config, ConfigError, config_from_dict
 from neuron_assets.corpus import tokenize_with_text
 from neuron_assets.simulate import (
     SIMULATORS,
@@ -60,8 +60,10 @@ def test_expected_value_and_discretize():
 def test_registry_builds_by_name_and_explains_unknown_names():
     assert set(SIMULATORS) == {"lexical", "finetuned", "prompted"}
     assert isinstance(build_simulator(config_from_dict({"simulate": {"backend": "lexical"}})), LexicalSimulator)
+    with pytest.raises(ConfigError, match="simulate.backend.*'lexical', 'finetuned' or 'prompted'"):
+        config_from_dict({"simulate": {"backend": "oracle"}})  # unknown names fail when the config loads
     with pytest.raises(SimulatorUnavailable, match="known: lexical, finetuned, prompted"):
-        build_simulator(config_from_dict({"simulate": {"backend": "oracle"}}))
+        build_simulator(Config(), name="oracle")
     with pytest.raises(SimulatorUnavailable, match="materialize simulator_checkpoint"):
         build_simulator(config_from_dict({"simulate": {"backend": "finetuned"}}))
     assert isinstance(build_simulator(Config()), LexicalSimulator)  # the demo selects by the lexical rule

@@ -115,3 +115,21 @@ def test_interrupted_training_resumes_to_the_same_weights(planted, tmp_path):
     a = FinetunedSimulator.load(resumed.path).model.state_dict()
     b = FinetunedSimulator.load(straight.path).model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_stage1_folder_without_its_completion_marker_is_retrained_not_a_crash(planted, tmp_path):
+    """A crash between saving stage1/ and writing stage1.json leaves a folder that is not done."""
+    from neuron_assets.simulate.training import training_version
+
+    features, candidates = planted
+    training = SimulatorTrainingConfig(stage1_features=4, stage2_features=0, heldout_features=2,
+                                       exemplars_per_feature=2, stage1_epochs=1, batch_size=4)
+    model = FinetunedSimulatorConfig(backbone_layers=1, max_length=96)
+    frame = plan_training_data(features[:6], {f.feature: candidates[f.feature] for f in features[:6]}, training)
+    stage1 = tmp_path / f".{training_version(frame, model, training, ())}.partial" / "stage1"
+    stage1.mkdir(parents=True)
+    (stage1 / "simulator.json").write_text("{}")  # complete-looking, but no stage1.json beside it
+    logs = []
+    result = train_simulator(frame, model, training, tmp_path, log=logs.append)
+    assert not any("already trained" in line for line in logs) and result.steps[STAGE1] > 0
+    assert (result.stage1_path / "model.safetensors").is_file()

@@ -12,10 +12,12 @@ import dagster as dg
 import polars as pl
 
 from neuron_assets.config import Config, ExplainConfig
-from neuron_assets.defs.partitions import parse_partition_keys
+from neuron_assets.defs.assets import log_partition_checks
+from neuron_assets.defs.score_assets import requested_partitions
 from neuron_assets.defs.resources import NeuronAssetsConfig
 from neuron_assets.exemplars import load_feature_exemplars
 from neuron_assets.explain import (
+    EXPLAINERS,
     Explainer,
     corpus_from_sequences,
     explain_features,
@@ -28,7 +30,6 @@ from neuron_assets.subject import load_tokenizer
 
 TABLE = "candidate_descriptions"
 CHECK = "every_feature_has_k_candidates"
-GPU_BACKENDS = {"vllm", "transformers"}
 
 _built: dict[str, Explainer] = {}  # one explainer per explain config, per process
 
@@ -53,7 +54,7 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
         deps=["exemplars", "corpus"],
         partitions_def=partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
-        pool="gpu" if config is not None and config.explain.backend in GPU_BACKENDS else None,
+        pool="gpu" if config is not None and EXPLAINERS[config.explain.backend].needs_gpu else None,
         description="Per neuron x polarity: k candidate descriptions (best-of-k), each with the backend, explainer "
         "model, prompt format, exemplars and puzzle that made it, token counts and latency; a failed candidate is a "
         "row with its reason in `failure` (table `candidate_descriptions`).",
@@ -68,8 +69,9 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
         backend = explainer.get(config.explain)
         tokenizer = load_tokenizer(config.subject)
         corpus = corpus_from_sequences(store.read("sequences"), seed=config.explain.seed)
+        requested = requested_partitions(context)
         frames, missing, written = [], [], []
-        for layer, polarity in parse_partition_keys(context.partition_keys):
+        for layer, polarity in requested:
             features = load_feature_exemplars(store, layer, polarity)
             frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
                                      explainer=backend, corpus=corpus)
@@ -79,7 +81,9 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
                         incomplete_features(frame, [f.feature.index for f in features], config.explain.k)]
             frames.append(frame)
             context.log.info(f"layer {layer} {polarity.value}: {frame.height} candidates for {len(features)} features")
-        summary = summarize_candidates(pl.concat(frames), config.explain)
+        log_partition_checks(context, CHECK, {key: not any((l, p) == (layer, polarity.value) for l, p, _ in missing)
+                                              for key, (layer, polarity) in zip(context.partition_keys, requested)})
+        summary = summarize_candidates(pl.concat(frames, how="diagonal_relaxed"), config.explain)
         metadata = {
             "rows": summary.rows,
             "features": summary.features,

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from neuron_assets.config import Config
+from neuron_assets.defs.assets import log_partition_checks
 from neuron_assets.defs.partitions import parse_partition_keys
 from neuron_assets.defs.resources import NeuronAssetsConfig
 from neuron_assets.plots import (
@@ -35,12 +36,14 @@ from neuron_assets.scoring import (
     read_all,
 )
 from neuron_assets.select import CANDIDATE, SHUFFLED_CONTROL, best_of_k_curve, rows_of
-from neuron_assets.simulate import needs_checkpoint, simulator_names
+from neuron_assets.simulate import needs_checkpoint, needs_gpu
 from neuron_assets.store import Store
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 NO_NAN, IN_RANGE, EVERY_FEATURE_SCORED, EVERY_FEATURE_DESCRIBED = (
     "no_nan_scores", "scores_in_range", "every_feature_scored", "every_feature_described")
+
+DESCRIPTION_SCORE_COLUMNS = ("val_score", "test_score", "control_val_score", "control_test_score")
 
 AC = dg.AutomationCondition
 
@@ -56,7 +59,7 @@ def on_new_upstream(asset: str) -> dg.AutomationCondition:
 
 def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None = None) -> list[dg.AssetsDefinition]:
     """simulator_training_data, simulator_checkpoint, description_scores, neuron_descriptions."""
-    gpu_simulator = config is None or bool({"finetuned", "prompted"} & set(simulator_names(config)))
+    gpu_simulator = config is None or needs_gpu(config)
 
     @dg.asset(
         deps=["exemplars", "candidate_descriptions"],
@@ -133,6 +136,8 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
                    for layer, polarity in requested]
         frame = pl.concat([store.read(SCORES_TABLE, w.layer, w.polarity) for w in written], how="diagonal_relaxed")
         unscored = [(w.layer, w.polarity, n) for w in written for n in w.unscored]
+        _log_partition_results(context, written, lambda w: _score_checks(_partition(frame, w), "score") + [
+            dg.AssetCheckResult(check_name=EVERY_FEATURE_SCORED, passed=not w.unscored)])
         return dg.MaterializeResult(
             metadata=_scores_metadata(config, store, frame, scoring, written),
             data_version=dg.DataVersion(f"{config.hash}-{scoring.simulator_version}"),
@@ -169,8 +174,11 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
                             for w in written]).unique()
         missing = scored.join(frame.select("layer", "polarity", "neuron"), on=["layer", "polarity", "neuron"],
                               how="anti")
-        checks = [c for column in ("val_score", "test_score", "control_val_score", "control_test_score")
-                  for c in _score_checks(frame, column, suffix=column)]
+        checks = [c for column in DESCRIPTION_SCORE_COLUMNS for c in _score_checks(frame, column, suffix=column)]
+        _log_partition_results(context, written, lambda w: [
+            c for column in DESCRIPTION_SCORE_COLUMNS for c in _score_checks(_partition(frame, w), column)] + [
+            dg.AssetCheckResult(check_name=EVERY_FEATURE_DESCRIBED,
+                                passed=_partition(missing, w).height == 0)])
         return dg.MaterializeResult(
             metadata=_descriptions_metadata(config, store, frame, written),
             data_version=dg.DataVersion(f"{config.hash}-{frame.height}-{scoring.simulator_version}"),
@@ -222,11 +230,32 @@ def score_definitions(partitions: dg.MultiPartitionsDefinition, config: Config) 
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _requested(context: dg.AssetExecutionContext):
+def requested_partitions(context: dg.AssetExecutionContext):
+    """(layer, polarity) of the run's partitions; a dg.Failure for an empty range."""
     requested = parse_partition_keys(context.partition_keys)
     if not requested:
-        raise dg.Failure("no partitions requested: a layer|polarity range must list pos before neg (e.g. 0|pos...5|neg)")
+        raise dg.Failure("no partitions requested: a layer|polarity range is a rectangle and polarity runs "
+                         "pos...neg, e.g. '0|pos...5|neg'")
     return requested
+
+
+_requested = requested_partitions
+
+
+def _partition(frame: pl.DataFrame, written) -> pl.DataFrame:
+    return frame.filter((pl.col("layer") == written.layer) & (pl.col("polarity") == written.polarity))
+
+
+def _log_partition_results(context: dg.AssetExecutionContext, written, checks_of) -> None:
+    """In a range run, each check once per partition (Dagster stores the returned results
+    without a partition); ``checks_of(w)`` gives one written partition's results."""
+    passed_by_check: dict[str, dict] = {}
+    for key, w in zip(context.partition_keys, written):
+        for result in checks_of(w):
+            by_key = passed_by_check.setdefault(result.check_name, {})
+            by_key[key] = by_key.get(key, True) and result.passed
+    for name, passed_by_key in passed_by_check.items():
+        log_partition_checks(context, name, passed_by_key)
 
 
 def _skipped(config: Config, reason: str) -> dg.MaterializeResult:

@@ -41,6 +41,21 @@ def defuse_control_tokens(text: str) -> str:
     return CONTROL_TOKEN.sub(lambda match: show_control_token(match.group(0)), text)
 
 
+def special_tokens(tokenizer) -> dict[int, str | None]:
+    """id -> text (None where the tokenizer cannot say) of a tokenizer's special and
+    added-special tokens."""
+    ids = [int(i) for i in getattr(tokenizer, "all_special_ids", None) or []]
+    texts = list(getattr(tokenizer, "all_special_tokens", None) or [])
+    if len(texts) != len(ids):
+        convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+        texts = [convert(i) for i in ids] if convert else [None] * len(ids)
+    found = dict(zip(ids, texts))
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            found[int(token_id)] = getattr(added, "content", None)
+    return found
+
+
 class TokenDisplay:
     """How one subject tokenizer's tokens are written into a prompt."""
 
@@ -50,13 +65,7 @@ class TokenDisplay:
     @classmethod
     def for_tokenizer(cls, tokenizer) -> TokenDisplay:
         """Special tokens are the tokenizer's own special and added-special tokens."""
-        if tokenizer is None:
-            return cls()
-        ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-        for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-            if getattr(added, "special", False):
-                ids.add(token_id)
-        return cls(ids)
+        return cls() if tokenizer is None else cls(special_tokens(tokenizer))
 
     def show(self, token: str, token_id: int = -1) -> str:
         if token_id in self.special_ids or CONTROL_TOKEN.fullmatch(token.strip() or "-"):

@@ -34,7 +34,8 @@ def summarize_candidates(frame: pl.DataFrame, config: ExplainConfig, examples: i
             + completion_tokens * config.usd_per_million_completion_tokens) / 1e6
     return CandidateSummary(
         rows=frame.height,
-        features=frame.select("neuron").n_unique() if frame.height else 0,
+        features=frame.select([c for c in ("layer", "polarity", "neuron") if c in frame.columns]).n_unique()
+        if frame.height else 0,  # a neuron index repeats across layers and polarities
         described=described.height,
         failed=frame.height - described.height,
         prompt_tokens=prompt_tokens,

@@ -13,6 +13,7 @@ torch and transformers are imported only when a backend that needs them is built
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -60,10 +61,22 @@ def _prompted(config: Config, checkpoint: Path | None) -> Simulator:
     return PromptedSimulator(source, settings.placeholder)
 
 
-SIMULATORS: dict[str, Callable[[Config, Path | None], Simulator]] = {
-    "lexical": _lexical,
-    "finetuned": _finetuned,
-    "prompted": _prompted,
+@dataclass(frozen=True)
+class SimulatorBackend:
+    """A registry entry: how to build the simulator, and what it needs from the pipeline."""
+
+    build: Callable[[Config, Path | None], Simulator]
+    needs_gpu: bool = False  # scoring with it runs in the gpu pool
+    trained_here: bool = False  # it needs the checkpoint that simulator_checkpoint trains
+
+    def __call__(self, config: Config, checkpoint: Path | None) -> Simulator:
+        return self.build(config, checkpoint)
+
+
+SIMULATORS: dict[str, SimulatorBackend] = {
+    "lexical": SimulatorBackend(_lexical),
+    "finetuned": SimulatorBackend(_finetuned, needs_gpu=True, trained_here=True),
+    "prompted": SimulatorBackend(_prompted, needs_gpu=True),
 }
 
 
@@ -76,8 +89,15 @@ def simulator_names(config: Config) -> list[str]:
 
 
 def needs_checkpoint(config: Config) -> bool:
-    """Whether a scored simulator is the fine-tuned one that simulator_checkpoint trains."""
-    return FINETUNED in simulator_names(config) and not config.simulate.finetuned.checkpoint
+    """Whether a scored simulator is one that simulator_checkpoint trains (and no trained
+    checkpoint is given in simulate.finetuned.checkpoint)."""
+    trained = any(SIMULATORS[name].trained_here for name in simulator_names(config) if name in SIMULATORS)
+    return trained and not config.simulate.finetuned.checkpoint
+
+
+def needs_gpu(config: Config) -> bool:
+    """Whether a scored simulator wants the gpu pool."""
+    return any(SIMULATORS[name].needs_gpu for name in simulator_names(config) if name in SIMULATORS)
 
 
 def build_simulator(config: Config, checkpoint: str | Path | None = None, name: str | None = None) -> Simulator:
@@ -94,5 +114,6 @@ def build_simulator(config: Config, checkpoint: str | Path | None = None, name: 
 
 __all__ = [
     "MAX_ACTIVATION", "NUM_CLASSES", "SIMULATORS", "LexicalSimulator", "SimulatedActivations", "Simulator",
-    "SimulatorUnavailable", "build_simulator", "discretize", "expected_value", "needs_checkpoint", "simulator_names",
+    "SimulatorBackend", "SimulatorUnavailable", "build_simulator", "discretize", "expected_value", "needs_checkpoint",
+    "needs_gpu", "simulator_names",
 ]

@@ -38,6 +38,7 @@ import torch
 
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
 from neuron_assets.score import pearson_over_tokens
+from neuron_assets.select import derangement
 from neuron_assets.simulate.alignment import NOT_READ
 from neuron_assets.simulate.base import NUM_CLASSES, discretize
 from neuron_assets.simulate.finetuned import FinetunedSimulator, freeze_token_embeddings
@@ -58,24 +59,27 @@ def plan_training_data(
     features: Sequence[FeatureExemplars],
     candidates: Mapping[FeatureId, Sequence[str | None]],
     config: SimulatorTrainingConfig,
+    roles: Mapping[FeatureId, str] | None = None,
 ) -> pl.DataFrame:
-    """One row per (feature, exemplar) of the held-out, stage-1 and stage-2 samples."""
-    usable = [
-        f for f in sorted(features, key=lambda f: f.feature)
+    """One row per (feature, exemplar) of the held-out, stage-1 and stage-2 samples.
+
+    ``roles`` (from :func:`training_roles`) lets a caller pick the features before loading
+    their exemplars; without it they are picked here among the given features."""
+    usable = {
+        f.feature: f for f in features
         if any(candidates.get(f.feature, ())) and f.top(Split.TRAIN) and f.stats.max > 0
-    ]
-    rng = random.Random(config.seed)
-    rng.shuffle(usable)
-    sizes = _sample_sizes(len(usable), config)
-    roles = [HELDOUT] * sizes[HELDOUT] + [STAGE1] * sizes[STAGE1] + [STAGE2] * sizes[STAGE2]
-    heldout = usable[: sizes[HELDOUT]]
-    control_of = _derangement([f.feature for f in heldout], rng)
+    }
+    if roles is None:
+        roles = training_roles(list(usable), config)
+    chosen = [(role, usable[feature]) for feature, role in roles.items() if feature in usable]
+    rng = random.Random(f"{config.seed}:rows")
+    control_of = derangement(sorted(f.feature for role, f in chosen if role == HELDOUT), rng)
     chosen_description = {}
-    for feature in usable[: len(roles)]:
+    for _, feature in chosen:
         options = [d for d in candidates[feature.feature] if d]
         chosen_description[feature.feature] = rng.choice(options)
     rows = []
-    for role, feature in zip(roles, usable):
+    for role, feature in chosen:
         options = [d for d in candidates[feature.feature] if d]
         control = chosen_description[control_of[feature.feature]] if role == HELDOUT and control_of else None
         for exemplar in training_exemplars(feature, config.exemplars_per_feature):
@@ -100,6 +104,17 @@ def plan_training_data(
                 "labels": labels.astype(np.int8).tolist(),
             })
     return pl.DataFrame(rows, schema=TRAINING_DATA_SCHEMA)
+
+
+def training_roles(usable: Sequence[FeatureId], config: SimulatorTrainingConfig) -> dict[FeatureId, str]:
+    """The usable features (those with a candidate, train top exemplars and a positive max)
+    that are held out, stage-1 and stage-2: a seeded shuffle of them, cut to the configured
+    sizes. Cheap: it needs only the feature ids, so the exemplars of just these are loaded."""
+    order = sorted(set(usable))
+    random.Random(config.seed).shuffle(order)
+    sizes = _sample_sizes(len(order), config)
+    roles = [HELDOUT] * sizes[HELDOUT] + [STAGE1] * sizes[STAGE1] + [STAGE2] * sizes[STAGE2]
+    return dict(zip(order, roles))
 
 
 TRAINING_DATA_SCHEMA = {
@@ -144,15 +159,6 @@ def _sample_sizes(n: int, config: SimulatorTrainingConfig) -> dict[str, int]:
         sizes = {HELDOUT: 0, STAGE1: n, STAGE2: 0}
     sizes[STAGE1] += n - sum(sizes.values())
     return sizes
-
-
-def _derangement(items: list[FeatureId], rng: random.Random) -> dict[FeatureId, FeatureId]:
-    """Each item -> another item (a rotation of a shuffled order); empty below two items."""
-    if len(items) < 2:
-        return {}
-    order = items[:]
-    rng.shuffle(order)
-    return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,15 +269,17 @@ def train_simulator(
     stage1_dir = work / "stage1"
     losses: dict[str, list[float]] = {}
     heldout: dict[str, HeldoutCorrelation] = {}
-    if (stage1_dir / "simulator.json").is_file():
-        simulator = FinetunedSimulator.load(stage1_dir, model_config.device, "float32", model_config.batch_size)
-        summary = json.loads((work / "stage1.json").read_text())
+    stage1_marker = work / "stage1.json"  # written (atomically) only once stage1/ is complete
+    if stage1_marker.is_file() and (stage1_dir / "simulator.json").is_file():
+        simulator = FinetunedSimulator.load(stage1_dir, model_config.device, model_config.dtype,
+                                            model_config.batch_size)
+        summary = json.loads(stage1_marker.read_text())
         losses[STAGE1], heldout[STAGE1] = summary["loss"], HeldoutCorrelation(**summary["heldout"])
         log(f"stage 1 already trained in {stage1_dir}")
     else:
         simulator = FinetunedSimulator.from_backbone(
             model_config.backbone, model_config.head, model_config.alignment, model_config.max_length,
-            model_config.backbone_layers, added_tokens, model_config.device, "float32", model_config.batch_size,
+            model_config.backbone_layers, added_tokens, model_config.device, model_config.dtype, model_config.batch_size,
             training.seed, model_config.allow_download,
         )
         if training.freeze_embeddings and not freeze_token_embeddings(simulator.model):
@@ -283,7 +291,7 @@ def train_simulator(
         heldout[STAGE1] = heldout_correlation(simulator, heldout_rows)
         log(f"stage 1 held-out correlation {heldout[STAGE1].described:.3f} (shuffled {heldout[STAGE1].shuffled:.3f})")
         _save_atomically(simulator, stage1_dir, {"stage": 1, "heldout": asdict(heldout[STAGE1])})
-        (work / "stage1.json").write_text(json.dumps({"loss": losses[STAGE1], "heldout": asdict(heldout[STAGE1])}))
+        _write_json_atomically(stage1_marker, {"loss": losses[STAGE1], "heldout": asdict(heldout[STAGE1])})
     if training.freeze_embeddings and not freeze_token_embeddings(simulator.model):
         log("token embeddings are tied to the head's output rows; training them too")
     changed = 0
@@ -312,7 +320,7 @@ def train_simulator(
     )
     for leftover in work.glob(".resume-*.pt"):
         leftover.unlink()
-    (work / METADATA_FILE).write_text(json.dumps(result.metadata(), indent=2, sort_keys=True))
+    _write_json_atomically(work / METADATA_FILE, result.metadata())
     if final_dir.exists():  # a concurrent run finished first; its result stands
         shutil.rmtree(work, ignore_errors=True)
         return _read_trained(final_dir)
@@ -325,6 +333,11 @@ def _read_trained(directory: Path) -> TrainedSimulator:
     payload["path"], payload["stage1_path"] = directory / "final", directory / "stage1"
     payload["heldout"] = {k: HeldoutCorrelation(**v) for k, v in payload["heldout"].items()}
     return TrainedSimulator(**payload)
+
+
+def _write_json_atomically(target: Path, payload: dict) -> None:
+    with atomic_path(target) as temp:
+        Path(temp).write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
 def _save_atomically(simulator: FinetunedSimulator, target: Path, extra: dict) -> None:
@@ -386,7 +399,7 @@ def fit(
         for row, i in enumerate(chosen):
             labels[row, : len(targets[i])] = torch.from_numpy(targets[i])
         logits = simulator.class_logits(input_ids, attention_mask)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  labels.to(logits.device).reshape(-1), ignore_index=IGNORED,
                                                  weight=class_weights.to(logits.device))
         optimizer.zero_grad(set_to_none=True)

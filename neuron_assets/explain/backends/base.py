@@ -84,6 +84,7 @@ class Explainer(Protocol):
     backend: str  # the registry name, stored in the `backend` column
     model: str  # stored as `explainer_model`
     reads_prompts: bool  # False: requests carry no prompt (and nothing is counted)
+    needs_gpu: bool  # True: the explainer asset runs in the gpu pool
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Prompt length with the explainer's own tokenizer (chat template included)."""

@@ -26,6 +26,7 @@ from neuron_assets.explain.backends.base import (
 class TransformersExplainer:
     backend = "transformers"
     reads_prompts = True
+    needs_gpu = True
 
     def __init__(self, config: ExplainConfig):
         if not config.model:

@@ -43,6 +43,7 @@ API_KEY_LIKE = re.compile(r"\b(?:sk|key|token)-[A-Za-z0-9_*.\-]{6,}", re.IGNOREC
 class OpenAIExplainer:
     backend = "openai"
     reads_prompts = True
+    needs_gpu = False
 
     def __init__(self, config: ExplainConfig):
         if not config.model:

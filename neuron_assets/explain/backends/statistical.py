@@ -19,6 +19,7 @@ class StatisticalExplainer:
     backend = "statistical"
     model = "word-lift-v1"
     reads_prompts = False
+    needs_gpu = False
 
     def __init__(self, config: ExplainConfig):
         self.config = config
