@@ -5,7 +5,6 @@ mechanics (requests, token counts, parsing, retries, failures, storage), not the
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -21,7 +20,7 @@ from neuron_assets.explain.excerpts import TokenDisplay
 from neuron_assets.explain.planted import planted_feature, word_tokens
 from neuron_assets.store import Store, with_lineage
 from tests.support.tiny_models import EOT_TOKEN, make_tiny_llama, sample_texts, train_tokenizer
-from tests.support.vllm_server import REPO_ROOT, server_env, vllm_available, vllm_python, vllm_server
+from tests.support.vllm_server import REPO_ROOT, require_vllm, server_env, vllm_python, vllm_server
 
 pytestmark = pytest.mark.vllm
 
@@ -37,11 +36,7 @@ ANSWER_REGEX = r"\[DESCRIPTION\]: [a-z]{2,10}( [a-z]{2,10}){0,3}"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    if not vllm_available():
-        message = f"vLLM venv not found ({vllm_python()}); run .ci/install_vllm.sh"
-        if os.environ.get("NEURON_ASSETS_REQUIRE_VLLM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_vllm()
     tokenizer = train_tokenizer(sample_texts(), vocab_size=512)
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("explainer"), tokenizer, max_position_embeddings=4096)
     with vllm_server(model_dir, max_model_len=3072, served_model_name="tiny-explainer",

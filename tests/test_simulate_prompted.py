@@ -19,7 +19,7 @@ from neuron_assets.simulate.prompted import (
     value_token_ids,
 )
 from neuron_assets.types import ActivationRecord
-from tests.support.vllm_server import vllm_available, vllm_server
+from tests.support.vllm_server import require_vllm, vllm_server
 
 TOKENS = ("<|begin_of_text|>", "The", " cat", "\n", " sat", "<|eot_id|>")
 
@@ -110,8 +110,7 @@ def test_prompted_backend_from_config(tiny_llama):
 
 @pytest.mark.vllm
 def test_vllm_completions_echo_logprobs_match_the_local_forward_pass(tiny_llama, local_source):
-    if not vllm_available():
-        pytest.skip("vLLM is not installed (.ci/install_vllm.sh)")
+    require_vllm()
     prompts = [all_at_once_prompt(d, TOKENS[1:]) for d in ("cats", "the word sat")]
     local = local_source.value_probabilities(prompts)
     vocabulary = len(local_source.tokenizer)

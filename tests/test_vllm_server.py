@@ -72,27 +72,17 @@ Traps:
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
 from tests.support.tiny_models import make_tiny_llama, sample_texts, train_tokenizer
-from tests.support.vllm_server import vllm_available, vllm_python, vllm_server
+from tests.support.vllm_server import require_vllm, vllm_server
 
 pytestmark = pytest.mark.vllm
 
 
-def _require_vllm() -> None:
-    if vllm_available():
-        return
-    msg = f"vLLM venv not found ({vllm_python()}); run .ci/install_vllm.sh"
-    if os.environ.get("NEURON_ASSETS_REQUIRE_VLLM") == "1":
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
 def test_vllm_serves_tiny_llama_chat_and_prompt_logprobs(tmp_path):
-    _require_vllm()
+    require_vllm()
     import openai
     import torch
     from transformers import AutoModelForCausalLM

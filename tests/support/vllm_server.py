@@ -284,3 +284,15 @@ def vllm_server(
         logf.close()
         if ok and not log_path:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def require_vllm() -> None:
+    """Skip a test when the vLLM venv is missing; fail instead under NEURON_ASSETS_REQUIRE_VLLM=1 (CI)."""
+    import pytest
+
+    if vllm_available():
+        return
+    message = f"vLLM venv not found ({vllm_python()}); run .ci/install_vllm.sh"
+    if os.environ.get("NEURON_ASSETS_REQUIRE_VLLM") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
