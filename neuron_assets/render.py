@@ -52,7 +52,7 @@ def markdown_table(columns: list[str], rows) -> str:
     partition key '0|pos') cannot split a cell."""
 
     def cell(value) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
+        return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]

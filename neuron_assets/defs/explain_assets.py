@@ -25,6 +25,7 @@ from neuron_assets.explain import (
     make_explainer,
     summarize_candidates,
 )
+from neuron_assets.render import markdown_table
 from neuron_assets.store import Store, with_lineage
 from neuron_assets.subject import load_tokenizer
 
@@ -113,6 +114,5 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
 
 
 def _written_table(written: list[tuple]) -> str:
-    lines = ["| layer | polarity | rows | path |", "|---|---|---|---|"]
-    lines += [f"| {layer} | {polarity} | {rows} | `{path}` |" for layer, polarity, rows, path in written]
-    return "\n".join(lines)
+    return markdown_table(["layer", "polarity", "rows", "path"],
+                          [(layer, polarity, rows, f"`{path}`") for layer, polarity, rows, path in written])

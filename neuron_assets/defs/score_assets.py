@@ -23,6 +23,7 @@ from neuron_assets.plots import (
     score_histograms,
     val_test_scatter,
 )
+from neuron_assets.render import markdown_table
 from neuron_assets.scoring import (
     CHECKPOINTS_TABLE,
     DESCRIPTIONS_TABLE,
@@ -319,12 +320,12 @@ def _label(scorer) -> str:
 
 
 def _means_table(frame: pl.DataFrame, scoring: Scoring) -> str:
-    lines = ["| scorer | candidates (val) | shuffled control (val) |", "|---|---|---|"]
+    table = []
     for scorer in scoring.scorers:
         rows = rows_of(frame, scorer.name, scorer.simulator)
-        lines.append(f"| {_label(scorer)} | {_mean(rows.filter(pl.col('role') == CANDIDATE)['score'])} | "
-                     f"{_mean(rows.filter(pl.col('role') == SHUFFLED_CONTROL)['score'])} |")
-    return "\n".join(lines)
+        table.append((_label(scorer), _mean(rows.filter(pl.col("role") == CANDIDATE)["score"]),
+                      _mean(rows.filter(pl.col("role") == SHUFFLED_CONTROL)["score"])))
+    return markdown_table(["scorer", "candidates (val)", "shuffled control (val)"], table)
 
 
 def _descriptions_metadata(config: Config, store: Store, frame: pl.DataFrame, written) -> dict:

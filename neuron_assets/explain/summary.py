@@ -9,6 +9,7 @@ from typing import Iterable
 import polars as pl
 
 from neuron_assets.config import ExplainConfig
+from neuron_assets.render import markdown_table
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,4 @@ def _failure_counts(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _table(frame: pl.DataFrame, columns: list[str]) -> str:
-    if frame.height == 0:
-        return "(none)"
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in frame.select(columns).iter_rows():
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+    return markdown_table(columns, frame.select(columns).iter_rows()) if frame.height else "(none)"
