@@ -8,16 +8,7 @@ import dagster as dg
 
 from neuron_assets.config import load_config
 from neuron_assets.defs.definitions import build_definitions
-
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
-
-
-def all_partitions_tags(partitions: dg.PartitionsDefinition) -> dict[str, str]:
-    """Tags that make one run cover every partition (a daemon backfill of a 2-D partition
-    set would split it into several runs)."""
-    keys = partitions.get_partition_keys()
-    return {RANGE_START: keys[0], RANGE_END: keys[-1]}
-
+from neuron_assets.defs.partitions import all_partitions_tags
 
 def materialize_config(config_path: str | None, select: list[str] | None = None) -> None:
     """Run the selected assets (default: all) of a config; raise RuntimeError with the first

@@ -28,3 +28,10 @@ def parse_partition_keys(keys: list) -> list[tuple[int, Polarity]]:
 
 def partition_key(layer: int, polarity: Polarity | str) -> str:
     return f"{layer}|{Polarity(polarity).value}"
+
+
+def all_partitions_tags(partitions: dg.PartitionsDefinition) -> dict[str, str]:
+    """Run tags that make one run cover every partition (a daemon backfill of a 2-D
+    partition set would split it into one run per polarity)."""
+    keys = partitions.get_partition_keys()
+    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}

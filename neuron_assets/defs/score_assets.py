@@ -14,7 +14,7 @@ import polars as pl
 
 from neuron_assets.config import Config
 from neuron_assets.defs.assets import log_partition_checks
-from neuron_assets.defs.partitions import parse_partition_keys
+from neuron_assets.defs.partitions import all_partitions_tags, parse_partition_keys
 from neuron_assets.defs.resources import NeuronAssetsConfig
 from neuron_assets.plots import (
     best_of_k_figure,
@@ -40,7 +40,6 @@ from neuron_assets.select import CANDIDATE, SHUFFLED_CONTROL, best_of_k_curve, r
 from neuron_assets.simulate import needs_checkpoint, needs_gpu
 from neuron_assets.store import Store
 
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 NO_NAN, IN_RANGE, EVERY_FEATURE_SCORED, EVERY_FEATURE_DESCRIBED = (
     "no_nan_scores", "scores_in_range", "every_feature_scored", "every_feature_described")
 
@@ -206,9 +205,8 @@ def rescore_schedule(job, partitions: dg.MultiPartitionsDefinition,
     @dg.schedule(job=job, cron_schedule=cron, name="rescore_schedule",
                  description="Re-score all partitions in one run.")
     def rescore(context: dg.ScheduleEvaluationContext):
-        keys = partitions.get_partition_keys()
         return dg.RunRequest(run_key=f"rescore-{context.scheduled_execution_time}",
-                             tags={RANGE_START: keys[0], RANGE_END: keys[-1]})
+                             tags=all_partitions_tags(partitions))
 
     return rescore
 
