@@ -48,8 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sql = commands.add_parser("sql", help="run a read-only SQL query against the description database")
     sql.add_argument("query", help="SQL text, or @file.sql")
-    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format")
+    sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                     help="table (shown here), or csv, json, parquet: written to stdout or to --output")
+    sql.add_argument("--output", metavar="FILE", help="write the result to FILE (csv, json, parquet) instead of stdout")
+    sql.add_argument("--max-rows", type=_positive_rows, default=40, help="rows shown in table format")
     sql.set_defaults(handler=cmd_sql)
 
     show = commands.add_parser("show", help="a neuron's statistics and exemplars, activating tokens marked")
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--polarity", choices=["pos", "neg"], default="pos")
     show.add_argument("--split", choices=["train", "val", "test"], default="train")
     show.add_argument("--kind", choices=["top", "random", "quantile"], default="top")
-    show.add_argument("-n", type=int, default=10, help="exemplars shown")
+    show.add_argument("-n", type=_positive_rows, default=10, help="exemplars shown")
     show.set_defaults(handler=cmd_show)
 
     show_config = commands.add_parser("config", help="print the effective config as YAML, every field documented")
@@ -95,9 +97,7 @@ def cmd_run(args) -> int:
 
 
 def _print_summary(store, views: list[str], seconds: float) -> None:
-    import duckdb
-
-    con = duckdb.connect(str(store.catalog_path), read_only=True)
+    con = store.connect()
     print(f"\n{'table':<24} {'partitions':>10} {'rows':>10}")
     for view in views:
         rows = con.execute(f"select count(*) from {view}").fetchone()[0]
@@ -118,27 +118,189 @@ def cmd_sql(args) -> int:
 
     config = load_config(args.config)
     store = Store(config.root)
-    query = Path(args.query[1:]).read_text() if args.query.startswith("@") else args.query
+    if args.output and args.format == "table":
+        raise ValueError("--output writes csv, json or parquet; add --format csv (or json, parquet)")
+    if args.format == "parquet" and not args.output and sys.stdout.isatty():
+        raise ValueError("parquet is binary; add --output FILE or redirect stdout to a file (> result.parquet)")
+    query = _read_query(args.query)
+    statements, extensions = _checked_statements(query)
     if not store.data_dir.exists():
         raise LookupError(f"no data under {config.root}; run `neuron-assets run` first")
-    con = store.connect(read_only=True)
+    with store.connect(extensions=extensions) as con:
+        _report_damaged(con, store, args.config)
+        try:
+            for statement in statements[:-1]:
+                con.execute(statement)
+            relation = con.sql(statements[-1]) if statements else None
+            if relation is None:
+                return 0
+            frame = relation.pl() if args.format != "table" else None
+        except duckdb.CatalogException as err:
+            views = ", ".join(store.views())
+            raise LookupError(f"{str(err).splitlines()[0]}. Views in the catalog: {views or 'none yet'}") from None
+        except duckdb.PermissionException as err:
+            import re
+
+            named = re.search(r'Cannot access (?:file|directory) "([^"]*)"', str(err))
+            what = f"cannot read {named.group(1)}" if named else str(err).splitlines()[0]
+            raise ValueError(f"{what}: `sql` reads only this store's tables (the files under {store.data_dir}), "
+                             "through its views; list them with: neuron-assets sql \"show tables\"") from None
+        except duckdb.Error as err:
+            raise ValueError(_sql_error_message(err, store, args.config)) from None
+        if frame is None:
+            try:
+                relation.show(max_rows=args.max_rows, max_width=200)
+            except duckdb.Error as err:
+                raise ValueError(_sql_error_message(err, store, args.config)) from None
+            return 0
+    _write_result(frame, args.format, args.output)
+    return 0
+
+
+# Statements `sql` runs; everything else is refused before the store is opened, with the way
+# to do what the user wanted. The connection refuses them too (Store.connect): this is the
+# message, that is the guarantee.
+_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+_REFUSED = {
+    "COPY": "COPY ... TO writes files, and `sql` only reads; to save a result use "
+            "--format csv|json|parquet --output FILE (or > FILE)",
+    "EXPORT": "EXPORT DATABASE writes files, and `sql` only reads; to save a result use "
+              "--format csv|json|parquet --output FILE (or > FILE)",
+    "ATTACH": "ATTACH opens another database, and `sql` reads only this store's catalog",
+    "DETACH": "DETACH changes the databases open, and `sql` reads only this store's catalog",
+    "SET": "settings are locked; `sql` runs with the store's own settings",
+    "VARIABLE_SET": "settings are locked; `sql` runs with the store's own settings",
+}
+
+
+def _checked_statements(query: str) -> tuple[list[str], list[str]]:
+    """The statements of a query, and the pinned extensions its LOAD statements ask for; a
+    statement that would write, open other files or change settings raises ValueError."""
+    import re
+
+    import duckdb
+
+    from neuron_assets.store import PINNED_EXTENSIONS
+
     try:
-        relation = con.sql(query)
-    except duckdb.CatalogException as err:
-        views = ", ".join(store.views())
-        raise LookupError(f"{str(err).splitlines()[0]}. Views in the catalog: {views or 'none yet'}") from None
+        parsed = duckdb.extract_statements(query)
     except duckdb.Error as err:
         raise ValueError(f"SQL error: {str(err).splitlines()[0]}") from None
-    if relation is None:
-        return 0
-    if args.format == "table":
-        relation.show(max_rows=args.max_rows, max_width=200)
-    elif args.format == "csv":
-        relation.pl().write_csv(sys.stdout)
-    else:
-        json.dump(relation.pl().to_dicts(), sys.stdout, default=str, indent=1)
-        print()
-    return 0
+    statements, extensions = [], []
+    for statement in parsed:
+        kind = statement.type.name
+        text = statement.query.strip()
+        if kind in _READ_STATEMENTS:
+            statements.append(text)
+        elif kind == "LOAD":
+            match = re.fullmatch(r"(?is)\s*(force\s+)?(install|load)\s+['\"]?(\w+)['\"]?\s*;?\s*", text)
+            if not match or match.group(3).lower() not in PINNED_EXTENSIONS:
+                raise ValueError(f"refused `{_first_line(text)}`: only the pinned extensions "
+                                 f"({', '.join(PINNED_EXTENSIONS)}) can be loaded, from their installed packages "
+                                 "(write LOAD fts); nothing is installed from the network")
+            if match.group(3).lower() not in extensions:
+                extensions.append(match.group(3).lower())
+        else:
+            reason = _REFUSED.get(kind, f"{kind} statements change the database, and the catalog is read-only "
+                                        "(its views are rebuilt from sql/*.sql by `neuron-assets run`)")
+            raise ValueError(f"refused `{_first_line(text)}`: {reason}")
+    return statements, extensions
+
+
+def _read_query(text: str) -> str:
+    if not text.startswith("@"):
+        return text
+    path = Path(text[1:]).expanduser()
+    if not path.is_file():
+        raise LookupError(f"query file {path} does not exist; give an existing .sql file after @ (e.g. @sql/examples/best_of_k.sql)")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"query file {path} is not UTF-8 text; save it as UTF-8") from None
+
+
+def _write_result(frame, format: str, output: str | None) -> None:
+    """csv, json or parquet, to stdout or atomically to ``output`` (no torn file on failure)."""
+    from neuron_assets.store import atomic_path
+
+    def write(handle) -> None:
+        if format == "csv":
+            frame.write_csv(handle)
+        elif format == "parquet":
+            frame.write_parquet(handle)
+        else:
+            handle.write((json.dumps(frame.to_dicts(), default=str, indent=1) + "\n").encode())
+
+    if output is None:
+        if format == "csv":
+            frame.write_csv(sys.stdout)
+        elif format == "json":
+            json.dump(frame.to_dicts(), sys.stdout, default=str, indent=1)
+            print()
+        else:
+            sys.stdout.flush()
+            write(sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        return
+    target = Path(output).expanduser()
+    if target.is_dir():
+        raise ValueError(f"--output {target} is a folder; give a file name")
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+    print(f"wrote {frame.height} rows to {target}", file=sys.stderr)
+
+
+def _report_damaged(con, store, config_path: str | None) -> None:
+    """Warn, on stderr, of data files the views leave out because they cannot be read."""
+    rows = con.execute("SELECT table_name, path, layer, polarity, problem FROM store_files "
+                       "WHERE problem IS NOT NULL ORDER BY path").fetchall()
+    from neuron_assets.store import DamagedFile
+
+    for table, path, layer, polarity, problem in rows:
+        damaged = DamagedFile(table, store.root / path, layer, polarity, problem)
+        print(f"warning: {damaged.path} is damaged ({problem}); the '{table}' view leaves it out. "
+              f"Rerun that partition: {rerun_command(damaged, store, config_path)}", file=sys.stderr)
+
+
+def rerun_command(damaged, store, config_path: str | None) -> str:
+    """The command that materializes the asset partition that writes a damaged file again."""
+    env = [f"DAGSTER_HOME={os.environ.get('DAGSTER_HOME') or store.root}"]
+    if config_path:
+        env.append(f"NEURON_ASSETS_CONFIG={Path(config_path).resolve()}")
+    partition = f" --partition '{damaged.partition}'" if damaged.partition else ""
+    return f"{' '.join(env)} dagster asset materialize -m neuron_assets.defs --select {damaged.asset}{partition}"
+
+
+def _sql_error_message(err, store, config_path: str | None) -> str:
+    """The first line of a DuckDB error; for a file of the store that fails to read, the file
+    and the command that writes it again."""
+    first = str(err).splitlines()[0]
+    data = str(store.data_dir.resolve())
+    if data in str(err):
+        from neuron_assets.store import DamagedFile, parquet_problem
+
+        for entry in store.data_files():
+            if str(entry.path) in str(err):
+                damaged = DamagedFile(entry.table, entry.path, entry.layer, entry.polarity,
+                                      parquet_problem(entry.path) or first)
+                return (f"{entry.path} is damaged ({first}); rerun that partition: "
+                        f"{rerun_command(damaged, store, config_path)}")
+    return f"SQL error: {first}"
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= 80 else line[:77] + "..."
+
+
+def _positive_rows(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rows, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}; to get every row use --format csv")
+    return value
 
 
 # -- show ---------------------------------------------------------------------------------
@@ -152,6 +314,12 @@ def cmd_show(args) -> int:
 
     config = load_config(args.config)
     store = Store(config.root)
+    for table, layer, polarity in (("exemplars", args.layer, args.polarity), ("neuron_stats", args.layer, args.polarity),
+                                   ("sequences", None, None)):
+        damaged = store.check_readable(table, layer, polarity)
+        if damaged is not None:
+            raise LookupError(f"{damaged.path} is damaged ({damaged.problem}); rerun that partition: "
+                              f"{rerun_command(damaged, store, args.config)}")
     features = {f.feature.index: f for f in load_feature_exemplars(store, args.layer, Polarity(args.polarity))}
     feature = features.get(args.neuron)
     if feature is None:
@@ -200,10 +368,29 @@ def cmd_ui(args) -> int:
     env = dict(os.environ, DAGSTER_HOME=os.environ.get("DAGSTER_HOME") or str(config.root))
     if args.config:
         env["NEURON_ASSETS_CONFIG"] = str(Path(args.config).resolve())
+    dagster = _dagster_executable()
+    # dagster dev starts the webserver and code server as commands of its own: they come from
+    # the same environment, also when it is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(dagster).parent), env.get("PATH", "")]).rstrip(os.pathsep)
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
-    command = ["dagster", "dev", "-p", str(args.port)] + (["-w", str(workspace)] if workspace.exists() else ["-m", "neuron_assets.defs"])
-    os.execvpe(command[0], command, env)
+    command = [dagster, "dev", "-p", str(args.port)] + (["-w", str(workspace)] if workspace.exists() else ["-m", "neuron_assets.defs"])
+    os.execve(command[0], command, env)
     return 0  # not reached
+
+
+def _dagster_executable() -> str:
+    """`dagster` beside this interpreter (`.venv/bin/neuron-assets ui` works without activating
+    the venv), else the one on PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / ("dagster.exe" if os.name == "nt" else "dagster")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("dagster")
+    if found is None:
+        raise LookupError(f"no `dagster` command beside {sys.executable} or on PATH; install the UI into this "
+                          f"environment: {sys.executable} -m pip install dagster dagster-webserver")
+    return found
 
 
 if __name__ == "__main__":

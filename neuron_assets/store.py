@@ -14,14 +14,18 @@ catalog holds only views; it is rebuilt from ``sql/*.sql`` at any time.
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import duckdb
 import polars as pl
+import pyarrow.parquet as pq
 
 DATA_FILE = "data.parquet"
 
@@ -85,45 +89,236 @@ class Store:
         """(Re)create catalog.duckdb with a view per sql/*.sql whose data exists.
 
         Returns the names of the views created. Views whose Parquet files are not written
-        yet are left out; a view built on another view is retried once that one exists.
+        yet are left out; a view built on another view is retried once that one exists. A
+        file whose Parquet footer cannot be read is left out of its view and recorded in the
+        catalog's ``store_files`` table (see :meth:`damaged`), so the other files and views
+        still answer. The catalog also records the root it was built for: a copied or moved
+        root is rebuilt on its next read instead of answering from the old place.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        pending = {p.stem: p.read_text() for p in sorted(sql_dir().glob("*.sql"))}
-        created: list[str] = []
         with atomic_path(self.catalog_path) as tmp:
             con = duckdb.connect(str(tmp))
             try:
-                progress = True
-                while pending and progress:
-                    progress = False
-                    for name, text in list(pending.items()):
-                        try:
-                            con.execute(text.replace("{data}", self.data_dir.as_posix()))
-                        except (duckdb.IOException, duckdb.CatalogException, duckdb.BinderException):
-                            continue
-                        created.append(name)
-                        del pending[name]
-                        progress = True
+                created = self._create_views(con)
             finally:
                 con.close()
         return created
 
-    def connect(self, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-        """A connection to the catalog, (re)built first if it is missing or older than a table
-        (a table written from the UI or another process since the last build)."""
+    def connect(self, extensions: Iterable[str] = ()) -> duckdb.DuckDBPyConnection:
+        """A contained, read-only connection to the catalog: it reads the store's Parquet files
+        and nothing else.
+
+        The catalog is (re)built first when it is missing, out of date (a table written from
+        the UI or another process since the last build) or was built for another root (a
+        copied or moved store); where the store cannot be written, the views are built in
+        memory instead. The connection then has external access off except for the store's
+        data folder, no extension loading or installing but the pinned ``extensions`` (a
+        subset of :data:`PINNED_EXTENSIONS`, loaded from their packages), and its
+        configuration locked, so no statement can read other files, reach the network or
+        lift these limits. Writes are refused: the catalog is attached read-only.
+        """
+        unknown = set(extensions) - set(PINNED_EXTENSIONS)
+        if unknown:
+            raise ValueError(f"extension(s) {sorted(unknown)} are not available; the pinned ones are {list(PINNED_EXTENSIONS)}")
+        in_memory = False
         if self.catalog_stale():
-            self.build_catalog()
-        return duckdb.connect(str(self.catalog_path), read_only=read_only)
+            try:
+                self.build_catalog()
+            except OSError:  # a read-only copy of a store: views in memory, nothing written
+                in_memory = True
+        # A fresh in-memory database per connection: its settings are its own, so locking
+        # them never touches another connection of this process.
+        con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                                 "autoload_known_extensions": False,
+                                                 "allow_community_extensions": False})
+        try:
+            if in_memory:
+                self._create_views(con)
+            else:
+                con.execute(f"ATTACH {_sql_string(self.catalog_path)} AS {CATALOG_NAME} (READ_ONLY)")
+                con.execute(f"USE {CATALOG_NAME}")
+            for name in extensions:
+                con.execute(f"LOAD {_sql_string(pinned_extension_path(name))}")
+            con.execute(f"SET allowed_directories = [{_sql_string(self._data_dir_resolved().as_posix() + '/')}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        except BaseException:
+            con.close()
+            raise
+        return con
 
     def catalog_stale(self) -> bool:
+        """True when the catalog is missing, was built for another root, or its record of the
+        data files (path, size, modification time) differs from the files there now."""
         if not self.catalog_path.exists():
             return True
-        built = self.catalog_path.stat().st_mtime
-        return any(path.stat().st_mtime > built for path in self.data_dir.rglob(f"*{DATA_FILE}"))
+        try:
+            con = duckdb.connect(":memory:")
+            try:
+                con.execute(f"ATTACH {_sql_string(self.catalog_path)} AS c (READ_ONLY)")
+                root = con.execute("SELECT root FROM c.store_info").fetchone()
+                recorded = {(path, size, modified) for path, size, modified in
+                            con.execute("SELECT path, bytes, modified_ns FROM c.store_files").fetchall()}
+            finally:
+                con.close()
+        except duckdb.Error:  # an older or damaged catalog: build it again
+            return True
+        if root is None or root[0] != self.root.resolve().as_posix():
+            return True
+        return recorded != {(entry.relative, entry.size, entry.modified_ns) for entry in self.data_files()}
 
     def views(self) -> list[str]:
         with self.connect() as con:
-            return [row[0] for row in con.execute("select view_name from duckdb_views() where not internal order by 1").fetchall()]
+            return [row[0] for row in con.execute(
+                "select view_name from duckdb_views() where not internal and database_name = current_database() order by 1"
+            ).fetchall()]
+
+    def damaged(self) -> list[DamagedFile]:
+        """The data files the catalog left out of its views because they cannot be read."""
+        with self.connect() as con:
+            rows = con.execute("SELECT table_name, path, layer, polarity, problem FROM store_files "
+                               "WHERE problem IS NOT NULL ORDER BY path").fetchall()
+        return [DamagedFile(table, self.root / path, layer, polarity, problem) for table, path, layer, polarity, problem in rows]
+
+    def check_readable(self, table: str, layer: int | None = None, polarity: str | None = None) -> DamagedFile | None:
+        """The file of a table (partition) as a DamagedFile when its Parquet footer cannot be
+        read; None when it reads (or is not written yet)."""
+        path = self.path(table, layer, polarity)
+        problem = parquet_problem(path) if path.exists() else None
+        return None if problem is None else DamagedFile(table, path, layer, polarity, problem)
+
+    def _data_dir_resolved(self) -> Path:
+        return self.data_dir.resolve()
+
+    def data_files(self) -> list[DataFile]:
+        """Every data file under data/, with its table, partition, size and modification time."""
+        found = []
+        if not self.data_dir.is_dir():
+            return found
+        root = self.root.resolve()
+        for path in sorted(self._data_dir_resolved().glob(f"*/**/{DATA_FILE}")):
+            stat = path.stat()
+            relative = path.relative_to(root).as_posix()
+            parts = dict(part.split("=", 1) for part in path.parent.relative_to(self._data_dir_resolved()).parts[1:] if "=" in part)
+            layer = int(parts["layer"]) if parts.get("layer", "").isdigit() else None
+            found.append(DataFile(path, relative, path.relative_to(self._data_dir_resolved()).parts[0], layer,
+                                   parts.get("polarity"), stat.st_size, stat.st_mtime_ns))
+        return found
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        """Record the root and the data files (each checked), then create the views over the
+        readable files; returns the names of the views created."""
+        files = self.data_files()
+        problems = {entry.path: parquet_problem(entry.path) for entry in files}
+        con.execute("CREATE TABLE store_info (root VARCHAR, built_at TIMESTAMPTZ)")
+        con.execute("INSERT INTO store_info VALUES (?, now())", [self.root.resolve().as_posix()])
+        con.execute("CREATE TABLE store_files (table_name VARCHAR, layer INTEGER, polarity VARCHAR, path VARCHAR, "
+                    "bytes BIGINT, modified_ns BIGINT, problem VARCHAR)")
+        if files:
+            con.executemany("INSERT INTO store_files VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                [entry.table, entry.layer, entry.polarity, entry.relative, entry.size, entry.modified_ns,
+                 problems[entry.path]] for entry in files
+            ])
+        damaged_tables = {entry.table for entry in files if problems[entry.path]}
+        readable = {table: [entry.path for entry in files if entry.table == table and not problems[entry.path]]
+                    for table in damaged_tables}
+        data = self._data_dir_resolved().as_posix()
+
+        def source(match: re.Match) -> str:
+            # The view's glob, except that a table with a damaged file lists its readable files.
+            table = match.group(1)
+            if table in readable:
+                return "[" + ", ".join(_sql_string(path) for path in readable[table]) + "]"
+            return _sql_string(data + match.group(0)[len("'{data}"):-1])
+
+        pending = {p.stem: _DATA_GLOB.sub(source, p.read_text()) for p in sorted(sql_dir().glob("*.sql"))}
+        created: list[str] = []
+        progress = True
+        while pending and progress:
+            progress = False
+            for name, text in list(pending.items()):
+                try:
+                    con.execute(text)
+                except duckdb.Error:  # no files yet, an upstream view missing, or no readable file
+                    continue
+                created.append(name)
+                del pending[name]
+                progress = True
+        return created
+
+
+# A view's data source in sql/*.sql: '{data}/<table>/<glob>'.
+_DATA_GLOB = re.compile(r"'\{data\}/(\w+)/[^']*'")
+CATALOG_NAME = "catalog"
+PINNED_EXTENSIONS = ("fts", "vss")
+
+
+def pinned_extension_path(name: str) -> Path:
+    """The DuckDB extension file shipped by the pinned duckdb-extension-<name> package."""
+    try:
+        package = importlib.import_module(f"duckdb_extension_{name}")
+    except ImportError:
+        raise ValueError(f"the {name} extension is not installed; pip install duckdb-extension-{name}=={duckdb.__version__}") from None
+    path = Path(package.__path__[0]) / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if not path.is_file():
+        raise ValueError(f"duckdb-extension-{name} has no build for DuckDB {duckdb.__version__} ({path}); "
+                         f"pip install duckdb-extension-{name}=={duckdb.__version__}")
+    return path
+
+
+# Which asset writes each table: the fix for a damaged file is to materialize it again.
+ASSET_OF_TABLE = {
+    "sequences": "corpus", "exemplars": "exemplars", "neuron_stats": "exemplars",
+    "candidate_descriptions": "candidate_descriptions", "simulator_training_data": "simulator_training_data",
+    "simulator_checkpoints": "simulator_checkpoint", "description_scores": "description_scores",
+    "neuron_descriptions": "neuron_descriptions",
+}
+
+
+@dataclass(frozen=True)
+class DamagedFile:
+    """A data file that cannot be read, and which asset partition writes it again."""
+
+    table: str
+    path: Path
+    layer: int | None
+    polarity: str | None
+    problem: str
+
+    @property
+    def asset(self) -> str:
+        return ASSET_OF_TABLE.get(self.table, self.table)
+
+    @property
+    def partition(self) -> str | None:
+        """The Dagster partition key (layer|polarity) of a partitioned table's file."""
+        return None if self.layer is None or self.polarity is None else f"{self.layer}|{self.polarity}"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One Parquet file of the store; ``relative`` is its path from the root."""
+
+    path: Path
+    relative: str
+    table: str
+    layer: int | None
+    polarity: str | None
+    size: int
+    modified_ns: int
+
+
+def parquet_problem(path: Path) -> str | None:
+    """Why a Parquet file cannot be read (its footer and schema), or None when it can."""
+    try:
+        pq.read_metadata(path)
+    except Exception as err:  # pyarrow raises several types for a torn or foreign file
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+    return None
+
+
+def _sql_string(value) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 @contextmanager
