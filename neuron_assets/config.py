@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Literal
@@ -56,6 +57,20 @@ class SubjectConfig(Section):
     read. Default: chosen by the model's architecture family."""
     trust_remote_code: bool = False
     """Passed to transformers for models with custom code."""
+
+    @field_validator("site")
+    @classmethod
+    def _site_is_a_regex_with_a_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as err:
+            raise ValueError(f"{value!r} is not a regular expression ({err}); fix it, e.g. "
+                             "'layers\\.(\\d+)\\.mlp\\.down_proj$', or remove subject.site") from None
+        if compiled.groups < 1:
+            raise ValueError(f"{value!r} has no group; put the layer number in one, e.g. 'layers\\.(\\d+)\\.mlp\\.down_proj$'")
+        return value
 
 
 class SourceConfig(Section):
@@ -113,6 +128,35 @@ class FeaturesConfig(Section):
     """Neurons per layer: 'all', a list of indices, or {sample: N, seed: S}."""
     polarities: list[Literal["pos", "neg"]] = ["pos", "neg"]
     """Polarities to describe."""
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_listed(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("is empty; list at least one layer number (0-based), or write layers: all")
+            if min(value) < 0:
+                raise ValueError(f"layer {min(value)} is negative; layers are numbered from 0")
+        return value
+
+    @field_validator("neurons")
+    @classmethod
+    def _neurons_listed(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("is empty; list at least one neuron index, write {sample: N}, or write neurons: all")
+            if min(value) < 0:
+                raise ValueError(f"neuron {min(value)} is negative; neurons are numbered from 0")
+        return value
+
+    @field_validator("polarities")
+    @classmethod
+    def _polarities_listed(cls, value):
+        if not value:
+            raise ValueError("is empty; list pos, neg or both (polarities: [pos, neg])")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} names a polarity twice; list each once")
+        return value
 
 
 class ExemplarsConfig(Section):
@@ -423,9 +467,14 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    if raw is None:  # an empty file would otherwise run the whole demo somewhere unexpected
+        raise ConfigError(f"{path} is empty; write the sections you want (see configs/demo.yaml), "
+                          "or leave out --config to run the embedded demo")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (subject:, corpus:, ...)")
     return config_from_dict(raw, origin=str(path))
@@ -447,7 +496,7 @@ def _explain_validation_error(err: ValidationError, origin: str) -> str:
             known = ", ".join(sorted(section.model_fields)) if section else ""
             lines.append(f"unknown key '{key}'" + (f" (known keys here: {known})" if known else ""))
         else:
-            lines.append(f"'{key}': {problem['msg']}")
+            lines.append(f"'{key}': {problem['msg'].removeprefix('Value error, ')}")
     return f"{origin}: " + "; ".join(lines)
 
 

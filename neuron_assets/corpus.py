@@ -83,6 +83,12 @@ def build_sequences(config: CorpusConfig, tokenizer) -> pl.DataFrame:
         assigned = _assign_documents(documents_by_source[source.name], counts[source.name], rng)
         # Whole documents may leave one split a few windows short: trim the others to match.
         fill = min(len(windows) for windows in assigned.values())
+        if fill == 0:  # all of a document's windows go to one split, so one document cannot fill three
+            raise CorpusError(
+                f"source '{source.name}' has {len(documents_by_source[source.name])} usable document(s), and each split "
+                "needs whole documents of its own; give it at least 3 documents (e.g. split the text into several "
+                "files, or one JSONL row each)"
+            )
         rows += [(split, window) for split, windows in assigned.items() for window in windows[:fill]]
         if fill < counts[source.name]:
             warnings.warn(f"source '{source.name}' fills only {fill} of its {counts[source.name]} sequences per split", stacklevel=2)
@@ -124,20 +130,39 @@ def read_documents(source: SourceConfig) -> Iterator[str | list[dict]]:
         return
     field = source.messages_field or source.text_field
     if source.kind == "jsonl":
-        with path.open() as handle:
-            for line_no, line in enumerate(handle, 1):
+        with path.open("rb") as handle:  # decoded line by line, so a bad byte names its line
+            for line_no, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise CorpusError(
+                        f"source '{source.name}': {path}:{line_no} is not UTF-8 (byte {err.start + 1} of the line); "
+                        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise CorpusError(f"source '{source.name}': {path}:{line_no} is not JSON ({err.msg})") from None
+                    raise CorpusError(f"source '{source.name}': {path}:{line_no} is not JSON ({err.msg}); "
+                                      "write one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise CorpusError(
+                        f"source '{source.name}': {path}:{line_no} is a JSON {type(row).__name__}, not an object; "
+                        f"write one object per line, e.g. {{\"{field}\": ...}}"
+                    )
                 yield _field(row, field, source, f"{path}:{line_no}")
         return
-    frame = pl.read_parquet(path, columns=None)
+    try:
+        frame = pl.read_parquet(path, columns=None)
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise CorpusError(f"source '{source.name}': {path} is not a readable Parquet file "
+                          f"({str(err).splitlines()[0]}); point corpus.sources[].path at a Parquet file") from None
     if field not in frame.columns:
-        raise CorpusError(f"source '{source.name}': {path} has no column '{field}' (columns: {', '.join(frame.columns)})")
-    yield from frame.get_column(field).to_list()
+        raise CorpusError(f"source '{source.name}': {path} has no column '{field}' (columns: {', '.join(frame.columns)}); "
+                          "set text_field or messages_field")
+    for row_no, value in enumerate(frame.get_column(field).to_list()):
+        yield _document(value, field, source, f"{path} row {row_no}")
 
 
 # -- tokenizing into windows ------------------------------------------------------------
@@ -206,7 +231,10 @@ def _chat_window(messages, source, doc_id, tokenizer, seq_len) -> list[TokenWind
             "use an instruct model's tokenizer or read a plain text_field instead of messages_field"
         )
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise CorpusError(f"source '{source.name}', document {doc_id}: messages must be a list of {{role, content}}")
+        raise CorpusError(
+            f"source '{source.name}', document {doc_id}: each message must be an object with role and content, "
+            f"e.g. {{\"role\": \"user\", \"content\": \"...\"}}; fix that row of {source.path}"
+        )
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     ids, tokens = tokenize_with_text(text, tokenizer)
     # The template's leading special tokens (BOS, a header start) are the chat's fixed
@@ -304,4 +332,20 @@ def _docstrings(module) -> Iterator[str]:
 def _field(row: dict, field: str, source: SourceConfig, where: str):
     if field not in row:
         raise CorpusError(f"source '{source.name}': {where} has no field '{field}' (fields: {', '.join(row)}); set text_field or messages_field")
-    return row[field]
+    return _document(row[field], field, source, where)
+
+
+def _document(value, field: str, source: SourceConfig, where: str):
+    """A row's document, of the kind the source says it holds: a chat (a list) for
+    messages_field, text otherwise; never one read as the other."""
+    if source.messages_field is not None and not isinstance(value, list):
+        raise CorpusError(
+            f"source '{source.name}': {where}: field '{field}' holds {type(value).__name__ if value is not None else 'null'}, "
+            "not a chat (a list of {role, content}); for plain text set text_field instead of messages_field"
+        )
+    if source.messages_field is None and isinstance(value, list):
+        raise CorpusError(
+            f"source '{source.name}': {where}: field '{field}' holds a list, not text; "
+            f"if it is a chat, set messages_field: {field}"
+        )
+    return value

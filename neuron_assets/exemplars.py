@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuron_assets.config import ExemplarsConfig, FeaturesConfig
-from neuron_assets.store import Store, atomic_path
+from neuron_assets.store import Store, atomic_path, set_aside
 from neuron_assets.subject import SubjectError, SubjectModel
 from neuron_assets.types import (
     ActivationRecord,
@@ -108,15 +108,12 @@ def collect_exemplars(
 
     state = _CollectorState.fresh(layout.total, polarities, config, seq_len, random_ids, subject.device, subject.dtype)
     start = 0
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if saved.get("signature") == signature:
-            state = _CollectorState.from_saved(saved["state"], subject.device)
-            start = saved["batches_done"]
-            for split in {batches[i][0] for i in range(start)} - {batches[start][0]}:
-                state.offload(split)  # finished before the checkpoint: back to host memory
-        else:
-            warnings.warn(f"ignoring checkpoint {checkpoint}: it was made by a different run", stacklevel=2)
+    saved = load_checkpoint(checkpoint, signature) if checkpoint is not None else None
+    if saved is not None:
+        state = _CollectorState.from_saved(saved["state"], subject.device)
+        start = saved["batches_done"]
+        for split in {batches[i][0] for i in range(start)} - {batches[start][0]}:
+            state.offload(split)  # finished before the checkpoint: back to host memory
 
     neuron_index = {  # None reads a whole layer without a copy
         layer: None if idx == list(range(subject.neurons_per_layer(layer))) else torch.tensor(idx, dtype=torch.long)
@@ -146,6 +143,27 @@ def collect_exemplars(
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return tables
+
+
+def load_checkpoint(checkpoint: Path, signature: str) -> dict | None:
+    """The saved state of this run, or None to start the pass afresh: a checkpoint of another
+    run is ignored, and one that cannot be read (a torn or foreign file) is set aside, renamed
+    and not deleted, with a warning that names it."""
+    if not checkpoint.exists():
+        return None
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if not isinstance(saved, dict) or not {"signature", "batches_done", "state"} <= saved.keys():
+            raise ValueError("not a checkpoint of the exemplars stage")
+    except Exception as err:  # torch.load raises many types for a damaged file
+        aside = set_aside(checkpoint)
+        warnings.warn(f"checkpoint {checkpoint} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                      f"set it aside as {aside.name} and starting the activation pass from the beginning", stacklevel=3)
+        return None
+    if saved["signature"] != signature:
+        warnings.warn(f"ignoring checkpoint {checkpoint}: it was made by a different run", stacklevel=3)
+        return None
+    return saved
 
 
 def checkpoint_name(model: str, sequences: pl.DataFrame, neurons: dict[int, list[int]], polarities: list[Polarity],

@@ -15,6 +15,7 @@ from neuron_assets.exemplars import checkpoint_name, collect_exemplars, select_n
 from neuron_assets.store import Store, with_lineage
 from neuron_assets.subject import SubjectModel, load_subject, load_tokenizer
 from neuron_assets.types import Polarity
+from neuron_assets.validate import validate_config
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Written:
 
 
 def make_corpus(config: Config, run_id: str) -> Written:
+    validate_config(config)  # every check that needs no tokenizing, before any
     tokenizer = load_tokenizer(config.subject)
     frame = with_lineage(build_sequences(config.corpus, tokenizer), config.subject.model, config.hash, run_id)
     return Written("sequences", Store(config.root).write("sequences", frame), frame.height)

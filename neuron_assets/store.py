@@ -342,6 +342,19 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file or folder to ``<name>.damaged`` (``.damaged-2``, ... when taken)
+    beside it, out of the way of a rerun but kept for the user to inspect; returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.damaged")
+    n = 2
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged-{n}")
+        n += 1
+    os.replace(path, target)
+    return target
+
+
 def with_lineage(frame: pl.DataFrame, model: str, config_hash: str, run_id: str) -> pl.DataFrame:
     """Every stored row says which model, configuration and run made it."""
     return frame.with_columns(

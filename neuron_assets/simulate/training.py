@@ -42,7 +42,7 @@ from neuron_assets.select import derangement
 from neuron_assets.simulate.alignment import NOT_READ
 from neuron_assets.simulate.base import NUM_CLASSES, discretize
 from neuron_assets.simulate.finetuned import FinetunedSimulator, freeze_token_embeddings
-from neuron_assets.store import atomic_path
+from neuron_assets.store import atomic_path, set_aside
 from neuron_assets.types import ActivationRecord, FeatureExemplars, FeatureId, Polarity, Split
 
 STAGE1, STAGE2, HELDOUT = "stage1", "stage2", "heldout"
@@ -270,10 +270,9 @@ def train_simulator(
     losses: dict[str, list[float]] = {}
     heldout: dict[str, HeldoutCorrelation] = {}
     stage1_marker = work / "stage1.json"  # written (atomically) only once stage1/ is complete
-    if stage1_marker.is_file() and (stage1_dir / "simulator.json").is_file():
-        simulator = FinetunedSimulator.load(stage1_dir, model_config.device, model_config.dtype,
-                                            model_config.batch_size)
-        summary = json.loads(stage1_marker.read_text())
+    stage1 = _load_stage1(stage1_dir, stage1_marker, model_config, log)
+    if stage1 is not None:
+        simulator, summary = stage1
         losses[STAGE1], heldout[STAGE1] = summary["loss"], HeldoutCorrelation(**summary["heldout"])
         log(f"stage 1 already trained in {stage1_dir}")
     else:
@@ -379,8 +378,8 @@ def fit(
     class_weights[0] = 1.0
     losses: list[float] = []
     step = 0
-    if resume is not None and resume.is_file():
-        state = torch.load(resume, map_location=simulator.device, weights_only=False)
+    state = _load_training_state(resume, simulator.device, log) if resume is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -418,6 +417,40 @@ def fit(
                             "rng": torch.get_rng_state()}, temp)
     model.eval()
     return losses
+
+
+def _load_stage1(stage1_dir: Path, marker: Path, model_config: FinetunedSimulatorConfig, log: Log):
+    """(simulator, summary) of a finished stage 1, or None to train it: a stage 1 that cannot
+    be read is set aside (its folder and marker renamed, not deleted) and named."""
+    if not (marker.is_file() and (stage1_dir / "simulator.json").is_file()):
+        return None
+    try:
+        summary = json.loads(marker.read_text())
+        HeldoutCorrelation(**summary["heldout"]), summary["loss"]
+        simulator = FinetunedSimulator.load(stage1_dir, model_config.device, model_config.dtype, model_config.batch_size)
+    except Exception as err:  # a torn safetensors file, a truncated marker, ...
+        moved = [set_aside(marker).name, set_aside(stage1_dir).name]
+        log(f"warning: the trained stage 1 in {stage1_dir} is damaged ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); set it aside as {', '.join(moved)}, training stage 1 again")
+        return None
+    return simulator, summary
+
+
+def _load_training_state(resume: Path, device, log: Log) -> dict | None:
+    """A stage's saved training state, or None to train the stage from its start: a state that
+    cannot be read (a torn or foreign file) is set aside, renamed and not deleted, and named."""
+    if not resume.is_file():
+        return None
+    try:
+        state = torch.load(resume, map_location=device, weights_only=False)
+        if not isinstance(state, dict) or not {"model", "optimizer", "schedule", "step", "losses", "rng"} <= state.keys():
+            raise ValueError("not a simulator training state")
+    except Exception as err:  # torch.load raises many types for a damaged file
+        aside = set_aside(resume)
+        log(f"warning: training state {resume} is damaged ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); set it aside as {aside.name}, training this stage from its start")
+        return None
+    return state
 
 
 def _targets(pair, labels: np.ndarray) -> np.ndarray:
