@@ -114,7 +114,7 @@ def _print_summary(store, views: list[str], seconds: float) -> None:
 def cmd_sql(args) -> int:
     import duckdb
 
-    from neuron_assets.store import Store
+    from neuron_assets.store import Store, read_only_statements
 
     config = load_config(args.config)
     store = Store(config.root)
@@ -123,7 +123,7 @@ def cmd_sql(args) -> int:
     if args.format == "parquet" and not args.output and sys.stdout.isatty():
         raise ValueError("parquet is binary; add --output FILE or redirect stdout to a file (> result.parquet)")
     query = _read_query(args.query)
-    statements, extensions = _checked_statements(query)
+    statements, extensions = read_only_statements(query)
     if not store.data_dir.exists():
         raise LookupError(f"no data under {config.root}; run `neuron-assets run` first")
     with store.connect(extensions=extensions) as con:
@@ -155,56 +155,6 @@ def cmd_sql(args) -> int:
             return 0
     _write_result(frame, args.format, args.output)
     return 0
-
-
-# Statements `sql` runs; everything else is refused before the store is opened, with the way
-# to do what the user wanted. The connection refuses them too (Store.connect): this is the
-# message, that is the guarantee.
-_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
-_REFUSED = {
-    "COPY": "COPY ... TO writes files, and `sql` only reads; to save a result use "
-            "--format csv|json|parquet --output FILE (or > FILE)",
-    "EXPORT": "EXPORT DATABASE writes files, and `sql` only reads; to save a result use "
-              "--format csv|json|parquet --output FILE (or > FILE)",
-    "ATTACH": "ATTACH opens another database, and `sql` reads only this store's catalog",
-    "DETACH": "DETACH changes the databases open, and `sql` reads only this store's catalog",
-    "SET": "settings are locked; `sql` runs with the store's own settings",
-    "VARIABLE_SET": "settings are locked; `sql` runs with the store's own settings",
-}
-
-
-def _checked_statements(query: str) -> tuple[list[str], list[str]]:
-    """The statements of a query, and the pinned extensions its LOAD statements ask for; a
-    statement that would write, open other files or change settings raises ValueError."""
-    import re
-
-    import duckdb
-
-    from neuron_assets.store import PINNED_EXTENSIONS
-
-    try:
-        parsed = duckdb.extract_statements(query)
-    except duckdb.Error as err:
-        raise ValueError(f"SQL error: {str(err).splitlines()[0]}") from None
-    statements, extensions = [], []
-    for statement in parsed:
-        kind = statement.type.name
-        text = statement.query.strip()
-        if kind in _READ_STATEMENTS:
-            statements.append(text)
-        elif kind == "LOAD":
-            match = re.fullmatch(r"(?is)\s*(force\s+)?(install|load)\s+['\"]?(\w+)['\"]?\s*;?\s*", text)
-            if not match or match.group(3).lower() not in PINNED_EXTENSIONS:
-                raise ValueError(f"refused `{_first_line(text)}`: only the pinned extensions "
-                                 f"({', '.join(PINNED_EXTENSIONS)}) can be loaded, from their installed packages "
-                                 "(write LOAD fts); nothing is installed from the network")
-            if match.group(3).lower() not in extensions:
-                extensions.append(match.group(3).lower())
-        else:
-            reason = _REFUSED.get(kind, f"{kind} statements change the database, and the catalog is read-only "
-                                        "(its views are rebuilt from sql/*.sql by `neuron-assets run`)")
-            raise ValueError(f"refused `{_first_line(text)}`: {reason}")
-    return statements, extensions
 
 
 def _read_query(text: str) -> str:
@@ -286,11 +236,6 @@ def _sql_error_message(err, store, config_path: str | None) -> str:
                 return (f"{entry.path} is damaged ({first}); rerun that partition: "
                         f"{rerun_command(damaged, store, config_path)}")
     return f"SQL error: {first}"
-
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line if len(line) <= 80 else line[:77] + "..."
 
 
 def _positive_rows(text: str) -> int:

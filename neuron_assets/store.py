@@ -253,6 +253,61 @@ CATALOG_NAME = "catalog"
 PINNED_EXTENSIONS = ("fts", "vss")
 
 
+# The statements a user's query may hold. The rest are refused before the store is opened, with
+# the way to do what the user wanted; the contained connection (Store.connect) would refuse
+# reading or writing outside the store anyway, but not a COPY over one of the store's own files.
+_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+_REFUSED = {
+    "COPY": "COPY ... TO writes files, and a query only reads; to save a result run the query with "
+            "neuron-assets sql ... --format csv|json|parquet --output FILE (or > FILE)",
+    "EXPORT": "EXPORT DATABASE writes files, and a query only reads; to save a result run the query with "
+              "neuron-assets sql ... --format csv|json|parquet --output FILE (or > FILE)",
+    "ATTACH": "ATTACH opens another database, and a query reads only this store's catalog",
+    "DETACH": "DETACH changes the databases open, and a query reads only this store's catalog",
+    "SET": "settings are locked; a query runs with the store's own settings",
+    "VARIABLE_SET": "settings are locked; a query runs with the store's own settings",
+}
+
+
+def read_only_statements(query: str) -> tuple[list[str], list[str]]:
+    """The statements of a user's query, and the pinned extensions its LOAD (or INSTALL)
+    statements ask for. Only SELECT (DESCRIBE, SHOW, SUMMARIZE, FROM ...) and EXPLAIN run; a
+    statement that would write, open another database or change settings raises
+    RefusedStatement."""
+    try:
+        parsed = duckdb.extract_statements(query)
+    except duckdb.Error as err:
+        raise ValueError(f"SQL error: {str(err).splitlines()[0]}") from None
+    statements, extensions = [], []
+    for statement in parsed:
+        kind = statement.type.name
+        text = statement.query.strip()
+        if kind in _READ_STATEMENTS:
+            statements.append(text)
+        elif kind == "LOAD":
+            match = re.fullmatch(r"(?is)\s*(force\s+)?(install|load)\s+['\"]?(\w+)['\"]?\s*;?\s*", text)
+            if not match or match.group(3).lower() not in PINNED_EXTENSIONS:
+                raise RefusedStatement(f"refused `{_first_line(text)}`: only the pinned extensions "
+                                       f"({', '.join(PINNED_EXTENSIONS)}) can be loaded, from their installed packages "
+                                       "(write LOAD fts); nothing is installed from the network")
+            if match.group(3).lower() not in extensions:
+                extensions.append(match.group(3).lower())
+        else:
+            reason = _REFUSED.get(kind, f"{kind} statements change the database, and the catalog is read-only "
+                                        "(its views are rebuilt from sql/*.sql by `neuron-assets run`)")
+            raise RefusedStatement(f"refused `{_first_line(text)}`: {reason}")
+    return statements, extensions
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= 80 else line[:77] + "..."
+
+
+class RefusedStatement(ValueError):
+    """A statement a read-only query may not run; the message says what to do instead."""
+
+
 def pinned_extension_path(name: str) -> Path:
     """The DuckDB extension file shipped by the pinned duckdb-extension-<name> package."""
     try:

@@ -247,7 +247,7 @@ def test_empty_corpus_and_too_long_seq_len(tiny_config, tmp_path):
     config = load_config(tiny_config(corpus__sources=[{"name": "empty", "kind": "text", "path": str(empty)}]))
     with pytest.raises(CorpusError, match="no documents|long enough"):
         make_corpus(config, "run-1")
-    config = load_config(tiny_config(corpus__seq_len=5000))
+    config = load_config(tiny_config(corpus__seq_len=2000))  # within the model's 2048 positions
     with pytest.raises(CorpusError, match=r"longest document has \d+.*lower corpus.seq_len"):
         make_corpus(config, "run-1")
     assert _no_files(config.root)
@@ -255,7 +255,10 @@ def test_empty_corpus_and_too_long_seq_len(tiny_config, tmp_path):
 
 def test_layer_out_of_range(tiny_config):
     config = load_config(tiny_config(features__layers=[0, 7]))
-    make_corpus(config, "run-1")
+    with pytest.raises(ConfigError, match=r"features.layers: layer 7 is out of range.*3 layers"):
+        make_corpus(config, "run-1")  # checked before the corpus is tokenized
+    assert _no_files(config.root)
+    make_corpus(load_config(tiny_config()), "run-1")
     with pytest.raises(SubjectError, match=r"layer 7 is out of range.*3 layers"):
         make_exemplars(config, [(0, Polarity.POS), (7, Polarity.POS)], "run-1", progress=False)
     assert not (config.root / "data" / "exemplars").exists()
