@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
                      help="table (shown here), or csv, json, parquet: written to stdout or to --output")
     sql.add_argument("--output", metavar="FILE", help="write the result to FILE (csv, json, parquet) instead of stdout")
-    sql.add_argument("--max-rows", type=_positive_rows, default=40, help="rows shown in table format")
+    sql.add_argument("--max-rows", type=_at_least_one("; to get every row use --format csv (or json, parquet)"), default=40,
+                     help="rows shown in table format")
     sql.set_defaults(handler=cmd_sql)
 
     show = commands.add_parser("show", help="a neuron's statistics and exemplars, activating tokens marked")
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--polarity", choices=["pos", "neg"], default="pos")
     show.add_argument("--split", choices=["train", "val", "test"], default="train")
     show.add_argument("--kind", choices=["top", "random", "quantile"], default="top")
-    show.add_argument("-n", type=_positive_rows, default=10, help="exemplars shown")
+    show.add_argument("-n", type=_at_least_one(), default=10, help="exemplars shown")
     show.set_defaults(handler=cmd_show)
 
     show_config = commands.add_parser("config", help="print the effective config as YAML, every field documented")
@@ -182,15 +183,9 @@ def _write_result(frame, format: str, output: str | None) -> None:
             handle.write((json.dumps(frame.to_dicts(), default=str, indent=1) + "\n").encode())
 
     if output is None:
-        if format == "csv":
-            frame.write_csv(sys.stdout)
-        elif format == "json":
-            json.dump(frame.to_dicts(), sys.stdout, default=str, indent=1)
-            print()
-        else:
-            sys.stdout.flush()
-            write(sys.stdout.buffer)
-            sys.stdout.buffer.flush()
+        sys.stdout.flush()
+        write(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
         return
     target = Path(output).expanduser()
     if target.is_dir():
@@ -238,14 +233,19 @@ def _sql_error_message(err, store, config_path: str | None) -> str:
     return f"SQL error: {first}"
 
 
-def _positive_rows(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of rows, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}; to get every row use --format csv")
-    return value
+def _at_least_one(hint: str = ""):
+    """An argparse type: a whole number >= 1, with ``hint`` (the way to what the user wanted)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}{hint}")
+        return value
+
+    return parse
 
 
 # -- show ---------------------------------------------------------------------------------

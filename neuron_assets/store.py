@@ -9,7 +9,14 @@ Layout under the storage root::
 
 Every file is written to a temporary name beside its target and renamed into place, so a
 reader never sees half a file and parallel partitions never contend for a lock. The
-catalog holds only views; it is rebuilt from ``sql/*.sql`` at any time.
+catalog holds only views (plus ``store_files`` and ``store_info``, its record of the files and
+the root it was built for); it is rebuilt from ``sql/*.sql`` at any time, and by any reader
+that finds it out of date or built for another root (a copied or moved store). A file that
+cannot be read is left out of its view and named, so the rest of the database still answers.
+
+Readers get a contained connection (:meth:`Store.connect`): it reads the store's Parquet
+files and nothing else, and :func:`read_only_statements` refuses, with a message, every
+statement of a user's query that is not a read.
 """
 
 from __future__ import annotations
@@ -115,28 +122,25 @@ class Store:
         data folder, no extension loading or installing but the pinned ``extensions`` (a
         subset of :data:`PINNED_EXTENSIONS`, loaded from their packages), and its
         configuration locked, so no statement can read other files, reach the network or
-        lift these limits. Writes are refused: the catalog is attached read-only.
+        lift these limits. The catalog is attached read-only. Writing a file inside the data
+        folder (COPY ... TO) is not stopped here: pass a user's query through
+        :func:`read_only_statements` first, as ``neuron-assets sql`` does.
         """
         unknown = set(extensions) - set(PINNED_EXTENSIONS)
         if unknown:
             raise ValueError(f"extension(s) {sorted(unknown)} are not available; the pinned ones are {list(PINNED_EXTENSIONS)}")
-        in_memory = False
-        if self.catalog_stale():
-            try:
-                self.build_catalog()
-            except OSError:  # a read-only copy of a store: views in memory, nothing written
-                in_memory = True
         # A fresh in-memory database per connection: its settings are its own, so locking
         # them never touches another connection of this process.
         con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                                  "autoload_known_extensions": False,
                                                  "allow_community_extensions": False})
         try:
-            if in_memory:
-                self._create_views(con)
-            else:
-                con.execute(f"ATTACH {_sql_string(self.catalog_path)} AS {CATALOG_NAME} (READ_ONLY)")
-                con.execute(f"USE {CATALOG_NAME}")
+            if self._attached_catalog_stale(con):
+                try:
+                    self.build_catalog()
+                    self._attach_catalog(con)
+                except OSError:  # a read-only copy of a store: views in memory, nothing written
+                    self._create_views(con)
             for name in extensions:
                 con.execute(f"LOAD {_sql_string(pinned_extension_path(name))}")
             con.execute(f"SET allowed_directories = [{_sql_string(self._data_dir_resolved().as_posix() + '/')}]")
@@ -150,22 +154,29 @@ class Store:
     def catalog_stale(self) -> bool:
         """True when the catalog is missing, was built for another root, or its record of the
         data files (path, size, modification time) differs from the files there now."""
+        with duckdb.connect(":memory:") as con:
+            return self._attached_catalog_stale(con)
+
+    def _attach_catalog(self, con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(f"ATTACH {_sql_string(self.catalog_path)} AS {CATALOG_NAME} (READ_ONLY)")
+        con.execute(f"USE {CATALOG_NAME}")
+
+    def _attached_catalog_stale(self, con: duckdb.DuckDBPyConnection) -> bool:
+        """Attach the catalog to ``con`` and say whether it is stale; a stale one is detached."""
         if not self.catalog_path.exists():
             return True
         try:
-            con = duckdb.connect(":memory:")
-            try:
-                con.execute(f"ATTACH {_sql_string(self.catalog_path)} AS c (READ_ONLY)")
-                root = con.execute("SELECT root FROM c.store_info").fetchone()
-                recorded = {(path, size, modified) for path, size, modified in
-                            con.execute("SELECT path, bytes, modified_ns FROM c.store_files").fetchall()}
-            finally:
-                con.close()
+            self._attach_catalog(con)
+            root = con.execute("SELECT root FROM store_info").fetchone()
+            recorded = set(con.execute("SELECT path, bytes, modified_ns FROM store_files").fetchall())
         except duckdb.Error:  # an older or damaged catalog: build it again
-            return True
-        if root is None or root[0] != self.root.resolve().as_posix():
-            return True
-        return recorded != {(entry.relative, entry.size, entry.modified_ns) for entry in self.data_files()}
+            root = None
+        stale = (root is None or root[0] != self.root.resolve().as_posix()
+                 or recorded != {(entry.relative, entry.size, entry.modified_ns) for entry in self.data_files()})
+        if stale and CATALOG_NAME in {row[0] for row in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}:
+            con.execute("USE memory")
+            con.execute(f"DETACH {CATALOG_NAME}")
+        return stale
 
     def views(self) -> list[str]:
         with self.connect() as con:

@@ -143,7 +143,7 @@ def test_parquet_to_stdout_when_it_is_not_a_terminal(small_store, capsysbinary):
 
 @pytest.mark.parametrize("args,words", [
     (["--max-rows", "-1"], ["--max-rows", "must be at least 1", "--format csv"]),
-    (["--max-rows", "many"], ["--max-rows", "whole number"]),
+    (["--max-rows", "many"], ["--max-rows", "expected a whole number"]),
     (["--format", "xml"], ["--format", "invalid choice"]),
 ])
 def test_bad_sql_flags_get_messages(small_store, capsys, args, words):
@@ -449,3 +449,17 @@ def test_ui_without_dagster_says_how_to_install_it(tiny_config, monkeypatch, tmp
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("nothing to exec"))
     assert main(["--config", str(tiny_config()), "ui"]) == 1
     assert "pip install dagster dagster-webserver" in capsys.readouterr().err
+
+
+def test_damage_inside_a_readable_file_names_it_on_query(small_store, capsys):
+    """A footer that reads but a page that does not: the query fails, naming the file and the fix."""
+    import numpy as np
+
+    config, store = small_store
+    path = store.write("exemplars", pl.DataFrame({"neuron": np.arange(50_000), "extreme": np.random.default_rng(0).random(50_000)}), 0, "pos")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 2000] = b"\x13" * 2000
+    path.write_bytes(bytes(data))
+    code, out, err = _sql(capsys, config, "SELECT sum(extreme) FROM exemplars")
+    assert code == 1 and out == ""
+    assert f"{path} is damaged" in err and "--select exemplars --partition '0|pos'" in err
