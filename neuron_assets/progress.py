@@ -91,7 +91,7 @@ class Task:
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         state = f" done in {self.seconds:.1f} s" if self.finished else f", {self.rate:.3g}/s"
         info = f", {self.info}" if self.info else ""
-        return f"{self.label}: {count} {self.unit}s{share}{state}{info}"
+        return f"{self.label}: {count} {plural(self.unit)}{share}{state}{info}"
 
 
 class Sink(Protocol):
@@ -113,7 +113,7 @@ class LineSink:
 
     def started(self, task: Task) -> None:
         self._last[id(task)] = time.monotonic()
-        self.write(f"{task.label}: {task.total if task.total else 'counting'} {task.unit}s")
+        self.write(f"{task.label}: {task.total if task.total else 'counting'} {plural(task.unit)}")
 
     def updated(self, task: Task) -> None:
         now = time.monotonic()
@@ -168,3 +168,7 @@ class TerminalSink:
             tqdm.write(text, file=self.stream)
         else:
             self.lines.note(text)
+
+
+def plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")

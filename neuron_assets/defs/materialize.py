@@ -77,7 +77,7 @@ def materialize_config(config_path: str | None, select: list[str] | None = None,
     job_def = dg.Definitions(jobs=[job], assets=assets, resources=resources).resolve_job_def(EPHEMERAL_JOB_NAME)
     # Dagster's console logger prints every error with its whole trace; the CLI prints the cause
     log_level = "ERROR" if verbose else "CRITICAL"
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with _instance_without_compute_logs(home) as instance:
         result = job_def.execute_in_process(
             instance=instance, run_id=outcome.run_id, raise_on_error=False,
             tags=_range_tags(partitions, [p for parts in stale.values() for p in parts if p is not None]),
@@ -98,6 +98,17 @@ def materialize_config(config_path: str | None, select: list[str] | None = None,
     if not result.success and outcome.error is None:
         outcome.error = StepError("run", "the run failed before any step did; rerun with --verbose", "")
     return outcome
+
+
+def _instance_without_compute_logs(home: Path) -> dg.DagsterInstance:
+    """The instance of ``home`` (the one the UI opens), but without capturing the steps'
+    stdout and stderr: capture sends them through a file and a `tail` child process, so
+    progress bars would not see the terminal, and Ctrl-C would reach those children too.
+    The run's events, progress included, are still in the run log."""
+    from dagster._core.instance.ref import InstanceRef
+
+    no_capture = {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home), overrides={"compute_logs": no_capture}))
 
 
 def root_cause(error) -> str:
