@@ -292,22 +292,35 @@ def _tables(root: Path) -> dict[str, pl.DataFrame]:
 # -- two processes on one store, SIGKILL and SIGINT -----------------------------------------
 
 
+STALLING_RUN = """
+import sys, time
+from neuron_assets.defs import score_assets
+def stall(*args, **kwargs):
+    time.sleep(600)  # a long scoring stage, to be killed or interrupted in
+score_assets.make_description_scores = stall
+from neuron_assets.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_two_runs_on_one_store_then_sigkill_then_resume_then_sigint(tiny_config, tmp_path):
     path = str(tiny_config(**FAST))
     root = load_config(path).root
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    command = [sys.executable, "-m", "neuron_assets.cli", "--config", path, "run"]
+    args = ["--config", path, "run"]
+    stalling = [sys.executable, "-c", STALLING_RUN, *args]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(stalling, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for(lambda: (root / LOCK_FILE).exists(), first)
-        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        second = subprocess.run([sys.executable, "-m", "neuron_assets.cli", *args], env=env, capture_output=True,
+                                text=True, timeout=300)
         assert second.returncode == 1
         assert f"another run is writing to {root}: pid {first.pid}" in second.stderr
-        _wait_for(lambda: len(list((root / "markers" / "candidate_descriptions").glob("*.json"))) == 6, first)
+        _wait_for(lambda: (root / "markers" / "simulator_checkpoint" / "all.json").exists(), first)
         exemplars_written = {p: p.stat().st_mtime_ns for p in (root / "data" / "exemplars").rglob("*.parquet")}
-        first.send_signal(signal.SIGKILL)
+        first.send_signal(signal.SIGKILL)  # while it scores
         first.wait(timeout=60)
     finally:
         if first.poll() is None:
@@ -315,24 +328,27 @@ def test_two_runs_on_one_store_then_sigkill_then_resume_then_sigint(tiny_config,
         log.close()
     assert (root / LOCK_FILE).exists(), "a killed run leaves its lock behind"
 
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([sys.executable, "-m", "neuron_assets.cli", *args], env=env, capture_output=True,
+                             text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"taking over the writer lock of {root}: it was left by pid {first.pid}" in resumed.stderr
-    assert "up to date, skipped: corpus, exemplars (6 partitions), candidate_descriptions (6 partitions)" \
-        in resumed.stderr
-    assert "activations" not in resumed.stderr
+    assert ("up to date, skipped: corpus, exemplars (6 partitions), candidate_descriptions (6 partitions), "
+            "simulator_training_data, simulator_checkpoint") in resumed.stderr
+    assert "activations" not in resumed.stderr, "the activation pass did not run again"
     assert {p: p.stat().st_mtime_ns for p in exemplars_written} == exemplars_written, "exemplars were not rewritten"
 
-    interrupted = subprocess.Popen(command + ["--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    marker = root / "markers" / "simulator_checkpoint" / "all.json"
+    before = marker.stat().st_mtime_ns
+    interrupted = subprocess.Popen([*stalling, "--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
-    _wait_for(lambda: (root / LOCK_FILE).exists(), interrupted)
-    time.sleep(3)
-    interrupted.send_signal(signal.SIGINT)
+    _wait_for(lambda: marker.exists() and marker.stat().st_mtime_ns != before, interrupted)
+    time.sleep(2)
+    interrupted.send_signal(signal.SIGINT)  # as Ctrl-C does, while it scores
     _, err = interrupted.communicate(timeout=120)
     assert interrupted.returncode == 130, err[-2000:]
     assert "rerun the same command to resume" in err and "Traceback" not in err
     assert not (root / LOCK_FILE).exists()
-    assert not [p for p in (root / "data").rglob("*") if ".tmp" in p.name]
+    assert not [p for p in root.rglob("*") if ".tmp" in p.name]
 
 
 def _wait_for(condition, process, timeout: float = 300) -> None:
