@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
-        print("interrupted; a rerun resumes from the last checkpoint", file=sys.stderr)
+        print("\ninterrupted. Nothing half-written is left; rerun the same command to resume: finished stages "
+              "and partitions are skipped, a stopped activation pass or training continues from its checkpoint",
+              file=sys.stderr)
         return 130
     except (ValueError, LookupError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -42,8 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config (default: $NEURON_ASSETS_CONFIG, else the embedded demo)")
     commands = parser.add_subparsers(dest="command")
 
-    run = commands.add_parser("run", help="materialize the configured assets in-process, then build the catalog")
+    run = commands.add_parser("run", help="materialize the configured assets in-process, then build the catalog; "
+                              "a rerun skips what is up to date")
     run.add_argument("--select", help="comma-separated asset names (default: all)")
+    run.add_argument("--force", action="store_true", help="recompute every selected asset, up to date or not")
+    run.add_argument("--verbose", action="store_true", help="print a failed step's full trace")
     run.set_defaults(handler=cmd_run)
 
     sql = commands.add_parser("sql", help="run a read-only SQL query against the description database")
@@ -77,27 +82,80 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    import uuid
+
     from neuron_assets.defs.materialize import materialize_config, partition_count
+    from neuron_assets.lock import StoreLocked, writer_lock
     from neuron_assets.store import Store
+    from neuron_assets.validate import validate_config
 
     config = load_config(args.config)
+    validate_config(config)  # before any work, also when the corpus stage is up to date and skipped
     config.root.mkdir(parents=True, exist_ok=True)
     select = [name.strip() for name in args.select.split(",")] if args.select else None
     print(f"neuron-assets: config '{config.name}' ({config.hash}), model {config.subject.model}, "
           f"{partition_count(args.config)} partitions (layer x polarity), storage {config.root}", file=sys.stderr)
     started = time.time()
+    run_id = str(uuid.uuid4())
     try:
-        materialize_config(args.config, select)
-    except RuntimeError as err:
+        with writer_lock(config.root, run_id, command="neuron-assets run"):
+            outcome = materialize_config(args.config, select, force=args.force, terminal_progress=True,
+                                         run_id=run_id, verbose=args.verbose, on_plan=_print_plan)
+            if outcome.interrupted:
+                raise KeyboardInterrupt
+            if not outcome.success:
+                _print_stage_times(outcome, sys.stderr)
+                _print_failure(outcome, args.verbose)
+                return 1
+            store = Store(config.root)
+            views = store.build_catalog()
+    except StoreLocked as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    store = Store(config.root)
-    views = store.build_catalog()
-    _print_summary(store, views, time.time() - started)
+    _print_summary(store, views, outcome, time.time() - started)
     return 0
 
 
-def _print_summary(store, views: list[str], seconds: float) -> None:
+def _print_plan(outcome) -> None:
+    """What the run skips (up to date) and what it computes, before it starts."""
+    skipped = []
+    for asset, parts in outcome.up_to_date.items():
+        if parts and asset not in outcome.planned:
+            skipped.append(asset + ("" if parts == [None] else f" ({len(parts)} partitions)"))
+        elif parts:
+            skipped.append(f"{asset} ({len(parts)} of {len(parts) + len(outcome.planned[asset])} partitions)")
+    if skipped:
+        print("up to date, skipped: " + ", ".join(skipped) + " (--force recomputes)", file=sys.stderr)
+    if not outcome.planned:
+        print("everything is up to date; nothing to compute", file=sys.stderr)
+    else:
+        print("to compute: " + ", ".join(asset + ("" if parts == [None] else f" ({len(parts)} partitions)")
+                                        for asset, parts in outcome.planned.items()), file=sys.stderr)
+
+
+def _print_failure(outcome, verbose: bool) -> None:
+    error = outcome.error
+    print(f"\nerror in {error.step}: {error.summary}", file=sys.stderr)
+    if verbose and error.trace:
+        print(f"\nfull trace:\n{error.trace}", file=sys.stderr)
+    elif error.trace:
+        print("(neuron-assets run --verbose prints the full trace)", file=sys.stderr)
+    print("finished stages and partitions are kept: a rerun skips them", file=sys.stderr)
+
+
+def _print_stage_times(outcome, stream) -> None:
+    if not outcome.up_to_date and not outcome.seconds:
+        return
+    print(f"\n{'stage':<24} {'computed':>9} {'skipped':>8} {'seconds':>8}", file=stream)
+    for asset in outcome.up_to_date:
+        computed, skipped = len(outcome.planned.get(asset, [])), len(outcome.up_to_date.get(asset, []))
+        seconds = outcome.seconds.get(asset)
+        print(f"{asset:<24} {computed:>9} {skipped:>8} {'-' if seconds is None else f'{seconds:.1f}':>8}", file=stream)
+
+
+def _print_summary(store, views: list[str], outcome, seconds: float) -> None:
+    from neuron_assets.failures import format_reasons
+
     con = store.connect()
     print(f"\n{'table':<24} {'partitions':>10} {'rows':>10}")
     for view in views:
@@ -105,6 +163,12 @@ def _print_summary(store, views: list[str], seconds: float) -> None:
         files = len(list((store.data_dir / view).rglob("*.parquet"))) if (store.data_dir / view).exists() else 0
         print(f"{view:<24} {files or '-':>10} {rows:>10}")
     con.close()
+    _print_stage_times(outcome, sys.stdout)
+    for asset, reasons in outcome.failures.items():
+        total = sum(reasons.values())
+        print(f"\nWARNING: {asset}: {total} failed ({format_reasons(reasons)}); the run went on with the rest. "
+              f"See: neuron-assets sql \"select failure, count(*) from {asset} where failure is not null group by 1\"",
+              file=sys.stderr)
     print(f"\ndone in {seconds:.0f} s. DuckDB catalog: {store.catalog_path}")
     print('query it: neuron-assets sql "select layer, polarity, count(*) from exemplars group by all"')
 

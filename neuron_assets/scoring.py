@@ -135,9 +135,10 @@ class CheckpointWritten:
     resumed: bool = False
 
 
-def make_simulator_checkpoint(config: Config, run_id: str, log: Log = _quiet) -> CheckpointWritten:
+def make_simulator_checkpoint(config: Config, run_id: str, log: Log = _quiet, on_step=None) -> CheckpointWritten:
     """Train (or resume, or find already trained) the fine-tuned simulator on the stored
-    training data; record it in ``simulator_checkpoints``."""
+    training data; record it in ``simulator_checkpoints``. ``on_step(stage, step, total,
+    loss)`` follows every training step."""
     if not needs_checkpoint(config):
         reason = (f"simulate.finetuned.checkpoint is set ({config.simulate.finetuned.checkpoint})"
                   if config.simulate.finetuned.checkpoint else
@@ -152,7 +153,7 @@ def make_simulator_checkpoint(config: Config, run_id: str, log: Log = _quiet) ->
     frame = store.read(TRAINING_TABLE).drop("model", "config_hash", "run_id", strict=False)
     added = control_token_forms(_special_tokens(load_tokenizer(config.subject)))
     trained = train_simulator(frame, config.simulate.finetuned, config.simulate.training,
-                              store.checkpoint_dir / "simulator", added, log=log)
+                              store.checkpoint_dir / "simulator", added, log=log, on_step=on_step)
     last = trained.heldout.get(STAGE2) or trained.heldout[STAGE1]
     row = {
         "version": trained.version, "path": str(trained.path), "backbone": config.simulate.finetuned.backbone,
@@ -270,7 +271,8 @@ class ScoresWritten:
 
 
 def make_description_scores(config: Config, layer: int, polarity: Polarity, run_id: str,
-                            scoring: Scoring | None = None, log: Log = _quiet) -> ScoresWritten:
+                            scoring: Scoring | None = None, log: Log = _quiet, on_features=None) -> ScoresWritten:
+    """Every candidate x scorer on val; ``on_features(n)`` as n more features are scored."""
     started = time.perf_counter()
     store = Store(config.root)
     polarity = Polarity(polarity)
@@ -278,7 +280,7 @@ def make_description_scores(config: Config, layer: int, polarity: Polarity, run_
     features = load_feature_exemplars(store, layer, polarity)
     candidates = read_candidates(store, layer, polarity)
     controls = shuffled_controls(features, candidates, config.score.control_seed) if config.score.shuffled_control else {}
-    frame = score_candidates(features, candidates, scoring.scorers, Split.VAL, controls)
+    frame = score_candidates(features, candidates, scoring.scorers, Split.VAL, controls, progress=on_features)
     frame = with_lineage(frame.with_columns(pl.lit(scoring.simulator_version, pl.String).alias("simulator_version")),
                          config.subject.model, config.hash, run_id)
     path = store.write(SCORES_TABLE, frame, layer, polarity.value)
@@ -310,8 +312,9 @@ class DescriptionsWritten:
 
 
 def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run_id: str,
-                             scoring: Scoring | None = None, log: Log = _quiet) -> DescriptionsWritten:
-    """The best candidate by val (score.select_by), then it and its shuffled control on test."""
+                             scoring: Scoring | None = None, log: Log = _quiet, on_features=None) -> DescriptionsWritten:
+    """The best candidate by val (score.select_by), then it and its shuffled control on test;
+    ``on_features(n)`` as n more features are scored on test."""
     started = time.perf_counter()
     store = Store(config.root)
     polarity = Polarity(polarity)
@@ -332,6 +335,8 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
             continue
         described = [row["description"]] + ([row["control_description"]] if row["control_description"] else [])
         test = scorer.score(feature, described, Split.TEST)
+        if on_features is not None:
+            on_features(1)
         rows.append({
             "layer": layer, "polarity": polarity.value, "neuron": row["neuron"], "candidate": row["candidate"],
             "description": row["description"], "scorer": scorer.name, "simulator": row["simulator"],

@@ -14,6 +14,7 @@ from neuron_assets.defs.assets import corpus, exemplar_assets
 from neuron_assets.defs.explain_assets import CHECK, ExplainerResource, explain_assets
 from neuron_assets.defs.partitions import layer_polarity_partitions
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
+from neuron_assets.defs.runs import RunSettings
 from neuron_assets.explain import CANDIDATE_SCHEMA
 from neuron_assets.store import Store
 
@@ -26,7 +27,7 @@ def test_candidate_descriptions_asset_fills_every_partition(tiny_config):
     partitions = layer_polarity_partitions(config)
     assets = [corpus, *exemplar_assets(partitions), *explain_assets(partitions, config)]
     resources = {"settings": NeuronAssetsConfig(config_path=str(path)), "subject": SubjectModelResource(),
-                 "explainer": ExplainerResource()}
+                 "explainer": ExplainerResource(), "run": RunSettings()}
     defs = dg.Definitions(assets=assets, resources=resources)
     dg.Definitions.validate_loadable(defs)
     keys = partitions.get_partition_keys()

@@ -11,8 +11,9 @@ import warnings
 import dagster as dg
 import polars as pl
 
-from neuron_assets.defs.partitions import parse_partition_keys
+from neuron_assets.defs.partitions import parse_partition_keys, partition_key
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
+from neuron_assets.defs.runs import RunSettings
 from neuron_assets.pipeline import Written, make_corpus, make_exemplars
 from neuron_assets.render import markdown_table
 from neuron_assets.store import Store
@@ -27,9 +28,12 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)  # BackfillPolicy is 
     kinds={"parquet"},
     backfill_policy=dg.BackfillPolicy.single_run(),  # lets `dagster asset materialize --partition-range` select corpus too
 )
-def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> dg.MaterializeResult:
+def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, run: RunSettings) -> dg.MaterializeResult:
     config = settings.load()
-    written = make_corpus(config, context.run_id)
+    with run.stage(context, config) as stage:
+        stage.todo()  # the CLI runs corpus only when it is stale
+        written = make_corpus(config, context.run_id)
+        stage.complete(None, [written.path])
     sizes = Store(config.root).read("sequences").group_by("split", "source").len().sort("split", "source")
     per_split = sizes.group_by("split").agg(pl.col("len").sum())["len"].to_list()
     return dg.MaterializeResult(
@@ -57,19 +61,28 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
         check_specs=[dg.AssetCheckSpec("every_feature_has_exemplars", asset="exemplars")],
         kinds={"pytorch", "parquet"},
     )
-    def exemplars(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, subject: SubjectModelResource) -> dg.MaterializeResult:
+    def exemplars(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, subject: SubjectModelResource,
+                  run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
         requested = parse_partition_keys(context.partition_keys)
         if not requested:
             raise dg.Failure("no partitions in the requested range: a layer x polarity range is a rectangle and "
                              "polarity runs pos...neg, e.g. '0|pos...5|neg'")
-        context.log.info(f"one forward pass for {len(requested)} partitions: {[f'{l}|{p.value}' for l, p in requested]}")
-        written = make_exemplars(config, requested, context.run_id, subject=subject.load(config))
         store = Store(config.root)
+        with run.stage(context, config) as stage:
+            requested = stage.todo(requested)
+            if not requested:
+                return dg.MaterializeResult(metadata={"skipped": "every partition is up to date", **stage.metadata()})
+            context.log.info(f"one forward pass for {len(requested)} partitions: {[f'{l}|{p.value}' for l, p in requested]}")
+            with stage.progress.task("activations", _activation_batches(store, config), "batch") as task:
+                written = make_exemplars(config, requested, context.run_id, subject=subject.load(config),
+                                         progress=False, on_batch=lambda done: task.advance(done - task.done))
+            for layer, polarity in requested:
+                stage.complete((layer, polarity), [w.path for w in written if (w.layer, w.polarity) == (layer, polarity.value)])
         missing = _features_without_exemplars(store, written)
         log_partition_checks(context, "every_feature_has_exemplars",
-                             {key: not any((l, p) == (layer, polarity.value) for l, p, _ in missing)
-                              for key, (layer, polarity) in zip(context.partition_keys, requested)})
+                             {partition_key(layer, polarity): not any((l, p) == (layer, polarity.value) for l, p, _ in missing)
+                              for layer, polarity in requested})
         return dg.MaterializeResult(
             metadata={
                 "partitions": len(requested),
@@ -78,6 +91,7 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
                 "written": dg.MetadataValue.md(_written_table(written)),
                 "preview": dg.MetadataValue.md(_preview(store, *requested[0])),
                 "root": dg.MetadataValue.path(str(store.data_dir / "exemplars")),
+                **stage.metadata(),
             },
             data_version=dg.DataVersion(config.sections_hash("subject", "corpus", "features", "exemplars")),
             check_results=[dg.AssetCheckResult(check_name="every_feature_has_exemplars", passed=not missing,
@@ -85,6 +99,12 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
         )
 
     return [exemplars]
+
+
+def _activation_batches(store: Store, config) -> int:
+    """Forward passes of the activation pass: each split in batches of subject.batch_size."""
+    per_split = pl.scan_parquet(store.path("sequences")).group_by("split").len().collect()["len"].to_list()
+    return sum(-(-n // config.subject.batch_size) for n in per_split)
 
 
 def log_partition_checks(context: dg.AssetExecutionContext, check_name: str, passed_by_key: dict) -> None:

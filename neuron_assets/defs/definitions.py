@@ -9,6 +9,7 @@ from neuron_assets.defs.assets import corpus, exemplar_assets
 from neuron_assets.defs.explain_assets import ExplainerResource, explain_assets
 from neuron_assets.defs.partitions import layer_polarity_partitions
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
+from neuron_assets.defs.runs import RunSettings
 from neuron_assets.defs.score_assets import score_definitions
 
 
@@ -26,5 +27,6 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
             "settings": NeuronAssetsConfig(config_path=config_path or ""),
             "subject": SubjectModelResource(),
             "explainer": ExplainerResource(),
+            "run": RunSettings(),
         },
     )

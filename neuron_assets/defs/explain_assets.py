@@ -13,8 +13,10 @@ import polars as pl
 
 from neuron_assets.config import Config, ExplainConfig
 from neuron_assets.defs.assets import log_partition_checks
+from neuron_assets.defs.partitions import partition_key
 from neuron_assets.defs.score_assets import requested_partitions
 from neuron_assets.defs.resources import NeuronAssetsConfig
+from neuron_assets.defs.runs import RunSettings
 from neuron_assets.exemplars import load_feature_exemplars
 from neuron_assets.explain import (
     EXPLAINERS,
@@ -25,6 +27,7 @@ from neuron_assets.explain import (
     make_explainer,
     summarize_candidates,
 )
+from neuron_assets.failures import StageFailed, check_candidates
 from neuron_assets.render import markdown_table
 from neuron_assets.store import Store, with_lineage
 from neuron_assets.subject import load_tokenizer
@@ -64,28 +67,43 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
         kinds={"parquet"},
     )
     def candidate_descriptions(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
-                               explainer: ExplainerResource) -> dg.MaterializeResult:
+                               explainer: ExplainerResource, run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
         store = Store(config.root)
-        backend = explainer.get(config.explain)
-        tokenizer = load_tokenizer(config.subject)
-        corpus = corpus_from_sequences(store.read("sequences"), seed=config.explain.seed)
-        requested = requested_partitions(context)
-        frames, missing, written = [], [], []
-        for layer, polarity in requested:
-            features = load_feature_exemplars(store, layer, polarity)
-            frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
-                                     explainer=backend, corpus=corpus)
-            frame = with_lineage(frame, config.subject.model, config.hash, context.run_id)
-            written.append((layer, polarity.value, frame.height, store.write(TABLE, frame, layer, polarity.value)))
-            missing += [(layer, polarity.value, n) for n in
-                        incomplete_features(frame, [f.feature.index for f in features], config.explain.k)]
-            frames.append(frame)
-            context.log.info(f"layer {layer} {polarity.value}: {frame.height} candidates for {len(features)} features")
-        log_partition_checks(context, CHECK, {key: not any((l, p) == (layer, polarity.value) for l, p, _ in missing)
-                                              for key, (layer, polarity) in zip(context.partition_keys, requested)})
-        summary = summarize_candidates(pl.concat(frames, how="diagonal_relaxed"), config.explain)
+        with run.stage(context, config) as stage:
+            requested = stage.todo(requested_partitions(context))
+            if not requested:
+                return dg.MaterializeResult(metadata={"skipped": "every partition is up to date", **stage.metadata()})
+            backend = explainer.get(config.explain)
+            tokenizer = load_tokenizer(config.subject)
+            corpus = corpus_from_sequences(store.read("sequences"), seed=config.explain.seed)
+            frames, missing, written = [], [], []
+            for layer, polarity in requested:
+                features = load_feature_exemplars(store, layer, polarity)
+                with stage.progress.task(f"explain {layer}|{polarity.value}", len(features) * config.explain.k,
+                                         "candidate") as task:
+                    frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
+                                             explainer=backend, corpus=corpus, on_candidates=task.advance)
+                frame = with_lineage(frame, config.subject.model, config.hash, context.run_id)
+                written.append((layer, polarity.value, frame.height, store.write(TABLE, frame, layer, polarity.value)))
+                missing += [(layer, polarity.value, n) for n in
+                            incomplete_features(frame, [f.feature.index for f in features], config.explain.k)]
+                frames.append(frame)
+                context.log.info(f"layer {layer} {polarity.value}: {frame.height} candidates for {len(features)} features")
+            everything = pl.concat(frames, how="diagonal_relaxed")
+            try:
+                reasons = check_candidates(everything)
+            except StageFailed as err:  # no marker: a rerun tries again
+                raise dg.Failure(str(err), metadata={"failures_by_reason": dg.MetadataValue.json(err.reasons)}) from None
+            for (layer, polarity), (_, _, _, path) in zip(requested, written):
+                stage.complete((layer, polarity), [path])
+        log_partition_checks(context, CHECK, {partition_key(layer, polarity): not any((l, p) == (layer, polarity.value)
+                                                                                      for l, p, _ in missing)
+                                              for layer, polarity in requested})
+        summary = summarize_candidates(everything, config.explain)
         metadata = {
+            "failures_by_reason": dg.MetadataValue.json(reasons),
+            **stage.metadata(),
             "rows": summary.rows,
             "features": summary.features,
             "described": summary.described,

@@ -14,8 +14,9 @@ import polars as pl
 
 from neuron_assets.config import Config
 from neuron_assets.defs.assets import log_partition_checks
-from neuron_assets.defs.partitions import all_partitions_tags, parse_partition_keys
+from neuron_assets.defs.partitions import all_partitions_tags, parse_partition_keys, partition_key
 from neuron_assets.defs.resources import NeuronAssetsConfig
+from neuron_assets.defs.runs import RunSettings, StageRun
 from neuron_assets.plots import (
     best_of_k_figure,
     loss_curve_figure,
@@ -69,12 +70,18 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
         "the candidate descriptions (stage 1 and held-out: one random candidate; stage 2: all, re-ranked later).",
         kinds={"parquet"},
     )
-    def simulator_training_data(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> dg.MaterializeResult:
+    def simulator_training_data(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
+                                run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
-        if not needs_checkpoint(config):
-            return _skipped(config, "no scored simulator is finetuned, or simulate.finetuned.checkpoint is set: "
-                                    "no simulator to train")
-        written = make_simulator_training_data(config, context.run_id, log=context.log.info)
+        with run.stage(context, config) as stage:
+            if not stage.todo():
+                return _up_to_date(stage)
+            if not needs_checkpoint(config):
+                stage.complete(None, [])
+                return _skipped(config, "no scored simulator is finetuned, or simulate.finetuned.checkpoint is set: "
+                                        "no simulator to train")
+            written = make_simulator_training_data(config, context.run_id, log=context.log.info)
+            stage.complete(None, [written.path])
         return dg.MaterializeResult(
             metadata={"rows": written.rows, "features_by_role": written.features, "partitions": written.partitions,
                       "path": dg.MetadataValue.path(str(written.path)), "config_hash": config.hash},
@@ -91,9 +98,15 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
         "Resumes an interrupted training.",
         kinds={"pytorch", "safetensors"},
     )
-    def simulator_checkpoint(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> dg.MaterializeResult:
+    def simulator_checkpoint(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
+                             run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
-        written = make_simulator_checkpoint(config, context.run_id, log=context.log.info)
+        with run.stage(context, config) as stage:
+            if not stage.todo():
+                return _up_to_date(stage)
+            written = make_simulator_checkpoint(config, context.run_id, log=context.log.info,
+                                                on_step=_training_progress(stage))
+            stage.complete(None, [written.path, Store(config.root).path(CHECKPOINTS_TABLE)] if written.trained else [])
         if not written.trained:
             return _skipped(config, written.reason)
         metadata = {
@@ -127,19 +140,27 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
         ],
         kinds={"parquet"},
     )
-    def description_scores(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> dg.MaterializeResult:
+    def description_scores(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
+                           run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
         store = Store(config.root)
-        requested = _requested(context)
-        scoring = Scoring.build(config, store)
-        written = [make_description_scores(config, layer, polarity, context.run_id, scoring, log=context.log.info)
-                   for layer, polarity in requested]
+        with run.stage(context, config) as stage:
+            requested = stage.todo(_requested(context))
+            if not requested:
+                return _up_to_date(stage)
+            scoring = Scoring.build(config, store)
+            written = []
+            for layer, polarity in requested:
+                with _feature_task(stage, store, "score", layer, polarity) as task:
+                    written.append(make_description_scores(config, layer, polarity, context.run_id, scoring,
+                                                           log=context.log.info, on_features=task.advance))
+                stage.complete((layer, polarity), [written[-1].path])
         frame = pl.concat([store.read(SCORES_TABLE, w.layer, w.polarity) for w in written], how="diagonal_relaxed")
         unscored = [(w.layer, w.polarity, n) for w in written for n in w.unscored]
         _log_partition_results(context, written, lambda w: _score_checks(_partition(frame, w), "score") + [
             dg.AssetCheckResult(check_name=EVERY_FEATURE_SCORED, passed=not w.unscored)])
         return dg.MaterializeResult(
-            metadata=_scores_metadata(config, store, frame, scoring, written),
+            metadata={**_scores_metadata(config, store, frame, scoring, written), **stage.metadata()},
             data_version=dg.DataVersion(f"{config.hash}-{scoring.simulator_version}"),
             check_results=_score_checks(frame, "score") + [
                 dg.AssetCheckResult(check_name=EVERY_FEATURE_SCORED, passed=not unscored,
@@ -163,12 +184,21 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
         ],
         kinds={"parquet"},
     )
-    def neuron_descriptions(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> dg.MaterializeResult:
+    def neuron_descriptions(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
+                            run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
         store = Store(config.root)
-        scoring = Scoring.build(config, store)
-        written = [make_neuron_descriptions(config, layer, polarity, context.run_id, scoring, log=context.log.info)
-                   for layer, polarity in _requested(context)]
+        with run.stage(context, config) as stage:
+            requested = stage.todo(_requested(context))
+            if not requested:
+                return _up_to_date(stage)
+            scoring = Scoring.build(config, store)
+            written = []
+            for layer, polarity in requested:
+                with _feature_task(stage, store, "test score", layer, polarity) as task:
+                    written.append(make_neuron_descriptions(config, layer, polarity, context.run_id, scoring,
+                                                            log=context.log.info, on_features=task.advance))
+                stage.complete((layer, polarity), [written[-1].path])
         frame = pl.concat([w.frame for w in written], how="diagonal_relaxed")
         scored = pl.concat([store.read(SCORES_TABLE, w.layer, w.polarity).select("layer", "polarity", "neuron")
                             for w in written]).unique()
@@ -180,7 +210,7 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
             dg.AssetCheckResult(check_name=EVERY_FEATURE_DESCRIBED,
                                 passed=_partition(missing, w).height == 0)])
         return dg.MaterializeResult(
-            metadata=_descriptions_metadata(config, store, frame, written),
+            metadata={**_descriptions_metadata(config, store, frame, written), **stage.metadata()},
             data_version=dg.DataVersion(f"{config.hash}-{frame.height}-{scoring.simulator_version}"),
             check_results=_merge_checks(checks) + [
                 dg.AssetCheckResult(check_name=EVERY_FEATURE_DESCRIBED, passed=missing.height == 0,
@@ -249,12 +279,37 @@ def _log_partition_results(context: dg.AssetExecutionContext, written, checks_of
     """In a range run, each check once per partition (Dagster stores the returned results
     without a partition); ``checks_of(w)`` gives one written partition's results."""
     passed_by_check: dict[str, dict] = {}
-    for key, w in zip(context.partition_keys, written):
+    for w in written:
+        key = partition_key(w.layer, w.polarity)
         for result in checks_of(w):
             by_key = passed_by_check.setdefault(result.check_name, {})
             by_key[key] = by_key.get(key, True) and result.passed
     for name, passed_by_key in passed_by_check.items():
         log_partition_checks(context, name, passed_by_key)
+
+
+def _up_to_date(stage: StageRun) -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata={"skipped": "up to date", **stage.metadata()})
+
+
+def _feature_task(stage: StageRun, store: Store, label: str, layer: int, polarity):
+    """A progress task over one partition's features (counted from neuron_stats, cheaply)."""
+    path = store.path("neuron_stats", layer, polarity.value)
+    total = pl.scan_parquet(path).select(pl.len()).collect().item() if path.exists() else None
+    return stage.progress.task(f"{label} {layer}|{polarity.value}", total, "feature")
+
+
+def _training_progress(stage: StageRun):
+    """on_step for the simulator's training: one task per training stage, its loss shown."""
+    tasks = {}
+
+    def on_step(name: str, step: int, total: int, loss: float) -> None:
+        task = tasks.get(name) or tasks.setdefault(name, stage.progress.start(f"simulator {name}", total, "step"))
+        task.advance(step - task.done, info=f"loss {loss:.3f}")
+        if step >= total:
+            task.finish()
+
+    return on_step
 
 
 def _skipped(config: Config, reason: str) -> dg.MaterializeResult:

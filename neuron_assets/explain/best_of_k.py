@@ -80,9 +80,12 @@ def explain_features(
     progress: bool = True,
     explainer: Explainer | None = None,
     corpus: Sequence[ActivationRecord] | None = None,
+    on_candidates: Callable[[int], object] | None = None,
 ) -> pl.DataFrame:
     """k candidate descriptions for every feature: the ``candidate_descriptions`` columns
     without lineage (model, config_hash, run_id).
+
+    ``on_candidates(n)`` is called as every n more candidates are settled (progress reporting).
 
     ``tokenizer_for_display`` is the subject model's tokenizer: its special tokens are shown
     as ``⟨name⟩``. ``explainer`` defaults to the configured backend, built here. ``corpus``
@@ -97,6 +100,11 @@ def explain_features(
     rows: list[dict] = []
     with tqdm(total=len(features) * config.k, disable=not progress, unit="candidate",
               desc=f"explain ({explainer.backend})") as bar:
+        def settled(n: int = 1) -> None:
+            bar.update(n)
+            if on_candidates is not None:
+                on_candidates(n)
+
         for start in range(0, len(features), FEATURES_PER_ROUND):
             planned = [
                 plan_candidate(feature, candidate, config, builder, puzzles, display, explainer)
@@ -104,13 +112,13 @@ def explain_features(
                 for candidate in range(config.k)
             ]
             requests = [p for p in planned if isinstance(p, ExplainRequest)]
-            results = iter(explainer.explain(requests, corpus, bar.update))
+            results = iter(explainer.explain(requests, corpus, settled))
             for item in planned:
                 if isinstance(item, ExplainRequest):
                     rows.append(candidate_row(item, next(results), explainer))
                 else:
                     rows.append(not_sent_row(item, explainer, builder.name if explainer.reads_prompts else None))
-                    bar.update(1)
+                    settled(1)
     return pl.DataFrame(rows, schema=CANDIDATE_SCHEMA)
 
 

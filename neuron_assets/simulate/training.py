@@ -246,8 +246,10 @@ def train_simulator(
     out_root: Path,
     added_tokens: Sequence[str] = (),
     log: Log = print,
+    on_step: Callable[[str, int, int, float], object] | None = None,
 ) -> TrainedSimulator:
-    """Both stages; the checkpoint lands in ``out_root/<version>/`` (stage1/ and final/)."""
+    """Both stages; the checkpoint lands in ``out_root/<version>/`` (stage1/ and final/).
+    ``on_step(stage, step, total, loss)`` is called after every optimizer step (progress)."""
     started = time.perf_counter()
     version = training_version(frame, model_config, training, added_tokens)
     final_dir = Path(out_root) / version
@@ -286,7 +288,7 @@ def train_simulator(
         examples = [e for f in stage1_rows for e in f.examples]
         log(f"stage 1: {len(examples)} pairs from {len(stage1_rows)} features")
         losses[STAGE1] = fit(simulator, examples, epochs=training.stage1_epochs, seed=training.seed,
-                             resume=work / ".resume-stage1.pt", **fit_args)
+                             resume=work / ".resume-stage1.pt", on_step=_for_stage(on_step, STAGE1), **fit_args)
         heldout[STAGE1] = heldout_correlation(simulator, heldout_rows)
         log(f"stage 1 held-out correlation {heldout[STAGE1].described:.3f} (shuffled {heldout[STAGE1].shuffled:.3f})")
         _save_atomically(simulator, stage1_dir, {"stage": 1, "heldout": asdict(heldout[STAGE1])})
@@ -302,7 +304,7 @@ def train_simulator(
         log(f"stage 2: {len(examples)} pairs from {len(stage2_rows)} features ({changed} re-ranked away from candidate 0)")
         stage2_args = {**fit_args, "learning_rate": training.stage2_learning_rate or training.learning_rate / 3}
         losses[STAGE2] = fit(simulator, examples, epochs=training.stage2_epochs, seed=training.seed + 1,
-                             resume=work / ".resume-stage2.pt", **stage2_args)
+                             resume=work / ".resume-stage2.pt", on_step=_for_stage(on_step, STAGE2), **stage2_args)
         heldout[STAGE2] = heldout_correlation(simulator, heldout_rows)
         log(f"stage 2 held-out correlation {heldout[STAGE2].described:.3f} (shuffled {heldout[STAGE2].shuffled:.3f})")
         final_from = None
@@ -325,6 +327,10 @@ def train_simulator(
         return _read_trained(final_dir)
     os.replace(work, final_dir)
     return result
+
+
+def _for_stage(on_step, stage: str):
+    return None if on_step is None else lambda step, total, loss: on_step(stage, step, total, loss)
 
 
 def _read_trained(directory: Path) -> TrainedSimulator:
@@ -360,9 +366,11 @@ def fit(
     save_every: int = 50,
     active_weight: float = 1.0,
     log: Log = print,
+    on_step: Callable[[int, int, float], object] | None = None,
 ) -> list[float]:
     """Cross-entropy training over the 11 classes at the input tokens; returns the loss per
-    step. With ``resume``, the state is saved every ``save_every`` steps and picked up again."""
+    step. With ``resume``, the state is saved every ``save_every`` steps and picked up again.
+    ``on_step(step, total, loss)`` follows every step (loss: the mean of the last ten)."""
     encoded = [simulator.encoder.encode(e.description, e.record) for e in examples]
     targets = [_targets(pair, example.labels) for pair, example in zip(encoded, examples)]
     steps_per_epoch = math.ceil(len(examples) / batch_size)
@@ -410,6 +418,8 @@ def fit(
         step += 1
         if step % max(1, total // 10) == 0 or step == total:
             log(f"step {step}/{total} loss {np.mean(losses[-max(1, total // 10):]):.4f}")
+        if on_step is not None:
+            on_step(step, total, float(np.mean(losses[-10:])))
         if resume is not None and (step % save_every == 0) and step < total:
             with atomic_path(resume) as temp:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
