@@ -152,10 +152,13 @@ def cmd_show(args) -> int:
 
     config = load_config(args.config)
     store = Store(config.root)
-    features = {f.feature.index: f for f in load_feature_exemplars(store, args.layer, Polarity(args.polarity))}
-    feature = features.get(args.neuron)
+    features = load_feature_exemplars(store, args.layer, Polarity(args.polarity), neurons=[args.neuron])  # one neuron read
+    feature = features[0] if features else None
     if feature is None:
-        some = ", ".join(str(n) for n in sorted(features)[:20])
+        import polars as pl
+
+        collected = pl.read_parquet(store.path("neuron_stats", args.layer, args.polarity), columns=["neuron"])["neuron"]
+        some = ", ".join(str(n) for n in sorted(collected.to_list())[:20])
         raise LookupError(f"neuron {args.neuron} of layer {args.layer} was not collected; collected neurons include {some} "
                           "(set features.neurons to collect others)")
     stats = feature.stats

@@ -64,7 +64,8 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
             raise dg.Failure("no partitions in the requested range: a layer x polarity range is a rectangle and "
                              "polarity runs pos...neg, e.g. '0|pos...5|neg'")
         context.log.info(f"one forward pass for {len(requested)} partitions: {[f'{l}|{p.value}' for l, p in requested]}")
-        written = make_exemplars(config, requested, context.run_id, subject=subject.load(config))
+        run = make_exemplars(config, requested, context.run_id, subject=subject.load(config), log=context.log.info)
+        written = run.written
         store = Store(config.root)
         missing = _features_without_exemplars(store, written)
         log_partition_checks(context, "every_feature_has_exemplars",
@@ -78,6 +79,9 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
                 "written": dg.MetadataValue.md(_written_table(written)),
                 "preview": dg.MetadataValue.md(_preview(store, *requested[0])),
                 "root": dg.MetadataValue.path(str(store.data_dir / "exemplars")),
+                "passes": run.plan.passes,
+                "plan": dg.MetadataValue.md("```\n" + run.plan.describe() + "\n```"),
+                "plan_json": dg.MetadataValue.json(run.plan.as_dict()),
             },
             data_version=dg.DataVersion(config.sections_hash("subject", "corpus", "features", "exemplars")),
             check_results=[dg.AssetCheckResult(check_name="every_feature_has_exemplars", passed=not missing,
