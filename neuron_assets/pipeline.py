@@ -57,11 +57,13 @@ def make_exemplars(
     progress: bool = True,
     on_batch=None,
     log=print,
+    measured: dict | None = None,
 ) -> ExemplarRun:
     """Exemplars and neuron stats of the requested (layer, polarity) partitions, from one
     forward pass over the corpus per group of the plan (one, unless the state exceeds the
     device budget), each stopping after its deepest layer. Each layer's tables are written
-    as soon as its last pass is done. ``log`` receives the plan before reading starts."""
+    as soon as its last pass is done. ``log`` receives the plan before reading starts;
+    ``measured`` (a dict) receives the state sizes the run reached."""
     store = Store(config.root)
     if not store.exists("sequences"):
         store.read("sequences")  # raises the error that says how to make the table
@@ -91,7 +93,7 @@ def make_exemplars(
 
     collect_exemplars(
         subject, sequences, selected, polarities, config.exemplars, batch_size=batch_size, seed=seed,
-        checkpoint=checkpoint, progress=progress, on_batch=on_batch, plan=plan, on_tables=write,
+        checkpoint=checkpoint, progress=progress, on_batch=on_batch, plan=plan, on_tables=write, measured=measured,
     )
     written.sort(key=lambda w: (w.layer, w.polarity, w.table))
     return ExemplarRun(written, plan)
