@@ -166,11 +166,13 @@ def collect_exemplars(
                 _save_progress(checkpoint, signature, group_no, done, split, state)
             if on_batch is not None:
                 on_batch(group_no * len(batches) + done)
-        tables = state.tables(corpus, config, seed)
+        for key, pair in state.tables(corpus, config, seed):  # one layer x polarity at a time: host memory stays bounded
+            if checkpoint is not None:
+                _save_group_table(checkpoint, group_no, key, pair)
+            layers.add({key: pair})
         del state
         if checkpoint is not None:
-            _save_group_tables(checkpoint, signature, group_no, tables)
-        layers.add(tables)
+            _finish_group(checkpoint, signature, group_no)
     bar.close()
     report.finish(plan)
     if checkpoint is not None:
@@ -456,12 +458,14 @@ class _KeptSequences:
         kept.keys = torch.full((features, k), -torch.inf, device=device)
         kept.extremes = torch.full((features, k), -torch.inf, device=device)
         kept.seq_ids = torch.full((features, k), -1, dtype=torch.long, device=device)
-        kept.acts = torch.zeros((features, k, seq_len), dtype=dtype, device=device)
+        # Slots are written before they are read (an empty slot's key is -inf and it is never
+        # shown), so the large buffer is left uninitialized rather than zeroed.
+        kept.acts = torch.empty((features, k, seq_len), dtype=dtype, device=device)
         return kept
 
-    def offer(self, cols: slice, keys, extremes, seq_ids, acts, counted) -> None:
-        """keys, extremes: (B, Fc) for the features ``cols``; seq_ids: (B,); acts: (B, T, Fc);
-        counted: (B, T).
+    def offer(self, cols: slice, keys, extremes, seq_ids, chunk: _Chunk) -> None:
+        """keys, extremes: (B, Fc) for the features ``cols``; seq_ids: (B,); chunk: the
+        batch's activations of those features.
 
         Only features where some candidate beats the k-th kept key are merged. The kept set
         is unordered (ranks come at the end): a candidate that enters takes the slot of one
@@ -488,7 +492,7 @@ class _KeptSequences:
         self.keys[target, leave_slot] = candidates[enter_row, enter_seq]
         self.extremes[target, leave_slot] = extremes[enter_seq, local]
         self.seq_ids[target, leave_slot] = seq_ids[enter_seq]
-        self.acts[target, leave_slot] = (acts[enter_seq, :, local] * counted[enter_seq]).to(self.acts.dtype)
+        self.acts[target, leave_slot] = chunk.rows(enter_seq, local).to(self.acts.dtype)
 
     def rows(self, cols: slice) -> _KeptSequences:
         part = _KeptSequences()
@@ -518,6 +522,26 @@ class _KeptSequences:
         for name in cls.NAMES:
             setattr(kept, name, saved[name].to(device))
         return kept
+
+
+class _Chunk:
+    """One batch's activations of a slice of features, (B, T, Fc), with the counted mask."""
+
+    def __init__(self, acts: torch.Tensor, counted: torch.Tensor):
+        self.acts, self.counted = acts, counted
+        self._by_feature: torch.Tensor | None = None
+
+    def rows(self, seq: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """(n, T) activations of (sequence, feature) pairs, zero where a token does not count.
+        When many pairs are wanted (early in a pass), one masked transpose to (B, Fc, T) makes
+        every row a contiguous copy; a few are gathered from the strided activations."""
+        if self._by_feature is None and seq.numel() * 8 >= self.acts.shape[0] * self.acts.shape[2]:
+            batch, tokens, features = self.acts.shape
+            self._by_feature = torch.empty((batch, features, tokens), dtype=self.acts.dtype, device=self.acts.device)
+            torch.mul(self.acts.transpose(1, 2), self.counted.unsqueeze(1), out=self._by_feature)
+        if self._by_feature is not None:
+            return self._by_feature[seq, feature]
+        return self.acts[seq, :, feature] * self.counted[seq]
 
 
 class _SplitState:
@@ -614,15 +638,29 @@ class _TokenStats:
         return cls({k: v.to(device) for k, v in saved["sums"].items()}, saved["token_keys"].to(device),
                    saved["token_values"].to(device))
 
+    def _quantiles(self, cols: slice, polarity: Polarity) -> np.ndarray | None:
+        """(len(STAT_QUANTILES), F) nearest-rank quantiles of the token sample in the polarity's
+        orientation. One partial sort per layer serves both polarities: the q-quantile of -x is
+        minus the value at the mirrored rank of x."""
+        if getattr(self, "_ordered_for", None) != (cols.start, cols.stop):
+            sample = self.token_values[torch.isfinite(self.token_keys), cols].float().numpy().T  # (F, n)
+            n = sample.shape[1]
+            ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
+            self._ranks = ranks
+            self._ordered = np.partition(sample, sorted({*ranks, *(n - 1 - r for r in ranks)}), axis=1) if n else None
+            self._ordered_for = (cols.start, cols.stop)
+        if self._ordered is None:
+            return None
+        n = self._ordered.shape[1]
+        if polarity is Polarity.POS:
+            return np.stack([self._ordered[:, r] for r in self._ranks]).astype(np.float32)
+        return np.stack([-self._ordered[:, n - 1 - r] for r in self._ranks]).astype(np.float32)
+
     def frame(self, polarity: Polarity, cols: slice, train_top: _KeptSequences) -> pl.DataFrame:
         n = max(float(self.sums["n_tokens"]), 1.0)
         mean = self.sums["sum"][cols] / n
         variance = (self.sums["sumsq"][cols] / n - mean**2).clamp(min=0)
-        sample = self.token_values[torch.isfinite(self.token_keys), cols].float() * polarity.sign
-        quantiles = None
-        if sample.shape[0]:  # nearest-rank quantiles from one sort; torch.quantile is far slower on wide inputs
-            ordered = sample.T.contiguous().sort(dim=1).values  # (F, sample), rows contiguous for the sort
-            quantiles = ordered[:, [round(q * (sample.shape[0] - 1)) for q in STAT_QUANTILES]].T
+        quantiles = self._quantiles(cols, polarity)
         active = self.sums["n_pos"] if polarity is Polarity.POS else self.sums["n_neg"]
         columns = {
             "max": train_top.extremes.amax(dim=1).cpu().numpy(),
@@ -631,7 +669,7 @@ class _TokenStats:
             "frac_active": (active[cols] / n).float().cpu().numpy(),
         }
         for i, q in enumerate(STAT_QUANTILES):
-            columns[_quantile_column(q)] = quantiles[i].cpu().numpy() if quantiles is not None else np.zeros(len(mean))
+            columns[_quantile_column(q)] = quantiles[i] if quantiles is not None else np.zeros(len(mean), dtype=np.float32)
         columns["n_tokens"] = np.full(len(mean), int(n), dtype=np.int64)
         return pl.DataFrame({name: np.asarray(values) for name, values in columns.items()})
 
@@ -678,13 +716,14 @@ class _PassState:
                 chunk = acts[..., lo : lo + step]
                 cols = slice(offset + lo, offset + lo + chunk.shape[-1])
                 highest, lowest = ranges.extremes(chunk)
+                offered = _Chunk(chunk, counted)
                 for polarity in self.polarities:
                     extremes = highest if polarity is Polarity.POS else -lowest
-                    state.top[polarity.value].offer(cols, extremes, extremes, seq_ids, chunk, counted)
+                    state.top[polarity.value].offer(cols, extremes, extremes, seq_ids, offered)
                     reservoir = state.reservoir.get(polarity.value)
                     if reservoir is not None:
                         keys = torch.where(extremes > 0, sequence_keys.unsqueeze(1), -torch.inf)
-                        reservoir.offer(cols, keys, extremes, seq_ids, chunk, counted)
+                        reservoir.offer(cols, keys, extremes, seq_ids, offered)
                 for row, slot in hits:
                     state.random_acts[slot, cols] = (chunk[row] * counted[row].unsqueeze(-1)).T.to(self.dtype)
                 if train:
@@ -717,14 +756,13 @@ class _PassState:
 
     # -- turning the state into tables ------------------------------------------------------
 
-    def tables(self, corpus: _Corpus, config: ExemplarsConfig, seed: int) -> dict:
-        """(layer, polarity) -> (exemplars, stats) of this group's features, built layer by
-        layer on the host, so the end-of-pass sorts are one layer wide."""
+    def tables(self, corpus: _Corpus, config: ExemplarsConfig, seed: int):
+        """((layer, polarity), (exemplars, stats)) of this group's features, one at a time,
+        built on the host, so the end-of-pass sorts are one layer wide."""
         for split in Split:  # a split the corpus does not have keeps empty exemplars
             if split.value not in self.splits:
                 self.split_state(split.value)
                 self.finish_split(split.value)
-        tables = {}
         for layer in self.layout.layers:
             cols = self.layout.columns(layer)
             for polarity in self.polarities:
@@ -745,9 +783,8 @@ class _PassState:
                     pl.lit(polarity.value).alias("polarity"),
                 )
                 exemplars = _exemplar_frame(blocks, self.layout.neurons[layer], layer, polarity, corpus.n_tokens_of)
-                tables[(layer, polarity)] = (exemplars, stats.select("layer", "polarity", "neuron",
-                                                                     pl.exclude("layer", "polarity", "neuron")))
-        return tables
+                yield (layer, polarity), (exemplars, stats.select("layer", "polarity", "neuron",
+                                                                  pl.exclude("layer", "polarity", "neuron")))
 
 
 class _LayerAssembler:
@@ -842,34 +879,48 @@ def _random_block(state: _SplitState, cols: slice, split: Split, polarity: Polar
 
 
 def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarity, n_tokens: np.ndarray) -> pl.DataFrame:
-    parts = []
-    neuron_ids = np.asarray(neuron_ids, dtype=np.int32)
-    for block in blocks:
-        valid = block.valid.cpu().numpy()
-        feature, slot = np.nonzero(valid)
+    """The rows of one layer x polarity, ordered by neuron, split, kind and rank without a
+    sort of the activation lists: blocks are taken in (split, kind) order and their rows are
+    interleaved by one lexsort of small keys; activations become float16 once."""
+    blocks = sorted(blocks, key=lambda b: (b.split.value, b.kind.value))
+    features, codes, slots, seq_ids, extremes, bins, acts = [], [], [], [], [], [], []
+    for code, block in enumerate(blocks):
+        feature, slot = np.nonzero(block.valid.cpu().numpy())
         if feature.size == 0:
             continue
-        seq_ids = block.seq_ids.cpu().numpy()[feature, slot]
-        lengths = n_tokens[seq_ids]
-        acts = block.acts[torch.as_tensor(feature), torch.as_tensor(slot)].float().cpu().numpy()  # (rows, T)
-        keep = np.arange(acts.shape[1])[None, :] < lengths[:, None]
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        activations = pa.ListArray.from_arrays(pa.array(offsets), pa.array(acts[keep].astype(np.float16)))
-        bins = block.bins.cpu().numpy()[feature, slot] if block.bins is not None else np.full(len(feature), None)
-        parts.append(pa.table({
-            "layer": pa.array(np.full(len(feature), layer, dtype=np.int16)),
-            "polarity": pa.array([polarity.value] * len(feature)),
-            "neuron": pa.array(neuron_ids[feature]),
-            "split": pa.array([block.split.value] * len(feature)),
-            "kind": pa.array([block.kind.value] * len(feature)),
-            "rank": pa.array(slot.astype(np.int16)),
-            "bin": pa.array(bins, type=pa.int16()),
-            "seq_id": pa.array(seq_ids.astype(np.int64)),
-            "extreme": pa.array(block.extremes.float().cpu().numpy()[feature, slot].astype(np.float32)),
-            "activations": activations,
-        }))
-    frame = pl.from_arrow(pa.concat_tables(parts))
-    return frame.sort("neuron", "split", "kind", "rank")
+        features.append(feature)
+        codes.append(np.full(feature.size, code, dtype=np.int8))
+        slots.append(slot)
+        seq_ids.append(block.seq_ids.cpu().numpy()[feature, slot])
+        extremes.append(block.extremes.float().cpu().numpy()[feature, slot])
+        bins.append(block.bins.cpu().numpy()[feature, slot] if block.bins is not None else np.full(feature.size, -1))
+        acts.append(block.acts[torch.as_tensor(feature), torch.as_tensor(slot)].cpu().to(torch.float16).numpy())
+    feature, code, slot = np.concatenate(features), np.concatenate(codes), np.concatenate(slots)
+    order = np.lexsort((slot, code, feature))
+    feature, code, slot = feature[order], code[order], slot[order]
+    seq_id = np.concatenate(seq_ids)[order].astype(np.int64)
+    rows = np.concatenate(acts)[order]  # (rows, T) float16
+    lengths = n_tokens[seq_id]
+    keep = np.arange(rows.shape[1])[None, :] < lengths[:, None]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    bin_values = np.concatenate(bins)[order]
+
+    def labels(values: list[str]) -> pa.Array:
+        return pa.DictionaryArray.from_arrays(pa.array(code, pa.int8()), pa.array(values)).cast(pa.string())
+
+    table = pa.table({
+        "layer": pa.array(np.full(len(feature), layer, dtype=np.int16)),
+        "polarity": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(feature), np.int8)), pa.array([polarity.value])).cast(pa.string()),
+        "neuron": pa.array(np.asarray(neuron_ids, dtype=np.int32)[feature]),
+        "split": labels([b.split.value for b in blocks]),
+        "kind": labels([b.kind.value for b in blocks]),
+        "rank": pa.array(slot.astype(np.int16)),
+        "bin": pa.array(bin_values.astype(np.int16), mask=bin_values < 0),
+        "seq_id": pa.array(seq_id),
+        "extreme": pa.array(np.concatenate(extremes)[order].astype(np.float32)),
+        "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows[keep])),
+    })
+    return pl.from_arrow(table)
 
 
 # -- the corpus as the pass reads it ------------------------------------------------------
@@ -1068,11 +1119,14 @@ def _save_progress(checkpoint: Path, signature: str, group: int, done: int, spli
                     "state": state.splits[split].state(), "stats": stats}, tmp)
 
 
-def _save_group_tables(checkpoint: Path, signature: str, group: int, tables: dict) -> None:
-    for (layer, polarity), (exemplars, stats) in tables.items():
-        for name, frame in (("exemplars", exemplars), ("stats", stats)):
-            with atomic_path(checkpoint / f"group-{group}.{layer}.{polarity.value}.{name}.parquet") as tmp:
-                frame.write_parquet(tmp)
+def _save_group_table(checkpoint: Path, group: int, key: tuple[int, Polarity], pair) -> None:
+    layer, polarity = key
+    for name, frame in zip(("exemplars", "stats"), pair):
+        with atomic_path(checkpoint / f"group-{group}.{layer}.{polarity.value}.{name}.parquet") as tmp:
+            frame.write_parquet(tmp)
+
+
+def _finish_group(checkpoint: Path, signature: str, group: int) -> None:
     with atomic_path(checkpoint / f"group-{group}.done") as tmp:
         tmp.write_text(signature)
     for path in checkpoint.glob(f"group-{group}.*.pt"):

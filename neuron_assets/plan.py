@@ -61,7 +61,10 @@ class ModelShape:
             path = path / "config.json"
         if not path.is_file():
             raise PlanError(f"no model config at {path}; pass --shape with a folder or config.json of the model")
-        raw = json.loads(path.read_text())
+        return cls.from_config_json_dict(json.loads(path.read_text()), str(path))
+
+    @classmethod
+    def from_config_json_dict(cls, raw: dict, path: str = "the model config") -> ModelShape:
         raw = raw.get("text_config", raw)
 
         def first(*names, default=None):
