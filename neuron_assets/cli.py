@@ -4,6 +4,7 @@
     neuron-assets sql "select ..."             read-only SQL over the catalog
     neuron-assets show 3 975 --polarity pos    a neuron's description and exemplars, activating tokens marked
     neuron-assets config                       the effective config, every field documented
+    neuron-assets plan --device h100           each stage's memory, device-hours, disk and cost, before a run
     neuron-assets ui                           the Dagster UI on the same storage
 """
 
@@ -71,6 +72,20 @@ def _parser() -> argparse.ArgumentParser:
 
     show_config = commands.add_parser("config", help="print the effective config as YAML, every field documented")
     show_config.set_defaults(handler=cmd_config)
+
+    plan = commands.add_parser("plan", help="predict each stage's peak device memory, device-hours, disk, explainer "
+                               "tokens and cost from the config and the model's shape (no weights read)")
+    plan.add_argument("--device", choices=["h100", "h200", "a100", "cpu"],
+                      help="the device each stage runs on (default: h100 when subject.device is cuda or a GPU is here, else cpu)")
+    plan.add_argument("--shape", help="the subject's config.json or model folder (default: beside the config as "
+                      "<config>.shape.json, the model's folder, or the Hugging Face cache)")
+    plan.add_argument("--tokens-per-s", type=float, help="measured bare-forward tokens/s of the subject on that device "
+                      "(default: from FLOPs at --mfu of the bf16 peak)")
+    plan.add_argument("--mfu", type=float, default=0.55, help="share of the bf16 peak a forward pass reaches")
+    plan.add_argument("--collect-efficiency", type=float, help="collecting pass / bare pass tokens/s, from "
+                      "bench/activations.py (default 0.9 on a GPU, 0.7 on CPU)")
+    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.set_defaults(handler=cmd_plan)
 
     ui = commands.add_parser("ui", help="start the Dagster UI (dagster dev) on this config's storage")
     ui.add_argument("--port", type=int, default=3000)
@@ -329,10 +344,13 @@ def cmd_show(args) -> int:
         if damaged is not None:
             raise LookupError(f"{damaged.path} is damaged ({damaged.problem}); rerun that partition: "
                               f"{rerun_command(damaged, store, args.config)}")
-    features = {f.feature.index: f for f in load_feature_exemplars(store, args.layer, Polarity(args.polarity))}
-    feature = features.get(args.neuron)
+    features = load_feature_exemplars(store, args.layer, Polarity(args.polarity), neurons=[args.neuron])  # one neuron read
+    feature = features[0] if features else None
     if feature is None:
-        some = ", ".join(str(n) for n in sorted(features)[:20])
+        import polars as pl
+
+        collected = pl.read_parquet(store.path("neuron_stats", args.layer, args.polarity), columns=["neuron"])["neuron"]
+        some = ", ".join(str(n) for n in sorted(collected.to_list())[:20])
         raise LookupError(f"neuron {args.neuron} of layer {args.layer} was not collected; collected neurons include {some} "
                           "(set features.neurons to collect others)")
     stats = feature.stats
@@ -366,6 +384,39 @@ def cmd_config(args) -> int:
     from neuron_assets.config import documented_yaml
 
     print(documented_yaml(load_config(args.config)), end="")
+    return 0
+
+
+# -- plan ---------------------------------------------------------------------------------
+
+
+def cmd_plan(args) -> int:
+    from neuron_assets.plan import Rates, find_model_shape, plan_run
+
+    config = load_config(args.config)
+    device = args.device
+    if device is None:
+        wants_gpu = config.subject.device.startswith("cuda")
+        if config.subject.device == "auto":
+            import torch
+
+            wants_gpu = torch.cuda.is_available()
+        device = "h100" if wants_gpu else "cpu"
+    shape, source = find_model_shape(config, args.config, args.shape)
+    explainer = None
+    if config.explain.model:
+        try:
+            explainer, _ = find_model_shape(config, args.config, model=config.explain.model)
+        except ValueError:
+            explainer = None  # the explainer's size then defaults to 8B
+    efficiency = args.collect_efficiency or (0.7 if device == "cpu" else 0.9)
+    rates = Rates(subject_tokens_per_s=args.tokens_per_s, mfu=args.mfu, collect_efficiency=efficiency)
+    result = plan_run(config, shape, source, device, rates, explainer)
+    if args.format == "json":
+        json.dump(result.as_dict(), sys.stdout, indent=1)
+        print()
+    else:
+        print(result.table())
     return 0
 
 

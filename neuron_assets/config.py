@@ -174,6 +174,12 @@ class ExemplarsConfig(Section):
     """Train tokens sampled (the same for every feature) for approximate quantiles."""
     checkpoint_every: int = Field(50, ge=1)
     """Batches between resumable checkpoints."""
+    device_memory_gb: float | None = Field(None, gt=0)
+    """Memory (GB, 10^9 bytes) the exemplar pass may use on the subject's device for its
+    state and one batch of captured activations. null: 90% of what is free on the GPU once
+    the model is loaded, or on CPU 80% of the available host memory. When the state of all
+    requested features does not fit, the features are split into groups and the corpus is
+    read once per group; `neuron-assets plan` shows the grouping before a run."""
 
 
 class PromptFormat(str, Enum):

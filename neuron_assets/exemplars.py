@@ -1,6 +1,6 @@
 """Exemplars: per feature and polarity, the sequences that show what the feature does.
 
-One streaming pass over the corpus, all layers at once, keeps on the model's device:
+A streaming pass over the corpus, all requested layers at once, keeps on the model's device:
 
 - the top-k sequences per split by per-sequence max (pos) or min (neg) activation;
 - a uniform reservoir of *activating* sequences per split, from which activation-quantile
@@ -9,17 +9,25 @@ One streaming pass over the corpus, all layers at once, keeps on the model's dev
 - running sums for mean / std / fraction active, and a uniform sample of train tokens,
   the same for every feature, for approximate quantiles.
 
-Memory is O(features x (k x seq_len + token sample)), independent of corpus size; the split
-being read stays on the device and finished splits move to host memory. The fixed prefix of
-each sequence and the padding never count. Long runs checkpoint and resume.
+Memory is O(features x (k x seq_len + token sample)), independent of corpus size. The pass
+is planned before it reads (:func:`plan_exemplar_pass`): a split's state is allocated on the
+device when its first batch arrives and moves to host memory when it is done, so the device
+holds one split; when even that exceeds the device budget (``exemplars.device_memory_gb``)
+the features are split into groups and the corpus is read once per group, each pass
+stopping after the group's deepest layer. Per-batch work runs over slices of the feature
+axis, and top-k merges only the features a batch can change. The fixed prefix of each
+sequence and the padding never count. Long runs checkpoint (a folder that grows with the
+work done) and resume.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuron_assets.config import ExemplarsConfig, FeaturesConfig
+from neuron_assets.plan import exemplar_state_bytes
 from neuron_assets.store import Store, atomic_path, set_aside
 from neuron_assets.subject import SubjectError, SubjectModel
 from neuron_assets.types import (
@@ -90,130 +99,332 @@ def collect_exemplars(
     checkpoint: Path | None = None,
     progress: bool = True,
     on_batch=None,
+    plan: ExemplarPlan | None = None,
+    on_tables=None,
+    measured: dict | None = None,
 ) -> dict[tuple[int, Polarity], tuple[pl.DataFrame, pl.DataFrame]]:
-    """(layer, polarity) -> (exemplars table, neuron_stats table), from one pass over the corpus.
+    """(layer, polarity) -> (exemplars table, neuron_stats table), from one pass over the corpus
+    per group of the plan (one group, one pass, unless the state exceeds the device budget).
 
-    ``checkpoint`` is a file the run saves its state to every ``config.checkpoint_every``
-    batches and resumes from when it is there and matches this run. ``on_batch(n_done)`` is
-    called after each batch (progress reporting; it may raise to stop the run).
+    ``sequences`` needs only seq_id, split, token_ids, prefix_len and n_tokens. ``plan`` is
+    :func:`plan_exemplar_pass`'s (made here when None). ``checkpoint`` is a folder the run
+    saves its progress to and resumes from when it is there and matches this run: every
+    ``config.checkpoint_every`` batches the split being read, each finished split and each
+    finished group once. ``on_batch(n_done)`` is called after each batch, counted over all
+    passes (progress reporting; it may raise to stop the run). ``on_tables(layer, polarity,
+    exemplars, stats)``, when given, receives each layer's tables as soon as its last group is
+    done, and nothing is kept for the return value. ``measured``, when given, is filled with
+    the state sizes the run reached (bytes), to hold against the plan.
     """
     if sequences.height == 0:
         raise ValueError("the sequences table is empty; build the corpus first (the 'corpus' asset)")
     subject.check_layers(list(neurons))
-    layout = _FeatureLayout(neurons)
-    seq_len = int(sequences["n_tokens"].max())
-    batches = _plan_batches(sequences, batch_size)
+    corpus = _Corpus(sequences, subject.tokenizer)
+    batches = _plan_batches(corpus.splits, batch_size)
     random_ids = _random_sequence_ids(sequences, config.random_per_split, seed)
     signature = _signature(subject.name, sequences, neurons, polarities, config, batch_size, seed)
+    if plan is None:
+        plan = plan_exemplar_pass(neurons, polarities, config, corpus.seq_len, batch_size, subject.device, subject.dtype)
+    resume = _load_checkpoint(checkpoint, signature) if checkpoint is not None else None
+    if resume is not None and resume.groups != plan.group_neurons():
+        plan = plan.regrouped(resume.groups)  # a resumed run keeps the grouping its checkpoint was made with
+    if checkpoint is not None and resume is None:
+        _start_checkpoint(checkpoint, signature, plan)
 
-    state = _CollectorState.fresh(layout.total, polarities, config, seq_len, random_ids, subject.device, subject.dtype)
-    start = 0
-    saved = load_checkpoint(checkpoint, signature) if checkpoint is not None else None
-    if saved is not None:
-        state = _CollectorState.from_saved(saved["state"], subject.device)
-        start = saved["batches_done"]
-        for split in {batches[i][0] for i in range(start)} - {batches[start][0]}:
-            state.offload(split)  # finished before the checkpoint: back to host memory
-
-    neuron_index = {  # None reads a whole layer without a copy
-        layer: None if idx == list(range(subject.neurons_per_layer(layer))) else torch.tensor(idx, dtype=torch.long)
-        for layer, idx in neurons.items()
-    }
-    bar = tqdm(total=len(batches), initial=start, desc="activations", unit="batch", disable=not progress)
-    for batch_no in range(start, len(batches)):
-        split, rows = batches[batch_no]
-        ids, mask, counted, seq_ids = _batch_tensors(sequences, rows, seq_len, subject.tokenizer)
-        per_layer = subject.activations(ids, mask, neuron_index)
-        acts = torch.cat([per_layer[layer] for layer in layout.layers], dim=-1)  # (B, T, F)
-        counted = counted.to(acts.device)
-        acts = acts.masked_fill(~counted.unsqueeze(-1), 0)
-        state.update(split, acts, counted, seq_ids.to(acts.device), _batch_keys(seed, batch_no, len(rows), seq_len))
-        bar.update(1)
-        done = batch_no + 1
-        if done == len(batches) or batches[done][0] != split:
-            state.offload(split)  # a finished split's exemplars wait in host memory
-        if checkpoint is not None and done % config.checkpoint_every == 0 and done < len(batches):
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"signature": signature, "batches_done": done, "state": state.to_saved()}, tmp)
-        if on_batch is not None:
-            on_batch(done)
+    collected: dict = {}
+    layers = _LayerAssembler(neurons, on_tables or (lambda layer, polarity, ex, st: collected.__setitem__((layer, polarity), (ex, st))))
+    report = _Measured(measured)
+    bar = tqdm(total=len(plan.groups) * len(batches), desc="activations", unit="batch", disable=not progress)
+    for group_no, group in enumerate(plan.groups):
+        if resume is not None and group_no in resume.finished:
+            layers.add(_read_group_tables(checkpoint, group_no))
+            bar.update(len(batches))
+            continue
+        state = _PassState(group.neurons, polarities, config, corpus.seq_len, random_ids, subject.device, subject.dtype)
+        start = 0
+        if resume is not None and resume.group == group_no:
+            start = state.restore(checkpoint, resume, subject.device)
+            bar.update(start)
+        neuron_index = {  # None reads a whole layer without a copy
+            layer: None if idx == list(range(subject.neurons_per_layer(layer))) else torch.tensor(idx, dtype=torch.long)
+            for layer, idx in group.neurons.items()
+        }
+        for batch_no in range(start, len(batches)):
+            split, rows = batches[batch_no]
+            batch = corpus.batch(rows)
+            per_layer = subject.activations(batch.ids, batch.mask, neuron_index)
+            state.update(split, per_layer, batch, _batch_keys(seed, batch_no, len(rows), corpus.seq_len))
+            del per_layer
+            report.observe(state)
+            bar.update(1)
+            done = batch_no + 1
+            if done == len(batches) or batches[done][0] != split:
+                state.finish_split(split)  # a finished split's exemplars wait in host memory
+                if checkpoint is not None:
+                    _save_split(checkpoint, signature, group_no, done, split, state)
+            elif checkpoint is not None and done % config.checkpoint_every == 0:
+                _save_progress(checkpoint, signature, group_no, done, split, state)
+            if on_batch is not None:
+                on_batch(group_no * len(batches) + done)
+        for key, pair in state.tables(corpus, config, seed):  # one layer x polarity at a time: host memory stays bounded
+            if checkpoint is not None:
+                _save_group_table(checkpoint, group_no, key, pair)
+            layers.add({key: pair})
+        del state
+        if checkpoint is not None:
+            _finish_group(checkpoint, signature, group_no)
     bar.close()
-
-    tables = state.tables(layout, sequences, polarities, config, seed)
+    report.finish(plan)
     if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
-    return tables
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return collected
 
 
-def load_checkpoint(checkpoint: Path, signature: str) -> dict | None:
-    """The saved state of this run, or None to start the pass afresh: a checkpoint of another
-    run is ignored, and one that cannot be read (a torn or foreign file) is set aside, renamed
-    and not deleted, with a warning that names it."""
-    if not checkpoint.exists():
-        return None
-    try:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if not isinstance(saved, dict) or not {"signature", "batches_done", "state"} <= saved.keys():
-            raise ValueError("not a checkpoint of the exemplars stage")
-    except Exception as err:  # torch.load raises many types for a damaged file
-        aside = set_aside(checkpoint)
-        warnings.warn(f"checkpoint {checkpoint} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                      f"set it aside as {aside.name} and starting the activation pass from the beginning", stacklevel=3)
-        return None
-    if saved["signature"] != signature:
-        warnings.warn(f"ignoring checkpoint {checkpoint}: it was made by a different run", stacklevel=3)
-        return None
-    return saved
+def plan_exemplar_pass(
+    neurons: dict[int, list[int]],
+    polarities: list[Polarity],
+    config: ExemplarsConfig,
+    seq_len: int,
+    batch_size: int,
+    device,
+    dtype,
+    budget_bytes: int | None = None,
+) -> ExemplarPlan:
+    """How the pass will hold its state: bytes per feature, the device budget, and the groups
+    of features read in one pass each (as few as fit the budget, each whole layers where a
+    layer fits, in layer order).
+
+    The budget is ``budget_bytes``, else ``exemplars.device_memory_gb``, else 90% of what is
+    free on a GPU (after the model is loaded) or 80% of the available host memory on CPU.
+    """
+    device = torch.device(device)
+    act_bytes = torch.empty((), dtype=dtype).element_size()
+    sizes = exemplar_state_bytes(config, seq_len, act_bytes, len(polarities))
+    if budget_bytes is not None:
+        budget, source = int(budget_bytes), "given"
+    elif config.device_memory_gb is not None:
+        budget, source = int(config.device_memory_gb * 1e9), "exemplars.device_memory_gb"
+    else:
+        budget, source = _free_memory(device)
+    # The device holds the split being read and the train statistics; on CPU the host is the
+    # device, so finished splits count against the same budget. Each feature also costs its
+    # captured activations of one batch.
+    resident = sizes.stats + sizes.split * (len(Split) if device.type == "cpu" else 1)
+    per_feature = resident + batch_size * seq_len * act_bytes
+    widest = max((len(v) for v in neurons.values()), default=0)
+    fixed = sizes.fixed + CHUNK_TEMPORARIES * min(CHUNK_BYTES, batch_size * seq_len * widest * 4)
+    capacity = (budget - fixed) // per_feature
+    total = sum(len(v) for v in neurons.values())
+    if capacity < 1:
+        raise ValueError(
+            f"the exemplar pass cannot fit one feature in {budget / 1e9:.2f} GB ({source}): a feature needs "
+            f"{per_feature / 1e6:.2f} MB plus {fixed / 1e9:.2f} GB of fixed buffers. Fix: raise "
+            "exemplars.device_memory_gb, lower subject.batch_size, exemplars.quantile_reservoir or "
+            "exemplars.stats_token_sample, or free device memory"
+        )
+    groups = _pack_groups(neurons, int(capacity))
+    return ExemplarPlan(
+        features=total, polarities=len(polarities), seq_len=seq_len, batch_size=batch_size, device=str(device),
+        act_bytes=act_bytes, budget_bytes=budget, budget_source=source, split_state_bytes=sizes.split,
+        stats_bytes=sizes.stats, resident_bytes=resident, per_feature_bytes=per_feature, fixed_bytes=fixed,
+        groups=tuple(PassGroup(g) for g in groups),
+    )
+
+
+@dataclass(frozen=True)
+class PassGroup:
+    """The features one pass reads: layer -> neuron indices; the pass stops after its deepest layer."""
+
+    neurons: dict[int, list[int]]
+
+    @property
+    def features(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+    @property
+    def deepest(self) -> int:
+        return max(self.neurons)
+
+
+@dataclass(frozen=True)
+class ExemplarPlan:
+    """The exemplar pass's memory plan, computed before reading (all sizes in bytes)."""
+
+    features: int
+    polarities: int
+    seq_len: int
+    batch_size: int
+    device: str
+    act_bytes: int
+    budget_bytes: int
+    budget_source: str
+    split_state_bytes: int  # per feature: one split, all polarities (top-k, reservoir, random)
+    stats_bytes: int  # per feature: running sums and the train token sample
+    resident_bytes: int  # per feature on the device: the split being read and the stats (all splits on CPU)
+    per_feature_bytes: int  # resident + one batch of captured activations
+    fixed_bytes: int  # buffers that do not grow with features: token-sample keys, chunk temporaries
+    groups: tuple[PassGroup, ...]
+
+    @property
+    def passes(self) -> int:
+        return len(self.groups)
+
+    @property
+    def peak_device_bytes(self) -> int:
+        """The collector's own peak on the device (model weights and forward workspace aside)."""
+        return self.fixed_bytes + max(g.features for g in self.groups) * self.per_feature_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        """The whole state of all features, all splits: what the pass holds once, over all groups."""
+        return self.features * (len(Split) * self.split_state_bytes + self.stats_bytes)
+
+    @property
+    def peak_host_bytes(self) -> int:
+        """Host memory for the finished splits of the largest group."""
+        return max(g.features for g in self.groups) * (len(Split) * self.split_state_bytes + self.stats_bytes)
+
+    def group_neurons(self) -> list[dict[int, list[int]]]:
+        return [g.neurons for g in self.groups]
+
+    def regrouped(self, groups: list[dict[int, list[int]]]) -> ExemplarPlan:
+        return replace(self, groups=tuple(PassGroup(g) for g in groups))
+
+    def describe(self) -> str:
+        """A few lines for the log and the asset's metadata."""
+        gb = 1e9
+        lines = [
+            f"exemplar pass plan: {self.features} features x {self.polarities} polarities on {self.device}, "
+            f"budget {self.budget_bytes / gb:.2f} GB ({self.budget_source})",
+            f"  state per feature: {self.split_state_bytes / 1e3:.1f} kB per split, {self.stats_bytes / 1e3:.1f} kB stats; "
+            f"{self.state_bytes / gb:.2f} GB for all features and splits",
+            f"  {self.passes} pass{'es' if self.passes > 1 else ''} over the corpus; device peak "
+            f"{self.peak_device_bytes / gb:.2f} GB (state + captured activations), host {self.peak_host_bytes / gb:.2f} GB",
+        ]
+        for i, group in enumerate(self.groups):
+            layers = sorted(group.neurons)
+            span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+            lines.append(f"  pass {i + 1}: {span}, {group.features} features, stops after layer {group.deepest}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "groups"}
+        fields.update(passes=self.passes, peak_device_bytes=self.peak_device_bytes, state_bytes=self.state_bytes,
+                      peak_host_bytes=self.peak_host_bytes,
+                      groups=[{"layers": sorted(g.neurons), "features": g.features, "deepest": g.deepest} for g in self.groups])
+        return fields
+
+
+def _free_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9), f"90% of the {free / 1e9:.1f} GB free on {device}"
+    import psutil
+
+    available = psutil.virtual_memory().available
+    return int(available * 0.8), f"80% of the {available / 1e9:.1f} GB of available host memory"
+
+
+def _pack_groups(neurons: dict[int, list[int]], capacity: int) -> list[dict[int, list[int]]]:
+    """Whole layers in order while they fit; a layer wider than the capacity is cut in pieces."""
+    groups: list[dict[int, list[int]]] = []
+    current: dict[int, list[int]] = {}
+    used = 0
+    for layer in sorted(neurons):
+        indices = neurons[layer]
+        if used + len(indices) > capacity and current:
+            groups.append(current)
+            current, used = {}, 0
+        if len(indices) <= capacity:
+            current[layer] = list(indices)
+            used += len(indices)
+            continue
+        pieces = -(-len(indices) // capacity)
+        size = -(-len(indices) // pieces)
+        for lo in range(0, len(indices), size):
+            groups.append({layer: list(indices[lo : lo + size])})
+    if current:
+        groups.append(current)
+    return groups
 
 
 def checkpoint_name(model: str, sequences: pl.DataFrame, neurons: dict[int, list[int]], polarities: list[Polarity],
                     config: ExemplarsConfig, batch_size: int, seed: int) -> str:
-    """A file name unique to what a run collects, so runs over other layers never share it."""
-    return f"exemplars-{_signature(model, sequences, neurons, polarities, config, batch_size, seed)[:16]}.pt"
+    """A folder name unique to what a run collects, so runs over other layers never share it."""
+    return f"exemplars-{_signature(model, sequences, neurons, polarities, config, batch_size, seed)[:16]}"
+
+
+SEQUENCE_COLUMNS = ["seq_id", "split", "token_ids", "prefix_len", "n_tokens"]
+"""The columns of `sequences` the exemplar pass reads (token strings are never read)."""
 
 
 def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons: list[int] | None = None) -> list[FeatureExemplars]:
-    """Every feature's exemplars and stats for one layer x polarity (or only ``neurons``),
-    tokens joined in; only the sequences the exemplars use are read."""
+    """Every feature's exemplars and stats for one layer x polarity (or only ``neurons``, read
+    with the filter pushed into the Parquet scan), tokens joined in; only the sequences the
+    exemplars use are read, and each sequence's tokens are built once."""
     polarity = Polarity(polarity)
-
-    def scan(table: str, *partition) -> pl.LazyFrame:
+    for table, partition in (("exemplars", (layer, polarity.value)), ("neuron_stats", (layer, polarity.value)), ("sequences", ())):
         if not store.exists(table, *partition):
             store.read(table, *partition)  # raises the error that says how to make the table
-        frame = pl.scan_parquet(store.path(table, *partition))
-        return frame if neurons is None or not partition else frame.filter(pl.col("neuron").is_in(neurons))
 
-    exemplars = scan("exemplars", layer, polarity.value).collect()
-    stats = scan("neuron_stats", layer, polarity.value).collect()
-    scan("sequences")
+    def scan(table: str) -> pl.LazyFrame:
+        frame = pl.scan_parquet(store.path(table, layer, polarity.value))
+        return frame if neurons is None else frame.filter(pl.col("neuron").is_in(list(neurons)))
+
+    exemplars = (scan("exemplars").select("neuron", "split", "kind", "rank", "extreme", "seq_id", "activations")
+                 .sort("neuron", "split", "kind", "rank").collect())
+    stats = scan("neuron_stats").sort("neuron").collect()
     sequences = (
         pl.scan_parquet(store.path("sequences"))
         .select("seq_id", "tokens", "token_ids", "prefix_len")
         .filter(pl.col("seq_id").is_in(exemplars["seq_id"].unique().implode()))
         .collect()
     )
-    tokens_of = {row[0]: (tuple(row[1]), tuple(row[2]), row[3]) for row in sequences.iter_rows()}
-    by_neuron: dict[int, list[Exemplar]] = {}
-    for row in exemplars.select("neuron", "split", "kind", "rank", "extreme", "seq_id", "activations").iter_rows():
-        neuron, split, kind, rank, extreme, seq_id, activations = row
-        tokens, token_ids, prefix_len = tokens_of[seq_id]  # shared by every exemplar of the sequence
-        record = ActivationRecord(seq_id, tokens, token_ids, np.asarray(activations, dtype=np.float32), prefix_len)
-        by_neuron.setdefault(neuron, []).append(Exemplar(Split(split), ExemplarKind(kind), rank, extreme, record))
+    # One ActivationRecord field set per sequence, shared by all its exemplars; activations
+    # as views into one flat float32 array.
+    seq_index = {seq_id: i for i, seq_id in enumerate(sequences["seq_id"].to_list())}
+    seq_tokens = [tuple(t) for t in sequences["tokens"].to_list()]
+    seq_ids_tokens = [tuple(t) for t in sequences["token_ids"].to_list()]
+    seq_prefix = sequences["prefix_len"].to_list()
+    lengths = exemplars["activations"].list.len().to_numpy()
+    flat = exemplars["activations"].explode().to_numpy().astype(np.float32)
+    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64).tolist()
+    splits = [Split(s) for s in exemplars["split"].to_list()]
+    kinds = [ExemplarKind(k) for k in exemplars["kind"].to_list()]
+    ranks, extremes = exemplars["rank"].to_list(), exemplars["extreme"].to_list()
+    rows_seq = [seq_index[s] for s in exemplars["seq_id"].to_list()]
+    seq_id_list = exemplars["seq_id"].to_list()
+    neuron_col = exemplars["neuron"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, neuron_col[1:] != neuron_col[:-1]]) if len(neuron_col) else np.array([], dtype=int)
+    ends = np.r_[starts[1:], len(neuron_col)].astype(int)
+    by_neuron: dict[int, tuple[Exemplar, ...]] = {}
+    for lo, hi in zip(starts.tolist(), ends.tolist()):
+        by_neuron[int(neuron_col[lo])] = tuple(
+            Exemplar(splits[i], kinds[i], ranks[i], extremes[i],
+                     ActivationRecord(seq_id_list[i], seq_tokens[rows_seq[i]], seq_ids_tokens[rows_seq[i]],
+                                      flat[bounds[i] : bounds[i + 1]], seq_prefix[rows_seq[i]]))
+            for i in range(lo, hi)
+        )
+    quantile_columns = [stats[_quantile_column(q)].to_list() for q in STAT_QUANTILES]
     features = []
-    for row in stats.sort("neuron").iter_rows(named=True):
-        quantiles = {q: row[_quantile_column(q)] for q in STAT_QUANTILES}
-        feature_stats = FeatureStats(row["max"], row["mean"], row["std"], row["frac_active"], quantiles)
-        features.append(FeatureExemplars(FeatureId(layer, row["neuron"], polarity), feature_stats,
-                                         tuple(by_neuron.get(row["neuron"], ()))))
+    for i, (neuron, max_, mean, std, frac) in enumerate(zip(*(stats[c].to_list() for c in ("neuron", "max", "mean", "std", "frac_active")))):
+        quantiles = {q: column[i] for q, column in zip(STAT_QUANTILES, quantile_columns)}
+        features.append(FeatureExemplars(FeatureId(layer, neuron, polarity), FeatureStats(max_, mean, std, frac, quantiles),
+                                         by_neuron.get(neuron, ())))
     return features
 
 
 # -- the streaming state ------------------------------------------------------------------
 
+CHUNK_BYTES = 256 * 2**20
+"""Per-batch work is done over slices of the feature axis whose (batch, tokens, features)
+float32 size is at most this, so temporaries stay bounded whatever the model's width."""
+CHUNK_TEMPORARIES = 3  # chunk-sized temporaries alive at once (gathered rows, comparison masks, casts)
+
 
 @dataclass
 class _FeatureLayout:
-    """All selected neurons of all layers side by side on one feature axis."""
+    """The selected neurons of a group's layers side by side on one feature axis."""
 
     neurons: dict[int, list[int]]
     layers: list[int] = field(init=False)
@@ -239,20 +450,35 @@ class _KeptSequences:
     -inf for sequences that do not activate), which makes the same merge a sampler.
     """
 
-    def __init__(self, features: int, k: int, seq_len: int, device, dtype):
-        self.keys = torch.full((features, k), -torch.inf, device=device)
-        self.extremes = torch.full((features, k), -torch.inf, device=device)
-        self.seq_ids = torch.full((features, k), -1, dtype=torch.long, device=device)
-        self.acts = torch.zeros((features, k, seq_len), dtype=dtype, device=device)
+    NAMES = ("keys", "extremes", "seq_ids", "acts")
 
-    def offer(self, keys: torch.Tensor, extremes: torch.Tensor, seq_ids: torch.Tensor, acts: torch.Tensor) -> None:
-        """keys, extremes: (B, F); seq_ids: (B,); acts: (B, T, F).
+    @classmethod
+    def fresh(cls, features: int, k: int, seq_len: int, device, dtype) -> _KeptSequences:
+        kept = cls()
+        kept.keys = torch.full((features, k), -torch.inf, device=device)
+        kept.extremes = torch.full((features, k), -torch.inf, device=device)
+        kept.seq_ids = torch.full((features, k), -1, dtype=torch.long, device=device)
+        # Slots are written before they are read (an empty slot's key is -inf and it is never
+        # shown), so the large buffer is left uninitialized rather than zeroed.
+        kept.acts = torch.empty((features, k, seq_len), dtype=dtype, device=device)
+        return kept
 
-        The kept set is unordered (ranks come at the end): a candidate that enters takes
-        the slot of one that leaves, so only entering token rows are copied.
+    def offer(self, cols: slice, keys, extremes, seq_ids, chunk: _Chunk) -> None:
+        """keys, extremes: (B, Fc) for the features ``cols``; seq_ids: (B,); chunk: the
+        batch's activations of those features.
+
+        Only features where some candidate beats the k-th kept key are merged. The kept set
+        is unordered (ranks come at the end): a candidate that enters takes the slot of one
+        that leaves, so only entering token rows are copied.
         """
-        k = self.keys.shape[1]
-        all_keys = torch.cat([self.keys, keys.T.float()], dim=1)  # (F, k + B)
+        kept = self.keys[cols]
+        beats = (keys > kept.amin(dim=1)).any(dim=0)
+        rows = beats.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        k = kept.shape[1]
+        candidates = keys[:, rows].T  # (R, B)
+        all_keys = torch.cat([kept[rows], candidates], dim=1)  # (R, k + B)
         chosen = torch.zeros_like(all_keys, dtype=torch.bool)
         chosen.scatter_(1, all_keys.topk(k, dim=1).indices, True)
         # Row by row, the leaving slots and the entering candidates are equally many, and
@@ -261,195 +487,346 @@ class _KeptSequences:
         enter_row, enter_seq = chosen[:, k:].nonzero(as_tuple=True)
         if enter_row.numel() == 0:
             return
-        self.keys[leave_row, leave_slot] = keys.T.float()[enter_row, enter_seq]
-        self.extremes[leave_row, leave_slot] = extremes.T.float()[enter_row, enter_seq]
-        self.seq_ids[leave_row, leave_slot] = seq_ids[enter_seq]
-        self.acts[leave_row, leave_slot] = acts[enter_seq, :, enter_row].to(self.acts.dtype)
+        local = rows[enter_row]
+        target = cols.start + rows[leave_row]
+        self.keys[target, leave_slot] = candidates[enter_row, enter_seq]
+        self.extremes[target, leave_slot] = extremes[enter_seq, local]
+        self.seq_ids[target, leave_slot] = seq_ids[enter_seq]
+        self.acts[target, leave_slot] = chunk.rows(enter_seq, local).to(self.acts.dtype)
+
+    def rows(self, cols: slice) -> _KeptSequences:
+        part = _KeptSequences()
+        for name in self.NAMES:
+            setattr(part, name, getattr(self, name)[cols])
+        return part
 
     def ranked(self) -> _KeptSequences:
         """A copy ordered by key, largest first."""
         order = self.keys.argsort(dim=1, descending=True, stable=True)
-        ranked = _KeptSequences.__new__(_KeptSequences)
+        ranked = _KeptSequences()
         ranked.keys = self.keys.gather(1, order)
         ranked.extremes = self.extremes.gather(1, order)
         ranked.seq_ids = self.seq_ids.gather(1, order)
         ranked.acts = self.acts.gather(1, order.unsqueeze(-1).expand_as(self.acts))
         return ranked
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.NAMES]
+
     def state(self) -> dict:
-        return {name: getattr(self, name).cpu() for name in ("keys", "extremes", "seq_ids", "acts")}
+        return {name: getattr(self, name).cpu() for name in self.NAMES}
 
     @classmethod
     def restore(cls, saved: dict, device) -> _KeptSequences:
-        kept = cls.__new__(cls)
-        for name, tensor in saved.items():
-            setattr(kept, name, tensor.to(device))
+        kept = cls()
+        for name in cls.NAMES:
+            setattr(kept, name, saved[name].to(device))
         return kept
 
 
-class _CollectorState:
-    def __init__(self):
-        self.top: dict[tuple[str, str], _KeptSequences] = {}
-        self.reservoir: dict[tuple[str, str], _KeptSequences] = {}
-        self.random_ids: dict[str, torch.Tensor] = {}
-        self.random_acts: dict[str, torch.Tensor] = {}
-        self.sums: dict[str, torch.Tensor] = {}
-        self.token_keys = torch.empty(0)
-        self.token_values = torch.empty(0)
+class _Chunk:
+    """One batch's activations of a slice of features, (B, T, Fc), with the counted mask."""
+
+    def __init__(self, acts: torch.Tensor, counted: torch.Tensor):
+        self.acts, self.counted = acts, counted
+        self._by_feature: torch.Tensor | None = None
+
+    def rows(self, seq: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """(n, T) activations of (sequence, feature) pairs, zero where a token does not count.
+        When many pairs are wanted (early in a pass), one masked transpose to (B, Fc, T) makes
+        every row a contiguous copy; a few are gathered from the strided activations."""
+        if self._by_feature is None and seq.numel() * 8 >= self.acts.shape[0] * self.acts.shape[2]:
+            batch, tokens, features = self.acts.shape
+            self._by_feature = torch.empty((batch, features, tokens), dtype=self.acts.dtype, device=self.acts.device)
+            torch.mul(self.acts.transpose(1, 2), self.counted.unsqueeze(1), out=self._by_feature)
+        if self._by_feature is not None:
+            return self._by_feature[seq, feature]
+        return self.acts[seq, :, feature] * self.counted[seq]
+
+
+class _SplitState:
+    """One split's kept sequences for every polarity, and its random sequences' activations."""
+
+    def __init__(self, top, reservoir, random_ids, random_acts):
+        self.top: dict[str, _KeptSequences] = top
+        self.reservoir: dict[str, _KeptSequences] = reservoir
+        self.random_ids: torch.Tensor = random_ids  # (n,), on the host
+        self.random_acts: torch.Tensor = random_acts  # (n, F, T)
 
     @classmethod
-    def fresh(cls, features, polarities, config: ExemplarsConfig, seq_len, random_ids, device, dtype) -> _CollectorState:
-        state = cls()
-        for split in Split:
-            for polarity in polarities:
-                key = (split.value, polarity.value)
-                state.top[key] = _KeptSequences(features, config.top_k, seq_len, device, dtype)
-                if config.per_quantile:
-                    state.reservoir[key] = _KeptSequences(features, config.quantile_reservoir, seq_len, device, dtype)
-            ids = random_ids[split.value]
-            state.random_ids[split.value] = ids.to(device)
-            state.random_acts[split.value] = torch.zeros((len(ids), features, seq_len), dtype=dtype, device=device)
-        state.sums = {name: torch.zeros(features, dtype=torch.float64, device=device)
-                      for name in ("sum", "sumsq", "n_pos", "n_neg")}
-        state.sums["n_tokens"] = torch.zeros((), dtype=torch.float64, device=device)
-        state.token_keys = torch.full((config.stats_token_sample,), -torch.inf, device=device)
-        state.token_values = torch.zeros((config.stats_token_sample, features), dtype=dtype, device=device)
-        return state
+    def fresh(cls, features, polarities, config: ExemplarsConfig, seq_len, random_ids, device, dtype) -> _SplitState:
+        top = {p: _KeptSequences.fresh(features, config.top_k, seq_len, device, dtype) for p in polarities}
+        reservoir = ({p: _KeptSequences.fresh(features, config.quantile_reservoir, seq_len, device, dtype) for p in polarities}
+                     if config.per_quantile else {})
+        acts = torch.zeros((len(random_ids), features, seq_len), dtype=dtype, device=device)
+        return cls(top, reservoir, random_ids.cpu(), acts)
 
-    def update(self, split: str, acts, counted, seq_ids, random_keys) -> None:
-        """Fold one batch (B, T, F) of one split into the state."""
-        sequence_keys, token_keys = (key.to(acts.device) for key in random_keys)
-        for (key_split, polarity), top in self.top.items():
-            if key_split != split:
-                continue
-            signed = acts if polarity == Polarity.POS.value else -acts
-            extremes = signed.masked_fill(~counted.unsqueeze(-1), -torch.inf).amax(dim=1).float()  # (B, F)
-            top.offer(extremes, extremes, seq_ids, acts)
-            reservoir = self.reservoir.get((split, polarity))
-            if reservoir is not None:
-                keys = torch.where(extremes > 0, sequence_keys.unsqueeze(1), -torch.inf)
-                reservoir.offer(keys, extremes, seq_ids, acts)
-        wanted = self.random_ids[split]
-        hits = (seq_ids.unsqueeze(1) == wanted.unsqueeze(0)).nonzero()
-        for row, slot in hits.tolist():
-            self.random_acts[split][slot] = acts[row].T.to(self.random_acts[split].dtype)
-        if split == Split.TRAIN.value:
-            self._update_stats(acts, counted, token_keys)
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for kept in (*self.top.values(), *self.reservoir.values()) for t in kept.tensors()] + [self.random_acts]
 
-    def offload(self, split: str) -> None:
-        for key in [key for key in self.top if key[0] == split]:
-            self.top[key] = _KeptSequences.restore(self.top[key].state(), "cpu")
-            if key in self.reservoir:
-                self.reservoir[key] = _KeptSequences.restore(self.reservoir[key].state(), "cpu")
-        self.random_acts[split] = self.random_acts[split].cpu()
+    def state(self) -> dict:
+        return {"top": {p: k.state() for p, k in self.top.items()},
+                "reservoir": {p: k.state() for p, k in self.reservoir.items()},
+                "random_ids": self.random_ids, "random_acts": self.random_acts.cpu()}
 
-    def _update_stats(self, acts, counted, token_keys) -> None:
-        # acts is zero wherever a token does not count. One sequence at a time keeps the
-        # float32 copies at (T, F) rather than (B, T, F).
-        for row in acts:
-            row = row.float()
-            self.sums["sum"] += row.sum(0)
-            self.sums["sumsq"] += (row * row).sum(0)
-            self.sums["n_pos"] += (row > 0).sum(0)
-            self.sums["n_neg"] += (row < 0).sum(0)
-        self.sums["n_tokens"] += counted.sum()
-        # The sample is one set of tokens for every feature: only keys are compared, and a
-        # token that enters overwrites, in place, the row of one that leaves.
+    @classmethod
+    def restore(cls, saved: dict, device) -> _SplitState:
+        return cls({p: _KeptSequences.restore(v, device) for p, v in saved["top"].items()},
+                   {p: _KeptSequences.restore(v, device) for p, v in saved["reservoir"].items()},
+                   saved["random_ids"], saved["random_acts"].to(device))
+
+
+class _TokenStats:
+    """Running sums over every counted train token, and a uniform sample of train tokens (the
+    same tokens for every feature) for approximate quantiles."""
+
+    SUMS = ("sum", "sumsq", "n_pos", "n_neg", "n_tokens")
+
+    def __init__(self, sums: dict, token_keys, token_values):
+        self.sums, self.token_keys, self.token_values = sums, token_keys, token_values
+
+    @classmethod
+    def fresh(cls, features, sample_size, device, dtype) -> _TokenStats:
+        sums = {name: torch.zeros(features, dtype=torch.float64, device=device) for name in cls.SUMS[:-1]}
+        sums["n_tokens"] = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(sums, torch.full((sample_size,), -torch.inf, device=device),
+                   torch.zeros((sample_size, features), dtype=dtype, device=device))
+
+    def entering(self, counted, token_keys):
+        """Which batch tokens replace which sample rows: (leaving rows, batch rows, positions,
+        keys), or None. Only keys are compared, once per batch for every feature."""
         better = counted & (token_keys > self.token_keys.min())
-        if better.any():
-            size = self.token_keys.shape[0]
-            candidates = token_keys[better]
-            chosen = torch.zeros(size + candidates.shape[0], dtype=torch.bool, device=candidates.device)
-            chosen[torch.cat([self.token_keys, candidates]).topk(size).indices] = True
-            leaving = (~chosen[:size]).nonzero().squeeze(1)
-            entering = chosen[size:].nonzero().squeeze(1)
-            self.token_keys[leaving] = candidates[entering]
-            self.token_values[leaving] = acts[better][entering].to(self.token_values.dtype)
+        if not better.any():
+            return None
+        size = self.token_keys.shape[0]
+        candidates = token_keys[better]
+        chosen = torch.zeros(size + candidates.shape[0], dtype=torch.bool, device=candidates.device)
+        chosen[torch.cat([self.token_keys, candidates]).topk(size).indices] = True
+        leaving = (~chosen[:size]).nonzero().squeeze(1)
+        entering = chosen[size:].nonzero().squeeze(1)
+        rows, positions = better.nonzero(as_tuple=True)
+        return leaving, rows[entering], positions[entering], candidates[entering]
 
-    def to_saved(self) -> dict:
-        return {
-            "top": {k: v.state() for k, v in self.top.items()},
-            "reservoir": {k: v.state() for k, v in self.reservoir.items()},
-            "random_ids": {k: v.cpu() for k, v in self.random_ids.items()},
-            "random_acts": {k: v.cpu() for k, v in self.random_acts.items()},
-            "sums": {k: v.cpu() for k, v in self.sums.items()},
-            "token_keys": self.token_keys.cpu(),
-            "token_values": self.token_values.cpu(),
-        }
+    def update(self, cols: slice, acts, ranges: _CountedRanges, entering) -> None:
+        """Fold one (B, T, Fc) chunk of the features ``cols`` in, reading counted tokens only,
+        reductions accumulated in float32 within the batch and float64 across batches."""
+        for view in ranges.views(acts):
+            self.sums["sum"][cols] += view.sum(dim=(0, 1), dtype=torch.float32)
+            self.sums["sumsq"][cols] += torch.linalg.vector_norm(view, dim=(0, 1), dtype=torch.float32).double().square()
+            self.sums["n_pos"][cols] += (view > 0).sum(dim=(0, 1))
+            self.sums["n_neg"][cols] += (view < 0).sum(dim=(0, 1))
+        if entering is not None:
+            leaving, rows, positions, _ = entering
+            self.token_values[leaving, cols] = acts[rows, positions].to(self.token_values.dtype)
+
+    def commit(self, counted, entering) -> None:
+        """After every chunk of a batch: count its tokens, let the entering keys in."""
+        self.sums["n_tokens"] += counted.sum()
+        if entering is not None:
+            leaving, _, _, keys = entering
+            self.token_keys[leaving] = keys
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.sums.values(), self.token_keys, self.token_values]
+
+    def state(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "token_keys": self.token_keys.cpu(),
+                "token_values": self.token_values.cpu()}
 
     @classmethod
-    def from_saved(cls, saved: dict, device) -> _CollectorState:
-        state = cls()
-        state.top = {k: _KeptSequences.restore(v, device) for k, v in saved["top"].items()}
-        state.reservoir = {k: _KeptSequences.restore(v, device) for k, v in saved["reservoir"].items()}
-        state.random_ids = {k: v.to(device) for k, v in saved["random_ids"].items()}
-        state.random_acts = {k: v.to(device) for k, v in saved["random_acts"].items()}
-        state.sums = {k: v.to(device) for k, v in saved["sums"].items()}
-        state.token_keys = saved["token_keys"].to(device)
-        state.token_values = saved["token_values"].to(device)
-        return state
+    def restore(cls, saved: dict, device) -> _TokenStats:
+        return cls({k: v.to(device) for k, v in saved["sums"].items()}, saved["token_keys"].to(device),
+                   saved["token_values"].to(device))
+
+    def _quantiles(self, cols: slice, polarity: Polarity) -> np.ndarray | None:
+        """(len(STAT_QUANTILES), F) nearest-rank quantiles of the token sample in the polarity's
+        orientation. One partial sort per layer serves both polarities: the q-quantile of -x is
+        minus the value at the mirrored rank of x."""
+        if getattr(self, "_ordered_for", None) != (cols.start, cols.stop):
+            sample = self.token_values[torch.isfinite(self.token_keys), cols].float().numpy().T  # (F, n)
+            n = sample.shape[1]
+            ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
+            self._ranks = ranks
+            self._ordered = np.partition(sample, sorted({*ranks, *(n - 1 - r for r in ranks)}), axis=1) if n else None
+            self._ordered_for = (cols.start, cols.stop)
+        if self._ordered is None:
+            return None
+        n = self._ordered.shape[1]
+        if polarity is Polarity.POS:
+            return np.stack([self._ordered[:, r] for r in self._ranks]).astype(np.float32)
+        return np.stack([-self._ordered[:, n - 1 - r] for r in self._ranks]).astype(np.float32)
+
+    def frame(self, polarity: Polarity, cols: slice, train_top: _KeptSequences) -> pl.DataFrame:
+        n = max(float(self.sums["n_tokens"]), 1.0)
+        mean = self.sums["sum"][cols] / n
+        variance = (self.sums["sumsq"][cols] / n - mean**2).clamp(min=0)
+        quantiles = self._quantiles(cols, polarity)
+        active = self.sums["n_pos"] if polarity is Polarity.POS else self.sums["n_neg"]
+        columns = {
+            "max": train_top.extremes.amax(dim=1).cpu().numpy(),
+            "mean": (mean * polarity.sign).float().cpu().numpy(),
+            "std": variance.sqrt().float().cpu().numpy(),
+            "frac_active": (active[cols] / n).float().cpu().numpy(),
+        }
+        for i, q in enumerate(STAT_QUANTILES):
+            columns[_quantile_column(q)] = quantiles[i] if quantiles is not None else np.zeros(len(mean), dtype=np.float32)
+        columns["n_tokens"] = np.full(len(mean), int(n), dtype=np.int64)
+        return pl.DataFrame({name: np.asarray(values) for name, values in columns.items()})
+
+
+class _PassState:
+    """Everything one pass over the corpus keeps for one group of features. A split's state
+    is allocated on the device when its first batch arrives and moves to host memory when
+    its last batch is done, so the device holds only the split being read (and the train
+    statistics while train is read)."""
+
+    def __init__(self, neurons, polarities, config: ExemplarsConfig, seq_len, random_ids, device, dtype):
+        self.layout = _FeatureLayout(neurons)
+        self.polarities = [Polarity(p) for p in polarities]
+        self.config, self.seq_len, self.random_ids = config, seq_len, random_ids
+        self.device, self.dtype = device, dtype
+        self.splits: dict[str, _SplitState] = {}
+        self.stats: _TokenStats | None = None
+
+    def split_state(self, split: str) -> _SplitState:
+        if split not in self.splits:
+            self.splits[split] = _SplitState.fresh(self.layout.total, [p.value for p in self.polarities], self.config,
+                                                   self.seq_len, self.random_ids[split], self.device, self.dtype)
+        if split == Split.TRAIN.value and self.stats is None:
+            self.stats = _TokenStats.fresh(self.layout.total, self.config.stats_token_sample, self.device, self.dtype)
+        return self.splits[split]
+
+    def update(self, split: str, per_layer: dict[int, torch.Tensor], batch: _Batch, random_keys) -> None:
+        """Fold one batch of one split in, layer by layer and chunk by chunk of features."""
+        state = self.split_state(split)
+        device = self.device
+        counted = batch.counted.to(device)
+        seq_ids = batch.seq_ids.to(device)
+        sequence_keys, token_keys = (key.to(device) for key in random_keys)
+        ranges = _CountedRanges(batch.prefix_len, batch.n_tokens, device)
+        wanted = state.random_ids
+        hits = (batch.seq_ids.unsqueeze(1) == wanted.unsqueeze(0)).nonzero().tolist()
+        train = split == Split.TRAIN.value
+        entering = self.stats.entering(counted, token_keys) if train else None
+        for layer in self.layout.layers:
+            acts = per_layer[layer]  # (B, T, F_layer)
+            offset, width = self.layout.offsets[layer], acts.shape[-1]
+            step = max(1, CHUNK_BYTES // (acts.shape[0] * acts.shape[1] * 4))
+            for lo in range(0, width, step):
+                chunk = acts[..., lo : lo + step]
+                cols = slice(offset + lo, offset + lo + chunk.shape[-1])
+                highest, lowest = ranges.extremes(chunk)
+                offered = _Chunk(chunk, counted)
+                for polarity in self.polarities:
+                    extremes = highest if polarity is Polarity.POS else -lowest
+                    state.top[polarity.value].offer(cols, extremes, extremes, seq_ids, offered)
+                    reservoir = state.reservoir.get(polarity.value)
+                    if reservoir is not None:
+                        keys = torch.where(extremes > 0, sequence_keys.unsqueeze(1), -torch.inf)
+                        reservoir.offer(cols, keys, extremes, seq_ids, offered)
+                for row, slot in hits:
+                    state.random_acts[slot, cols] = (chunk[row] * counted[row].unsqueeze(-1)).T.to(self.dtype)
+                if train:
+                    self.stats.update(cols, chunk, ranges, entering)
+        if train:
+            self.stats.commit(counted, entering)
+
+    def finish_split(self, split: str) -> None:
+        self.splits[split] = _SplitState.restore(self.splits[split].state(), "cpu")
+        if split == Split.TRAIN.value:
+            self.stats = _TokenStats.restore(self.stats.state(), "cpu")
+
+    def restore(self, checkpoint: Path, resume: _Resume, device) -> int:
+        """Load the checkpointed group's finished splits and the split in progress; returns
+        the number of batches done."""
+        for split in resume.finished_splits:
+            saved = torch.load(checkpoint / _split_file(resume.group, split), map_location="cpu", weights_only=False)
+            self.splits[split] = _SplitState.restore(saved["state"], "cpu")
+            if saved["stats"] is not None:
+                self.stats = _TokenStats.restore(saved["stats"], "cpu")
+        if resume.progress is not None:
+            split = resume.progress["split"]
+            self.splits[split] = _SplitState.restore(resume.progress["state"], device)
+            if resume.progress["stats"] is not None:
+                self.stats = _TokenStats.restore(resume.progress["stats"], device)
+        return resume.batches_done
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for s in self.splits.values() for t in s.tensors()] + (self.stats.tensors() if self.stats else [])
 
     # -- turning the state into tables ------------------------------------------------------
 
-    def tables(self, layout, sequences, polarities, config, seed):
-        n_tokens = np.zeros(int(sequences["seq_id"].max()) + 1, dtype=np.int64)
-        n_tokens[sequences["seq_id"].to_numpy()] = sequences["n_tokens"].to_numpy()
-        prefix = dict(zip(sequences["seq_id"].to_list(), sequences["prefix_len"].to_list()))
-        tables = {}
-        for polarity in polarities:
-            blocks = []
-            for split in Split:
-                top = self.top[(split.value, polarity.value)].ranked()
-                blocks.append(_Block(ExemplarKind.TOP, split, top.seq_ids, top.extremes, top.acts,
-                                     torch.isfinite(top.keys), None))
-                reservoir = self.reservoir.get((split.value, polarity.value))
-                if reservoir is not None:
-                    blocks.append(_quantile_block(reservoir, split, config, seed))
-                blocks.append(self._random_block(split, polarity, prefix, n_tokens))
-            stats = self._stats(polarity)
-            for layer in layout.layers:
-                columns = layout.columns(layer)
-                exemplars = _exemplar_frame(blocks, columns, layout.neurons[layer], layer, polarity, n_tokens)
-                stats_frame = stats[columns.start : columns.stop].with_columns(
-                    pl.Series("neuron", layout.neurons[layer], dtype=pl.Int32),
+    def tables(self, corpus: _Corpus, config: ExemplarsConfig, seed: int):
+        """((layer, polarity), (exemplars, stats)) of this group's features, one at a time,
+        built on the host, so the end-of-pass sorts are one layer wide."""
+        for split in Split:  # a split the corpus does not have keeps empty exemplars
+            if split.value not in self.splits:
+                self.split_state(split.value)
+                self.finish_split(split.value)
+        for layer in self.layout.layers:
+            cols = self.layout.columns(layer)
+            for polarity in self.polarities:
+                blocks = []
+                for split in Split:
+                    state = self.splits[split.value]
+                    top = state.top[polarity.value].rows(cols).ranked()
+                    blocks.append(_Block(ExemplarKind.TOP, split, top.seq_ids, top.extremes, top.acts,
+                                         torch.isfinite(top.keys), None))
+                    reservoir = state.reservoir.get(polarity.value)
+                    if reservoir is not None:
+                        blocks.append(_quantile_block(reservoir.rows(cols), split, config, seed))
+                    blocks.append(_random_block(state, cols, split, polarity, corpus))
+                train_top = self.splits[Split.TRAIN.value].top[polarity.value].rows(cols)
+                stats = self.stats.frame(polarity, cols, train_top).with_columns(
+                    pl.Series("neuron", self.layout.neurons[layer], dtype=pl.Int32),
                     pl.lit(layer, dtype=pl.Int16).alias("layer"),
                     pl.lit(polarity.value).alias("polarity"),
                 )
-                tables[(layer, polarity)] = (exemplars, stats_frame.select("layer", "polarity", "neuron", pl.exclude("layer", "polarity", "neuron")))
-        return tables
+                exemplars = _exemplar_frame(blocks, self.layout.neurons[layer], layer, polarity, corpus.n_tokens_of)
+                yield (layer, polarity), (exemplars, stats.select("layer", "polarity", "neuron",
+                                                                  pl.exclude("layer", "polarity", "neuron")))
 
-    def _random_block(self, split: Split, polarity: Polarity, prefix: dict, n_tokens: dict) -> _Block:
-        ids = self.random_ids[split.value]
-        acts = self.random_acts[split.value]  # (n, F, T)
-        features = acts.shape[1]
-        signed = acts.float() * polarity.sign
-        counted = torch.zeros(acts.shape[0], acts.shape[2], dtype=torch.bool, device=acts.device)
-        for slot, seq_id in enumerate(ids.tolist()):
-            counted[slot, prefix[seq_id] : n_tokens[seq_id]] = True
-        extremes = signed.masked_fill(~counted.unsqueeze(1), -torch.inf).amax(dim=2)  # (n, F)
-        return _Block(ExemplarKind.RANDOM, split, ids.unsqueeze(0).expand(features, -1), extremes.T,
-                      acts.permute(1, 0, 2), torch.ones(features, len(ids), dtype=torch.bool), None)
 
-    def _stats(self, polarity: Polarity) -> pl.DataFrame:
-        n = max(float(self.sums["n_tokens"]), 1.0)
-        mean = self.sums["sum"] / n
-        variance = (self.sums["sumsq"] / n - mean**2).clamp(min=0)
-        sample = self.token_values[torch.isfinite(self.token_keys)].float() * polarity.sign
-        quantiles = None
-        if sample.shape[0]:  # nearest-rank quantiles from one sort; torch.quantile is far slower on wide inputs
-            ordered = sample.T.contiguous().sort(dim=1).values  # (F, sample), rows contiguous for the sort
-            quantiles = ordered[:, [round(q * (sample.shape[0] - 1)) for q in STAT_QUANTILES]].T
-        top = self.top[(Split.TRAIN.value, polarity.value)]
-        columns = {
-            "max": top.extremes.amax(dim=1).cpu().numpy(),
-            "mean": (mean * polarity.sign).float().cpu().numpy(),
-            "std": variance.sqrt().float().cpu().numpy(),
-            "frac_active": ((self.sums["n_pos"] if polarity is Polarity.POS else self.sums["n_neg"]) / n).float().cpu().numpy(),
-        }
-        for i, q in enumerate(STAT_QUANTILES):
-            columns[_quantile_column(q)] = quantiles[i].cpu().numpy() if quantiles is not None else np.zeros(len(mean))
-        columns["n_tokens"] = np.full(len(mean), int(n), dtype=np.int64)
-        return pl.DataFrame({name: np.asarray(values) for name, values in columns.items()})
+class _LayerAssembler:
+    """Hands each layer's tables on once every group holding a piece of it is done."""
+
+    def __init__(self, neurons: dict[int, list[int]], emit):
+        self.wanted = {layer: len(v) for layer, v in neurons.items()}
+        self.parts: dict[tuple, list] = {}
+        self.emit = emit
+
+    def add(self, tables: dict) -> None:
+        for (layer, polarity), pair in sorted(tables.items(), key=lambda item: (item[0][0], item[0][1].value)):
+            parts = self.parts.setdefault((layer, polarity), [])
+            parts.append(pair)
+            if sum(stats.height for _, stats in parts) < self.wanted[layer]:
+                continue
+            del self.parts[(layer, polarity)]
+            if len(parts) == 1:
+                self.emit(layer, polarity, *parts[0])
+            else:
+                self.emit(layer, polarity, pl.concat([e for e, _ in parts]).sort("neuron", "split", "kind", "rank"),
+                          pl.concat([s for _, s in parts]).sort("neuron"))
+
+
+class _Measured:
+    """The state sizes a run reached, for holding the plan to account."""
+
+    def __init__(self, target: dict | None):
+        self.target = target
+        self.peak_device = self.peak_total = 0
+
+    def observe(self, state: _PassState) -> None:
+        if self.target is None:
+            return
+        tensors = state.tensors()
+        self.peak_total = max(self.peak_total, sum(t.nbytes for t in tensors))
+        self.peak_device = max(self.peak_device, sum(t.nbytes for t in tensors if t.device == torch.device(state.device)))
+
+    def finish(self, plan: ExemplarPlan) -> None:
+        if self.target is not None:
+            self.target.update(peak_device_state_bytes=self.peak_device, peak_state_bytes=self.peak_total,
+                               passes=plan.passes)
 
 
 @dataclass
@@ -487,69 +864,156 @@ def _quantile_block(reservoir: _KeptSequences, split: Split, config: ExemplarsCo
                   reservoir.acts.gather(1, picked), valid, bin_index.expand_as(members))
 
 
-def _exemplar_frame(blocks, columns: slice, neuron_ids: list[int], layer: int, polarity: Polarity, n_tokens: np.ndarray) -> pl.DataFrame:
-    parts = []
-    neuron_ids = np.asarray(neuron_ids, dtype=np.int32)
-    for block in blocks:
-        valid = block.valid[columns].cpu().numpy()
-        feature, slot = np.nonzero(valid)
+def _random_block(state: _SplitState, cols: slice, split: Split, polarity: Polarity, corpus: _Corpus) -> _Block:
+    ids = state.random_ids
+    acts = state.random_acts[:, cols]  # (n, F, T)
+    features = acts.shape[1]
+    positions = torch.arange(acts.shape[2])
+    prefix = torch.as_tensor(corpus.prefix_of[ids.numpy()], dtype=torch.long)
+    lengths = torch.as_tensor(corpus.n_tokens_of[ids.numpy()], dtype=torch.long)
+    counted = (positions >= prefix.unsqueeze(1)) & (positions < lengths.unsqueeze(1))  # (n, T)
+    signed = acts.float() * polarity.sign
+    extremes = signed.masked_fill(~counted.unsqueeze(1), -torch.inf).amax(dim=2) if acts.shape[2] else signed.sum(2)
+    return _Block(ExemplarKind.RANDOM, split, ids.unsqueeze(0).expand(features, -1), extremes.T,
+                  acts.permute(1, 0, 2), torch.ones(features, len(ids), dtype=torch.bool), None)
+
+
+def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarity, n_tokens: np.ndarray) -> pl.DataFrame:
+    """The rows of one layer x polarity, ordered by neuron, split, kind and rank without a
+    sort of the activation lists: blocks are taken in (split, kind) order and their rows are
+    interleaved by one lexsort of small keys; activations become float16 once."""
+    blocks = sorted(blocks, key=lambda b: (b.split.value, b.kind.value))
+    features, codes, slots, seq_ids, extremes, bins, acts = [], [], [], [], [], [], []
+    for code, block in enumerate(blocks):
+        feature, slot = np.nonzero(block.valid.cpu().numpy())
         if feature.size == 0:
             continue
-        seq_ids = block.seq_ids[columns].cpu().numpy()[feature, slot]
-        lengths = n_tokens[seq_ids]
-        acts = block.acts[columns].float().cpu().numpy()[feature, slot]  # (rows, T)
-        keep = np.arange(acts.shape[1])[None, :] < lengths[:, None]
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        activations = pa.ListArray.from_arrays(pa.array(offsets), pa.array(acts[keep].astype(np.float16)))
-        bins = block.bins[columns].cpu().numpy()[feature, slot] if block.bins is not None else np.full(len(feature), None)
-        parts.append(pa.table({
-            "layer": pa.array(np.full(len(feature), layer, dtype=np.int16)),
-            "polarity": pa.array([polarity.value] * len(feature)),
-            "neuron": pa.array(neuron_ids[feature]),
-            "split": pa.array([block.split.value] * len(feature)),
-            "kind": pa.array([block.kind.value] * len(feature)),
-            "rank": pa.array(slot.astype(np.int16)),
-            "bin": pa.array(bins, type=pa.int16()),
-            "seq_id": pa.array(seq_ids.astype(np.int64)),
-            "extreme": pa.array(block.extremes[columns].float().cpu().numpy()[feature, slot].astype(np.float32)),
-            "activations": activations,
-        }))
-    frame = pl.from_arrow(pa.concat_tables(parts))
-    return frame.sort("neuron", "split", "kind", "rank")
+        features.append(feature)
+        codes.append(np.full(feature.size, code, dtype=np.int8))
+        slots.append(slot)
+        seq_ids.append(block.seq_ids.cpu().numpy()[feature, slot])
+        extremes.append(block.extremes.float().cpu().numpy()[feature, slot])
+        bins.append(block.bins.cpu().numpy()[feature, slot] if block.bins is not None else np.full(feature.size, -1))
+        acts.append(block.acts[torch.as_tensor(feature), torch.as_tensor(slot)].cpu().to(torch.float16).numpy())
+    feature, code, slot = np.concatenate(features), np.concatenate(codes), np.concatenate(slots)
+    order = np.lexsort((slot, code, feature))
+    feature, code, slot = feature[order], code[order], slot[order]
+    seq_id = np.concatenate(seq_ids)[order].astype(np.int64)
+    rows = np.concatenate(acts)[order]  # (rows, T) float16
+    lengths = n_tokens[seq_id]
+    keep = np.arange(rows.shape[1])[None, :] < lengths[:, None]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    bin_values = np.concatenate(bins)[order]
+
+    def labels(values: list[str]) -> pa.Array:
+        return pa.DictionaryArray.from_arrays(pa.array(code, pa.int8()), pa.array(values)).cast(pa.string())
+
+    table = pa.table({
+        "layer": pa.array(np.full(len(feature), layer, dtype=np.int16)),
+        "polarity": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(feature), np.int8)), pa.array([polarity.value])).cast(pa.string()),
+        "neuron": pa.array(np.asarray(neuron_ids, dtype=np.int32)[feature]),
+        "split": labels([b.split.value for b in blocks]),
+        "kind": labels([b.kind.value for b in blocks]),
+        "rank": pa.array(slot.astype(np.int16)),
+        "bin": pa.array(bin_values.astype(np.int16), mask=bin_values < 0),
+        "seq_id": pa.array(seq_id),
+        "extreme": pa.array(np.concatenate(extremes)[order].astype(np.float32)),
+        "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows[keep])),
+    })
+    return pl.from_arrow(table)
 
 
-# -- batching -----------------------------------------------------------------------------
+# -- the corpus as the pass reads it ------------------------------------------------------
 
 
-def _plan_batches(sequences: pl.DataFrame, batch_size: int) -> list[tuple[str, list[int]]]:
+@dataclass
+class _Batch:
+    ids: torch.Tensor  # (B, T) token ids, padded
+    mask: torch.Tensor  # (B, T) attention mask
+    counted: torch.Tensor  # (B, T) bool: tokens after the prefix, before the padding
+    seq_ids: torch.Tensor  # (B,)
+    prefix_len: np.ndarray  # (B,)
+    n_tokens: np.ndarray  # (B,)
+
+
+class _Corpus:
+    """The token ids of every sequence as one padded (N, T) int32 array, built once without a
+    Python loop over rows; token strings are never read."""
+
+    def __init__(self, sequences: pl.DataFrame, tokenizer):
+        self.seq_len = int(sequences["n_tokens"].max())
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        lengths = sequences["n_tokens"].to_numpy().astype(np.int64)
+        flat = sequences["token_ids"].explode().to_numpy().astype(np.int32)
+        self.ids = np.full((sequences.height, self.seq_len), pad, dtype=np.int32)
+        positions = np.arange(self.seq_len)[None, :] < lengths[:, None]
+        self.ids[positions] = flat
+        self.lengths = lengths
+        self.prefix = sequences["prefix_len"].to_numpy().astype(np.int64)
+        self.seq_ids = sequences["seq_id"].to_numpy().astype(np.int64)
+        self.splits = sequences["split"].to_numpy()
+        self.n_tokens_of = np.zeros(int(self.seq_ids.max()) + 1, dtype=np.int64)
+        self.n_tokens_of[self.seq_ids] = lengths
+        self.prefix_of = np.zeros_like(self.n_tokens_of)
+        self.prefix_of[self.seq_ids] = self.prefix
+
+    def batch(self, rows: np.ndarray) -> _Batch:
+        positions = np.arange(self.seq_len)[None, :]
+        lengths, prefix = self.lengths[rows], self.prefix[rows]
+        mask = positions < lengths[:, None]
+        counted = mask & (positions >= prefix[:, None])
+        return _Batch(torch.from_numpy(self.ids[rows].astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
+                      torch.from_numpy(counted), torch.from_numpy(self.seq_ids[rows]), prefix, lengths)
+
+
+class _CountedRanges:
+    """The counted tokens of a batch as runs of rows sharing (prefix, length): a fixed prefix
+    and full windows make one run, read as a view of the activations with no mask or copy."""
+
+    def __init__(self, prefix: np.ndarray, lengths: np.ndarray, device):
+        self.batch = len(prefix)
+        by_range: dict[tuple[int, int], list[int]] = {}
+        for row, key in enumerate(zip(prefix.tolist(), lengths.tolist())):
+            by_range.setdefault(key, []).append(row)
+        self.runs = []
+        for (start, stop), rows in by_range.items():
+            if stop <= start:
+                continue  # nothing counted in these sequences
+            contiguous = rows == list(range(rows[0], rows[-1] + 1))
+            index = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)
+            self.runs.append((index, start, stop))
+
+    def views(self, acts: torch.Tensor):
+        for index, start, stop in self.runs:
+            yield acts[index, start:stop]
+
+    def extremes(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence and feature, the max and min over counted tokens, (B, F) float32;
+        -inf and +inf where a sequence counts no token."""
+        if len(self.runs) == 1 and self.runs[0][0] == slice(0, self.batch):
+            lowest, highest = torch.aminmax(next(self.views(acts)), dim=1)
+            return highest.float(), lowest.float()
+        shape = (acts.shape[0], acts.shape[2])
+        highest = torch.full(shape, -torch.inf, device=acts.device)
+        lowest = torch.full(shape, torch.inf, device=acts.device)
+        for (index, _, _), view in zip(self.runs, self.views(acts)):
+            low, high = torch.aminmax(view, dim=1)
+            highest[index], lowest[index] = high.float(), low.float()
+        return highest, lowest
+
+
+def _plan_batches(splits: np.ndarray, batch_size: int) -> list[tuple[str, np.ndarray]]:
     """(split, row indices) per batch; a batch never mixes splits."""
     batches = []
-    splits = sequences["split"].to_list()
     for split in Split:
-        rows = [i for i, s in enumerate(splits) if s == split.value]
+        rows = np.flatnonzero(splits == split.value)
         batches += [(split.value, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     return batches
 
 
-def _batch_tensors(sequences: pl.DataFrame, rows: list[int], seq_len: int, tokenizer):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
-    counted = torch.zeros((len(rows), seq_len), dtype=torch.bool)
-    token_ids = sequences["token_ids"]
-    prefix_len = sequences["prefix_len"]
-    seq_ids = sequences["seq_id"]
-    for i, row in enumerate(rows):
-        tokens = token_ids[row].to_list()
-        ids[i, : len(tokens)] = torch.tensor(tokens)
-        mask[i, : len(tokens)] = 1
-        counted[i, prefix_len[row] : len(tokens)] = True
-    return ids, mask, counted, torch.tensor([seq_ids[row] for row in rows], dtype=torch.long)
-
-
 def _batch_keys(seed: int, batch_no: int, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random keys for the reservoirs: a function of (seed, batch) alone, so a resumed run
-    draws exactly what an uninterrupted one would."""
+    """Random keys for the reservoirs: a function of (seed, batch) alone, so a resumed run, or
+    a pass over another group of features, draws exactly what one uninterrupted pass would."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_no)
     return torch.rand(batch, generator=generator), torch.rand(batch, seq_len, generator=generator)
 
@@ -564,9 +1028,12 @@ def _random_sequence_ids(sequences: pl.DataFrame, per_split: int, seed: int) -> 
 
 
 def _signature(model, sequences, neurons, polarities, config, batch_size, seed) -> str:
+    """What makes a run's results: the device budget is left out, since it shapes only how the
+    work is grouped (a resumed run keeps its checkpoint's grouping)."""
     digest = hashlib.sha256()
+    settings = config.model_dump(exclude={"device_memory_gb", "checkpoint_every"})
     digest.update(repr((model, sorted((k, tuple(v)) for k, v in neurons.items()), [p.value for p in polarities],
-                        config.model_dump(), batch_size, seed, sequences.height)).encode())
+                        settings, batch_size, seed, sequences.height)).encode())
     digest.update(str(sequences.select("seq_id", "token_ids").hash_rows().sum()).encode())
     return digest.hexdigest()
 
@@ -574,3 +1041,120 @@ def _signature(model, sequences, neurons, polarities, config, batch_size, seed) 
 def _quantile_column(q: float) -> str:
     """0.5 -> q50, 0.99 -> q99, 0.999 -> q999."""
     return "q" + f"{q * 100:g}".replace(".", "")
+
+
+# -- checkpoints --------------------------------------------------------------------------
+#
+# A checkpoint is a folder that grows with the work done:
+#   plan.json                      the run's signature and feature groups
+#   group-G.done.parquet files     a finished group's tables, written once
+#   group-G.split-S.pt             a finished split of the group in progress, written once
+#   group-G.progress.pt            the split being read, rewritten every checkpoint_every batches
+# Each file is written atomically; a later file never rewrites an earlier one's content.
+
+
+@dataclass
+class _Resume:
+    groups: list[dict[int, list[int]]]
+    finished: set[int]  # groups whose tables are saved
+    group: int | None  # the group in progress
+    finished_splits: list[str]
+    progress: dict | None  # the split in progress, when it is ahead of the finished splits
+    batches_done: int
+
+
+def _load_checkpoint(checkpoint: Path, signature: str) -> _Resume | None:
+    """What a matching checkpoint folder holds, or None to start the pass afresh: another
+    run's checkpoint is set aside as ``<name>.ignored``, and one that cannot be read (a torn
+    or foreign file) is set aside as ``<name>.damaged``, renamed and not deleted, with a
+    warning that names it."""
+    if checkpoint.exists() and not checkpoint.is_dir():
+        return _set_aside_damaged(checkpoint, "not a checkpoint folder")
+    try:
+        return _read_checkpoint(checkpoint, signature)
+    except Exception as err:  # json and torch.load raise many types for a damaged file
+        return _set_aside_damaged(checkpoint, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+
+def _set_aside_damaged(checkpoint: Path, problem: str) -> None:
+    aside = set_aside(checkpoint)
+    warnings.warn(f"checkpoint {checkpoint} is damaged ({problem}); set it aside as {aside.name} and starting the "
+                  "activation pass from the beginning", stacklevel=4)
+    return None
+
+
+def _read_checkpoint(checkpoint: Path, signature: str) -> _Resume | None:
+    manifest = checkpoint / "plan.json"
+    if not manifest.exists():
+        return None
+    saved = json.loads(manifest.read_text())
+    if saved.get("signature") != signature:
+        warnings.warn(f"ignoring checkpoint {checkpoint}: it was made by a different run", stacklevel=3)
+        aside = checkpoint.with_name(checkpoint.name + ".ignored")
+        shutil.rmtree(aside, ignore_errors=True)
+        checkpoint.rename(aside)
+        return None
+    groups = [{int(layer): neurons for layer, neurons in group.items()} for group in saved["groups"]]
+    finished = {g for g in range(len(groups)) if (checkpoint / f"group-{g}.done").exists()}
+    group = next((g for g in range(len(groups)) if g not in finished), None)
+    finished_splits, progress, done = [], None, 0
+    if group is not None:
+        for split in Split:
+            path = checkpoint / _split_file(group, split.value)
+            if path.exists():
+                finished_splits.append(split.value)
+                done = max(done, torch.load(path, map_location="cpu", weights_only=False)["batches_done"])
+        path = checkpoint / f"group-{group}.progress.pt"
+        if path.exists():
+            candidate = torch.load(path, map_location="cpu", weights_only=False)
+            if candidate["batches_done"] > done and candidate["split"] not in finished_splits:
+                progress, done = candidate, candidate["batches_done"]
+    return _Resume(groups, finished, group, finished_splits, progress, done)
+
+
+def _start_checkpoint(checkpoint: Path, signature: str, plan: ExemplarPlan) -> None:
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    groups = [{str(layer): neurons for layer, neurons in g.items()} for g in plan.group_neurons()]
+    with atomic_path(checkpoint / "plan.json") as tmp:
+        tmp.write_text(json.dumps({"signature": signature, "groups": groups}))
+
+
+def _split_file(group: int, split: str) -> str:
+    return f"group-{group}.split-{split}.pt"
+
+
+def _save_split(checkpoint: Path, signature: str, group: int, done: int, split: str, state: _PassState) -> None:
+    stats = state.stats.state() if split == Split.TRAIN.value else None
+    with atomic_path(checkpoint / _split_file(group, split)) as tmp:
+        torch.save({"signature": signature, "batches_done": done, "state": state.splits[split].state(), "stats": stats}, tmp)
+    (checkpoint / f"group-{group}.progress.pt").unlink(missing_ok=True)
+
+
+def _save_progress(checkpoint: Path, signature: str, group: int, done: int, split: str, state: _PassState) -> None:
+    stats = state.stats.state() if split == Split.TRAIN.value else None
+    with atomic_path(checkpoint / f"group-{group}.progress.pt") as tmp:
+        torch.save({"signature": signature, "batches_done": done, "split": split,
+                    "state": state.splits[split].state(), "stats": stats}, tmp)
+
+
+def _save_group_table(checkpoint: Path, group: int, key: tuple[int, Polarity], pair) -> None:
+    layer, polarity = key
+    for name, frame in zip(("exemplars", "stats"), pair):
+        with atomic_path(checkpoint / f"group-{group}.{layer}.{polarity.value}.{name}.parquet") as tmp:
+            frame.write_parquet(tmp)
+
+
+def _finish_group(checkpoint: Path, signature: str, group: int) -> None:
+    with atomic_path(checkpoint / f"group-{group}.done") as tmp:
+        tmp.write_text(signature)
+    for path in checkpoint.glob(f"group-{group}.*.pt"):
+        path.unlink()
+
+
+def _read_group_tables(checkpoint: Path, group: int) -> dict:
+    tables = {}
+    for path in sorted(checkpoint.glob(f"group-{group}.*.exemplars.parquet")):
+        _, layer, polarity, _, _ = path.name.split(".")
+        stats = path.with_name(path.name.replace(".exemplars.", ".stats."))
+        tables[(int(layer), Polarity(polarity))] = (pl.read_parquet(path), pl.read_parquet(stats))
+    return tables

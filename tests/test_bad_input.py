@@ -268,14 +268,14 @@ def test_a_damaged_exemplars_checkpoint_is_set_aside_and_the_pass_restarts(tiny_
     clean = collect_exemplars(subject, sequences, neurons, polarities, config.exemplars, **args)
     checkpoint = config.root / "checkpoints" / checkpoint_name(subject.name, sequences, neurons, polarities,
                                                                config.exemplars, 4, 0)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_bytes(b"PK\x03\x04 torn in the middle of a write")
-    with pytest.warns(UserWarning, match=r"checkpoint .*exemplars-.*\.pt is damaged .*set it aside as .*\.damaged"):
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "plan.json").write_bytes(b'{"signature": "torn in the middle of a wri')
+    with pytest.warns(UserWarning, match=r"checkpoint .*exemplars-\w+ is damaged .*set it aside as .*\.damaged"):
         resumed = collect_exemplars(subject, sequences, neurons, polarities, config.exemplars, checkpoint=checkpoint, **args)
     for key, (exemplars, stats) in clean.items():
         assert resumed[key][0].equals(exemplars) and resumed[key][1].equals(stats)
     assert not checkpoint.exists()
-    assert checkpoint.with_name(checkpoint.name + ".damaged").read_bytes().startswith(b"PK")
+    assert (checkpoint.with_name(checkpoint.name + ".damaged") / "plan.json").read_bytes().startswith(b'{"signature"')
 
 
 def test_damaged_simulator_training_states_are_set_aside(tmp_path):

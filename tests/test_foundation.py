@@ -286,3 +286,58 @@ def test_tables_round_trip_through_the_catalog(tiny_config):
     top = features[0].top(Split.TRAIN)
     assert len(top) == 3 and top[0].extreme >= top[-1].extreme and top[0].record.tokens[0] == "<|begin_of_text|>"
     assert features[0].select(Split.VAL, ExemplarKind.RANDOM)
+
+
+# -- the planned pass -----------------------------------------------------------------------
+
+
+def test_a_budget_that_forces_several_passes_gives_the_same_tables(tiny_config, tmp_path):
+    from neuron_assets.exemplars import plan_exemplar_pass
+
+    config, subject, sequences = _subject_and_sequences(tiny_config())
+    neurons = {layer: [0, 3, 7, 20, 41, 95] for layer in range(3)}
+    seq_len = int(sequences["n_tokens"].max())
+    args = (neurons, POLARITIES, config.exemplars, seq_len, 8, subject.device, subject.dtype)
+    one = plan_exemplar_pass(*args, budget_bytes=10**12)
+    assert one.passes == 1
+    whole = collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False, plan=one)
+
+    # Room for one layer's six features: one pass per layer, each stopping after its layer.
+    per_layer = plan_exemplar_pass(*args, budget_bytes=one.fixed_bytes + 6 * one.per_feature_bytes)
+    assert [sorted(g.neurons) for g in per_layer.groups] == [[0], [1], [2]]
+    assert "3 passes" in per_layer.describe()
+    deepest = []
+    original = subject.activations
+    subject.activations = lambda ids, mask, index: deepest.append(max(index)) or original(ids, mask, index)
+    try:
+        grouped = collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8,
+                                    progress=False, plan=per_layer)
+    finally:
+        subject.activations = original
+    assert sorted(set(deepest)) == [0, 1, 2] and deepest.count(0) == deepest.count(2)
+    for key in whole:
+        for got, expected in zip(grouped[key], whole[key]):
+            assert got.equals(expected), key
+
+    # Room for four: each layer is cut in two pieces of three; killed in the fourth pass and
+    # resumed from the checkpoint, the tables are still those of one pass.
+    pieces = plan_exemplar_pass(*args, budget_bytes=one.fixed_bytes + 4 * one.per_feature_bytes)
+    assert pieces.passes == 6 and all(g.features == 3 for g in pieces.groups)
+    checkpoint = tmp_path / "ckpt"
+    batches = len(range(0, 24, 8)) * 3
+
+    def die_in_the_fourth_pass(done):
+        if done == 3 * batches + 4:
+            raise Interrupted("killed")
+
+    with pytest.raises(Interrupted):
+        collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False,
+                          plan=pieces, checkpoint=checkpoint, on_batch=die_in_the_fourth_pass)
+    assert len(list(checkpoint.glob("group-*.done"))) == 3
+    seen = []
+    resumed = collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False,
+                                plan=one, checkpoint=checkpoint, on_batch=seen.append)
+    assert seen[0] == 3 * batches + 4, "the resumed run keeps the checkpoint's grouping and redoes no finished split"
+    for key in whole:
+        for got, expected in zip(resumed[key], whole[key]):
+            assert got.equals(expected), key

@@ -75,8 +75,10 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
                 return dg.MaterializeResult(metadata={"skipped": "every partition is up to date", **stage.metadata()})
             context.log.info(f"one forward pass for {len(requested)} partitions: {[f'{l}|{p.value}' for l, p in requested]}")
             with stage.progress.task("activations", _activation_batches(store, config), "batch") as task:
-                written = make_exemplars(config, requested, context.run_id, subject=subject.load(config),
-                                         progress=False, on_batch=lambda done: task.advance(done - task.done))
+                collected = make_exemplars(config, requested, context.run_id, subject=subject.load(config),
+                                           progress=False, on_batch=lambda done: task.advance(done - task.done),
+                                           log=context.log.info)
+            written = collected.written
             for layer, polarity in requested:
                 stage.complete((layer, polarity), [w.path for w in written if (w.layer, w.polarity) == (layer, polarity.value)])
         missing = _features_without_exemplars(store, written)
@@ -91,6 +93,9 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
                 "written": dg.MetadataValue.md(_written_table(written)),
                 "preview": dg.MetadataValue.md(_preview(store, *requested[0])),
                 "root": dg.MetadataValue.path(str(store.data_dir / "exemplars")),
+                "passes": collected.plan.passes,
+                "plan": dg.MetadataValue.md("```\n" + collected.plan.describe() + "\n```"),
+                "plan_json": dg.MetadataValue.json(collected.plan.as_dict()),
                 **stage.metadata(),
             },
             data_version=dg.DataVersion(config.sections_hash("subject", "corpus", "features", "exemplars")),

@@ -1,0 +1,301 @@
+"""GPU check: the full-scale path on a Llama-3.1-8B-shaped model with random weights, in minutes.
+
+Builds the model from configs/llama31_8b_instruct.shape.json (all 32 layers, or --layers N)
+with random bf16 weights and feeds it synthetic token ids, so nothing is downloaded. Then:
+
+  1. the bare forward pass, tokens/s;
+  2. the exemplar pass for every neuron of every layer and both polarities (the project's
+     collector, planned by the project's planner), tokens/s, and its peak device memory
+     against the plan's prediction;
+  3. one simulator training step (Transluce's head: the first 11 rows of the LM head) with
+     LoRA through peft on all layers, and a full fine-tune (fp32 master weights, AdamW,
+     bf16 autocast, gradient checkpointing) on as many layers as fit;
+  4. fine-tuned simulator inference, (description, exemplar) pairs/s.
+
+Ends well inside 8 minutes on one H100/H200. ``--tiny`` runs the same code on CPU with a
+small model of the same architecture in under a minute.
+Usage: python bench/gpu_check.py [--tiny] [--layers 32] [--sequences-per-split 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import polars as pl
+import torch
+
+from neuron_assets.config import REPO_ROOT, load_config
+from neuron_assets.exemplars import collect_exemplars, plan_exemplar_pass
+from neuron_assets.plan import ModelShape
+from neuron_assets.subject import SubjectModel, find_sites
+from neuron_assets.types import Polarity, Split
+
+LLAMA = REPO_ROOT / "configs" / "llama31_8b_instruct"
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                  vocab_size=512, max_position_embeddings=512, head_dim=32, model_type="llama", tie_word_embeddings=False)
+DESCRIPTION_TOKENS = 40
+CLASSES = 11
+GB = 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a small model of the same architecture, on CPU")
+    parser.add_argument("--layers", type=int, help="layers of the model (default: all of the shape)")
+    parser.add_argument("--sequences-per-split", type=int, help="synthetic sequences per split (default 256; tiny 24)")
+    parser.add_argument("--batch-size", type=int, help="sequences per forward pass (default: the Llama config's; tiny 8)")
+    parser.add_argument("--skip-training", action="store_true", help="only the forward and exemplar passes")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if device.type == "cpu" and not args.tiny:
+        sys.exit("no GPU here: run with --tiny to exercise the same code on CPU")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    llama = load_config(LLAMA.with_suffix(".yaml"))
+    raw = TINY_SHAPE if args.tiny else json.loads(LLAMA.with_suffix(".shape.json").read_text())
+    raw = dict(raw, num_hidden_layers=args.layers or raw["num_hidden_layers"])
+    seq_len = 32 if args.tiny else llama.corpus.seq_len
+    batch = args.batch_size or (8 if args.tiny else llama.subject.batch_size)
+    per_split = args.sequences_per_split or (24 if args.tiny else 256)
+    results = Results(device, args.json)
+    results.add("device", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (--tiny)")
+    results.add("model", f"{raw['num_hidden_layers']} layers x {raw['intermediate_size']} neurons, hidden {raw['hidden_size']}, "
+                         f"random weights in {str(dtype).removeprefix('torch.')}")
+
+    started = time.perf_counter()
+    model = build_model(raw, device, dtype, causal_lm=False)
+    results.add("build the model (s)", f"{time.perf_counter() - started:.1f}")
+    sequences = synthetic_sequences(per_split, seq_len, raw["vocab_size"])
+    tokens = int(sequences["n_tokens"].sum())
+    subject = SubjectModel(name="random-llama-3.1-8b-shape", model=model,
+                           tokenizer=SimpleNamespace(pad_token_id=0), sites=find_sites(model), device=device, dtype=dtype)
+    results.add("corpus", f"{sequences.height} synthetic sequences x {seq_len} tokens, batch {batch}")
+
+    bare = bare_forward_tokens_per_s(subject, sequences, batch)
+    results.add("bare forward (tokens/s)", f"{bare:,.0f}")
+
+    check_exemplar_pass(results, subject, sequences, llama, raw, batch, tokens, bare)
+    del subject, model
+    release(device)
+    if not args.skip_training:
+        check_simulator(results, raw, device, dtype, seq_len, llama.simulate.training.batch_size)
+    results.add("total (s)", f"{time.perf_counter() - started:.1f}")
+    results.print()
+
+
+def check_exemplar_pass(results, subject, sequences, llama, raw, batch, tokens, bare) -> None:
+    neurons = {layer: list(range(raw["intermediate_size"])) for layer in range(raw["num_hidden_layers"])}
+    polarities = [Polarity.POS, Polarity.NEG]
+    config = llama.exemplars
+    seq_len = int(sequences["n_tokens"].max())
+    plan = plan_exemplar_pass(neurons, polarities, config, seq_len, batch, subject.device, subject.dtype)
+    shape = ModelShape.from_config_json_dict(raw)
+    weights = sum(p.nbytes for p in subject.model.parameters())
+    act_bytes = torch.empty((), dtype=subject.dtype).element_size()
+    predicted = weights + shape.forward_workspace_bytes(batch, seq_len, act_bytes) + plan.peak_device_bytes
+    print(plan.describe(), flush=True)
+    stamps: list[float] = []
+    measured: dict = {}
+    rows = [0]
+
+    def count(layer, polarity, exemplars, stats):
+        rows[0] += exemplars.height
+
+    reset_peak(subject.device)
+    started = time.perf_counter()
+    collect_exemplars(subject, sequences, neurons, polarities, config, batch, progress=False, plan=plan,
+                      on_batch=lambda done: stamps.append(synchronized(subject.device)), on_tables=count, measured=measured)
+    finished = time.perf_counter()
+    first = stamps[0] - started  # the first batch allocates the split's state: timed apart
+    steady = tokens * (len(stamps) - 1) / len(stamps) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    results.add("features collected", f"{plan.features:,} x 2 polarities in {plan.passes} pass(es)")
+    results.add("exemplar pass (tokens/s)", f"{steady:,.0f} = {steady / bare:.2f}x the bare forward")
+    results.add("  first batch, tables (s)", f"{first:.2f}, {finished - stamps[-1]:.1f} ({rows[0]:,} exemplar rows)")
+    peak = peak_memory(subject.device)
+    if subject.device.type == "cuda":
+        results.add("exemplar pass peak (GB)", f"{peak / GB:.1f} measured, {predicted / GB:.1f} planned "
+                                               f"({peak / predicted:.2f}x)")
+    results.add("collector state (GB)", f"{measured['peak_device_state_bytes'] / GB:.2f} on the device, "
+                                        f"{measured['peak_state_bytes'] / GB:.2f} in all; planned "
+                                        f"{plan.resident_bytes * plan.features / GB:.2f} resident")
+
+
+def check_simulator(results, raw, device, dtype, seq_len, batch) -> None:
+    length = DESCRIPTION_TOKENS + seq_len
+    shape = ModelShape.from_config_json_dict(raw)
+
+    # LoRA on every layer: frozen bf16 weights, fp32 adapters, gradient checkpointing.
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(raw, device, dtype, causal_lm=True)
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    step_seconds, peak, moved = training_step(lora, raw, device, batch, length, autocast=False)
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    results.add("LoRA step (s, peak GB)", f"{step_seconds:.2f}, {peak / GB:.1f}; {trainable / 1e6:.1f}M trainable, "
+                                          f"adapters moved: {moved}")
+    lora.eval()
+    results.add("simulator pairs/s", f"{pairs_per_s(lora, raw, device, length):,.0f} (LoRA model, {length} tokens a pair)")
+    del lora, model
+    release(device)
+
+    # Full fine-tune: fp32 master weights + AdamW states (16 bytes a parameter) on the layers that fit.
+    layers = raw["num_hidden_layers"]
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] * 0.8
+        fixed = 2 * raw["vocab_size"] * raw["hidden_size"] * 16
+        layers = max(1, min(layers, int((free - fixed) // (shape.layer_params * 16 * 1.15))))
+    model = build_model(dict(raw, num_hidden_layers=layers), device, torch.float32, causal_lm=True)
+    model.gradient_checkpointing_enable()
+    step_seconds, peak, moved = training_step(model, raw, device, batch, length, autocast=device.type == "cuda")
+    results.add("full step (s, peak GB)", f"{step_seconds:.2f}, {peak / GB:.1f} on {layers} of {raw['num_hidden_layers']} "
+                                          f"layers; weights moved: {moved}")
+    del model
+    release(device)
+
+
+def training_step(model, raw, device, batch, length, autocast: bool) -> tuple[float, int, bool]:
+    """One AdamW step at lr 1e-5 on random (pair, 11-class labels); returns seconds, peak
+    memory and whether the trained weights changed."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, raw["vocab_size"], (batch, length), generator=generator).to(device)
+    labels = torch.randint(0, CLASSES, (batch, length), generator=generator).to(device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before = trained[-1].detach().clone()
+    optimizer = torch.optim.AdamW(trained, lr=1e-5)
+    reset_peak(device)
+    started = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = torch.nn.functional.cross_entropy(class_logits(model, ids).float().flatten(0, 1), labels.flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = synchronized(device) - started
+    return seconds, peak_memory(device), bool((trained[-1].detach() != before).any())
+
+
+def class_logits(model, ids):
+    """Transluce's simulator head: the LM head's first 11 rows score the classes 0..10."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(input_ids=ids).last_hidden_state
+    return hidden @ base.lm_head.weight[:CLASSES].T
+
+
+@torch.inference_mode()
+def pairs_per_s(model, raw, device, length, batch: int = 64, rounds: int = 4) -> float:
+    ids = torch.randint(1, raw["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1)).to(device)
+    class_logits(model, ids)
+    started = synchronized(device)
+    for _ in range(rounds):
+        class_logits(model, ids).argmax(-1)
+    return batch * rounds / (synchronized(device) - started)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def build_model(raw: dict, device, dtype, causal_lm: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "model_type")})
+    torch.manual_seed(0)
+    with default_dtype(dtype), torch.device(device):
+        model = (LlamaForCausalLM if causal_lm else LlamaModel)(config)
+    return model.eval() if not causal_lm else model.train()
+
+
+@contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def synthetic_sequences(per_split: int, seq_len: int, vocab: int) -> pl.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 3 * per_split
+    ids = rng.integers(1, vocab, size=(n, seq_len), dtype=np.int32)
+    return pl.DataFrame({
+        "seq_id": np.arange(n, dtype=np.int64),
+        "split": np.repeat([s.value for s in Split], per_split),
+        "token_ids": list(ids),
+        "prefix_len": np.ones(n, dtype=np.int16),
+        "n_tokens": np.full(n, seq_len, dtype=np.int32),
+    }, schema_overrides={"token_ids": pl.List(pl.Int32)})
+
+
+def bare_forward_tokens_per_s(subject, sequences, batch: int) -> float:
+    from neuron_assets.exemplars import _Corpus, _plan_batches
+
+    corpus = _Corpus(sequences, subject.tokenizer)
+    batches = [corpus.batch(rows) for _, rows in _plan_batches(corpus.splits, batch)]
+    with torch.inference_mode():
+        subject.model(input_ids=batches[0].ids.to(subject.device), attention_mask=batches[0].mask.to(subject.device))
+        started = synchronized(subject.device)
+        for b in batches:
+            subject.model(input_ids=b.ids.to(subject.device), attention_mask=b.mask.to(subject.device))
+        seconds = synchronized(subject.device) - started
+    return sum(int(b.mask.sum()) for b in batches) / seconds
+
+
+def synchronized(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, on CPU
+
+
+def release(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Results:
+    def __init__(self, device, path: str | None):
+        self.rows: list[tuple[str, str]] = []
+        self.path = Path(path) if path else None
+
+    def add(self, name: str, value: str) -> None:
+        self.rows.append((name, value))
+        print(f"{name:<28} {value}", flush=True)
+        if self.path:
+            self.path.write_text(json.dumps(dict(self.rows), indent=1))
+
+    def print(self) -> None:
+        print("\n| check | result |\n|---|---|")
+        for name, value in self.rows:
+            print(f"| {name.strip()} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

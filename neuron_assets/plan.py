@@ -1,0 +1,455 @@
+"""Plans: what each stage will need (memory, device-hours, disk, explainer tokens, cost)
+before a run, from the config and the model's shape alone (no weights are read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from neuron_assets.config import Config, ExemplarsConfig
+from neuron_assets.types import Polarity
+
+KEPT_SLOT_BYTES = 4 + 4 + 8  # key (float32), extreme (float32), seq_id (int64) per kept sequence
+SUM_BYTES = 4 * 8  # sum, sum of squares, positive and negative counts (float64) per feature
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes the exemplar pass keeps per feature, and buffers shared by all features."""
+
+    split: int  # one split, every polarity: top-k and reservoir slots, random sequences
+    stats: int  # running sums and the train token sample
+    fixed: int  # the token sample's keys
+
+
+def exemplar_state_bytes(config: ExemplarsConfig, seq_len: int, act_bytes: int, polarities: int) -> StateBytes:
+    """The exemplar collector's state, exactly as it allocates it."""
+    slots = config.top_k + (config.quantile_reservoir if config.per_quantile else 0)
+    per_slot = KEPT_SLOT_BYTES + seq_len * act_bytes
+    split = polarities * slots * per_slot + config.random_per_split * seq_len * act_bytes
+    stats = SUM_BYTES + config.stats_token_sample * act_bytes
+    return StateBytes(split=split, stats=stats, fixed=config.stats_token_sample * 4)
+
+
+# -- the model's shape --------------------------------------------------------------------
+
+GATED_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "phi3"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs to know about a transformer: its sizes, read from config.json."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    max_positions: int
+    gated: bool  # SiLU-gated MLP (three projections) rather than two
+    tied: bool  # the output head shares the embedding matrix
+    causal: bool = True
+
+    @classmethod
+    def from_config_json(cls, path: str | os.PathLike) -> ModelShape:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise PlanError(f"no model config at {path}; pass --shape with a folder or config.json of the model")
+        return cls.from_config_json_dict(json.loads(path.read_text()), str(path))
+
+    @classmethod
+    def from_config_json_dict(cls, raw: dict, path: str = "the model config") -> ModelShape:
+        raw = raw.get("text_config", raw)
+
+        def first(*names, default=None):
+            for name in names:
+                if raw.get(name) is not None:
+                    return raw[name]
+            if default is None:
+                raise PlanError(f"{path} has none of {names}; it does not look like a transformer's config.json")
+            return default
+
+        hidden = int(first("hidden_size", "n_embd", "d_model"))
+        model_type = str(raw.get("model_type", ""))
+        heads = int(first("num_attention_heads", "n_head"))
+        return cls(
+            hidden=hidden,
+            intermediate=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
+            layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
+            vocab=int(first("vocab_size")),
+            heads=heads,
+            kv_heads=int(first("num_key_value_heads", default=heads)),
+            max_positions=int(first("max_position_embeddings", "n_positions", default=2048)),
+            gated=model_type in GATED_MODEL_TYPES,
+            tied=bool(raw.get("tie_word_embeddings", model_type in ("gpt2", "bert"))),
+            causal=model_type not in ("bert", "roberta", "distilbert", "xlm-roberta"),
+        )
+
+    @property
+    def neurons(self) -> int:
+        return self.layers * self.intermediate
+
+    @property
+    def layer_params(self) -> int:
+        kv = self.hidden // self.heads * self.kv_heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * kv
+        return attention + (3 if self.gated else 2) * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        """All weights, the output head included."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
+
+    def params_through(self, layer: int) -> int:
+        """Weights a forward pass uses up to layer ``layer``'s MLP (no output head)."""
+        return self.vocab * self.hidden + (layer + 1) * self.layer_params
+
+    def forward_workspace_bytes(self, batch: int, seq_len: int, act_bytes: int) -> int:
+        """Transient memory of one inference forward pass: a layer's MLP intermediates and
+        hidden-state copies, and attention scores where the kernel materializes them."""
+        tokens = batch * seq_len
+        mlp = tokens * self.intermediate * (3 if self.gated else 2) * act_bytes
+        hidden = tokens * self.hidden * 6 * act_bytes
+        scores = batch * self.heads * seq_len * seq_len * 4
+        return mlp + hidden + scores
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made; the message says what is missing."""
+
+
+def find_model_shape(config: Config, config_path: str | os.PathLike | None = None,
+                     shape_path: str | os.PathLike | None = None, model: str | None = None) -> tuple[ModelShape, str]:
+    """The shape of ``model`` (default: the subject) and where it was read: ``shape_path``, a
+    ``<config>.shape.json`` beside the config file, the model's local folder or builtin
+    folder, or the local Hugging Face cache (config.json only, no weights)."""
+    model = model or config.subject.model
+    candidates: list[Path] = []
+    if shape_path:
+        candidates.append(Path(shape_path))
+    if config_path and model == config.subject.model:
+        config_path = Path(config_path)
+        candidates.append(config_path.with_name(config_path.stem + ".shape.json"))
+    if Path(model).expanduser().exists():
+        candidates.append(Path(model).expanduser())
+    for candidate in candidates:
+        if candidate.exists():
+            return ModelShape.from_config_json(candidate), str(candidate)
+    if model.startswith("builtin:"):
+        from neuron_assets.subject import resolve_model_path
+
+        folder = resolve_model_path(model)
+        return ModelShape.from_config_json(folder), folder
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+    except Exception:  # noqa: BLE001 - an odd name is "not cached", said below
+        cached = None
+    if isinstance(cached, str):
+        return ModelShape.from_config_json(cached), cached
+    raise PlanError(
+        f"the shape of '{model}' is not known here: no config.json in a local folder, the Hugging Face cache, or "
+        f"beside the config file. Fix: pass --shape PATH (a model folder or its config.json); the shape alone is "
+        "enough, no weights are read"
+    )
+
+
+# -- devices and rates --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    memory_gb: float
+    bf16_tflops: float  # dense peak
+    usd_per_hour: float
+
+
+DEVICES = {
+    "h100": DeviceSpec("H100 80GB SXM", 80.0, 989.0, 2.5),
+    "h200": DeviceSpec("H200 141GB", 141.0, 989.0, 3.5),
+    "a100": DeviceSpec("A100 80GB", 80.0, 312.0, 1.5),
+    "cpu": DeviceSpec("CPU", 16.0, 0.1, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Throughput assumptions; each can be replaced by what a user measured."""
+
+    subject_tokens_per_s: float | None = None  # bare forward of the subject; None: from FLOPs at mfu
+    mfu: float = 0.55  # share of the device's bf16 peak a well-batched forward pass reaches
+    collect_efficiency: float = 0.9  # one collecting pass / the bare forward pass (bench/activations.py)
+    explain_prefill_tokens_per_s: float = 20000.0  # vLLM prompt tokens/s for an 8B model on one GPU
+    explain_decode_tokens_per_s: float = 3000.0  # vLLM generated tokens/s, batched, 8B, one GPU
+    activation_compression: float = 0.87  # zstd on float16 activations (measured, tests/test_plan.py)
+
+
+# -- the plan of every stage --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    peak_device_bytes: int
+    device_hours: float
+    disk_bytes: int
+    host_bytes: int = 0
+    explainer_prompt_tokens: int = 0
+    explainer_completion_tokens: int = 0
+    usd: float = 0.0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    shape_source: str
+    device: DeviceSpec
+    features: int
+    polarities: int
+    sequences: int
+    tokens: int
+    exemplar_pass: dict  # the collector's own plan (neuron_assets.exemplars.ExemplarPlan.as_dict)
+    stages: tuple[StagePlan, ...]
+    reference: dict | None = None  # published costs of the same run, for comparison
+
+    @property
+    def usd(self) -> float:
+        return sum(s.usd for s in self.stages)
+
+    @property
+    def usd_per_neuron(self) -> float:
+        return self.usd / max(self.features, 1)
+
+    def fits(self) -> bool:
+        return all(s.peak_device_bytes <= self.device.memory_gb * 1e9 for s in self.stages)
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model, "shape_source": self.shape_source, "device": asdict(self.device),
+            "features": self.features, "polarities": self.polarities, "sequences": self.sequences, "tokens": self.tokens,
+            "exemplar_pass": self.exemplar_pass, "stages": [asdict(s) for s in self.stages],
+            "usd": self.usd, "usd_per_neuron": self.usd_per_neuron, "fits_one_device": self.fits(),
+            "reference": self.reference,
+        }
+
+    def table(self) -> str:
+        gb = 1e9
+        lines = [
+            f"plan for {self.model} ({self.features:,} features x {self.polarities} polarities, {self.sequences:,} "
+            f"sequences, {self.tokens / 1e6:,.1f}M tokens) on one {self.device.name}; shape from {self.shape_source}",
+            "",
+            f"{'stage':<28} {'peak device GB':>14} {'device-hours':>12} {'disk GB':>9} {'host GB':>8} "
+            f"{'explainer Mtok':>14} {'cost $':>10}",
+        ]
+        for s in self.stages:
+            fits = "" if s.peak_device_bytes <= self.device.memory_gb * gb else " !"
+            tokens = (s.explainer_prompt_tokens + s.explainer_completion_tokens) / 1e6
+            lines.append(f"{s.stage:<28} {s.peak_device_bytes / gb:>12.1f}{fits:<2} {s.device_hours:>12.2f} "
+                         f"{s.disk_bytes / gb:>9.2f} {s.host_bytes / gb:>8.1f} {tokens:>14.1f} {s.usd:>10.2f}")
+        total_hours = sum(s.device_hours for s in self.stages)
+        lines.append(f"{'total':<28} {'':>14} {total_hours:>12.2f} {sum(s.disk_bytes for s in self.stages) / gb:>9.2f} "
+                     f"{'':>8} {sum(s.explainer_prompt_tokens + s.explainer_completion_tokens for s in self.stages) / 1e6:>14.1f} "
+                     f"{self.usd:>10.2f}")
+        lines.append(f"\ncost per neuron: ${self.usd_per_neuron:.4f}; every stage fits one {self.device.name}: "
+                     f"{'yes' if self.fits() else 'no (marked !)'}")
+        passes = self.exemplar_pass
+        lines.append(f"exemplar pass: {passes['passes']} pass(es), state {passes['state_bytes'] / gb:.1f} GB in all, "
+                     f"device peak {passes['peak_device_bytes'] / gb:.1f} GB of collector state + captured activations")
+        for s in self.stages:
+            if s.note:
+                lines.append(f"  {s.stage}: {s.note}")
+        if self.reference:
+            lines.append("\nside by side with Transluce's published run (Choi et al., 2024):")
+            for key, (ours, theirs) in self.reference.items():
+                lines.append(f"  {key:<34} ours {ours:<22} Transluce {theirs}")
+        return "\n".join(lines)
+
+
+def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", device: str = "h100",
+             rates: Rates | None = None, explainer_shape: ModelShape | None = None) -> Plan:
+    """Predict every stage of ``config`` on one ``device`` (a key of DEVICES)."""
+    from neuron_assets.exemplars import plan_exemplar_pass, select_neurons  # torch, only for the dtype's size
+
+    import torch
+
+    rates = rates or Rates()
+    spec = DEVICES[device]
+    if device == "cpu":
+        import psutil
+
+        spec = replace(spec, memory_gb=psutil.virtual_memory().total / 1e9)
+    on_gpu = device != "cpu"
+    dtype_name = config.subject.dtype if config.subject.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    act_bytes = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    polarities = [Polarity(p) for p in config.features.polarities]
+    neurons = select_neurons(config.features, shape.layers, lambda layer: shape.intermediate)
+    features = sum(len(v) for v in neurons.values())
+    deepest = max(neurons)
+    corpus = config.corpus
+    sequences = 3 * corpus.sequences_per_split
+    tokens = sequences * corpus.seq_len  # windows are full length but for short documents and chats: an upper bound
+    batch = config.subject.batch_size
+    gb = 1e9
+
+    # Exemplars: weights and the forward workspace first, the collector gets what is left.
+    weights = shape.params_through(shape.layers - 1) * act_bytes  # AutoModel: the base model, no output head
+    workspace = shape.forward_workspace_bytes(batch, corpus.seq_len, act_bytes)
+    budget = (int(config.exemplars.device_memory_gb * gb) if config.exemplars.device_memory_gb
+              else int(spec.memory_gb * gb * 0.9) - weights - workspace)
+    exemplar_plan = plan_exemplar_pass(neurons, polarities, config.exemplars, corpus.seq_len, batch,
+                                       "cuda" if on_gpu else "cpu", getattr(torch, dtype_name), budget_bytes=budget)
+    flops_per_s = spec.bf16_tflops * 1e12 * rates.mfu
+    pass_seconds = 0.0
+    for group in exemplar_plan.groups:
+        if rates.subject_tokens_per_s:
+            seconds = tokens / rates.subject_tokens_per_s * (group.deepest + 1) / shape.layers
+        else:
+            seconds = tokens * 2 * shape.params_through(group.deepest) / flops_per_s
+        pass_seconds += seconds / rates.collect_efficiency
+    rows_per_feature = len(polarities) * 3 * _exemplar_rows_per_split(config, corpus.sequences_per_split)
+    row_bytes = corpus.seq_len * 2 * rates.activation_compression + ROW_OVERHEAD_BYTES
+    files = 2 * len(neurons) * len(polarities)  # exemplars and neuron_stats per layer x polarity
+    exemplar_disk = int(features * rows_per_feature * row_bytes + features * len(polarities) * STATS_ROW_BYTES
+                        + files * PARQUET_FILE_BYTES)
+    stages = [
+        StagePlan("corpus", 0, 0.0, int(sequences * corpus.seq_len * SEQUENCE_BYTES_PER_TOKEN),
+                  host_bytes=int(sequences * corpus.seq_len * 4 * 2), note="tokenizing is CPU work"),
+        StagePlan("exemplars", weights + workspace + exemplar_plan.peak_device_bytes, pass_seconds / 3600, exemplar_disk,
+                  host_bytes=exemplar_plan.peak_host_bytes,
+                  note=f"{exemplar_plan.passes} pass(es) over {tokens / 1e6:,.0f}M tokens at "
+                       + (f"{rates.subject_tokens_per_s:,.0f} tokens/s measured" if rates.subject_tokens_per_s
+                          else f"{rates.mfu:.0%} of bf16 peak") + f", collection at {rates.collect_efficiency:.0%} of the bare pass"),
+    ]
+    stages += _explain_and_score_stages(config, shape, explainer_shape, features, len(polarities), spec, rates, act_bytes)
+    plan = Plan(model=config.subject.model, shape_source=shape_source, device=spec, features=features,
+                polarities=len(polarities), sequences=sequences, tokens=tokens, exemplar_pass=exemplar_plan.as_dict(),
+                stages=tuple(_priced(s, spec) for s in stages))
+    if _is_llama31_8b(shape):
+        plan = replace(plan, reference=_transluce_reference(plan))
+    return plan
+
+
+# Sizes on disk (zstd Parquet), measured on the tiny test model's tables (tests/test_plan.py).
+ROW_OVERHEAD_BYTES = 8  # per exemplar row beside its activations: extreme, seq_id, rank, bin, ids
+STATS_ROW_BYTES = 48  # per neuron_stats row
+PARQUET_FILE_BYTES = 4800  # per file: footer, schema, page headers and statistics of every column
+SEQUENCE_BYTES_PER_TOKEN = 9  # int32 id + the token string, compressed
+DESCRIPTION_TOKENS = 40  # a description as the simulator reads it
+PROMPT_OVERHEAD_TOKENS = 450  # instructions and answer format of an explainer prompt
+COMPLETION_TOKENS = 60  # a description without reasoning
+COT_COMPLETION_TOKENS = 400
+HIGHLIGHT_MARKUP = 1.25  # {{ }} around activating tokens and line breaks, per exemplar token
+
+
+def _exemplar_rows_per_split(config: Config, per_split: int) -> int:
+    ex = config.exemplars
+    quantile = min(ex.quantile_bins * ex.per_quantile, ex.quantile_reservoir, per_split) if ex.per_quantile else 0
+    return min(ex.top_k, per_split) + quantile + min(ex.random_per_split, per_split)
+
+
+def _explain_and_score_stages(config, shape, explainer_shape, features, polarities, spec, rates, act_bytes) -> list[StagePlan]:
+    gb = 1e9
+    explain, sim, score = config.explain, config.simulate, config.score
+    seq_len = config.corpus.seq_len
+    prompts = features * polarities * explain.k
+    shown = (explain.exemplars_min + explain.exemplars_max) / 2
+    per_prompt = PROMPT_OVERHEAD_TOKENS + shown * seq_len * HIGHLIGHT_MARKUP * (2 if explain.few_shot else 1)
+    prompt_tokens = int(prompts * per_prompt)
+    completion_tokens = prompts * (COT_COMPLETION_TOKENS if explain.cot else COMPLETION_TOKENS)
+    stages = []
+    if explain.backend == "statistical":
+        stages.append(StagePlan("explain", 0, 0.0, prompts * 200, note="statistical explainer: CPU, no LLM"))
+    else:
+        api = explain.backend == "openai" and not explain.base_url
+        usd = (prompt_tokens * explain.usd_per_million_prompt_tokens
+               + completion_tokens * explain.usd_per_million_completion_tokens) / 1e6
+        if api:
+            stages.append(StagePlan("explain", 0, 0.0, prompts * 200, explainer_prompt_tokens=prompt_tokens,
+                                    explainer_completion_tokens=completion_tokens, usd=usd, note="hosted API"))
+        else:
+            scale = (explainer_shape.params / 8e9) if explainer_shape else 1.0
+            hours = (prompt_tokens / rates.explain_prefill_tokens_per_s + completion_tokens / rates.explain_decode_tokens_per_s) * scale / 3600
+            utilization = float(explain.engine_kwargs.get("gpu_memory_utilization", 0.9))
+            stages.append(StagePlan("explain", int(utilization * spec.memory_gb * gb), hours, prompts * 200,
+                                    explainer_prompt_tokens=prompt_tokens, explainer_completion_tokens=completion_tokens,
+                                    usd=usd, note=f"vLLM preallocates gpu_memory_utilization={utilization} of the device"))
+
+    # The fine-tuned simulator: Transluce's backbone is the subject itself.
+    backbone = shape if sim.finetuned.backbone == config.subject.model else None
+    training = sim.training
+    train_pairs = (training.stage1_features + training.stage2_features) * training.exemplars_per_feature
+    train_tokens = (training.stage1_features * training.stage1_epochs + training.stage2_features * training.stage2_epochs) \
+        * training.exemplars_per_feature * (DESCRIPTION_TOKENS + seq_len)
+    eval_pairs = features * polarities * (explain.k * (score.top_exemplars + score.random_exemplars)  # val, every candidate
+                                          + 2 * (score.top_exemplars + score.random_exemplars))  # test: best + control
+    eval_tokens = eval_pairs * (DESCRIPTION_TOKENS + seq_len)
+    if "finetuned" in (sim.backend, *sim.compare_with) and backbone is not None:
+        flops_per_s = spec.bf16_tflops * 1e12 * rates.mfu
+        params = backbone.params
+        full = params * 16  # bf16 weights + fp32 master, gradients and two Adam moments
+        lora = params * 2 + int(params * 0.01) * 16  # frozen bf16 weights, ~1% trainable in fp32 with Adam
+        batch_tokens = training.batch_size * (DESCRIPTION_TOKENS + seq_len)
+        checkpointed = batch_tokens * backbone.hidden * backbone.layers * 2 * 2 + backbone.forward_workspace_bytes(
+            training.batch_size, DESCRIPTION_TOKENS + seq_len, 2) * 2
+        method, memory = ("full fine-tune", full) if full + checkpointed <= spec.memory_gb * gb else ("LoRA", lora)
+        stages.append(StagePlan("simulator training", memory + checkpointed, train_tokens * 6 * params / flops_per_s / 3600,
+                                int(params * 2 if method == "full fine-tune" else params * 0.01 * 2), note=(
+                                    f"{train_pairs:,} pairs; {method} with gradient checkpointing (a full fine-tune "
+                                    f"with fp32 master weights and Adam needs {full / gb:.0f} GB)")))
+        sim_batch = sim.finetuned.batch_size
+        stages.append(StagePlan("simulation (scoring)", params * 2 + backbone.forward_workspace_bytes(
+            sim_batch, DESCRIPTION_TOKENS + seq_len, 2), eval_tokens * 2 * params / flops_per_s / 3600,
+            eval_pairs // max(1, score.top_exemplars + score.random_exemplars) * 64,
+            note=f"{eval_pairs / 1e6:,.1f}M (description, exemplar) pairs, {eval_tokens / 1e9:,.1f}B tokens"))
+    else:
+        stages.append(StagePlan("simulation (scoring)", 0, 0.0, features * polarities * explain.k * 64,
+                                note=f"{sim.backend} simulator on CPU; {eval_pairs / 1e6:,.2f}M pairs"))
+    judges = [s for s in score.scorers if s in ("detection", "fuzzing")]
+    if judges and explain.backend != "statistical":
+        candidates = getattr(score, "judge_candidates", None) or explain.k
+        calls = features * polarities * candidates * len(judges)
+        prompt = calls * (2 * score.judge_examples * seq_len + PROMPT_OVERHEAD_TOKENS)
+        completion = calls * 2 * score.judge_examples * 2
+        scale = (explainer_shape.params / 8e9) if explainer_shape else 1.0
+        hours = 0.0 if explain.backend == "openai" and not explain.base_url else \
+            (prompt / rates.explain_prefill_tokens_per_s + completion / rates.explain_decode_tokens_per_s) * scale / 3600
+        usd = (prompt * explain.usd_per_million_prompt_tokens + completion * explain.usd_per_million_completion_tokens) / 1e6
+        utilization = float(explain.engine_kwargs.get("gpu_memory_utilization", 0.9))
+        stages.append(StagePlan("judges (" + ", ".join(judges) + ")", int(utilization * spec.memory_gb * gb) if hours else 0,
+                                hours, calls * 16, explainer_prompt_tokens=prompt, explainer_completion_tokens=completion,
+                                usd=usd, note=f"{calls / 1e6:,.1f}M judge calls on {candidates} candidate(s) per feature"))
+    return stages
+
+
+def _priced(stage: StagePlan, spec: DeviceSpec) -> StagePlan:
+    return replace(stage, usd=stage.usd + stage.device_hours * spec.usd_per_hour)
+
+
+def _is_llama31_8b(shape: ModelShape) -> bool:
+    return (shape.hidden, shape.intermediate, shape.layers, shape.vocab) == (4096, 14336, 32, 128256)
+
+
+TRANSLUCE = {"exemplars_gpu_hours": 64 * 2, "simulation_gpu_hours": 2891, "usd_per_neuron": 0.046}
+"""Choi et al. (2024): exemplars about 64 h on 2 A100s; simulation 2,891 GPU-hours; $0.046 per neuron."""
+
+
+def _transluce_reference(plan: Plan) -> dict:
+    by_stage = {s.stage: s for s in plan.stages}
+    exemplars = by_stage["exemplars"]
+    simulation = by_stage.get("simulation (scoring)")
+    return {
+        "exemplars (device-hours)": (f"{exemplars.device_hours:.1f} {plan.device.name}-hours",
+                                     f"{TRANSLUCE['exemplars_gpu_hours']} A100-hours (64 h on 2 A100)"),
+        "simulation (device-hours)": (f"{simulation.device_hours:.0f} {plan.device.name}-hours" if simulation else "-",
+                                      f"{TRANSLUCE['simulation_gpu_hours']:,} GPU-hours"),
+        "cost per neuron": (f"${plan.usd_per_neuron:.4f}", f"${TRANSLUCE['usd_per_neuron']}"),
+    }

@@ -1,0 +1,59 @@
+"""`neuron-assets plan`: predictions from the config and the model's shape, held against a
+measured run of the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from neuron_assets.cli import main
+from neuron_assets.config import REPO_ROOT, load_config
+from neuron_assets.pipeline import make_corpus, make_exemplars
+from neuron_assets.plan import ModelShape, find_model_shape, plan_run
+from neuron_assets.types import Polarity
+
+LLAMA_CONFIG = REPO_ROOT / "configs" / "llama31_8b_instruct.yaml"
+
+
+def test_plan_matches_a_measured_tiny_run(tiny_config, tiny_llama):
+    config = load_config(tiny_config())
+    make_corpus(config, "run-plan")
+    measured: dict = {}
+    partitions = [(layer, polarity) for layer in range(3) for polarity in Polarity]
+    run = make_exemplars(config, partitions, "run-plan", progress=False, log=lambda text: None, measured=measured)
+    disk = sum(w.path.stat().st_size for w in run.written)
+
+    plan = plan_run(config, ModelShape.from_config_json(tiny_llama), device="cpu")
+    assert plan.features == 18 and plan.sequences == 72
+    exemplars = next(s for s in plan.stages if s.stage == "exemplars")
+    predicted_state = plan.exemplar_pass["state_bytes"]
+    assert abs(predicted_state - measured["peak_state_bytes"]) <= 0.2 * measured["peak_state_bytes"], (predicted_state, measured)
+    assert abs(exemplars.disk_bytes - disk) <= 0.2 * disk, (exemplars.disk_bytes, disk)
+    assert run.plan.passes == measured["passes"] == 1
+
+
+def test_llama_plan_fits_one_80gb_gpu_and_exemplars_in_3_h100_hours(capsys):
+    config = load_config(LLAMA_CONFIG)
+    shape, source = find_model_shape(config, LLAMA_CONFIG)
+    assert source.endswith("llama31_8b_instruct.shape.json")
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.kv_heads) == (4096, 14336, 32, 8)
+    assert 8.0e9 < shape.params < 8.1e9  # Llama-3.1-8B has 8.03B parameters
+
+    assert main(["--config", str(LLAMA_CONFIG), "plan", "--device", "h100", "--format", "json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["features"] == 458_752 and planned["fits_one_device"]
+    for stage in planned["stages"]:
+        assert stage["peak_device_bytes"] <= 80e9, stage
+    exemplars = next(s for s in planned["stages"] if s["stage"] == "exemplars")
+    assert exemplars["device_hours"] <= 3.0
+    assert planned["reference"]["cost per neuron"][1] == "$0.046"
+
+    assert main(["--config", str(LLAMA_CONFIG), "plan", "--device", "h100"]) == 0
+    table = capsys.readouterr().out
+    assert "Transluce" in table and "exemplars" in table
+
+
+def test_plan_without_a_shape_says_how_to_give_one(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("subject: {model: some-org/not-cached-model}\n")
+    assert main(["--config", str(path), "plan"]) == 1
+    assert "--shape" in capsys.readouterr().err
