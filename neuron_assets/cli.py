@@ -4,6 +4,7 @@
     neuron-assets sql "select ..."             read-only SQL over the catalog
     neuron-assets show 3 975 --polarity pos    a neuron's description and exemplars, activating tokens marked
     neuron-assets config                       the effective config, every field documented
+    neuron-assets validate-scorers             how often each simulator ranks true descriptions first
     neuron-assets ui                           the Dagster UI on the same storage
 """
 
@@ -63,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
 
     show_config = commands.add_parser("config", help="print the effective config as YAML, every field documented")
     show_config.set_defaults(handler=cmd_config)
+
+    validate = commands.add_parser(
+        "validate-scorers", help="each simulator and scorer on puzzles with one true and several false descriptions")
+    validate.add_argument("--puzzles", action="append", default=[], metavar="FILE",
+                          help="also a puzzle file in OpenAI's layout {name: {explanation, sentences, "
+                          "false_explanations}} (repeatable)")
+    validate.add_argument("--format", choices=["table", "json"], default="table")
+    validate.set_defaults(handler=cmd_validate_scorers)
 
     ui = commands.add_parser("ui", help="start the Dagster UI (dagster dev) on this config's storage")
     ui.add_argument("--port", type=int, default=3000)
@@ -189,6 +198,32 @@ def cmd_config(args) -> int:
     from neuron_assets.config import documented_yaml
 
     print(documented_yaml(load_config(args.config)), end="")
+    return 0
+
+
+# -- validate-scorers -----------------------------------------------------------------------
+
+
+def cmd_validate_scorers(args) -> int:
+    from neuron_assets.validity import report_table, validate_scorers
+
+    config = load_config(args.config)
+    report = validate_scorers(config, puzzle_files=args.puzzles, log=lambda line: print(line, file=sys.stderr))
+    if args.format == "json":
+        json.dump({"selecting": report.selecting, "rows": [r.as_dict() for r in report.rows],
+                   "skipped": dict(report.skipped)}, sys.stdout, indent=1)
+        print()
+    else:
+        header, rows = report_table(report)
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+        for line in [header, *rows]:
+            print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+        for scorer, why in report.skipped.items():
+            print(f"skipped {scorer}: {why}")
+    beats = report.selecting_beats_chance
+    if beats is False:
+        print(f"warning: the selecting scorer {report.selecting} does not beat chance clearly on the project's "
+              "puzzles; its scores rank descriptions little better than at random", file=sys.stderr)
     return 0
 
 

@@ -439,3 +439,111 @@ def _openai_sentence(sentence, where: str) -> ActivationRecord:
         activations.append(value)
     return ActivationRecord(0, tuple(tokens), (-1,) * len(tokens), np.array(activations, dtype=np.float32))
 
+
+
+# -- the project's report: every simulator and scorer on the puzzle sets ---------------------------
+
+VALIDITY_TABLE = "scorer_validity"
+
+
+@dataclass(frozen=True)
+class ValidityReport:
+    rows: tuple[ValidityRow, ...]
+    selecting: str  # the scorer whose correlation selects: correlation/<simulate.backend>
+    skipped: Mapping[str, str]  # scorer -> why it was not measured here
+
+    def row(self, scorer: str, puzzle_set: str = "project") -> ValidityRow | None:
+        return next((r for r in self.rows if r.scorer == scorer and r.puzzle_set == puzzle_set), None)
+
+    @property
+    def selecting_beats_chance(self) -> bool | None:
+        """Whether the selecting simulator beats chance clearly on the project's set (None: not measured)."""
+        row = self.row(self.selecting)
+        return None if row is None else row.beats_chance
+
+
+def validate_scorers(config, corpus: Sequence[ActivationRecord] | None = None,
+                     puzzle_files: Sequence[str | os.PathLike] = (), log: Callable[[str], None] = lambda _: None,
+                     simulators: Mapping[str, object] | None = None) -> ValidityReport:
+    """Every simulator that can run here (lexical, semantic, finetuned when a checkpoint
+    exists, prompted when configured, and the configured backend) through the correlation
+    scorer, and the embedding scorer, on the project's puzzles from ``corpus`` (default: the
+    stored ``sequences`` table, else the configured corpus tokenized by the subject's
+    tokenizer) and on each file in OpenAI's layout. ``simulators`` replaces the built ones
+    (name -> simulator), for tests."""
+    sets = {"project": project_puzzles(corpus if corpus is not None else _project_corpus(config),
+                                       seed=config.corpus.seed)}
+    for path in puzzle_files:
+        sets[Path(path).name] = load_openai_puzzles(path)
+    skipped: dict[str, str] = {}
+    built = dict(simulators) if simulators is not None else _build_simulators(config, skipped, log)
+    scorers: dict[str, PuzzleScorer] = {f"correlation/{name}": correlation_scorer(sim) for name, sim in built.items()}
+    if "embedding" in config.score.scorers and simulators is None:
+        from neuron_assets.score import MiniLMEmbedder
+
+        scorers["embedding"] = embedding_scorer(MiniLMEmbedder(config.score.embedding_model))
+    rows: list[ValidityRow] = []
+    for set_name, puzzles in sets.items():
+        log(f"scorer validity: {len(puzzles)} puzzles in set {set_name}, {len(scorers)} scorers")
+        rows += measure_validity(puzzles, scorers, set_name)
+    return ValidityReport(tuple(rows), f"correlation/{config.simulate.backend}", skipped)
+
+
+def _build_simulators(config, skipped: dict[str, str], log) -> dict[str, object]:
+    from neuron_assets.simulate import SIMULATORS, SimulatorUnavailable, build_simulator
+
+    checkpoint = None
+    if config.simulate.finetuned.checkpoint is None:
+        from neuron_assets.scoring import latest_checkpoint
+        from neuron_assets.store import Store
+
+        found = latest_checkpoint(Store(config.root), config)
+        checkpoint = found[1] if found else None
+    wanted = ["lexical", "semantic", config.simulate.backend, *config.simulate.compare_with, "finetuned"]
+    if config.simulate.prompted.model:
+        wanted.append("prompted")
+    built = {}
+    for name in dict.fromkeys(wanted):
+        if name not in SIMULATORS:
+            continue
+        try:
+            built[name] = build_simulator(config, checkpoint, name)
+        except (SimulatorUnavailable, ValueError, OSError) as err:
+            skipped[f"correlation/{name}"] = str(err)
+            log(f"scorer validity: correlation/{name} skipped: {err}")
+    return built
+
+
+def _project_corpus(config) -> list[ActivationRecord]:
+    from neuron_assets.explain.best_of_k import corpus_from_sequences
+    from neuron_assets.store import Store
+
+    store = Store(config.root)
+    if store.exists("sequences"):
+        sequences = store.read("sequences")
+    else:
+        from neuron_assets.corpus import build_sequences
+        from neuron_assets.subject import load_tokenizer
+
+        sequences = build_sequences(config.corpus, load_tokenizer(config.subject))
+    return corpus_from_sequences(sequences, seed=config.corpus.seed)
+
+
+def report_frame(report: ValidityReport):
+    """The report as the ``scorer_validity`` table's rows (without lineage)."""
+    import polars as pl
+
+    rows = [dict(r.as_dict(), selecting=r.scorer == report.selecting) for r in report.rows]
+    schema = {"puzzle_set": pl.String, "scorer": pl.String, "puzzles": pl.Int32, "true_first": pl.Float64,
+              "chance": pl.Float64, "mean_margin": pl.Float64, "beats_chance": pl.Boolean, "per_family": pl.String,
+              "selecting": pl.Boolean}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def report_table(report: ValidityReport) -> tuple[list[str], list[list]]:
+    """Header and rows for people (the CLI's table, the asset's markdown)."""
+    header = ["puzzle set", "scorer", "puzzles", "true first", "chance", "clear margin", "mean margin", "beats chance"]
+    body = [[r.puzzle_set, r.scorer + (" (selects)" if r.scorer == report.selecting else ""), r.puzzles,
+             f"{r.true_first:.2f}", f"{r.chance:.2f}", f"{clear_margin(r.chance, r.puzzles):.2f}",
+             f"{r.mean_margin:+.3f}", "yes" if r.beats_chance else "no"] for r in report.rows]
+    return header, body

@@ -40,6 +40,7 @@ import json
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -97,23 +98,27 @@ class SemanticSimulator:
         self.calibration = calibration or SemanticCalibration.shipped()
 
     def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
-        return self.calibrated(self.similarities(descriptions, records), self.calibration)
+        contextual = self.calibration.context_weight > 0
+        return self.calibrated(self.similarities(descriptions, records, contextual), self.calibration)
 
-    def similarities(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> RawSimilarities:
-        """Everything before calibration, so a fit tries many calibrations on one pass."""
+    def similarities(self, descriptions: Sequence[str], records: Sequence[ActivationRecord],
+                     contextual: bool = True) -> RawSimilarities:
+        """Everything before calibration, so a fit tries many calibrations on one pass.
+        Without ``contextual`` the in-context similarities are zeros (not computed)."""
         layouts = [unit_layout(record) for record in records]
         units = sorted({u for layout in layouts for u in layout.unit_texts})
         alone = dict(zip(units, self.encoder.sentences([u.casefold() for u in units]))) if units else {}
-        self.encoder.encode_records(layouts)
-        in_context = [self.encoder.unit_states(layout) for layout in layouts]
+        if contextual:
+            self.encoder.encode_records(layouts)
         described = self.encoder.sentences([_description_text(d) for d in descriptions])
         per_description = []
         for d, vector in zip(descriptions, described):
             per_record = []
-            for layout, contextual in zip(layouts, in_context):
+            for layout in layouts:
                 iso = np.array([float(alone[u] @ vector) for u in layout.unit_texts], dtype=np.float64)
-                ctx = contextual @ vector if len(layout.unit_texts) else np.zeros(0)
-                per_record.append((iso, np.asarray(ctx, dtype=np.float64)))
+                ctx = (self.encoder.unit_states(layout) @ vector).astype(np.float64) if contextual and iso.size \
+                    else np.zeros(iso.size)
+                per_record.append((iso, ctx))
             per_description.append((per_record, quoted_predictions(d, records)))
         return RawSimilarities(layouts, per_description)
 
@@ -133,10 +138,40 @@ class SemanticSimulator:
         return out
 
 
+CALIBRATION_GRID = {"context_weight": (0.0, 0.25, 0.5, 0.75, 1.0), "slope": (0.5, 1.0, 2.0, 4.0, 8.0),
+                    "offset": (0.0, 1.0, 1.5, 2.0, 2.5, 3.0)}
+
+
+def fit_calibration(puzzles, simulator: SemanticSimulator, fitted_on: str = "") -> SemanticCalibration:
+    """The calibration of :data:`CALIBRATION_GRID` whose correlation ranks the true description
+    of ``puzzles`` (:class:`neuron_assets.validity.ValidityPuzzle`) first most often (ties: the
+    larger mean margin, then the earlier grid point). Fit on the project's puzzles only."""
+    from itertools import product
+
+    from neuron_assets.score import correlation_score
+    from neuron_assets.types import Polarity
+    from neuron_assets.validity import true_first_credit
+
+    raws = [simulator.similarities(p.descriptions, p.records) for p in puzzles]
+    best, best_key = None, None
+    for weight, slope, offset in product(*CALIBRATION_GRID.values()):
+        calibration = SemanticCalibration(weight, slope, offset)
+        credits, margins = [], []
+        for puzzle, raw in zip(puzzles, raws):
+            values = np.array([correlation_score(p, puzzle.records, Polarity.POS).value
+                               for p in SemanticSimulator.calibrated(raw, calibration)])
+            credits.append(true_first_credit(values))
+            margins.append(values[0] - values[1:].max())
+        key = (round(float(np.mean(credits)), 6), round(float(np.mean(margins)), 6))
+        if best_key is None or key > best_key:
+            best, best_key = calibration, key
+    return SemanticCalibration(best.context_weight, best.slope, best.offset, fitted_on, best_key[0])
+
+
 # -- units and their alignment to subject tokens ---------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class UnitLayout:
     """A record's text after its prefix, its units, and which units each token overlaps."""
 
@@ -147,11 +182,20 @@ class UnitLayout:
     token_units: tuple[tuple[int, ...], ...]  # per token: the units it overlaps (none in the prefix)
 
     def token_values(self, unit_values: np.ndarray) -> np.ndarray:
+        """Each token's highest unit value (0 for tokens with no unit)."""
         values = np.zeros(self.length, dtype=np.float32)
-        for position, units in enumerate(self.token_units):
-            if units:
-                values[position] = unit_values[list(units)].max()
+        positions, flat, starts = self._flat
+        if positions.size:
+            values[positions] = np.maximum.reduceat(np.asarray(unit_values, dtype=np.float32)[flat], starts)
         return values
+
+    @cached_property
+    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens that overlap a unit, their units concatenated, where each token's units start)."""
+        positions = [i for i, units in enumerate(self.token_units) if units]
+        flat = [u for i in positions for u in self.token_units[i]]
+        starts = np.cumsum([0] + [len(self.token_units[i]) for i in positions[:-1]]) if positions else []
+        return np.array(positions, dtype=np.int64), np.array(flat, dtype=np.int64), np.array(starts, dtype=np.int64)
 
 
 def unit_layout(record: ActivationRecord) -> UnitLayout:
