@@ -485,6 +485,9 @@ def validate_scorers(config, corpus: Sequence[ActivationRecord] | None = None,
     rows: list[ValidityRow] = []
     for set_name, puzzles in sets.items():
         log(f"scorer validity: {len(puzzles)} puzzles in set {set_name}, {len(scorers)} scorers")
+        if not puzzles:  # a corpus too small for any rule or concept to fire in 3 sequences
+            skipped[f"puzzle set {set_name}"] = "no puzzles: the corpus is too small for any puzzle rule"
+            continue
         rows += measure_validity(puzzles, scorers, set_name)
     return ValidityReport(tuple(rows), f"correlation/{config.simulate.backend}", skipped)
 

@@ -17,7 +17,7 @@ SELECTING_BEATS_CHANCE = "selecting_simulator_beats_chance"
 
 
 @dg.asset(
-    deps=["corpus"],
+    deps=["corpus", "simulator_checkpoint"],  # measures the trained simulator when there is one
     description="Scorer validity (table `scorer_validity`): on the project's puzzles (exact-rule puzzles from the "
     "corpus and concept puzzles, each with one true description and false ones that are too broad, too narrow, "
     "name wrong tokens or a neighbour's), the share of puzzles where each simulator's correlation (and the "
