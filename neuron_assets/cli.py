@@ -5,6 +5,7 @@
     neuron-assets show 3 975 --polarity pos    a neuron's description and exemplars, activating tokens marked
     neuron-assets config                       the effective config, every field documented
     neuron-assets plan --device h100           each stage's memory, device-hours, disk and cost, before a run
+    neuron-assets validate-scorers             how often each simulator ranks true descriptions first
     neuron-assets ui                           the Dagster UI on the same storage
 """
 
@@ -86,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
                       "bench/activations.py (default 0.9 on a GPU, 0.7 on CPU)")
     plan.add_argument("--format", choices=["table", "json"], default="table")
     plan.set_defaults(handler=cmd_plan)
+    validate = commands.add_parser(
+        "validate-scorers", help="each simulator and scorer on puzzles with one true and several false descriptions")
+    validate.add_argument("--puzzles", action="append", default=[], metavar="FILE",
+                          help="also a puzzle file in OpenAI's layout {name: {explanation, sentences, "
+                          "false_explanations}} (repeatable)")
+    validate.add_argument("--format", choices=["table", "json"], default="table")
+    validate.set_defaults(handler=cmd_validate_scorers)
 
     ui = commands.add_parser("ui", help="start the Dagster UI (dagster dev) on this config's storage")
     ui.add_argument("--port", type=int, default=3000)
@@ -417,6 +425,30 @@ def cmd_plan(args) -> int:
         print()
     else:
         print(result.table())
+
+# -- validate-scorers -----------------------------------------------------------------------
+
+
+def cmd_validate_scorers(args) -> int:
+    from neuron_assets.validity import report_table, validate_scorers
+
+    config = load_config(args.config)
+    report = validate_scorers(config, puzzle_files=args.puzzles, log=lambda line: print(line, file=sys.stderr))
+    if args.format == "json":
+        json.dump({"selecting": report.selecting, "rows": [r.as_dict() for r in report.rows],
+                   "skipped": dict(report.skipped)}, sys.stdout, indent=1)
+        print()
+    else:
+        header, rows = report_table(report)
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+        for line in [header, *rows]:
+            print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+        for scorer, why in report.skipped.items():
+            print(f"skipped {scorer}: {why}")
+    beats = report.selecting_beats_chance
+    if beats is False:
+        print(f"warning: the selecting scorer {report.selecting} does not beat chance clearly on the project's "
+              "puzzles; its scores rank descriptions little better than at random", file=sys.stderr)
     return 0
 
 

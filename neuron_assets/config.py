@@ -370,27 +370,43 @@ class PromptedSimulatorConfig(Section):
     """Prompts per forward pass (transformers)."""
 
 
-SimulatorName = Literal["lexical", "finetuned", "prompted"]  # neuron_assets.simulate.SIMULATORS (a test checks)
+class SemanticSimulatorConfig(Section):
+    model: str = BUILTIN_MINILM
+    """Sentence-embedding model the semantic simulator reads descriptions and text with (its
+    calibration, shipped with the simulator, was fitted for builtin:all-MiniLM-L6-v2)."""
+    device: str = "auto"
+    """torch device: auto (cuda when available), cpu, cuda, ..."""
+    batch_size: int = Field(64, ge=1)
+    """Texts per forward pass."""
+
+
+SimulatorName = Literal["lexical", "semantic", "finetuned", "prompted"]  # neuron_assets.simulate.SIMULATORS (a test checks)
 ScorerName = Literal["correlation", "detection", "fuzzing", "embedding"]  # neuron_assets.score.SCORERS
 
 
 class SimulateConfig(Section):
-    backend: SimulatorName = "lexical"
+    backend: SimulatorName = "semantic"
     """The simulator whose correlation selects each feature's best candidate: lexical
-    (offline rule: the tokens and words a description names), finetuned (Transluce's
-    11-class per-token model, trained by the simulator_checkpoint asset), prompted (Bills et
-    al.'s all-at-once logprob simulator). Production: finetuned."""
-    compare_with: list[SimulatorName] = ["finetuned"]
+    (offline rule: the tokens and words a description names), semantic (offline, reads
+    language: MiniLM similarity of the description to the text, calibrated, plus the quoted
+    tokens), finetuned (Transluce's 11-class per-token model, trained by the
+    simulator_checkpoint asset), prompted (Bills et al.'s all-at-once logprob simulator).
+    Production: finetuned. `neuron-assets validate-scorers` measures how often each one
+    ranks a true description above false ones; the demo selects by semantic because it
+    does so clearly more often than lexical on the project's puzzles."""
+    compare_with: list[SimulatorName] = ["lexical", "finetuned"]
     """More simulators whose correlation is scored beside the backend's on every candidate,
-    for comparison only (not used to select). The demo scores its CPU-trained fine-tuned
-    simulator beside the lexical rule; a GPU config would select by finetuned and compare
-    with lexical."""
+    for comparison only (not used to select). The demo scores the lexical rule and its
+    CPU-trained fine-tuned simulator beside the semantic one; a GPU config would select by
+    finetuned and compare with semantic and lexical."""
     finetuned: FinetunedSimulatorConfig = FinetunedSimulatorConfig()
     """The fine-tuned simulator's model and inference settings."""
     training: SimulatorTrainingConfig = SimulatorTrainingConfig()
     """How simulator_training_data and simulator_checkpoint build and train it."""
     prompted: PromptedSimulatorConfig = PromptedSimulatorConfig()
     """The prompted simulator's model and endpoint."""
+    semantic: SemanticSimulatorConfig = SemanticSimulatorConfig()
+    """The semantic simulator's embedding model."""
 
 
 class ScoreConfig(Section):

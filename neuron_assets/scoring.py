@@ -25,7 +25,14 @@ import polars as pl
 from neuron_assets.config import Config
 from neuron_assets.exemplars import load_feature_exemplars
 from neuron_assets.score import ScoringContext, Scorer, build_scorers
-from neuron_assets.select import SCORES_SCHEMA, ShuffledControl, score_candidates, select_best, shuffled_controls
+from neuron_assets.select import (
+    SCORES_SCHEMA,
+    ShuffledControl,
+    score_candidates,
+    select_best,
+    selected_by_feature,
+    shuffled_controls,
+)
 from neuron_assets.simulate import FINETUNED, build_simulator, needs_checkpoint, simulator_names
 from neuron_assets.store import MissingTableError, Store, with_lineage
 from neuron_assets.types import ExemplarKind, FeatureExemplars, FeatureId, Polarity, Split
@@ -279,8 +286,14 @@ def make_description_scores(config: Config, layer: int, polarity: Polarity, run_
     scoring = scoring or Scoring.build(config, store)
     features = load_feature_exemplars(store, layer, polarity)
     candidates = read_candidates(store, layer, polarity)
-    controls = shuffled_controls(features, candidates, config.score.control_seed) if config.score.shuffled_control else {}
-    frame = score_candidates(features, candidates, scoring.scorers, Split.VAL, controls, progress=on_features)
+    frame = score_candidates(features, candidates, scoring.scorers, Split.VAL, progress=on_features)
+    # The control is another feature's *selected* description (by val), scored like the
+    # candidates; every candidate is also scored on test by the selector for best_of_k_curve.
+    selector = scoring.selector
+    selected = selected_by_feature(select_best(frame, selector.name, selector.simulator), features)
+    controls = shuffled_controls(features, selected, config.score.control_seed) if config.score.shuffled_control else {}
+    frame = pl.concat([frame, score_candidates(features, {}, scoring.scorers, Split.VAL, controls),
+                       score_candidates(features, candidates, [selector], Split.TEST, controls)])
     frame = with_lineage(frame.with_columns(pl.lit(scoring.simulator_version, pl.String).alias("simulator_version")),
                          config.subject.model, config.hash, run_id)
     path = store.write(SCORES_TABLE, frame, layer, polarity.value)

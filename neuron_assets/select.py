@@ -1,16 +1,17 @@
 """Selection and evaluation: score every candidate, keep the best by val, report it on test.
 
 - :func:`score_candidates`: every candidate x scorer on one split, plus the *shuffled
-  control* of every feature: a description written for another feature of the same layer
-  and polarity, scored the same way. The control says what a score is worth: a simulator
-  that predicts from generic properties of the text (where anything fires) scores well
-  above 0 even with the wrong description.
-- :func:`select_best`: per feature, the candidate with the highest val score of one scorer
-  (ties: the lower candidate number).
-- :func:`expected_best_of_k` and :func:`best_of_k_curve`: the mean best-of-k score for
-  every k, estimated without bias from all k' <= k subsets of the n scored candidates
-  (order statistics), and a power-law fit ``mean_best(k) = a * k^b`` (Transluce reports
-  the improvement with k this way).
+  control* of every feature: the description *selected* for another feature of the same
+  layer and polarity (:func:`shuffled_controls`), scored the same way. The control says
+  what a score is worth: a simulator that predicts from generic properties of the text
+  (where anything fires) scores well above 0 even with the wrong description.
+- :func:`select_best`: per feature, the candidate with the highest *val* score of one
+  scorer (ties: the lower candidate number). Val only selects; test only reports.
+- :func:`expected_best_of_k` and :func:`best_of_k_curve`: for every k, the mean *test*
+  score of the candidate that val selects among k, estimated without bias from all
+  k-subsets of the n scored candidates (order statistics of the val scores), and a
+  power-law fit ``mean_best(k) = a * k^b`` (Transluce reports the improvement with k this
+  way). Reporting the val score of the val-best would be biased upward by the selection.
 """
 
 from __future__ import annotations
@@ -56,20 +57,27 @@ def derangement(items: Sequence, rng: random.Random) -> dict:
 
 
 def shuffled_controls(
-    features: Sequence[FeatureExemplars], candidates: Mapping[FeatureId, Sequence[str | None]], seed: int = 0
+    features: Sequence[FeatureExemplars], selected: Mapping[FeatureId, tuple[int, str]], seed: int = 0
 ) -> dict[FeatureId, ShuffledControl]:
-    """Each feature with candidates -> a random candidate of another such feature (a seeded
-    derangement within the given features; none when fewer than two have candidates)."""
-    described = sorted(f.feature for f in features if any(candidates.get(f.feature, ())))
+    """Each feature with a selected description -> the description selected for another such
+    feature ((candidate, description) per feature, from :func:`select_best`): a seeded
+    derangement within the given features; none when fewer than two have one."""
+    described = sorted(f.feature for f in features if f.feature in selected and selected[f.feature][1])
     if len(described) < 2:
         return {}
     rng = random.Random(f"{seed}:{described[0].layer}:{described[0].polarity.value}")
     controls = {}
     for feature, source in derangement(described, rng).items():
-        options = [(c, d) for c, d in enumerate(candidates[source]) if d]
-        number, description = rng.choice(options)
+        number, description = selected[source]
         controls[feature] = ShuffledControl(source, number, description)
     return controls
+
+
+def selected_by_feature(best: pl.DataFrame, features: Sequence[FeatureExemplars]) -> dict[FeatureId, tuple[int, str]]:
+    """:func:`select_best`'s rows as feature -> (candidate, description)."""
+    by_index = {f.feature.index: f.feature for f in features}
+    return {by_index[row["neuron"]]: (row["candidate"], row["description"])
+            for row in best.iter_rows(named=True) if row["neuron"] in by_index}
 
 
 def score_candidates(
@@ -115,9 +123,12 @@ def rows_of(scores: pl.DataFrame, scorer: str, simulator: str | None = None) -> 
 
 
 def select_best(scores: pl.DataFrame, scorer: str, simulator: str | None = None) -> pl.DataFrame:
-    """Per feature, the best candidate by ``scorer`` with ``simulator`` (one row each: neuron,
-    candidate, description, val_score, val_flags) joined with its shuffled control's val score."""
+    """Per feature, the best candidate by ``scorer`` with ``simulator`` on val (one row each:
+    neuron, candidate, description, val_score, val_flags) joined with its shuffled control's
+    val score. Rows of other splits never select."""
     scores = rows_of(scores, scorer, simulator)
+    if "split" in scores.columns:
+        scores = scores.filter(pl.col("split") == Split.VAL.value)
     chosen = scores.filter(pl.col("role") == CANDIDATE)
     best = (
         chosen.sort(["neuron", "score", "candidate"], descending=[False, True, False])
@@ -138,13 +149,17 @@ def select_best(scores: pl.DataFrame, scorer: str, simulator: str | None = None)
 # -- best of k ---------------------------------------------------------------------------------
 
 
-def expected_best_of_k(values: Sequence[float], k: int) -> float:
+def expected_best_of_k(values: Sequence[float], k: int, reported: Sequence[float] | None = None) -> float:
     """The mean over all k-subsets of ``values`` of the subset's maximum (exact, no sampling):
-    sorted ascending, value i (1-based) is the max of C(i-1, k-1) of the C(n, k) subsets."""
-    ordered = np.sort(np.asarray(values, dtype=np.float64))
-    n = ordered.size
+    sorted ascending, value i (1-based) is the max of C(i-1, k-1) of the C(n, k) subsets.
+    With ``reported``, the mean of the reported value of each subset's best by ``values``
+    (ties in ``values``: the earlier one wins, as in :func:`select_best`)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = values.size
     if not 1 <= k <= n:
         raise ValueError(f"k={k} with {n} values")
+    order = np.lexsort((-np.arange(n), values))  # ascending; among ties the earlier one last (it wins)
+    ordered = (values if reported is None else np.asarray(reported, dtype=np.float64))[order]
     weights = np.array([math.comb(i - 1, k - 1) for i in range(1, n + 1)], dtype=np.float64) / math.comb(n, k)
     return float((weights * ordered).sum())
 
@@ -162,14 +177,21 @@ class BestOfKCurve:
 
 
 def best_of_k_curve(scores: pl.DataFrame, scorer: str, simulator: str | None = None) -> BestOfKCurve:
+    """For k = 1..n: the mean over features of the test score of the candidate that val selects
+    among k candidates (all k-subsets). Candidates without a test score are left out."""
     chosen = rows_of(scores, scorer, simulator).filter(pl.col("role") == CANDIDATE)
+    keys = ["layer", "polarity", "neuron", "candidate"]
+    val = chosen.filter(pl.col("split") == Split.VAL.value).select(*keys, pl.col("score").alias("val"))
+    test = chosen.filter(pl.col("split") == Split.TEST.value).select(*keys, pl.col("score").alias("test"))
+    paired = val.join(test, on=keys).sort(keys)
     per_feature = [
-        group["score"].to_numpy() for _, group in chosen.group_by(["layer", "polarity", "neuron"], maintain_order=True)
+        (group["val"].to_numpy(), group["test"].to_numpy())
+        for _, group in paired.group_by(["layer", "polarity", "neuron"], maintain_order=True)
     ]
-    largest = max((v.size for v in per_feature), default=0)
+    largest = max((v.size for v, _ in per_feature), default=0)
     ks, means, counts = [], [], []
     for k in range(1, largest + 1):
-        bests = [expected_best_of_k(v, k) for v in per_feature if v.size >= k]
+        bests = [expected_best_of_k(v, k, t) for v, t in per_feature if v.size >= k]
         ks.append(k)
         means.append(float(np.mean(bests)))
         counts.append(len(bests))

@@ -1,24 +1,38 @@
--- Mean best-of-k val score for k = 1 .. (candidates per neuron), per scorer and simulator
--- (simulator '' for scorers without one), computed exactly over all k-subsets of each
--- neuron's scored candidates: sorted ascending, the i-th of n is the best of C(i-1, k-1) of
--- the C(n, k) subsets. Plus the power-law fit mean_best(k) = fit_a * k^fit_b (least squares
--- in log-log space; null when a mean is <= 0).
+-- Best-of-k on test, val only selecting: for k = 1 .. (candidates per neuron), per scorer and
+-- simulator (simulator '' for scorers without one), the mean over neurons of the TEST score
+-- of the candidate that the VAL score selects among k, computed exactly over all k-subsets
+-- of each neuron's candidates: sorted ascending by val (ties: the lower candidate number
+-- last, as selection breaks ties), the i-th of n is the val-best of C(i-1, k-1) of the C(n, k)
+-- subsets. Only the selecting scorer scores every candidate on test, so only it has a curve.
+-- Plus the power-law fit mean_best(k) = fit_a * k^fit_b (least squares in log-log space;
+-- null when a mean is <= 0).
 CREATE OR REPLACE VIEW best_of_k_curve AS
-WITH scored AS (
-    SELECT layer, polarity, neuron, scorer, coalesce(simulator, '') AS simulator, score,
-           row_number() OVER (PARTITION BY layer, polarity, neuron, scorer, coalesce(simulator, '')
-                              ORDER BY score, candidate) AS i,
-           count(*) OVER (PARTITION BY layer, polarity, neuron, scorer, coalesce(simulator, '')) AS n
+WITH candidates AS (
+    SELECT layer, polarity, neuron, candidate, scorer, coalesce(simulator, '') AS simulator, split, score
     FROM description_scores
     WHERE role = 'candidate'
+),
+paired AS (
+    SELECT v.layer, v.polarity, v.neuron, v.candidate, v.scorer, v.simulator, v.score AS val_score,
+           t.score AS test_score
+    FROM candidates v
+    JOIN candidates t USING (layer, polarity, neuron, candidate, scorer, simulator)
+    WHERE v.split = 'val' AND t.split = 'test'
+),
+scored AS (
+    SELECT *,
+           row_number() OVER (PARTITION BY layer, polarity, neuron, scorer, simulator
+                              ORDER BY val_score, candidate DESC) AS i,
+           count(*) OVER (PARTITION BY layer, polarity, neuron, scorer, simulator) AS n
+    FROM paired
 ),
 ks AS (
     SELECT scorer, simulator, unnest(generate_series(1, max(n))) AS k FROM scored GROUP BY scorer, simulator
 ),
 per_neuron AS (
     SELECT s.layer, s.polarity, s.neuron, s.scorer, s.simulator, ks.k,
-           sum(s.score * exp(lgamma(s.i) - lgamma(ks.k) - lgamma(s.i - ks.k + 1)
-                             - (lgamma(s.n + 1) - lgamma(ks.k + 1) - lgamma(s.n - ks.k + 1)))) AS best
+           sum(s.test_score * exp(lgamma(s.i) - lgamma(ks.k) - lgamma(s.i - ks.k + 1)
+                                  - (lgamma(s.n + 1) - lgamma(ks.k + 1) - lgamma(s.n - ks.k + 1)))) AS best
     FROM scored s JOIN ks ON ks.scorer = s.scorer AND ks.simulator = s.simulator AND s.n >= ks.k AND s.i >= ks.k
     GROUP BY ALL
 ),

@@ -1,7 +1,8 @@
 -- Every candidate description x scorer on E_val (the top-20 val exemplars and 5 random val
--- sequences), one row each. role = 'candidate' rows are the k candidates (candidate 0..k-1);
--- role = 'shuffled_control' rows (candidate -1) score a description written for another
--- neuron of the same layer and polarity (source_neuron) the same way: what a score is worth
--- by chance. flags say why a score is a default (e.g. constant_prediction scores 0).
+-- sequences), one row each (split = 'val'); the selecting scorer also scores every candidate
+-- on E_test (split = 'test', for best_of_k_curve; val alone selects). role = 'candidate' rows
+-- are the k candidates (candidate 0..k-1); role = 'shuffled_control' rows (candidate -1)
+-- score the description selected for another neuron of the same layer and polarity
+-- (source_neuron) the same way: what a score is worth by chance. flags say why a score is a default (e.g. constant_prediction scores 0).
 CREATE OR REPLACE VIEW description_scores AS
 SELECT * FROM read_parquet('{data}/description_scores/*/*/*.parquet', union_by_name = true);

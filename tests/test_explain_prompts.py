@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -12,9 +13,9 @@ from neuron_assets.explain import MalformedAnswer, parse_description
 from neuron_assets.explain.backends import ChatTokenCounter
 from neuron_assets.explain.best_of_k import PromptTooLong, fit_prompt, plan_candidate
 from neuron_assets.explain.excerpts import (
+    MIN_HIGHLIGHTED,
     Excerpt,
     TokenDisplay,
-    distinct_token_peaks,
     excerpt_of,
     highlight_threshold,
     highlighted_text,
@@ -32,8 +33,9 @@ from neuron_assets.types import (
     Split,
 )
 
-# Three exemplars of a feature for floor coverings. Quantiles 8 and 5 mark fewer than 3
-# distinct tokens ("mat", "rug"); 2 marks "mat", "door", "rug" -- "door"+"mat" merge.
+# Three exemplars of a feature for floor coverings, peak 9. The highlight ladder (fractions of
+# the shown peak) marks 1 position down to 0.7 (6.3), 2 at 0.6 and 0.5 ("mat", "rug"), and 3 at
+# 0.4 (3.6): "mat", "door", "rug"; the "mat" of "doormat" (3.5) stays below it.
 ROWS = [
     [("The", 0), (" cat", 0.2), (" sat", 0), (" on", 0), (" the", 0), (" mat", 9.0), (".", 0)],
     [("A", 0), (" dog", 0), (" ran", 0), (" past", 0), (" the", 0), (" door", 4.0), ("mat", 3.5), (" quickly", 0)],
@@ -66,7 +68,7 @@ HIGHLIGHT_SYSTEM = (
 )
 HIGHLIGHT_FEATURE = (
     "Excerpt 1: The cat sat on the {{mat}}.\n"
-    "Excerpt 2: A dog ran past the {{doormat}} quickly\n"
+    "Excerpt 2: A dog ran past the {{door}}mat quickly\n"
     "Excerpt 3: Its fur was on the {{rug}} again"
 )
 
@@ -286,32 +288,65 @@ def test_prompt_tokens_are_counted_with_the_explainers_tokenizer(tiny_tokenizer)
 # -- highlight thresholds ------------------------------------------------------------------
 
 
-def test_threshold_starts_at_the_most_extreme_quantile_and_relaxes():
+def test_threshold_starts_high_and_steps_down_the_ladder_of_the_shown_peak():
     excerpts = [excerpt_of(record(i, r), Polarity.POS) for i, r in enumerate(ROWS)]
-    assert highlight_threshold(excerpts, (8.0, 5.0, 2.0, 0.0)) == 2.0
-    assert highlight_threshold(excerpts, (2.0, 1.0)) == 2.0, "the highest quantile that marks 3 wins"
-    assert highlight_threshold(excerpts, (8.0, 7.0)) == 4.0, "past the ladder: the 3rd distinct token's peak"
-    assert highlight_threshold(excerpts, ()) == 4.0
+    assert highlight_threshold(excerpts) == pytest.approx(0.4 * 9.0), "0.4 of the peak is the first rung that marks 3"
+    assert highlight_threshold(excerpts, (0.9, 0.5)) == pytest.approx(0.5 * 9.0), "the last rung is a floor"
+    assert highlight_threshold(excerpts[:1]) == pytest.approx(0.1 * 9.0), "one excerpt: its own peak, its own floor"
+    assert highlight_threshold(excerpts[2:]) == pytest.approx(0.1 * 6.0), "the shown peak, not the feature's"
+    assert highlight_threshold([Excerpt(0, ("a",), np.zeros(1, np.float32))]) == math.inf
+    for bad in ((), (0.5, 0.8), (1.5,), (0.5, 0.0)):
+        with pytest.raises(ValueError, match="highlight ladder"):
+            highlight_threshold(excerpts, bad)
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_at_least_three_distinct_tokens_are_highlighted_whenever_the_exemplars_hold_three(seed):
-    rng = np.random.default_rng(seed)
-    vocabulary = [f" t{i}" for i in range(int(rng.integers(2, 9)))]
+def _random_excerpts(rng: np.random.Generator) -> list[Excerpt]:
+    vocabulary = [f" t{i}" for i in range(int(rng.integers(1, 9)))]
     excerpts = []
     for i in range(int(rng.integers(1, 6))):
         n = int(rng.integers(1, 12))
         tokens = tuple(rng.choice(vocabulary, n))
         values = np.where(rng.random(n) < 0.3, rng.exponential(2.0, n), 0.0).astype(np.float32)
         excerpts.append(Excerpt(i, tokens, values))
-    ladder = tuple(sorted(rng.exponential(3.0, 4), reverse=True))
+    return excerpts
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_per_prompt_rule_on_random_cases(seed):
+    """The threshold is the highest rung (x the shown peak) that marks >= 3 token positions;
+    when none does, the lowest rung, which may mark fewer; never a zero, never below the floor."""
+    rng = np.random.default_rng(seed)
+    excerpts = _random_excerpts(rng)
+    ladder = tuple(sorted(set(np.round(rng.uniform(0.05, 1.0, int(rng.integers(1, 6))), 3).tolist()), reverse=True))
     threshold = highlight_threshold(excerpts, ladder)
-    active = len(distinct_token_peaks(excerpts))
-    marked = {t.strip() for e in excerpts for t, a in zip(e.tokens, e.activations) if a >= threshold}
-    text = " ".join(highlighted_text(e, threshold) for e in excerpts)
-    assert len(marked) >= min(3, active)
-    assert ("{{" in text) == (active > 0)
-    assert all(a > 0 for e in excerpts for a in e.activations if a >= threshold), "a zero is never marked"
+    values = np.concatenate([e.activations for e in excerpts])
+    peak = float(values.max())
+    if peak <= 0:
+        assert threshold == math.inf
+        return
+    marked = int((values >= threshold).sum())
+    counts = [int((values >= f * peak).sum()) for f in ladder]
+    expected = next((f for f, c in zip(ladder, counts) if c >= MIN_HIGHLIGHTED), ladder[-1])
+    assert threshold == pytest.approx(expected * peak)
+    assert marked >= 1 and all(a > 0 for a in values[values >= threshold]), "a zero is never marked"
+    if any(c >= MIN_HIGHLIGHTED for c in counts):
+        assert marked >= MIN_HIGHLIGHTED
+        assert all(c < MIN_HIGHLIGHTED for f, c in zip(ladder, counts) if f > expected), "no higher rung marks 3"
+    else:
+        assert marked == counts[-1] < MIN_HIGHLIGHTED, "below the floor nothing is marked"
+    assert "{{" in " ".join(highlighted_text(e, threshold) for e in excerpts)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_positions_count_not_distinct_strings(seed):
+    """One repeated token at three positions is enough to stop the ladder."""
+    rng = np.random.default_rng(seed)
+    peak = float(rng.uniform(1, 20))
+    excerpts = [Excerpt(i, (" a", " er"), np.array([0.0, peak], np.float32)) for i in range(3)]
+    excerpts.append(Excerpt(3, (" b",), np.array([0.55 * peak], np.float32)))
+    threshold = highlight_threshold(excerpts)
+    assert threshold == pytest.approx(0.9 * peak)
+    assert [highlighted_text(e, threshold) for e in excerpts] == [" a {{er}}"] * 3 + [" b"]
 
 
 def test_the_fixed_prefix_is_never_highlighted():
@@ -360,8 +395,9 @@ def test_each_candidate_gets_its_own_random_subset_order_and_puzzle():
                           CountingExplainer()).seq_ids != plans[0].seq_ids
 
 
-def test_with_fewer_than_three_distinct_active_tokens_every_active_token_is_marked():
-    excerpts = [Excerpt(0, ("a", " er", " b", " er"), np.array([0, 8.0, 0, 4.5], np.float32)),
+def test_with_fewer_than_three_positions_above_the_floor_only_those_are_marked():
+    excerpts = [Excerpt(0, ("a", " er", " b", " er"), np.array([0, 8.0, 0, 0.5], np.float32)),
                 Excerpt(1, ("c", " er"), np.array([0.0, 5.0], np.float32))]
-    assert highlight_threshold(excerpts, (7.0, 6.0)) == 4.5
-    assert [highlighted_text(e, 4.5) for e in excerpts] == ["a {{er}} b {{er}}", "c {{er}}"]
+    threshold = highlight_threshold(excerpts)
+    assert threshold == pytest.approx(0.1 * 8.0), "the floor: 0.5 stays unmarked, not every positive token"
+    assert [highlighted_text(e, threshold) for e in excerpts] == ["a {{er}} b er", "c {{er}}"]

@@ -31,8 +31,10 @@ from neuron_assets.select import (
     SHUFFLED_CONTROL,
     best_of_k_curve,
     expected_best_of_k,
+    rows_of,
     score_candidates,
     select_best,
+    selected_by_feature,
     shuffled_controls,
 )
 from neuron_assets.simulate import LexicalSimulator
@@ -104,16 +106,20 @@ def test_lexical_simulator_scores_planted_features_far_above_the_shuffled_contro
     features = [planted_feature(corpus, w, i) for i, w in enumerate(words)]
     candidates = {f.feature: planted_candidates(w, k=3) for f, w in zip(features, words)}
     scorer = CorrelationScorer(LexicalSimulator())
-    controls = shuffled_controls(features, candidates, seed=0)
-    frame = score_candidates(features, candidates, [scorer], Split.VAL, controls)
+    frame = score_candidates(features, candidates, [scorer], Split.VAL)
+    selected = selected_by_feature(select_best(frame, "correlation", "lexical"), features)
+    controls = shuffled_controls(features, selected, seed=0)
+    frame = pl.concat([frame, score_candidates(features, {}, [scorer], Split.VAL, controls)])
     assert frame.height == 12 * 4
     assert frame["score"].is_nan().sum() == 0
     assert frame["score"].min() >= -1 and frame["score"].max() <= 1
     described = frame.filter(pl.col("role") == CANDIDATE)["score"].mean()
     control = frame.filter(pl.col("role") == SHUFFLED_CONTROL)["score"].mean()
     assert described > 0.8 and control < 0.2, (described, control)
-    for feature in features:  # every control's description was written for another feature
-        assert controls[feature.feature].source != feature.feature
+    for feature in features:  # every control is the description selected for another feature
+        source = controls[feature.feature].source
+        assert source != feature.feature
+        assert (controls[feature.feature].candidate, controls[feature.feature].description) == selected[source]
     best = select_best(frame, "correlation", "lexical")
     assert best.height == 12 and best["control_val_score"].null_count() == 0
 
@@ -143,21 +149,48 @@ def test_expected_best_of_k_equals_the_mean_over_all_subsets():
         assert expected_best_of_k(values, k) == pytest.approx(brute)
 
 
-def test_best_of_k_curve_and_power_law_fit():
+def test_expected_best_of_k_reports_the_val_best_of_each_subset():
+    val, test = [0.3, -0.1, 0.9, 0.5, 0.3], [0.0, 1.0, 0.2, 0.4, 0.8]
+    for k in range(1, 6):
+        brute = []
+        for subset in itertools.combinations(range(5), k):
+            best = max(subset, key=lambda i: (val[i], -i))  # select_best: highest val, then lower candidate
+            brute.append(test[best])
+        assert expected_best_of_k(val, k, test) == pytest.approx(np.mean(brute))
+
+
+def _val_and_test_rows(neurons: int = 20, candidates: int = 6):
     rows = []
-    for neuron in range(20):
-        for candidate, value in enumerate(np.random.default_rng(neuron).uniform(0.1, 0.9, 6)):
+    for neuron in range(neurons):
+        rng = np.random.default_rng(neuron)
+        quality = rng.uniform(0.1, 0.9, candidates)
+        for candidate, value in enumerate(quality):
             for simulator, shift in (("lexical", 0.0), ("finetuned", -0.5)):
-                rows.append({"layer": 0, "polarity": "pos", "neuron": neuron, "candidate": candidate,
-                             "role": CANDIDATE, "scorer": "correlation", "simulator": simulator,
-                             "score": float(value) + shift})
-    curve = best_of_k_curve(pl.DataFrame(rows), "correlation", "lexical")
+                for split, noise in (("val", rng.normal(0, 0.05)), ("test", rng.normal(0, 0.05))):
+                    rows.append({"layer": 0, "polarity": "pos", "neuron": neuron, "candidate": candidate,
+                                 "role": CANDIDATE, "scorer": "correlation", "simulator": simulator, "split": split,
+                                 "score": float(value) + shift + float(noise), "description": f"d{candidate}",
+                                 "source_neuron": neuron, "flags": []})
+    return pl.DataFrame(rows)
+
+
+def test_best_of_k_curve_reports_test_scores_of_val_selected_candidates_and_power_law_fit():
+    frame = _val_and_test_rows()
+    curve = best_of_k_curve(frame, "correlation", "lexical")
     assert curve.k == (1, 2, 3, 4, 5, 6)
     assert all(a < b for a, b in zip(curve.mean_best, curve.mean_best[1:]))
     assert curve.fit_b is not None and 0 < curve.fit_b < 1
     assert curve.fitted(1) == pytest.approx(curve.mean_best[0], rel=0.1)
-    shifted = best_of_k_curve(pl.DataFrame(rows), "correlation", "finetuned")  # simulators are kept apart
-    np.testing.assert_allclose(np.array(shifted.mean_best) + 0.5, curve.mean_best)
+    lexical = rows_of(frame, "correlation", "lexical")
+    assert curve.mean_best[0] == pytest.approx(lexical.filter(pl.col("split") == "test")["score"].mean())
+    best = select_best(frame, "correlation", "lexical")
+    test = lexical.filter(pl.col("split") == "test").join(best.select("neuron", "candidate"), on=["neuron", "candidate"])
+    assert curve.mean_best[-1] == pytest.approx(test["score"].mean()), "k = n: the test score of the val-best"
+    assert curve.mean_best[-1] < best["val_score"].mean(), "the val score of the val-best is biased upward"
+    shifted = best_of_k_curve(frame, "correlation", "finetuned")  # simulators are kept apart
+    assert shifted.mean_best[0] == pytest.approx(curve.mean_best[0] - 0.5, abs=0.02)
+    assert best_of_k_curve(frame.filter(pl.col("split") == "val"), "correlation", "lexical").k == (), \
+        "no test scores, no curve"
 
 
 # -- classification and embedding scorers ----------------------------------------------------------
@@ -326,9 +359,9 @@ def test_metadata_figures_are_png_images():
 
 def test_shuffled_controls_need_two_described_features(corpus):
     one = planted_feature(corpus, "cat", 0)
-    assert shuffled_controls([one], {one.feature: ['"cat"']}) == {}
+    assert shuffled_controls([one], {one.feature: (0, '"cat"')}) == {}
     two = planted_feature(corpus, "dog", 1)
-    controls = shuffled_controls([one, two], {one.feature: ['"cat"'], two.feature: [None, '"dog"']}, seed=3)
+    controls = shuffled_controls([one, two], {one.feature: (0, '"cat"'), two.feature: (1, '"dog"')}, seed=3)
     assert controls[one.feature].description == '"dog"' and controls[one.feature].candidate == 1
     assert controls[two.feature].source == one.feature
 

@@ -58,15 +58,20 @@ def test_expected_value_and_discretize():
 
 
 def test_registry_builds_by_name_and_explains_unknown_names():
-    assert set(SIMULATORS) == {"lexical", "finetuned", "prompted"}
+    from neuron_assets.simulate.semantic import SemanticSimulator
+
+    assert set(SIMULATORS) == {"lexical", "semantic", "finetuned", "prompted"}
     assert isinstance(build_simulator(config_from_dict({"simulate": {"backend": "lexical"}})), LexicalSimulator)
-    with pytest.raises(ConfigError, match="simulate.backend.*'lexical', 'finetuned' or 'prompted'"):
+    with pytest.raises(ConfigError, match="simulate.backend.*'lexical', 'semantic', 'finetuned' or 'prompted'"):
         config_from_dict({"simulate": {"backend": "oracle"}})  # unknown names fail when the config loads
-    with pytest.raises(SimulatorUnavailable, match="known: lexical, finetuned, prompted"):
+    with pytest.raises(SimulatorUnavailable, match="known: lexical, semantic, finetuned, prompted"):
         build_simulator(Config(), name="oracle")
     with pytest.raises(SimulatorUnavailable, match="materialize simulator_checkpoint"):
         build_simulator(config_from_dict({"simulate": {"backend": "finetuned"}}))
-    assert isinstance(build_simulator(Config()), LexicalSimulator)  # the demo selects by the lexical rule
+    with pytest.raises(SimulatorUnavailable, match="simulate.semantic.model"):
+        build_simulator(config_from_dict({"simulate": {"semantic": {"model": "/nonexistent/model"}}}), name="semantic")
+    # the demo selects by the semantic simulator: it beats lexical on the validity puzzles (tests/test_validity.py)
+    assert isinstance(build_simulator(Config()), SemanticSimulator)
 
 
 # -- lexical ------------------------------------------------------------------------------------

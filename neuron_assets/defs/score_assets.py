@@ -340,7 +340,7 @@ def _merge_checks(results: list[dg.AssetCheckResult]) -> list[dg.AssetCheckResul
 
 def _scores_metadata(config: Config, store: Store, frame: pl.DataFrame, scoring: Scoring, written) -> dict:
     selector = scoring.selector
-    chosen = rows_of(frame, selector.name, selector.simulator)
+    chosen = rows_of(frame, selector.name, selector.simulator).filter(pl.col("split") == "val")
     candidates = chosen.filter(pl.col("role") == CANDIDATE)
     controls = chosen.filter(pl.col("role") == SHUFFLED_CONTROL)
     by_layer = {k[0]: g["score"].to_list() for k, g in candidates.group_by("layer")}
@@ -357,7 +357,7 @@ def _scores_metadata(config: Config, store: Store, frame: pl.DataFrame, scoring:
         "flagged_constant_predictions": int(candidates["flags"].list.len().gt(0).sum()) if candidates.height else 0,
         "per_layer_histogram": dg.MetadataValue.md(markdown_image(
             score_histograms(by_layer, control_by_layer, f"candidates, {label} (val), per layer"), "histogram")),
-        "best_of_k": dg.MetadataValue.md(markdown_image(best_of_k_figure(curve, f"mean best-of-k {label}"), "best of k")
+        "best_of_k": dg.MetadataValue.md(markdown_image(best_of_k_figure(curve, f"mean test score of the val-best of k, {label}"), "best of k")
                                          + f"\n\nfit: mean_best(k) = {curve.fit_a} * k^{curve.fit_b}"),
         "root": dg.MetadataValue.path(str(store.data_dir / SCORES_TABLE)),
         "seconds": round(sum(w.seconds for w in written), 1),
@@ -375,7 +375,7 @@ def _label(scorer) -> str:
 def _means_table(frame: pl.DataFrame, scoring: Scoring) -> str:
     table = []
     for scorer in scoring.scorers:
-        rows = rows_of(frame, scorer.name, scorer.simulator)
+        rows = rows_of(frame, scorer.name, scorer.simulator).filter(pl.col("split") == "val")
         table.append((_label(scorer), _mean(rows.filter(pl.col("role") == CANDIDATE)["score"]),
                       _mean(rows.filter(pl.col("role") == SHUFFLED_CONTROL)["score"])))
     return markdown_table(["scorer", "candidates (val)", "shuffled control (val)"], table)

@@ -26,14 +26,13 @@ from neuron_assets.explain.backends import (
     make_explainer,
 )
 from neuron_assets.explain.backends.base import stable_seed
-from neuron_assets.explain.excerpts import Excerpt, TokenDisplay, excerpt_of
+from neuron_assets.explain.excerpts import HIGHLIGHT_LADDER, Excerpt, TokenDisplay, excerpt_of
 from neuron_assets.explain.formats import (
     ChatMessage,
     PromptBuilder,
     Shown,
     SolvedPuzzle,
     prompt_builder_for,
-    quantile_ladder,
 )
 from neuron_assets.explain.puzzles import puzzle_pool
 from neuron_assets.types import ActivationRecord, FeatureExemplars, FeatureId, Split
@@ -140,7 +139,7 @@ def plan_candidate(
     rng = random.Random(seed)
     count = min(len(top), rng.randint(config.exemplars_min, config.exemplars_max))
     records = tuple(e.record for e in rng.sample(top, count))  # a random subset in random order
-    request = ExplainRequest(fid, candidate, seed, records, quantile_ladder(feature.stats))
+    request = ExplainRequest(fid, candidate, seed, records, HIGHLIGHT_LADDER)  # per prompt, over what it shows
     if not explainer.reads_prompts:
         return request
     puzzle = rng.choice(puzzles) if puzzles else None

@@ -17,7 +17,10 @@ import numpy as np
 
 from neuron_assets.types import ActivationRecord, Polarity
 
-MIN_HIGHLIGHTED = 3  # Transluce: relax the threshold until this many distinct tokens are marked
+MIN_HIGHLIGHTED = 3  # Transluce: lower the threshold until at least this many token positions are marked
+HIGHLIGHT_LADDER = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+"""The highlight thresholds a prompt tries, as fractions of the highest activation among the
+exemplars it shows, highest first (see :func:`highlight_threshold`)."""
 
 # Token shapes that some model family uses as a control token. A literal one inside a prompt
 # is parsed as that control token by the explainer's tokenizer (a `<|eot_id|>` in a user
@@ -109,23 +112,34 @@ def excerpt_of(record: ActivationRecord, polarity: Polarity, display: TokenDispl
     return Excerpt(record.seq_id, shown, record.polarity_activations(polarity)[start:])
 
 
-def highlight_threshold(excerpts: Sequence[Excerpt], ladder: Sequence[float] = ()) -> float:
-    """The highest threshold of ``ladder`` that marks at least 3 distinct tokens.
+def highlight_threshold(excerpts: Sequence[Excerpt], ladder: Sequence[float] = HIGHLIGHT_LADDER) -> float:
+    """Transluce's per-prompt rule: the threshold at which the excerpts shown are highlighted.
 
-    ``ladder`` is the feature's quantiles, most extreme first. When none of them marks 3
-    distinct tokens, the threshold relaxes to exactly the third most active distinct token's
-    peak. When the excerpts hold fewer than 3 distinct active tokens, every active token is
-    marked. So whenever the excerpts hold 3 distinct active tokens, 3 are marked.
+    The threshold starts at ``ladder[0]`` times the highest activation among ``excerpts``
+    (the exemplars this prompt shows, nothing else) and steps down the ladder until at least
+    :data:`MIN_HIGHLIGHTED` token positions are at or above it. The last rung is a floor:
+    when even it marks fewer than 3 positions, only those are marked (the peak always is),
+    never every positive token. Excerpts with no positive activation mark nothing (inf).
     """
-    peaks = sorted(distinct_token_peaks(excerpts).values(), reverse=True)
-    if not peaks:
+    rungs = check_ladder(ladder)
+    peak = max((e.peak for e in excerpts), default=0.0)
+    if not peak > 0:
         return math.inf
-    if len(peaks) < MIN_HIGHLIGHTED:
-        return min(float(a) for e in excerpts for a in e.activations if a > 0)
-    for threshold in sorted((t for t in ladder if t > 0), reverse=True):
-        if sum(peak >= threshold for peak in peaks) >= MIN_HIGHLIGHTED:
+    values = np.concatenate([np.asarray(e.activations, dtype=np.float64) for e in excerpts])
+    for fraction in rungs:
+        threshold = fraction * peak
+        if int((values >= threshold).sum()) >= MIN_HIGHLIGHTED:
             return float(threshold)
-    return float(peaks[MIN_HIGHLIGHTED - 1])
+    return float(rungs[-1] * peak)
+
+
+def check_ladder(ladder: Sequence[float]) -> tuple[float, ...]:
+    """A highlight ladder: fractions of the shown maximum in (0, 1], strictly decreasing."""
+    rungs = tuple(float(f) for f in ladder)
+    if not rungs or any(not 0 < f <= 1 for f in rungs) or any(a <= b for a, b in zip(rungs, rungs[1:])):
+        raise ValueError(f"a highlight ladder is fractions of the shown maximum in (0, 1], strictly decreasing "
+                         f"(e.g. {HIGHLIGHT_LADDER}); got {rungs}")
+    return rungs
 
 
 def distinct_token_peaks(excerpts: Sequence[Excerpt]) -> dict[str, float]:

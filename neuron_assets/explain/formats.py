@@ -8,6 +8,10 @@ feature's excerpts as the last user turn. Every answer ends with a line that sta
 Formats (``PromptFormat``): ``highlight`` (Transluce), ``token_activation`` (Bills et al.),
 ``contrastive`` (positives beside hard and random negatives). ``ChainOfThought`` asks for
 reasoning before the answer line, with any of them.
+
+Highlights follow Transluce's per-prompt rule (:func:`~neuron_assets.explain.excerpts.highlight_threshold`):
+over the excerpts one prompt shows, the threshold starts at 0.9 of their highest activation
+and steps down the ladder 0.8, 0.7, ..., 0.1 until at least 3 token positions are marked.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Protocol, Sequence
 
 from neuron_assets.config import ExplainConfig, PromptFormat
 from neuron_assets.explain.excerpts import (
+    HIGHLIGHT_LADDER,
     Excerpt,
     TokenDisplay,
     defuse_control_tokens,
@@ -29,7 +34,7 @@ from neuron_assets.explain.excerpts import (
     scaled_0_to_10,
     token_key,
 )
-from neuron_assets.types import FeatureExemplars, FeatureStats, Split
+from neuron_assets.types import FeatureExemplars, Split
 
 ANSWER_TAG = "[DESCRIPTION]:"
 MAX_DESCRIPTION_CHARS = 400
@@ -70,7 +75,7 @@ class Shown:
 
     positives: tuple[Excerpt, ...]
     negatives: tuple[Excerpt, ...] = ()
-    ladder: tuple[float, ...] = ()  # highlight thresholds to try, most extreme first
+    ladder: tuple[float, ...] = HIGHLIGHT_LADDER  # fractions of the shown maximum, tried highest first
 
     @property
     def threshold(self) -> float:
@@ -130,11 +135,6 @@ def parse_description(answer: str | None) -> str:
     return description
 
 
-def quantile_ladder(stats: FeatureStats) -> tuple[float, ...]:
-    """The feature's quantile values, most extreme quantile first."""
-    return tuple(float(stats.quantiles[q]) for q in sorted(stats.quantiles, reverse=True))
-
-
 # -- the formats ---------------------------------------------------------------------------
 
 
@@ -154,7 +154,7 @@ class HighlightFormat:
         )
 
     def show(self, feature, positives, display, rng) -> Shown:
-        return Shown(tuple(positives), (), quantile_ladder(feature.stats))
+        return Shown(tuple(positives))
 
     def render(self, shown: Shown) -> str:
         threshold = shown.threshold
@@ -182,7 +182,7 @@ class TokenActivationFormat:
         )
 
     def show(self, feature, positives, display, rng) -> Shown:
-        return Shown(tuple(positives), (), quantile_ladder(feature.stats))
+        return Shown(tuple(positives))
 
     def render(self, shown: Shown) -> str:
         scaled = scaled_0_to_10(shown.positives)
@@ -223,8 +223,7 @@ class ContrastiveFormat:
         )
 
     def show(self, feature, positives, display, rng) -> Shown:
-        ladder = quantile_ladder(feature.stats)
-        return Shown(tuple(positives), tuple(self.negatives_for(feature, positives, ladder, display, rng)), ladder)
+        return Shown(tuple(positives), tuple(self.negatives_for(feature, positives, HIGHLIGHT_LADDER, display, rng)))
 
     def negatives_for(self, feature: FeatureExemplars, positives: Sequence[Excerpt], ladder, display,
                       rng) -> list[Excerpt]:

@@ -50,7 +50,8 @@ class Puzzle:
         positives = tuple(e for e in excerpts if e.peak > 0)
         negatives = tuple(e for e in excerpts if e.peak <= 0)
         lowest = min((float(e.activations[e.activations > 0].min()) for e in positives), default=PUZZLE_ACTIVATION)
-        return SolvedPuzzle(self.name, Shown(positives, negatives, ladder=(lowest,)), self.description)
+        peak = max((e.peak for e in positives), default=PUZZLE_ACTIVATION)
+        return SolvedPuzzle(self.name, Shown(positives, negatives, ladder=(min(1.0, lowest / peak),)), self.description)
 
 
 def puzzle_pool(config: ExplainConfig, corpus: Sequence[ActivationRecord]) -> list[Puzzle]:

@@ -3,6 +3,9 @@
 Backends are chosen by name (``simulate.backend``) from :data:`SIMULATORS`:
 
 - ``lexical``: an offline rule over the tokens and words a description names;
+- ``semantic``: offline, reads language: MiniLM similarity of the description to each
+  piece of the text alone and in context, calibrated on the project's validity puzzles,
+  with the lexical rule for the tokens the description quotes;
 - ``finetuned``: Transluce's fine-tuned 11-class per-token simulator (a checkpoint that
   :mod:`neuron_assets.simulate.training` trains);
 - ``prompted``: Bills et al.'s all-at-once logprob simulator (a local model or an
@@ -35,6 +38,17 @@ class SimulatorUnavailable(RuntimeError):
 
 def _lexical(config: Config, checkpoint: Path | None) -> Simulator:
     return LexicalSimulator()
+
+
+def _semantic(config: Config, checkpoint: Path | None) -> Simulator:
+    from neuron_assets.simulate.semantic import SemanticSimulator
+
+    settings = config.simulate.semantic
+    try:
+        return SemanticSimulator(settings.model, settings.device, settings.batch_size)
+    except (OSError, ValueError) as err:
+        raise SimulatorUnavailable(f"the semantic simulator cannot load simulate.semantic.model "
+                                   f"'{settings.model}': {err}") from None
 
 
 def _finetuned(config: Config, checkpoint: Path | None) -> Simulator:
@@ -75,6 +89,7 @@ class SimulatorBackend:
 
 SIMULATORS: dict[str, SimulatorBackend] = {
     "lexical": SimulatorBackend(_lexical),
+    "semantic": SimulatorBackend(_semantic),
     "finetuned": SimulatorBackend(_finetuned, needs_gpu=True, trained_here=True),
     "prompted": SimulatorBackend(_prompted, needs_gpu=True),
 }

@@ -5,6 +5,6 @@ SELECT simulator, layer,
        round(avg(score) FILTER (WHERE role = 'shuffled_control'), 3) AS shuffled_control,
        count(*) FILTER (WHERE list_contains(flags, 'constant_prediction')) AS constant_predictions
 FROM description_scores
-WHERE scorer = 'correlation'
+WHERE scorer = 'correlation' AND split = 'val'
 GROUP BY ALL
 ORDER BY simulator, layer;

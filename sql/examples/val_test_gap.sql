@@ -4,7 +4,7 @@
 WITH gain AS (
     SELECT layer, polarity, neuron, scorer, simulator, max(score) - avg(score) AS best_of_k_gain
     FROM description_scores
-    WHERE role = 'candidate'
+    WHERE role = 'candidate' AND split = 'val'
     GROUP BY ALL
 )
 SELECT n.layer, count(*) AS neurons,

@@ -43,7 +43,7 @@ class ExplainRequest:
     candidate: int  # 0..k-1
     seed: int  # sampling seed of this candidate; attempt n samples with seed + n
     records: tuple[ActivationRecord, ...]  # the train top exemplars this candidate draws on, in order
-    ladder: tuple[float, ...]  # the feature's highlight thresholds, most extreme first
+    ladder: tuple[float, ...]  # highlight ladder: fractions of the shown maximum (excerpts.HIGHLIGHT_LADDER)
     prompt: Prompt | None = None  # None for backends that read no prompt
 
     @property

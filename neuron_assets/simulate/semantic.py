@@ -1,0 +1,349 @@
+"""The ``semantic`` simulator: an offline simulator that reads the description's language.
+
+The lexical rule rewards a description for the tokens it lists, so an explainer that lists
+tokens is graded by its own vocabulary. This simulator instead asks a sentence-embedding
+model (MiniLM, which the package ships) how close in meaning each piece of the text is to
+the description, so "negation words" predicts ``not`` and ``never`` without naming them.
+
+For a description ``d`` and the records of one call:
+
+1. **Units.** Each record's text after its prefix is cut into *units* by characters: runs
+   of letters and digits, and every other non-space character alone. Units are found in
+   the text, not in any tokenizer's tokens, so the subject's tokenizer may be anything;
+   a subject token takes the highest value of the units its characters overlap.
+2. **Similarity.** A unit's meaning is two MiniLM vectors: the unit embedded alone (mean
+   pooling, as sentence embeddings are made) and its contextual vector in the record
+   (MiniLM run over the record's text; the mean of the last hidden states of the word
+   pieces that overlap the unit, aligned by character offsets). The description is
+   embedded as a sentence. The unit's similarity is
+   ``w * cos(d, alone) + (1 - w) * cos(d, in context)``.
+3. **Calibration.** Similarities are z-scored per description over every unit of the
+   call (so a description is judged by which units it singles out, not by its overall
+   closeness to the text), then mapped to 0..10 by ``10 * sigmoid(slope * (z - offset))``.
+   ``w``, ``slope`` and ``offset`` are fitted on the project's validity puzzles
+   (:func:`fit_calibration`, over :func:`neuron_assets.validity.project_puzzles`) and
+   shipped in ``semantic_calibration.json`` next to this module.
+4. **Quoted tokens.** A token the description quotes scores 10 by the lexical rule
+   (:mod:`neuron_assets.simulate.lexical`, quoted spans only); a quoted token that the
+   description places ``after`` / ``following`` (``before`` / ``preceding``) marks the
+   token after (before) each of its occurrences instead. The prediction is the higher of
+   this and the calibrated similarity.
+
+Predictions depend on the records simulated together (step 3), as the correlation they are
+scored by is computed over the same records concatenated. Unit and record vectors are
+cached by text (bounded), so the k candidates of a feature share one pass over its exemplars.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from neuron_assets.simulate.base import MAX_ACTIVATION, SimulatedActivations
+from neuron_assets.simulate.lexical import QUOTED, WORD, NamedTerms, simulate_lexically
+from neuron_assets.types import ActivationRecord
+
+CALIBRATION_FILE = Path(__file__).with_name("semantic_calibration.json")
+UNIT = re.compile(r"[^\W_]+|[^\w\s]|_", re.UNICODE)
+SHIFT_AFTER = re.compile(r"\b(?:after|following|follows|preceded\s+by)\s+(?:an?\s+|the\s+)?(?:token\s+|word\s+)?$",
+                         re.IGNORECASE)
+SHIFT_BEFORE = re.compile(r"\b(?:before|preceding|precedes|followed\s+by)\s+(?:an?\s+|the\s+)?(?:token\s+|word\s+)?$",
+                          re.IGNORECASE)
+CACHE_SIZE = 50_000  # unit texts and record texts whose vectors are kept
+
+
+@dataclass(frozen=True)
+class SemanticCalibration:
+    """The monotone map from similarity to 0..10, fitted on the project's puzzle set."""
+
+    context_weight: float = 0.5  # 1 - w: share of the contextual similarity
+    slope: float = 2.0
+    offset: float = 2.0  # in standard deviations of the description's similarities
+    fitted_on: str = ""  # what it was fitted on, for people
+    true_first: float | None = None  # the fit's true-first share on that set
+
+    @classmethod
+    def shipped(cls) -> SemanticCalibration:
+        return cls.read(CALIBRATION_FILE) if CALIBRATION_FILE.is_file() else cls()
+
+    @classmethod
+    def read(cls, path: Path) -> SemanticCalibration:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def write(self, path: Path) -> None:
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    def activations(self, similarity: np.ndarray, mean: float, std: float) -> np.ndarray:
+        z = (similarity - mean) / std if std > 1e-9 else np.zeros_like(similarity)
+        return (MAX_ACTIVATION / (1.0 + np.exp(-self.slope * (z - self.offset)))).astype(np.float32)
+
+
+class SemanticSimulator:
+    """Simulator ``semantic``: see the module docstring."""
+
+    name = "semantic"
+
+    def __init__(self, model: str = "builtin:all-MiniLM-L6-v2", device: str = "auto", batch_size: int = 64,
+                 calibration: SemanticCalibration | None = None):
+        self.encoder = MiniLMEncoder(model, device, batch_size)
+        self.calibration = calibration or SemanticCalibration.shipped()
+
+    def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
+        contextual = self.calibration.context_weight > 0
+        return self.calibrated(self.similarities(descriptions, records, contextual), self.calibration)
+
+    def similarities(self, descriptions: Sequence[str], records: Sequence[ActivationRecord],
+                     contextual: bool = True) -> RawSimilarities:
+        """Everything before calibration, so a fit tries many calibrations on one pass.
+        Without ``contextual`` the in-context similarities are zeros (not computed)."""
+        layouts = [unit_layout(record) for record in records]
+        units = sorted({u for layout in layouts for u in layout.unit_texts})
+        alone = dict(zip(units, self.encoder.sentences([u.casefold() for u in units]))) if units else {}
+        if contextual:
+            self.encoder.encode_records(layouts)
+        described = self.encoder.sentences([_description_text(d) for d in descriptions])
+        per_description = []
+        for d, vector in zip(descriptions, described):
+            per_record = []
+            for layout in layouts:
+                iso = np.array([float(alone[u] @ vector) for u in layout.unit_texts], dtype=np.float64)
+                ctx = (self.encoder.unit_states(layout) @ vector).astype(np.float64) if contextual and iso.size \
+                    else np.zeros(iso.size)
+                per_record.append((iso, ctx))
+            per_description.append((per_record, quoted_predictions(d, records)))
+        return RawSimilarities(layouts, per_description)
+
+    @staticmethod
+    def calibrated(raw: RawSimilarities, calibration: SemanticCalibration) -> SimulatedActivations:
+        w = 1.0 - calibration.context_weight
+        out = []
+        for per_record, quoted in raw.per_description:
+            mixed = [w * iso + (1 - w) * ctx for iso, ctx in per_record]
+            pooled = np.concatenate(mixed) if mixed else np.zeros(0)
+            mean, std = (float(pooled.mean()), float(pooled.std())) if pooled.size else (0.0, 0.0)
+            predictions = []
+            for layout, similarity, lexical in zip(raw.layouts, mixed, quoted):
+                unit_values = calibration.activations(similarity, mean, std)
+                predictions.append(np.maximum(layout.token_values(unit_values), lexical))
+            out.append(predictions)
+        return out
+
+
+CALIBRATION_GRID = {"context_weight": (0.0, 0.25, 0.5, 0.75, 1.0), "slope": (0.5, 1.0, 2.0, 4.0, 8.0),
+                    "offset": (0.0, 1.0, 1.5, 2.0, 2.5, 3.0)}
+
+
+def fit_calibration(puzzles, simulator: SemanticSimulator, fitted_on: str = "") -> SemanticCalibration:
+    """The calibration of :data:`CALIBRATION_GRID` whose correlation ranks the true description
+    of ``puzzles`` (:class:`neuron_assets.validity.ValidityPuzzle`) first most often (ties: the
+    larger mean margin, then the earlier grid point). Fit on the project's puzzles only."""
+    from itertools import product
+
+    from neuron_assets.score import correlation_score
+    from neuron_assets.types import Polarity
+    from neuron_assets.validity import true_first_credit
+
+    raws = [simulator.similarities(p.descriptions, p.records) for p in puzzles]
+    best, best_key = None, None
+    for weight, slope, offset in product(*CALIBRATION_GRID.values()):
+        calibration = SemanticCalibration(weight, slope, offset)
+        credits, margins = [], []
+        for puzzle, raw in zip(puzzles, raws):
+            values = np.array([correlation_score(p, puzzle.records, Polarity.POS).value
+                               for p in SemanticSimulator.calibrated(raw, calibration)])
+            credits.append(true_first_credit(values))
+            margins.append(values[0] - values[1:].max())
+        key = (round(float(np.mean(credits)), 6), round(float(np.mean(margins)), 6))
+        if best_key is None or key > best_key:
+            best, best_key = calibration, key
+    return SemanticCalibration(best.context_weight, best.slope, best.offset, fitted_on, best_key[0])
+
+
+# -- units and their alignment to subject tokens ---------------------------------------------
+
+
+@dataclass(eq=False)
+class UnitLayout:
+    """A record's text after its prefix, its units, and which units each token overlaps."""
+
+    length: int  # tokens in the record
+    text: str
+    unit_texts: tuple[str, ...]
+    unit_spans: tuple[tuple[int, int], ...]
+    token_units: tuple[tuple[int, ...], ...]  # per token: the units it overlaps (none in the prefix)
+
+    def token_values(self, unit_values: np.ndarray) -> np.ndarray:
+        """Each token's highest unit value (0 for tokens with no unit)."""
+        values = np.zeros(self.length, dtype=np.float32)
+        positions, flat, starts = self._flat
+        if positions.size:
+            values[positions] = np.maximum.reduceat(np.asarray(unit_values, dtype=np.float32)[flat], starts)
+        return values
+
+    @cached_property
+    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens that overlap a unit, their units concatenated, where each token's units start)."""
+        positions = [i for i, units in enumerate(self.token_units) if units]
+        flat = [u for i in positions for u in self.token_units[i]]
+        starts = np.cumsum([0] + [len(self.token_units[i]) for i in positions[:-1]]) if positions else []
+        return np.array(positions, dtype=np.int64), np.array(flat, dtype=np.int64), np.array(starts, dtype=np.int64)
+
+
+def unit_layout(record: ActivationRecord) -> UnitLayout:
+    body = record.tokens[record.prefix_len :]
+    text = "".join(body)
+    matches = list(UNIT.finditer(text))
+    starts = np.array([m.start() for m in matches], dtype=np.int64)
+    ends = np.array([m.end() for m in matches], dtype=np.int64)
+    token_units: list[tuple[int, ...]] = [()] * record.prefix_len
+    position = 0
+    for token in body:
+        a, b = position, position + len(token)
+        token_units.append(tuple(np.nonzero((starts < b) & (ends > a))[0].tolist()) if matches else ())
+        position = b
+    return UnitLayout(len(record.tokens), text, tuple(m.group(0) for m in matches),
+                      tuple((m.start(), m.end()) for m in matches), tuple(token_units))
+
+
+@dataclass(frozen=True, eq=False)
+class RawSimilarities:
+    layouts: list[UnitLayout]
+    # per description: ([(alone, in_context) similarities per record], [quoted-token predictions per record])
+    per_description: list[tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]]
+
+
+# -- quoted tokens ----------------------------------------------------------------------------
+
+
+def quoted_predictions(description: str, records: Sequence[ActivationRecord]) -> list[np.ndarray]:
+    """The lexical rule over the description's quoted spans only; spans the description
+    places after (before) something mark the next (previous) token instead."""
+    here, after, before = set(), set(), set()
+    text = description or ""
+    for match in QUOTED.finditer(text):
+        span = next(group for group in match.groups() if group is not None).strip()
+        if not span:
+            continue
+        lead = text[: match.start()]
+        (after if SHIFT_AFTER.search(lead) else before if SHIFT_BEFORE.search(lead) else here).add(span.casefold())
+    out = []
+    for record in records:
+        predicted = _lexical(here, record)
+        if after:
+            marked = _lexical(after, record)
+            predicted[record.prefix_len + 1 :] = np.maximum(predicted[record.prefix_len + 1 :], marked[record.prefix_len : -1])
+        if before:
+            marked = _lexical(before, record)
+            predicted[record.prefix_len : -1] = np.maximum(predicted[record.prefix_len : -1], marked[record.prefix_len + 1 :])
+        out.append(predicted)
+    return out
+
+
+def _lexical(spans: set[str], record: ActivationRecord) -> np.ndarray:
+    if not spans:
+        return np.zeros(len(record.tokens), dtype=np.float32)
+    words = frozenset(w.casefold() for span in spans for w in WORD.findall(span))
+    return simulate_lexically(NamedTerms(frozenset(spans), words), record)
+
+
+def _description_text(description: str | None) -> str:
+    return " ".join((description or "").split()) or "nothing"
+
+
+# -- the embedding model ----------------------------------------------------------------------
+
+
+class MiniLMEncoder:
+    """Sentence vectors (mean pooling, L2-normalized) and per-unit contextual vectors."""
+
+    def __init__(self, model: str, device: str = "auto", batch_size: int = 64):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from neuron_assets.simulate.finetuned import quiet_transformers, resolve_device
+        from neuron_assets.subject import resolve_model_path
+
+        path = resolve_model_path(model)
+        self.device = resolve_device(device)
+        with quiet_transformers():
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"the semantic simulator needs a fast tokenizer (character offsets); {model} has none")
+        self.batch_size = batch_size
+        self.max_length = min(512, int(getattr(self.model.config, "max_position_embeddings", 512)))
+        self._torch = torch
+        self._sentences: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._records: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def sentences(self, texts: Sequence[str]) -> list[np.ndarray]:
+        missing = sorted({t for t in texts if t not in self._sentences})
+        for start in range(0, len(missing), self.batch_size):
+            batch = missing[start : start + self.batch_size]
+            hidden, mask, _ = self._forward(batch)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            for text, vector in zip(batch, self._torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()):
+                _remember(self._sentences, text, vector)
+        return [self._sentences[t] for t in texts]
+
+    def unit_states(self, layout: UnitLayout) -> np.ndarray:
+        """(units, hidden) L2-normalized: each unit's word pieces' mean last hidden state, with
+        the record's whole text as context."""
+        if not layout.unit_texts:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        if layout.text not in self._records:
+            self._encode_records([layout])
+        return self._records[layout.text]
+
+    def encode_records(self, layouts: Sequence[UnitLayout]) -> None:
+        """Contextual vectors of many records in batches (the simulator calls this first)."""
+        self._encode_records([layout for layout in layouts if layout.unit_texts and layout.text not in self._records])
+
+    def _encode_records(self, layouts: Sequence[UnitLayout]) -> None:
+        unique = list({layout.text: layout for layout in layouts}.values())
+        for start in range(0, len(unique), self.batch_size):
+            batch = unique[start : start + self.batch_size]
+            hidden, mask, offsets = self._forward([layout.text for layout in batch], offsets=True)
+            hidden = hidden.float().cpu().numpy()
+            for row, layout in enumerate(batch):
+                spans = offsets[row]
+                usable = [(i, s, e) for i, (s, e) in enumerate(spans) if e > s]
+                piece_index = np.array([i for i, _, _ in usable], dtype=np.int64)
+                piece_start = np.array([s for _, s, _ in usable], dtype=np.int64)
+                piece_end = np.array([e for _, _, e in usable], dtype=np.int64)
+                vectors = np.zeros((len(layout.unit_spans), hidden.shape[-1]), dtype=np.float32)
+                for u, (a, b) in enumerate(layout.unit_spans):
+                    pieces = piece_index[(piece_start < b) & (piece_end > a)] if usable else piece_index
+                    if pieces.size == 0:  # past the model's max length: the last piece stands in
+                        pieces = piece_index[-1:] if usable else np.zeros(0, dtype=np.int64)
+                    if pieces.size:
+                        vectors[u] = hidden[row, pieces].mean(0)
+                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+                _remember(self._records, layout.text, vectors / np.where(norms > 0, norms, 1.0))
+
+    def _forward(self, texts: Sequence[str], offsets: bool = False):
+        torch = self._torch
+        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt", return_offsets_mapping=offsets)
+        spans = encoded.pop("offset_mapping").tolist() if offsets else None
+        encoded = encoded.to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return hidden, mask, spans
+
+
+def _remember(cache: OrderedDict, key: str, value: np.ndarray) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)
