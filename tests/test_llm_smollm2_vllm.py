@@ -22,7 +22,7 @@ from neuron_assets.score import DetectionScorer, FuzzingScorer, LLMJudge
 from neuron_assets.simulate.prompted import OpenAICompletionsLogprobs, TransformersLogprobs, all_at_once_prompt
 from neuron_assets.types import Split
 from tests.support.tiny_models import sample_texts
-from tests.support.vllm_server import no_chunked_prefill, require_vllm, vllm_server
+from tests.support.vllm_server import no_chunked_prefill, require_vllm, servable_folder, vllm_server
 
 pytestmark = pytest.mark.vllm
 
@@ -32,9 +32,9 @@ MAX_MODEL_LEN = 4096
 
 
 @pytest.fixture(scope="module")
-def served():
+def served(tmp_path_factory):
     require_vllm()
-    folder = smollm2_folder()
+    folder = servable_folder(smollm2_folder(), tmp_path_factory.mktemp("smollm2"))
     with vllm_server(folder, served_model_name="smollm2", max_model_len=MAX_MODEL_LEN, max_logprobs=20,
                      extra_args=[*no_chunked_prefill(MAX_MODEL_LEN), "--gpu-memory-utilization", "0.3"]) as (url, name):
         yield url, name, folder
