@@ -95,13 +95,16 @@ def test_the_judge_the_explainer_and_the_simulator_share_one_model(explainer, fe
 
 def test_smollm2_detection_judge_answers_or_leaves_unanswered(explainer, features):
     judge = LLMJudge(smollm2_config())
+    answers, answer = [], judge.answer
+    judge.answer = lambda conversations: answers.extend(answer(conversations)) or answers[-len(conversations):]
     [score] = DetectionScorer(judge, examples=2, batch=4).score(features[0], ['the words "cat", "dog", "bird"'],
                                                                   Split.VAL)  # one prompt
     assert 0.0 <= score.value <= 1.0 and score.n_examples == 4
     unanswered = [f for f in score.flags if f.startswith("unanswered:")]
     assert judge.prompt_tokens > 0 and judge.completion_tokens > 0
     assert judge.unanswered == 0, judge.failures  # an answer always comes back from a local model
-    print(f"SMOLLM2 detection score {score.value:.3f} flags {score.flags} ({unanswered})")
+    assert len(answers) == 1 and answers[0] is not None
+    print(f"SMOLLM2 detection score {score.value:.3f} flags {score.flags} ({unanswered}); answer {answers[0]!r}")
 
 
 def test_smollm2_prompted_simulator_reads_the_values_0_to_10():
