@@ -9,6 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -126,9 +127,21 @@ texts = [" ".join(sample_texts(300, seed=4)[i : i + 3]) for i in range(0, 300, 3
 features = [planted_feature(texts, words, index=i) for i, words in enumerate((["cat", "dog"], ["red", "blue"]))]
 config = ExplainConfig(backend="vllm", model=model_dir, k=2, max_tokens=12, max_retries=1, context_window=2048,
                        engine_kwargs={"dtype": "float32", "max_model_len": 2048, "enforce_eager": True,
-                                      "enable_chunked_prefill": False, "max_num_batched_tokens": 2048})
+                                      "enable_chunked_prefill": False, "max_num_batched_tokens": 2048,
+                                      "max_logprobs": 500})
 frame = explain_features(features, config, progress=False)
 print("RESULT " + json.dumps(frame.to_dicts()))
+
+# the prompted simulator's logprobs through the same engine (the process's cached one)
+from neuron_assets import runtime
+from neuron_assets.llm import open_llm, settings_from_explain
+from neuron_assets.simulate.prompted import LLMLogprobs, all_at_once_prompt
+
+engines = len(runtime.loaded())
+llm = open_llm(settings_from_explain(config), top_logprobs=500)  # of a vocabulary of about 512
+prompt = all_at_once_prompt("cats", ("The", " cat", " sat", " on", " the", " mat"))
+[table] = LLMLogprobs(llm).value_probabilities([prompt])
+print("LOGPROBS " + json.dumps({"engines": [engines, len(runtime.loaded())], "table": table.tolist()}))
 """
 
 
@@ -153,3 +166,15 @@ def test_vllm_offline_backend_runs_in_the_vllm_venv(served, tmp_path):
         assert row["prompt_tokens"] > 100 and 0 < row["completion_tokens"] <= 24
         assert (row["description"] is None) == (row["failure"] is not None)
         assert row["failure"] is None or row["failure"].startswith("malformed answer")
+    logprobs = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("LOGPROBS "))[9:])
+    assert logprobs["engines"] == [1, 1], "the simulator's logprobs came from the explainer's engine"
+    from neuron_assets.config import PromptedSimulatorConfig
+    from neuron_assets.simulate.prompted import TransformersLogprobs, all_at_once_prompt
+
+    local = TransformersLogprobs.from_config(PromptedSimulatorConfig(model=str(model_dir), device="cpu"))
+    prompt = all_at_once_prompt("cats", ("The", " cat", " sat", " on", " the", " mat"))
+    [expected] = local.value_probabilities([prompt])
+    served = np.array(logprobs["table"])
+    seen = served > 0  # among the engine's top 500
+    assert seen[expected > 0].mean() > 0.8, served
+    np.testing.assert_allclose(served[seen], expected[seen], rtol=2e-3, atol=1e-7)

@@ -78,13 +78,12 @@ def open_llm(settings: LLMSettings, top_logprobs: int = 20) -> LLM:
 
 def settings_from_explain(config, backend: str | None = None) -> LLMSettings:
     """The explain section's model (the explainer's, and the detection/fuzzing judge's)."""
-    options = dict(config.engine_kwargs)
     return LLMSettings(
         backend=backend or config.backend, model=config.model or "", setting="explain", base_url=config.base_url,
         api_key_env=config.api_key_env, tokenizer=config.tokenizer, concurrency=config.concurrency,
         timeout_s=config.timeout_s, backoff_s=config.backoff_s, extra_body=dict(config.extra_body),
-        device=config.device, dtype=str(options.pop("dtype", "auto")), allow_download=config.allow_download,
-        engine_kwargs=options, seed=config.seed,
+        device=config.device, allow_download=config.allow_download, engine_kwargs=dict(config.engine_kwargs),
+        seed=config.seed,
     )
 
 

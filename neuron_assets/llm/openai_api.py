@@ -65,8 +65,10 @@ class OpenAILLM:
 
     async def _generate_one(self, client, request: Request, budget: int) -> Reply:
         started = time.perf_counter()
-        options = dict(model=self.model, temperature=request.temperature, seed=request.seed,
+        options = dict(model=self.model, temperature=request.temperature,
                        extra_body=dict(self.settings.extra_body) or None)
+        if request.seed is not None:
+            options["seed"] = request.seed
         client = client.with_options(max_retries=max(0, budget - 1))
         try:
             if request.messages is not None:

@@ -38,43 +38,49 @@ class TransformersLLM:
         return [self._generate_one(request) for request, _ in requests]
 
     def continuation_logprobs(self, requests: Sequence[LogprobRequest], max_attempts: int = 1) -> list[LogprobReply]:
+        out: list[LogprobReply | None] = [None] * len(requests)
+        fitting = []  # (index, ids, positions) of the prompts that fit the context
+        for i, request in enumerate(requests):
+            ids, positions = encode_at_offsets(self.tokenizer, request.prompt, request.offsets)
+            if len(ids) > self.context_window:
+                out[i] = LogprobReply(None, f"prompt of {len(ids)} tokens exceeds the model's context of "
+                                            f"{self.context_window} tokens", len(ids))
+            else:
+                fitting.append((i, ids, positions))
+        size = max(1, self.settings.batch_size)
+        for start in range(0, len(fitting), size):
+            chunk = fitting[start : start + size]
+            began = time.perf_counter()
+            tables = self._forward_logprobs([(ids, positions) for _, ids, positions in chunk],
+                                            [requests[i].continuations for i, _, _ in chunk])
+            share = (time.perf_counter() - began) / len(chunk)
+            for (i, ids, _), table in zip(chunk, tables):
+                out[i] = LogprobReply(table, None, len(ids), share)
+        return out  # type: ignore[return-value]
+
+    def _forward_logprobs(self, encoded: list[tuple[list[int], list[int]]],
+                          continuations: list[tuple[str, ...]]) -> list[np.ndarray]:
+        """One right-padded forward pass; at each position p, the distribution predicted at p - 1."""
         import torch
 
-        out: list[LogprobReply] = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        size = max(1, self.settings.batch_size)
-        for start in range(0, len(requests), size):
-            chunk = requests[start : start + size]
-            began = time.perf_counter()
-            encoded = [encode_at_offsets(self.tokenizer, r.prompt, r.offsets) for r in chunk]
-            width = max(len(ids) for ids, _ in encoded)
-            if width > self.context_window:
-                out += [self._logprobs_too_long(len(ids)) if len(ids) > self.context_window else None
-                        for ids, _ in encoded]
-                fitting = [(i, e) for i, e in enumerate(encoded) if len(e[0]) <= self.context_window]
-            else:
-                out += [None] * len(encoded)
-                fitting = list(enumerate(encoded))
-            if fitting:
-                width = max(len(ids) for _, (ids, _) in fitting)
-                input_ids = torch.full((len(fitting), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(fitting), width), dtype=torch.long)
-                for row, (_, (ids, _)) in enumerate(fitting):
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
-                    mask[row, : len(ids)] = 1
-                with torch.inference_mode():
-                    logits = self.lm(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                share = (time.perf_counter() - began) / len(fitting)
-                for row, (i, (ids, positions)) in enumerate(fitting):
-                    request = chunk[i]
-                    # the distribution over the token at position p is predicted at p - 1
-                    logprobs = torch.log_softmax(logits[row, torch.as_tensor(positions) - 1].float(), dim=-1).cpu().numpy()
-                    table = np.full((len(positions), len(request.continuations)), -np.inf)
-                    for column, token_id in enumerate(single_token_ids(self.tokenizer, request.continuations)):
-                        if token_id is not None:
-                            table[:, column] = logprobs[:, token_id]
-                    out[start + i] = LogprobReply(table, None, len(ids), share)
-        return out  # type: ignore[return-value]
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        with torch.inference_mode():
+            logits = self.lm(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        tables = []
+        for row, ((_, positions), wanted) in enumerate(zip(encoded, continuations)):
+            logprobs = torch.log_softmax(logits[row, torch.as_tensor(positions) - 1].float(), dim=-1).cpu().numpy()
+            table = np.full((len(positions), len(wanted)), -np.inf)
+            for column, token_id in enumerate(single_token_ids(self.tokenizer, wanted)):
+                if token_id is not None:
+                    table[:, column] = logprobs[:, token_id]
+            tables.append(table)
+        return tables
 
     def _generate_one(self, request: Request) -> Reply:
         import torch
@@ -109,10 +115,6 @@ class TransformersLLM:
         finish = "stop" if ended or len(new) < request.max_tokens else "length"
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return Reply(text, len(ids), len(new), time.perf_counter() - started, 1, finish)
-
-    def _logprobs_too_long(self, tokens: int) -> LogprobReply:
-        return LogprobReply(None, f"prompt of {tokens} tokens exceeds the model's context of {self.context_window} "
-                                  "tokens", tokens)
 
 
 def load_shared_causal_lm(settings: LLMSettings):

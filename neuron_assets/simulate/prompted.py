@@ -15,6 +15,7 @@ through the LLM client layer (:mod:`neuron_assets.llm`):
 - ``openai_completions``: an OpenAI-compatible completions endpoint (vLLM's server) with
   ``echo=True`` and ``logprobs=N``, which returns the top-N alternatives at every prompt
   token; each placeholder is found by its character offset.
+- ``vllm``: vLLM's offline engine with ``prompt_logprobs`` (a GPU node).
 """
 
 from __future__ import annotations
@@ -164,11 +165,18 @@ class TransformersLogprobs(LLMLogprobs):
 
     @classmethod
     def from_config(cls, config: PromptedSimulatorConfig) -> TransformersLogprobs:
-        llm = _open(config)
-        if not getattr(llm.tokenizer, "is_fast", False):
-            raise ValueError("the prompted simulator needs a fast (Rust) tokenizer for character offsets")
-        value_token_ids(llm.tokenizer)  # 0 and 1 must be single tokens
-        return cls(llm, 1)
+        return cls(_with_local_tokenizer(_open(config)), 1)
+
+
+class VLLMLogprobs(LLMLogprobs):
+    """vLLM's offline engine: every prompt at once, ``prompt_logprobs=N`` (top_logprobs) at
+    each position of the prompt, tokenized here so that each placeholder begins a token."""
+
+    name = "vllm"
+
+    @classmethod
+    def from_config(cls, config: PromptedSimulatorConfig) -> VLLMLogprobs:
+        return cls(_with_local_tokenizer(_open(config)), 1)
 
 
 class OpenAICompletionsLogprobs(LLMLogprobs):
@@ -194,6 +202,13 @@ def _open(config: PromptedSimulatorConfig):
         raise ValueError(str(err)) from None
 
 
+def _with_local_tokenizer(llm):
+    if not getattr(llm.tokenizer, "is_fast", False):
+        raise ValueError("the prompted simulator needs a fast (Rust) tokenizer for character offsets")
+    value_token_ids(llm.tokenizer)  # 0 and 1 must be single tokens
+    return llm
+
+
 def value_token_ids(tokenizer) -> dict[int, int]:
     """value -> the id of the single token spelling it; values that are not one token are left out."""
     from neuron_assets.llm.tokens import single_token_ids
@@ -207,4 +222,5 @@ def value_token_ids(tokenizer) -> dict[int, int]:
 LOGPROB_SOURCES: dict[str, Callable[[PromptedSimulatorConfig], LogprobSource]] = {
     TransformersLogprobs.name: TransformersLogprobs.from_config,
     OpenAICompletionsLogprobs.name: OpenAICompletionsLogprobs.from_config,
+    VLLMLogprobs.name: VLLMLogprobs.from_config,  # reachable once PromptedSimulatorConfig.backend lists "vllm"
 }
