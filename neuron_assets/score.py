@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -59,10 +58,6 @@ class Scorer(Protocol):
 
 class ScorerUnavailable(RuntimeError):
     """A scorer that cannot run with this configuration (no LLM for detection); the message says why."""
-
-
-class JudgeError(RuntimeError):
-    """The judge's server refused a request for a reason retrying cannot fix (401, 404, a wrong model)."""
 
 
 # -- the correlation scorer ------------------------------------------------------------------
@@ -378,126 +373,51 @@ class MiniLMEmbedder:
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-# -- judges: the explain backend's model answering classification prompts ------------------------
+# -- the judge: the explain backend's model answering classification prompts ---------------------
 
 
-class OpenAIChatJudge:
-    """OpenAI's API or any OpenAI-compatible server (vLLM's), from the explain section."""
+class LLMJudge:
+    """The explain section's model (openai, vllm or transformers) through the LLM client
+    layer, greedy. The same loaded model as the explainer's in one process (a transformers
+    or vllm model is cached by neuron_assets.runtime). An answer that never came (a timeout
+    or 5xx after the client's retries, a prompt beyond the model's context) is None:
+    unanswered, counted in the flags. A refused configuration (401, 404, a wrong model)
+    raises neuron_assets.llm.LLMConfigurationError naming the setting to fix."""
 
-    name = "openai"
+    max_tokens = 64  # a list of 0/1 for a batch of examples, with room for a short preamble
 
     def __init__(self, config: ExplainConfig):
-        import os
-
-        import openai
+        from neuron_assets.llm import LLMUnavailable, open_llm, settings_from_explain
 
         if not config.model:
             raise ScorerUnavailable("detection and fuzzing need explain.model (the judge model)")
-        key = os.environ.get(config.api_key_env) or ("unused" if config.base_url else None)
-        if key is None:
-            raise ScorerUnavailable(f"detection and fuzzing need an API key in ${config.api_key_env}")
-        self.client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.timeout_s,
-                                    max_retries=config.max_retries)
-        self.model = config.model
-        self.concurrency = config.concurrency
-        self.extra_body = dict(config.extra_body) or None
-        self.base_url = config.base_url
-        # transient failures (after the client's own retries) leave one question unanswered,
-        # counted in the flags; anything else (401, 404, a wrong model name, a bad request) raises
-        self._transient = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
-                           openai.InternalServerError)
-        self._openai = openai
-
-    def answer(self, conversations):
-        def one(messages):
-            try:
-                reply = self.client.chat.completions.create(model=self.model, messages=list(messages), temperature=0.0,
-                                                            max_tokens=64, extra_body=self.extra_body)
-            except self._transient:
-                return None
-            except self._openai.APIStatusError as err:
-                if err.status_code >= 500:
-                    return None
-                where = self.base_url or "the OpenAI API"
-                raise JudgeError(
-                    f"the detection/fuzzing judge ({self.model} at {where}) was refused with HTTP {err.status_code}: "
-                    f"{err.message}. Check explain.model, explain.base_url and the API key"
-                ) from err
-            choices = getattr(reply, "choices", None)
-            return choices[0].message.content if choices else None  # None: unanswered (unparseable)
-
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(one, conversations))
-
-
-class TransformersJudge:
-    """A local chat model through Hugging Face generate (greedy)."""
-
-    name = "transformers"
-
-    def __init__(self, config: ExplainConfig):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from neuron_assets.simulate.finetuned import quiet_transformers, resolve_device
-
-        if not config.model:
-            raise ScorerUnavailable("detection and fuzzing need explain.model (a local chat model folder)")
-        self.device = resolve_device(config.device)
-        with quiet_transformers():
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
-            self.lm = AutoModelForCausalLM.from_pretrained(config.model, local_files_only=True).to(self.device).eval()
-        self._torch = torch
-
-    def answer(self, conversations):
-        out = []
-        for messages in conversations:
-            encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt",
-                                                         return_dict=True)
-            with self._torch.no_grad():
-                generated = self.lm.generate(
-                    encoded["input_ids"].to(self.device), attention_mask=encoded["attention_mask"].to(self.device),
-                    max_new_tokens=24, do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                    else self.tokenizer.eos_token_id,
-                )
-            out.append(self.tokenizer.decode(generated[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
-        return out
-
-
-class VLLMJudge:
-    """vLLM's offline engine (greedy), the same engine the vllm explainer uses when both run
-    in one process. On a GPU that also holds the fine-tuned simulator, leave it room with
-    explain.engine_kwargs.gpu_memory_utilization."""
-
-    name = "vllm"
-
-    def __init__(self, config: ExplainConfig):
-        from neuron_assets.explain.backends.base import ExplainerUnavailable
-        from neuron_assets.explain.backends.vllm_offline import shared_engine
-
         try:
-            self.llm = shared_engine(config)
-        except ExplainerUnavailable as err:
+            self.llm = open_llm(settings_from_explain(config))
+        except LLMUnavailable as err:
             raise ScorerUnavailable(f"detection and fuzzing: {err}") from None
         except (ValueError, RuntimeError) as err:  # e.g. too little free GPU memory beside the simulator
             raise ScorerUnavailable(
-                f"detection and fuzzing: vLLM could not start {config.model} here ({err}); leave it room with "
-                f"explain.engine_kwargs.gpu_memory_utilization") from None
+                f"detection and fuzzing: {config.backend} could not start {config.model} here ({err}); on a GPU "
+                "shared with the simulator, leave it room with explain.engine_kwargs.gpu_memory_utilization") from None
+        self.name = config.backend
+        self.max_attempts = config.max_retries + 1
+        self.prompt_tokens = self.completion_tokens = self.unanswered = 0
+        self.failures: list[str] = []  # the reasons of unanswered prompts, for the run log
 
-    def answer(self, conversations):
-        from vllm import SamplingParams
+    def answer(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str | None]:
+        from neuron_assets.llm import Request, ask
 
-        outputs = self.llm.chat([list(m) for m in conversations], SamplingParams(temperature=0.0, max_tokens=64),
-                                use_tqdm=False)
-        return [out.outputs[0].text if out.outputs else None for out in outputs]
-
-
-JUDGES: dict[str, Callable[[ExplainConfig], Judge]] = {
-    "openai": OpenAIChatJudge,
-    "transformers": TransformersJudge,
-    "vllm": VLLMJudge,
-}
+        requests = [Request(messages=tuple(dict(m) for m in c), max_tokens=self.max_tokens) for c in conversations]
+        # every text is accepted (a greedy answer does not change when asked again; parse_judgements
+        # reads what it can): the attempts go to transport failures, retried by the backend
+        answers = ask(self.llm, requests, lambda reply: reply.text, self.max_attempts)
+        for a in answers:
+            self.prompt_tokens += a.prompt_tokens
+            self.completion_tokens += a.completion_tokens
+            if a.failure is not None:
+                self.unanswered += 1
+                self.failures.append(a.failure)
+        return [a.value if a.failure is None else None for a in answers]
 
 
 # -- the registry -------------------------------------------------------------------------------
@@ -518,12 +438,14 @@ class ScoringContext:
     def make_judge(self) -> Judge:
         if self.judge is None:
             explain = self.config.explain
-            if explain.backend not in JUDGES:
+            from neuron_assets.llm import BACKENDS
+
+            if explain.backend not in BACKENDS:
                 raise ScorerUnavailable(
                     f"detection and fuzzing need an LLM: explain.backend '{explain.backend}' has none "
-                    f"(use one of {', '.join(JUDGES)}; a vLLM server is the openai backend with base_url)"
+                    f"(use one of {', '.join(BACKENDS)}; a vLLM server is the openai backend with base_url)"
                 )
-            self.judge = JUDGES[explain.backend](explain)
+            self.judge = LLMJudge(explain)
         return self.judge
 
     def make_embedder(self) -> Callable[[list[str]], np.ndarray]:

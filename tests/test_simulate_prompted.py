@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from neuron_assets.config import PromptedSimulatorConfig, config_from_dict
+from neuron_assets.llm.tokens import encode_at_offsets, encode_in_pieces
 from neuron_assets.simulate import build_simulator
 from neuron_assets.simulate.prompted import (
     FEW_SHOT,
@@ -91,13 +92,15 @@ def test_transformers_logprobs_read_the_distribution_before_each_placeholder(loc
     prompts = [all_at_once_prompt(d, TOKENS[1:]) for d in ("cats", "a much longer description of sitting")]
     tables = local_source.value_probabilities(prompts)  # batched with right padding
     for prompt, table in zip(prompts, tables):
-        np.testing.assert_allclose(table, _manual_values(local_source.model, local_source.tokenizer, prompt), atol=1e-5)
-        spelled = sorted(local_source.value_ids)  # values that are one token ("10" is not, here)
+        np.testing.assert_allclose(table, _manual_values(local_source.llm.lm, local_source.llm.tokenizer, prompt),
+                                   atol=1e-5)
+        spelled = sorted(value_token_ids(local_source.llm.tokenizer))  # values that are one token ("10" is not, here)
         assert (table[:, spelled] > 0).all() and (table.sum(1) < 1).all()
         assert not table[:, [v for v in range(11) if v not in spelled]].any()
     # splitting the prompt at the placeholders gives the same ids when no placeholder is merged
-    whole, positions = local_source._encode(prompts[0])
-    pieces, piece_positions = local_source._encode_in_pieces(prompts[0])
+    tokenizer, prompt = local_source.llm.tokenizer, prompts[0]
+    whole, positions = encode_at_offsets(tokenizer, prompt.text, prompt.placeholder_offsets)
+    pieces, piece_positions = encode_in_pieces(tokenizer, prompt.text, prompt.placeholder_offsets)
     assert whole == pieces and positions == piece_positions
 
 
@@ -113,7 +116,7 @@ def test_vllm_completions_echo_logprobs_match_the_local_forward_pass(tiny_llama,
     require_vllm()
     prompts = [all_at_once_prompt(d, TOKENS[1:]) for d in ("cats", "the word sat")]
     local = local_source.value_probabilities(prompts)
-    vocabulary = len(local_source.tokenizer)
+    vocabulary = len(local_source.llm.tokenizer)
     with vllm_server(tiny_llama, served_model_name="tiny", max_logprobs=vocabulary) as (base_url, model):
         config = PromptedSimulatorConfig(backend="openai_completions", model=model, base_url=base_url,
                                          top_logprobs=vocabulary, concurrency=2)

@@ -7,21 +7,20 @@ placeholder, the model's distribution over the next token; the prediction is the
 value over the tokens ``0`` .. ``10`` (their probabilities renormalized; values that are not
 one token, or not among an API's top logprobs, count as 0 probability).
 
-Where the logprobs come from (``simulate.prompted.backend``, :data:`LOGPROB_SOURCES`):
+Where the logprobs come from (``simulate.prompted.backend``, :data:`LOGPROB_SOURCES`), both
+through the LLM client layer (:mod:`neuron_assets.llm`):
 
-- ``transformers``: a local forward pass; the full distribution is read.
+- ``transformers``: a local forward pass; the full distribution is read. The model is the
+  process's shared copy, e.g. the same SmolLM2 the transformers explainer uses.
 - ``openai_completions``: an OpenAI-compatible completions endpoint (vLLM's server) with
   ``echo=True`` and ``logprobs=N``, which returns the top-N alternatives at every prompt
   token; each placeholder is found by its character offset.
+- ``vllm``: vLLM's offline engine with ``prompt_logprobs`` (a GPU node).
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import os
-import time
-from concurrent.futures import ThreadPoolExecutor
+import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -30,6 +29,8 @@ import numpy as np
 from neuron_assets.config import PromptedSimulatorConfig
 from neuron_assets.simulate.base import NUM_CLASSES, SimulatedActivations, expected_value
 from neuron_assets.types import ActivationRecord
+
+log = logging.getLogger(__name__)
 
 SYSTEM = (
     "We're studying neurons in a neural network. Each neuron looks for some particular thing in a short document. "
@@ -122,173 +123,104 @@ class PromptedSimulator:
         return result
 
 
-# -- logprobs from a local forward pass --------------------------------------------------------
+# -- logprobs through the LLM client layer ----------------------------------------------------
 
 
-class TransformersLogprobs:
-    """A local causal LM. Each placeholder must begin a token: when the whole prompt's
-    tokenization merges one with what precedes it, the prompt is tokenized piece by piece,
-    split at the placeholders."""
+class LLMLogprobs:
+    """Value probabilities from :meth:`neuron_assets.llm.LLM.continuation_logprobs`: the
+    probability of each of "0".."10" being the text at each placeholder. A prompt whose
+    logprobs never came (after the backend's retries) predicts 0 everywhere, and its reason
+    is kept in ``failures`` and logged: one failed request never stops a scoring run."""
+
+    name = "llm"
+
+    def __init__(self, llm, max_attempts: int = 1):
+        self.llm = llm
+        self.max_attempts = max_attempts
+        self.failures: list[str] = []
+        self.prompt_tokens = 0
+
+    def value_probabilities(self, prompts: Sequence[SimulationPrompt]) -> list[np.ndarray]:
+        from neuron_assets.llm import LogprobRequest
+
+        requests = [LogprobRequest(p.text, p.placeholder_offsets, VALUE_STRINGS) for p in prompts]
+        out = []
+        for prompt, reply in zip(prompts, self.llm.continuation_logprobs(requests, self.max_attempts)):
+            self.prompt_tokens += reply.prompt_tokens
+            if reply.logprobs is None:
+                self.failures.append(reply.failure or "no logprobs")
+                log.warning("prompted simulator: no logprobs for a prompt (%s); it predicts 0", reply.failure)
+                out.append(np.zeros((len(prompt.placeholder_offsets), NUM_CLASSES), dtype=np.float64))
+            else:
+                out.append(np.exp(reply.logprobs).astype(np.float64))  # exp(-inf) = 0: a value not seen
+        return out
+
+
+class TransformersLogprobs(LLMLogprobs):
+    """A local causal LM, one forward pass per prompt batch; the full distribution is read.
+    Each placeholder must begin a token: when the whole prompt's tokenization merges one
+    with what precedes it, the prompt is tokenized piece by piece, split at the placeholders."""
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, device, batch_size: int = 4):
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("the prompted simulator needs a fast (Rust) tokenizer for character offsets")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
-        self.batch_size = batch_size
-        self.value_ids = value_token_ids(tokenizer)
-
     @classmethod
     def from_config(cls, config: PromptedSimulatorConfig) -> TransformersLogprobs:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return cls(_with_local_tokenizer(_open(config)), 1)
 
-        from neuron_assets.simulate.finetuned import quiet_transformers, resolve_device, resolve_dtype
-        from neuron_assets.subject import resolve_model_path
 
-        if not config.model:
-            raise ValueError("simulate.prompted.model is required: a local causal LM folder or a cached name")
-        device = resolve_device(config.device)
-        path = resolve_model_path(config.model)
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                         dtype=resolve_dtype(config.dtype, device))
-        return cls(model.to(device).eval(), tokenizer, device, config.batch_size)
+class VLLMLogprobs(LLMLogprobs):
+    """vLLM's offline engine: every prompt at once, ``prompt_logprobs=N`` (top_logprobs) at
+    each position of the prompt, tokenized here so that each placeholder begins a token."""
 
-    def value_probabilities(self, prompts: Sequence[SimulationPrompt]) -> list[np.ndarray]:
-        import torch
+    name = "vllm"
 
-        encoded = [self._encode(p) for p in prompts]
-        out = []
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start : start + self.batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (ids, _) in enumerate(chunk):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                mask[i, : len(ids)] = 1
-            with torch.inference_mode():
-                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            for row, (_, positions) in zip(logits, chunk):
-                # the distribution over the token at position p is predicted at p - 1
-                probs = torch.softmax(row[torch.as_tensor(positions) - 1].float(), dim=-1).cpu().numpy()
-                table = np.zeros((len(positions), NUM_CLASSES), dtype=np.float64)
-                for value, token_id in self.value_ids.items():
-                    table[:, value] = probs[:, token_id]
-                out.append(table)
-        return out
+    @classmethod
+    def from_config(cls, config: PromptedSimulatorConfig) -> VLLMLogprobs:
+        return cls(_with_local_tokenizer(_open(config)), 1)
 
-    def _encode(self, prompt: SimulationPrompt) -> tuple[list[int], list[int]]:
-        """Input ids and the token index at which each placeholder begins."""
-        encoded = self.tokenizer(prompt.text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
-        starts = {s: i for i, (s, e) in enumerate(encoded["offset_mapping"]) if e > s}
-        positions = [starts.get(c) for c in prompt.placeholder_offsets]
-        if all(p is not None and p > 0 for p in positions):
-            return list(encoded["input_ids"]), positions
-        return self._encode_in_pieces(prompt)
 
-    def _encode_in_pieces(self, prompt: SimulationPrompt) -> tuple[list[int], list[int]]:
-        bounds = [0, *prompt.placeholder_offsets, len(prompt.text)]
-        ids = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        positions = []
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if i > 0:
-                positions.append(len(ids))
-            ids += self.tokenizer(prompt.text[a:b], add_special_tokens=False)["input_ids"]
-        return ids, positions
+class OpenAICompletionsLogprobs(LLMLogprobs):
+    """``POST /v1/completions`` with ``echo=True, logprobs=N`` (vLLM's server): the top-N
+    alternatives at every prompt token; values outside them count as 0 probability."""
+
+    name = "openai_completions"
+
+    @classmethod
+    def from_config(cls, config: PromptedSimulatorConfig) -> OpenAICompletionsLogprobs:
+        return cls(_open(config), config.max_retries + 1)
+
+
+def _open(config: PromptedSimulatorConfig):
+    from neuron_assets.llm import LLMUnavailable, open_llm, settings_from_prompted
+
+    if not config.model:
+        raise ValueError("simulate.prompted.model is required: a local causal LM folder, a builtin: model or a cached "
+                         "name (transformers), or the model name the endpoint serves (openai_completions)")
+    try:
+        return open_llm(settings_from_prompted(config), config.top_logprobs)
+    except LLMUnavailable as err:
+        raise ValueError(str(err)) from None
+
+
+def _with_local_tokenizer(llm):
+    if not getattr(llm.tokenizer, "is_fast", False):
+        raise ValueError("the prompted simulator needs a fast (Rust) tokenizer for character offsets")
+    value_token_ids(llm.tokenizer)  # 0 and 1 must be single tokens
+    return llm
 
 
 def value_token_ids(tokenizer) -> dict[int, int]:
     """value -> the id of the single token spelling it; values that are not one token are left out."""
-    found = {}
-    for value, text in enumerate(VALUE_STRINGS):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            found[value] = ids[0]
+    from neuron_assets.llm.tokens import single_token_ids
+
+    found = {v: i for v, i in enumerate(single_token_ids(tokenizer, VALUE_STRINGS)) if i is not None}
     if 0 not in found or 1 not in found:
         raise ValueError("the prompted simulator's tokenizer does not spell 0 and 1 as single tokens")
     return found
 
 
-# -- logprobs from an OpenAI-compatible completions endpoint ---------------------------------------
-
-
-class OpenAICompletionsLogprobs:
-    """``POST /v1/completions`` with ``echo=True, logprobs=N``: the top-N alternatives at
-    every prompt token. Each placeholder is the token at its character offset; if the
-    server's tokenizer merged it with the tab before it, alternatives spelling that tab
-    followed by a value are read instead."""
-
-    name = "openai_completions"
-
-    def __init__(self, client, model: str, top_logprobs: int = 20, concurrency: int = 8, max_retries: int = 3):
-        self.client = client
-        self.model = model
-        self.top_logprobs = top_logprobs
-        self.concurrency = concurrency
-        self.max_retries = max_retries
-
-    @classmethod
-    def from_config(cls, config: PromptedSimulatorConfig) -> OpenAICompletionsLogprobs:
-        import openai
-
-        if not config.model:
-            raise ValueError("simulate.prompted.model is required: the model name the endpoint serves")
-        key = os.environ.get(config.api_key_env) or ("unused" if config.base_url else None)
-        if key is None:
-            raise ValueError(f"the openai_completions backend needs an API key in ${config.api_key_env}")
-        client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.timeout_s, max_retries=0)
-        return cls(client, config.model, config.top_logprobs, config.concurrency, config.max_retries)
-
-    def value_probabilities(self, prompts: Sequence[SimulationPrompt]) -> list[np.ndarray]:
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(self._one, prompts))
-
-    def _one(self, prompt: SimulationPrompt) -> np.ndarray:
-        choice = self._request(prompt.text).choices[0]
-        logprobs = choice.logprobs
-        shift = _prompt_start(logprobs.tokens, prompt.text)
-        offsets = [o - shift for o in logprobs.text_offset]
-        table = np.zeros((len(prompt.placeholder_offsets), NUM_CLASSES), dtype=np.float64)
-        for row, offset in enumerate(prompt.placeholder_offsets):
-            j = bisect.bisect_right(offsets, offset) - 1
-            alternatives = logprobs.top_logprobs[j] if 0 <= j < len(logprobs.top_logprobs) else None
-            if not alternatives:
-                continue
-            lead = prompt.text[offsets[j] : offset] if offsets[j] < offset else ""
-            for value, text in enumerate(VALUE_STRINGS):
-                logprob = alternatives.get(lead + text)
-                if logprob is not None and math.isfinite(logprob):
-                    table[row, value] = math.exp(logprob)
-        return table
-
-    def _request(self, text: str):
-        import openai
-
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self.client.completions.create(model=self.model, prompt=text, max_tokens=1, temperature=0.0,
-                                                      echo=True, logprobs=self.top_logprobs)
-            except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
-                    openai.InternalServerError):
-                if attempt == self.max_retries:
-                    raise
-                time.sleep(min(30.0, 2.0**attempt))
-
-
-def _prompt_start(tokens: Sequence[str], prompt: str) -> int:
-    """Where the prompt begins in the text the offsets count: vLLM counts a BOS token's text
-    (``<|begin_of_text|>``) though it does not echo it."""
-    found = "".join(tokens).find(prompt[:32])
-    return max(found, 0)
-
-
 LOGPROB_SOURCES: dict[str, Callable[[PromptedSimulatorConfig], LogprobSource]] = {
     TransformersLogprobs.name: TransformersLogprobs.from_config,
     OpenAICompletionsLogprobs.name: OpenAICompletionsLogprobs.from_config,
+    VLLMLogprobs.name: VLLMLogprobs.from_config,  # reachable once PromptedSimulatorConfig.backend lists "vllm"
 }

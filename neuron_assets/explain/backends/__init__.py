@@ -1,6 +1,7 @@
 """Explainer backends, chosen by name (``explain.backend``) from :data:`EXPLAINERS`.
 
-Heavy packages (openai's client aside) are imported when a backend is built, so a CPU
+The LLM backends (openai, vllm, transformers) are one explainer over
+:mod:`neuron_assets.llm`; heavy packages are imported when a backend is built, so a CPU
 install never needs vLLM.
 """
 
@@ -18,10 +19,8 @@ from neuron_assets.explain.backends.base import (
     ExplainResult,
     Prompt,
 )
-from neuron_assets.explain.backends.hf_generate import TransformersExplainer
-from neuron_assets.explain.backends.openai_api import OpenAIExplainer
+from neuron_assets.explain.backends.llm_explainer import OpenAIExplainer, TransformersExplainer, VLLMExplainer
 from neuron_assets.explain.backends.statistical import StatisticalExplainer
-from neuron_assets.explain.backends.vllm_offline import VLLMExplainer
 
 EXPLAINERS: dict[str, Callable[[ExplainConfig], Explainer]] = {
     StatisticalExplainer.backend: StatisticalExplainer,

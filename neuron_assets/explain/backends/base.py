@@ -1,23 +1,23 @@
-"""What every explainer backend shares: its Protocol, requests and results, token counting,
-the corpus sample, and the retry rules of LLM backends."""
+"""What every explainer backend shares: its Protocol, requests and results, and the corpus
+sample. LLM backends talk to their model through :mod:`neuron_assets.llm`."""
 
 from __future__ import annotations
 
 import hashlib
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from neuron_assets.explain.formats import ChatMessage, MalformedAnswer, parse_description
+from neuron_assets.explain.formats import ChatMessage
 from neuron_assets.explain.statistical import WordCounts
+from neuron_assets.llm import ChatTokenCounter, LLMUnavailable
 from neuron_assets.types import ActivationRecord, FeatureId
 
-MAX_BACKOFF_S = 60.0
+__all__ = ["ChatTokenCounter", "CorpusSample", "Explainer", "ExplainerUnavailable", "ExplainRequest", "ExplainResult",
+           "Prompt", "stable_seed"]
 
 
-class ExplainerUnavailable(RuntimeError):
+class ExplainerUnavailable(LLMUnavailable):
     """A backend that cannot start here (missing package, model, key); the message says how to fix it."""
 
 
@@ -41,7 +41,7 @@ class ExplainRequest:
 
     feature: FeatureId
     candidate: int  # 0..k-1
-    seed: int  # sampling seed of this candidate; attempt n samples with seed + n
+    seed: int  # sampling seed of this candidate; a retry samples with neuron_assets.llm.attempt_seed
     records: tuple[ActivationRecord, ...]  # the train top exemplars this candidate draws on, in order
     ladder: tuple[float, ...]  # highlight ladder: fractions of the shown maximum (excerpts.HIGHLIGHT_LADDER)
     prompt: Prompt | None = None  # None for backends that read no prompt
@@ -96,113 +96,7 @@ class Explainer(Protocol):
         ...
 
 
-def attempt_seed(seed: int, attempt: int) -> int:
-    return (seed + 7919 * attempt) % 2**31
-
-
 def stable_seed(*parts: object) -> int:
     """A seed from ``parts`` that is the same in every process (``hash()`` is salted)."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def backoff_delay(attempt: int, base_s: float, rng: random.Random) -> float:
-    """Exponential backoff with full-range jitter: base * 2^(attempt-1), halved at random."""
-    delay = min(MAX_BACKOFF_S, base_s * 2 ** max(0, attempt - 1))
-    return delay * (0.5 + 0.5 * rng.random())
-
-
-@dataclass
-class ChatTokenCounter:
-    """Counts a chat prompt's tokens with a Hugging Face tokenizer (its chat template when it
-    has one); without a tokenizer, estimates 3 UTF-8 bytes a token, which over-counts
-    English text for every common tokenizer, so a fitted prompt still fits."""
-
-    tokenizer: object | None = None
-    per_message_overhead: int = 4
-    _uses_template: bool = field(init=False, default=False)
-
-    def __post_init__(self):
-        self._uses_template = bool(getattr(self.tokenizer, "chat_template", None))
-
-    @property
-    def exact(self) -> bool:
-        return self.tokenizer is not None
-
-    def __call__(self, messages: Sequence[ChatMessage]) -> int:
-        if self.tokenizer is None:
-            return sum(-(-len(m.content.encode()) // 3) + self.per_message_overhead for m in messages) + 2
-        if self._uses_template:
-            ids = self.tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True,
-                                                     tokenize=True)
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-            return len(ids)
-        return sum(len(self.tokenizer.encode(m.content, add_special_tokens=False)) + self.per_message_overhead
-                   for m in messages) + 2
-
-
-def load_local_tokenizer(name_or_path: str | None):
-    """A Hugging Face tokenizer from a local path or the local cache; never downloads."""
-    if not name_or_path:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ExplainerUnavailable(
-            f"cannot load the tokenizer '{name_or_path}' from a local path or the Hugging Face cache "
-            f"({err.__class__.__name__}); set explain.tokenizer to a local tokenizer folder"
-        ) from None
-
-
-def local_model_dir(model: str | None) -> str | None:
-    return model if model and Path(model).expanduser().is_dir() else None
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One sampled answer of a local model."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float  # this request's share of the batch's time
-
-
-def explain_in_rounds(
-    requests: Sequence[ExplainRequest],
-    generate: Callable[[list[tuple[ExplainRequest, int]]], list[Generation]],
-    max_retries: int,
-    done: Progress,
-) -> list[ExplainResult]:
-    """Sample every request, parse, and sample the ones without a description again (with
-    a new seed), up to ``max_retries`` more rounds; ``generate`` gets (request, attempt) pairs."""
-    totals = [[0, 0, 0.0] for _ in requests]  # prompt tokens, completion tokens, seconds
-    results: list[ExplainResult | None] = [None] * len(requests)
-    failures = ["not attempted"] * len(requests)
-    pending = list(range(len(requests)))
-    for attempt in range(max_retries + 1):
-        if not pending:
-            break
-        generations = generate([(requests[i], attempt) for i in pending])
-        still = []
-        for i, generation in zip(pending, generations):
-            total = totals[i]
-            total[0] += generation.prompt_tokens
-            total[1] += generation.completion_tokens
-            total[2] += generation.seconds
-            try:
-                description = parse_description(generation.text)
-            except MalformedAnswer as err:
-                failures[i] = f"malformed answer: {err}"
-                still.append(i)
-                continue
-            results[i] = ExplainResult(description, None, total[0], total[1], total[2], attempt + 1)
-            done(1)
-        pending = still
-    for i in pending:
-        results[i] = ExplainResult(None, f"{failures[i]} (after {max_retries + 1} attempts)", totals[i][0],
-                                   totals[i][1], totals[i][2], max_retries + 1)
-        done(1)
-    return results

@@ -1,0 +1,104 @@
+"""One client layer for every LLM call the project makes: explainers, detection/fuzzing
+judges and the prompted simulator all go through it.
+
+- Backends (:data:`BACKENDS`, chosen by name): ``openai`` (OpenAI's API or any
+  OpenAI-compatible server, e.g. vLLM's, through the async ``openai`` client with bounded
+  concurrency), ``vllm`` (the offline engine, every prompt of a round submitted at once,
+  prefix caching), ``transformers`` (local ``generate``; one forward pass for logprobs).
+  vLLM and transformers are imported when their backend is built.
+- Calls: :meth:`LLM.generate` (chat or completion :class:`Request`\\ s, one attempt each) and
+  :meth:`LLM.continuation_logprobs` (the log-probability of given strings at given prompt
+  offsets: Bills et al.'s simulator reads "0".."10").
+- :func:`ask` is the one place where an unusable answer is asked again: it samples with a
+  new seed until ``parse`` accepts the answer or the attempts are spent, and returns an
+  :class:`Answer` per request: a value, or the failure's reason, with tokens (the server's
+  usage where it reports it), latency and attempts summed over every attempt. A
+  per-request failure is never an exception; a refused configuration (401, 404, a wrong
+  model) raises :class:`LLMConfigurationError` naming the setting to fix.
+- Loaded models are shared per process through :mod:`neuron_assets.runtime`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from neuron_assets.llm.base import (
+    LLM,
+    Answer,
+    LLMConfigurationError,
+    LLMSettings,
+    LLMUnavailable,
+    LogprobReply,
+    LogprobRequest,
+    Parser,
+    Reply,
+    Request,
+    attempt_seed,
+    mask_secrets,
+)
+from neuron_assets.llm.retries import ask
+from neuron_assets.llm.tokens import ChatTokenCounter
+
+
+def _openai(settings: LLMSettings, top_logprobs: int) -> LLM:
+    from neuron_assets.llm.openai_api import OpenAILLM
+
+    return OpenAILLM(settings, top_logprobs)
+
+
+def _vllm(settings: LLMSettings, top_logprobs: int) -> LLM:
+    from neuron_assets.llm.vllm_offline import VLLMOfflineLLM
+
+    return VLLMOfflineLLM(settings, top_logprobs)
+
+
+def _transformers(settings: LLMSettings, top_logprobs: int) -> LLM:
+    from neuron_assets.llm.transformers_local import TransformersLLM
+
+    return TransformersLLM(settings)
+
+
+BACKENDS: dict[str, Callable[[LLMSettings, int], LLM]] = {
+    "openai": _openai,
+    "vllm": _vllm,
+    "transformers": _transformers,
+}
+
+
+def open_llm(settings: LLMSettings, top_logprobs: int = 20) -> LLM:
+    """The model ``settings`` describe, behind its backend (``top_logprobs``: alternatives a
+    server returns per prompt position, for :meth:`LLM.continuation_logprobs`)."""
+    try:
+        build = BACKENDS[settings.backend]
+    except KeyError:
+        raise LLMUnavailable(f"unknown LLM backend '{settings.backend}' in {settings.setting}; known: "
+                             f"{', '.join(BACKENDS)}") from None
+    return build(settings, top_logprobs)
+
+
+def settings_from_explain(config, backend: str | None = None) -> LLMSettings:
+    """The explain section's model (the explainer's, and the detection/fuzzing judge's)."""
+    return LLMSettings(
+        backend=backend or config.backend, model=config.model or "", setting="explain", base_url=config.base_url,
+        api_key_env=config.api_key_env, tokenizer=config.tokenizer, concurrency=config.concurrency,
+        timeout_s=config.timeout_s, backoff_s=config.backoff_s, extra_body=dict(config.extra_body),
+        device=config.device, allow_download=config.allow_download, engine_kwargs=dict(config.engine_kwargs),
+        seed=config.seed,
+    )
+
+
+def settings_from_prompted(config) -> LLMSettings:
+    """simulate.prompted's model: ``openai_completions`` is the openai backend."""
+    backend = "openai" if config.backend == "openai_completions" else config.backend
+    return LLMSettings(
+        backend=backend, model=config.model or "", setting="simulate.prompted", base_url=config.base_url,
+        api_key_env=config.api_key_env, concurrency=config.concurrency, timeout_s=config.timeout_s,
+        device=config.device, dtype=config.dtype, batch_size=config.batch_size,
+    )
+
+
+__all__ = [
+    "BACKENDS", "LLM", "Answer", "ChatTokenCounter", "LLMConfigurationError", "LLMSettings", "LLMUnavailable",
+    "LogprobReply", "LogprobRequest", "Parser", "Reply", "Request", "ask", "attempt_seed", "mask_secrets", "open_llm",
+    "settings_from_explain", "settings_from_prompted",
+]
