@@ -3,8 +3,8 @@
 Each text window comes from a single document and is preceded by a fixed prefix: by
 default the model's chat header (a system turn and an open user turn, rendered with the
 tokenizer's chat template), as Transluce prepends one to its web text; else the tokenizer's
-BOS or CLS token and the configured prefix text. A chat (a ``messages`` field) is rendered with the tokenizer's chat template
-and cut to ``seq_len``. Each split gets the same number of sequences and the same share of
+BOS or CLS token and the configured prefix text. A chat (a ``messages`` field) is rendered
+with the tokenizer's chat template and cut to ``seq_len``. Each split gets the same number of sequences and the same share of
 every source, and a document's windows all land in one split. Everything is seeded.
 """
 
