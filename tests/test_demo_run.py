@@ -49,6 +49,9 @@ def test_default_demo_runs_end_to_end_and_both_polarities_are_real(tmp_path, mon
         assert all(f["activation_sd"] > 0 and f["extreme_spread"] > 0 for f in features), \
             f"{partition}: every feature's activations vary"
         assert all(f["weakest"] > 0 for f in features), f"{partition}: top exemplars activate in the polarity's direction"
+    for layer in config.features.layers:  # a gated MLP's negative side is as real as its positive (MiniLM's was flat)
+        neg, pos = (sorted(f["weakest"] for f in by_partition[(layer, p)]) for p in ("neg", "pos"))
+        assert neg[len(neg) // 2] > pos[len(pos) // 2] / 3, f"layer {layer}: negative extremes {neg} against positive {pos}"
 
     assert main(["sql", "select count(*) as n, count(distinct layer) as layers from neuron_descriptions", "--format",
                  "json"]) == 0
