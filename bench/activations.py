@@ -6,8 +6,9 @@ On the same batches of the embedded demo corpus, in one run:
   (c) the naive way: one full forward pass per layer, each collecting that layer.
 Prints tokens/s of each and the ratios b/a (the one pass's speed against the bare forward
 pass; 1.0 = collection is free) and b/c (speed-up of one pass over one pass per layer).
-Usage: python bench/activations.py [--model builtin:SmolLM2-135M-Instruct] [--sequences-per-split 100]
-[--neurons all]
+Usage: python bench/activations.py [--sequences-per-split 100] [--neurons all]
+[--model builtin:SmolLM2-135M-Instruct] [--layers 0,5,10 | all]. The default subject and
+layers are the demo's; (c) costs one full forward pass per layer, so keep the layers few.
 """
 
 from __future__ import annotations
@@ -29,22 +30,28 @@ def main() -> None:
     parser.add_argument("--sequences-per-split", type=int, default=100)
     parser.add_argument("--neurons", default="all", help="'all' or a per-layer sample size")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--model", default=None, help="subject model (default: the config's)")
+    parser.add_argument("--model", default=None, help="subject model (default: the demo's)")
+    parser.add_argument("--layers", default=None, help="comma-separated layers or 'all' (default: the demo's)")
     args = parser.parse_args()
 
     config = Config()
     if args.model:
         config = config.model_copy(update={"subject": config.subject.model_copy(update={"model": args.model})})
+    layers = config.features.layers if args.layers is None else (
+        "all" if args.layers == "all" else [int(layer) for layer in args.layers.split(",")])
     subject = load_subject(config.subject)
-    sequences = build_sequences(config.corpus.model_copy(update={"sequences_per_split": args.sequences_per_split}),
-                                subject.tokenizer)
-    neurons_config = FeaturesConfig(neurons="all" if args.neurons == "all" else NeuronSample(sample=int(args.neurons)))
+    corpus = config.corpus.model_copy(update={"sequences_per_split": args.sequences_per_split})
+    if not getattr(subject.tokenizer, "chat_template", None):  # an encoder such as MiniLM: no chat header
+        corpus = corpus.model_copy(update={"chat_prefix": None})
+    sequences = build_sequences(corpus, subject.tokenizer)
+    neurons_config = FeaturesConfig(layers=layers,
+                                    neurons="all" if args.neurons == "all" else NeuronSample(sample=int(args.neurons)))
     neurons = select_neurons(neurons_config, subject.num_layers, subject.neurons_per_layer)
     polarities = [Polarity.POS, Polarity.NEG]
     tokens = int(sequences["n_tokens"].sum())
     seq_len = int(sequences["n_tokens"].max())
     n_features = sum(len(v) for v in neurons.values())
-    print(f"{subject.name}: {subject.num_layers} layers, {n_features} features, {sequences.height} sequences, "
+    print(f"{subject.name}: layers {sorted(neurons)} of {subject.num_layers}, {n_features} features, {sequences.height} sequences, "
           f"{tokens} tokens, batch {args.batch_size}, {torch.get_num_threads()} threads")
 
     corpus = _Corpus(sequences, subject.tokenizer)

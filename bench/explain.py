@@ -97,7 +97,7 @@ def print_prompt_sizes(features, args, model_dir: str) -> None:
     """Prompt tokens per candidate of each format, on identical exemplar subsets and puzzles."""
     counters = {
         "tiny Llama BPE (vocab 512, chat template)": ChatTokenCounter(load_tokenizer(SubjectConfig(model=model_dir))),
-        "MiniLM WordPiece (vocab 30522)": ChatTokenCounter(load_tokenizer(SubjectConfig())),
+        "MiniLM WordPiece (vocab 30522)": ChatTokenCounter(load_tokenizer(SubjectConfig(model="builtin:all-MiniLM-L6-v2"))),
     }
     corpus = corpus_sample(features)
     print(f"prompt tokens per candidate, {len(features)} features x k={args.k}, 10-20 exemplars each:")

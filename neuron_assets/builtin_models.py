@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def smollm2_folder() -> Path:
     target = cache_dir() / f"SmolLM2-135M-Instruct-{_file_tag(gguf_path)}"
     if (target / CONVERTED_MARKER).is_file():
         return target
+    # Said before the silent ~40 s of dequantizing, so the first run does not look stalled.
+    print(f"converting {BUILTIN_SMOLLM2} from {gguf_path.name} into {target} (once; about 40 s on 2 cores)",
+          file=sys.stderr, flush=True)
     _convert_gguf(gguf_path, target)
     return target
 

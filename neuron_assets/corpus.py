@@ -1,9 +1,10 @@
 """Corpus: text sources -> fixed-length token sequences -> equal train / val / test splits.
 
-Each text window comes from a single document and is preceded by a fixed prefix (the
-tokenizer's BOS or CLS token, then the configured prefix text), as Transluce prepends its
-chat header. A chat (a ``messages`` field) is rendered with the tokenizer's chat template
-and cut to ``seq_len``. Each split gets the same number of sequences and the same share of
+Each text window comes from a single document and is preceded by a fixed prefix: by
+default the model's chat header (a system turn and an open user turn, rendered with the
+tokenizer's chat template), as Transluce prepends one to its web text; else the tokenizer's
+BOS or CLS token and the configured prefix text. A chat (a ``messages`` field) is rendered
+with the tokenizer's chat template and cut to ``seq_len``. Each split gets the same number of sequences and the same share of
 every source, and a document's windows all land in one split. Everything is seeded.
 """
 
@@ -21,7 +22,7 @@ from typing import Iterator
 
 import polars as pl
 
-from neuron_assets.config import CorpusConfig, SourceConfig
+from neuron_assets.config import ChatPrefixConfig, CorpusConfig, SourceConfig
 from neuron_assets.types import Split
 
 
@@ -40,11 +41,16 @@ class TokenWindow:
 
 def build_sequences(config: CorpusConfig, tokenizer) -> pl.DataFrame:
     """The ``sequences`` table: seq_id, split, source, doc_id, token_ids, tokens, prefix_len, n_tokens."""
-    prefix_ids, prefix_tokens = _prefix(config.prefix, tokenizer)
-    if len(prefix_ids) >= config.seq_len:
+    if config.chat_prefix is not None:
+        prefix_ids, prefix_tokens = chat_header(config.chat_prefix, tokenizer)
+        shorten = "shorten corpus.chat_prefix (system, user) or set it to null"
+    else:
+        prefix_ids, prefix_tokens = _prefix(config.prefix, tokenizer)
+        shorten = "shorten corpus.prefix"
+    if len(prefix_ids) >= config.seq_len - 1:
         raise CorpusError(
-            f"the prefix takes {len(prefix_ids)} tokens, leaving none of corpus.seq_len={config.seq_len}; "
-            "raise seq_len or shorten corpus.prefix"
+            f"the prefix takes {len(prefix_ids)} tokens, leaving less than 2 of corpus.seq_len={config.seq_len} "
+            f"for the text; raise seq_len or {shorten}"
         )
     total_weight = sum(source.weight for source in config.sources)
     if not config.sources:
@@ -244,6 +250,36 @@ def _chat_window(messages, source, doc_id, tokenizer, seq_len) -> list[TokenWind
     if len(ids) - prefix_len < 2:
         return []
     return [TokenWindow(source.name, doc_id, ids[:seq_len], tokens[:seq_len], min(prefix_len, seq_len - 1))]
+
+
+WINDOW_MARK = "\u2063NEURON_ASSETS_WINDOW\u2063"  # stands in for the window while the header is rendered
+
+
+def chat_header(chat: ChatPrefixConfig, tokenizer) -> tuple[list[int], list[str]]:
+    """Token ids and strings of the chat header before every window: the chat template
+    rendered for a system turn and a user turn whose content is ``chat.user`` followed by
+    the window, cut where the window would begin. A template that starts with its own BOS
+    keeps it; otherwise the tokenizer's BOS comes first, as with a plain prefix."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise CorpusError(
+            f"corpus.chat_prefix needs a chat template, and the tokenizer of {getattr(tokenizer, 'name_or_path', 'the subject')!r} "
+            "has none (a base model's, say); set corpus.chat_prefix: null (and corpus.prefix, if you want a fixed text before each window)"
+        )
+    messages = [{"role": "user", "content": chat.user + WINDOW_MARK}]
+    if chat.system is not None:
+        messages.insert(0, {"role": "system", "content": chat.system})
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as err:  # a template that rejects a system turn, say
+        raise CorpusError(f"the tokenizer's chat template cannot render corpus.chat_prefix: {err}; change or null corpus.chat_prefix") from None
+    if WINDOW_MARK not in rendered:
+        raise CorpusError("the tokenizer's chat template drops the user turn's content; set corpus.chat_prefix: null")
+    header = rendered[: rendered.index(WINDOW_MARK)]
+    ids, tokens = tokenize_with_text(header, tokenizer)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids, tokens = [int(bos)] + ids, [tokenizer.convert_ids_to_tokens(int(bos))] + tokens
+    return ids, tokens
 
 
 def _prefix(prefix_text: str, tokenizer) -> tuple[list[int], list[str]]:

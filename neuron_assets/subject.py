@@ -195,14 +195,18 @@ class SubjectModel:
 
 @contextmanager
 def _quiet_transformers():
+    """transformers without its warnings and progress bars, restored afterwards."""
     from transformers.utils import logging as hf_logging
 
-    previous = hf_logging.get_verbosity()
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would interleave with the run's own
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class _StopForward(Exception):

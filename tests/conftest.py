@@ -60,6 +60,7 @@ def tiny_config(tmp_path, tiny_llama, text_corpus):
             "corpus": {
                 "sources": [{"name": "texts", "kind": "text", "path": str(text_corpus)}],
                 "seq_len": 16,
+                "chat_prefix": None,  # 16 tokens leave no room for a chat header; tests that want one set it
                 "sequences_per_split": 24,
             },
             "features": {"layers": "all", "neurons": {"sample": 6, "seed": 0}},

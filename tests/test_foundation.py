@@ -119,7 +119,7 @@ def test_sites_found_for_gpt2_and_minilm(tiny_gpt2):
 
     gpt2 = load_subject(SubjectConfig(model=str(tiny_gpt2)))
     assert sorted(gpt2.sites) == [0, 1] and gpt2.neurons_per_layer(0) == 96
-    minilm = load_subject(SubjectConfig())
+    minilm = load_subject(SubjectConfig(model="builtin:all-MiniLM-L6-v2"))
     assert sorted(minilm.sites) == list(range(6)) and minilm.neurons_per_layer(3) == 1536
     assert all(".attention." not in name for name, m in minilm.model.named_modules() if m in minilm.sites.values())
 
@@ -181,8 +181,9 @@ def test_splits_equal_disjoint_and_deterministic(tiny_config, chat_corpus, text_
 
 
 def test_builtin_corpus_fills_the_demo(tiny_tokenizer):
-    frame = build_sequences(Config().corpus, tiny_tokenizer)
-    assert frame.group_by("split").len()["len"].to_list() == [400] * 3
+    corpus = Config().corpus
+    frame = build_sequences(corpus, tiny_tokenizer)
+    assert frame.group_by("split").len()["len"].to_list() == [corpus.sequences_per_split] * 3
     assert set(frame["source"].unique()) == {"pydoc_topics", "stdlib_docstrings"}
 
 

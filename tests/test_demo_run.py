@@ -1,0 +1,60 @@
+"""The README's demo: `neuron-assets run` with the default config, then `neuron-assets sql`.
+
+Its own tier (`slow`): it is the whole demo on SmolLM2-135M-Instruct, a few minutes on 2
+cores. CI runs it with the rest (`pytest` runs every tier).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+
+from neuron_assets.cli import main
+from neuron_assets.config import Config
+
+pytestmark = pytest.mark.slow
+
+# Per feature (layer, polarity, neuron): the spread of its top exemplars' activations (after
+# the chat-header prefix) and of their per-sequence extremes; extreme is in the polarity's
+# orientation, so a real negative polarity has extremes well above 0.
+SPREAD_BY_FEATURE = """
+select layer, polarity, neuron, min(extreme) as weakest, max(extreme) - min(extreme) as extreme_spread,
+       stddev_pop(a) as activation_sd
+from (select e.layer, e.polarity, e.neuron, e.extreme, unnest(e.activations[s.prefix_len + 1:]) as a
+      from exemplars e join sequences s using (seq_id) where e.kind = 'top')
+group by all order by all
+"""
+
+
+def test_default_demo_runs_end_to_end_and_both_polarities_are_real(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("NEURON_ASSETS_CONFIG", raising=False)
+    monkeypatch.setenv("NEURON_ASSETS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["run"]) == 0
+    out = capsys.readouterr().out
+    assert "catalog.duckdb" in out
+
+    assert main(["sql", SPREAD_BY_FEATURE, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    config = Config()
+    by_partition = defaultdict(list)
+    for row in rows:
+        by_partition[(row["layer"], row["polarity"])].append(row)
+    expected = {(layer, polarity) for layer in config.features.layers for polarity in config.features.polarities}
+    assert set(by_partition) == expected, "every layer x polarity partition has exemplars"
+    for partition, features in by_partition.items():
+        assert len(features) == config.features.neurons.sample, partition
+        assert all(f["activation_sd"] > 0 and f["extreme_spread"] > 0 for f in features), \
+            f"{partition}: every feature's activations vary"
+        assert all(f["weakest"] > 0 for f in features), f"{partition}: top exemplars activate in the polarity's direction"
+    for layer in config.features.layers:  # a gated MLP's negative side is as real as its positive (MiniLM's was flat)
+        neg, pos = (sorted(f["weakest"] for f in by_partition[(layer, p)]) for p in ("neg", "pos"))
+        assert neg[len(neg) // 2] > pos[len(pos) // 2] / 3, f"layer {layer}: negative extremes {neg} against positive {pos}"
+
+    assert main(["sql", "select count(*) as n, count(distinct layer) as layers from neuron_descriptions", "--format",
+                 "json"]) == 0
+    described = json.loads(capsys.readouterr().out)[0]
+    assert described["n"] == len(expected) * config.features.neurons.sample
+    assert described["layers"] == len(config.features.layers)
