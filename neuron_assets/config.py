@@ -324,19 +324,27 @@ class FinetunedSimulatorConfig(Section):
 
 
 class SimulatorTrainingConfig(Section):
-    stage1_features: int = Field(96, ge=1)
-    """Features (over all layers and polarities) sampled for stage 1: (a random candidate
-    description, a train exemplar, its discretized activations)."""
-    stage2_features: int = Field(48, ge=0)
-    """A fresh sample for stage 2: its candidates are re-ranked by the stage-1 simulator and
-    the best one is trained on. 0 skips stage 2."""
-    heldout_features: int = Field(24, ge=1)
-    """Features never trained on; the held-out correlation (and its shuffled-description
-    control) in the checkpoint's metadata is measured on them."""
+    folds: int = Field(2, ge=2)
+    """Cross-fitting folds. Every feature belongs to one fold (a stable hash of its layer,
+    index and polarity); one simulator is trained per fold, on features of the other folds
+    only, and scores only its own fold's features, so no score comes from a simulator that
+    saw its feature (`simulator_saw_feature` is false on every row). Each fold trains on the
+    sizes below, so training costs about folds x one simulator."""
+    stage1_features: int = Field(48, ge=1)
+    """Features per fold (over all layers and polarities, outside the fold) sampled for stage
+    1: (a random candidate description, a train exemplar, its discretized activations)."""
+    stage2_features: int = Field(24, ge=0)
+    """A fresh sample per fold (outside the fold) for stage 2: its candidates are re-ranked by
+    the stage-1 simulator on their val exemplars and the best one is trained on. 0 skips
+    stage 2."""
+    heldout_features: int = Field(12, ge=1)
+    """Features of the fold's own (never trained on by its simulator); the held-out
+    correlation (and its shuffled-description control) in the checkpoint's metadata is
+    measured on them."""
     exemplars_per_feature: int = Field(6, ge=1)
     """Train-split exemplars per feature: top ones first, then quantile and random ones."""
     rerank_exemplars: int = Field(4, ge=1)
-    """Exemplars per feature on which stage 2 re-ranks the candidates."""
+    """Val exemplars per stage-2 feature on which stage 2 re-ranks the candidates."""
     stage1_epochs: int = Field(4, ge=1)
     """Passes over the stage-1 data."""
     stage2_epochs: int = Field(2, ge=1)
@@ -344,8 +352,10 @@ class SimulatorTrainingConfig(Section):
     batch_size: int = Field(16, ge=1)
     """Training pairs per optimizer step."""
     learning_rate: float = Field(4e-4, gt=0)
-    """AdamW peak learning rate (linear warm-up, then linear decay). Transluce-scale
-    backbones want about 1e-5."""
+    """AdamW peak learning rate (transformers' linear warm-up, then linear decay). Transluce-
+    scale backbones want about 1e-5 (full) or about 1e-4 (lora). A backbone loaded in
+    bfloat16/float16 trains against fp32 master weights (the optimizer's state and update in
+    fp32, copied into the model after each step), so small updates are not rounded away."""
     stage2_learning_rate: float | None = Field(None, gt=0)
     """Peak learning rate of stage 2, which continues from stage 1 on less data. Default: a
     third of learning_rate."""
@@ -361,6 +371,32 @@ class SimulatorTrainingConfig(Section):
     """Keep the backbone's token embeddings fixed (not tied output rows): faster on CPU, and the
     simulator must match description and input tokens by the pretrained embeddings rather
     than memorize words. Added tokens start from the embedding of their name."""
+    method: Literal["full", "lora"] = "full"
+    """full: every weight trains (the CPU default and Transluce's choice). lora: low-rank
+    adapters (peft) on the target modules train, with the class head (a new token
+    classification head is trained whole; the 11 lm_head_slots rows stay as pretrained and
+    the body learns to meet them); the rest stays frozen. A full fine-tune of an 8B backbone
+    needs about 16 bytes per weight (fp32 master, gradient, two Adam moments) plus the bf16
+    copy; LoRA needs the bf16 weights and a few percent more. Each stage's adapters are
+    merged into the saved checkpoint (a plain model folder); stage 2 trains fresh adapters
+    on the merged stage-1 weights."""
+    lora_rank: int = Field(16, ge=1)
+    """LoRA rank r (method lora)."""
+    lora_alpha: float = Field(32.0, gt=0)
+    """LoRA scaling alpha (the update is scaled by alpha / r; method lora)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input (method lora)."""
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules that get adapters (method lora): all-linear (every linear layer of the body,
+    peft's shorthand), or module names such as [q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj] for Llama."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches of batch_size whose gradients add up to one optimizer step: the
+    effective batch is batch_size x grad_accum_steps (a large batch in little memory)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (transformers'
+    gradient checkpointing): far less activation memory at about a third more compute;
+    for large backbones on GPU."""
     save_every_steps: int = Field(50, ge=1)
     """Steps between resumable training states (model, optimizer, schedule, data order)."""
     seed: int = 0

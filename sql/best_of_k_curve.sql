@@ -5,12 +5,12 @@
 -- last, as selection breaks ties), the i-th of n is the val-best of C(i-1, k-1) of the C(n, k)
 -- subsets. Only the selecting scorer scores every candidate on test, so only it has a curve.
 -- Plus the power-law fit mean_best(k) = fit_a * k^fit_b (least squares in log-log space;
--- null when a mean is <= 0).
+-- null when a mean is <= 0). Rows from a simulator that trained on the neuron are left out.
 CREATE OR REPLACE VIEW best_of_k_curve AS
 WITH candidates AS (
     SELECT layer, polarity, neuron, candidate, scorer, coalesce(simulator, '') AS simulator, split, score
     FROM description_scores
-    WHERE role = 'candidate'
+    WHERE role = 'candidate' AND simulator_saw_feature IS NOT TRUE
 ),
 paired AS (
     SELECT v.layer, v.polarity, v.neuron, v.candidate, v.scorer, v.simulator, v.score AS val_score,

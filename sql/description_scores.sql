@@ -4,5 +4,8 @@
 -- are the k candidates (candidate 0..k-1); role = 'shuffled_control' rows (candidate -1)
 -- score the description selected for another neuron of the same layer and polarity
 -- (source_neuron) the same way: what a score is worth by chance. flags say why a score is a default (e.g. constant_prediction scores 0).
+-- simulator_version names the simulator that scored the row (null for the rule-based and
+-- pretrained ones); simulator_saw_feature says whether it trained on the row's neuron:
+-- cross-fitting keeps it false everywhere (null: a given checkpoint, training unknown).
 CREATE OR REPLACE VIEW description_scores AS
 SELECT * FROM read_parquet('{data}/description_scores/*/*/*.parquet', union_by_name = true);

@@ -1,6 +1,7 @@
 -- Per layer x polarity: how well the selected descriptions predict their neurons. The val
 -- score picked the description, so the test score is the unbiased one; the shuffled control
--- is the chance level to compare it with.
+-- is the chance level to compare it with. Rows whose simulator trained on the neuron
+-- (simulator_saw_feature true) are left out and counted in `leaked`.
 CREATE OR REPLACE VIEW layer_summary AS
 SELECT layer, polarity,
        any_value(scorer) AS scorer,
@@ -14,7 +15,10 @@ SELECT layer, polarity,
        avg(test_score - control_test_score) AS mean_test_above_control,
        avg(CASE WHEN test_score > control_test_score THEN 1.0 ELSE 0.0 END)
            FILTER (WHERE control_test_score IS NOT NULL) AS share_above_control,
-       count(*) FILTER (WHERE len(val_flags) > 0 OR len(test_flags) > 0) AS flagged
-FROM neuron_descriptions
+       count(*) FILTER (WHERE len(val_flags) > 0 OR len(test_flags) > 0) AS flagged,
+       any_value(leaked) AS leaked
+FROM (SELECT *, count(*) FILTER (WHERE simulator_saw_feature) OVER (PARTITION BY layer, polarity) AS leaked
+      FROM neuron_descriptions)
+WHERE simulator_saw_feature IS NOT TRUE
 GROUP BY layer, polarity
 ORDER BY layer, polarity;

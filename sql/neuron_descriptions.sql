@@ -1,5 +1,7 @@
 -- One row per neuron x polarity: the best of its k candidates by val score (scorer), its
 -- score on E_test (the top-20 test exemplars and 5 random test sequences), and the shuffled
 -- control's val and test scores (a description of control_source_neuron, scored the same way).
+-- simulator_version / test_simulator_version: the simulator of the val / test score;
+-- simulator_saw_feature: whether either trained on this neuron (false under cross-fitting).
 CREATE OR REPLACE VIEW neuron_descriptions AS
 SELECT * FROM read_parquet('{data}/neuron_descriptions/*/*/*.parquet', union_by_name = true);

@@ -127,16 +127,34 @@ def test_finetuned_simulator_trains_and_scores_in_the_run(lexical_run, planted_l
     selection = "simulator_training_data,simulator_checkpoint,description_scores,neuron_descriptions"
     assert main(["--config", str(config_path), "run", "--select", selection]) == 0
     store = Store(load_config(config_path).root)
-    checkpoints = store.read("simulator_checkpoints")
-    assert checkpoints.height == 1 and checkpoints["stage2_steps"][0] > 0
-    version, path = checkpoints["version"][0], Path(checkpoints["path"][0])
-    assert (path / "model.safetensors").is_file() and (path / "simulator.json").is_file()
+    checkpoints = store.read("simulator_checkpoints").sort("fold")
+    assert checkpoints["fold"].to_list() == [0, 1] and min(checkpoints["stage2_steps"]) > 0
+    versions = dict(zip(checkpoints["fold"], checkpoints["version"]))
+    for path in checkpoints["path"]:
+        assert (Path(path) / "model.safetensors").is_file() and (Path(path) / "simulator.json").is_file()
+    # cross-fitting: each fold's simulator trained only on the other fold's features, and every
+    # finetuned score comes from the simulator of the feature's own fold
+    from neuron_assets.simulate.folds import feature_key, fold_of
+    from neuron_assets.types import FeatureId, Polarity
+
+    for fold, trained in zip(checkpoints["fold"], checkpoints["trained_features"]):
+        assert trained and all(fold_of(FeatureId(int(k.split("/")[0]), int(k.split("/")[1]), Polarity(k.split("/")[2])), 2)
+                               != fold for k in trained)
     scores = read_all(store, "description_scores").filter(pl.col("scorer") == "correlation")
-    assert set(scores["simulator"]) == {"finetuned", "lexical"} and set(scores["simulator_version"]) == {version}
+    assert set(scores["simulator"]) == {"finetuned", "lexical"}
+    assert not scores["simulator_saw_feature"].any() and scores["simulator_saw_feature"].null_count() == 0
+    assert scores.filter(pl.col("simulator") == "lexical")["simulator_version"].null_count() == \
+        scores.filter(pl.col("simulator") == "lexical").height
+    for layer, polarity, neuron, version in scores.filter(pl.col("simulator") == "finetuned").select(
+            "layer", "polarity", "neuron", "simulator_version").unique().iter_rows():
+        assert version == versions[fold_of(FeatureId(layer, neuron, Polarity(polarity)), 2)]
     described = read_all(store, "neuron_descriptions")
     assert described.height == 24 and described["test_score"].is_nan().sum() == 0
     assert set(described["simulator"]) == {"finetuned"}  # simulate.backend selects; lexical is compared
-    assert set(described["test_simulator_version"]) == {version}
+    assert (described["test_simulator_version"] == described["simulator_version"]).all()
+    assert not described["simulator_saw_feature"].any() and described["simulator_saw_feature"].null_count() == 0
+    assert feature_key(FeatureId(0, 1, Polarity.POS)) == "0/1/pos"
+    version = versions[0]
     # the features were picked before their exemplars loaded: the rows are those of planning over every feature
     from neuron_assets.config import Config
     from neuron_assets.exemplars import load_feature_exemplars
@@ -151,7 +169,7 @@ def test_finetuned_simulator_trains_and_scores_in_the_run(lexical_run, planted_l
     expected = plan_training_data(features, candidates, config.simulate.training)
     assert store.read("simulator_training_data").select(expected.columns).equals(expected)
     # a checkpoint is used only by a config with the same simulator settings
-    assert latest_checkpoint(store, config)[0] == version
+    assert latest_checkpoint(store, config)[0] in versions.values()
     changed = config.model_dump()
     changed["simulate"]["training"]["seed"] += 1
     assert latest_checkpoint(store, Config.model_validate(changed)) is None

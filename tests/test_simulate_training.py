@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -12,15 +13,18 @@ import torch
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
 from neuron_assets.simulate.base import discretize
 from neuron_assets.simulate.finetuned import FinetunedSimulator
+from neuron_assets.simulate.folds import feature_key, fold_of
 from neuron_assets.simulate.training import (
     HELDOUT,
+    RERANK,
     STAGE1,
     STAGE2,
     features_of,
     plan_training_data,
+    seen_features,
     train_simulator,
 )
-from neuron_assets.types import ExemplarKind
+from neuron_assets.types import ExemplarKind, FeatureId, Polarity
 from tests.support.planted import planted_candidates, planted_corpus, planted_feature, planted_words
 
 
@@ -33,13 +37,20 @@ def planted():
     return features, candidates
 
 
+def one_fold(frame: pl.DataFrame, fold: int = 0) -> pl.DataFrame:
+    return frame.filter(pl.col("fold") == fold)
+
+
 def test_training_data_plan(planted):
     features, candidates = planted
     config = SimulatorTrainingConfig(stage1_features=20, stage2_features=10, heldout_features=5, exemplars_per_feature=6)
-    frame = plan_training_data(features, candidates, config)
+    whole = plan_training_data(features, candidates, config)
+    assert sorted(whole["fold"].unique()) == [0, 1]
+    frame = one_fold(whole)
     per_role = frame.group_by("role").agg(pl.col("neuron").n_unique()).sort("role")
-    assert dict(per_role.iter_rows()) == {HELDOUT: 5, STAGE1: 20, STAGE2: 10}
-    assert frame.group_by("neuron").agg(pl.col("role").n_unique())["role"].max() == 1  # disjoint samples
+    assert dict(per_role.iter_rows()) == {HELDOUT: 5, STAGE1: 20, STAGE2: 10, RERANK: 10}
+    trained_roles = frame.filter(pl.col("role") != RERANK)
+    assert trained_roles.group_by("neuron").agg(pl.col("role").n_unique())["role"].max() == 1  # disjoint samples
     assert frame.filter(pl.col("role") == STAGE2)["description"].null_count() == frame.filter(pl.col("role") == STAGE2).height
     by_index = {f.feature.index: f for f in features}
     for row in frame.filter(pl.col("role") == STAGE1).head(12).iter_rows(named=True):
@@ -50,19 +61,78 @@ def test_training_data_plan(planted):
         np.testing.assert_array_equal(np.asarray(row["labels"][1:]), discretize(values, feature.stats.max)[1:])
     kinds = frame.filter(pl.col("role") == STAGE1).group_by("neuron").agg(pl.col("exemplar_kind").unique())
     assert all(ExemplarKind.TOP.value in k and len(k) > 1 for k in kinds["exemplar_kind"])  # top and quiet ones
+    # stage 2 re-ranks on val exemplars, and trains on train ones
+    val_ids = {e.record.seq_id for f in features for e in f.exemplars if e.split.value == "val"}
+    assert set(frame.filter(pl.col("role") == RERANK)["seq_id"]) <= val_ids
+    assert not set(frame.filter(pl.col("role") == STAGE2)["seq_id"]) & val_ids
     heldout = features_of(frame, HELDOUT)
     assert all(f.control_description and f.control_description not in candidates[f.feature] for f in heldout)
-    assert plan_training_data(features, candidates, config).equals(frame)  # seeded
+    assert plan_training_data(features, candidates, config).equals(whole)  # seeded
+
+
+def test_every_fold_trains_only_on_other_folds_and_holds_out_its_own(planted):
+    features, candidates = planted
+    config = SimulatorTrainingConfig(folds=3, stage1_features=20, stage2_features=10, heldout_features=5,
+                                     exemplars_per_feature=2)
+    frame = plan_training_data(features, candidates, config)
+    assert sorted(frame["fold"].unique()) == [0, 1, 2]
+    for row in frame.select("fold", "role", "layer", "neuron", "polarity").unique().iter_rows(named=True):
+        own = fold_of(FeatureId(row["layer"], row["neuron"], Polarity(row["polarity"])), 3)
+        assert (own == row["fold"]) == (row["role"] == HELDOUT), row
+    seen = seen_features(frame)
+    every = {feature_key(f.feature) for f in features}
+    assert all(seen[fold] and seen[fold] <= every for fold in range(3))
+    # the fold of a feature is a stable hash, not Python's salted hash()
+    assert fold_of(FeatureId(3, 17, Polarity.NEG), 2) == int(hashlib.sha256(b"3/17/neg").hexdigest()[:16], 16) % 2
+
+
+def test_a_planted_leak_fails_the_check(planted):
+    """Provenance is read from what each fold trained on: move one trained feature's rows into
+    the fold that scores it and its scores are flagged, and the asset check fails."""
+    from neuron_assets.defs.score_assets import never_saw_check
+    from neuron_assets.scoring import FoldCheckpoint, Scoring, leaked_rows, with_provenance
+
+    features, candidates = planted
+    config = SimulatorTrainingConfig(stage1_features=20, stage2_features=4, heldout_features=4, exemplars_per_feature=2)
+    frame = plan_training_data(features, candidates, config)
+
+    def scoring_from(training_rows: pl.DataFrame) -> Scoring:
+        seen = seen_features(training_rows)
+        folds = {f: FoldCheckpoint(f, f"v{f}", tmp, seen[f]) for f, tmp in ((0, "a"), (1, "b"))}
+        return Scoring([], {}, "v0+v1", folds)
+
+    scored = pl.DataFrame([{"layer": f.feature.layer, "polarity": f.feature.polarity.value, "neuron": f.feature.index,
+                            "simulator": simulator} for f in features for simulator in ("finetuned", "lexical")])
+    clean = with_provenance(scored, scoring_from(frame))
+    assert leaked_rows(clean) == 0 and clean["simulator_saw_feature"].null_count() == 0
+    assert never_saw_check(clean).passed
+    finetuned = clean.filter(pl.col("simulator") == "finetuned")
+    assert all(v == f"v{fold_of(FeatureId(l, n, Polarity(p)), 2)}"
+               for l, p, n, v in finetuned.select("layer", "polarity", "neuron", "simulator_version").iter_rows())
+    assert clean.filter(pl.col("simulator") == "lexical")["simulator_version"].null_count() == len(features)
+    # plant the leak: fold 1 also trains on a stage-1 feature of fold 1 (which it scores)
+    victim = frame.filter((pl.col("fold") == 0) & (pl.col("role") == STAGE1)).row(0, named=True)
+    assert fold_of(FeatureId(victim["layer"], victim["neuron"], Polarity(victim["polarity"])), 2) == 1
+    leaky = pl.concat([frame, frame.filter((pl.col("fold") == 0) & (pl.col("neuron") == victim["neuron"])
+                                           & (pl.col("polarity") == victim["polarity"])
+                                           & (pl.col("layer") == victim["layer"])).with_columns(fold=pl.lit(1, pl.Int64))])
+    dirty = with_provenance(scored, scoring_from(leaky))
+    assert leaked_rows(dirty) == 1
+    check = never_saw_check(dirty)
+    assert not check.passed and check.metadata["rows_scored_by_a_simulator_that_saw_the_feature"].value == 1
+    assert leaked_rows(scored) == scored.height  # no provenance column: nothing says it is clean
 
 
 def test_planted_task_is_learned_far_above_the_shuffled_control(planted, tmp_path):
-    """Descriptions name the word that fires; held-out features fire on words never trained on."""
+    """Descriptions name the word that fires; held-out features fire on words never trained on.
+    One fold's simulator: it trains on the other fold's features (about half of them), so five
+    epochs make about the steps three did over every feature."""
     features, candidates = planted
     training = SimulatorTrainingConfig(stage1_features=96, stage2_features=6, heldout_features=16,
-                                       exemplars_per_feature=4, stage1_epochs=3, stage2_epochs=1,
+                                       exemplars_per_feature=4, stage1_epochs=5, stage2_epochs=1,
                                        learning_rate=4e-4, rerank_exemplars=2)
     model = FinetunedSimulatorConfig(backbone_layers=2, max_length=128)
-    frame = plan_training_data(features, candidates, training)
+    frame = one_fold(plan_training_data(features, candidates, training))
     heldout_words = {f.feature.index for f in features_of(frame, HELDOUT)}
     trained_words = {f.feature.index for f in features_of(frame, STAGE1)}
     assert not heldout_words & trained_words
@@ -98,7 +168,7 @@ def test_interrupted_training_resumes_to_the_same_weights(planted, tmp_path):
     training = SimulatorTrainingConfig(stage1_features=6, stage2_features=0, heldout_features=2, exemplars_per_feature=2,
                                        stage1_epochs=3, batch_size=4, save_every_steps=3)
     model = FinetunedSimulatorConfig(backbone_layers=1, max_length=96)
-    frame = plan_training_data(features[:8], {f.feature: candidates[f.feature] for f in features[:8]}, training)
+    frame = one_fold(plan_training_data(features[:12], {f.feature: candidates[f.feature] for f in features[:12]}, training))
 
     def interrupt_after_step_5(line: str):
         if line.startswith("step 5/"):
@@ -125,7 +195,7 @@ def test_a_stage1_folder_without_its_completion_marker_is_retrained_not_a_crash(
     training = SimulatorTrainingConfig(stage1_features=4, stage2_features=0, heldout_features=2,
                                        exemplars_per_feature=2, stage1_epochs=1, batch_size=4)
     model = FinetunedSimulatorConfig(backbone_layers=1, max_length=96)
-    frame = plan_training_data(features[:6], {f.feature: candidates[f.feature] for f in features[:6]}, training)
+    frame = one_fold(plan_training_data(features[:10], {f.feature: candidates[f.feature] for f in features[:10]}, training))
     stage1 = tmp_path / f".{training_version(frame, model, training, ())}.partial" / "stage1"
     stage1.mkdir(parents=True)
     (stage1 / "simulator.json").write_text("{}")  # complete-looking, but no stage1.json beside it

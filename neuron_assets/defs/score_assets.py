@@ -35,14 +35,18 @@ from neuron_assets.scoring import (
     make_neuron_descriptions,
     make_simulator_checkpoint,
     make_simulator_training_data,
+    leaked_rows,
     read_all,
 )
 from neuron_assets.select import CANDIDATE, SHUFFLED_CONTROL, best_of_k_curve, rows_of
 from neuron_assets.simulate import needs_checkpoint, needs_gpu
 from neuron_assets.store import Store
 
-NO_NAN, IN_RANGE, EVERY_FEATURE_SCORED, EVERY_FEATURE_DESCRIBED = (
-    "no_nan_scores", "scores_in_range", "every_feature_scored", "every_feature_described")
+NO_NAN, IN_RANGE, EVERY_FEATURE_SCORED, EVERY_FEATURE_DESCRIBED, NEVER_SAW = (
+    "no_nan_scores", "scores_in_range", "every_feature_scored", "every_feature_described",
+    "simulator_never_saw_feature")
+NEVER_SAW_DESCRIPTION = ("no row's score comes from a simulator that trained on its feature "
+                         "(simulator_saw_feature is false or unknown on every row; cross-fitting)")
 
 DESCRIPTION_SCORE_COLUMNS = ("val_score", "test_score", "control_val_score", "control_test_score")
 
@@ -106,12 +110,13 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
                 return _up_to_date(stage)
             written = make_simulator_checkpoint(config, context.run_id, log=context.log.info,
                                                 on_step=_training_progress(stage))
-            stage.complete(None, [written.path, Store(config.root).path(CHECKPOINTS_TABLE)] if written.trained else [])
+            stage.complete(None, [*written.paths, Store(config.root).path(CHECKPOINTS_TABLE)] if written.trained else [])
         if not written.trained:
             return _skipped(config, written.reason)
         metadata = {
             "version": written.version,
-            "path": dg.MetadataValue.path(str(written.path)),
+            "folds": written.folds,
+            "path": dg.MetadataValue.path(str(written.paths[0].parent.parent)),
             "heldout_correlation": round(written.heldout_correlation, 4),
             "heldout_shuffled_control": round(written.heldout_shuffled_correlation, 4),
             "stage1_heldout_correlation": round(written.stage1_heldout_correlation, 4),
@@ -137,6 +142,7 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
             dg.AssetCheckSpec(IN_RANGE, asset="description_scores", description="every score is in [-1, 1]"),
             dg.AssetCheckSpec(EVERY_FEATURE_SCORED, asset="description_scores",
                               description="every feature with exemplars has scored candidates"),
+            dg.AssetCheckSpec(NEVER_SAW, asset="description_scores", description=NEVER_SAW_DESCRIPTION),
         ],
         kinds={"parquet"},
     )
@@ -158,13 +164,15 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
         frame = pl.concat([store.read(SCORES_TABLE, w.layer, w.polarity) for w in written], how="diagonal_relaxed")
         unscored = [(w.layer, w.polarity, n) for w in written for n in w.unscored]
         _log_partition_results(context, written, lambda w: _score_checks(_partition(frame, w), "score") + [
-            dg.AssetCheckResult(check_name=EVERY_FEATURE_SCORED, passed=not w.unscored)])
+            dg.AssetCheckResult(check_name=EVERY_FEATURE_SCORED, passed=not w.unscored),
+            never_saw_check(_partition(frame, w))])
         return dg.MaterializeResult(
             metadata={**_scores_metadata(config, store, frame, scoring, written), **stage.metadata()},
             data_version=dg.DataVersion(f"{config.hash}-{scoring.simulator_version}"),
             check_results=_score_checks(frame, "score") + [
                 dg.AssetCheckResult(check_name=EVERY_FEATURE_SCORED, passed=not unscored,
-                                    metadata={"unscored_features": len(unscored), "first": str(unscored[:10])})],
+                                    metadata={"unscored_features": len(unscored), "first": str(unscored[:10])}),
+                never_saw_check(frame)],
         )
 
     @dg.asset(
@@ -181,6 +189,7 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
             dg.AssetCheckSpec(IN_RANGE, asset="neuron_descriptions", description="every score is in [-1, 1]"),
             dg.AssetCheckSpec(EVERY_FEATURE_DESCRIBED, asset="neuron_descriptions",
                               description="every scored feature has a selected description"),
+            dg.AssetCheckSpec(NEVER_SAW, asset="neuron_descriptions", description=NEVER_SAW_DESCRIPTION),
         ],
         kinds={"parquet"},
     )
@@ -208,13 +217,15 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
         _log_partition_results(context, written, lambda w: [
             c for column in DESCRIPTION_SCORE_COLUMNS for c in _score_checks(_partition(frame, w), column)] + [
             dg.AssetCheckResult(check_name=EVERY_FEATURE_DESCRIBED,
-                                passed=_partition(missing, w).height == 0)])
+                                passed=_partition(missing, w).height == 0),
+            never_saw_check(_partition(frame, w))])
         return dg.MaterializeResult(
             metadata={**_descriptions_metadata(config, store, frame, written), **stage.metadata()},
             data_version=dg.DataVersion(f"{config.hash}-{frame.height}-{scoring.simulator_version}"),
             check_results=_merge_checks(checks) + [
                 dg.AssetCheckResult(check_name=EVERY_FEATURE_DESCRIBED, passed=missing.height == 0,
-                                    metadata={"features_without_description": missing.height})],
+                                    metadata={"features_without_description": missing.height}),
+                never_saw_check(frame)],
         )
 
     return [simulator_training_data, simulator_checkpoint, description_scores, neuron_descriptions]
@@ -317,6 +328,15 @@ def _skipped(config: Config, reason: str) -> dg.MaterializeResult:
                                 data_version=dg.DataVersion(f"{config.hash}-skipped"))
 
 
+def never_saw_check(frame: pl.DataFrame) -> dg.AssetCheckResult:
+    """Fails when any row was scored by a simulator that trained on its feature."""
+    leaked = leaked_rows(frame)
+    unknown = int(frame["simulator_saw_feature"].null_count()) if "simulator_saw_feature" in frame.columns else 0
+    return dg.AssetCheckResult(check_name=NEVER_SAW, passed=leaked == 0,
+                               metadata={"rows_scored_by_a_simulator_that_saw_the_feature": leaked,
+                                         "rows_with_unknown_training_features": unknown})
+
+
 def _score_checks(frame: pl.DataFrame, column: str, suffix: str = "") -> list[dg.AssetCheckResult]:
     values = frame[column].drop_nulls().to_numpy() if frame.height else np.zeros(0)
     nans = int(np.isnan(values).sum())
@@ -412,5 +432,5 @@ def _mean(series: pl.Series) -> float:
     return round(float(values.mean()), 4) if values.len() else 0.0
 
 
-__all__ = ["CHECKPOINTS_TABLE", "TRAINING_TABLE", "automation_sensor", "on_new_upstream", "rescore_job",
+__all__ = ["CHECKPOINTS_TABLE", "NEVER_SAW", "TRAINING_TABLE", "automation_sensor", "never_saw_check", "on_new_upstream", "rescore_job",
            "rescore_schedule", "score_assets", "score_definitions"]

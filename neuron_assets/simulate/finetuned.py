@@ -114,6 +114,7 @@ class LmHeadSlots:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only, **overrides)
 
     def class_logits(self, model, input_ids, attention_mask):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: adapters are in place
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         output = model.get_output_embeddings()
         bias = output.bias[:NUM_CLASSES] if getattr(output, "bias", None) is not None else None
@@ -215,6 +216,32 @@ class FinetunedSimulator:
         spec = self.spec if extra is None else SimulatorSpec(**{**asdict(self.spec), "extra": extra})
         spec.write(directory)
         return directory
+
+    # -- LoRA (training) --------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, dropout: float = 0.0,
+                 target_modules: Sequence[str] | str = "all-linear") -> tuple[int, int]:
+        """Wrap the model in fresh peft LoRA adapters: only they (and a new token
+        classification head, trained whole) train. Returns (trainable, total) weights."""
+        from peft import LoraConfig, get_peft_model
+
+        heads = [name for name, child in self.model.named_children() if isinstance(child, torch.nn.Linear)]
+        if self.spec.head != TokenClassificationHead.name:
+            heads = []  # lm_head_slots: the 11 output rows stay as pretrained
+        output = self.model.get_output_embeddings()
+        if target_modules == "all-linear":  # every linear layer of the body, by its name's last part
+            outside = set(heads) | {name for name, child in self.model.named_children() if child is output}
+            target_modules = sorted({name.rsplit(".", 1)[-1] for name, module in self.model.named_modules()
+                                     if isinstance(module, torch.nn.Linear) and name.split(".")[0] not in outside})
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                            modules_to_save=heads or None)
+        self.model = get_peft_model(self.model, config)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.model.parameters())
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA adapters into the weights (a plain transformers model again); no-op without."""
+        if hasattr(self.model, "merge_and_unload"):
+            self.model = self.model.merge_and_unload().eval()
 
     # -- simulating -----------------------------------------------------------------------
     def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:

@@ -1,15 +1,21 @@
 """Training the fine-tuned simulator in Transluce's two stages.
 
-- **Data** (:func:`plan_training_data`): the features with candidate descriptions are
-  shuffled (seeded) and split, disjointly, into a held-out set, a stage-1 sample and a
-  stage-2 sample. Each feature contributes a few train-split exemplars (top ones first,
+- **Cross-fitting** (:func:`fold_of`): every feature belongs to one of ``folds`` folds by a
+  stable hash of its id. The simulator of fold f trains (both stages) only on features of
+  the other folds and scores only the features of fold f, so no reported score comes from a
+  simulator that saw its feature, and every feature is still scored (Transluce trains its
+  simulator on a separate neuron sample instead).
+- **Data** (:func:`plan_training_data`): per fold, the features with candidate descriptions
+  are shuffled (seeded) and split, disjointly, into a held-out set (of the fold's own
+  features, never trained on), a stage-1 sample and a stage-2 sample (of the other folds). Each feature contributes a few train-split exemplars (top ones first,
   then activation-quantile and random ones, so the simulator also learns where the feature
   is quiet) with their activations discretized to 0..10 against the feature's max.
   Stage-1 and held-out rows carry one random candidate description; stage-2 rows carry
   all candidates.
 - **Stage 1**: train on (random candidate, exemplar, classes).
 - **Stage 2**: the stage-1 simulator re-ranks each stage-2 feature's candidates by their
-  correlation on a few of its exemplars; training continues on (best candidate, exemplar).
+  correlation on a few of its *val* exemplars (rows of role ``stage2_rerank``; not the train
+  exemplars it then trains on); training continues on (best candidate, train exemplar).
 - **Held-out correlation**: the mean over held-out features of the correlation between
   simulated and true activations, beside the same with a description of another held-out
   feature (the shuffled control): a simulator that reads descriptions beats its control.
@@ -42,10 +48,12 @@ from neuron_assets.select import derangement
 from neuron_assets.simulate.alignment import NOT_READ
 from neuron_assets.simulate.base import NUM_CLASSES, discretize
 from neuron_assets.simulate.finetuned import FinetunedSimulator, freeze_token_embeddings
+from neuron_assets.simulate.folds import feature_key, fold_of
 from neuron_assets.store import atomic_path, set_aside
 from neuron_assets.types import ActivationRecord, FeatureExemplars, FeatureId, Polarity, Split
 
-STAGE1, STAGE2, HELDOUT = "stage1", "stage2", "heldout"
+STAGE1, STAGE2, HELDOUT, RERANK = "stage1", "stage2", "heldout", "stage2_rerank"
+TRAINED_ROLES = (STAGE1, STAGE2)
 IGNORED = -100
 METADATA_FILE = "metadata.json"
 
@@ -59,20 +67,29 @@ def plan_training_data(
     features: Sequence[FeatureExemplars],
     candidates: Mapping[FeatureId, Sequence[str | None]],
     config: SimulatorTrainingConfig,
-    roles: Mapping[FeatureId, str] | None = None,
+    roles: Mapping[int, Mapping[FeatureId, str]] | None = None,
 ) -> pl.DataFrame:
-    """One row per (feature, exemplar) of the held-out, stage-1 and stage-2 samples.
+    """One row per (fold, feature, exemplar) of every fold's held-out, stage-1 and stage-2
+    samples (column ``fold``: the fold whose simulator the row is for), plus each stage-2
+    feature's val exemplars to re-rank on (role ``stage2_rerank``).
 
-    ``roles`` (from :func:`training_roles`) lets a caller pick the features before loading
-    their exemplars; without it they are picked here among the given features."""
+    ``roles`` (fold -> feature -> role, from :func:`training_roles`) lets a caller pick the
+    features before loading their exemplars; without it they are picked here among the given
+    features."""
     usable = {
         f.feature: f for f in features
         if any(candidates.get(f.feature, ())) and f.top(Split.TRAIN) and f.stats.max > 0
     }
     if roles is None:
         roles = training_roles(list(usable), config)
+    frames = [_plan_fold(fold, usable, candidates, config, fold_roles) for fold, fold_roles in sorted(roles.items())]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=TRAINING_DATA_SCHEMA)
+
+
+def _plan_fold(fold: int, usable: Mapping[FeatureId, FeatureExemplars], candidates, config: SimulatorTrainingConfig,
+               roles: Mapping[FeatureId, str]) -> pl.DataFrame:
     chosen = [(role, usable[feature]) for feature, role in roles.items() if feature in usable]
-    rng = random.Random(f"{config.seed}:rows")
+    rng = random.Random(f"{config.seed}:rows:{fold}")
     control_of = derangement(sorted(f.feature for role, f in chosen if role == HELDOUT), rng)
     chosen_description = {}
     for _, feature in chosen:
@@ -82,53 +99,66 @@ def plan_training_data(
     for role, feature in chosen:
         options = [d for d in candidates[feature.feature] if d]
         control = chosen_description[control_of[feature.feature]] if role == HELDOUT and control_of else None
-        for exemplar in training_exemplars(feature, config.exemplars_per_feature):
-            record = exemplar.record
-            values = record.polarity_activations(feature.feature.polarity)
-            labels = discretize(values, feature.stats.max)
-            labels[: record.prefix_len] = 0
-            rows.append({
-                "role": role,
-                "layer": feature.feature.layer,
-                "polarity": feature.feature.polarity.value,
-                "neuron": feature.feature.index,
-                "description": None if role == STAGE2 else chosen_description[feature.feature],
-                "candidates": options,
-                "control_description": control,
-                "seq_id": record.seq_id,
-                "exemplar_kind": exemplar.kind.value,
-                "tokens": list(record.tokens),
-                "token_ids": [int(t) for t in record.token_ids],
-                "prefix_len": record.prefix_len,
-                "activations": values.astype(np.float32).tolist(),
-                "labels": labels.astype(np.int8).tolist(),
-            })
+        sets = [(role, training_exemplars(feature, config.exemplars_per_feature))]
+        if role == STAGE2:
+            sets.append((RERANK, training_exemplars(feature, config.rerank_exemplars, Split.VAL)))
+        for row_role, exemplars in sets:
+            for exemplar in exemplars:
+                record = exemplar.record
+                values = record.polarity_activations(feature.feature.polarity)
+                labels = discretize(values, feature.stats.scale)
+                labels[: record.prefix_len] = 0
+                rows.append({
+                    "fold": fold,
+                    "role": row_role,
+                    "layer": feature.feature.layer,
+                    "polarity": feature.feature.polarity.value,
+                    "neuron": feature.feature.index,
+                    "description": None if role == STAGE2 else chosen_description[feature.feature],
+                    "candidates": options,
+                    "control_description": control,
+                    "seq_id": record.seq_id,
+                    "exemplar_kind": exemplar.kind.value,
+                    "tokens": list(record.tokens),
+                    "token_ids": [int(t) for t in record.token_ids],
+                    "prefix_len": record.prefix_len,
+                    "activations": values.astype(np.float32).tolist(),
+                    "labels": labels.astype(np.int8).tolist(),
+                })
     return pl.DataFrame(rows, schema=TRAINING_DATA_SCHEMA)
 
 
-def training_roles(usable: Sequence[FeatureId], config: SimulatorTrainingConfig) -> dict[FeatureId, str]:
-    """The usable features (those with a candidate, train top exemplars and a positive max)
-    that are held out, stage-1 and stage-2: a seeded shuffle of them, cut to the configured
-    sizes. Cheap: it needs only the feature ids, so the exemplars of just these are loaded."""
-    order = sorted(set(usable))
-    random.Random(config.seed).shuffle(order)
-    sizes = _sample_sizes(len(order), config)
-    roles = [HELDOUT] * sizes[HELDOUT] + [STAGE1] * sizes[STAGE1] + [STAGE2] * sizes[STAGE2]
-    return dict(zip(order, roles))
+def training_roles(usable: Sequence[FeatureId], config: SimulatorTrainingConfig) -> dict[int, dict[FeatureId, str]]:
+    """Per fold, the usable features (those with a candidate, train top exemplars and a
+    positive max) that are held out (of the fold's own features: they are scored by this
+    fold's simulator and never trained on), stage-1 and stage-2 (of the other folds' features
+    only): a seeded shuffle, cut to the configured sizes. Cheap: it needs only the feature
+    ids, so the exemplars of just these are loaded."""
+    out = {}
+    for fold in range(config.folds):
+        own = sorted(f for f in set(usable) if fold_of(f, config.folds) == fold)
+        others = sorted(f for f in set(usable) if fold_of(f, config.folds) != fold)
+        random.Random(f"{config.seed}:{fold}:heldout").shuffle(own)
+        random.Random(f"{config.seed}:{fold}:train").shuffle(others)
+        sizes = _sample_sizes(len(others), config)
+        roles = {f: HELDOUT for f in own[: config.heldout_features]}
+        roles.update(zip(others, [STAGE1] * sizes[STAGE1] + [STAGE2] * sizes[STAGE2]))
+        out[fold] = roles
+    return out
 
 
 TRAINING_DATA_SCHEMA = {
-    "role": pl.String, "layer": pl.Int64, "polarity": pl.String, "neuron": pl.Int64, "description": pl.String,
+    "fold": pl.Int64, "role": pl.String, "layer": pl.Int64, "polarity": pl.String, "neuron": pl.Int64, "description": pl.String,
     "candidates": pl.List(pl.String), "control_description": pl.String, "seq_id": pl.Int64,
     "exemplar_kind": pl.String, "tokens": pl.List(pl.String), "token_ids": pl.List(pl.Int64),
     "prefix_len": pl.Int64, "activations": pl.List(pl.Float32), "labels": pl.List(pl.Int8),
 }
 
 
-def training_exemplars(feature: FeatureExemplars, n: int):
-    """The train split's top exemplars for half of n, then quantile and random ones in turn."""
-    top = feature.top(Split.TRAIN)
-    quiet = [e for pair in _zip_longest(feature.quantile(Split.TRAIN), feature.random(Split.TRAIN)) for e in pair]
+def training_exemplars(feature: FeatureExemplars, n: int, split: Split = Split.TRAIN):
+    """The split's top exemplars for half of n, then quantile and random ones in turn."""
+    top = feature.top(split)
+    quiet = [e for pair in _zip_longest(feature.quantile(split), feature.random(split)) for e in pair]
     n_top = math.ceil(n / 2)
     ordered = top[:n_top] + quiet + top[n_top:]
     chosen, seen = [], set()
@@ -147,18 +177,24 @@ def _zip_longest(a, b):
 
 
 def _sample_sizes(n: int, config: SimulatorTrainingConfig) -> dict[str, int]:
-    wanted = {HELDOUT: config.heldout_features, STAGE1: config.stage1_features, STAGE2: config.stage2_features}
+    """Stage-1 and stage-2 sizes among n training features: as configured, or cut in
+    proportion when fewer are usable (stage 1 gets at least one)."""
+    wanted = {STAGE1: config.stage1_features, STAGE2: config.stage2_features}
     total = sum(wanted.values())
     if n >= total:
         return wanted
     sizes = {role: int(n * count / total) for role, count in wanted.items()}
-    if n >= 2:  # a held-out feature and a stage-1 feature at the least
-        sizes[HELDOUT] = max(1, sizes[HELDOUT])
-        sizes[STAGE1] = max(1, sizes[STAGE1])
-    else:
-        sizes = {HELDOUT: 0, STAGE1: n, STAGE2: 0}
     sizes[STAGE1] += n - sum(sizes.values())
     return sizes
+
+
+def seen_features(frame: pl.DataFrame) -> dict[int, frozenset[str]]:
+    """Per fold, the features (:func:`feature_key`) its simulator trains on (stage 1 and 2)."""
+    trained = frame.filter(pl.col("role").is_in(TRAINED_ROLES)).select("fold", "layer", "neuron", "polarity").unique()
+    out: dict[int, set[str]] = {fold: set() for fold in frame["fold"].unique().to_list()} if frame.height else {}
+    for row in trained.iter_rows(named=True):
+        out[row["fold"]].add(f"{row['layer']}/{row['neuron']}/{row['polarity']}")
+    return {fold: frozenset(keys) for fold, keys in out.items()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,6 +258,9 @@ class TrainedSimulator:
     steps: dict[str, int]
     seconds: float
     resumed: bool
+    fold: int = 0  # the fold whose features this simulator scores
+    folds: int = 1
+    trained_features: tuple[str, ...] = ()  # feature_key of every stage-1 and stage-2 feature
 
     def metadata(self) -> dict:
         payload = asdict(self)
@@ -248,9 +287,16 @@ def train_simulator(
     log: Log = print,
     on_step: Callable[[str, int, int, float], object] | None = None,
 ) -> TrainedSimulator:
-    """Both stages; the checkpoint lands in ``out_root/<version>/`` (stage1/ and final/).
-    ``on_step(stage, step, total, loss)`` is called after every optimizer step (progress)."""
+    """Both stages of one fold's simulator (``frame``: the rows of one fold); the checkpoint
+    lands in ``out_root/<version>/`` (stage1/ and final/). ``on_step(stage, step, total,
+    loss)`` is called after every optimizer step (progress)."""
     started = time.perf_counter()
+    folds_in_frame = frame["fold"].unique().to_list() if "fold" in frame.columns and frame.height else [0]
+    if len(folds_in_frame) != 1:
+        raise ValueError(f"train_simulator trains one fold's simulator; the rows hold folds {sorted(folds_in_frame)}: "
+                         "use train_crossfit, or filter the rows to one fold")
+    fold = int(folds_in_frame[0])
+    trained_keys = tuple(sorted(seen_features(frame).get(fold, ()))) if "fold" in frame.columns else ()
     version = training_version(frame, model_config, training, added_tokens)
     final_dir = Path(out_root) / version
     if (final_dir / METADATA_FILE).is_file():
@@ -262,12 +308,14 @@ def train_simulator(
     heldout_rows = features_of(frame, HELDOUT)
     stage1_rows = features_of(frame, STAGE1)
     stage2_rows = features_of(frame, STAGE2)
+    rerank_rows = {f.feature: f for f in features_of(frame, RERANK)}
     if not stage1_rows:
         raise ValueError("the simulator training data has no stage-1 rows: no feature has a candidate description "
                          "and train exemplars; materialize candidate_descriptions and exemplars first")
     fit_args = dict(batch_size=training.batch_size, learning_rate=training.learning_rate,
                     weight_decay=training.weight_decay, warmup_share=training.warmup_share,
-                    save_every=training.save_every_steps, active_weight=training.active_class_weight, log=log)
+                    save_every=training.save_every_steps, active_weight=training.active_class_weight, log=log,
+                    grad_accum_steps=training.grad_accum_steps, gradient_checkpointing=training.gradient_checkpointing)
     stage1_dir = work / "stage1"
     losses: dict[str, list[float]] = {}
     heldout: dict[str, HeldoutCorrelation] = {}
@@ -285,10 +333,12 @@ def train_simulator(
         )
         if training.freeze_embeddings and not freeze_token_embeddings(simulator.model):
             log("token embeddings are tied to the head's output rows; training them too")
+        _start_adapters(simulator, training, log)
         examples = [e for f in stage1_rows for e in f.examples]
         log(f"stage 1: {len(examples)} pairs from {len(stage1_rows)} features")
         losses[STAGE1] = fit(simulator, examples, epochs=training.stage1_epochs, seed=training.seed,
                              resume=work / ".resume-stage1.pt", on_step=_for_stage(on_step, STAGE1), **fit_args)
+        simulator.merge_adapters()
         heldout[STAGE1] = heldout_correlation(simulator, heldout_rows)
         log(f"stage 1 held-out correlation {heldout[STAGE1].described:.3f} (shuffled {heldout[STAGE1].shuffled:.3f})")
         _save_atomically(simulator, stage1_dir, {"stage": 1, "heldout": asdict(heldout[STAGE1])})
@@ -298,13 +348,16 @@ def train_simulator(
     changed = 0
     final_from = stage1_dir
     if stage2_rows:
-        best = rerank_candidates(simulator, stage2_rows, training.rerank_exemplars)
+        # Re-rank on each feature's val exemplars; its train ones where it has no val ones.
+        best = rerank_candidates(simulator, [rerank_rows.get(f.feature, f) for f in stage2_rows], training.rerank_exemplars)
         changed = sum(1 for f in stage2_rows if f.candidates and best[f.feature] != f.candidates[0])
         examples = [TrainingExample(best[f.feature], e.record, e.labels) for f in stage2_rows for e in f.examples]
         log(f"stage 2: {len(examples)} pairs from {len(stage2_rows)} features ({changed} re-ranked away from candidate 0)")
         stage2_args = {**fit_args, "learning_rate": training.stage2_learning_rate or training.learning_rate / 3}
+        _start_adapters(simulator, training, log)
         losses[STAGE2] = fit(simulator, examples, epochs=training.stage2_epochs, seed=training.seed + 1,
                              resume=work / ".resume-stage2.pt", on_step=_for_stage(on_step, STAGE2), **stage2_args)
+        simulator.merge_adapters()
         heldout[STAGE2] = heldout_correlation(simulator, heldout_rows)
         log(f"stage 2 held-out correlation {heldout[STAGE2].described:.3f} (shuffled {heldout[STAGE2].shuffled:.3f})")
         final_from = None
@@ -317,7 +370,7 @@ def train_simulator(
         version=version, path=final_dir / "final", stage1_path=final_dir / "stage1", loss_curve=losses,
         heldout=heldout, stage2_features=len(stage2_rows), stage2_changed=changed,
         steps={stage: len(curve) for stage, curve in losses.items()}, seconds=time.perf_counter() - started,
-        resumed=resumed,
+        resumed=resumed, fold=fold, folds=training.folds, trained_features=trained_keys,
     )
     for leftover in work.glob(".resume-*.pt"):
         leftover.unlink()
@@ -329,6 +382,38 @@ def train_simulator(
     return result
 
 
+def _start_adapters(simulator: FinetunedSimulator, training: SimulatorTrainingConfig, log: Log) -> None:
+    """With method lora, fresh adapters on the simulator's current weights (merged after the stage)."""
+    if training.method == "lora":
+        trainable, total = simulator.add_lora(training.lora_rank, training.lora_alpha, training.lora_dropout,
+                                              training.lora_target_modules)
+        log(f"LoRA rank {training.lora_rank}: {trainable:,} of {total:,} weights train ({trainable / total:.2%})")
+
+
+def train_crossfit(
+    frame: pl.DataFrame,
+    model_config: FinetunedSimulatorConfig,
+    training: SimulatorTrainingConfig,
+    out_root: Path,
+    added_tokens: Sequence[str] = (),
+    log: Log = print,
+    on_step: Callable[[str, int, int, float], object] | None = None,
+) -> list[TrainedSimulator]:
+    """One simulator per fold, each on its fold's rows (:func:`train_simulator`); a fold
+    whose rows have no stage-1 feature is an error that names it."""
+    trained = []
+    for fold in range(training.folds):
+        rows = frame.filter(pl.col("fold") == fold)
+        if rows.filter(pl.col("role") == STAGE1).height == 0:
+            raise ValueError(f"fold {fold} of {training.folds} has no stage-1 rows: too few features with candidate "
+                             "descriptions and train exemplars outside it; describe more features or lower "
+                             "simulate.training.folds (at least 2)")
+        log(f"fold {fold + 1}/{training.folds}: the simulator of fold {fold} trains on other folds' features")
+        fold_step = None if on_step is None else (lambda s, i, n, l, f=fold: on_step(f"{s} fold {f}", i, n, l))
+        trained.append(train_simulator(rows, model_config, training, out_root, added_tokens, log=log, on_step=fold_step))
+    return trained
+
+
 def _for_stage(on_step, stage: str):
     return None if on_step is None else lambda step, total, loss: on_step(stage, step, total, loss)
 
@@ -337,6 +422,7 @@ def _read_trained(directory: Path) -> TrainedSimulator:
     payload = json.loads((directory / METADATA_FILE).read_text())
     payload["path"], payload["stage1_path"] = directory / "final", directory / "stage1"
     payload["heldout"] = {k: HeldoutCorrelation(**v) for k, v in payload["heldout"].items()}
+    payload["trained_features"] = tuple(payload.get("trained_features", ()))
     return TrainedSimulator(**payload)
 
 
@@ -367,21 +453,26 @@ def fit(
     active_weight: float = 1.0,
     log: Log = print,
     on_step: Callable[[int, int, float], object] | None = None,
+    grad_accum_steps: int = 1,
+    gradient_checkpointing: bool = False,
 ) -> list[float]:
     """Cross-entropy training over the 11 classes at the input tokens; returns the loss per
-    step. With ``resume``, the state is saved every ``save_every`` steps and picked up again.
+    optimizer step (the mean over its ``grad_accum_steps`` micro-batches of ``batch_size``).
+    Trainable weights held in bfloat16/float16 train through fp32 master copies
+    (:class:`MasterWeights`). The schedule is transformers' linear warm-up and decay. With
+    ``resume``, the state is saved every ``save_every`` steps and picked up again.
     ``on_step(step, total, loss)`` follows every step (loss: the mean of the last ten)."""
+    from transformers import get_linear_schedule_with_warmup
+
     encoded = [simulator.encoder.encode(e.description, e.record) for e in examples]
     targets = [_targets(pair, example.labels) for pair, example in zip(encoded, examples)]
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total = epochs * steps_per_epoch
+    micro_per_epoch = math.ceil(len(examples) / batch_size)
+    micro_total = epochs * micro_per_epoch
+    total = math.ceil(micro_total / grad_accum_steps)
     model = simulator.model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
-                                  weight_decay=weight_decay)
-    warmup = max(1, int(warmup_share * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
-    )
+    masters = MasterWeights([p for p in model.parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW(masters.params, lr=learning_rate, weight_decay=weight_decay)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(warmup_share * total)), total)
     class_weights = torch.full((NUM_CLASSES,), float(active_weight))
     class_weights[0] = 1.0
     losses: list[float] = []
@@ -389,6 +480,7 @@ def fit(
     state = _load_training_state(resume, simulator.device, log) if resume is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
+        masters.load(state.get("masters"))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, losses = state["step"], state["losses"]
@@ -396,25 +488,37 @@ def fit(
         log(f"resuming at step {step}/{total} from {resume}")
     else:
         torch.manual_seed(seed)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    orders: dict[int, np.ndarray] = {}
     model.train()
     while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        order = np.random.default_rng(seed + epoch).permutation(len(examples))
-        chosen = order[index * batch_size : (index + 1) * batch_size]
-        input_ids, attention_mask = simulator.collate([encoded[i] for i in chosen])
-        labels = torch.full(input_ids.shape, IGNORED, dtype=torch.long)
-        for row, i in enumerate(chosen):
-            labels[row, : len(targets[i])] = torch.from_numpy(targets[i])
-        logits = simulator.class_logits(input_ids, attention_mask)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                 labels.to(logits.device).reshape(-1), ignore_index=IGNORED,
-                                                 weight=class_weights.to(logits.device))
+        micro = range(step * grad_accum_steps, min((step + 1) * grad_accum_steps, micro_total))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        step_loss = 0.0
+        for m in micro:
+            epoch, index = divmod(m, micro_per_epoch)
+            order = orders.get(epoch)
+            if order is None:
+                orders.clear()
+                order = orders[epoch] = np.random.default_rng(seed + epoch).permutation(len(examples))
+            chosen = order[index * batch_size : (index + 1) * batch_size]
+            input_ids, attention_mask = simulator.collate([encoded[i] for i in chosen])
+            labels = torch.full(input_ids.shape, IGNORED, dtype=torch.long)
+            for row, i in enumerate(chosen):
+                labels[row, : len(targets[i])] = torch.from_numpy(targets[i])
+            logits = simulator.class_logits(input_ids, attention_mask)
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     labels.to(logits.device).reshape(-1), ignore_index=IGNORED,
+                                                     weight=class_weights.to(logits.device))
+            (loss / len(micro)).backward()
+            step_loss += float(loss.detach()) / len(micro)
+        masters.take_grads()
+        torch.nn.utils.clip_grad_norm_(masters.params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
+        masters.write_back()
+        losses.append(step_loss)
         step += 1
         if step % max(1, total // 10) == 0 or step == total:
             log(f"step {step}/{total} loss {np.mean(losses[-max(1, total // 10):]):.4f}")
@@ -422,11 +526,56 @@ def fit(
             on_step(step, total, float(np.mean(losses[-10:])))
         if resume is not None and (step % save_every == 0) and step < total:
             with atomic_path(resume) as temp:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                torch.save({"model": model.state_dict(), "masters": masters.state(), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "step": step, "losses": losses,
                             "rng": torch.get_rng_state()}, temp)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
     return losses
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MasterWeights:
+    """fp32 master copies of trainable weights held in bfloat16 (or float16).
+
+    bf16 keeps 8 mantissa bits: at lr 1e-5 an Adam update (about lr per weight) is far below
+    half the spacing of bf16 numbers near a typical weight (0.03 -> spacing 1.2e-4), so a
+    plain optimizer step on bf16 weights rounds most updates away and the model never moves.
+    Here the optimizer (its moments and update) runs on fp32 copies; after each step the
+    copies are rounded into the model, so updates accumulate in fp32 until they show. fp32
+    weights are trained directly (no copies: the CPU default is unchanged)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        self.model_params = list(params)
+        self.active = any(p.dtype in LOW_PRECISION for p in self.model_params)
+        self.params = ([torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params] if self.active
+                       else self.model_params)
+
+    def take_grads(self) -> None:
+        """The model's gradients, in fp32, onto the masters (the model's are released)."""
+        if self.active:
+            for master, param in zip(self.params, self.model_params):
+                master.grad = None if param.grad is None else param.grad.float()
+                param.grad = None
+
+    def write_back(self) -> None:
+        if self.active:
+            with torch.no_grad():
+                for master, param in zip(self.params, self.model_params):
+                    param.copy_(master)
+
+    def state(self) -> list[torch.Tensor] | None:
+        return [m.detach().clone() for m in self.params] if self.active else None
+
+    def load(self, saved: Sequence[torch.Tensor] | None) -> None:
+        if self.active and saved is not None:
+            with torch.no_grad():
+                for master, value in zip(self.params, saved):
+                    master.copy_(value)
+            self.write_back()
 
 
 def _load_stage1(stage1_dir: Path, marker: Path, model_config: FinetunedSimulatorConfig, log: Log):
