@@ -671,6 +671,7 @@ class _TokenStats:
         for i, q in enumerate(STAT_QUANTILES):
             columns[_quantile_column(q)] = quantiles[i] if quantiles is not None else np.zeros(len(mean), dtype=np.float32)
         columns["n_tokens"] = np.full(len(mean), int(n), dtype=np.int64)
+        columns["scale"] = columns["max"]  # the one activation normalizer (FeatureStats.scale): the train max
         return pl.DataFrame({name: np.asarray(values) for name, values in columns.items()})
 
 

@@ -247,7 +247,7 @@ def fuzzing_examples(feature: FeatureExemplars, split: Split, n: int, rng: rando
     examples = []
     for i, record in enumerate(positives):
         values = record.polarity_activations(polarity)[record.prefix_len :]
-        marked = set(np.nonzero(values >= 0.5 * values.max())[0].tolist()) if values.size and values.max() > 0 else set()
+        marked = fuzzing_marks(values, feature.stats.scale)
         if i % 2 == 0 and marked:
             examples.append(JudgedExample(_marked(record, marked), True))
         else:
@@ -255,6 +255,18 @@ def fuzzing_examples(feature: FeatureExemplars, split: Split, n: int, rng: rando
     for record in negatives:
         examples.append(JudgedExample(_marked(record, _random_positions(record, 2, rng)), False))
     return examples
+
+
+FUZZING_MARK_SHARE = 0.5
+
+
+def fuzzing_marks(values: np.ndarray, scale: float) -> set[int]:
+    """The tokens a correct fuzzing example marks: those at or above half the feature's scale
+    (FeatureStats.scale, its train max); a weakly activating record marks its peak token."""
+    if not (values.size and values.max() > 0):
+        return set()
+    marked = set(np.nonzero(values >= FUZZING_MARK_SHARE * scale)[0].tolist()) if scale > 0 else set()
+    return marked or {int(np.argmax(values))}
 
 
 def _activating_and_quiet(feature: FeatureExemplars, split: Split, n: int):

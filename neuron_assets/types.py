@@ -83,6 +83,13 @@ class FeatureStats:
     frac_active: float  # share of tokens with sign * activation > 0
     quantiles: dict[float, float] = field(default_factory=dict)  # q -> value, from a token sample
 
+    @property
+    def scale(self) -> float:
+        """The feature x polarity's one activation normalizer: its train-split max (column
+        ``scale`` of neuron_stats). token_activation prompts, the simulator's training labels
+        and fuzzing marks all express activations as a share of it."""
+        return self.max
+
 
 @dataclass(frozen=True)
 class Exemplar:

@@ -185,9 +185,11 @@ def plain_text(excerpt: Excerpt) -> str:
     return defuse_control_tokens("".join(excerpt.tokens))
 
 
-def scaled_0_to_10(excerpts: Sequence[Excerpt]) -> list[list[int]]:
-    """Bills et al.'s scale: floor(10 * a / max) over all excerpts shown together."""
-    top = max((e.peak for e in excerpts), default=0.0)
+def scaled_0_to_10(excerpts: Sequence[Excerpt], scale: float | None = None) -> list[list[int]]:
+    """Bills et al.'s levels: floor(10 * a / scale), at most 10. ``scale``: the feature's one
+    normalizer (FeatureStats.scale, its train max); without one, the max over the excerpts
+    shown together (puzzles, which have no stats)."""
+    top = scale if scale is not None and scale > 0 else max((e.peak for e in excerpts), default=0.0)
     if top <= 0:
         return [[0] * len(e.tokens) for e in excerpts]
     return [[min(10, int(math.floor(10 * float(a) / top))) for a in e.activations] for e in excerpts]

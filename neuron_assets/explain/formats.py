@@ -76,6 +76,7 @@ class Shown:
     positives: tuple[Excerpt, ...]
     negatives: tuple[Excerpt, ...] = ()
     ladder: tuple[float, ...] = HIGHLIGHT_LADDER  # fractions of the shown maximum, tried highest first
+    scale: float | None = None  # the feature's activation normalizer (FeatureStats.scale); None: the shown max
 
     @property
     def threshold(self) -> float:
@@ -182,10 +183,11 @@ class TokenActivationFormat:
         )
 
     def show(self, feature, positives, display, rng) -> Shown:
-        return Shown(tuple(positives))
+        stats = getattr(feature, "stats", None)
+        return Shown(tuple(positives), scale=stats.scale if stats is not None else None)
 
     def render(self, shown: Shown) -> str:
-        scaled = scaled_0_to_10(shown.positives)
+        scaled = scaled_0_to_10(shown.positives, shown.scale)
         blocks = [_token_lines(i, e, levels, False) for i, (e, levels) in enumerate(zip(shown.positives, scaled), 1)]
         text = "\n\n".join(blocks)
         total = sum(len(levels) for levels in scaled)
