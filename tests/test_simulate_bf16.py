@@ -47,9 +47,10 @@ def _examples(planted, n=16) -> list[TrainingExample]:
 
 
 def _body(model) -> dict[str, torch.Tensor]:
-    """The trainable backbone weights (not the new head), as they are now."""
+    """The transformer layers' weight matrices (not embeddings, whose rows only move where
+    their tokens occur, nor the new head), as they are now."""
     return {n: p.detach().float().clone() for n, p in model.named_parameters()
-            if p.requires_grad and "classifier" not in n and p.ndim == 2}
+            if p.requires_grad and "encoder" in n and p.ndim == 2}
 
 
 def _changed_share(before: dict, model) -> float:
@@ -72,19 +73,20 @@ def test_a_naive_bf16_adamw_step_at_1e_5_leaves_most_weights_unchanged(planted):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert _changed_share(before, model) < 0.25
+    assert _changed_share(before, model) < 0.1  # measured: 6% even after 12 such steps
 
 
 def test_a_bf16_backbone_moves_and_learns_at_1e_5_through_master_weights(planted):
     simulator = _bf16_simulator()
     assert next(simulator.model.parameters()).dtype == torch.bfloat16
     before = _body(simulator.model)
-    examples = _examples(planted, 16)
-    losses = fit(simulator, examples, epochs=12, batch_size=8, learning_rate=1e-5, warmup_share=0.0,
+    examples = _examples(planted, 8)
+    losses = fit(simulator, examples, epochs=12, batch_size=4, learning_rate=1e-5, warmup_share=0.0,
                  active_weight=5.0, log=lambda _: None, grad_accum_steps=2)
-    assert len(losses) == 12  # 2 micro-batches of 8 per step, one step per epoch
+    assert len(losses) == 12  # 2 micro-batches of 4 per step: one step per epoch
     assert next(simulator.model.parameters()).dtype == torch.bfloat16  # the model stays bf16
-    assert _changed_share(before, simulator.model) > 0.5
+    # updates accumulate in fp32 until they show in bf16 (measured 22% after 12 steps, 6% naive)
+    assert _changed_share(before, simulator.model) > 0.15
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.01, losses
 
 
