@@ -20,6 +20,16 @@
   simulated and true activations, beside the same with a description of another held-out
   feature (the shuffled control): a simulator that reads descriptions beats its control.
 
+Large backbones (Llama-3.1-8B in bfloat16): the optimizer runs on fp32 master copies of the
+trainable weights (:class:`MasterWeights`), so lr 1e-5 updates are not rounded away;
+``method: lora`` trains peft adapters (merged into each saved stage) instead of every
+weight; ``gradient_checkpointing`` and ``grad_accum_steps`` trade compute for memory; the
+schedule is transformers' linear warm-up and decay. Several GPUs: this loop is one process
+on one device; to shard a full fine-tune, wrap ``fit``'s model and optimizer with
+``accelerate`` (``Accelerator(mixed_precision="bf16")`` with FSDP or DeepSpeed ZeRO-3 from
+``accelerate config``, launched by ``accelerate launch``); LoRA at 8B fits one 80 GB GPU
+and needs none of that. No multi-GPU launcher ships: it is not tested here.
+
 The loss is cross-entropy over the 11 classes at the input tokens only. Training states
 are saved every few steps and a rerun resumes from the last one; the finished checkpoint
 is renamed into place in one step, and a finished version is never trained again.
