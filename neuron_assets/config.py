@@ -404,10 +404,10 @@ class SimulatorTrainingConfig(Section):
 
 
 class PromptedSimulatorConfig(Section):
-    backend: Literal["transformers", "openai_completions"] = "transformers"
-    """Where the logprobs come from: transformers (a local forward pass) or
-    openai_completions (an OpenAI-compatible completions endpoint with echo + logprobs,
-    e.g. vLLM's server)."""
+    backend: Literal["transformers", "openai_completions", "vllm"] = "transformers"
+    """Where the logprobs come from: transformers (a local forward pass), openai_completions
+    (an OpenAI-compatible completions endpoint with echo + logprobs, e.g. vLLM's server) or
+    vllm (vLLM's offline engine with prompt_logprobs, GPU)."""
     model: str | None = None
     """A local Hugging Face path or name (transformers), or the model name the endpoint
     serves (openai_completions). Required when simulate.backend is prompted. Base models

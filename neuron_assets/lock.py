@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -32,16 +33,35 @@ class StoreLocked(RuntimeError):
 
 
 @contextmanager
-def writer_lock(root: str | os.PathLike, run_id: str, command: str = "") -> Iterator[dict]:
-    """Hold the store's writer lock for the block; yields the holder record."""
+def writer_lock(root: str | os.PathLike, run_id: str, command: str = "", wait_s: float = 0.0,
+                on_wait=None) -> Iterator[dict]:
+    """Hold the store's writer lock for the block; yields the holder record. With ``wait_s``,
+    a lock held by another live run is waited for (up to that many seconds, ``on_wait(message)``
+    told once) instead of refused: Dagster launches a UI backfill of a layer x polarity range as
+    one run per polarity, and those runs must queue, not fail."""
     path = Path(root) / LOCK_FILE
     record = _record(run_id, command)
-    owned = acquire(path, record)
+    owned = _acquire_waiting(path, record, wait_s, on_wait)
     try:
         yield record
     finally:
         if owned:
             release(path, record)
+
+
+def _acquire_waiting(path: Path, record: dict, wait_s: float, on_wait) -> bool:
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            return acquire(path, record)
+        except StoreLocked as err:
+            if time.monotonic() >= deadline:
+                raise
+            if not told and on_wait is not None:
+                on_wait(f"waiting for the writer lock: {err}")
+                told = True
+            time.sleep(min(2.0, max(0.05, deadline - time.monotonic())))
 
 
 def acquire(path: Path, record: dict) -> bool:

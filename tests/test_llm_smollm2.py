@@ -27,12 +27,12 @@ from neuron_assets.types import ActivationRecord, Split
 from tests.support.tiny_models import sample_texts
 
 TEXTS = [" ".join(p) for p in zip(*[iter(sample_texts(360, seed=8))] * 3)]
-MAX_TOKENS = 48
+MAX_TOKENS = 40
 
 
 def smollm2_config(**overrides) -> ExplainConfig:
     settings = dict(backend="transformers", model=BUILTIN_SMOLLM2, k=2, max_tokens=MAX_TOKENS, max_retries=1,
-                    exemplars_min=4, exemplars_max=6, context_window=2048, device="cpu", temperature=0.7)
+                    exemplars_min=3, exemplars_max=4, context_window=2048, device="cpu", temperature=0.7)
     return ExplainConfig(**(settings | overrides))
 
 

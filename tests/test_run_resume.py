@@ -99,6 +99,25 @@ def test_lock_refuses_a_live_holder_takes_over_a_dead_one_and_is_reentrant(tmp_p
             pass
 
 
+def test_a_waiting_writer_queues_behind_a_live_holder(tmp_path):
+    """Dagster runs (a UI backfill split per polarity) wait for the lock instead of failing."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    try:
+        _fake_lock(tmp_path, holder.pid, "run-a")
+        with pytest.raises(StoreLocked):
+            with writer_lock(tmp_path, "run-b", wait_s=0.3):
+                pass
+        told = []
+        with pytest.warns(UserWarning, match="no longer running"):
+            with writer_lock(tmp_path, "run-b", wait_s=30, on_wait=told.append):
+                assert json.loads((tmp_path / LOCK_FILE).read_text())["run_id"] == "run-b"
+        assert holder.poll() is not None, "the lock was taken only once its holder had gone"
+        assert len(told) == 1 and told[0].startswith("waiting for the writer lock: another run is writing")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def _fake_lock(root: Path, pid: int, run_id: str, host: str | None = None) -> None:
     (root / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "run_id": run_id,
                                               "started_at": "2026-01-01T00:00:00+00:00", "token": run_id}))

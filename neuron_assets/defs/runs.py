@@ -35,11 +35,16 @@ class RunSettings(dg.ConfigurableResource):
     """Skip partitions whose completion marker says they are up to date (resume)."""
     log_every_s: float = 15.0
     """Least seconds between two progress events of one task in the Dagster run log."""
+    lock_wait_s: float = 24 * 3600.0
+    """How long an asset waits for the store's writer lock held by another run (a UI backfill
+    split into one run per polarity queues its runs this way); `neuron-assets run` takes the
+    lock before it starts and refuses at once instead."""
 
     @contextmanager
     def stage(self, context: dg.AssetExecutionContext, config: Config) -> Iterator["StageRun"]:
         asset = context.asset_key.to_user_string()
-        with writer_lock(config.root, context.run_id, command=f"dagster run {context.run_id} ({asset})"):
+        with writer_lock(config.root, context.run_id, command=f"dagster run {context.run_id} ({asset})",
+                         wait_s=self.lock_wait_s, on_wait=context.log.warning):
             stage = StageRun(context, config, self)
             started = time.monotonic()
             yield stage

@@ -9,6 +9,7 @@ The body stays thin: neuron_assets.validity measures, the store writes, metadata
 import dagster as dg
 
 from neuron_assets.defs.resources import NeuronAssetsConfig
+from neuron_assets.defs.runs import RunSettings
 from neuron_assets.render import markdown_table
 from neuron_assets.store import Store, with_lineage
 from neuron_assets.validity import VALIDITY_TABLE, ValidityReport, report_frame, report_table, validate_scorers
@@ -27,11 +28,16 @@ SELECTING_BEATS_CHANCE = "selecting_simulator_beats_chance"
                                    "first clearly more often than chance on the project's puzzles")],
     kinds={"parquet"},
 )
-def scorer_validity(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig) -> dg.MaterializeResult:
+def scorer_validity(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
+                    run: RunSettings) -> dg.MaterializeResult:
     config = settings.load()
-    report = validate_scorers(config, log=context.log.info)
-    frame = with_lineage(report_frame(report), config.subject.model, config.hash, context.run_id)
-    path = Store(config.root).write(VALIDITY_TABLE, frame)
+    with run.stage(context, config) as stage:
+        if not stage.todo():
+            return dg.MaterializeResult(metadata={"skipped": "up to date", **stage.metadata()})
+        report = validate_scorers(config, log=context.log.info)
+        frame = with_lineage(report_frame(report), config.subject.model, config.hash, context.run_id)
+        path = Store(config.root).write(VALIDITY_TABLE, frame)
+        stage.complete(None, [path])
     header, rows = report_table(report)
     return dg.MaterializeResult(
         metadata={"validity": dg.MetadataValue.md(markdown_table(header, rows)), "rows": frame.height,

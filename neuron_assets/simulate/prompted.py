@@ -222,5 +222,5 @@ def value_token_ids(tokenizer) -> dict[int, int]:
 LOGPROB_SOURCES: dict[str, Callable[[PromptedSimulatorConfig], LogprobSource]] = {
     TransformersLogprobs.name: TransformersLogprobs.from_config,
     OpenAICompletionsLogprobs.name: OpenAICompletionsLogprobs.from_config,
-    VLLMLogprobs.name: VLLMLogprobs.from_config,  # reachable once PromptedSimulatorConfig.backend lists "vllm"
+    VLLMLogprobs.name: VLLMLogprobs.from_config,
 }
