@@ -137,7 +137,7 @@ def test_finetuned_simulator_trains_and_scores_in_the_run(lexical_run, planted_l
     from neuron_assets.simulate.folds import feature_key, fold_of
     from neuron_assets.types import FeatureId, Polarity
 
-    for fold, trained in zip(checkpoints["fold"], checkpoints["trained_features"]):
+    for fold, trained in zip(checkpoints["fold"], checkpoints["trained_features"].to_list()):
         assert trained and all(fold_of(FeatureId(int(k.split("/")[0]), int(k.split("/")[1]), Polarity(k.split("/")[2])), 2)
                                != fold for k in trained)
     scores = read_all(store, "description_scores").filter(pl.col("scorer") == "correlation")
