@@ -27,7 +27,7 @@ class StateBytes:
 
 def exemplar_state_bytes(config: ExemplarsConfig, seq_len: int, act_bytes: int, polarities: int) -> StateBytes:
     """The exemplar collector's state, exactly as it allocates it."""
-    slots = config.top_k + (config.quantile_reservoir if config.per_quantile else 0)
+    slots = config.top_k + (config.quantile_reservoir if config.per_quantile else 0) + config.quiet_per_split
     per_slot = KEPT_SLOT_BYTES + seq_len * act_bytes
     split = polarities * slots * per_slot + config.random_per_split * seq_len * act_bytes
     stats = SUM_BYTES + config.stats_token_sample * act_bytes
@@ -353,7 +353,7 @@ HIGHLIGHT_MARKUP = 1.25  # {{ }} around activating tokens and line breaks, per e
 def _exemplar_rows_per_split(config: Config, per_split: int) -> int:
     ex = config.exemplars
     quantile = min(ex.quantile_bins * ex.per_quantile, ex.quantile_reservoir, per_split) if ex.per_quantile else 0
-    return min(ex.top_k, per_split) + quantile + min(ex.random_per_split, per_split)
+    return min(ex.top_k, per_split) + quantile + min(ex.quiet_per_split, per_split) + min(ex.random_per_split, per_split)
 
 
 def _explain_and_score_stages(config, shape, explainer_shape, features, polarities, spec, rates, act_bytes) -> list[StagePlan]:
