@@ -219,3 +219,27 @@ def test_smollm2_judges_the_collected_samples_in_prompts_it_can_read(collected):
     parsed = sum(parse_judgements(r, 5)[0] is not None for r in replies)
     print(f"SMOLLM2 judge: {parsed}/4 answers parsed as 5 labels; {judge.prompt_tokens / 4:.0f} prompt tokens "
           f"per prompt; replies {replies!r}")
+
+
+def test_the_scoring_stage_judges_only_the_best_candidate_and_the_control(collected):
+    from neuron_assets.config import config_from_dict
+    from neuron_assets.scoring import Scoring, make_description_scores
+
+    config, store, features = collected
+    raw = config.model_dump(mode="json")
+    raw["simulate"] = {"backend": "lexical", "compare_with": []}
+    raw["score"].update(scorers=["correlation", "detection", "fuzzing"], judge_examples=10, judge_quiet=10)
+    config = config_from_dict(raw)
+    candidates = ['the word "small"', 'the word "old"', 'commas']
+    store.write("candidate_descriptions", pl.DataFrame(
+        {"neuron": [n for n in sorted(features) for _ in candidates], "candidate": [0, 1, 2] * len(features),
+         "description": candidates * len(features)}), 0, "pos")
+    written = make_description_scores(config, 0, Polarity.POS, "test", Scoring.build(config, store, judge=_RuleJudge()))
+    frame = store.read("description_scores", 0, "pos").filter(pl.col("split") == "val")
+    planted = frame.filter(pl.col("neuron") == OLD.index)
+    judged = planted.filter(pl.col("scorer").is_in(["detection", "fuzzing"]))
+    assert sorted(judged.filter(pl.col("role") == "candidate")["candidate"].to_list()) == [1, 1], "only the best"
+    assert judged.filter(pl.col("role") == "shuffled_control").height == 2, "the control is judged too"
+    assert planted.filter(pl.col("scorer") == "correlation").height == len(candidates) + 1
+    assert (judged.filter(pl.col("role") == "candidate")["score"] > 0.9).all()
+    assert written.features == len(features)
