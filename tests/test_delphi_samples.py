@@ -126,6 +126,10 @@ def test_detection_and_fuzzing_show_every_decile_and_the_top(collected):
     assert negatives and all(e.extreme <= threshold for e in negatives)
     assert all(e.kind is ExemplarKind.QUIET for e in negatives)
     assert not {e.record.seq_id for e in positives} & {e.record.seq_id for e in negatives}
+    # fewer wanted than strata: the top and the strongest deciles first, never only the weakest
+    few, _, _ = activating_and_quiet(feature, Split.VAL, JudgeSample(4, 0, FRACTION), random.Random(0))
+    assert few[0].kind is ExemplarKind.TOP and min(e.extreme for e in few) >= sorted(
+        e.extreme for e in feature.quantile(Split.VAL))[BINS - 4] - 1e-6
 
 
 class _RuleJudge:
