@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from neuron_assets.config import ConfigError, load_config
+from neuron_assets.types import ExemplarKind
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("neuron", type=int)
     show.add_argument("--polarity", choices=["pos", "neg"], default="pos")
     show.add_argument("--split", choices=["train", "val", "test"], default="train")
-    show.add_argument("--kind", choices=["top", "random", "quantile"], default="top")
+    show.add_argument("--kind", choices=[k.value for k in ExemplarKind], default="top")
     show.add_argument("-n", type=_at_least_one(), default=10, help="exemplars shown")
     show.set_defaults(handler=cmd_show)
 

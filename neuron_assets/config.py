@@ -199,6 +199,19 @@ class ExemplarsConfig(Section):
     """Sequences sampled from each quantile bin."""
     quantile_reservoir: int = Field(64, ge=1)
     """Activating sequences held per feature and split to draw the quantile samples from."""
+    activating_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    """A sequence *activates* a feature x polarity when its extreme (sign * activation, max
+    over counted tokens) exceeds this fraction of the feature's train max (neuron_stats
+    `max`; 0 when that max is not positive); otherwise it is *quiet*. Quantile samples are
+    drawn from activating sequences, quiet ones from the rest, and detection and fuzzing use
+    the same split. 0 counts any positive extreme as activating (delphi's rule for sparse
+    latents); SiLU/GELU neurons are slightly positive almost everywhere, hence 0.2."""
+    quiet_per_split: int = Field(50, ge=0)
+    """Quiet sequences kept per feature, polarity and split: a uniform sample of the split's
+    sequences whose extreme is at or below the activating threshold (the non-activating
+    examples of detection and fuzzing; delphi's n_non_activating is 50). Val and test are
+    sampled exactly (the train max is final when they are read); train against the train max
+    seen so far, so every train quiet sequence is below the final threshold too."""
     stats_token_sample: int = Field(8192, ge=16)
     """Train tokens sampled (the same for every feature) for approximate quantiles."""
     checkpoint_every: int = Field(50, ge=1)
@@ -501,8 +514,27 @@ class ScoreConfig(Section):
     layer and polarity: the baseline that says what a score is worth."""
     control_seed: int = 0
     """Seed of the shuffled-control assignment."""
-    judge_examples: int = Field(10, ge=2)
-    """Detection and fuzzing: activating and as many non-activating examples per candidate."""
+    judge_examples: int = Field(50, ge=2)
+    """Detection and fuzzing: activating examples per feature (delphi's n_examples_test),
+    spread evenly over the split's activation-quantile bins and its top exemplars, so every
+    decile and the top are shown."""
+    judge_quiet: int = Field(50, ge=0)
+    """Detection and fuzzing: non-activating examples per feature (the split's quiet
+    sequences, then its random ones below the threshold; delphi's n_non_activating)."""
+    judge_batch: int = Field(5, ge=1)
+    """Detection and fuzzing: examples shown in one judge prompt (delphi's n_examples_shown)."""
+    judge_candidates: int | Literal["all"] = 1
+    """Detection and fuzzing judge only the best this many candidates of each feature by the
+    selecting scorer's val score (and the shuffled control), or `all` of them. The judges
+    cost one LLM call per candidate and batch of examples; at Llama scale every candidate
+    would be tens of millions of calls. Ignored when score.select_by is itself a judge."""
+
+    @field_validator("judge_candidates")
+    @classmethod
+    def _judge_candidates_positive(cls, value):
+        if value != "all" and value < 1:
+            raise ValueError("score.judge_candidates must be at least 1, or 'all'")
+        return value
     embedding_model: str = BUILTIN_MINILM
     """Sentence embedding model of the embedding scorer (mean pooling)."""
     schedule: str | None = "0 3 * * *"

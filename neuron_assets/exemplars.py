@@ -5,6 +5,8 @@ A streaming pass over the corpus, all requested layers at once, keeps on the mod
 - the top-k sequences per split by per-sequence max (pos) or min (neg) activation;
 - a uniform reservoir of *activating* sequences per split, from which activation-quantile
   (decile) samples are drawn at the end, as delphi's quantile sampler does;
+- a uniform sample of *quiet* sequences per split (the non-activating examples of
+  detection and fuzzing);
 - n random sequences per split, the same for every feature;
 - running sums for mean / std / fraction active, and a uniform sample of train tokens,
   the same for every feature, for approximate quantiles.
@@ -18,6 +20,17 @@ stopping after the group's deepest layer. Per-batch work runs over slices of the
 axis, and top-k merges only the features a batch can change. The fixed prefix of each
 sequence and the padding never count. Long runs checkpoint (a folder that grows with the
 work done) and resume.
+
+A sequence *activates* a feature x polarity when its extreme exceeds the threshold
+``activating_fraction * max(train max, 0)``; otherwise it is quiet. The pass reads train
+first, so for val and test the train max is final and both samples are exact uniform
+samples. While train is read the threshold uses the train max so far, which only grows:
+the reservoir admits every sequence above the running threshold (a superset of the finally
+activating ones) and drops, at the end, members at or below the final threshold, so the
+quantile samples stay uniform over the finally activating sequences; the quiet sample
+admits only sequences at or below the running threshold, so every train quiet sequence is
+quiet by the final threshold too (a conservative sample: it can miss train sequences that
+were read before the max grew past 1/fraction times their extreme).
 """
 
 from __future__ import annotations
@@ -371,7 +384,7 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
         frame = pl.scan_parquet(store.path(table, layer, polarity.value))
         return frame if neurons is None else frame.filter(pl.col("neuron").is_in(list(neurons)))
 
-    exemplars = (scan("exemplars").select("neuron", "split", "kind", "rank", "extreme", "seq_id", "activations")
+    exemplars = (scan("exemplars").select("neuron", "split", "kind", "rank", "bin", "extreme", "seq_id", "activations")
                  .sort("neuron", "split", "kind", "rank").collect())
     stats = scan("neuron_stats").sort("neuron").collect()
     sequences = (
@@ -391,7 +404,7 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
     bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64).tolist()
     splits = [Split(s) for s in exemplars["split"].to_list()]
     kinds = [ExemplarKind(k) for k in exemplars["kind"].to_list()]
-    ranks, extremes = exemplars["rank"].to_list(), exemplars["extreme"].to_list()
+    ranks, extremes, bins = exemplars["rank"].to_list(), exemplars["extreme"].to_list(), exemplars["bin"].to_list()
     rows_seq = [seq_index[s] for s in exemplars["seq_id"].to_list()]
     seq_id_list = exemplars["seq_id"].to_list()
     neuron_col = exemplars["neuron"].to_numpy()
@@ -402,7 +415,7 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
         by_neuron[int(neuron_col[lo])] = tuple(
             Exemplar(splits[i], kinds[i], ranks[i], extremes[i],
                      ActivationRecord(seq_id_list[i], seq_tokens[rows_seq[i]], seq_ids_tokens[rows_seq[i]],
-                                      flat[bounds[i] : bounds[i + 1]], seq_prefix[rows_seq[i]]))
+                                      flat[bounds[i] : bounds[i + 1]], seq_prefix[rows_seq[i]]), bins[i])
             for i in range(lo, hi)
         )
     quantile_columns = [stats[_quantile_column(q)].to_list() for q in STAT_QUANTILES]
@@ -547,33 +560,39 @@ class _Chunk:
 class _SplitState:
     """One split's kept sequences for every polarity, and its random sequences' activations."""
 
-    def __init__(self, top, reservoir, random_ids, random_acts):
+    def __init__(self, top, reservoir, random_ids, random_acts, quiet=None):
         self.top: dict[str, _KeptSequences] = top
         self.reservoir: dict[str, _KeptSequences] = reservoir
         self.random_ids: torch.Tensor = random_ids  # (n,), on the host
         self.random_acts: torch.Tensor = random_acts  # (n, F, T)
+        self.quiet: dict[str, _KeptSequences] = quiet or {}
 
     @classmethod
     def fresh(cls, features, polarities, config: ExemplarsConfig, seq_len, random_ids, device, dtype) -> _SplitState:
         top = {p: _KeptSequences.fresh(features, config.top_k, seq_len, device, dtype) for p in polarities}
         reservoir = ({p: _KeptSequences.fresh(features, config.quantile_reservoir, seq_len, device, dtype) for p in polarities}
                      if config.per_quantile else {})
+        quiet = ({p: _KeptSequences.fresh(features, config.quiet_per_split, seq_len, device, dtype) for p in polarities}
+                 if config.quiet_per_split else {})
         acts = torch.zeros((len(random_ids), features, seq_len), dtype=dtype, device=device)
-        return cls(top, reservoir, random_ids.cpu(), acts)
+        return cls(top, reservoir, random_ids.cpu(), acts, quiet)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for kept in (*self.top.values(), *self.reservoir.values()) for t in kept.tensors()] + [self.random_acts]
+        kept = (*self.top.values(), *self.reservoir.values(), *self.quiet.values())
+        return [t for k in kept for t in k.tensors()] + [self.random_acts]
 
     def state(self) -> dict:
         return {"top": {p: k.state() for p, k in self.top.items()},
                 "reservoir": {p: k.state() for p, k in self.reservoir.items()},
+                "quiet": {p: k.state() for p, k in self.quiet.items()},
                 "random_ids": self.random_ids, "random_acts": self.random_acts.cpu()}
 
     @classmethod
     def restore(cls, saved: dict, device) -> _SplitState:
         return cls({p: _KeptSequences.restore(v, device) for p, v in saved["top"].items()},
                    {p: _KeptSequences.restore(v, device) for p, v in saved["reservoir"].items()},
-                   saved["random_ids"], saved["random_acts"].to(device))
+                   saved["random_ids"], saved["random_acts"].to(device),
+                   {p: _KeptSequences.restore(v, device) for p, v in saved.get("quiet", {}).items()})
 
 
 class _TokenStats:
@@ -688,6 +707,7 @@ class _PassState:
         self.device, self.dtype = device, dtype
         self.splits: dict[str, _SplitState] = {}
         self.stats: _TokenStats | None = None
+        self.final_thresholds: dict[str, torch.Tensor] = {}  # polarity -> (F,), once train is read
 
     def split_state(self, split: str) -> _SplitState:
         if split not in self.splits:
@@ -722,15 +742,37 @@ class _PassState:
                     extremes = highest if polarity is Polarity.POS else -lowest
                     state.top[polarity.value].offer(cols, extremes, extremes, seq_ids, offered)
                     reservoir = state.reservoir.get(polarity.value)
+                    quiet = state.quiet.get(polarity.value)
+                    if reservoir is None and quiet is None:
+                        continue
+                    threshold = self.threshold(split, polarity, cols)  # (Fc,), after this batch's top offer
                     if reservoir is not None:
-                        keys = torch.where(extremes > 0, sequence_keys.unsqueeze(1), -torch.inf)
+                        keys = torch.where(extremes > threshold, sequence_keys.unsqueeze(1), -torch.inf)
                         reservoir.offer(cols, keys, extremes, seq_ids, offered)
+                    if quiet is not None:
+                        below = (extremes <= threshold) & torch.isfinite(extremes)
+                        quiet.offer(cols, torch.where(below, sequence_keys.unsqueeze(1), -torch.inf), extremes,
+                                    seq_ids, offered)
                 for row, slot in hits:
                     state.random_acts[slot, cols] = (chunk[row] * counted[row].unsqueeze(-1)).T.to(self.dtype)
                 if train:
                     self.stats.update(cols, chunk, ranges, entering)
         if train:
             self.stats.commit(counted, entering)
+
+    def threshold(self, split: str, polarity: Polarity, cols: slice) -> torch.Tensor:
+        """(Fc,) activating threshold of the features ``cols`` on the device: the fraction of
+        the train max, read from the train top-k (running while train is read, final after;
+        0 where no train sequence was read or the max is not positive)."""
+        train = self.splits.get(Split.TRAIN.value)
+        if train is None:
+            return torch.zeros(cols.stop - cols.start, device=self.device)
+        if split != Split.TRAIN.value:  # final: computed once per polarity
+            if polarity.value not in self.final_thresholds:
+                self.final_thresholds[polarity.value] = _threshold(train.top[polarity.value].extremes,
+                                                                   self.config).to(self.device)
+            return self.final_thresholds[polarity.value][cols]
+        return _threshold(train.top[polarity.value].extremes[cols], self.config)
 
     def finish_split(self, split: str) -> None:
         self.splits[split] = _SplitState.restore(self.splits[split].state(), "cpu")
@@ -768,14 +810,22 @@ class _PassState:
             cols = self.layout.columns(layer)
             for polarity in self.polarities:
                 blocks = []
+                threshold = _threshold(self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols], config)
                 for split in Split:
                     state = self.splits[split.value]
                     top = state.top[polarity.value].rows(cols).ranked()
                     blocks.append(_Block(ExemplarKind.TOP, split, top.seq_ids, top.extremes, top.acts,
                                          torch.isfinite(top.keys), None))
                     reservoir = state.reservoir.get(polarity.value)
-                    if reservoir is not None:
-                        blocks.append(_quantile_block(reservoir.rows(cols), split, config, seed))
+                    if reservoir is not None:  # train members at or below the final threshold leave
+                        kept = _keeping(reservoir.rows(cols), reservoir.rows(cols).extremes > threshold.unsqueeze(1))
+                        blocks.append(_quantile_block(kept, split, config, seed))
+                    quiet = state.quiet.get(polarity.value)
+                    if quiet is not None:
+                        kept = quiet.rows(cols)
+                        kept = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
+                        blocks.append(_Block(ExemplarKind.QUIET, split, kept.seq_ids, kept.extremes, kept.acts,
+                                             torch.isfinite(kept.keys), None))
                     blocks.append(_random_block(state, cols, split, polarity, corpus))
                 train_top = self.splits[Split.TRAIN.value].top[polarity.value].rows(cols)
                 stats = self.stats.frame(polarity, cols, train_top).with_columns(
@@ -841,6 +891,18 @@ class _Block:
     acts: torch.Tensor  # (F, j, T)
     valid: torch.Tensor
     bins: torch.Tensor | None
+
+
+def _threshold(train_top_extremes: torch.Tensor, config: ExemplarsConfig) -> torch.Tensor:
+    """(F,) activating threshold from the train top-k's extremes: fraction * max(max, 0)."""
+    return config.activating_fraction * train_top_extremes.amax(dim=1).clamp(min=0).float()
+
+
+def _keeping(kept: _KeptSequences, keep: torch.Tensor) -> _KeptSequences:
+    """A view of kept sequences whose members outside ``keep`` (F, k) count as empty slots."""
+    part = kept.rows(slice(None))
+    part.keys = torch.where(keep, kept.keys, -torch.inf)
+    return part
 
 
 def _quantile_block(reservoir: _KeptSequences, split: Split, config: ExemplarsConfig, seed: int) -> _Block:

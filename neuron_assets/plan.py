@@ -27,7 +27,7 @@ class StateBytes:
 
 def exemplar_state_bytes(config: ExemplarsConfig, seq_len: int, act_bytes: int, polarities: int) -> StateBytes:
     """The exemplar collector's state, exactly as it allocates it."""
-    slots = config.top_k + (config.quantile_reservoir if config.per_quantile else 0)
+    slots = config.top_k + (config.quantile_reservoir if config.per_quantile else 0) + config.quiet_per_split
     per_slot = KEPT_SLOT_BYTES + seq_len * act_bytes
     split = polarities * slots * per_slot + config.random_per_split * seq_len * act_bytes
     stats = SUM_BYTES + config.stats_token_sample * act_bytes
@@ -353,7 +353,7 @@ HIGHLIGHT_MARKUP = 1.25  # {{ }} around activating tokens and line breaks, per e
 def _exemplar_rows_per_split(config: Config, per_split: int) -> int:
     ex = config.exemplars
     quantile = min(ex.quantile_bins * ex.per_quantile, ex.quantile_reservoir, per_split) if ex.per_quantile else 0
-    return min(ex.top_k, per_split) + quantile + min(ex.random_per_split, per_split)
+    return min(ex.top_k, per_split) + quantile + min(ex.quiet_per_split, per_split) + min(ex.random_per_split, per_split)
 
 
 def _explain_and_score_stages(config, shape, explainer_shape, features, polarities, spec, rates, act_bytes) -> list[StagePlan]:
@@ -415,10 +415,14 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
                                 note=f"{sim.backend} simulator on CPU; {eval_pairs / 1e6:,.2f}M pairs"))
     judges = [s for s in score.scorers if s in ("detection", "fuzzing")]
     if judges and explain.backend != "statistical":
-        candidates = getattr(score, "judge_candidates", None) or explain.k
-        calls = features * polarities * candidates * len(judges)
-        prompt = calls * (2 * score.judge_examples * seq_len + PROMPT_OVERHEAD_TOKENS)
-        completion = calls * 2 * score.judge_examples * 2
+        # score.judge_candidates of each feature (and its shuffled control), one prompt per
+        # judge_batch examples of judge_examples activating + judge_quiet quiet ones
+        candidates = explain.k if score.judge_candidates == "all" else min(score.judge_candidates, explain.k)
+        examples = score.judge_examples + score.judge_quiet
+        per_candidate = -(-examples // score.judge_batch)
+        calls = features * polarities * (candidates + int(score.shuffled_control)) * len(judges) * per_candidate
+        prompt = calls * (min(examples, score.judge_batch) * seq_len + PROMPT_OVERHEAD_TOKENS)
+        completion = calls * min(examples, score.judge_batch) * 2
         scale = (explainer_shape.params / 8e9) if explainer_shape else 1.0
         hours = 0.0 if explain.backend == "openai" and not explain.base_url else \
             (prompt / rates.explain_prefill_tokens_per_s + completion / rates.explain_decode_tokens_per_s) * scale / 3600

@@ -10,8 +10,11 @@ simulator shares each exemplar's forward pass among them).
   for neg; the fixed prefix is left out. Constant predictions score 0 and are flagged.
 - ``detection`` and ``fuzzing`` (delphi): an LLM, through the explain backend's model, says
   which examples show the feature (detection) or whether the marked tokens are the
-  feature's (fuzzing); the score is the balanced accuracy over activating (quantile) and
-  non-activating (random) examples.
+  feature's (fuzzing); the score is the balanced accuracy over *activating* examples (the
+  split's sequences whose extreme exceeds ``exemplars.activating_fraction`` of the train
+  max, drawn evenly from every activation decile and the top exemplars) and as many
+  *non-activating* ones (the feature's own quiet sequences, below that threshold). They
+  judge only the best ``score.judge_candidates`` candidates by the selecting scorer.
 - ``embedding``: the description and each example embedded with MiniLM (mean pooling);
   the score is the AUC with which cosine similarity separates activating (top) from
   random examples.
@@ -31,7 +34,7 @@ import numpy as np
 
 from neuron_assets.config import Config, ExplainConfig, ScoreConfig
 from neuron_assets.simulate.base import Simulator
-from neuron_assets.types import ActivationRecord, FeatureExemplars, Polarity, Split
+from neuron_assets.types import ActivationRecord, Exemplar, FeatureExemplars, FeatureId, Polarity, Split
 
 CONSTANT_PREDICTION = "constant_prediction"
 CONSTANT_ACTIVATION = "constant_activation"
@@ -159,6 +162,20 @@ FUZZING_SYSTEM = (
 )
 
 
+JUDGE_SCORERS = ("detection", "fuzzing")
+"""Scorers that ask an LLM per candidate; score.judge_candidates limits what they judge."""
+
+
+@dataclass(frozen=True)
+class JudgeSample:
+    """How many examples a judge sees per feature (delphi's defaults: 50 activating, 5 from
+    each of 10 deciles, 50 non-activating), and the activating threshold's fraction."""
+
+    activating: int = 50
+    quiet: int = 50
+    fraction: float = 0.2
+
+
 class ClassificationScorer:
     """Detection or fuzzing: examples are shown ``batch`` at a time, in a seeded order."""
 
@@ -166,19 +183,23 @@ class ClassificationScorer:
     system: str
     simulator = None
 
-    def __init__(self, judge: Judge, examples: int = 10, batch: int = 5, seed: int = 0):
+    def __init__(self, judge: Judge, examples: int = 50, batch: int = 5, seed: int = 0, quiet: int | None = None,
+                 fraction: float = 0.2):
+        """``examples`` activating and ``quiet`` (default: as many) non-activating examples per
+        feature, ``batch`` per prompt; ``fraction``: exemplars.activating_fraction."""
         self.judge = judge
-        self.examples = examples
+        self.sample = JudgeSample(examples, examples if quiet is None else quiet, fraction)
         self.batch = batch
         self.seed = seed
 
     @staticmethod
-    def make_examples(feature: FeatureExemplars, split: Split, n: int, rng: random.Random) -> list[JudgedExample]:
+    def make_examples(feature: FeatureExemplars, split: Split, sample: JudgeSample,
+                      rng: random.Random) -> list[JudgedExample]:
         raise NotImplementedError
 
     def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]:
         rng = random.Random(f"{self.seed}:{self.name}:{feature.feature}")
-        examples = self.make_examples(feature, split, self.examples, rng)
+        examples = self.make_examples(feature, split, self.sample, rng)
         if not examples:
             return [Score(0.5, (NO_EXAMPLES,)) for _ in descriptions]
         rng.shuffle(examples)
@@ -206,8 +227,8 @@ class DetectionScorer(ClassificationScorer):
     system = DETECTION_SYSTEM
 
     @staticmethod
-    def make_examples(feature, split, n, rng):
-        return detection_examples(feature, split, n, rng)
+    def make_examples(feature, split, sample, rng):
+        return detection_examples(feature, split, sample, rng)
 
 
 class FuzzingScorer(ClassificationScorer):
@@ -215,8 +236,8 @@ class FuzzingScorer(ClassificationScorer):
     system = FUZZING_SYSTEM
 
     @staticmethod
-    def make_examples(feature, split, n, rng):
-        return fuzzing_examples(feature, split, n, rng)
+    def make_examples(feature, split, sample, rng):
+        return fuzzing_examples(feature, split, sample, rng)
 
 
 def parse_judgements(answer: str | None, n: int) -> list[bool | None]:
@@ -232,54 +253,105 @@ def parse_judgements(answer: str | None, n: int) -> list[bool | None]:
     return [None] * n
 
 
-def detection_examples(feature: FeatureExemplars, split: Split, n: int, rng: random.Random) -> list[JudgedExample]:
-    """Activating: the split's quantile samples, topped up with its top exemplars, n in all;
-    non-activating: its random sequences whose peak is below the weakest activating one."""
-    positives, negatives = _activating_and_quiet(feature, split, n)
-    return [JudgedExample(_plain(r), True) for r in positives] + [JudgedExample(_plain(r), False) for r in negatives]
+def detection_examples(feature: FeatureExemplars, split: Split, sample: JudgeSample,
+                       rng: random.Random) -> list[JudgedExample]:
+    """The split's activating examples (true) and quiet ones (false), shown plain."""
+    positives, negatives, _ = activating_and_quiet(feature, split, sample, rng)
+    return ([JudgedExample(_plain(e.record), True) for e in positives]
+            + [JudgedExample(_plain(e.record), False) for e in negatives])
 
 
-def fuzzing_examples(feature: FeatureExemplars, split: Split, n: int, rng: random.Random) -> list[JudgedExample]:
-    """Half the activating examples marked at their activating tokens (correct), the other
-    half and the non-activating ones marked at as many random tokens (wrong)."""
+def fuzzing_examples(feature: FeatureExemplars, split: Split, sample: JudgeSample,
+                     rng: random.Random) -> list[JudgedExample]:
+    """delphi's fuzzing: each activating example marked at its activating tokens (above the
+    threshold; true), each quiet example marked at the positions of a random activating
+    example's marks (false), so both show marks of the same count and place."""
     polarity = feature.feature.polarity
-    positives, negatives = _activating_and_quiet(feature, split, n)
-    examples = []
-    for i, record in enumerate(positives):
-        values = record.polarity_activations(polarity)[record.prefix_len :]
-        marked = fuzzing_marks(values, feature.stats.scale)
-        if i % 2 == 0 and marked:
-            examples.append(JudgedExample(_marked(record, marked), True))
-        else:
-            examples.append(JudgedExample(_marked(record, _random_positions(record, max(1, len(marked)), rng)), False))
-    for record in negatives:
-        examples.append(JudgedExample(_marked(record, _random_positions(record, 2, rng)), False))
+    positives, negatives, threshold = activating_and_quiet(feature, split, sample, rng)
+    marks = [fuzzing_marks(e.record.polarity_activations(polarity)[e.record.prefix_len :], threshold)
+             for e in positives]
+    examples = [JudgedExample(_marked(e.record, m), True) for e, m in zip(positives, marks)]
+    for exemplar in negatives:
+        length = len(exemplar.record.tokens) - exemplar.record.prefix_len
+        borrowed = {p for p in rng.choice(marks) if p < length} if marks else set()
+        examples.append(JudgedExample(_marked(exemplar.record, borrowed or _random_positions(exemplar.record, 1, rng)),
+                                      False))
     return examples
 
 
-FUZZING_MARK_SHARE = 0.5
+def activating_threshold(feature: FeatureExemplars, fraction: float) -> float:
+    """A sequence activates when its extreme exceeds this: fraction of the feature's one
+    activation scale (FeatureStats.scale, its train max; 0 when it is not positive), the rule
+    the exemplar pass splits quantile from quiet by and fuzzing marks tokens by."""
+    return fraction * max(float(feature.stats.scale), 0.0)
 
 
-def fuzzing_marks(values: np.ndarray, scale: float) -> set[int]:
-    """The tokens a correct fuzzing example marks: those at or above half the feature's scale
-    (FeatureStats.scale, its train max); a weakly activating record marks its peak token."""
+def activating_and_quiet(feature: FeatureExemplars, split: Split, sample: JudgeSample,
+                         rng: random.Random) -> tuple[list[Exemplar], list[Exemplar], float]:
+    """(activating, non-activating, threshold) examples of one split.
+
+    Activating: sequences above the threshold, drawn in turn from each stratum, the top
+    exemplars and every activation-quantile bin (delphi samples every quantile, the top
+    one included), so with at least as many wanted as strata every non-empty stratum is
+    shown; each stratum is drawn at random. Non-activating: the feature's quiet sequences
+    (at or below the threshold), then its random sequences below it, none shown twice."""
+    threshold = activating_threshold(feature, sample.fraction)
+    strata: dict[object, list[Exemplar]] = {"top": [e for e in feature.top(split) if e.extreme > threshold]}
+    for exemplar in feature.quantile(split):
+        if exemplar.extreme > threshold:
+            strata.setdefault(exemplar.bin if exemplar.bin is not None else exemplar.rank, []).append(exemplar)
+    positives, seen = [], set()
+    order = ["top"] + sorted((k for k in strata if k != "top"), reverse=True)  # strongest first when few are wanted
+    pools = [rng.sample(strata[key], len(strata[key])) for key in order]
+    while len(positives) < sample.activating and any(pools):
+        for pool in pools:
+            while pool and pool[-1].record.seq_id in seen:
+                pool.pop()
+            if pool and len(positives) < sample.activating:
+                exemplar = pool.pop()
+                seen.add(exemplar.record.seq_id)
+                positives.append(exemplar)
+    negatives = []
+    for exemplar in feature.quiet(split) + feature.random(split):
+        if len(negatives) >= sample.quiet:
+            break
+        if exemplar.extreme <= threshold and exemplar.record.seq_id not in seen:
+            seen.add(exemplar.record.seq_id)
+            negatives.append(exemplar)
+    return positives, negatives, threshold
+
+
+def judged_candidates(scores, candidates: dict[FeatureId, Sequence[str | None]], selector: Scorer,
+                      limit: int | str) -> dict[FeatureId, list[str | None]]:
+    """The candidates the judges see: per feature, the best ``limit`` by the selector's val
+    score in ``scores`` (ties: the lower number; unscored ones last), the others None so the
+    candidate numbers stay; every candidate when ``limit`` is 'all'."""
+    if limit == "all":
+        return {feature: list(options) for feature, options in candidates.items()}
+    import polars as pl
+
+    rows = scores.filter((pl.col("scorer") == selector.name) & (pl.col("role") == "candidate")
+                         & (pl.col("split") == Split.VAL.value)
+                         & (pl.col("simulator").is_null() if selector.simulator is None
+                            else pl.col("simulator") == selector.simulator))
+    value = {(r["layer"], r["polarity"], r["neuron"], r["candidate"]): r["score"] for r in rows.iter_rows(named=True)}
+    chosen = {}
+    for feature, options in candidates.items():
+        key = (feature.layer, feature.polarity.value, feature.index)
+        ranked = sorted((c for c, d in enumerate(options) if d),
+                        key=lambda c: (-value.get((*key, c), -np.inf), c))[: int(limit)]
+        chosen[feature] = [d if c in ranked else None for c, d in enumerate(options)]
+    return chosen
+
+
+def fuzzing_marks(values: np.ndarray, threshold: float) -> set[int]:
+    """The tokens a correct fuzzing example marks: positions (after the prefix) whose
+    activation exceeds the activating threshold; the strongest one when none does; none
+    when nothing is positive."""
     if not (values.size and values.max() > 0):
         return set()
-    marked = set(np.nonzero(values >= FUZZING_MARK_SHARE * scale)[0].tolist()) if scale > 0 else set()
-    return marked or {int(np.argmax(values))}
-
-
-def _activating_and_quiet(feature: FeatureExemplars, split: Split, n: int):
-    ranked = [e for e in feature.quantile(split) if e.extreme > 0] + feature.top(split)  # quantiles first, as delphi
-    positives, seen = [], set()
-    for exemplar in ranked:
-        if exemplar.record.seq_id not in seen and len(positives) < n:
-            seen.add(exemplar.record.seq_id)
-            positives.append(exemplar)
-    weakest = min((e.extreme for e in positives), default=0.0)
-    shown = {e.record.seq_id for e in positives}
-    negatives = [e for e in feature.random(split) if e.extreme < weakest and e.record.seq_id not in shown][:n]
-    return [e.record for e in positives], [e.record for e in negatives]
+    above = set(np.nonzero(values > threshold)[0].tolist())
+    return above or {int(values.argmax())}
 
 
 def _plain(record: ActivationRecord) -> str:
@@ -488,14 +560,18 @@ def _correlation(context: ScoringContext) -> list[Scorer]:
     return scorers
 
 
+def _judge_settings(config: Config) -> dict:
+    score = config.score
+    return dict(examples=score.judge_examples, batch=score.judge_batch, seed=score.control_seed,
+                quiet=score.judge_quiet, fraction=config.exemplars.activating_fraction)
+
+
 def _detection(context: ScoringContext) -> list[Scorer]:
-    score = context.config.score
-    return [DetectionScorer(context.make_judge(), score.judge_examples, seed=score.control_seed)]
+    return [DetectionScorer(context.make_judge(), **_judge_settings(context.config))]
 
 
 def _fuzzing(context: ScoringContext) -> list[Scorer]:
-    score = context.config.score
-    return [FuzzingScorer(context.make_judge(), score.judge_examples, seed=score.control_seed)]
+    return [FuzzingScorer(context.make_judge(), **_judge_settings(context.config))]
 
 
 def _embedding(context: ScoringContext) -> list[Scorer]:

@@ -30,7 +30,7 @@ import polars as pl
 
 from neuron_assets.config import Config
 from neuron_assets.exemplars import load_feature_exemplars
-from neuron_assets.score import CorrelationScorer, ScoringContext, Scorer, build_scorers
+from neuron_assets.score import JUDGE_SCORERS, CorrelationScorer, ScoringContext, Scorer, build_scorers, judged_candidates
 from neuron_assets.select import (
     SCORES_SCHEMA,
     rows_of,
@@ -413,7 +413,13 @@ def make_description_scores(config: Config, layer: int, polarity: Polarity, run_
     scoring = scoring or Scoring.build(config, store)
     features = load_feature_exemplars(store, layer, polarity)
     candidates = read_candidates(store, layer, polarity)
-    frame = score_candidates(features, candidates, scoring.scorers, Split.VAL, progress=on_features)
+    # Judges (detection, fuzzing) see only the selector's best score.judge_candidates per feature.
+    judges = [s for s in scoring.scorers if s.name in JUDGE_SCORERS and s is not scoring.selector]
+    frame = score_candidates(features, candidates, [s for s in scoring.scorers if s not in judges], Split.VAL,
+                             progress=on_features)
+    if judges:
+        judged = judged_candidates(frame, candidates, scoring.selector, config.score.judge_candidates)
+        frame = pl.concat([frame, score_candidates(features, judged, judges, Split.VAL)])
     # The control is another feature's *selected* description (by val), scored like the
     # candidates; every candidate is also scored on test by the selector for best_of_k_curve.
     selector = scoring.selector

@@ -33,6 +33,7 @@ class ExemplarKind(str, Enum):
     TOP = "top"  # the sequences with the most extreme per-sequence activation
     RANDOM = "random"  # sequences drawn uniformly, the same ones for every feature
     QUANTILE = "quantile"  # activating sequences sampled per decile of their activation
+    QUIET = "quiet"  # sequences of this feature that stay at or below its activating threshold
 
 
 @dataclass(frozen=True, order=True)
@@ -95,9 +96,10 @@ class FeatureStats:
 class Exemplar:
     split: Split
     kind: ExemplarKind
-    rank: int  # 0 = most extreme for TOP; the decile for QUANTILE; draw order for RANDOM
+    rank: int  # 0 = most extreme for TOP; slot for QUANTILE (ascending bins); draw order for RANDOM and QUIET
     extreme: float  # the sequence's most extreme value, sign * activation
     record: ActivationRecord
+    bin: int | None = None  # QUANTILE: the activation-quantile bin, 0 = lowest; None for other kinds
 
 
 @dataclass(frozen=True)
@@ -120,3 +122,6 @@ class FeatureExemplars:
 
     def quantile(self, split: Split) -> list[Exemplar]:
         return self.select(split, ExemplarKind.QUANTILE)
+
+    def quiet(self, split: Split) -> list[Exemplar]:
+        return self.select(split, ExemplarKind.QUIET)

@@ -1,5 +1,8 @@
 -- Per neuron x polarity x split: the top-k sequences by per-sequence max (pos) or min (neg)
--- activation, random sequences, and activation-decile samples, with per-token activations
+-- activation (kind 'top', rank 0 = most extreme), random sequences shared by every feature
+-- ('random'), activation-decile samples of the activating sequences ('quantile', `bin` 0 =
+-- lowest decile), and a uniform sample of this feature's quiet sequences ('quiet': extreme at
+-- or below exemplars.activating_fraction of the train max), with per-token activations
 -- (signed, half precision; join `sequences` on seq_id for the tokens).
 -- `extreme` is the sequence's most extreme activation in the polarity's orientation.
 CREATE OR REPLACE VIEW exemplars AS

@@ -64,7 +64,7 @@ def tiny_config(tmp_path, tiny_llama, text_corpus):
                 "sequences_per_split": 24,
             },
             "features": {"layers": "all", "neurons": {"sample": 6, "seed": 0}},
-            "exemplars": {"top_k": 3, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4,
+            "exemplars": {"top_k": 3, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4, "quiet_per_split": 3,
                           "quantile_reservoir": 8, "stats_token_sample": 64},
         }
         for dotted, value in overrides.items():

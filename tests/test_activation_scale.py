@@ -13,7 +13,7 @@ import numpy as np
 from neuron_assets.config import SimulatorTrainingConfig
 from neuron_assets.explain.excerpts import excerpt_of
 from neuron_assets.explain.formats import TokenActivationFormat
-from neuron_assets.score import fuzzing_marks
+from neuron_assets.score import activating_threshold, fuzzing_marks
 from neuron_assets.simulate.training import STAGE1, plan_training_data
 from neuron_assets.types import (
     ActivationRecord,
@@ -49,6 +49,8 @@ def test_prompt_levels_training_labels_and_fuzzing_marks_share_the_train_max():
     assert labels[1] == [0, 0, 3, 6, 1] and labels[2] == [0, 10, 0, 0, 0]
 
     values = weak.polarity_activations(Polarity.NEG)[weak.prefix_len:]
-    assert fuzzing_marks(values, feature.stats.scale) == {2}  # " c" (6 >= half of 10), not " b" (3)
-    assert fuzzing_marks(np.array([0.0, 2.0, 1.0]), 10.0) == {1}  # a weak record marks its peak
-    assert fuzzing_marks(np.zeros(3), 10.0) == set()
+    threshold = activating_threshold(feature, 0.5)
+    assert threshold == 5.0  # half the train max, not half the record's own max (6)
+    assert fuzzing_marks(values, threshold) == {2}  # " c" (6 > 5), not " b" (3)
+    assert fuzzing_marks(np.array([0.0, 2.0, 1.0]), threshold) == {1}  # a weak record marks its peak
+    assert fuzzing_marks(np.zeros(3), threshold) == set()
