@@ -125,7 +125,7 @@ class CorpusConfig(Section):
     prefix: str = ""
     """Text tokenized once and put before every text window, when chat_prefix is null (set
     one of the two). The tokenizer's BOS (or CLS) token, when it has one, comes first."""
-    sequences_per_split: int = Field(256, ge=1)
+    sequences_per_split: int = Field(160, ge=1)
     """Sequences in each of train, val and test (equal sizes, equal source shares)."""
     max_windows_per_document: int = Field(16, ge=1)
     """At most this many non-overlapping windows are cut from one document."""
@@ -153,7 +153,7 @@ class FeaturesConfig(Section):
     layers: Literal["all"] | list[int] = [0, 6, 12, 18, 24]
     """Layers to collect: 'all' or a list of layer numbers (0-based). The demo reads every
     sixth of SmolLM2's 30 layers; the pass stops after the deepest one."""
-    neurons: Literal["all"] | list[int] | NeuronSample = NeuronSample(sample=20)
+    neurons: Literal["all"] | list[int] | NeuronSample = NeuronSample(sample=8)
     """Neurons per layer: 'all', a list of indices, or {sample: N, seed: S}."""
     polarities: list[Literal["pos", "neg"]] = ["pos", "neg"]
     """Polarities to describe."""
@@ -324,13 +324,13 @@ class FinetunedSimulatorConfig(Section):
 
 
 class SimulatorTrainingConfig(Section):
-    stage1_features: int = Field(96, ge=1)
+    stage1_features: int = Field(32, ge=1)
     """Features (over all layers and polarities) sampled for stage 1: (a random candidate
     description, a train exemplar, its discretized activations)."""
-    stage2_features: int = Field(48, ge=0)
+    stage2_features: int = Field(16, ge=0)
     """A fresh sample for stage 2: its candidates are re-ranked by the stage-1 simulator and
     the best one is trained on. 0 skips stage 2."""
-    heldout_features: int = Field(24, ge=1)
+    heldout_features: int = Field(8, ge=1)
     """Features never trained on; the held-out correlation (and its shuffled-description
     control) in the checkpoint's metadata is measured on them."""
     exemplars_per_feature: int = Field(6, ge=1)
