@@ -426,6 +426,8 @@ def cmd_plan(args) -> int:
         print()
     else:
         print(result.table())
+    return 0
+
 
 # -- validate-scorers -----------------------------------------------------------------------
 

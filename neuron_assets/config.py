@@ -125,7 +125,7 @@ class CorpusConfig(Section):
     prefix: str = ""
     """Text tokenized once and put before every text window, when chat_prefix is null (set
     one of the two). The tokenizer's BOS (or CLS) token, when it has one, comes first."""
-    sequences_per_split: int = Field(256, ge=1)
+    sequences_per_split: int = Field(160, ge=1)
     """Sequences in each of train, val and test (equal sizes, equal source shares)."""
     max_windows_per_document: int = Field(16, ge=1)
     """At most this many non-overlapping windows are cut from one document."""
@@ -153,7 +153,7 @@ class FeaturesConfig(Section):
     layers: Literal["all"] | list[int] = [0, 6, 12, 18, 24]
     """Layers to collect: 'all' or a list of layer numbers (0-based). The demo reads every
     sixth of SmolLM2's 30 layers; the pass stops after the deepest one."""
-    neurons: Literal["all"] | list[int] | NeuronSample = NeuronSample(sample=20)
+    neurons: Literal["all"] | list[int] | NeuronSample = NeuronSample(sample=8)
     """Neurons per layer: 'all', a list of indices, or {sample: N, seed: S}."""
     polarities: list[Literal["pos", "neg"]] = ["pos", "neg"]
     """Polarities to describe."""
@@ -343,14 +343,14 @@ class SimulatorTrainingConfig(Section):
     only, and scores only its own fold's features, so no score comes from a simulator that
     saw its feature (`simulator_saw_feature` is false on every row). Each fold trains on the
     sizes below, so training costs about folds x one simulator."""
-    stage1_features: int = Field(48, ge=1)
+    stage1_features: int = Field(32, ge=1)
     """Features per fold (over all layers and polarities, outside the fold) sampled for stage
     1: (a random candidate description, a train exemplar, its discretized activations)."""
-    stage2_features: int = Field(24, ge=0)
+    stage2_features: int = Field(16, ge=0)
     """A fresh sample per fold (outside the fold) for stage 2: its candidates are re-ranked by
     the stage-1 simulator on their val exemplars and the best one is trained on. 0 skips
     stage 2."""
-    heldout_features: int = Field(12, ge=1)
+    heldout_features: int = Field(8, ge=1)
     """Features of the fold's own (never trained on by its simulator); the held-out
     correlation (and its shuffled-description control) in the checkpoint's metadata is
     measured on them."""
@@ -472,11 +472,12 @@ class SimulateConfig(Section):
     Production: finetuned. `neuron-assets validate-scorers` measures how often each one
     ranks a true description above false ones; the demo selects by semantic because it
     does so clearly more often than lexical on the project's puzzles."""
-    compare_with: list[SimulatorName] = ["lexical", "finetuned"]
+    compare_with: list[SimulatorName] = ["lexical"]
     """More simulators whose correlation is scored beside the backend's on every candidate,
-    for comparison only (not used to select). The demo scores the lexical rule and its
-    CPU-trained fine-tuned simulator beside the semantic one; a GPU config would select by
-    finetuned and compare with semantic and lexical."""
+    for comparison only (not used to select). The demo scores the lexical rule beside the
+    semantic one; add finetuned to train and score Transluce's simulator on CPU as well (on 2
+    cores about 75 s of training and 2-3 minutes more scoring for the demo). A GPU config
+    would select by finetuned and compare with semantic and lexical."""
     finetuned: FinetunedSimulatorConfig = FinetunedSimulatorConfig()
     """The fine-tuned simulator's model and inference settings."""
     training: SimulatorTrainingConfig = SimulatorTrainingConfig()

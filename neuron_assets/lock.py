@@ -136,6 +136,8 @@ def _is_stale(holder: dict) -> bool:
         return True
     except PermissionError:
         return False  # alive, another user's
+    if _process_state(pid) == "Z":  # exited, not yet reaped by its parent: gone all the same
+        return True
     started = holder.get("process_start")
     return started is not None and _process_start(pid) not in (None, started)
 
@@ -171,6 +173,15 @@ def _refusal(path: Path, holder: dict) -> str:
             f"run {holder.get('run_id')}, started {holder.get('started_at')}"
             + (f" ({holder['command']})" if holder.get("command") else "") + f"; {fix}. "
             "Queries (neuron-assets sql, show) work meanwhile.")
+
+
+def _process_state(pid: int) -> str | None:
+    """The process's state letter (R, S, Z, ...) on Linux; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def _process_start(pid: int) -> str | None:
