@@ -425,38 +425,6 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-class MiniLMEmbedder:
-    """Sentence embeddings: mean pooling over the last hidden state, L2-normalized."""
-
-    def __init__(self, model: str, device: str = "auto", batch_size: int = 64):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        from neuron_assets.simulate.finetuned import quiet_transformers, resolve_device
-        from neuron_assets.subject import resolve_model_path
-
-        path = resolve_model_path(model)
-        self.device = resolve_device(device)
-        with quiet_transformers():
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
-        self.batch_size = batch_size
-        self._torch = torch
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
-                                   max_length=256, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
 # -- the judge: the explain backend's model answering classification prompts ---------------------
 
 
@@ -534,7 +502,9 @@ class ScoringContext:
 
     def make_embedder(self) -> Callable[[list[str]], np.ndarray]:
         if self.embedder is None:
-            self.embedder = MiniLMEmbedder(self.config.score.embedding_model)
+            from neuron_assets.embedding import sentence_encoder
+
+            self.embedder = sentence_encoder(self.config.score.embedding_model)
         return self.embedder
 
 

@@ -479,9 +479,9 @@ def validate_scorers(config, corpus: Sequence[ActivationRecord] | None = None,
     built = dict(simulators) if simulators is not None else _build_simulators(config, skipped, log)
     scorers: dict[str, PuzzleScorer] = {f"correlation/{name}": correlation_scorer(sim) for name, sim in built.items()}
     if "embedding" in config.score.scorers and simulators is None:
-        from neuron_assets.score import MiniLMEmbedder
+        from neuron_assets.embedding import sentence_encoder
 
-        scorers["embedding"] = embedding_scorer(MiniLMEmbedder(config.score.embedding_model))
+        scorers["embedding"] = embedding_scorer(sentence_encoder(config.score.embedding_model))
     rows: list[ValidityRow] = []
     for set_name, puzzles in sets.items():
         log(f"scorer validity: {len(puzzles)} puzzles in set {set_name}, {len(scorers)} scorers")

@@ -1,0 +1,121 @@
+"""The one sentence-embedding model of the package (MiniLM, shipped as
+``builtin:all-MiniLM-L6-v2``): sentence vectors for the embedding scorer, the semantic
+simulator and description search, and per-unit contextual vectors for the semantic simulator.
+
+:func:`sentence_encoder` shares one loaded encoder per (model, device) through
+:mod:`neuron_assets.runtime`, so a process that scores, simulates and searches loads MiniLM
+once; vectors are cached by text (bounded).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from neuron_assets.simulate.semantic import UnitLayout
+
+CACHE_SIZE = 50_000  # texts whose vectors are kept
+
+
+def sentence_encoder(model: str = "builtin:all-MiniLM-L6-v2", device: str = "auto",
+                     batch_size: int = 64) -> MiniLMEncoder:
+    """The process's encoder for ``model`` on ``device``, loaded on first use."""
+    from neuron_assets import runtime
+
+    return runtime.shared(runtime.cache_key("sentence_encoder", model, device),
+                          lambda: MiniLMEncoder(model, device, batch_size))
+
+
+class MiniLMEncoder:
+    """Sentence vectors (mean pooling, L2-normalized) and per-unit contextual vectors."""
+
+    def __init__(self, model: str, device: str = "auto", batch_size: int = 64):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from neuron_assets.simulate.finetuned import quiet_transformers, resolve_device
+        from neuron_assets.subject import resolve_model_path
+
+        path = resolve_model_path(model)
+        self.device = resolve_device(device)
+        with quiet_transformers():
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"{model}: the sentence encoder needs a fast tokenizer (character offsets); this one has none")
+        self.batch_size = batch_size
+        self.max_length = min(512, int(getattr(self.model.config, "max_position_embeddings", 512)))
+        self._torch = torch
+        self._sentences: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._records: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def sentences(self, texts: Sequence[str]) -> list[np.ndarray]:
+        missing = sorted({t for t in texts if t not in self._sentences})
+        for start in range(0, len(missing), self.batch_size):
+            batch = missing[start : start + self.batch_size]
+            hidden, mask, _ = self._forward(batch)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            for text, vector in zip(batch, self._torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()):
+                _remember(self._sentences, text, vector)
+        return [self._sentences[t] for t in texts]
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), hidden) sentence vectors."""
+        vectors = self.sentences(texts)
+        return np.stack(vectors) if vectors else np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+
+    def unit_states(self, layout: UnitLayout) -> np.ndarray:
+        """(units, hidden) L2-normalized: each unit's word pieces' mean last hidden state, with
+        the record's whole text as context."""
+        if not layout.unit_texts:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        if layout.text not in self._records:
+            self._encode_records([layout])
+        return self._records[layout.text]
+
+    def encode_records(self, layouts: Sequence[UnitLayout]) -> None:
+        """Contextual vectors of many records in batches (the simulator calls this first)."""
+        self._encode_records([layout for layout in layouts if layout.unit_texts and layout.text not in self._records])
+
+    def _encode_records(self, layouts: Sequence[UnitLayout]) -> None:
+        unique = list({layout.text: layout for layout in layouts}.values())
+        for start in range(0, len(unique), self.batch_size):
+            batch = unique[start : start + self.batch_size]
+            hidden, mask, offsets = self._forward([layout.text for layout in batch], offsets=True)
+            hidden = hidden.float().cpu().numpy()
+            for row, layout in enumerate(batch):
+                spans = offsets[row]
+                usable = [(i, s, e) for i, (s, e) in enumerate(spans) if e > s]
+                piece_index = np.array([i for i, _, _ in usable], dtype=np.int64)
+                piece_start = np.array([s for _, s, _ in usable], dtype=np.int64)
+                piece_end = np.array([e for _, _, e in usable], dtype=np.int64)
+                vectors = np.zeros((len(layout.unit_spans), hidden.shape[-1]), dtype=np.float32)
+                for u, (a, b) in enumerate(layout.unit_spans):
+                    pieces = piece_index[(piece_start < b) & (piece_end > a)] if usable else piece_index
+                    if pieces.size == 0:  # past the model's max length: the last piece stands in
+                        pieces = piece_index[-1:] if usable else np.zeros(0, dtype=np.int64)
+                    if pieces.size:
+                        vectors[u] = hidden[row, pieces].mean(0)
+                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+                _remember(self._records, layout.text, vectors / np.where(norms > 0, norms, 1.0))
+
+    def _forward(self, texts: Sequence[str], offsets: bool = False):
+        torch = self._torch
+        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt", return_offsets_mapping=offsets)
+        spans = encoded.pop("offset_mapping").tolist() if offsets else None
+        encoded = encoded.to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return hidden, mask, spans
+
+
+def _remember(cache: OrderedDict, key: str, value: np.ndarray) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)
