@@ -13,7 +13,7 @@ import argparse
 
 from neuron_assets.config import load_config
 from neuron_assets.simulate.semantic import CALIBRATION_FILE, SemanticSimulator, fit_calibration
-from neuron_assets.validity import _project_corpus, project_puzzles
+from neuron_assets.score.validity import _project_corpus, project_puzzles
 
 
 def main() -> None:

@@ -133,7 +133,7 @@ def prompted_benchmarks(args, records: list[ActivationRecord]) -> None:
 
 
 def val_test_gap(root) -> None:
-    from neuron_assets.scoring import DESCRIPTIONS_TABLE, read_all
+    from neuron_assets.stages import DESCRIPTIONS_TABLE, read_all
     from neuron_assets.store import Store
 
     frame = read_all(Store(root), DESCRIPTIONS_TABLE)

@@ -433,7 +433,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_validate_scorers(args) -> int:
-    from neuron_assets.validity import report_table, validate_scorers
+    from neuron_assets.score.validity import report_table, validate_scorers
 
     config = load_config(args.config)
     report = validate_scorers(config, puzzle_files=args.puzzles, log=lambda line: print(line, file=sys.stderr))

@@ -293,7 +293,6 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     polarities = [Polarity(p) for p in config.features.polarities]
     neurons = select_neurons(config.features, shape.layers, lambda layer: shape.intermediate)
     features = sum(len(v) for v in neurons.values())
-    deepest = max(neurons)
     corpus = config.corpus
     sequences = 3 * corpus.sequences_per_split
     tokens = sequences * corpus.seq_len  # windows are full length but for short documents and chats: an upper bound
@@ -386,8 +385,10 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
     # The fine-tuned simulator: Transluce's backbone is the subject itself.
     backbone = shape if sim.finetuned.backbone == config.subject.model else None
     training = sim.training
-    train_pairs = (training.stage1_features + training.stage2_features) * training.exemplars_per_feature
-    train_tokens = (training.stage1_features * training.stage1_epochs + training.stage2_features * training.stage2_epochs) \
+    # cross-fitting trains one simulator per fold, each on the sizes of simulate.training
+    train_pairs = training.folds * (training.stage1_features + training.stage2_features) * training.exemplars_per_feature
+    train_tokens = training.folds * (training.stage1_features * training.stage1_epochs
+                                     + training.stage2_features * training.stage2_epochs) \
         * training.exemplars_per_feature * (DESCRIPTION_TOKENS + seq_len)
     eval_pairs = features * polarities * (explain.k * (score.top_exemplars + score.random_exemplars)  # val, every candidate
                                           + 2 * (score.top_exemplars + score.random_exemplars))  # test: best + control
@@ -403,7 +404,7 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
         method, memory = ("full fine-tune", full) if full + checkpointed <= spec.memory_gb * gb else ("LoRA", lora)
         stages.append(StagePlan("simulator training", memory + checkpointed, train_tokens * 6 * params / flops_per_s / 3600,
                                 int(params * 2 if method == "full fine-tune" else params * 0.01 * 2), note=(
-                                    f"{train_pairs:,} pairs; {method} with gradient checkpointing (a full fine-tune "
+                                    f"{train_pairs:,} pairs over {training.folds} fold simulators; {method} with gradient checkpointing (a full fine-tune "
                                     f"with fp32 master weights and Adam needs {full / gb:.0f} GB)")))
         sim_batch = sim.finetuned.batch_size
         stages.append(StagePlan("simulation (scoring)", params * 2 + backbone.forward_workspace_bytes(

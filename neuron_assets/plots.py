@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from neuron_assets.select import BestOfKCurve
+from neuron_assets.score.select import BestOfKCurve
 
 
 def _figure(width: float = 6.0, height: float = 3.6):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import gc
 import json
 import threading
+from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: building one cached object may load another (an explainer its LLM)
 _models: dict[str, object] = {}
 
 
@@ -39,6 +40,22 @@ def choose_dtype(name: str, device):
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
         raise ValueError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16") from None
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers without its warnings and progress bars, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would interleave with the run's own
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def cache_key(kind: str, *parts: object) -> str:

@@ -8,7 +8,6 @@ every requested layer, and the pass stops right after the deepest one.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from neuron_assets.config import SubjectConfig
+from neuron_assets.runtime import choose_device, choose_dtype, quiet_transformers
 
 # Regular expressions over module names, one group = the layer number, by architecture
 # family. The first that matches a model's modules is used.
@@ -79,12 +79,11 @@ def count_layers(config: SubjectConfig) -> int:
 def load_subject(config: SubjectConfig) -> SubjectModel:
     from transformers import AutoModel
 
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
-    dtype = _choose_dtype(config.dtype, device)
+    device = choose_device(config.device)
+    dtype = choose_dtype(config.dtype, device)
     path = resolve_model_path(config.model)
     try:
-        with _quiet_transformers():  # loading a causal LM's base model reports its unused LM head
+        with quiet_transformers():  # loading a causal LM's base model reports its unused LM head
             model = AutoModel.from_pretrained(
                 path, dtype=dtype, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
             )
@@ -193,30 +192,8 @@ class SubjectModel:
         return captured
 
 
-@contextmanager
-def _quiet_transformers():
-    """transformers without its warnings and progress bars, restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would interleave with the run's own
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 class _StopForward(Exception):
     """Raised inside the deepest site's hook to end the forward pass early."""
-
-
-def _choose_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def _not_found_message(config: SubjectConfig, err: Exception) -> str:

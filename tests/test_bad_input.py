@@ -21,7 +21,7 @@ import yaml
 from neuron_assets.cli import main
 from neuron_assets.config import ConfigError, load_config
 from neuron_assets.corpus import CorpusError
-from neuron_assets.pipeline import make_corpus
+from neuron_assets.stages import make_corpus
 from neuron_assets.store import Store
 from neuron_assets.subject import SubjectError
 
@@ -327,13 +327,13 @@ BEFORE_TOKENIZING = [
 
 @pytest.mark.parametrize("overrides,error,words", BEFORE_TOKENIZING, ids=[next(iter(o)) for o, _, _ in BEFORE_TOKENIZING])
 def test_checks_run_before_the_corpus_is_tokenized(tiny_config, tmp_path, monkeypatch, overrides, error, words):
-    import neuron_assets.pipeline as pipeline
+    import neuron_assets.stages as stages
 
     def no_tokenizing(*_):
         raise AssertionError("the corpus was tokenized before the config was checked")
 
-    monkeypatch.setattr(pipeline, "load_tokenizer", no_tokenizing)
-    monkeypatch.setattr(pipeline, "build_sequences", no_tokenizing)
+    monkeypatch.setattr(stages, "load_tokenizer", no_tokenizing)
+    monkeypatch.setattr(stages, "build_sequences", no_tokenizing)
     with pytest.raises(error) as raised:
         make_corpus(load_config(tiny_config(**overrides)), "run-1")
     for word in words:

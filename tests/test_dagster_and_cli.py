@@ -51,11 +51,21 @@ def test_partition_range_materialization_writes_every_partition(tiny_config, tmp
     assert {check.partition for check in checks} >= set(keys), "each partition gets its own check evaluation"
 
 
-def test_run_then_sql_and_show(tiny_config, capsys):
+def test_run_then_sql_and_show(tiny_config, capsys, monkeypatch):
+    from neuron_assets import runtime
+
     path = str(tiny_config())
+    released: list[list[str]] = []  # what each stage held when it ended
+    release_all = runtime.release_all
+    monkeypatch.setattr(runtime, "release_all", lambda: released.append(runtime.loaded()) or release_all())
     assert main(["--config", path, "run"]) == 0
     out = capsys.readouterr()
     assert "catalog.duckdb" in out.out and "exemplars" in out.out
+    # no model outlives its stage: the subject is gone before the explainer or simulator load
+    assert runtime.loaded() == []
+    holding_subject = [i for i, keys in enumerate(released) if any(k.startswith('["subject"') for k in keys)]
+    assert len(holding_subject) == 1 and holding_subject[0] < len(released) - 1, released
+    assert not any(k.startswith('["subject"') for keys in released[holding_subject[0] + 1:] for k in keys)
 
     assert main(["--config", path, "sql", "select layer, polarity, count(*) as n from exemplars group by all order by 1, 2",
                  "--format", "csv"]) == 0

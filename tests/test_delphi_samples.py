@@ -19,7 +19,7 @@ import yaml
 
 from neuron_assets.config import config_from_dict
 from neuron_assets.exemplars import load_feature_exemplars
-from neuron_assets.pipeline import make_corpus, make_exemplars
+from neuron_assets.stages import make_corpus, make_exemplars
 from neuron_assets.score import (
     DetectionScorer,
     FuzzingScorer,
@@ -165,7 +165,7 @@ def test_a_true_description_beats_a_shuffled_one(collected):
 
 
 def test_judges_see_only_the_selectors_best_candidates(collected):
-    from neuron_assets.select import score_candidates
+    from neuron_assets.score.select import score_candidates
 
     _, _, features = collected
 
@@ -227,7 +227,8 @@ def test_smollm2_judges_the_collected_samples_in_prompts_it_can_read(collected):
 
 def test_the_scoring_stage_judges_only_the_best_candidate_and_the_control(collected):
     from neuron_assets.config import config_from_dict
-    from neuron_assets.scoring import Scoring, make_description_scores
+    from neuron_assets.score.crossfit import Scoring
+    from neuron_assets.stages import make_description_scores
 
     config, store, features = collected
     raw = config.model_dump(mode="json")

@@ -11,7 +11,7 @@ from torch import nn
 from neuron_assets.config import Config, ConfigError, config_from_dict, load_config
 from neuron_assets.corpus import CorpusError, build_sequences
 from neuron_assets.exemplars import Interrupted, collect_exemplars, load_feature_exemplars
-from neuron_assets.pipeline import make_corpus, make_exemplars
+from neuron_assets.stages import make_corpus, make_exemplars
 from neuron_assets.store import Store
 from neuron_assets.subject import SubjectError, find_sites, load_subject
 from neuron_assets.types import ExemplarKind, Polarity, Split

@@ -91,7 +91,7 @@ def test_the_judge_the_explainer_and_the_simulator_share_one_model(explainer, fe
                                                                       batch_size=2))
     assert judge.llm.lm is explainer.llm.lm is source.llm.lm, "one copy of SmolLM2 in the process"
     # (earlier tests in the session may hold other models, e.g. a tiny Llama: count SmolLM2's)
-    assert len([k for k in runtime.loaded() if "transformers" in k and "SmolLM2" in k]) == 1
+    assert len([k for k in runtime.loaded() if k.startswith('["transformers"') and "SmolLM2" in k]) == 1
 
 
 def test_smollm2_detection_judge_answers_or_leaves_unanswered(explainer, features):

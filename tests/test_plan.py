@@ -7,7 +7,7 @@ import json
 
 from neuron_assets.cli import main
 from neuron_assets.config import REPO_ROOT, load_config
-from neuron_assets.pipeline import make_corpus, make_exemplars
+from neuron_assets.stages import make_corpus, make_exemplars
 from neuron_assets.plan import ModelShape, find_model_shape, plan_run
 from neuron_assets.types import Polarity
 

@@ -228,12 +228,12 @@ def test_stage_graph_matches_the_dagster_asset_graph(tiny_config):
 
 
 def test_a_run_that_failed_in_scoring_resumes_without_the_activation_pass(tiny_config, monkeypatch, capsys):
-    from neuron_assets import scoring
+    from neuron_assets import stages
     from neuron_assets.defs import score_assets
     from neuron_assets.subject import SubjectModel
 
     path = str(tiny_config(**FAST))
-    real_scores = scoring.make_description_scores
+    real_scores = stages.make_description_scores
 
     def fail_on_layer_1_neg(config, layer, polarity, *args, **kwargs):
         if (layer, polarity.value) == (1, "neg"):

@@ -26,7 +26,7 @@ from neuron_assets.score import (
     pearson_over_tokens,
     roc_auc,
 )
-from neuron_assets.select import (
+from neuron_assets.score.select import (
     CANDIDATE,
     SHUFFLED_CONTROL,
     best_of_k_curve,
@@ -380,7 +380,7 @@ def test_detection_through_a_local_chat_model_and_skipped_without_one(corpus, ti
 
 def test_metadata_figures_are_png_images():
     from neuron_assets.plots import best_of_k_figure, loss_curve_figure, markdown_image, score_histograms, val_test_scatter
-    from neuron_assets.select import BestOfKCurve
+    from neuron_assets.score.select import BestOfKCurve
 
     figures = [
         score_histograms({0: [0.1, 0.5], 3: [0.2]}, {0: [0.0], 3: [-0.1]}),

@@ -14,8 +14,8 @@ import yaml
 
 from neuron_assets.cli import main
 from neuron_assets.config import load_config
-from neuron_assets.scoring import read_all
-from neuron_assets.select import best_of_k_curve
+from neuron_assets.stages import read_all
+from neuron_assets.score.select import best_of_k_curve
 from neuron_assets.store import Store, sql_dir
 from tests.support.planted_model import PlantedNeuron, plant_neurons
 from tests.support.tiny_models import make_tiny_llama
@@ -158,7 +158,8 @@ def test_finetuned_simulator_trains_and_scores_in_the_run(lexical_run, planted_l
     # the features were picked before their exemplars loaded: the rows are those of planning over every feature
     from neuron_assets.config import Config
     from neuron_assets.exemplars import load_feature_exemplars
-    from neuron_assets.scoring import candidate_partitions, latest_checkpoint, read_candidates
+    from neuron_assets.simulate.checkpoints import latest_checkpoint
+    from neuron_assets.stages import candidate_partitions, read_candidates
     from neuron_assets.simulate.training import plan_training_data
 
     config = load_config(config_path)

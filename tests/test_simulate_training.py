@@ -90,7 +90,8 @@ def test_a_planted_leak_fails_the_check(planted):
     """Provenance is read from what each fold trained on: move one trained feature's rows into
     the fold that scores it and its scores are flagged, and the asset check fails."""
     from neuron_assets.defs.score_assets import never_saw_check
-    from neuron_assets.scoring import FoldCheckpoint, Scoring, leaked_rows, with_provenance
+    from neuron_assets.score.crossfit import Scoring, leaked_rows, with_provenance
+    from neuron_assets.simulate.checkpoints import FoldCheckpoint
 
     features, candidates = planted
     config = SimulatorTrainingConfig(stage1_features=20, stage2_features=4, heldout_features=4, exemplars_per_feature=2)

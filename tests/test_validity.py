@@ -16,7 +16,7 @@ from neuron_assets.simulate import build_simulator
 from neuron_assets.simulate.lexical import LexicalSimulator
 from neuron_assets.simulate.semantic import SemanticSimulator
 from neuron_assets.types import ActivationRecord
-from neuron_assets.validity import (
+from neuron_assets.score.validity import (
     FALSE_KINDS,
     PuzzleFileError,
     ValidityReport,
@@ -187,7 +187,7 @@ def test_semantic_is_registered(demo_config):
 def test_validate_scorers_cli(demo_config, openai_file, capsys, monkeypatch):
     """The whole command on real simulators; the project's set cut to its first puzzles of
     each family for time (the full set is measured above)."""
-    import neuron_assets.validity as validity
+    import neuron_assets.score.validity as validity
 
     full = validity.project_puzzles
     monkeypatch.setattr(validity, "project_puzzles", lambda corpus, seed=0: [

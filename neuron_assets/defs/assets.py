@@ -1,6 +1,6 @@
 """Assets of the foundation: the corpus and the per-layer exemplar tables.
 
-Asset bodies stay thin: read the config, call the core in neuron_assets.pipeline, return
+Asset bodies stay thin: read the config, call the core in neuron_assets.stages, return
 metadata. Partitioned assets are built by a factory because the partition set (the model's
 layers) comes from the config.
 """
@@ -14,7 +14,7 @@ import polars as pl
 from neuron_assets.defs.partitions import parse_partition_keys, partition_key
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
 from neuron_assets.defs.runs import RunSettings
-from neuron_assets.pipeline import Written, make_corpus, make_exemplars
+from neuron_assets.stages import Written, make_corpus, make_exemplars
 from neuron_assets.render import markdown_table
 from neuron_assets.store import Store
 from neuron_assets.types import Split

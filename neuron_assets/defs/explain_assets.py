@@ -1,15 +1,14 @@
 """The explainer stage in Dagster: the `candidate_descriptions` asset, its check, and the
 explainer resource.
 
-The asset body is thin: read each requested partition's exemplars through the store, call
-neuron_assets.explain.explain_features, write through the store, return metadata. It has a
+The asset body is thin: call neuron_assets.stages.make_candidate_descriptions on the
+requested partitions, check the result, return metadata. It has a
 single-run backfill policy, so a range of partitions is one run that builds the explainer
 (a vLLM engine, say) once.
 """
 
 
 import dagster as dg
-import polars as pl
 
 from neuron_assets.config import Config, ExplainConfig
 from neuron_assets.defs.assets import log_partition_checks
@@ -17,36 +16,29 @@ from neuron_assets.defs.partitions import partition_key
 from neuron_assets.defs.score_assets import requested_partitions
 from neuron_assets.defs.resources import NeuronAssetsConfig
 from neuron_assets.defs.runs import RunSettings
-from neuron_assets.exemplars import load_feature_exemplars
 from neuron_assets.explain import (
     EXPLAINERS,
     Explainer,
-    corpus_from_sequences,
-    explain_features,
-    incomplete_features,
     make_explainer,
     summarize_candidates,
 )
 from neuron_assets.failures import StageFailed, check_candidates
 from neuron_assets.render import markdown_table
-from neuron_assets.store import Store, with_lineage
-from neuron_assets.subject import load_tokenizer
+from neuron_assets.stages import CANDIDATES_TABLE as TABLE, make_candidate_descriptions
+from neuron_assets.store import Store
 
-TABLE = "candidate_descriptions"
 CHECK = "every_feature_has_k_candidates"
 
-_built: dict[str, Explainer] = {}  # one explainer per explain config, per process
-
-
 class ExplainerResource(dg.ConfigurableResource):
-    """The configured explainer backend, built on first use and kept for the process (a
-    vLLM engine or a local model loads once for every partition)."""
+    """The configured explainer backend, built on first use and shared in the process through
+    neuron_assets.runtime (a vLLM engine or a local model loads once for every partition, and
+    runtime.release_all gives its memory back when the stage is done)."""
 
     def get(self, config: ExplainConfig) -> Explainer:
-        key = config.model_dump_json()
-        if key not in _built:
-            _built[key] = make_explainer(config)
-        return _built[key]
+        from neuron_assets import runtime
+
+        return runtime.shared(runtime.cache_key("explainer", config.model_dump(mode="json")),
+                              lambda: make_explainer(config))
 
 
 def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None = None) -> list[dg.AssetsDefinition]:
@@ -74,23 +66,10 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
             requested = stage.todo(requested_partitions(context))
             if not requested:
                 return dg.MaterializeResult(metadata={"skipped": "every partition is up to date", **stage.metadata()})
-            backend = explainer.get(config.explain)
-            tokenizer = load_tokenizer(config.subject)
-            corpus = corpus_from_sequences(store.read("sequences"), seed=config.explain.seed)
-            frames, missing, written = [], [], []
-            for layer, polarity in requested:
-                features = load_feature_exemplars(store, layer, polarity)
-                with stage.progress.task(f"explain {layer}|{polarity.value}", len(features) * config.explain.k,
-                                         "candidate") as task:
-                    frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
-                                             explainer=backend, corpus=corpus, on_candidates=task.advance)
-                frame = with_lineage(frame, config.subject.model, config.hash, context.run_id)
-                written.append((layer, polarity.value, frame.height, store.write(TABLE, frame, layer, polarity.value)))
-                missing += [(layer, polarity.value, n) for n in
-                            incomplete_features(frame, [f.feature.index for f in features], config.explain.k)]
-                frames.append(frame)
-                context.log.info(f"layer {layer} {polarity.value}: {frame.height} candidates for {len(features)} features")
-            everything = pl.concat(frames, how="diagonal_relaxed")
+            made = make_candidate_descriptions(config, requested, context.run_id, explainer.get(config.explain),
+                                               stage.progress, context.log.info)
+            everything, missing = made.frame, made.missing
+            written = [(w.layer, w.polarity, w.rows, w.path) for w in made.written]
             try:
                 reasons = check_candidates(everything)
             except StageFailed as err:  # no marker: a rerun tries again
@@ -111,7 +90,7 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
             "prompt_tokens": summary.prompt_tokens,
             "completion_tokens": summary.completion_tokens,
             "mean_latency_s": round(summary.mean_latency_s, 4),
-            "backend": f"{backend.backend} ({backend.model})",
+            "backend": made.backend,
             "config_hash": config.hash,
             "examples": dg.MetadataValue.md(summary.examples_markdown),
             "failures": dg.MetadataValue.md(summary.failures_markdown),

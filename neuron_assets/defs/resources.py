@@ -1,7 +1,6 @@
-"""Dagster resources: the typed config and the subject model, loaded once per process."""
+"""Dagster resources: the typed config and the subject model."""
 
 
-from functools import lru_cache
 
 import dagster as dg
 
@@ -19,12 +18,11 @@ class NeuronAssetsConfig(dg.ConfigurableResource):
 
 
 class SubjectModelResource(dg.ConfigurableResource):
-    """The subject model, loaded on first use and kept for the rest of the process."""
+    """The subject model, loaded on first use into the runtime cache; the stage that used it
+    releases it when it ends (neuron_assets.defs.runs), so the next stage gets the memory."""
 
     def load(self, config: Config) -> "SubjectModel":
-        return _cached_subject(config.subject)
+        from neuron_assets import runtime
 
-
-@lru_cache(maxsize=1)
-def _cached_subject(subject_config) -> "SubjectModel":
-    return load_subject(subject_config)
+        return runtime.shared(runtime.cache_key("subject", config.subject.model_dump(mode="json")),
+                              lambda: load_subject(config.subject))

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import dagster as dg
 
+from neuron_assets import runtime
 from neuron_assets.config import Config
 from neuron_assets.defs.partitions import layer_polarity_partitions, partition_key
 from neuron_assets.lock import writer_lock
@@ -47,8 +48,12 @@ class RunSettings(dg.ConfigurableResource):
                          wait_s=self.lock_wait_s, on_wait=context.log.warning):
             stage = StageRun(context, config, self)
             started = time.monotonic()
-            yield stage
-            stage.progress.note(f"{asset}: done in {time.monotonic() - started:.1f} s")
+            try:
+                yield stage
+            finally:  # no model outlives its stage: the next GPU stage gets the memory back
+                released = runtime.release_all()
+            stage.progress.note(f"{asset}: done in {time.monotonic() - started:.1f} s"
+                                + (f", {released} model(s) released" if released else ""))
 
 
 class StageRun:

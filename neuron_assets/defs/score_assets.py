@@ -2,7 +2,7 @@
 scores, neuron descriptions, their checks, the rescore job and schedule, and the automation
 sensor that re-scores when a new simulator checkpoint lands.
 
-Asset bodies stay thin: read the config, call neuron_assets.scoring, return metadata.
+Asset bodies stay thin: read the config, call neuron_assets.stages, return metadata.
 Per-feature assets use a single-run backfill policy and read ``context.partition_keys``, so a
 range of partitions is one run that loads the simulator once.
 """
@@ -25,20 +25,19 @@ from neuron_assets.plots import (
     val_test_scatter,
 )
 from neuron_assets.render import markdown_table
-from neuron_assets.scoring import (
-    CHECKPOINTS_TABLE,
+from neuron_assets.score.crossfit import Scoring, leaked_rows
+from neuron_assets.simulate.checkpoints import CHECKPOINTS_TABLE
+from neuron_assets.stages import (
     DESCRIPTIONS_TABLE,
     SCORES_TABLE,
     TRAINING_TABLE,
-    Scoring,
     make_description_scores,
     make_neuron_descriptions,
     make_simulator_checkpoint,
     make_simulator_training_data,
-    leaked_rows,
     read_all,
 )
-from neuron_assets.select import CANDIDATE, SHUFFLED_CONTROL, best_of_k_curve, rows_of
+from neuron_assets.score.select import CANDIDATE, SHUFFLED_CONTROL, best_of_k_curve, rows_of
 from neuron_assets.simulate import needs_checkpoint, needs_gpu
 from neuron_assets.store import Store
 

@@ -2,7 +2,7 @@
 above false ones, on the project's puzzles, and a check that warns when the selecting
 simulator does not beat chance clearly.
 
-The body stays thin: neuron_assets.validity measures, the store writes, metadata is a table.
+The body stays thin: neuron_assets.score.validity measures, the store writes, metadata is a table.
 """
 
 
@@ -12,7 +12,7 @@ from neuron_assets.defs.resources import NeuronAssetsConfig
 from neuron_assets.defs.runs import RunSettings
 from neuron_assets.render import markdown_table
 from neuron_assets.store import Store, with_lineage
-from neuron_assets.validity import VALIDITY_TABLE, ValidityReport, report_frame, report_table, validate_scorers
+from neuron_assets.score.validity import VALIDITY_TABLE, ValidityReport, report_frame, report_table, validate_scorers
 
 SELECTING_BEATS_CHANCE = "selecting_simulator_beats_chance"
 

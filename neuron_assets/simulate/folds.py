@@ -2,7 +2,7 @@
 
 Every feature x polarity belongs to one of ``folds`` folds by a stable hash of its id. The
 fine-tuned simulator of fold f trains only on features of the other folds and scores only
-the features of fold f (neuron_assets.simulate.training, neuron_assets.scoring). Kept apart
+the features of fold f (neuron_assets.simulate.training, neuron_assets.score.crossfit). Kept apart
 from training.py so scoring can route features without importing torch.
 """
 

@@ -21,7 +21,7 @@ For a description ``d`` and the records of one call:
    call (so a description is judged by which units it singles out, not by its overall
    closeness to the text), then mapped to 0..10 by ``10 * sigmoid(slope * (z - offset))``.
    ``w``, ``slope`` and ``offset`` are fitted on the project's validity puzzles
-   (:func:`fit_calibration`, over :func:`neuron_assets.validity.project_puzzles`) and
+   (:func:`fit_calibration`, over :func:`neuron_assets.score.validity.project_puzzles`) and
    shipped in ``semantic_calibration.json`` next to this module.
 4. **Quoted tokens.** A token the description quotes scores 10 by the lexical rule
    (:mod:`neuron_assets.simulate.lexical`, quoted spans only); a quoted token that the
@@ -143,13 +143,13 @@ CALIBRATION_GRID = {"context_weight": (0.0, 0.25, 0.5, 0.75, 1.0), "slope": (0.5
 
 def fit_calibration(puzzles, simulator: SemanticSimulator, fitted_on: str = "") -> SemanticCalibration:
     """The calibration of :data:`CALIBRATION_GRID` whose correlation ranks the true description
-    of ``puzzles`` (:class:`neuron_assets.validity.ValidityPuzzle`) first most often (ties: the
+    of ``puzzles`` (:class:`neuron_assets.score.validity.ValidityPuzzle`) first most often (ties: the
     larger mean margin, then the earlier grid point). Fit on the project's puzzles only."""
     from itertools import product
 
     from neuron_assets.score import correlation_score
     from neuron_assets.types import Polarity
-    from neuron_assets.validity import true_first_credit
+    from neuron_assets.score.validity import true_first_credit
 
     raws = [simulator.similarities(p.descriptions, p.records) for p in puzzles]
     best, best_key = None, None

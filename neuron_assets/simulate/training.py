@@ -54,11 +54,11 @@ import torch
 
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
 from neuron_assets.score import pearson_over_tokens
-from neuron_assets.select import derangement
+from neuron_assets.score.select import derangement
 from neuron_assets.simulate.alignment import NOT_READ
 from neuron_assets.simulate.base import NUM_CLASSES, discretize
 from neuron_assets.simulate.finetuned import FinetunedSimulator, freeze_token_embeddings
-from neuron_assets.simulate.folds import feature_key, fold_of
+from neuron_assets.simulate.folds import fold_of
 from neuron_assets.store import atomic_path, set_aside
 from neuron_assets.types import ActivationRecord, FeatureExemplars, FeatureId, Polarity, Split
 

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from neuron_assets.score import Score, Scorer
+from neuron_assets.score.base import Score, Scorer
 from neuron_assets.types import FeatureExemplars, FeatureId, Split
 
 CANDIDATE = "candidate"

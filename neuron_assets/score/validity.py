@@ -497,7 +497,7 @@ def _build_simulators(config, skipped: dict[str, str], log) -> dict[str, object]
 
     checkpoint = None
     if config.simulate.finetuned.checkpoint is None:
-        from neuron_assets.scoring import latest_checkpoint
+        from neuron_assets.simulate.checkpoints import latest_checkpoint
         from neuron_assets.store import Store
 
         found = latest_checkpoint(Store(config.root), config)

@@ -1,7 +1,11 @@
-"""The simulate-and-score stages as plain functions: read the store, compute, write the store.
+"""Every stage as a plain function: read config and upstream tables, compute, write through
+the store, return a small summary (rows and paths per partition) that the caller turns into
+metadata. Dagster assets (neuron_assets.defs) and the CLI call these; tests call them directly.
 
-Dagster assets (neuron_assets.defs.score_assets) and the CLI call these; tests call them
-directly. Tables written:
+corpus -> exemplars -> candidate_descriptions -> simulator_training_data ->
+simulator_checkpoint -> description_scores -> neuron_descriptions
+
+Tables the scoring stages write:
 
 - ``simulator_training_data`` (one file): every fold's held-out, stage-1 and stage-2 rows;
 - ``simulator_checkpoints`` (one file, one row per trained simulator, appended): where each
@@ -12,10 +16,8 @@ directly. Tables written:
 - ``neuron_descriptions`` (per layer x polarity): the best candidate by val, its test
   score, and its shuffled control's val and test scores.
 
-Both score tables carry, per row, the simulator's version and ``simulator_saw_feature``:
-whether that simulator trained on the row's feature. Cross-fitting (simulate.training.folds)
-scores each feature with the fold simulator that never saw it, so it is false on every row;
-:func:`leaked_rows` counts the rows where it is not (the assets' check fails on any).
+Every score row carries the simulator's version and ``simulator_saw_feature``
+(:mod:`neuron_assets.score.crossfit`): false on every row a score is reported from.
 """
 
 from __future__ import annotations
@@ -29,33 +31,161 @@ from typing import Callable
 import polars as pl
 
 from neuron_assets.config import Config
-from neuron_assets.exemplars import load_feature_exemplars
-from neuron_assets.score import JUDGE_SCORERS, CorrelationScorer, ScoringContext, Scorer, build_scorers, judged_candidates
-from neuron_assets.select import (
-    SCORES_SCHEMA,
+from neuron_assets.corpus import build_sequences
+from neuron_assets.exemplars import (
+    SEQUENCE_COLUMNS,
+    ExemplarPlan,
+    checkpoint_name,
+    collect_exemplars,
+    load_feature_exemplars,
+    plan_exemplar_pass,
+    select_neurons,
+)
+from neuron_assets.progress import Progress
+from neuron_assets.score import JUDGE_SCORERS, Scorer, judged_candidates
+from neuron_assets.score.crossfit import Scoring, with_provenance
+from neuron_assets.score.select import (
     rows_of,
-    ShuffledControl,
     score_candidates,
     select_best,
     selected_by_feature,
     shuffled_controls,
 )
-from neuron_assets.simulate import FINETUNED, build_simulator, needs_checkpoint, simulator_names
-from neuron_assets.simulate.folds import feature_key, fold_of
+from neuron_assets.simulate import FINETUNED, needs_checkpoint
+from neuron_assets.simulate.checkpoints import append_checkpoint_rows, simulate_hash
 from neuron_assets.store import MissingTableError, Store, with_lineage
+from neuron_assets.subject import SubjectModel, load_subject, load_tokenizer
 from neuron_assets.types import ExemplarKind, FeatureExemplars, FeatureId, Polarity, Split
+from neuron_assets.validate import validate_config
 
+SEQUENCES_TABLE = "sequences"
+CANDIDATES_TABLE = "candidate_descriptions"
 TRAINING_TABLE = "simulator_training_data"
-CHECKPOINTS_TABLE = "simulator_checkpoints"
 SCORES_TABLE = "description_scores"
 DESCRIPTIONS_TABLE = "neuron_descriptions"
-CANDIDATES_TABLE = "candidate_descriptions"
 
 Log = Callable[[str], object]
 
 
 def _quiet(_: str) -> None:
     return None
+
+
+# -- corpus and exemplars ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Written:
+    table: str
+    path: Path
+    rows: int
+    layer: int | None = None
+    polarity: str | None = None
+
+
+def make_corpus(config: Config, run_id: str) -> Written:
+    validate_config(config)  # every check that needs no tokenizing, before any
+    tokenizer = load_tokenizer(config.subject)
+    frame = with_lineage(build_sequences(config.corpus, tokenizer), config.subject.model, config.hash, run_id)
+    return Written(SEQUENCES_TABLE, Store(config.root).write(SEQUENCES_TABLE, frame), frame.height)
+
+
+@dataclass(frozen=True)
+class ExemplarRun:
+    """What make_exemplars wrote, and the memory plan it followed."""
+
+    written: list[Written]
+    plan: ExemplarPlan
+
+
+def make_exemplars(
+    config: Config,
+    partitions: list[tuple[int, Polarity]],
+    run_id: str,
+    subject: SubjectModel | None = None,
+    progress: bool = True,
+    on_batch=None,
+    log=print,
+    measured: dict | None = None,
+) -> ExemplarRun:
+    """Exemplars and neuron stats of the requested (layer, polarity) partitions, from one
+    forward pass over the corpus per group of the plan (one, unless the state exceeds the
+    device budget), each stopping after its deepest layer. Each layer's tables are written
+    as soon as its last pass is done. ``log`` receives the plan before reading starts;
+    ``measured`` (a dict) receives the state sizes the run reached."""
+    store = Store(config.root)
+    if not store.exists(SEQUENCES_TABLE):
+        store.read(SEQUENCES_TABLE)  # raises the error that says how to make the table
+    sequences = pl.read_parquet(store.path(SEQUENCES_TABLE), columns=SEQUENCE_COLUMNS)  # token ids only, no strings
+    subject = subject or load_subject(config.subject)
+    layers = sorted({layer for layer, _ in partitions})
+    polarities = sorted({Polarity(p) for _, p in partitions}, key=lambda p: p.value != "pos")
+    selected = select_neurons(config.features.model_copy(update={"layers": layers}), subject.num_layers,
+                              subject.neurons_per_layer)
+    store.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    batch_size, seed = config.subject.batch_size, config.corpus.seed
+    seq_len = int(sequences["n_tokens"].max())
+    plan = plan_exemplar_pass(selected, polarities, config.exemplars, seq_len, batch_size, subject.device, subject.dtype)
+    log(plan.describe())
+    checkpoint = store.checkpoint_dir / checkpoint_name(subject.name, sequences, selected, polarities, config.exemplars,
+                                                        batch_size, seed)
+    wanted = {(layer, Polarity(polarity)) for layer, polarity in partitions}
+    written = []
+
+    def write(layer: int, polarity: Polarity, exemplars: pl.DataFrame, stats: pl.DataFrame) -> None:
+        if (layer, polarity) not in wanted:
+            return
+        for table, frame in (("exemplars", exemplars), ("neuron_stats", stats)):
+            frame = with_lineage(frame, config.subject.model, config.hash, run_id)
+            path = store.write(table, frame, layer, polarity.value)
+            written.append(Written(table, path, frame.height, layer, polarity.value))
+
+    collect_exemplars(
+        subject, sequences, selected, polarities, config.exemplars, batch_size=batch_size, seed=seed,
+        checkpoint=checkpoint, progress=progress, on_batch=on_batch, plan=plan, on_tables=write, measured=measured,
+    )
+    written.sort(key=lambda w: (w.layer, w.polarity, w.table))
+    return ExemplarRun(written, plan)
+
+
+# -- candidate descriptions -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CandidatesWritten:
+    written: list[Written]  # one per partition, in the requested order
+    frame: pl.DataFrame  # every partition's rows
+    missing: list[tuple[int, str, int]]  # (layer, polarity, neuron) with fewer than k candidates
+    backend: str  # "<backend> (<model>)"
+
+
+def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Polarity]], run_id: str,
+                                explainer=None, progress: Progress | None = None, log: Log = _quiet) -> CandidatesWritten:
+    """k candidate descriptions per feature of each partition, written as each partition is
+    done. ``explainer``: a built explainer to reuse (one is made from config.explain otherwise)."""
+    from neuron_assets.explain import corpus_from_sequences, explain_features, incomplete_features, make_explainer
+
+    store = Store(config.root)
+    explainer = explainer or make_explainer(config.explain)
+    tokenizer = load_tokenizer(config.subject)
+    corpus = corpus_from_sequences(store.read(SEQUENCES_TABLE), seed=config.explain.seed)
+    progress = progress or Progress([])
+    frames, missing, written = [], [], []
+    for layer, polarity in partitions:
+        polarity = Polarity(polarity)
+        features = load_feature_exemplars(store, layer, polarity)
+        with progress.task(f"explain {layer}|{polarity.value}", len(features) * config.explain.k, "candidate") as task:
+            frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
+                                     explainer=explainer, corpus=corpus, on_candidates=task.advance)
+        frame = with_lineage(frame, config.subject.model, config.hash, run_id)
+        path = store.write(CANDIDATES_TABLE, frame, layer, polarity.value)
+        written.append(Written(CANDIDATES_TABLE, path, frame.height, layer, polarity.value))
+        missing += [(layer, polarity.value, n) for n in
+                    incomplete_features(frame, [f.feature.index for f in features], config.explain.k)]
+        frames.append(frame)
+        log(f"layer {layer} {polarity.value}: {frame.height} candidates for {len(features)} features")
+    everything = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+    return CandidatesWritten(written, everything, missing, f"{explainer.backend} ({explainer.model})")
 
 
 # -- reading upstream tables ---------------------------------------------------------------
@@ -190,7 +320,7 @@ def make_simulator_checkpoint(config: Config, run_id: str, log: Log = _quiet, on
             "train_seconds": fold.seconds, "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
             "simulate_hash": simulate_hash(config),
         })
-    _append_checkpoint_rows(store, with_lineage(pl.DataFrame(rows), config.subject.model, config.hash, run_id))
+    append_checkpoint_rows(store, with_lineage(pl.DataFrame(rows), config.subject.model, config.hash, run_id))
     return CheckpointWritten(
         True, "", "+".join(f.version for f in trained), tuple(f.path for f in trained),
         _weighted_mean([(h.described, h.features) for h in last]), _weighted_mean([(h.shuffled, h.features) for h in last]),
@@ -210,187 +340,6 @@ def _special_tokens(tokenizer) -> list[str]:
     from neuron_assets.explain.excerpts import special_tokens
 
     return sorted({text for text in special_tokens(tokenizer).values() if text})
-
-
-def _append_checkpoint_rows(store: Store, rows: pl.DataFrame) -> None:
-    try:
-        existing = store.read(CHECKPOINTS_TABLE)
-    except MissingTableError:
-        existing = None
-    if existing is not None:  # one row per version: a re-materialization of a trained version replaces it
-        existing = existing.filter(~pl.col("version").is_in(rows["version"].to_list()))
-    frame = rows if existing is None else pl.concat([existing, rows], how="diagonal_relaxed")
-    store.write(CHECKPOINTS_TABLE, frame)
-
-
-SIMULATE_HASH_IGNORES = {"device", "batch_size", "checkpoint", "allow_download"}  # not what the weights depend on
-
-
-def simulate_hash(config: Config) -> str:
-    """A short hash of what a trained simulator depends on in the config: simulate.finetuned
-    (less run-time settings) and simulate.training."""
-    import hashlib
-    import json
-
-    payload = [config.simulate.finetuned.model_dump(mode="json", exclude=SIMULATE_HASH_IGNORES),
-               config.simulate.training.model_dump(mode="json")]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def latest_checkpoint(store: Store, config: Config | None = None) -> tuple[str, Path] | None:
-    """(version, path) of the most recently trained simulator whose folder still exists; with
-    ``config``, only among those trained with its simulate.finetuned and simulate.training."""
-    try:
-        frame = store.read(CHECKPOINTS_TABLE)
-    except MissingTableError:
-        return None
-    if config is not None:
-        if "simulate_hash" not in frame.columns:
-            return None
-        frame = frame.filter(pl.col("simulate_hash") == simulate_hash(config))
-    for row in frame.sort("created_at", descending=True).iter_rows(named=True):
-        if (Path(row["path"]) / "simulator.json").is_file():
-            return row["version"], Path(row["path"])
-    return None
-
-
-@dataclass(frozen=True)
-class FoldCheckpoint:
-    fold: int
-    version: str
-    path: Path
-    trained_features: frozenset[str]  # simulate.training.feature_key of each feature it trained on
-
-
-def latest_fold_checkpoints(store: Store, config: Config) -> dict[int, FoldCheckpoint] | None:
-    """Fold -> the most recent trained simulator of that fold under ``config``'s simulator
-    settings (simulate_hash, which includes simulate.training.folds); None unless every fold
-    has one whose folder still exists."""
-    try:
-        frame = store.read(CHECKPOINTS_TABLE)
-    except MissingTableError:
-        return None
-    if not {"simulate_hash", "fold", "trained_features"} <= set(frame.columns):
-        return None
-    found: dict[int, FoldCheckpoint] = {}
-    rows = frame.filter(pl.col("simulate_hash") == simulate_hash(config)).sort("created_at", descending=True)
-    for row in rows.iter_rows(named=True):
-        if row["fold"] not in found and (Path(row["path"]) / "simulator.json").is_file():
-            found[row["fold"]] = FoldCheckpoint(row["fold"], row["version"], Path(row["path"]),
-                                                frozenset(row["trained_features"] or ()))
-    folds = config.simulate.training.folds
-    return found if set(found) == set(range(folds)) else None
-
-
-# -- description scores and neuron descriptions --------------------------------------------
-
-
-_last_built: dict = {}
-
-
-@dataclass
-class Scoring:
-    """The scorers of one run, built once (the simulators load once for every partition).
-
-    With the fine-tuned simulator trained here, its correlation scorer is a
-    :class:`CrossFitScorer`: each feature is scored by the simulator of its own fold, which
-    never trained on it."""
-
-    scorers: list[Scorer]
-    skipped: dict[str, str]  # scorer -> why it did not run
-    simulator_version: str | None  # the fine-tuned simulator's version(s), '+'-joined per fold
-    folds: dict[int, FoldCheckpoint] = field(default_factory=dict)  # empty: not cross-fitted
-    external_checkpoint: bool = False  # simulate.finetuned.checkpoint: its training features are unknown
-
-    @classmethod
-    def build(cls, config: Config, store: Store, judge=None) -> Scoring:
-        """The configured scorers on the latest checkpoints; the last one built is reused while
-        neither the config nor the checkpoints change (the scores and selection assets of one
-        run share the loaded simulators)."""
-        names = simulator_names(config)
-        folds = {}
-        if needs_checkpoint(config):  # none yet: the fine-tuned simulator is unavailable, as it says
-            folds = latest_fold_checkpoints(store, config) or {}
-        external = FINETUNED in names and bool(config.simulate.finetuned.checkpoint)
-        version = ("+".join(folds[f].version for f in sorted(folds)) if folds else
-                   (config.simulate.finetuned.checkpoint if FINETUNED in names else None))
-        key = (config.model_dump_json(), str(store.root), version, id(judge))
-        if _last_built.get("key") != key:
-            def simulator(name: str):
-                checkpoint = folds[0].path if (name == FINETUNED and folds) else None
-                return build_simulator(config, checkpoint, name)
-
-            context = ScoringContext(config, simulator, tuple(names), judge)
-            scorers, skipped = build_scorers(config.score, context)
-            if folds:
-                scorers = [CrossFitScorer.of(s, config, folds) if _is_finetuned_correlation(s) else s for s in scorers]
-            _last_built.clear()
-            _last_built.update(key=key, scoring=cls(scorers, skipped, version, folds, external))
-        return _last_built["scoring"]
-
-    @property
-    def selector(self) -> Scorer:
-        """The scorer whose val score selects (score.select_by; with the simulate.backend simulator)."""
-        return self.scorers[0]
-
-    def provenance(self, feature: FeatureId, simulator: str | None) -> tuple[str | None, bool | None]:
-        """(simulator version, whether that simulator trained on ``feature``) for a row scored
-        with ``simulator``: a simulator not trained here never saw a feature; a checkpoint
-        given in simulate.finetuned.checkpoint has unknown training features (None)."""
-        if simulator != FINETUNED:
-            return None, False
-        if not self.folds:
-            return self.simulator_version, None if self.external_checkpoint else False
-        fold = self.folds[fold_of(feature, len(self.folds))]
-        return fold.version, feature_key(feature) in fold.trained_features
-
-
-def _is_finetuned_correlation(scorer) -> bool:
-    return isinstance(scorer, CorrelationScorer) and scorer.simulator == FINETUNED
-
-
-class CrossFitScorer:
-    """The correlation scorer of the fine-tuned simulator, cross-fitted: a feature of fold f
-    is scored by fold f's simulator (trained only on other folds' features)."""
-
-    name = "correlation"
-    simulator = FINETUNED
-
-    def __init__(self, by_fold: dict[int, Scorer]):
-        self.by_fold = by_fold
-
-    @classmethod
-    def of(cls, first: CorrelationScorer, config: Config, folds: dict[int, FoldCheckpoint]) -> CrossFitScorer:
-        """From the scorer built on fold 0's simulator, the other folds' on theirs."""
-        by_fold = {0: first}
-        for fold, checkpoint in folds.items():
-            if fold != 0:
-                by_fold[fold] = CorrelationScorer(build_simulator(config, checkpoint.path, FINETUNED),
-                                                  first.top, first.random_count)
-        return cls(by_fold)
-
-    def score(self, feature: FeatureExemplars, descriptions, split: Split):
-        return self.by_fold[fold_of(feature.feature, len(self.by_fold))].score(feature, descriptions, split)
-
-
-def with_provenance(frame: pl.DataFrame, scoring: Scoring) -> pl.DataFrame:
-    """``frame`` (rows with layer, polarity, neuron, simulator) with each row's
-    ``simulator_version`` and ``simulator_saw_feature``."""
-    versions, saw = [], []
-    for layer, polarity, neuron, simulator in frame.select("layer", "polarity", "neuron", "simulator").iter_rows():
-        version, seen = scoring.provenance(FeatureId(layer, neuron, Polarity(polarity)), simulator)
-        versions.append(version)
-        saw.append(seen)
-    return frame.with_columns(pl.Series("simulator_version", versions, pl.String),
-                              pl.Series("simulator_saw_feature", saw, pl.Boolean))
-
-
-def leaked_rows(frame: pl.DataFrame) -> int:
-    """Rows scored by a simulator that trained on their feature (simulator_saw_feature true;
-    a table without the column counts every row: nothing says it is clean)."""
-    if "simulator_saw_feature" not in frame.columns:
-        return frame.height
-    return int(frame["simulator_saw_feature"].fill_null(False).sum())
 
 
 @dataclass(frozen=True)
@@ -531,13 +480,3 @@ def read_all(store: Store, table: str) -> pl.DataFrame:
     """Every partition of a per-layer table, concatenated (empty when none is written)."""
     frames = [store.read(table, layer, polarity) for layer, polarity in store.partitions(table)]
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
-
-
-__all__ = [
-    "CHECKPOINTS_TABLE", "DESCRIPTIONS_SCHEMA", "DESCRIPTIONS_TABLE", "SCORES_SCHEMA", "SCORES_TABLE",
-    "TRAINING_TABLE", "CheckpointWritten", "DescriptionsWritten", "Scoring", "ScoresWritten", "ShuffledControl",
-    "TrainingDataWritten", "CrossFitScorer", "FoldCheckpoint", "candidate_partitions", "latest_checkpoint",
-    "latest_fold_checkpoints", "leaked_rows", "with_provenance", "make_description_scores",
-    "make_neuron_descriptions", "make_simulator_checkpoint", "make_simulator_training_data", "read_all",
-    "read_candidates", "simulate_hash",
-]

@@ -1,25 +1,12 @@
-"""Scorers: how well a description predicts its feature on held-out text.
+"""delphi's classification scorers, ``detection`` and ``fuzzing``, and the LLM judge.
 
-Every scorer takes one feature, its k candidate descriptions and a split, and returns one
-:class:`Score` per description, so a scorer can batch the k candidates (the fine-tuned
-simulator shares each exemplar's forward pass among them).
-
-- ``correlation`` (Bills et al., Transluce): Pearson r between simulated and true
-  activations over all tokens of E_split (the top-20 exemplars of the split plus its 5
-  random sequences), concatenated; the true activations are relu(a) for pos and relu(-a)
-  for neg; the fixed prefix is left out. Constant predictions score 0 and are flagged.
-- ``detection`` and ``fuzzing`` (delphi): an LLM, through the explain backend's model, says
-  which examples show the feature (detection) or whether the marked tokens are the
-  feature's (fuzzing); the score is the balanced accuracy over *activating* examples (the
-  split's sequences whose extreme exceeds ``exemplars.activating_fraction`` of the train
-  max, drawn evenly from every activation decile and the top exemplars) and as many
-  *non-activating* ones (the feature's own quiet sequences, below that threshold). They
-  judge only the best ``score.judge_candidates`` candidates by the selecting scorer.
-- ``embedding``: the description and each example embedded with MiniLM (mean pooling);
-  the score is the AUC with which cosine similarity separates activating (top) from
-  random examples.
-
-Scorers are chosen by name from :data:`SCORERS` (``score.scorers``).
+An LLM (the explain backend's model, through the LLM client layer) says which examples show
+the feature (detection) or whether the marked tokens are the feature's (fuzzing). The score
+is the balanced accuracy over *activating* examples (the split's sequences whose extreme
+exceeds ``exemplars.activating_fraction`` of the feature's one activation scale, drawn in
+turn from the top exemplars and every activation decile) and *non-activating* ones (the
+feature's own quiet sequences, below that threshold). Judges see only the best
+``score.judge_candidates`` candidates by the selecting scorer (:func:`judged_candidates`).
 """
 
 from __future__ import annotations
@@ -27,98 +14,14 @@ from __future__ import annotations
 import ast
 import random
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import numpy as np
 
-from neuron_assets.config import Config, ExplainConfig, ScoreConfig
-from neuron_assets.simulate.base import Simulator
-from neuron_assets.types import ActivationRecord, Exemplar, FeatureExemplars, FeatureId, Polarity, Split
-
-CONSTANT_PREDICTION = "constant_prediction"
-CONSTANT_ACTIVATION = "constant_activation"
-TOO_FEW_TOKENS = "too_few_tokens"
-NO_EXAMPLES = "no_examples"
-NO_NEGATIVES = "no_negatives"
-UNANSWERED = "unanswered"
-
-
-@dataclass(frozen=True)
-class Score:
-    value: float  # in [-1, 1]; never NaN
-    flags: tuple[str, ...] = ()  # why a value is a default (constant predictions, no examples, ...)
-    n_examples: int = 0
-    n_tokens: int = 0
-
-
-class Scorer(Protocol):
-    name: str
-    simulator: str | None  # the simulator a score depends on, stored with it
-
-    def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]: ...
-
-
-class ScorerUnavailable(RuntimeError):
-    """A scorer that cannot run with this configuration (no LLM for detection); the message says why."""
-
-
-# -- the correlation scorer ------------------------------------------------------------------
-
-
-def evaluation_records(feature: FeatureExemplars, split: Split, top: int = 20, random_count: int = 5) -> list[ActivationRecord]:
-    """E_split: the split's top exemplars, then its random sequences (each sequence once)."""
-    chosen = [e.record for e in feature.top(split)[:top]] + [e.record for e in feature.random(split)[:random_count]]
-    return list({record.seq_id: record for record in chosen}.values())
-
-
-def pearson_over_tokens(predicted: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> Score:
-    """Pearson r of two per-record token series, all records concatenated."""
-    if len(predicted) != len(true):
-        raise ValueError(f"{len(predicted)} predicted records for {len(true)} true ones")
-    p = np.concatenate([np.asarray(x, dtype=np.float64) for x in predicted]) if predicted else np.zeros(0)
-    t = np.concatenate([np.asarray(x, dtype=np.float64) for x in true]) if true else np.zeros(0)
-    if p.shape != t.shape:
-        raise ValueError(f"{p.size} predicted tokens for {t.size} true ones")
-    n = int(p.size)
-    if n < 2:
-        return Score(0.0, (TOO_FEW_TOKENS,), len(true), n)
-    p_centered, t_centered = p - p.mean(), t - t.mean()
-    p_norm, t_norm = np.sqrt((p_centered**2).sum()), np.sqrt((t_centered**2).sum())
-    if not p_norm > 1e-12 * max(1.0, np.abs(p).max()):
-        return Score(0.0, (CONSTANT_PREDICTION,), len(true), n)
-    if not t_norm > 0:
-        return Score(0.0, (CONSTANT_ACTIVATION,), len(true), n)
-    r = float((p_centered * t_centered).sum() / (p_norm * t_norm))
-    return Score(float(np.clip(r, -1.0, 1.0)), (), len(true), n)
-
-
-def correlation_score(predicted: Sequence[np.ndarray], records: Sequence[ActivationRecord], polarity: Polarity) -> Score:
-    """Pearson r over the records' tokens after their prefix; true = the polarity's activations."""
-    return pearson_over_tokens(
-        [np.asarray(p)[r.prefix_len :] for p, r in zip(predicted, records)],
-        [r.polarity_activations(polarity)[r.prefix_len :] for r in records],
-    )
-
-
-class CorrelationScorer:
-    name = "correlation"
-
-    def __init__(self, simulator: Simulator, top: int = 20, random_count: int = 5):
-        self.simulator_impl = simulator
-        self.simulator = simulator.name
-        self.top = top
-        self.random_count = random_count
-
-    def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]:
-        records = evaluation_records(feature, split, self.top, self.random_count)
-        if not records:
-            return [Score(0.0, (NO_EXAMPLES,)) for _ in descriptions]
-        simulated = self.simulator_impl.simulate(list(descriptions), records)
-        return [correlation_score(per_record, records, feature.feature.polarity) for per_record in simulated]
-
-
-# -- classification scorers (delphi) ---------------------------------------------------------
+from neuron_assets.config import ExplainConfig
+from neuron_assets.score.base import NO_EXAMPLES, NO_NEGATIVES, UNANSWERED, Score, Scorer, ScorerUnavailable, plain_text
+from neuron_assets.types import ActivationRecord, Exemplar, FeatureExemplars, FeatureId, Split
 
 
 @dataclass(frozen=True)
@@ -257,8 +160,8 @@ def detection_examples(feature: FeatureExemplars, split: Split, sample: JudgeSam
                        rng: random.Random) -> list[JudgedExample]:
     """The split's activating examples (true) and quiet ones (false), shown plain."""
     positives, negatives, _ = activating_and_quiet(feature, split, sample, rng)
-    return ([JudgedExample(_plain(e.record), True) for e in positives]
-            + [JudgedExample(_plain(e.record), False) for e in negatives])
+    return ([JudgedExample(plain_text(e.record), True) for e in positives]
+            + [JudgedExample(plain_text(e.record), False) for e in negatives])
 
 
 def fuzzing_examples(feature: FeatureExemplars, split: Split, sample: JudgeSample,
@@ -354,12 +257,6 @@ def fuzzing_marks(values: np.ndarray, threshold: float) -> set[int]:
     return above or {int(values.argmax())}
 
 
-def _plain(record: ActivationRecord) -> str:
-    from neuron_assets.explain.excerpts import defuse_control_tokens
-
-    return defuse_control_tokens("".join(record.tokens[record.prefix_len :]).replace("\n", " "))
-
-
 def _marked(record: ActivationRecord, positions: set[int]) -> str:
     from neuron_assets.explain.excerpts import defuse_control_tokens
 
@@ -377,52 +274,6 @@ def _random_positions(record: ActivationRecord, count: int, rng: random.Random) 
 
 
 # -- the embedding scorer ---------------------------------------------------------------------
-
-
-class EmbeddingScorer:
-    """AUC of cos(description, example) separating the split's top exemplars from its random
-    sequences that peak below every one of them. Sequence embeddings are cached by seq_id
-    (random sequences are shared by every feature)."""
-
-    name = "embedding"
-    simulator = None
-
-    def __init__(self, embed: Callable[[list[str]], np.ndarray], top: int = 20, random_count: int = 5):
-        self.embed = embed
-        self.top = top
-        self.random_count = random_count
-        self._cache: dict[int, np.ndarray] = {}
-
-    def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]:
-        top = feature.top(split)[: self.top]
-        positives = [e.record for e in top]
-        weakest = min((e.extreme for e in top), default=0.0)
-        negatives = [e.record for e in feature.random(split)[: self.random_count]
-                     if e.extreme < weakest and e.record.seq_id not in {r.seq_id for r in positives}]
-        if not positives or not negatives:
-            return [Score(0.5, (NO_NEGATIVES if positives else NO_EXAMPLES,), len(positives) + len(negatives))
-                    for _ in descriptions]
-        records = positives + negatives
-        missing = [r for r in records if r.seq_id not in self._cache]
-        if missing:
-            for record, vector in zip(missing, self.embed([_plain(r) for r in missing])):
-                self._cache[record.seq_id] = vector
-        examples = np.stack([self._cache[r.seq_id] for r in records])
-        queries = self.embed([d or "" for d in descriptions])
-        labels = np.array([True] * len(positives) + [False] * len(negatives))
-        return [Score(roc_auc(examples @ q, labels), (), len(records)) for q in queries]
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Probability that a random positive outranks a random negative (ties count half)."""
-    from scipy.stats import rankdata
-
-    labels = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return 0.5
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 # -- the judge: the explain backend's model answering classification prompts ---------------------
@@ -470,108 +321,3 @@ class LLMJudge:
                 self.unanswered += 1
                 self.failures.append(a.failure)
         return [a.value if a.failure is None else None for a in answers]
-
-
-# -- the registry -------------------------------------------------------------------------------
-
-
-@dataclass
-class ScoringContext:
-    """What scorers are built from. ``simulator_factory(name)`` builds a simulator; it and the
-    judge are made on first use."""
-
-    config: Config
-    simulator_factory: Callable[[str], Simulator]
-    simulators: tuple[str, ...] = ()  # correlation is scored with each; the first selects
-    judge: Judge | None = None
-    embedder: Callable[[list[str]], np.ndarray] | None = None
-    skipped: dict[str, str] = field(default_factory=dict)  # scorer -> why it did not run
-
-    def make_judge(self) -> Judge:
-        if self.judge is None:
-            explain = self.config.explain
-            from neuron_assets.llm import BACKENDS
-
-            if explain.backend not in BACKENDS:
-                raise ScorerUnavailable(
-                    f"detection and fuzzing need an LLM: explain.backend '{explain.backend}' has none "
-                    f"(use one of {', '.join(BACKENDS)}; a vLLM server is the openai backend with base_url)"
-                )
-            self.judge = LLMJudge(explain)
-        return self.judge
-
-    def make_embedder(self) -> Callable[[list[str]], np.ndarray]:
-        if self.embedder is None:
-            from neuron_assets.embedding import sentence_encoder
-
-            self.embedder = sentence_encoder(self.config.score.embedding_model)
-        return self.embedder
-
-
-ScorerFactory = Callable[[ScoringContext], list[Scorer]]
-
-
-def _correlation(context: ScoringContext) -> list[Scorer]:
-    """One correlation scorer per simulator; a simulator after the first that cannot be built
-    here is left out (the first, which selects, must build)."""
-    from neuron_assets.simulate import SimulatorUnavailable
-
-    score = context.config.score
-    scorers = []
-    for i, name in enumerate(context.simulators):
-        try:
-            simulator = context.simulator_factory(name)
-        except SimulatorUnavailable as err:
-            if i == 0:
-                raise ScorerUnavailable(str(err)) from None
-            context.skipped[f"correlation/{name}"] = str(err)
-            continue
-        scorers.append(CorrelationScorer(simulator, score.top_exemplars, score.random_exemplars))
-    return scorers
-
-
-def _judge_settings(config: Config) -> dict:
-    score = config.score
-    return dict(examples=score.judge_examples, batch=score.judge_batch, seed=score.control_seed,
-                quiet=score.judge_quiet, fraction=config.exemplars.activating_fraction)
-
-
-def _detection(context: ScoringContext) -> list[Scorer]:
-    return [DetectionScorer(context.make_judge(), **_judge_settings(context.config))]
-
-
-def _fuzzing(context: ScoringContext) -> list[Scorer]:
-    return [FuzzingScorer(context.make_judge(), **_judge_settings(context.config))]
-
-
-def _embedding(context: ScoringContext) -> list[Scorer]:
-    score = context.config.score
-    return [EmbeddingScorer(context.make_embedder(), score.top_exemplars, score.random_exemplars)]
-
-
-SCORERS: dict[str, ScorerFactory] = {
-    "correlation": _correlation,
-    "detection": _detection,
-    "fuzzing": _fuzzing,
-    "embedding": _embedding,
-}
-
-
-def build_scorers(config: ScoreConfig, context: ScoringContext) -> tuple[list[Scorer], dict[str, str]]:
-    """The configured scorers (the selecting one first), and for each one that cannot run
-    here, why it was skipped. The selecting scorer is the first one named score.select_by."""
-    unknown = [name for name in config.scorers if name not in SCORERS]
-    if unknown:
-        raise ScorerUnavailable(f"unknown scorer(s) {', '.join(unknown)} in score.scorers; known: {', '.join(SCORERS)}")
-    if config.select_by not in config.scorers:
-        raise ScorerUnavailable(f"score.select_by '{config.select_by}' is not in score.scorers {config.scorers}")
-    context.skipped = {}
-    scorers: list[Scorer] = []
-    for name in sorted(dict.fromkeys(config.scorers), key=lambda n: n != config.select_by):
-        try:
-            scorers += SCORERS[name](context)
-        except ScorerUnavailable as err:
-            if name == config.select_by:
-                raise
-            context.skipped[name] = str(err)
-    return scorers, dict(context.skipped)
