@@ -233,6 +233,6 @@ def test_a_range_run_records_each_check_once_per_partition(lexical_run):
     by_check: dict[tuple, set] = {}
     for check in result.get_asset_check_evaluations():
         by_check.setdefault((check.asset_key.to_user_string(), check.check_name), set()).add(check.partition)
-    assert len(by_check) == 6  # three checks on each asset
+    assert len(by_check) == 8  # four checks on each asset (simulator_never_saw_feature among them)
     for (asset, name), partitions in by_check.items():
         assert set(keys) <= partitions, (asset, name, partitions)
