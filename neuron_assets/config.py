@@ -199,6 +199,11 @@ class ExemplarsConfig(Section):
     """Sequences sampled from each quantile bin."""
     quantile_reservoir: int = Field(64, ge=1)
     """Activating sequences held per feature and split to draw the quantile samples from."""
+    output_tokens: int = Field(10, ge=0)
+    """Tokens kept per feature in table `output_tokens`: the next tokens its output direction
+    promotes through the logit lens (the unembedding times the final norm's scale times the
+    neuron's down-projection column; the lowest logits for the negative polarity). Causal LMs
+    only; 0 skips it."""
     activating_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     """A sequence *activates* a feature x polarity when its extreme (sign * activation, max
     over counted tokens) exceeds this fraction of the feature's train max (neuron_stats

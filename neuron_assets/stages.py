@@ -144,8 +144,31 @@ def make_exemplars(
         subject, sequences, selected, polarities, config.exemplars, batch_size=batch_size, seed=seed,
         checkpoint=checkpoint, progress=progress, on_batch=on_batch, plan=plan, on_tables=write, measured=measured,
     )
+    written += _write_output_tokens(config, store, subject, selected, wanted, run_id)
     written.sort(key=lambda w: (w.layer, w.polarity, w.table))
     return ExemplarRun(written, plan)
+
+
+def _write_output_tokens(config: Config, store: Store, subject: SubjectModel, selected: dict[int, list[int]],
+                         wanted: set[tuple[int, Polarity]], run_id: str) -> list[Written]:
+    """The logit-lens ``output_tokens`` table of each wanted partition (none for a subject
+    without an unembedding, or with exemplars.output_tokens 0)."""
+    import torch
+
+    from neuron_assets.features.logit_lens import OUTPUT_TOKENS_TABLE, subject_output_tokens
+    from neuron_assets.subject import resolve_model_path
+
+    layers = {layer: torch.tensor(selected[layer], dtype=torch.long) for layer in sorted({l for l, _ in wanted})}
+    polarities = sorted({p for _, p in wanted}, key=lambda p: p.value != "pos")
+    frames = subject_output_tokens(subject, layers, polarities, config.exemplars.output_tokens,
+                                   resolve_model_path(config.subject.model))
+    written = []
+    for (layer, polarity), frame in sorted(frames.items(), key=lambda item: (item[0][0], item[0][1].value)):
+        if (layer, polarity) in wanted:
+            frame = with_lineage(frame, config.subject.model, config.hash, run_id)
+            path = store.write(OUTPUT_TOKENS_TABLE, frame, layer, polarity.value)
+            written.append(Written(OUTPUT_TOKENS_TABLE, path, frame.height, layer, polarity.value))
+    return written
 
 
 # -- candidate descriptions -----------------------------------------------------------------

@@ -334,7 +334,7 @@ def pinned_extension_path(name: str) -> Path:
 
 # Which asset writes each table: the fix for a damaged file is to materialize it again.
 ASSET_OF_TABLE = {
-    "sequences": "corpus", "exemplars": "exemplars", "neuron_stats": "exemplars",
+    "sequences": "corpus", "exemplars": "exemplars", "neuron_stats": "exemplars", "output_tokens": "exemplars",
     "candidate_descriptions": "candidate_descriptions", "simulator_training_data": "simulator_training_data",
     "simulator_checkpoints": "simulator_checkpoint", "description_scores": "description_scores",
     "neuron_descriptions": "neuron_descriptions",

@@ -75,6 +75,11 @@ def test_run_then_sql_and_show(tiny_config, capsys, monkeypatch):
 
     assert main(["--config", path, "sql", "select count(*) as n from sequences", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"n": 72}]
+    assert main(["--config", path, "sql", "select layer, polarity, count(distinct neuron) as f, max(rank) as r "
+                 "from output_tokens group by all order by 1, 2", "--format", "json"]) == 0
+    lens = json.loads(capsys.readouterr().out)  # the logit lens of every described partition
+    assert [(r["layer"], r["polarity"]) for r in lens] == [(layer, p) for layer in range(3) for p in ("neg", "pos")]
+    assert all(r["f"] > 0 and r["r"] == 9 for r in lens)
 
     neuron = Store(load_config(path).root).read("neuron_stats", 1, "pos")["neuron"][0]
     assert main(["--config", path, "show", "1", str(neuron), "-n", "2"]) == 0
