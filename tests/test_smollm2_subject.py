@@ -15,7 +15,8 @@ from neuron_assets.builtin_models import BUILTIN_MINILM, BUILTIN_SMOLLM2
 from neuron_assets.config import Config, ConfigError, CorpusConfig, SubjectConfig, config_from_dict
 from neuron_assets.corpus import CorpusError, build_sequences, chat_header, tokenize_with_text
 from neuron_assets.simulate.alignment import NOT_READ, CharOffsetEncoder, simulator_input_text, token_spans
-from neuron_assets.subject import SubjectError, _choose_dtype, count_layers, load_subject, load_tokenizer
+from neuron_assets.runtime import choose_dtype
+from neuron_assets.subject import SubjectError, count_layers, load_subject, load_tokenizer
 from neuron_assets.types import ActivationRecord
 
 
@@ -35,7 +36,7 @@ def test_the_default_subject_is_smollm2_and_loads_offline(smollm2, monkeypatch):
     assert count_layers(Config().subject) == 30
     assert sorted(smollm2.sites) == list(range(30)) and smollm2.neurons_per_layer(29) == 1536
     assert smollm2.dtype == torch.float32 and smollm2.device.type == "cpu", "auto on CPU is float32"
-    assert _choose_dtype(Config().subject.dtype, torch.device("cuda")) == torch.bfloat16, "auto on a GPU is bfloat16"
+    assert choose_dtype(Config().subject.dtype, torch.device("cuda")) == torch.bfloat16, "auto on a GPU is bfloat16"
     names = {module: name for name, module in smollm2.model.named_modules()}
     assert names[smollm2.sites[7]] == "layers.7.mlp.down_proj"
     assert load_tokenizer(Config().subject).chat_template, "an instruct model: it has a chat template"
