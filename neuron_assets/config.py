@@ -199,6 +199,14 @@ class ExemplarsConfig(Section):
     """Sequences sampled from each quantile bin."""
     quantile_reservoir: int = Field(64, ge=1)
     """Activating sequences held per feature and split to draw the quantile samples from."""
+    positional_mi: float = Field(0.05, ge=0.0)
+    """neuron_stats flags a feature `positional` when the mutual information (bits) between
+    whether a sampled train token activates it and the token's position (10 bins) exceeds
+    this (Voita et al. use 0.05): such a feature tracks where it is, not what it reads."""
+    unigram_tokens: int = Field(20, ge=1)
+    """neuron_stats flags a feature `unigram` when the strongest 80% of its activating sampled
+    train tokens are at most this many distinct tokens (delphi's context-independence filter;
+    needs twice as many activating sample tokens to judge, else `unigram_tokens` is null)."""
     output_tokens: int = Field(10, ge=0)
     """Tokens kept per feature in table `output_tokens`: the next tokens its output direction
     promotes through the logit lens (the unembedding times the final norm's scale times the

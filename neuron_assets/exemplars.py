@@ -65,6 +65,7 @@ from neuron_assets.types import (
 )
 
 STAT_QUANTILES = (0.5, 0.9, 0.99, 0.999)
+POSITION_BINS = 10  # position bins of the positional filter
 
 
 class Interrupted(RuntimeError):
@@ -597,19 +598,23 @@ class _SplitState:
 
 class _TokenStats:
     """Running sums over every counted train token, and a uniform sample of train tokens (the
-    same tokens for every feature) for approximate quantiles."""
+    same tokens for every feature, with their token ids and positions after the prefix) for
+    approximate quantiles and the positional and unigram filters."""
 
     SUMS = ("sum", "sumsq", "n_pos", "n_neg", "n_tokens")
 
-    def __init__(self, sums: dict, token_keys, token_values):
+    def __init__(self, sums: dict, token_keys, token_values, token_ids, token_positions):
         self.sums, self.token_keys, self.token_values = sums, token_keys, token_values
+        self.token_ids, self.token_positions = token_ids, token_positions  # -1: not known (an older checkpoint)
 
     @classmethod
     def fresh(cls, features, sample_size, device, dtype) -> _TokenStats:
         sums = {name: torch.zeros(features, dtype=torch.float64, device=device) for name in cls.SUMS[:-1]}
         sums["n_tokens"] = torch.zeros((), dtype=torch.float64, device=device)
         return cls(sums, torch.full((sample_size,), -torch.inf, device=device),
-                   torch.zeros((sample_size, features), dtype=dtype, device=device))
+                   torch.zeros((sample_size, features), dtype=dtype, device=device),
+                   torch.full((sample_size,), -1, dtype=torch.long, device=device),
+                   torch.full((sample_size,), -1, dtype=torch.long, device=device))
 
     def entering(self, counted, token_keys):
         """Which batch tokens replace which sample rows: (leaving rows, batch rows, positions,
@@ -638,24 +643,30 @@ class _TokenStats:
             leaving, rows, positions, _ = entering
             self.token_values[leaving, cols] = acts[rows, positions].to(self.token_values.dtype)
 
-    def commit(self, counted, entering) -> None:
-        """After every chunk of a batch: count its tokens, let the entering keys in."""
+    def commit(self, counted, entering, ids, prefix_len) -> None:
+        """After every chunk of a batch: count its tokens, let the entering keys in (with the
+        batch's ``ids`` (B, T) and ``prefix_len`` (B,) on the device)."""
         self.sums["n_tokens"] += counted.sum()
         if entering is not None:
-            leaving, _, _, keys = entering
+            leaving, rows, positions, keys = entering
             self.token_keys[leaving] = keys
+            self.token_ids[leaving] = ids[rows, positions]
+            self.token_positions[leaving] = positions - prefix_len[rows]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.sums.values(), self.token_keys, self.token_values]
+        return [*self.sums.values(), self.token_keys, self.token_values, self.token_ids, self.token_positions]
 
     def state(self) -> dict:
         return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "token_keys": self.token_keys.cpu(),
-                "token_values": self.token_values.cpu()}
+                "token_values": self.token_values.cpu(), "token_ids": self.token_ids.cpu(),
+                "token_positions": self.token_positions.cpu()}
 
     @classmethod
     def restore(cls, saved: dict, device) -> _TokenStats:
+        unknown = torch.full(saved["token_keys"].shape, -1, dtype=torch.long)
         return cls({k: v.to(device) for k, v in saved["sums"].items()}, saved["token_keys"].to(device),
-                   saved["token_values"].to(device))
+                   saved["token_values"].to(device), saved.get("token_ids", unknown).to(device),
+                   saved.get("token_positions", unknown).to(device))
 
     def _quantiles(self, cols: slice, polarity: Polarity) -> np.ndarray | None:
         """(len(STAT_QUANTILES), F) nearest-rank quantiles of the token sample in the polarity's
@@ -675,7 +686,7 @@ class _TokenStats:
             return np.stack([self._ordered[:, r] for r in self._ranks]).astype(np.float32)
         return np.stack([-self._ordered[:, n - 1 - r] for r in self._ranks]).astype(np.float32)
 
-    def frame(self, polarity: Polarity, cols: slice, train_top: _KeptSequences) -> pl.DataFrame:
+    def frame(self, polarity: Polarity, cols: slice, train_top: _KeptSequences, config: ExemplarsConfig) -> pl.DataFrame:
         n = max(float(self.sums["n_tokens"]), 1.0)
         mean = self.sums["sum"][cols] / n
         variance = (self.sums["sumsq"][cols] / n - mean**2).clamp(min=0)
@@ -691,7 +702,59 @@ class _TokenStats:
             columns[_quantile_column(q)] = quantiles[i] if quantiles is not None else np.zeros(len(mean), dtype=np.float32)
         columns["n_tokens"] = np.full(len(mean), int(n), dtype=np.int64)
         columns["scale"] = columns["max"]  # the one activation normalizer (FeatureStats.scale): the train max
-        return pl.DataFrame({name: np.asarray(values) for name, values in columns.items()})
+        columns.update(self._filters(cols, polarity, columns["max"], config))
+        return pl.DataFrame({name: values if isinstance(values, pl.Series) else np.asarray(values)
+                             for name, values in columns.items()})
+
+    def _filters(self, cols: slice, polarity: Polarity, maxima: np.ndarray, config: ExemplarsConfig) -> dict:
+        """delphi's feature filters over the token sample: ``positional_mi`` (bits) between
+        whether a token activates (beyond exemplars.activating_fraction of the train max) and
+        its position after the prefix, in POSITION_BINS equal bins; ``unigram_tokens``, the
+        distinct token ids among the strongest 80% of the activating sample tokens (null with
+        fewer than 2 x exemplars.unigram_tokens of them); and the flags ``positional``
+        (MI above exemplars.positional_mi) and ``unigram`` (at most exemplars.unigram_tokens)."""
+        known = (torch.isfinite(self.token_keys) & (self.token_positions >= 0)).cpu().numpy()
+        values = self.token_values[:, cols].float().cpu().numpy()[known] * polarity.sign  # (n, F)
+        positions = self.token_positions.cpu().numpy()[known]
+        ids = self.token_ids.cpu().numpy()[known]
+        features = values.shape[1]
+        mi = np.zeros(features, dtype=np.float32)
+        distinct = np.full(features, np.nan, dtype=np.float64)
+        if values.shape[0]:
+            active = values > (config.activating_fraction * np.maximum(maxima, 0.0))[None, :]
+            bins = np.minimum(positions * POSITION_BINS // max(int(positions.max()) + 1, 1), POSITION_BINS - 1)
+            mi = positional_information(active, bins, POSITION_BINS)
+            support = 2 * config.unigram_tokens
+            for f in np.nonzero(active.sum(0) >= support)[0]:
+                firing = np.nonzero(active[:, f])[0]
+                strongest = firing[np.argsort(-values[firing, f], kind="stable")][: int(np.ceil(0.8 * firing.size))]
+                distinct[f] = np.unique(ids[strongest]).size
+        unigram = np.where(np.isnan(distinct), False, distinct <= config.unigram_tokens)
+        return {"positional_mi": mi, "positional": mi > config.positional_mi,
+                "unigram_tokens": _nullable_int(distinct), "unigram": unigram}
+
+
+def positional_information(active: np.ndarray, bins: np.ndarray, n_bins: int) -> np.ndarray:
+    """(F,) mutual information in bits between each column of ``active`` (n, F) bool and the
+    position bin (n,) of the same tokens."""
+    n = active.shape[0]
+    onehot = np.zeros((n, n_bins), dtype=np.float64)
+    onehot[np.arange(n), bins] = 1.0
+    p_bin = onehot.sum(0) / n  # (B,)
+    joint_on = onehot.T @ active.astype(np.float64) / n  # (B, F): p(active, bin)
+    joint_off = p_bin[:, None] - joint_on
+    p_on = joint_on.sum(0)  # (F,)
+    mi = np.zeros(active.shape[1])
+    for joint, marginal in ((joint_on, p_on), (joint_off, 1.0 - p_on)):
+        expected = p_bin[:, None] * marginal[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(joint > 0, joint * np.log2(joint / expected), 0.0)
+        mi += terms.sum(0)
+    return np.maximum(mi, 0.0).astype(np.float32)
+
+
+def _nullable_int(values: np.ndarray) -> pl.Series:
+    return pl.Series([None if np.isnan(v) else int(v) for v in values], dtype=pl.Int32)
 
 
 class _PassState:
@@ -758,7 +821,7 @@ class _PassState:
                 if train:
                     self.stats.update(cols, chunk, ranges, entering)
         if train:
-            self.stats.commit(counted, entering)
+            self.stats.commit(counted, entering, batch.ids.to(device), torch.as_tensor(batch.prefix_len, device=device))
 
     def threshold(self, split: str, polarity: Polarity, cols: slice) -> torch.Tensor:
         """(Fc,) activating threshold of the features ``cols`` on the device: the fraction of
@@ -828,7 +891,7 @@ class _PassState:
                                              torch.isfinite(kept.keys), None))
                     blocks.append(_random_block(state, cols, split, polarity, corpus))
                 train_top = self.splits[Split.TRAIN.value].top[polarity.value].rows(cols)
-                stats = self.stats.frame(polarity, cols, train_top).with_columns(
+                stats = self.stats.frame(polarity, cols, train_top, config).with_columns(
                     pl.Series("neuron", self.layout.neurons[layer], dtype=pl.Int32),
                     pl.lit(layer, dtype=pl.Int16).alias("layer"),
                     pl.lit(polarity.value).alias("polarity"),

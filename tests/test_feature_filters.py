@@ -1,0 +1,84 @@
+"""delphi's feature filters in neuron_stats, through the real collector: a planted positional
+neuron and a planted one-token neuron are flagged, a random neuron is not."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from neuron_assets.config import config_from_dict
+from neuron_assets.exemplars import positional_information
+from neuron_assets.stages import make_corpus, make_exemplars
+from neuron_assets.store import Store
+from neuron_assets.types import Polarity
+from tests.support.tiny_models import make_tiny_gpt2, sample_texts
+
+TOKEN_NEURON, POSITION_NEURON, RANDOM_NEURON = 5, 9, 3
+
+
+def test_positional_information_is_the_entropy_when_position_decides_and_zero_when_independent():
+    bins = np.repeat(np.arange(10), 100)
+    decided = (bins == 0)[:, None]  # active exactly in the first bin: MI = H(0.1)
+    entropy = -(0.1 * np.log2(0.1) + 0.9 * np.log2(0.9))
+    assert abs(positional_information(decided, bins, 10)[0] - entropy) < 1e-6
+    independent = np.tile(np.arange(100) % 10 == 0, 10)[:, None]  # active 10% in every bin
+    assert positional_information(independent, bins, 10)[0] < 1e-9
+
+
+def _plant(folder, tokenizer):
+    """A tiny GPT-2 with neuron TOKEN_NEURON reading a residual dimension only " old" writes,
+    and POSITION_NEURON one that only the first four positions' embeddings write."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    [old] = tokenizer(" old", add_special_tokens=False)["input_ids"]
+    hidden = model.config.n_embd
+    with torch.no_grad():
+        # a random tiny GPT-2's position embeddings are as large as its token embeddings, so its
+        # random neurons really are positional (MI about 0.1 bits): only the planted one may be
+        model.transformer.wpe.weight.zero_()
+        for dimension, neuron in ((hidden - 1, TOKEN_NEURON), (hidden - 2, POSITION_NEURON)):
+            model.transformer.wte.weight[:, dimension] = 0.0
+            model.transformer.wpe.weight[:, dimension] = 0.0
+            for block in model.transformer.h:
+                for projection in (block.attn.c_proj, block.mlp.c_proj):  # nothing else writes it
+                    projection.weight[:, dimension] = 0.0
+                    projection.bias[dimension] = 0.0
+            fc = model.transformer.h[0].mlp.c_fc
+            fc.weight[:, neuron] = 0.0
+            fc.bias[neuron] = 0.0
+            fc.weight[dimension, neuron] = 1.0
+        model.transformer.wte.weight[old, hidden - 1] = 1.0
+        model.transformer.wpe.weight[:4, hidden - 2] = 1.0
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_planted_positional_and_one_token_neurons_are_flagged_and_a_random_one_is_not(tmp_path, tiny_tokenizer):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    sentences = sample_texts(800, seed=3)
+    for i in range(100):
+        (texts / f"doc{i:03d}.txt").write_text(" ".join(sentences[i * 8 : (i + 1) * 8]))
+    model = _plant(make_tiny_gpt2(tmp_path / "model", tiny_tokenizer, num_layers=1, hidden=64, intermediate=32,
+                                  heads=1), tiny_tokenizer)
+    config = config_from_dict({
+        "name": "filters",
+        "storage": {"root": str(tmp_path / "home")},
+        "subject": {"model": str(model), "batch_size": 64},
+        "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(texts)}], "seq_len": 32,
+                   "chat_prefix": None, "sequences_per_split": 100},
+        "features": {"layers": [0], "neurons": [RANDOM_NEURON, TOKEN_NEURON, POSITION_NEURON]},
+        "exemplars": {"top_k": 2, "random_per_split": 2, "quantile_bins": 2, "per_quantile": 1, "quantile_reservoir": 4,
+                      "quiet_per_split": 2, "stats_token_sample": 2048, "unigram_tokens": 3},
+    })
+    make_corpus(config, "test")
+    make_exemplars(config, [(0, Polarity.POS)], "test", progress=False)
+    stats = {row["neuron"]: row for row in Store(config.root).read("neuron_stats", 0, "pos").iter_rows(named=True)}
+
+    assert stats[POSITION_NEURON]["positional"] and stats[POSITION_NEURON]["positional_mi"] > 0.2
+    assert not stats[POSITION_NEURON]["unigram"]
+    assert stats[TOKEN_NEURON]["unigram"] and stats[TOKEN_NEURON]["unigram_tokens"] == 1
+    assert not stats[TOKEN_NEURON]["positional"]
+    random = stats[RANDOM_NEURON]
+    assert not random["positional"] and not random["unigram"], random
