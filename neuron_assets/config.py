@@ -250,6 +250,11 @@ class ExplainConfig(Section):
     """Explainer backend: statistical (offline baseline from exemplar statistics), openai
     (OpenAI's API or any OpenAI-compatible server via base_url), vllm (offline vLLM engine,
     GPU), transformers (local Hugging Face generate, small instruct models)."""
+    flagged_features: Literal["all", "skip", "only"] = "all"
+    """What the explain stage does with features neuron_stats flags `positional` or `unigram`
+    (exemplars.positional_mi, exemplars.unigram_tokens): all (explain every feature), skip
+    (leave them out: a position or a single token needs no LLM), only (explain just them
+    first; a later run with `all` adds the rest)."""
     model: str | None = None
     """Explainer model: an OpenAI model name, the name a server serves, or a local Hugging
     Face path (vllm, transformers). Required by every backend but statistical."""

@@ -196,7 +196,8 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
     frames, missing, written = [], [], []
     for layer, polarity in partitions:
         polarity = Polarity(polarity)
-        features = load_feature_exemplars(store, layer, polarity)
+        features = _explained(load_feature_exemplars(store, layer, polarity), store, layer, polarity,
+                              config.explain.flagged_features, log)
         with progress.task(f"explain {layer}|{polarity.value}", len(features) * config.explain.k, "candidate") as task:
             frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
                                      explainer=explainer, corpus=corpus, on_candidates=task.advance)
@@ -209,6 +210,26 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
         log(f"layer {layer} {polarity.value}: {frame.height} candidates for {len(features)} features")
     everything = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
     return CandidatesWritten(written, everything, missing, f"{explainer.backend} ({explainer.model})")
+
+
+FLAGS = ("positional", "unigram")  # neuron_stats' feature filters
+
+
+def _explained(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity, choice: str,
+               log: Log) -> list[FeatureExemplars]:
+    """The features explain.flagged_features keeps: all, those not flagged, or only those flagged."""
+    if choice == "all":
+        return features
+    stats = pl.read_parquet(store.path("neuron_stats", layer, polarity.value))
+    present = [flag for flag in FLAGS if flag in stats.columns]
+    if not present:
+        raise ValueError(f"explain.flagged_features is '{choice}' but neuron_stats of layer {layer} {polarity.value} "
+                         "has no feature flags (written before the filters existed); re-materialize exemplars")
+    flagged = set(stats.filter(pl.any_horizontal(*present))["neuron"].to_list())
+    kept = [f for f in features if (f.feature.index in flagged) == (choice == "only")]
+    log(f"layer {layer} {polarity.value}: explaining {len(kept)} of {len(features)} features "
+        f"({len(flagged)} flagged {'/'.join(present)}; explain.flagged_features: {choice})")
+    return kept
 
 
 # -- reading upstream tables ---------------------------------------------------------------
@@ -402,7 +423,8 @@ def make_description_scores(config: Config, layer: int, polarity: Polarity, run_
     frame = with_lineage(with_provenance(frame, scoring), config.subject.model, config.hash, run_id)
     path = store.write(SCORES_TABLE, frame, layer, polarity.value)
     scored = set(frame["neuron"].unique().to_list()) if frame.height else set()
-    unscored = sorted(f.feature.index for f in features if f.feature.index not in scored)
+    # features the explain stage left out (explain.flagged_features) have no candidate rows
+    unscored = sorted(f.feature.index for f in features if f.feature in candidates and f.feature.index not in scored)
     log(f"layer {layer} {polarity.value}: {frame.height} scores for {len(scored)} features "
         f"({len(unscored)} without candidates)")
     return ScoresWritten(layer, polarity.value, path, frame.height, len(scored), unscored, time.perf_counter() - started)

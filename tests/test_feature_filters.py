@@ -8,7 +8,7 @@ import torch
 
 from neuron_assets.config import config_from_dict
 from neuron_assets.exemplars import positional_information
-from neuron_assets.stages import make_corpus, make_exemplars
+from neuron_assets.stages import make_candidate_descriptions, make_corpus, make_exemplars
 from neuron_assets.store import Store
 from neuron_assets.types import Polarity
 from tests.support.tiny_models import make_tiny_gpt2, sample_texts
@@ -82,3 +82,9 @@ def test_planted_positional_and_one_token_neurons_are_flagged_and_a_random_one_i
     assert not stats[TOKEN_NEURON]["positional"]
     random = stats[RANDOM_NEURON]
     assert not random["positional"] and not random["unigram"], random
+
+    # the explain stage skips the flagged features, or explains only them
+    for choice, described in (("skip", {RANDOM_NEURON}), ("only", {TOKEN_NEURON, POSITION_NEURON})):
+        chosen = config.model_copy(update={"explain": config.explain.model_copy(update={"flagged_features": choice})})
+        made = make_candidate_descriptions(chosen, [(0, Polarity.POS)], "test")
+        assert set(made.frame["neuron"].to_list()) == described, choice
