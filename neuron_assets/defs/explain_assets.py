@@ -28,7 +28,7 @@ from neuron_assets.explain import (
     summarize_candidates,
 )
 from neuron_assets.failures import StageFailed, check_candidates
-from neuron_assets.render import markdown_table
+from neuron_assets.report.render import markdown_table
 from neuron_assets.store import Store, with_lineage
 from neuron_assets.subject import load_tokenizer
 
