@@ -37,24 +37,43 @@ def score_histograms(by_layer: Mapping[int, Sequence[float]], controls: Mapping[
     """One small histogram per layer; the shuffled controls' scores in grey behind."""
     layers = sorted(by_layer)
     plt, figure = _figure(min(3.0 * max(1, len(layers)), 15.0), 2.8)
-    bins = np.linspace(-1, 1, 21)
     for i, layer in enumerate(layers or [0]):
         axis = figure.add_subplot(1, max(1, len(layers)), i + 1)
-        if controls and controls.get(layer):
-            axis.hist(controls[layer], bins=bins, color="0.75", label="shuffled control")
-        if layers:
-            axis.hist(by_layer[layer], bins=bins, color="tab:blue", alpha=0.8, label="best description")
-        axis.set_title(f"layer {layer}", fontsize=9)
-        axis.tick_params(labelsize=7)
-        if i == 0:
-            axis.legend(fontsize=7)
+        _draw_histogram(axis, by_layer.get(layer, []), (controls or {}).get(layer) or [], f"layer {layer}", legend=i == 0)
     figure.suptitle(title, fontsize=10)
     return _png(plt, figure)
 
 
 def best_of_k_figure(curve: BestOfKCurve, title: str = "mean best-of-k score") -> bytes:
     plt, figure = _figure(4.8, 3.4)
-    axis = figure.add_subplot(1, 1, 1)
+    _draw_best_of_k(figure.add_subplot(1, 1, 1), curve, title)
+    return _png(plt, figure)
+
+
+def scores_and_best_of_k(scores: Sequence[float], controls: Sequence[float], curve: BestOfKCurve | None,
+                         title: str, curve_title: str) -> bytes:
+    """A layer x polarity's score histogram (controls in grey behind) and, beside it, its
+    best-of-k curve: one figure, as drawing a figure costs more than drawing an axis."""
+    plt, figure = _figure(8.4 if curve is not None else 4.2, 3.0)
+    _draw_histogram(figure.add_subplot(1, 2 if curve is not None else 1, 1), scores, controls, title, legend=True)
+    if curve is not None:
+        _draw_best_of_k(figure.add_subplot(1, 2, 2), curve, curve_title)
+    return _png(plt, figure)
+
+
+def _draw_histogram(axis, scores: Sequence[float], controls: Sequence[float], title: str, legend: bool) -> None:
+    bins = np.linspace(-1, 1, 21)
+    if len(controls):
+        axis.hist(controls, bins=bins, color="0.75", label="shuffled control")
+    if len(scores):
+        axis.hist(scores, bins=bins, color="tab:blue", alpha=0.8, label="best description")
+    axis.set_title(title, fontsize=9)
+    axis.tick_params(labelsize=7)
+    if legend and (len(scores) or len(controls)):
+        axis.legend(fontsize=7)
+
+
+def _draw_best_of_k(axis, curve: BestOfKCurve, title: str) -> None:
     axis.plot(curve.k, curve.mean_best, "o-", label="mean best of k")
     if curve.fit_a is not None:
         grid = np.linspace(1, max(curve.k), 50)
@@ -63,7 +82,6 @@ def best_of_k_figure(curve: BestOfKCurve, title: str = "mean best-of-k score") -
     axis.set_ylabel("score")
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=8)
-    return _png(plt, figure)
 
 
 def val_test_scatter(val: Sequence[float], test: Sequence[float], control_val: Sequence[float] = (),

@@ -134,7 +134,7 @@ def _neurons_with_pages(summaries: list[_Summary], limit: int) -> dict[tuple[int
 
 
 def _partition_page(summary: _Summary, pages: set[tuple[int, int]]) -> str:
-    from neuron_assets.report.plots import best_of_k_figure, score_histograms
+    from neuron_assets.report.plots import scores_and_best_of_k
 
     title = f"layer {summary.layer} {summary.polarity}"
     frame = summary.neurons
@@ -142,13 +142,9 @@ def _partition_page(summary: _Summary, pages: set[tuple[int, int]]) -> str:
     if "test_score" in frame.columns:
         tests = frame["test_score"].drop_nulls().to_list()
         controls = frame["control_test_score"].drop_nulls().to_list() if "control_test_score" in frame.columns else []
-        parts.append(image(score_histograms({summary.layer: tests}, {summary.layer: controls},
-                                            f"layer {summary.layer} {summary.polarity}: selected description, test score"),
-                           "score histogram"))
-    curve = _best_of_k(summary)
-    if curve is not None:
-        label = _label(summary.selector)
-        parts.append(image(best_of_k_figure(curve, f"mean test score of the val-best of k, {label}"), "best of k"))
+        parts.append(image(scores_and_best_of_k(
+            tests, controls, _best_of_k(summary), f"{title}: selected description, test score",
+            f"val-best of k (test score), {_label(summary.selector)}"), "score histogram and best of k"))
     header = ["neuron", "description", "val", "test", "control val", "control test", "max", "active"]
     rows = []
     for row in frame.iter_rows(named=True):
