@@ -50,17 +50,6 @@ def best_of_k_figure(curve: BestOfKCurve, title: str = "mean best-of-k score") -
     return _png(plt, figure)
 
 
-def scores_and_best_of_k(scores: Sequence[float], controls: Sequence[float], curve: BestOfKCurve | None,
-                         title: str, curve_title: str) -> bytes:
-    """A layer x polarity's score histogram (controls in grey behind) and, beside it, its
-    best-of-k curve: one figure, as drawing a figure costs more than drawing an axis."""
-    plt, figure = _figure(8.4 if curve is not None else 4.2, 3.0)
-    _draw_histogram(figure.add_subplot(1, 2 if curve is not None else 1, 1), scores, controls, title, legend=True)
-    if curve is not None:
-        _draw_best_of_k(figure.add_subplot(1, 2, 2), curve, curve_title)
-    return _png(plt, figure)
-
-
 def _draw_histogram(axis, scores: Sequence[float], controls: Sequence[float], title: str, legend: bool) -> None:
     bins = np.linspace(-1, 1, 21)
     if len(controls):
@@ -128,6 +117,70 @@ def activation_histogram(quantiles: Mapping[float, float], max_value: float, mea
         if mean is not None and lo <= mean <= hi:
             pixels[:, to_x(mean)] = 110
     return png_from_pixels(pixels)
+
+
+def score_histogram_png(scores: Sequence[float], controls: Sequence[float] = (), bins: int = 20,
+                        size: tuple[int, int] = (360, 110)) -> bytes:
+    """Scores in [-1, 1] as a histogram drawn with numpy (no text; the page says the scale):
+    the shuffled controls' bars grey and full width, the scores' bars blue and narrower in
+    front, a dark line at 0; the tallest bar fills the height."""
+    width, height = size
+    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+    edges = np.linspace(-1, 1, bins + 1)
+    counts = [np.histogram(np.clip(np.asarray(v, dtype=float), -1, 1), bins=edges)[0] for v in (controls, scores)]
+    tallest = max(1, max(int(c.max()) for c in counts))
+    x = np.round((edges + 1) / 2 * (width - 1)).astype(int)
+    for (count, color, inset) in ((counts[0], (190, 190, 190), 1), (counts[1], (31, 119, 180), 4)):
+        for i, n in enumerate(count):
+            if n:
+                top = height - 1 - int(round(n / tallest * (height - 4)))
+                pixels[top:height - 1, x[i] + inset:max(x[i + 1] - inset, x[i] + inset + 1)] = color
+    pixels[:, x[bins // 2]] = 60  # zero
+    pixels[-1, :] = 120
+    return png_from_pixels(pixels)
+
+
+def curve_png(curve: BestOfKCurve, size: tuple[int, int] = (300, 110)) -> bytes:
+    """A best-of-k curve drawn with numpy: the mean test score per k (blue, dots) and the
+    power-law fit (orange), y from the lowest to the highest value, no text (the page gives
+    the numbers beside it)."""
+    width, height = size
+    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+    pixels[-1, :] = 120
+    pixels[:, 0] = 120
+    if not curve.k:
+        return png_from_pixels(pixels)
+    grid = np.linspace(1, max(curve.k), 60)
+    fitted = [curve.fitted(k) for k in grid] if curve.fit_a is not None else []
+    values = [*curve.mean_best, *fitted]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    span_k = max(max(curve.k) - 1, 1)
+
+    def at(k: float, value: float) -> tuple[float, float]:
+        return 6 + (k - 1) / span_k * (width - 12), height - 6 - (value - lo) / span * (height - 12)
+
+    if fitted:
+        _polyline(pixels, [at(k, v) for k, v in zip(grid, fitted)], (255, 127, 14), dashed=True)
+    points = [at(k, v) for k, v in zip(curve.k, curve.mean_best)]
+    _polyline(pixels, points, (31, 119, 180))
+    for px, py in points:
+        pixels[max(int(py) - 2, 0):int(py) + 3, max(int(px) - 2, 0):int(px) + 3] = (31, 119, 180)
+    return png_from_pixels(pixels)
+
+
+def _polyline(pixels: np.ndarray, points, color, dashed: bool = False) -> None:
+    """Straight segments between points, two pixels thick (a dashed line skips every other 4 px)."""
+    height, width, _ = pixels.shape
+    drawn = 0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+        for t in np.linspace(0, 1, steps + 1):
+            drawn += 1
+            if dashed and (drawn // 4) % 2:
+                continue
+            x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
+            pixels[min(max(y, 0), height - 2):min(max(y, 0), height - 2) + 2, min(max(x, 0), width - 1)] = color
 
 
 def quantile_bins(quantiles: Mapping[float, float], max_value: float) -> tuple[list[float], list[float]]:

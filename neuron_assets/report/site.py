@@ -134,7 +134,7 @@ def _neurons_with_pages(summaries: list[_Summary], limit: int) -> dict[tuple[int
 
 
 def _partition_page(summary: _Summary, pages: set[tuple[int, int]]) -> str:
-    from neuron_assets.report.plots import scores_and_best_of_k
+    from neuron_assets.report.plots import curve_png, score_histogram_png
 
     title = f"layer {summary.layer} {summary.polarity}"
     frame = summary.neurons
@@ -142,9 +142,17 @@ def _partition_page(summary: _Summary, pages: set[tuple[int, int]]) -> str:
     if "test_score" in frame.columns:
         tests = frame["test_score"].drop_nulls().to_list()
         controls = frame["control_test_score"].drop_nulls().to_list() if "control_test_score" in frame.columns else []
-        parts.append(image(scores_and_best_of_k(
-            tests, controls, _best_of_k(summary), f"{title}: selected description, test score",
-            f"val-best of k (test score), {_label(summary.selector)}"), "score histogram and best of k"))
+        parts.append("<h2>test scores of the selected descriptions</h2>"
+                     + image(score_histogram_png(tests, controls), "score histogram")
+                     + '<p class="muted">x: score from -1 to 1 in bins of 0.1 (dark line: 0); blue: the selected '
+                     "descriptions, grey: their shuffled controls; the tallest bar is "
+                     f"{_tallest(tests, controls)} neurons.</p>")
+    curve = _best_of_k(summary)
+    if curve is not None:
+        fit = (f"; fit mean_best(k) = {curve.fit_a:.3f} k^{curve.fit_b:.3f} (orange)" if curve.fit_a is not None else "")
+        parts.append(f"<h2>best of k: {escape(_label(summary.selector))}</h2>" + image(curve_png(curve), "best of k")
+                     + f'<p class="muted">the mean test score of the candidate val selects among k (blue){fit}</p>'
+                     + table(["k", "mean test score", "neurons"], [list(r) for r in zip(curve.k, curve.mean_best, curve.features)]))
     header = ["neuron", "description", "val", "test", "control val", "control test", "max", "active"]
     rows = []
     for row in frame.iter_rows(named=True):
@@ -165,6 +173,11 @@ def _best_of_k(summary: _Summary):
 
     curve = best_of_k_curve(summary.scores, *selector)
     return curve if curve.k else None
+
+
+def _tallest(scores, controls) -> int:
+    edges = np.linspace(-1, 1, 21)
+    return max([int(np.histogram(np.clip(v, -1, 1), bins=edges)[0].max()) for v in (scores, controls) if len(v)] or [0])
 
 
 def _label(selector) -> str:
