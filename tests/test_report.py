@@ -115,7 +115,7 @@ def test_show_html_writes_one_self_contained_page(finished, tmp_path, capsys):
     shown = [e for p in view.polarities.values()
              for e in p.feature.select(Split.TRAIN, ExemplarKind.TOP)[:3] + p.feature.select(Split.TRAIN, ExemplarKind.QUANTILE)]
     tokens = [t for e in shown for t in e.record.tokens]
-    spans = re.findall(r'<span class="t( c)?"[^>]*>(.*?)</span>', text, flags=re.S)
+    spans = re.findall(r'<span class="t( c)?"[^>]*>(.*?)</span>', text, flags=re.DOTALL)
     assert len(spans) == len(tokens), "one heat-map span per shown token"
     assert [body for _, body in spans] == [html.escape(t.replace("\n", "⏎\n")) for t in tokens]
     prefix = sum(e.record.prefix_len for e in shown)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from neuron_assets.report.neuron import NeuronView, PolarityView, exemplars_of, score_table, stats_line
 from neuron_assets.types import ActivationRecord, ExemplarKind, Polarity, Split
@@ -30,7 +30,7 @@ table.sortable th{cursor:pointer}table.sortable th:after{content:" \\2195";color
 .desc{font-size:1.1em;background:#fafaf0;border-left:4px solid #c90;padding:.3em .6em}
 .ex{font:12.5px/1.7 ui-monospace,SFMono-Regular,Menlo,monospace;white-space:pre-wrap;word-break:break-word;
 border-bottom:1px solid #eee;padding:2px 0}.ex .meta{color:#888;margin-right:.6em}
-.t{border-radius:2px}.t.c{color:#aaa}.muted{color:#777}.sel{font-weight:bold}img{max-width:100%}
+.t{border-radius:2px}.t.c{color:#aaa}.muted{color:#777}img{max-width:100%}
 """
 
 # Click a header to sort its table by that column (numbers as numbers; again: descending).
@@ -124,8 +124,8 @@ def _polarity_column(view: PolarityView, split: Split, top_n: int) -> str:
     from neuron_assets.report.plots import activation_histogram
 
     polarity = view.polarity
-    parts = [f"<div><h2>{polarity.value}: {'most positive' if polarity is Polarity.POS else 'most negative'} "
-             "activations</h2>"]
+    parts = [(f"<div><h2>{polarity.value}: {'most positive' if polarity is Polarity.POS else 'most negative'} "
+             "activations</h2>")]
     if view.selected is not None:
         row = view.selected
         by = row["scorer"] + (f" ({row['simulator']})" if row.get("simulator") else "")

@@ -10,8 +10,8 @@ groups, not the layer. :func:`score_table` lays the scores out once for the term
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import polars as pl
 

@@ -1,4 +1,6 @@
-"""Figures for the Dagster UI and reports: PNG bytes from matplotlib's Agg backend.
+"""Figures for the Dagster UI and reports: PNG bytes from matplotlib's Agg backend, and
+small text-free figures drawn with numpy (:func:`activation_histogram`,
+:func:`score_histogram_png`, :func:`curve_png`) where a report draws hundreds of them.
 
 Every function returns the PNG as bytes; :func:`markdown_image` embeds it in a markdown
 metadata value (a data URI), which the Dagster UI renders inline.
@@ -8,7 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Mapping, Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -106,7 +109,7 @@ def activation_histogram(quantiles: Mapping[float, float], max_value: float, mea
     pixels[-1, :] = 120  # the axis
     if shares:
         lo, hi = edges[0], edges[-1]
-        to_x = lambda v: int(round((v - lo) / (hi - lo) * (width - 1)))  # noqa: E731
+        to_x = lambda v: round((v - lo) / (hi - lo) * (width - 1))
         density = np.log10(np.asarray(shares) / np.diff(edges))
         floor = density.min() - 0.5  # the lowest bar still shows
         tops = (density - floor) / max(density.max() - floor, 1e-9) * (height - 4)
@@ -133,7 +136,7 @@ def score_histogram_png(scores: Sequence[float], controls: Sequence[float] = (),
     for (count, color, inset) in ((counts[0], (190, 190, 190), 1), (counts[1], (31, 119, 180), 4)):
         for i, n in enumerate(count):
             if n:
-                top = height - 1 - int(round(n / tallest * (height - 4)))
+                top = height - 1 - round(n / tallest * (height - 4))
                 pixels[top:height - 1, x[i] + inset:max(x[i + 1] - inset, x[i] + inset + 1)] = color
     pixels[:, x[bins // 2]] = 60  # zero
     pixels[-1, :] = 120
@@ -173,13 +176,13 @@ def _polyline(pixels: np.ndarray, points, color, dashed: bool = False) -> None:
     """Straight segments between points, two pixels thick (a dashed line skips every other 4 px)."""
     height, width, _ = pixels.shape
     drawn = 0
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
         for t in np.linspace(0, 1, steps + 1):
             drawn += 1
             if dashed and (drawn // 4) % 2:
                 continue
-            x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
+            x, y = round(x0 + t * (x1 - x0)), round(y0 + t * (y1 - y0))
             pixels[min(max(y, 0), height - 2):min(max(y, 0), height - 2) + 2, min(max(x, 0), width - 1)] = color
 
 

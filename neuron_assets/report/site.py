@@ -16,7 +16,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,8 @@ def build_report(store: Store, neuron_pages: int = NEURON_PAGES) -> ReportWritte
     if not partitions:
         raise LookupError(f"no neuron_stats under {store.data_dir}; run `neuron-assets run` first")
     target = store.root / REPORT_DIR
+    for leftover in [*store.root.glob(f".{REPORT_DIR}-*.tmp"), *store.root.glob(f".{REPORT_DIR}-old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # of a build that was killed (builds hold the writer lock)
     building = store.root / f".{REPORT_DIR}-{uuid.uuid4().hex[:8]}.tmp"
     (building / "neurons").mkdir(parents=True)
     try:
@@ -61,7 +63,7 @@ def build_report(store: Store, neuron_pages: int = NEURON_PAGES) -> ReportWritte
         for summary in summaries:
             _write(building / summary.filename, _partition_page(summary, pages))
         written = _write_neuron_pages(store, building, summaries, pages)
-        _write(building / INDEX, _index_page(store, summaries))
+        _write(building / INDEX, _index_page(summaries))
         _swap_into_place(building, target)
     finally:
         if building.exists():
@@ -211,11 +213,11 @@ def _write_neuron_pages(store: Store, folder: Path, summaries: list[_Summary], p
 # -- the index ------------------------------------------------------------------------------
 
 
-def _index_page(store: Store, summaries: list[_Summary]) -> str:
+def _index_page(summaries: list[_Summary]) -> str:
     from neuron_assets.report.plots import best_of_k_figure, score_histograms
 
     lineage = next((s.lineage for s in summaries if s.lineage), {})
-    built = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    built = datetime.now(UTC).isoformat(timespec="seconds")
     parts = ["<h1>neuron descriptions</h1>",
              "<p>" + " · ".join(f"{escape(k)} <code>{escape(str(v))}</code>" for k, v in lineage.items())
              + f" · built {built}</p>"]
