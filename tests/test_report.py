@@ -62,9 +62,9 @@ def test_show_prints_every_scorers_val_and_test_and_the_control(finished, capsys
     assert main(["--config", str(finished), "show", "1", str(row["neuron"]), "--polarity", "neg", "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert f"description: {row['description']}" in out
-    for scorer, simulator in scores.select("scorer", "simulator").unique().iter_rows():
+    for scorer, simulator, split in scores.select("scorer", "simulator", "split").unique().iter_rows():
         label = scorer + (f" ({simulator})" if simulator else "")
-        assert f"{label} val" in out and f"{label} test" in out
+        assert f"{label} {split}" in out
     control = scores.filter(pl.col("role") == "shuffled_control")
     assert control.height and f"control (neuron {row['control_source_neuron']})" in out
     table = out.split("shuffled control:")[1].split("exemplars")[0]
@@ -93,11 +93,10 @@ def test_the_score_table_has_a_val_and_test_column_per_scorer_and_simulator():
     view = PolarityView(None, {}, selected, candidates, control, scorers)
     header, table = score_table(view)
     assert header == ["", "candidate", "correlation (semantic) val", "correlation (semantic) test",
-                      "correlation (lexical) val", "correlation (lexical) test", "embedding val", "embedding test",
-                      "description"]
-    assert table[0][:4] == ["*", "#1", pytest.approx(0.11), pytest.approx(1.2)]
+                      "correlation (lexical) val", "embedding val", "description"], "no column without a score"
+    assert table[0][:5] == ["*", "#1", pytest.approx(0.11), pytest.approx(1.2), pytest.approx(0.1)]
     assert table[1][:2] == ["", "#0"] and table[2][1] == "#2" and table[2][-1] == "(failed: HTTP 429)"
-    assert table[3][1] == "control (neuron 8)" and table[3][2:8] == [-0.05, None, -0.05, None, -0.05, None]
+    assert table[3][1] == "control (neuron 8)" and table[3][2:6] == [-0.05, None, -0.05, -0.05]
 
 
 def test_show_html_writes_one_self_contained_page(finished, tmp_path, capsys):

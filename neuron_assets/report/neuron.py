@@ -116,7 +116,8 @@ def load_neurons(store: Store, layer: int, neurons: Sequence[int], polarities: S
 def score_table(view: PolarityView) -> tuple[list[str], list[list]]:
     """Header and rows: one row per candidate (selected first, marked ``*``) and one for the
     shuffled control, a val and a test column per scorer and simulator (None where a score was
-    not computed: only the selecting scorer scores every candidate on test)."""
+    not computed; a column without any score is left out: only the selecting scorer scores
+    every candidate on test, the judges only the best)."""
     header = ["", "candidate"]
     for scorer, simulator in view.scorers:
         label = scorer + (f" ({simulator})" if simulator else "")
@@ -127,7 +128,8 @@ def score_table(view: PolarityView) -> tuple[list[str], list[list]]:
         rows.append(_score_row(view, candidate, "*" if candidate.selected else "", f"#{candidate.number}"))
     if view.control is not None:
         rows.append(_score_row(view, view.control, "", f"control (neuron {view.control.source_neuron})"))
-    return header, rows
+    kept = [i for i in range(len(header)) if i < 2 or i == len(header) - 1 or any(r[i] is not None for r in rows)]
+    return [header[i] for i in kept], [[r[i] for i in kept] for r in rows]
 
 
 def stats_line(view: PolarityView) -> str:
@@ -159,7 +161,8 @@ def neuron_text(view: NeuronView, polarity: Polarity, split: Split, kind: Exempl
         lines.append("description: none selected yet (materialize neuron_descriptions)")
     header, rows = score_table(shown)
     if rows:
-        lines += ["", "scores of every candidate (* selected) and the shuffled control:", *_aligned(header, rows)]
+        lines += ["", "scores of every candidate (* selected) and the shuffled control (a scorer without a test "
+                  "column scored val only):", *_aligned(header, rows)]
     others = [p.value for p in view.polarities if p is not Polarity(polarity)]
     exemplars = exemplars_of(shown, split, kind, n)
     lines.append(f"\n{kind.value} {split.value} exemplars (tokens at >= half the strongest exemplar's activation "
