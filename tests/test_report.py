@@ -67,7 +67,7 @@ def test_show_prints_every_scorers_val_and_test_and_the_control(finished, capsys
         assert f"{label} {split}" in out
     control = scores.filter(pl.col("role") == "shuffled_control")
     assert control.height and f"control (neuron {row['control_source_neuron']})" in out
-    table = out.split("shuffled control:")[1].split("exemplars")[0]
+    table = out.split("scored val only):")[1].split("exemplars")[0]
     for score in control["score"]:
         assert f"{score:.3f}" in table
     assert f"test {row['test_score']:.3f}" in out and f"test {row['control_test_score']:.3f}" in out
