@@ -2,7 +2,8 @@
 
     neuron-assets run                          materialize every asset of the config
     neuron-assets sql "select ..."             read-only SQL over the catalog
-    neuron-assets show 3 975 --polarity pos    a neuron's description and exemplars, activating tokens marked
+    neuron-assets show 3 975 --polarity pos    a neuron's description, every score, exemplars, activating tokens marked
+    neuron-assets report --open                the static HTML report: layers, score histograms, neuron pages
     neuron-assets config                       the effective config, every field documented
     neuron-assets plan --device h100           each stage's memory, device-hours, disk and cost, before a run
     neuron-assets validate-scorers             how often each simulator ranks true descriptions first
@@ -63,14 +64,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="rows shown in table format")
     sql.set_defaults(handler=cmd_sql)
 
-    show = commands.add_parser("show", help="a neuron's statistics and exemplars, activating tokens marked")
+    show = commands.add_parser("show", help="a neuron's statistics, descriptions with every score, and exemplars, "
+                               "activating tokens marked")
     show.add_argument("layer", type=int)
     show.add_argument("neuron", type=int)
     show.add_argument("--polarity", choices=["pos", "neg"], default="pos")
     show.add_argument("--split", choices=["train", "val", "test"], default="train")
     show.add_argument("--kind", choices=[k.value for k in ExemplarKind], default="top")
     show.add_argument("-n", type=_at_least_one(), default=10, help="exemplars shown")
+    show.add_argument("--html", metavar="PATH", help="also write a self-contained page of the neuron to PATH: every "
+                      "polarity side by side, candidates with scores, statistics, top and quantile exemplars as heat-maps")
     show.set_defaults(handler=cmd_show)
+
+    report = commands.add_parser("report", help="build (or find, when up to date) the static HTML report of the store "
+                                 "and print the path of its index")
+    report.add_argument("--open", action="store_true", help="open the index in a web browser")
+    report.add_argument("--rebuild", action="store_true", help="build it again even when it is up to date")
+    report.set_defaults(handler=cmd_report)
 
     show_config = commands.add_parser("config", help="print the effective config as YAML, every field documented")
     show_config.set_defaults(handler=cmd_config)
@@ -194,6 +204,9 @@ def _print_summary(store, views: list[str], outcome, seconds: float) -> None:
               f"See: neuron-assets sql \"select failure, count(*) from {asset} where failure is not null group by 1\"",
               file=sys.stderr)
     print(f"\ndone in {seconds:.0f} s. DuckDB catalog: {store.catalog_path}")
+    report = store.root / "report" / "index.html"
+    if report.is_file():
+        print(f"HTML report: {report} (neuron-assets report --open)")
     print('query it: neuron-assets sql "select layer, polarity, count(*) from exemplars group by all"')
 
 
@@ -340,8 +353,7 @@ def _at_least_one(hint: str = ""):
 
 
 def cmd_show(args) -> int:
-    from neuron_assets.exemplars import load_feature_exemplars
-    from neuron_assets.render import highlight_terminal
+    from neuron_assets.report.neuron import load_neuron, neuron_text
     from neuron_assets.store import Store
     from neuron_assets.types import ExemplarKind, Polarity, Split
 
@@ -353,40 +365,56 @@ def cmd_show(args) -> int:
         if damaged is not None:
             raise LookupError(f"{damaged.path} is damaged ({damaged.problem}); rerun that partition: "
                               f"{rerun_command(damaged, store, args.config)}")
-    features = load_feature_exemplars(store, args.layer, Polarity(args.polarity), neurons=[args.neuron])  # one neuron read
-    feature = features[0] if features else None
-    if feature is None:
-        import polars as pl
+    view = load_neuron(store, args.layer, args.neuron, Polarity(args.polarity))  # this neuron's rows only
+    if args.html:
+        from neuron_assets.report.html import neuron_page
+        from neuron_assets.store import atomic_path
 
-        collected = pl.read_parquet(store.path("neuron_stats", args.layer, args.polarity), columns=["neuron"])["neuron"]
-        some = ", ".join(str(n) for n in sorted(collected.to_list())[:20])
-        raise LookupError(f"neuron {args.neuron} of layer {args.layer} was not collected; collected neurons include {some} "
-                          "(set features.neurons to collect others)")
-    stats = feature.stats
-    color = sys.stdout.isatty()
-    print(f"{feature.feature}: max {stats.max:.3f}, mean {stats.mean:.3f}, std {stats.std:.3f}, "
-          f"active on {stats.frac_active:.1%} of tokens; q99 {stats.quantiles[0.99]:.3f}")
-    descriptions = _best_description(store, feature.feature)
-    if descriptions:
-        print(descriptions)
-    print(f"\n{args.kind} {args.split} exemplars (tokens at >= half the strongest exemplar's activation "
-          + ("in bold" if color else "in {{ }}") + "):")
-    exemplars = feature.select(Split(args.split), ExemplarKind(args.kind))[: args.n]
-    reference = max((e.extreme for e in exemplars), default=0.0)
-    for exemplar in exemplars:
-        print(f"{exemplar.rank:>3} {exemplar.extreme:>8.3f}  {highlight_terminal(exemplar.record, feature.feature.polarity, color, reference)}")
+        target = Path(args.html).expanduser()
+        if target.is_dir():
+            raise ValueError(f"--html {target} is a folder; give a file name (e.g. {target / 'neuron.html'})")
+        with atomic_path(target) as tmp:
+            tmp.write_text(neuron_page(view, Split(args.split), args.n), encoding="utf-8")
+        print(f"wrote {target}", file=sys.stderr)
+    print(neuron_text(view, Polarity(args.polarity), Split(args.split), ExemplarKind(args.kind), args.n, sys.stdout.isatty()))
     return 0
 
 
-def _best_description(store, feature) -> str | None:
-    if not store.exists("neuron_descriptions", feature.layer, feature.polarity.value):
-        return None
-    import polars as pl
+# -- report -------------------------------------------------------------------------------
 
-    rows = store.read("neuron_descriptions", feature.layer, feature.polarity.value).filter(pl.col("neuron") == feature.index)
-    if rows.height == 0 or "description" not in rows.columns:
-        return None
-    return f"description: {rows['description'][0]}"
+
+def cmd_report(args) -> int:
+    import uuid
+
+    from neuron_assets.lock import StoreLocked, writer_lock
+    from neuron_assets.report.site import build_report, report_index
+    from neuron_assets.resume import Markers
+    from neuron_assets.store import Store
+
+    config = load_config(args.config)
+    store = Store(config.root)
+    index = report_index(store)
+    # the partitions the store holds (no model read, no Dagster import): the report is of them
+    markers = Markers(config, [f"{layer}|{polarity}" for layer, polarity in store.partitions("neuron_stats")])
+    if args.rebuild or not index.is_file() or not markers.up_to_date("neuron_report"):
+        run_id = str(uuid.uuid4())
+        try:
+            with writer_lock(config.root, run_id, command="neuron-assets report"):
+                markers.invalidate("neuron_report", None)
+                written = build_report(store)
+                markers.complete("neuron_report", None, [written.index.parent], run_id)
+        except StoreLocked as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"built the report in {written.seconds:.1f} s: {written.partition_pages} layer x polarity pages, "
+              f"{written.neuron_pages} neuron pages", file=sys.stderr)
+    print(index)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(index.resolve().as_uri()):
+            print(f"no browser could be started here; open {index} on a machine with one", file=sys.stderr)
+    return 0
 
 
 def cmd_config(args) -> int:

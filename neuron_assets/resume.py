@@ -51,6 +51,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("neuron_descriptions", ("explain", "simulate", "score"),
           ("description_scores", "exemplars", "simulator_checkpoint"), True),
     Stage("scorer_validity", ("subject", "corpus", "simulate", "score"), ("corpus", "simulator_checkpoint"), False),
+    Stage("neuron_report", (), ("exemplars", "candidate_descriptions", "description_scores", "neuron_descriptions"), False),
 )}
 
 

@@ -379,7 +379,7 @@ def test_detection_through_a_local_chat_model_and_skipped_without_one(corpus, ti
 
 
 def test_metadata_figures_are_png_images():
-    from neuron_assets.plots import best_of_k_figure, loss_curve_figure, markdown_image, score_histograms, val_test_scatter
+    from neuron_assets.report.plots import best_of_k_figure, loss_curve_figure, markdown_image, score_histograms, val_test_scatter
     from neuron_assets.score.select import BestOfKCurve
 
     figures = [

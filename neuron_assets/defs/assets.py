@@ -15,7 +15,7 @@ from neuron_assets.defs.partitions import parse_partition_keys, partition_key
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
 from neuron_assets.defs.runs import RunSettings
 from neuron_assets.stages import Written, make_corpus, make_exemplars
-from neuron_assets.render import markdown_table
+from neuron_assets.report.render import markdown_table
 from neuron_assets.store import Store
 from neuron_assets.types import Split
 
@@ -142,7 +142,7 @@ def _written_table(written: list[Written]) -> str:
 def _preview(store: Store, layer: int, polarity) -> str:
     """The first neuron's three strongest train exemplars, activating tokens in bold."""
     from neuron_assets.exemplars import load_feature_exemplars
-    from neuron_assets.render import highlight_markdown
+    from neuron_assets.report.render import highlight_markdown
 
     first = pl.read_parquet(store.path("neuron_stats", layer, polarity.value), columns=["neuron"])["neuron"].min()
     features = load_feature_exemplars(store, layer, polarity, neurons=[first])

@@ -23,7 +23,7 @@ from neuron_assets.explain import (
     summarize_candidates,
 )
 from neuron_assets.failures import StageFailed, check_candidates
-from neuron_assets.render import markdown_table
+from neuron_assets.report.render import markdown_table
 from neuron_assets.stages import CANDIDATES_TABLE as TABLE, make_candidate_descriptions
 from neuron_assets.store import Store
 

@@ -17,14 +17,14 @@ from neuron_assets.defs.assets import log_partition_checks
 from neuron_assets.defs.partitions import all_partitions_tags, parse_partition_keys, partition_key
 from neuron_assets.defs.resources import NeuronAssetsConfig
 from neuron_assets.defs.runs import RunSettings, StageRun
-from neuron_assets.plots import (
+from neuron_assets.report.plots import (
     best_of_k_figure,
     loss_curve_figure,
     markdown_image,
     score_histograms,
     val_test_scatter,
 )
-from neuron_assets.render import markdown_table
+from neuron_assets.report.render import markdown_table
 from neuron_assets.score.crossfit import Scoring, leaked_rows
 from neuron_assets.simulate.checkpoints import CHECKPOINTS_TABLE
 from neuron_assets.stages import (

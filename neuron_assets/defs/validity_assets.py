@@ -10,7 +10,7 @@ import dagster as dg
 
 from neuron_assets.defs.resources import NeuronAssetsConfig
 from neuron_assets.defs.runs import RunSettings
-from neuron_assets.render import markdown_table
+from neuron_assets.report.render import markdown_table
 from neuron_assets.store import Store, with_lineage
 from neuron_assets.score.validity import VALIDITY_TABLE, ValidityReport, report_frame, report_table, validate_scorers
 
