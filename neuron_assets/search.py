@@ -321,7 +321,8 @@ def search(store: Store, query: str, top: int = 10, mode: Mode = "semantic", fil
         raise ValueError("the search text is empty; give a few words, e.g. neuron-assets search \"closing brackets\"")
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
-    with open_search(store, log) as session:
+    # Each extension costs its load on every connection: only the one the search uses.
+    with open_search(store, log, extensions=("fts",) if mode == "text" else ("vss",)) as session:
         if mode == "text":
             return session.text(query, top, filters)
         model = session.embedding_model()
@@ -333,8 +334,9 @@ def search(store: Store, query: str, top: int = 10, mode: Mode = "semantic", fil
         return session.semantic(vector, top, filters)
 
 
-def open_search(store: Store, log: Log = _quiet) -> "SearchSession":
-    """A contained read connection with the search index attached (rebuilt first when stale)."""
+def open_search(store: Store, log: Log = _quiet, extensions: Sequence[str] = ("vss", "fts")) -> "SearchSession":
+    """A contained read connection with the search index attached (rebuilt first when stale),
+    and those of the pinned ``extensions`` that load."""
     if not _embedding_files(store):
         raise LookupError(f"no description embeddings under {store.data_dir / EMBEDDINGS_TABLE}; run "
                           "`neuron-assets run` (or materialize the 'description_embeddings' asset) first")
@@ -346,7 +348,7 @@ def open_search(store: Store, log: Log = _quiet) -> "SearchSession":
             current = True
         except OSError as err:  # a read-only copy of a store: exact search over the Parquet files
             notes.append(f"the search index could not be rebuilt ({err}); searching the Parquet files exactly")
-    loaded = _loadable_extensions()
+    loaded = tuple(name for name in _loadable_extensions() if name in extensions)
     while True:
         try:
             con = store.connect(extensions=loaded)
