@@ -4,6 +4,8 @@
     neuron-assets sql "select ..."             read-only SQL over the catalog
     neuron-assets show 3 975 --polarity pos    a neuron's description, every score, exemplars, activating tokens marked
     neuron-assets report --open                the static HTML report: layers, score histograms, neuron pages
+    neuron-assets search "closing brackets"    descriptions nearest a text in meaning (--text: by words, BM25)
+    neuron-assets export --format parquet OUT  the description database with provenance (jsonl, neuronpedia too)
     neuron-assets config                       the effective config, every field documented
     neuron-assets plan --device h100           each stage's memory, device-hours, disk and cost, before a run
     neuron-assets validate-scorers             how often each simulator ranks true descriptions first
@@ -81,6 +83,25 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--open", action="store_true", help="open the index in a web browser")
     report.add_argument("--rebuild", action="store_true", help="build it again even when it is up to date")
     report.set_defaults(handler=cmd_report)
+    search = commands.add_parser("search", help="descriptions nearest a text in meaning (MiniLM vectors, HNSW), "
+                                 "or by words with --text (BM25)")
+    search.add_argument("text", help="what to look for, e.g. \"closing brackets in code\"")
+    search.add_argument("--text", dest="full_text", action="store_true",
+                        help="full-text search (BM25; ILIKE where the fts extension is missing) instead of semantic")
+    search.add_argument("--top", type=_at_least_one(), default=10, help="hits shown")
+    search.add_argument("--layer", type=int, help="only this layer")
+    search.add_argument("--polarity", choices=["pos", "neg"], help="only this polarity")
+    search.add_argument("--min-score", type=float, help="only descriptions whose test score is at least this")
+    search.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    search.set_defaults(handler=cmd_search)
+
+    export = commands.add_parser("export", help="write the description database out: one Parquet or JSONL file "
+                                 "with provenance columns, or Neuronpedia's explanation batches")
+    export.add_argument("out", metavar="OUT", help="the file (parquet, jsonl) or folder (neuronpedia) to write")
+    export.add_argument("--format", choices=["parquet", "jsonl", "neuronpedia"], required=True)
+    export.add_argument("--model-id", help="neuronpedia: the model id (default: from the subject model's name, "
+                        "e.g. llama3.1-8b-it for meta-llama/Llama-3.1-8B-Instruct)")
+    export.set_defaults(handler=cmd_export)
 
     show_config = commands.add_parser("config", help="print the effective config as YAML, every field documented")
     show_config.set_defaults(handler=cmd_config)
@@ -414,6 +435,62 @@ def cmd_report(args) -> int:
 
         if not webbrowser.open(index.resolve().as_uri()):
             print(f"no browser could be started here; open {index} on a machine with one", file=sys.stderr)
+    return 0
+
+
+# -- search and export ------------------------------------------------------------------------
+
+
+def cmd_search(args) -> int:
+    from neuron_assets.search import Filters, search
+    from neuron_assets.store import Store
+
+    config = load_config(args.config)
+    store = Store(config.root)
+    if not store.data_dir.exists():
+        raise LookupError(f"no data under {config.root}; run `neuron-assets run` first")
+    result = search(store, args.text, top=args.top, mode="text" if args.full_text else "semantic",
+                    filters=Filters(args.layer, args.polarity, args.min_score),
+                    log=lambda line: print(line, file=sys.stderr))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    rows = [hit.as_dict() for hit in result.hits]
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+        return 0
+    if args.format == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["rank"])
+        writer.writeheader()
+        writer.writerows(rows)
+        return 0
+    if not rows:
+        print("no description matches" + (" these filters" if args.layer is not None or args.polarity or
+                                          args.min_score is not None else ""))
+        return 0
+    match = {"hnsw": "cosine", "exact": "cosine", "bm25": "bm25", "ilike": "words"}[result.method]
+    print(f"{'#':>3} {match:>7} {'score':>6} {'feature':<12} description")
+    for hit in result.hits:
+        score = "-" if hit.score is None else f"{hit.score:.3f}"
+        feature = f"{hit.layer}/{hit.neuron} {hit.polarity}"
+        description = hit.description if len(hit.description) <= 90 else hit.description[:87] + "..."
+        extra = "" if hit.source == "selected" else f" (candidate {hit.candidate})"
+        print(f"{hit.rank:>3} {hit.match:>7.3f} {score:>6} {feature:<12} {description}{extra}")
+        print(f"{'':>30}{hit.show_command}")
+    print(f"({result.method} search; score: the description's test score)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from neuron_assets.export import export
+    from neuron_assets.store import Store
+
+    config = load_config(args.config)
+    written = export(Store(config.root), args.format, Path(args.out).expanduser(), model_id=args.model_id)
+    print(f"wrote {written.rows} descriptions to {written.path}" + (f" ({written.files} files)" if written.files > 1 else ""),
+          file=sys.stderr)
     return 0
 
 

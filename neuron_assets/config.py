@@ -560,6 +560,15 @@ class ScoreConfig(Section):
     """Cron schedule of the rescore job (null: no schedule)."""
 
 
+class SearchConfig(Section):
+    embedding_model: str = BUILTIN_MINILM
+    """Sentence embedding model of description search (`neuron-assets search`); the query is
+    embedded with the model recorded beside the stored vectors."""
+    candidates: bool = False
+    """Also embed every candidate description (k per feature), not only the selected one, so a
+    search finds the descriptions best-of-k passed over too (k times the vectors)."""
+
+
 class Config(Section):
     name: str = "demo"
     """A name for this configuration, shown in the UI and stored in the catalog."""
@@ -571,6 +580,7 @@ class Config(Section):
     explain: ExplainConfig = ExplainConfig()
     simulate: SimulateConfig = SimulateConfig()
     score: ScoreConfig = ScoreConfig()
+    search: SearchConfig = SearchConfig()
 
     @field_validator("name")
     @classmethod

@@ -50,6 +50,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("candidate_descriptions", "exemplars", "simulator_checkpoint"), True),
     Stage("neuron_descriptions", ("explain", "simulate", "score"),
           ("description_scores", "exemplars", "simulator_checkpoint"), True),
+    Stage("description_embeddings", ("subject", "search"),
+          ("neuron_descriptions", "candidate_descriptions"), True),
     Stage("scorer_validity", ("subject", "corpus", "simulate", "score"), ("corpus", "simulator_checkpoint"), False),
     Stage("neuron_report", (), ("exemplars", "candidate_descriptions", "description_scores", "neuron_descriptions"), False),
 )}

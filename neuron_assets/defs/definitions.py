@@ -12,6 +12,7 @@ from neuron_assets.defs.report_assets import neuron_report
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
 from neuron_assets.defs.runs import RunSettings
 from neuron_assets.defs.score_assets import score_definitions
+from neuron_assets.defs.search_assets import search_assets
 from neuron_assets.defs.validity_assets import scorer_validity
 
 
@@ -22,7 +23,7 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     scoring = score_definitions(partitions, config)
     return dg.Definitions(
         assets=[corpus, *exemplar_assets(partitions), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
-                neuron_report],
+                neuron_report, *search_assets(partitions)],
         jobs=scoring["jobs"],
         schedules=scoring["schedules"],
         sensors=scoring["sensors"],
