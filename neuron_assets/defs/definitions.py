@@ -10,6 +10,7 @@ from neuron_assets.defs.explain_assets import ExplainerResource, explain_assets
 from neuron_assets.defs.partitions import layer_polarity_partitions
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
 from neuron_assets.defs.runs import RunSettings
+from neuron_assets.defs.sae_assets import sae_assets
 from neuron_assets.defs.score_assets import score_definitions
 from neuron_assets.defs.validity_assets import scorer_validity
 
@@ -20,7 +21,8 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     partitions = layer_polarity_partitions(config)
     scoring = score_definitions(partitions, config)
     return dg.Definitions(
-        assets=[corpus, *exemplar_assets(partitions), *explain_assets(partitions, config), *scoring["assets"], scorer_validity],
+        assets=[corpus, *exemplar_assets(partitions), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
+                *sae_assets(config)],
         jobs=scoring["jobs"],
         schedules=scoring["schedules"],
         sensors=scoring["sensors"],
