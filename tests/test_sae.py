@@ -14,8 +14,8 @@ import torch
 
 from neuron_assets.config import SaeConfig, load_config
 from neuron_assets.features.sae import (
-    SPARSITY_RULES,
     L1,
+    SPARSITY_RULES,
     SaeError,
     SparseAutoencoder,
     TensorStream,

@@ -36,10 +36,10 @@ def sae_assets(config: Config) -> list[dg.AssetsDefinition]:
         key = runtime.cache_key("site_subject", config.subject.model_dump(mode="json"))
         try:
             subject, causal = runtime.shared(key, lambda: load_site_subject(config.subject))
-            with run.stage(context, config) as stage:
-                with stage.progress.task(f"sae layer {layer}", config.sae.steps, "step") as task:
-                    result = make_sae(config, layer, subject, causal, log=context.log.info,
-                                      on_step=lambda done: task.advance(done - task.done))
+            with run.stage(context, config) as stage, \
+                    stage.progress.task(f"sae layer {layer}", config.sae.steps, "step") as task:
+                result = make_sae(config, layer, subject, causal, log=context.log.info,
+                                  on_step=lambda done: task.advance(done - task.done))
         finally:
             runtime.release(key)  # the next GPU stage gets the memory back
         return dg.MaterializeResult(metadata=sae_metadata(result, config), data_version=dg.DataVersion(

@@ -26,9 +26,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -411,7 +412,7 @@ def _load_state(folder: Path, settings: TrainSettings, d_in: int, d_latent: int,
         info = json.loads(info_path.read_text())
         with safe_open(str(weights), framework="pt") as handle:
             stamp = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is no dict
         if stamp.get("step") != str(info["step"]):
             raise ValueError(f"state.json is at step {info['step']} but the weights at step {stamp.get('step')}")
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint means a fresh start

@@ -10,9 +10,9 @@ first ``sae.eval_sequences`` sequences of the val split.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 

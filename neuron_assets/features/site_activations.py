@@ -13,9 +13,9 @@ finds the block of its step without reading anything before it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import polars as pl
