@@ -567,6 +567,45 @@ class SearchConfig(Section):
     candidates: bool = False
     """Also embed every candidate description (k per feature), not only the selected one, so a
     search finds the descriptions best-of-k passed over too (k times the vectors)."""
+class SaeConfig(Section):
+    layers: list[int] = []
+    """Layers whose neuron site gets a sparse autoencoder (asset `sae_checkpoint`, one partition
+    per layer). Empty: no SAE is trained or loaded."""
+    kind: Literal["topk", "l1"] = "topk"
+    """topk: the k largest latents per token (Gao et al., 2024); l1: ReLU latents with an L1
+    penalty (Bricken et al., 2023)."""
+    expansion: int = Field(8, ge=1)
+    """Latents per site dimension (Bricken et al. use 8x-256x; 1x-32x fits a laptop)."""
+    k: int = Field(32, ge=1)
+    """Latents on per token for kind topk."""
+    l1_coefficient: float = Field(5.0, gt=0)
+    """Weight of the L1 penalty for kind l1, on activations scaled to a mean squared norm of
+    the site's width."""
+    steps: int = Field(2000, ge=1)
+    """Training steps; tokens seen = steps x batch_tokens (epochs over the train split repeat)."""
+    batch_tokens: int = Field(1024, ge=1)
+    """Tokens per training step."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Adam learning rate, decayed linearly to zero over the last 20% of the steps."""
+    block_sequences: int = Field(128, ge=1)
+    """Sequences read per shuffle block: their tokens are shuffled together into batches, so
+    the activations held at once are this many sequences' worth."""
+    eval_sequences: int = Field(64, ge=1)
+    """Val sequences the metrics and the reconstruction score are measured on."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Steps between checkpoints; a killed run resumes from the last one."""
+    resample_dead_after: int = Field(500, ge=0)
+    """Steps without firing after which a latent counts as dead and is resampled (0: never)."""
+    path: str | None = None
+    """Load SAEs trained elsewhere instead of training: a folder of per-layer folders (or one
+    SAE's folder) in the layout of `format`."""
+    format: Literal["sparsify", "saelens", "neuron_assets"] = "sparsify"
+    """Layout under `path`: sparsify (cfg.json + sae.safetensors per hookpoint folder), saelens
+    (cfg.json + sae_weights.safetensors) or neuron_assets (this project's sae.json + sae.safetensors)."""
+    device: str = "auto"
+    """torch device of the SAE (float32 weights): auto (cuda when available), cpu, cuda, ..."""
+    seed: int = 0
+    """Seed of the initialisation, the block order and the resampling."""
 
 
 class Config(Section):
@@ -581,6 +620,7 @@ class Config(Section):
     simulate: SimulateConfig = SimulateConfig()
     score: ScoreConfig = ScoreConfig()
     search: SearchConfig = SearchConfig()
+    sae: SaeConfig = SaeConfig()
 
     @field_validator("name")
     @classmethod

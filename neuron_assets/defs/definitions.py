@@ -11,6 +11,7 @@ from neuron_assets.defs.partitions import layer_polarity_partitions
 from neuron_assets.defs.report_assets import neuron_report
 from neuron_assets.defs.resources import NeuronAssetsConfig, SubjectModelResource
 from neuron_assets.defs.runs import RunSettings
+from neuron_assets.defs.sae_assets import sae_assets
 from neuron_assets.defs.score_assets import score_definitions
 from neuron_assets.defs.search_assets import search_assets
 from neuron_assets.defs.validity_assets import scorer_validity
@@ -23,7 +24,7 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     scoring = score_definitions(partitions, config)
     return dg.Definitions(
         assets=[corpus, *exemplar_assets(partitions), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
-                neuron_report, *search_assets(partitions)],
+                neuron_report, *search_assets(partitions), *sae_assets(config)],
         jobs=scoring["jobs"],
         schedules=scoring["schedules"],
         sensors=scoring["sensors"],

@@ -244,3 +244,27 @@ def loss_curve_figure(curves: Mapping[str, Sequence[float]], title: str = "simul
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=8)
     return _png(plt, figure)
+
+
+def latent_frequency_histogram(edges: Sequence[float], counts: Sequence[int], never: int,
+                               title: str = "SAE latent frequency") -> bytes:
+    """Latents per bin of log10(share of tokens a latent is on); the latents never on noted."""
+    plt, figure = _figure(4.8, 3.2)
+    axis = figure.add_subplot(1, 1, 1)
+    if counts:
+        axis.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue")
+    axis.set_xlabel("log10 frequency")
+    axis.set_ylabel("latents")
+    axis.set_title(f"{title} ({never} never on)", fontsize=10)
+    return _png(plt, figure)
+
+
+def sae_loss_figure(losses: Sequence[float], title: str = "SAE reconstruction loss") -> bytes:
+    plt, figure = _figure(4.8, 3.2)
+    axis = figure.add_subplot(1, 1, 1)
+    axis.plot(np.arange(len(losses)), losses, lw=1)
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("squared error per token (scaled)")
+    axis.set_title(title, fontsize=10)
+    return _png(plt, figure)
