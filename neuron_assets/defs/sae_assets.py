@@ -8,7 +8,7 @@ from neuron_assets.config import Config
 from neuron_assets.defs.assets import corpus
 from neuron_assets.defs.resources import NeuronAssetsConfig
 from neuron_assets.defs.runs import RunSettings
-from neuron_assets.render import markdown_table
+from neuron_assets.report.render import markdown_table
 
 
 def sae_assets(config: Config) -> list[dg.AssetsDefinition]:
