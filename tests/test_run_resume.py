@@ -191,9 +191,9 @@ def test_every_candidate_failing_fails_the_run_with_its_cause_first(tiny_config,
 
 
 def test_some_failures_end_in_a_loud_warning_with_counts(tiny_config, monkeypatch, capsys):
-    from neuron_assets.defs import explain_assets
+    import neuron_assets.explain as explain
 
-    real_explain = explain_assets.explain_features
+    real_explain = explain.explain_features
 
     def every_fourth_fails(*args, **kwargs):
         frame = real_explain(*args, **kwargs)
@@ -202,7 +202,7 @@ def test_some_failures_end_in_a_loud_warning_with_counts(tiny_config, monkeypatc
                                   pl.when(failed).then(pl.lit("HTTP 500: upstream (after 4 attempts)"))
                                   .otherwise(pl.col("failure")).alias("failure"))
 
-    monkeypatch.setattr(explain_assets, "explain_features", every_fourth_fails)
+    monkeypatch.setattr(explain, "explain_features", every_fourth_fails)  # the explain stage reads it at call time
     path = str(tiny_config(**FAST))
     assert main(["--config", path, "run"]) == 0
     captured = capsys.readouterr()

@@ -185,7 +185,7 @@ def test_corpus_stream_reads_counted_tokens_and_resumes_mid_block(tmp_path, tiny
         site_activations,
         split_table,
     )
-    from neuron_assets.pipeline import make_corpus
+    from neuron_assets.stages import make_corpus
 
     config = load_config(tiny_config(corpus__prefix="Note: "))
     make_corpus(config, "test")
