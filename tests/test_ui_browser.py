@@ -204,3 +204,27 @@ def _wait_until(condition, timeout: float, server, log: Path) -> None:
         if server.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"dagster dev did not come up: {log.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+def test_a_layer_range_for_both_polarities_launched_with_range_tags_is_one_run_and_one_pass(tiny_config):
+    """What the Launchpad submits for a layer range x both polarities (README, "One forward pass
+    for a layer range"): one run, one forward pass, every partition of the rectangle materialized."""
+    from neuron_assets.defs.definitions import build_definitions
+    from neuron_assets.defs.partitions import layer_range_tags
+
+    path = tiny_config()
+    defs = build_definitions(str(path))
+    exemplars = defs.resolve_assets_def("exemplars")
+    tags = layer_range_tags(exemplars.partitions_def, 0, 1)
+    with dg.instance_for_test() as instance:
+        assert dg.materialize([defs.resolve_assets_def("corpus")], instance=instance).success
+        result = dg.materialize([exemplars], instance=instance, tags=tags)
+        assert result.success
+        assert len(instance.get_runs(filters=dg.RunsFilter(tags={"dagster/asset_partition_range_start": tags[
+            "dagster/asset_partition_range_start"]}))) == 1
+        wanted = {dg.MultiPartitionKey({"layer": str(layer), "polarity": polarity})
+                  for layer in (0, 1) for polarity in ("pos", "neg")}
+        assert instance.get_materialized_partitions(dg.AssetKey("exemplars")) == wanted, "layers 0-1, both polarities"
+        [materialization] = [event for event in result.get_asset_materialization_events()][:1]
+        metadata = materialization.materialization.metadata
+        assert metadata["partitions"].value == 4 and metadata["passes"].value == 1, "one forward pass for all four"
