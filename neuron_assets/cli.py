@@ -140,6 +140,7 @@ def cmd_run(args) -> int:
     import uuid
 
     from neuron_assets.defs.materialize import materialize_config, partition_count
+    from neuron_assets.defs.runs import run_scopes
     from neuron_assets.lock import StoreLocked, writer_lock
     from neuron_assets.store import Store
     from neuron_assets.validate import validate_config
@@ -153,7 +154,8 @@ def cmd_run(args) -> int:
     started = time.time()
     run_id = str(uuid.uuid4())
     try:
-        with writer_lock(config.root, run_id, command="neuron-assets run"):
+        # the locks of this config's partitions: a run over other layers of the same root goes on
+        with writer_lock(config.root, run_id, run_scopes(config, select), command="neuron-assets run"):
             outcome = materialize_config(args.config, select, force=args.force, terminal_progress=True,
                                          run_id=run_id, verbose=args.verbose, on_plan=_print_plan)
             if outcome.interrupted:

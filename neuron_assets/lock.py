@@ -1,15 +1,19 @@
-"""One writer per store: a lock file in the storage root naming the run that holds it.
+"""Writer locks: one per table partition, naming the run that holds it.
 
-A writing run (``neuron-assets run``, or an asset materialized from the Dagster UI) holds
-``<root>/writer.lock`` while it writes. The file says who holds it (pid, host, run id,
-start time, command), so a refused run can say whom it waits for. A lock left by a process
-that is gone (same host, pid no longer running, or running a different program since) is
-taken over with a warning; one from another host is never guessed dead. Readers (``sql``,
-``show``) never look at it: every table file is replaced atomically, so they never block.
+A writing run holds a lock file per thing it writes: ``<root>/locks/<asset>/<layer>-<polarity>.lock``
+for a partition of a per-feature table, ``<root>/locks/<asset>.lock`` for a one-file table
+(the corpus; ``simulator_checkpoints``, which a run reads, extends and writes back). Runs over
+different layer x polarity partitions therefore write side by side, while two runs over the
+same partition exclude each other. The file says who holds it (pid, host, run id, start time,
+command), so a refused run can say whom it waits for. A lock left by a process that is gone
+(same host, pid no longer running, or running a different program since) is taken over with a
+warning; one from another host is never guessed dead. Readers (``sql``, ``show``) never look
+at the locks: every table file is replaced atomically, so they never block.
 
-The lock is re-entrant for the process and the run that hold it: the CLI takes it for the
-whole run, and the asset bodies of that run (in the same process, or in step processes of
-the same Dagster run) pass through.
+Several locks are taken in sorted order, so two runs that wait for each other's locks cannot
+deadlock. A lock is re-entrant for the process and the run that hold it: the CLI takes its
+partitions' locks for the whole run, and the asset bodies of that run (in the same process, or
+in step processes of the same Dagster run) pass through.
 """
 
 from __future__ import annotations
@@ -23,49 +27,71 @@ import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-LOCK_FILE = "writer.lock"
+LOCKS_DIR = "locks"
 
 
 class StoreLocked(RuntimeError):
-    """Another live run writes to this store."""
+    """Another live run writes to this part of the store."""
 
 
 @contextmanager
-def writer_lock(root: str | os.PathLike, run_id: str, command: str = "", wait_s: float = 0.0,
-                on_wait=None) -> Iterator[dict]:
-    """Hold the store's writer lock for the block; yields the holder record. With ``wait_s``,
-    a lock held by another live run is waited for (up to that many seconds, ``on_wait(message)``
-    told once) instead of refused: Dagster launches a UI backfill of a layer x polarity range as
-    one run per polarity, and those runs must queue, not fail."""
-    path = Path(root) / LOCK_FILE
+def writer_lock(root: str | os.PathLike, run_id: str, scopes: Iterable[str], command: str = "",
+                wait_s: float = 0.0, on_wait=None) -> Iterator[dict]:
+    """Hold the writer locks of ``scopes`` (see :func:`scope`) for the block; yields the holder
+    record. With ``wait_s``, locks held by another live run are waited for (up to that many
+    seconds in all, ``on_wait(message)`` told once) instead of refused: two Dagster runs over
+    the same partition, or over a one-file table, must queue, not fail."""
+    root = Path(root)
     record = _record(run_id, command)
-    owned = _acquire_waiting(path, record, wait_s, on_wait)
+    deadline = time.monotonic() + wait_s
+    warned: set = set()
+    owned: list[Path] = []
+    told = [False]
     try:
+        for name in sorted(set(scopes)):
+            path = lock_path(root, name)
+            if _acquire_waiting(root, name, path, record, deadline, on_wait, told, warned):
+                owned.append(path)
         yield record
     finally:
-        if owned:
+        for path in reversed(owned):
             release(path, record)
 
 
-def _acquire_waiting(path: Path, record: dict, wait_s: float, on_wait) -> bool:
-    deadline = time.monotonic() + wait_s
-    told = False
+def scope(asset: str, partition: str | None = None) -> str:
+    """The lock name of a table partition ('exemplars/3|pos') or of a one-file table ('corpus')."""
+    return asset if partition is None else f"{asset}/{partition}"
+
+
+def lock_path(root: str | os.PathLike, name: str) -> Path:
+    return Path(root) / LOCKS_DIR / f"{name.replace('|', '-')}.lock"
+
+
+def held_locks(root: str | os.PathLike) -> list[Path]:
+    """The lock files present under a store (held, or left by a run that died)."""
+    folder = Path(root) / LOCKS_DIR
+    return sorted(folder.rglob("*.lock")) if folder.exists() else []
+
+
+def _acquire_waiting(root: Path, name: str, path: Path, record: dict, deadline: float, on_wait, told: list,
+                     warned: set) -> bool:
     while True:
         try:
-            return acquire(path, record)
+            return acquire(path, record, root=root, name=name, warned=warned)
         except StoreLocked as err:
             if time.monotonic() >= deadline:
                 raise
-            if not told and on_wait is not None:
+            if not told[0] and on_wait is not None:
                 on_wait(f"waiting for the writer lock: {err}")
-                told = True
-            time.sleep(min(2.0, max(0.05, deadline - time.monotonic())))
+                told[0] = True
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 
-def acquire(path: Path, record: dict) -> bool:
+def acquire(path: Path, record: dict, root: Path | None = None, name: str = "", warned: set | None = None) -> bool:
     """Take the lock; False when this process or run already holds it (nothing to release)."""
+    root = path.parent if root is None else root
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):  # a lost race against a take-over or a release is tried again
         try:
@@ -77,8 +103,8 @@ def acquire(path: Path, record: dict) -> bool:
             if _same_holder(holder, record):
                 return False
             if not _is_stale(holder):
-                raise StoreLocked(_refusal(path, holder))
-            _take_over(path, holder)
+                raise StoreLocked(_refusal(root, name, path, holder))
+            _take_over(root, path, holder, set() if warned is None else warned)
             continue
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle)
@@ -142,7 +168,7 @@ def _is_stale(holder: dict) -> bool:
     return started is not None and _process_start(pid) not in (None, started)
 
 
-def _take_over(path: Path, holder: dict) -> None:
+def _take_over(root: Path, path: Path, holder: dict, warned: set) -> None:
     """Move the stale lock aside (one rename: of two runs taking over, only one succeeds)."""
     aside = path.with_name(f".{path.name}.stale-{os.getpid()}")
     try:
@@ -159,19 +185,23 @@ def _take_over(path: Path, holder: dict) -> None:
         aside.unlink(missing_ok=True)
         return
     aside.unlink(missing_ok=True)
-    warnings.warn(f"taking over the writer lock of {path.parent}: it was left by pid {holder.get('pid')} on "
+    if holder.get("token") in warned:  # one warning per dead run, not one per partition it held
+        return
+    warned.add(holder.get("token"))
+    warnings.warn(f"taking over the writer lock of {root}: it was left by pid {holder.get('pid')} on "
                   f"{holder.get('host')} (run {holder.get('run_id')}, started {holder.get('started_at')}), "
                   "which is no longer running", stacklevel=3)
 
 
-def _refusal(path: Path, holder: dict) -> str:
+def _refusal(root: Path, name: str, path: Path, holder: dict) -> str:
     here = holder.get("host") == socket.gethostname()
     fix = ("wait for it to finish, or stop it" if here else
            f"wait for it to finish; if that run is gone (its host is not this one, so it cannot be checked), "
            f"delete {path}")
-    return (f"another run is writing to {path.parent}: pid {holder.get('pid')} on {holder.get('host')}, "
+    return (f"another run is writing to {root}: pid {holder.get('pid')} on {holder.get('host')}, "
             f"run {holder.get('run_id')}, started {holder.get('started_at')}"
-            + (f" ({holder['command']})" if holder.get("command") else "") + f"; {fix}. "
+            + (f" ({holder['command']})" if holder.get("command") else "")
+            + (f", and holds {name}" if name else "") + f"; {fix}. "
             "Queries (neuron-assets sql, show) work meanwhile.")
 
 

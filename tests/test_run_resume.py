@@ -20,7 +20,7 @@ import pytest
 from neuron_assets.cli import main
 from neuron_assets.config import load_config
 from neuron_assets.failures import StageFailed, check_candidates, count_reasons, failure_reason
-from neuron_assets.lock import LOCK_FILE, StoreLocked, writer_lock
+from neuron_assets.lock import StoreLocked, held_locks, lock_path, writer_lock
 from neuron_assets.progress import LineSink, Progress, TerminalSink
 from neuron_assets.resume import STAGES
 from neuron_assets.store import Store
@@ -76,7 +76,7 @@ def test_lock_refuses_a_live_holder_takes_over_a_dead_one_and_is_reentrant(tmp_p
     try:
         _fake_lock(tmp_path, holder.pid, "run-a")
         with pytest.raises(StoreLocked) as refused:
-            with writer_lock(tmp_path, "run-b"):
+            with writer_lock(tmp_path, "run-b", ["corpus"]):
                 pass
         message = str(refused.value)
         assert f"pid {holder.pid} on {socket.gethostname()}" in message and "run run-a" in message
@@ -85,17 +85,17 @@ def test_lock_refuses_a_live_holder_takes_over_a_dead_one_and_is_reentrant(tmp_p
         holder.kill()
         holder.wait()
     with pytest.warns(UserWarning, match=f"left by pid {holder.pid}.*no longer running"):
-        with writer_lock(tmp_path, "run-b") as record:
-            assert json.loads((tmp_path / LOCK_FILE).read_text())["run_id"] == "run-b"
-            with writer_lock(tmp_path, "run-b"):  # an asset body of the same run passes through
+        with writer_lock(tmp_path, "run-b", ["corpus"]) as record:
+            assert json.loads(lock_path(tmp_path, "corpus").read_text())["run_id"] == "run-b"
+            with writer_lock(tmp_path, "run-b", ["corpus"]):  # an asset body of the same run passes through
                 pass
-            assert (tmp_path / LOCK_FILE).exists(), "the inner block does not release the outer one's lock"
+            assert lock_path(tmp_path, "corpus").exists(), "the inner block does not release the outer one's lock"
             assert record["pid"] == os.getpid()
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert not lock_path(tmp_path, "corpus").exists()
 
     _fake_lock(tmp_path, 12345, "run-c", host="another-node")
-    with pytest.raises(StoreLocked, match=f"cannot be checked.*delete {tmp_path / LOCK_FILE}"):
-        with writer_lock(tmp_path, "run-d"):
+    with pytest.raises(StoreLocked, match=f"cannot be checked.*delete {lock_path(tmp_path, 'corpus')}"):
+        with writer_lock(tmp_path, "run-d", ["corpus"]):
             pass
 
 
@@ -105,12 +105,12 @@ def test_a_waiting_writer_queues_behind_a_live_holder(tmp_path):
     try:
         _fake_lock(tmp_path, holder.pid, "run-a")
         with pytest.raises(StoreLocked):
-            with writer_lock(tmp_path, "run-b", wait_s=0.3):
+            with writer_lock(tmp_path, "run-b", ["corpus"], wait_s=0.3):
                 pass
         told = []
         with pytest.warns(UserWarning, match="no longer running"):
-            with writer_lock(tmp_path, "run-b", wait_s=30, on_wait=told.append):
-                assert json.loads((tmp_path / LOCK_FILE).read_text())["run_id"] == "run-b"
+            with writer_lock(tmp_path, "run-b", ["corpus"], wait_s=30, on_wait=told.append):
+                assert json.loads(lock_path(tmp_path, "corpus").read_text())["run_id"] == "run-b"
         assert holder.poll() is not None, "the lock was taken only once its holder had gone"
         assert len(told) == 1 and told[0].startswith("waiting for the writer lock: another run is writing")
     finally:
@@ -119,7 +119,8 @@ def test_a_waiting_writer_queues_behind_a_live_holder(tmp_path):
 
 
 def _fake_lock(root: Path, pid: int, run_id: str, host: str | None = None) -> None:
-    (root / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "run_id": run_id,
+    lock_path(root, "corpus").parent.mkdir(parents=True, exist_ok=True)
+    lock_path(root, "corpus").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "run_id": run_id,
                                               "started_at": "2026-01-01T00:00:00+00:00", "token": run_id}))
 
 
@@ -128,7 +129,7 @@ def test_queries_do_not_wait_for_the_writer_lock(tiny_config, capsys):
     assert main(["--config", path, "run", "--select", "corpus"]) == 0
     capsys.readouterr()
     root = load_config(path).root
-    with writer_lock(root, "someone-else"):
+    with writer_lock(root, "someone-else", ["corpus", "exemplars/0|pos"]):
         assert main(["--config", path, "sql", "select count(*) as n from sequences", "--format", "json"]) == 0
         assert json.loads(capsys.readouterr().out) == [{"n": 72}]
 
@@ -290,7 +291,7 @@ def test_ctrl_c_in_a_step_exits_130_and_leaves_no_partial_files(tiny_config, mon
     err = capsys.readouterr().err
     assert "interrupted" in err and "rerun the same command to resume" in err and "Traceback" not in err
     root = load_config(path).root
-    assert not (root / LOCK_FILE).exists(), "the lock is released"
+    assert not held_locks(root), "the locks are released"
     assert not [p for p in root.rglob("*") if ".tmp" in p.name or ".partial" in p.name]
     monkeypatch.undo()
     assert main(["--config", path, "run"]) == 0
@@ -332,7 +333,7 @@ def test_two_runs_on_one_store_then_sigkill_then_resume_then_sigint(tiny_config,
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(stalling, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: (root / LOCK_FILE).exists(), first)
+        _wait_for(lambda: bool(held_locks(root)), first)
         second = subprocess.run([sys.executable, "-m", "neuron_assets.cli", *args], env=env, capture_output=True,
                                 text=True, timeout=300)
         assert second.returncode == 1
@@ -345,7 +346,7 @@ def test_two_runs_on_one_store_then_sigkill_then_resume_then_sigint(tiny_config,
         if first.poll() is None:
             first.kill()
         log.close()
-    assert (root / LOCK_FILE).exists(), "a killed run leaves its lock behind"
+    assert held_locks(root), "a killed run leaves its locks behind"
 
     resumed = subprocess.run([sys.executable, "-m", "neuron_assets.cli", *args], env=env, capture_output=True,
                              text=True, timeout=600)
@@ -366,7 +367,7 @@ def test_two_runs_on_one_store_then_sigkill_then_resume_then_sigint(tiny_config,
     _, err = interrupted.communicate(timeout=120)
     assert interrupted.returncode == 130, err[-2000:]
     assert "rerun the same command to resume" in err and "Traceback" not in err
-    assert not (root / LOCK_FILE).exists()
+    assert not held_locks(root)
     assert not [p for p in root.rglob("*") if ".tmp" in p.name]
 
 

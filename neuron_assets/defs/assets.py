@@ -31,18 +31,21 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)  # BackfillPolicy is 
 def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, run: RunSettings) -> dg.MaterializeResult:
     config = settings.load()
     with run.stage(context, config) as stage:
-        if not stage.todo():
-            return dg.MaterializeResult(metadata={"skipped": "up to date", **stage.metadata()})
-        written = make_corpus(config, context.run_id)
-        stage.complete(None, [written.path])
-    sizes = Store(config.root).read("sequences").group_by("split", "source").len().sort("split", "source")
+        # another run over other layers may have written it while this one waited for its lock
+        written = make_corpus(config, context.run_id) if stage.todo() else None
+        if written is not None:
+            stage.complete(None, [written.path])
+    store = Store(config.root)
+    sizes = store.read("sequences").group_by("split", "source").len().sort("split", "source")
     per_split = sizes.group_by("split").agg(pl.col("len").sum())["len"].to_list()
     return dg.MaterializeResult(
         metadata={
-            "rows": written.rows,
-            "path": dg.MetadataValue.path(str(written.path)),
+            **({"skipped": "up to date"} if written is None else {}),
+            "rows": int(sizes["len"].sum()),
+            "path": dg.MetadataValue.path(str(store.path("sequences"))),
             "config_hash": config.hash,
             "split_sizes": dg.MetadataValue.md(markdown_table(sizes.columns, sizes.iter_rows())),
+            **stage.metadata(),
         },
         data_version=dg.DataVersion(config.sections_hash("subject", "corpus")),
         check_results=[dg.AssetCheckResult(check_name="equal_splits", passed=len(set(per_split)) == 1 and len(per_split) == len(Split),

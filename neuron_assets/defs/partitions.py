@@ -35,3 +35,13 @@ def all_partitions_tags(partitions: dg.PartitionsDefinition) -> dict[str, str]:
     partition set would split it into one run per polarity)."""
     keys = partitions.get_partition_keys()
     return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+
+
+def layer_range_tags(partitions: dg.MultiPartitionsDefinition, first_layer: int, last_layer: int) -> dict[str, str]:
+    """Run tags for layers first..last x every polarity as one run (one forward pass), the tags
+    to enter in the Launchpad: the UI's partition dialog would launch one run per polarity."""
+    keys = [key for key in partitions.get_partition_keys()
+            if first_layer <= int(key.keys_by_dimension["layer"]) <= last_layer]
+    if not keys:
+        raise ValueError(f"no partitions for layers {first_layer}..{last_layer}")
+    return {"dagster/asset_partition_range_start": str(keys[0]), "dagster/asset_partition_range_end": str(keys[-1])}

@@ -1,4 +1,4 @@
-"""What every asset body shares while it runs: the store's writer lock, progress to the
+"""What every asset body shares while it runs: the writer locks of what it writes, progress to the
 Dagster run log (and the terminal, in `neuron-assets run`), and resume markers.
 
     with run.stage(context, config) as stage:
@@ -22,9 +22,9 @@ import dagster as dg
 from neuron_assets import runtime
 from neuron_assets.config import Config
 from neuron_assets.defs.partitions import layer_polarity_partitions, partition_key
-from neuron_assets.lock import writer_lock
+from neuron_assets.lock import scope, writer_lock
 from neuron_assets.progress import LineSink, Progress, TerminalSink
-from neuron_assets.resume import ALL, Markers
+from neuron_assets.resume import ALL, STAGES, Markers
 
 
 class RunSettings(dg.ConfigurableResource):
@@ -37,14 +37,16 @@ class RunSettings(dg.ConfigurableResource):
     log_every_s: float = 15.0
     """Least seconds between two progress events of one task in the Dagster run log."""
     lock_wait_s: float = 24 * 3600.0
-    """How long an asset waits for the store's writer lock held by another run (a UI backfill
-    split into one run per polarity queues its runs this way); `neuron-assets run` takes the
-    lock before it starts and refuses at once instead."""
+    """How long an asset waits for writer locks held by another run: the locks of the partitions
+    it writes (a second run over the same partitions queues behind the first) and of one-file
+    tables (the corpus, simulator_checkpoints). Runs over other partitions never wait.
+    `neuron-assets run` takes its partitions' locks before it starts and refuses at once instead."""
 
     @contextmanager
     def stage(self, context: dg.AssetExecutionContext, config: Config) -> Iterator["StageRun"]:
         asset = context.asset_key.to_user_string()
-        with writer_lock(config.root, context.run_id, command=f"dagster run {context.run_id} ({asset})",
+        with writer_lock(config.root, context.run_id, _scopes(context, asset),
+                         command=f"dagster run {context.run_id} ({asset})",
                          wait_s=self.lock_wait_s, on_wait=context.log.warning):
             stage = StageRun(context, config, self)
             started = time.monotonic()
@@ -93,6 +95,20 @@ class StageRun:
 
     def metadata(self) -> dict:
         return {"skipped_up_to_date": ", ".join(self.skipped)} if self.skipped else {}
+
+
+def run_scopes(config: Config, select: list[str] | None = None) -> list[str]:
+    """The partition locks a `neuron-assets run` of ``config`` takes before it starts: every
+    layer x polarity partition of every selected per-feature asset. One-file tables are locked
+    by their stage alone, for as long as it writes, so that runs over other layers share them."""
+    return [scope(asset, key) for asset, stage in STAGES.items() if stage.partitioned and (not select or asset in select)
+            for key in _partition_keys(config)]
+
+
+def _scopes(context: dg.AssetExecutionContext, asset: str) -> list[str]:
+    if context.assets_def.partitions_def is None:
+        return [scope(asset)]
+    return [scope(asset, str(key)) for key in context.partition_keys]
 
 
 def _key(partition) -> str | None:
