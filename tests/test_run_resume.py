@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+from polars.testing import assert_frame_equal
 import pytest
 
 from neuron_assets.cli import main
@@ -267,7 +268,8 @@ def test_a_run_that_failed_in_scoring_resumes_without_the_activation_pass(tiny_c
     assert forward_passes, "--force runs the activation pass again"
     uninterrupted = _tables(load_config(path).root)
     for table in TABLES:
-        assert resumed[table].equals(uninterrupted[table]), table
+        # scores agree to float noise: MiniLM's vectors depend at 1e-7 on which texts share a batch
+        assert_frame_equal(resumed[table], uninterrupted[table], rel_tol=1e-5, abs_tol=1e-6)
 
     root = load_config(path).root
     with dg.DagsterInstance.from_config(str(root)) as instance:
