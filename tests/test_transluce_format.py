@@ -120,6 +120,17 @@ def test_the_11_classes_are_the_first_vocabulary_logits_at_each_tokens_own_posit
             "read at the token's own position, not the one before"
 
 
+def test_a_record_without_ids_has_each_token_tokenized_alone(released, tiny_tokenizer):
+    simulator = load_released_simulator(released, device="cpu", dtype="float32")
+    tokens = ("<|eot_id|>", " the", " mat")
+    pair = simulator.encoder.encode("mats", ActivationRecord(-1, tokens, (-1, -1, -1), np.zeros(3, np.float32)))
+    pieces = [simulator.tokenizer(t.replace("<|eot_id|>", "<||eot_id||>"), add_special_tokens=False)["input_ids"]
+              for t in tokens]
+    body = [i for piece in pieces for i in piece]
+    assert list(pair.input_ids[-len(body):]) == body and body[0] == len(tiny_tokenizer) + 4
+    np.testing.assert_array_equal(pair.read_at, len(pair.input_ids) - len(body) - 1 + np.cumsum([len(p) for p in pieces]))
+
+
 def test_missing_or_incomplete_checkpoint_folder_names_the_fix(tmp_path, released):
     def build(path):
         config = config_from_dict({"simulate": {"backend": "finetuned", "finetuned": {

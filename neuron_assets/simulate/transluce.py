@@ -102,18 +102,31 @@ class TransluceEncoder:
         self.first_added = vocab[PAD_TOKEN]  # subject ids at or above it come from another tokenizer
 
     def encode(self, description: str, record: ActivationRecord) -> EncodedPair:
-        body = [int(i) for i in record.token_ids]
-        if len(body) != len(record.tokens):
-            raise ValueError(f"sequence {record.seq_id} has no token ids; the transluce input needs the subject's ids")
-        foreign = [i for i in body if i < 0 or i >= self.first_added]
-        if foreign:
-            raise ValueError(f"sequence {record.seq_id} holds token id {foreign[0]}, outside the simulator's "
-                             f"vocabulary of {self.first_added}: the subject must use Llama-3.1's tokenizer")
+        body, last = self.body_ids(record)
         head = self.head_ids(description, room=self.max_length - len(body))
         ids = [self.remap.get(i, i) for i in head + body]
-        read_at = np.full(len(body), NOT_READ, dtype=np.int64)
-        read_at[record.prefix_len :] = np.arange(len(head) + record.prefix_len, len(head) + len(body))
+        read_at = np.full(len(record.tokens), NOT_READ, dtype=np.int64)
+        own = last[record.prefix_len :]
+        read_at[record.prefix_len :] = np.where(own >= 0, own + len(head), NOT_READ)
         return EncodedPair(tuple(ids), read_at)
+
+    def body_ids(self, record: ActivationRecord) -> tuple[list[int], np.ndarray]:
+        """The subject's ids, and the position of each subject token among them. A record with
+        no ids (a puzzle written as text) has each token tokenized alone and read at its last
+        piece, the fallback observatory's code leaves open for a subject of another tokenizer."""
+        ids = [int(i) for i in record.token_ids]
+        if len(ids) == len(record.tokens) and all(i >= 0 for i in ids):
+            foreign = [i for i in ids if i >= self.first_added]
+            if foreign:
+                raise ValueError(f"sequence {record.seq_id} holds token id {foreign[0]}, outside the simulator's "
+                                 f"vocabulary of {self.first_added}: the subject must use Llama-3.1's tokenizer")
+            return ids, np.arange(len(ids), dtype=np.int64)
+        ids, last = [], np.full(len(record.tokens), NOT_READ, dtype=np.int64)
+        for i, token in enumerate(record.tokens):
+            ids += self.tokenizer(transluce_text(token), add_special_tokens=False)["input_ids"]
+            if ids:
+                last[i] = len(ids) - 1
+        return ids, last
 
     def head_ids(self, description: str, room: int) -> list[int]:
         """The tokenized text before the subject's ids; a description too long for ``room``
