@@ -218,6 +218,24 @@ def test_distilled_prompt_has_its_system_prompt_no_few_shot_and_10_to_20_permute
     assert reseeded.seq_ids != plans[2].seq_ids
 
 
+def test_registries_match_the_config_choices():
+    from typing import get_args
+
+    from neuron_assets.config import FinetunedSimulatorConfig
+    from neuron_assets.explain.formats import FORMATS
+    from neuron_assets.simulate.finetuned import CHECKPOINT_FORMATS
+
+    assert set(CHECKPOINT_FORMATS) == set(get_args(FinetunedSimulatorConfig.model_fields["input_format"].annotation))
+    assert set(FORMATS) == set(PromptFormat)
+
+
+def test_answers_get_llamas_chat_tokens_back():
+    from neuron_assets.explain.formats import restore_chat_tokens
+
+    assert restore_chat_tokens("the <||eot_id||> token after <||start_header_id||>") == \
+        "the <|eot_id|> token after <|start_header_id|>"
+
+
 def test_distilled_prompt_refuses_few_shot_or_reasoning():
     for wrong in ({"few_shot": True}, {"few_shot": False, "cot": True}):
         with pytest.raises(ValueError, match="few_shot: false and explain.cot: false"):

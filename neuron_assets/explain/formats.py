@@ -396,6 +396,17 @@ def transluce_excerpt(record: ActivationRecord, polarity) -> Excerpt:
     return Excerpt(record.seq_id, tokens, activations.astype(np.float32))
 
 
+def restore_chat_tokens(description: str) -> str:
+    """Llama's chat tokens written as Transluce's stand-ins (``<||eot_id||>``, as the distilled
+    explainer writes them) put back as themselves, as observatory's tokenizer wrapper does
+    with every answer (``update_output``)."""
+    from neuron_assets.simulate.transluce import CHAT_TOKEN_STAND_INS
+
+    for original, stand_in in CHAT_TOKEN_STAND_INS:
+        description = description.replace(stand_in, original)
+    return description
+
+
 def transluce_highlighted(excerpt: Excerpt, threshold: float) -> str:
     """Runs of tokens above ``threshold`` (and above 0) merged into one ``{{ }}``, their
     leading and trailing spaces (spaces only) outside the marks; a run of spaces alone is
