@@ -25,7 +25,16 @@ from neuron_assets.explain.formats import Shown, TransluceDistilledFormat, promp
 from neuron_assets.simulate import SimulatorUnavailable, build_simulator, needs_checkpoint
 from neuron_assets.simulate.alignment import NOT_READ
 from neuron_assets.simulate.transluce import load_released_simulator
-from neuron_assets.types import ActivationRecord, Exemplar, ExemplarKind, FeatureExemplars, FeatureId, FeatureStats, Polarity, Split
+from neuron_assets.types import (
+    ActivationRecord,
+    Exemplar,
+    ExemplarKind,
+    FeatureExemplars,
+    FeatureId,
+    FeatureStats,
+    Polarity,
+    Split,
+)
 from tests.support.tiny_models import BOS_TOKEN, END_HEADER, EOT_TOKEN, START_HEADER, make_tiny_llama
 
 STAND_INS = ["<||begin_of_text||>", "<||start_header_id||>", "<||end_header_id||>", "<||eot_id||>"]
@@ -58,7 +67,7 @@ def record(tiny_tokenizer) -> ActivationRecord:
     """A sequence with a Llama-style chat prefix (BOS, a system header, an open user turn)."""
     tok = tiny_tokenizer
     special = tok.convert_tokens_to_ids
-    words = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    words = lambda text: tok(text, add_special_tokens=False)["input_ids"]
     prefix = ([special(BOS_TOKEN), special(START_HEADER)] + words("system") + [special(END_HEADER)] + words("\n\nhello")
               + [special(EOT_TOKEN), special(START_HEADER)] + words("user") + [special(END_HEADER)] + words("\n\n"))
     body = words(" the cat sat on the mat")
@@ -206,7 +215,7 @@ def test_distilled_prompt_has_its_system_prompt_no_few_shot_and_10_to_20_permute
         messages = plan.prompt.messages
         assert [m.role for m in messages] == ["system", "user"] and messages[0].content == NO_COT_SYSTEM
         assert plan.prompt.puzzle is None and plan.prompt.format_name == "transluce_distilled"
-        shown = re.findall(r"^Excerpt (\d+):<\|\|begin_of_text\|\|>", messages[1].content, flags=re.M)
+        shown = re.findall(r"^Excerpt (\d+):<\|\|begin_of_text\|\|>", messages[1].content, flags=re.MULTILINE)
         assert 10 <= len(shown) <= 20 and shown == [str(i) for i in range(1, len(shown) + 1)]
         assert len(plan.seq_ids) == len(shown) and set(plan.seq_ids) <= {r.seq_id for r in top}
     orders = [list(p.seq_ids) for p in plans]

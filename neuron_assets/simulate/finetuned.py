@@ -13,6 +13,9 @@ Heads (``head`` in the checkpoint's spec):
 
 A checkpoint is a folder: the model (safetensors) and its config, the tokenizer (with the
 control-token display forms as added tokens), and ``simulator.json`` (:class:`SimulatorSpec`).
+:data:`CHECKPOINT_FORMATS` (``simulate.finetuned.input_format``) says how a folder is read:
+``project`` (such a folder), or ``transluce`` (Transluce's released simulator, which has no
+``simulator.json``; its exact input is built in :mod:`neuron_assets.simulate.transluce`).
 """
 
 from __future__ import annotations
