@@ -243,6 +243,7 @@ class PromptFormat(str, Enum):
     HIGHLIGHT = "highlight"  # Transluce: excerpts with activating tokens in {{ }}
     TOKEN_ACTIVATION = "token_activation"  # Bills et al.: token<TAB>activation 0-10
     CONTRASTIVE = "contrastive"  # positives beside hard and random negatives
+    TRANSLUCE_DISTILLED = "transluce_distilled"  # the prompt Transluce/llama_8b_explainer was trained on
 
 
 class ExplainConfig(Section):
@@ -261,7 +262,10 @@ class ExplainConfig(Section):
     k: int = Field(4, ge=1)
     """Candidate descriptions per feature and polarity (best-of-k)."""
     prompt_format: PromptFormat = PromptFormat.HIGHLIGHT
-    """How exemplars are shown: highlight, token_activation or contrastive."""
+    """How exemplars are shown: highlight, token_activation or contrastive; or
+    transluce_distilled, the exact prompt of Transluce's distilled explainer
+    (Transluce/llama_8b_explainer: its own system prompt, no few-shot example, every
+    exemplar whole with its chat prefix; needs few_shot: false and cot: false)."""
     cot: bool = False
     """Ask for step-by-step reasoning before the description. Off: Transluce and delphi
     found it lowers scores."""
@@ -324,6 +328,14 @@ class ExplainConfig(Section):
             raise ValueError("exemplars_max must be >= exemplars_min")
         return value
 
+    @model_validator(mode="after")
+    def _distilled_prompt_stands_alone(self) -> ExplainConfig:
+        if self.prompt_format is PromptFormat.TRANSLUCE_DISTILLED and (self.few_shot or self.cot):
+            raise ValueError("explain.prompt_format: transluce_distilled is the distilled explainer's own prompt, "
+                             "with no few-shot example and no reasoning: set explain.few_shot: false and "
+                             "explain.cot: false")
+        return self
+
 
 class FinetunedSimulatorConfig(Section):
     backbone: str = BUILTIN_MINILM
@@ -349,9 +361,27 @@ class FinetunedSimulatorConfig(Section):
     device: str = "auto"
     """torch device: auto (cuda when available), cpu, cuda, cuda:1, ..."""
     checkpoint: str | None = None
-    """A trained simulator folder to score with instead of the one simulator_checkpoint trains."""
+    """A trained simulator folder to score with instead of the one simulator_checkpoint trains
+    (a local folder; nothing is downloaded)."""
+    input_format: Literal["project", "transluce"] = "project"
+    """How the checkpoint folder reads its input: project (a simulator this project trained;
+    its simulator.json says how), or transluce (Transluce's released
+    Transluce/llama_8b_simulator in `checkpoint`, fed its exact input: `## Neuron Description:
+    {description}` + two newlines + ` ## Input: `, then the subject's token ids, Llama's chat
+    tokens remapped to the checkpoint's four added tokens, the 11 classes read from the first
+    11 vocabulary logits at each token's own position; the subject must be Llama-3.1-8B-Instruct
+    or share its tokenizer)."""
     allow_download: bool = False
     """Let transformers download the backbone. Off: only the local HF cache or a path is used."""
+
+    @model_validator(mode="after")
+    def _transluce_needs_a_checkpoint(self) -> FinetunedSimulatorConfig:
+        if self.input_format == "transluce" and not self.checkpoint:
+            raise ValueError(
+                "simulate.finetuned.input_format: transluce reads Transluce's released simulator, which is never "
+                "downloaded at run time: run `hf download Transluce/llama_8b_simulator --local-dir DIR` once and "
+                "set simulate.finetuned.checkpoint: DIR")
+        return self
 
 
 class SimulatorTrainingConfig(Section):

@@ -7,7 +7,9 @@ feature's excerpts as the last user turn. Every answer ends with a line that sta
 
 Formats (``PromptFormat``): ``highlight`` (Transluce), ``token_activation`` (Bills et al.),
 ``contrastive`` (positives beside hard and random negatives). ``ChainOfThought`` asks for
-reasoning before the answer line, with any of them.
+reasoning before the answer line, with any of them. ``transluce_distilled`` is the exact
+prompt of Transluce's distilled explainer (``Transluce/llama_8b_explainer``), with its own
+system prompt and no puzzle.
 
 Highlights follow Transluce's per-prompt rule (:func:`~neuron_assets.explain.excerpts.highlight_threshold`):
 over the excerpts one prompt shows, the threshold starts at 0.9 of their highest activation
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
+
+import numpy as np
 
 from neuron_assets.config import ExplainConfig, PromptFormat
 from neuron_assets.explain.excerpts import (
@@ -34,7 +38,7 @@ from neuron_assets.explain.excerpts import (
     scaled_0_to_10,
     token_key,
 )
-from neuron_assets.types import FeatureExemplars, Split
+from neuron_assets.types import ActivationRecord, FeatureExemplars, Split
 
 ANSWER_TAG = "[DESCRIPTION]:"
 MAX_DESCRIPTION_CHARS = 400
@@ -261,10 +265,56 @@ class ContrastiveFormat:
         return "Active excerpts:\n" + "\n".join(active) + "\n\nInactive excerpts:\n" + "\n".join(inactive)
 
 
+# The distilled explainer's system prompt, verbatim: SYS_PROMPT_NO_COT in TransluceAI/observatory,
+# lib/explanations/explanations/explainer_prompts.py (selected by explainer_system_prompt_type:
+# no_cot in project/expgen/configs/distilled_llama.yaml).
+TRANSLUCE_NO_COT_SYSTEM_PROMPT = """\
+You are a meticulous AI researcher conducting an important investigation into a specific neuron inside a language model that activates in response to text excerpts. Your overall task is to describe features of text excerpts that cause the neuron to strongly activate.
+
+You will receive a list of text excerpts on which the neuron activates. Tokens causing activation will appear between delimiters like {{this}}. Consecutive activating tokens will also be accordingly delimited {{just like this}}. If no tokens are highlighted with {{}}, then the neuron does not activate on any tokens in the excerpt.
+
+Note: Neurons activate on a word-by-word basis. Also, neuron activations can only depend on words before the word it activates on, so the description cannot depend on words that come after, and should only depend on words that come before the activation."""
+
+
+@dataclass(frozen=True)
+class TransluceDistilledFormat:
+    """The prompt Transluce's distilled explainer was trained on (distilled_llama.yaml:
+    no_cot, examples_placement no_examples): its system prompt alone, then one user turn of
+    ``Excerpt {i}:{text}`` lines, each ending in a newline. As in observatory's
+    ``ExplainerPromptFormatterWithHighlights``, an excerpt is the whole sequence, chat prefix
+    included, with Llama's chat tokens written as the explainer tokenizer's stand-ins
+    (``<||eot_id||>``), line breaks kept, and each run of activating tokens in one ``{{ }}``
+    with its spaces outside. Prefix tokens are never highlighted here (no score counts them).
+
+    The highlight threshold is the project's per-prompt rule (at least 3 positions, lowered
+    down the ladder of the shown maximum); Transluce's steps down the neuron's activation
+    quantiles 1-1e-8 ... 1-1e-4 over the whole corpus, which the exemplar tables do not hold.
+    """
+
+    name: str = PromptFormat.TRANSLUCE_DISTILLED.value
+    system_prompt: ClassVar[str] = TRANSLUCE_NO_COT_SYSTEM_PROMPT
+
+    @property
+    def instructions(self) -> str:
+        return self.system_prompt
+
+    def show(self, feature, positives, display, rng) -> Shown:
+        records = {e.record.seq_id: e.record for e in feature.exemplars}
+        polarity = feature.feature.polarity
+        return Shown(tuple(transluce_excerpt(records[p.seq_id], polarity) if p.seq_id in records else p
+                           for p in positives))
+
+    def render(self, shown: Shown) -> str:
+        threshold = shown.threshold
+        return "".join(f"Excerpt {i}:{transluce_highlighted(e, threshold)}\n"
+                       for i, e in enumerate(shown.positives, start=1))
+
+
 FORMATS: dict[PromptFormat, type[PromptFormatter]] = {
     PromptFormat.HIGHLIGHT: HighlightFormat,
     PromptFormat.TOKEN_ACTIVATION: TokenActivationFormat,
     PromptFormat.CONTRASTIVE: ContrastiveFormat,
+    PromptFormat.TRANSLUCE_DISTILLED: TransluceDistilledFormat,
 }
 
 
@@ -314,6 +364,9 @@ class PromptBuilder:
 
     @property
     def system(self) -> str:
+        own = getattr(self.formatter, "system_prompt", None)  # a format a model was trained on keeps its own
+        if own is not None:
+            return own
         return f"{self.formatter.instructions}\n\n{NOTATION}\n\n{self.answer.instruction}"
 
     def show(self, feature, positives, display, rng) -> Shown:
@@ -331,6 +384,57 @@ class PromptBuilder:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def transluce_excerpt(record: ActivationRecord, polarity) -> Excerpt:
+    """A whole sequence as the distilled explainer saw its exemplars (see TransluceDistilledFormat)."""
+    from neuron_assets.simulate.transluce import transluce_text  # (explain is imported by simulate)
+
+    activations = record.polarity_activations(polarity).copy()
+    activations[: record.prefix_len] = 0.0
+    tokens = tuple(defuse_control_tokens(transluce_text(token)) for token in record.tokens)
+    return Excerpt(record.seq_id, tokens, activations.astype(np.float32))
+
+
+def restore_chat_tokens(description: str) -> str:
+    """Llama's chat tokens written as Transluce's stand-ins (``<||eot_id||>``, as the distilled
+    explainer writes them) put back as themselves, as observatory's tokenizer wrapper does
+    with every answer (``update_output``)."""
+    from neuron_assets.simulate.transluce import CHAT_TOKEN_STAND_INS
+
+    for original, stand_in in CHAT_TOKEN_STAND_INS:
+        description = description.replace(stand_in, original)
+    return description
+
+
+def transluce_highlighted(excerpt: Excerpt, threshold: float) -> str:
+    """Runs of tokens above ``threshold`` (and above 0) merged into one ``{{ }}``, their
+    leading and trailing spaces (spaces only) outside the marks; a run of spaces alone is
+    marked whole."""
+    parts: list[str] = []
+    run: list[str] = []
+
+    def close_run() -> None:
+        text = "".join(run)
+        run.clear()
+        core = text.strip(" ")
+        if not core:
+            parts.append("{{" + text + "}}")
+            return
+        lead = len(text) - len(text.lstrip(" "))
+        trail = len(text) - len(text.rstrip(" "))
+        parts.append(text[:lead] + "{{" + core + "}}" + text[len(text) - trail :])
+
+    for token, value in zip(excerpt.tokens, excerpt.activations):
+        if value > 0 and value >= threshold:
+            run.append(token)
+            continue
+        if run:
+            close_run()
+        parts.append(token)
+    if run:
+        close_run()
+    return "".join(parts)
 
 
 def _token_lines(index: int, excerpt: Excerpt, levels: list[int], non_zero_only: bool) -> str:

@@ -52,7 +52,7 @@ def _semantic(config: Config, checkpoint: Path | None) -> Simulator:
 
 
 def _finetuned(config: Config, checkpoint: Path | None) -> Simulator:
-    from neuron_assets.simulate.finetuned import FinetunedSimulator
+    from neuron_assets.simulate.finetuned import SimulatorLoadError, load_checkpoint
 
     settings = config.simulate.finetuned
     path = settings.checkpoint or checkpoint
@@ -61,7 +61,11 @@ def _finetuned(config: Config, checkpoint: Path | None) -> Simulator:
             "the finetuned simulator has no checkpoint: materialize simulator_checkpoint first "
             "(neuron-assets run), or set simulate.finetuned.checkpoint to a trained simulator folder"
         )
-    return FinetunedSimulator.load(path, settings.device, settings.dtype, settings.batch_size)
+    try:
+        return load_checkpoint(path, settings.input_format, settings.device, settings.dtype, settings.batch_size,
+                               settings.max_length)
+    except SimulatorLoadError as err:
+        raise SimulatorUnavailable(str(err)) from None
 
 
 def _prompted(config: Config, checkpoint: Path | None) -> Simulator:

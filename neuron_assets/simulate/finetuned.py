@@ -13,6 +13,9 @@ Heads (``head`` in the checkpoint's spec):
 
 A checkpoint is a folder: the model (safetensors) and its config, the tokenizer (with the
 control-token display forms as added tokens), and ``simulator.json`` (:class:`SimulatorSpec`).
+:data:`CHECKPOINT_FORMATS` (``simulate.finetuned.input_format``) says how a folder is read:
+``project`` (such a folder), or ``transluce`` (Transluce's released simulator, which has no
+``simulator.json``; its exact input is built in :mod:`neuron_assets.simulate.transluce`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ from neuron_assets.simulate.alignment import (
     PairEncoder,
 )
 from neuron_assets.simulate.base import NUM_CLASSES, SimulatedActivations
+from neuron_assets.simulate.transluce import TransluceEncoder, load_released_simulator
 from neuron_assets.types import ActivationRecord
+
+# Every way a simulator's input is built: the project's two alignments and Transluce's exact one.
+ENCODERS: dict[str, type[PairEncoder]] = {**PAIR_ENCODERS, TransluceEncoder.name: TransluceEncoder}
 
 SPEC_FILE = "simulator.json"
 SPEC_VERSION = 1
@@ -137,15 +144,15 @@ class FinetunedSimulator:
     def __init__(self, model, tokenizer, spec: SimulatorSpec, device: torch.device, batch_size: int = 32):
         if spec.head not in CLASS_HEADS:
             raise SimulatorLoadError(f"unknown head '{spec.head}'; known: {', '.join(CLASS_HEADS)}")
-        if spec.alignment not in PAIR_ENCODERS:
-            raise SimulatorLoadError(f"unknown alignment '{spec.alignment}'; known: {', '.join(PAIR_ENCODERS)}")
+        if spec.alignment not in ENCODERS:
+            raise SimulatorLoadError(f"unknown alignment '{spec.alignment}'; known: {', '.join(ENCODERS)}")
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.device = device
         self.batch_size = batch_size
         self.head = CLASS_HEADS[spec.head]
-        self.encoder: PairEncoder = PAIR_ENCODERS[spec.alignment](tokenizer, spec.max_length)
+        self.encoder: PairEncoder = ENCODERS[spec.alignment](tokenizer, spec.max_length)
         self.pad_id = _pad_id(tokenizer)
 
     # -- construction ---------------------------------------------------------------------
@@ -284,6 +291,32 @@ class FinetunedSimulator:
             input_ids[i, : len(pair.input_ids)] = torch.tensor(pair.input_ids, dtype=torch.long)
             attention_mask[i, : len(pair.input_ids)] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def load_checkpoint(directory: str | Path, input_format: str = "project", device: str = "auto", dtype: str = "auto",
+                    batch_size: int = 32, max_length: int = 512) -> FinetunedSimulator:
+    """A trained simulator folder, read as ``input_format`` (simulate.finetuned.input_format)."""
+    try:
+        load = CHECKPOINT_FORMATS[input_format]
+    except KeyError:
+        raise SimulatorLoadError(f"unknown simulate.finetuned.input_format '{input_format}'; "
+                                 f"known: {', '.join(CHECKPOINT_FORMATS)}") from None
+    return load(directory, device, dtype, batch_size, max_length)
+
+
+def _load_project_checkpoint(directory, device, dtype, batch_size, max_length) -> FinetunedSimulator:
+    """A folder this project trained: its simulator.json says the head, the input and its length."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise SimulatorLoadError(f"simulate.finetuned.checkpoint {directory} is not a folder; give a trained "
+                                 "simulator folder, or unset it to train one (neuron-assets run)")
+    return FinetunedSimulator.load(directory, device, dtype, batch_size)
+
+
+CHECKPOINT_FORMATS = {
+    "project": _load_project_checkpoint,  # ours: ## Neuron Description: ... ## Input: ..., see alignment.py
+    "transluce": load_released_simulator,  # Transluce/llama_8b_simulator with its exact input, see transluce.py
+}
 
 
 def freeze_token_embeddings(model) -> bool:

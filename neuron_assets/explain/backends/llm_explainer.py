@@ -20,7 +20,7 @@ from neuron_assets.explain.backends.base import (
     ExplainResult,
     Progress,
 )
-from neuron_assets.explain.formats import ANSWER_TAG, MalformedAnswer, parse_description
+from neuron_assets.explain.formats import ANSWER_TAG, MalformedAnswer, parse_description, restore_chat_tokens
 from neuron_assets.llm import LLMUnavailable, Reply, Request, ask, open_llm, settings_from_explain
 
 
@@ -61,7 +61,7 @@ class LLMExplainer:
             tail = reply.text[reply.text.lower().rfind(ANSWER_TAG.lower()) + len(ANSWER_TAG) :].lstrip()
             if "\n" not in tail:
                 raise MalformedAnswer(f"description cut off: {limit}")
-        return description
+        return restore_chat_tokens(description)
 
 
 class OpenAIExplainer(LLMExplainer):
