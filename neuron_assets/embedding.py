@@ -36,11 +36,11 @@ class MiniLMEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from neuron_assets.simulate.finetuned import quiet_transformers, resolve_device
+        from neuron_assets.runtime import choose_device, quiet_transformers
         from neuron_assets.subject import resolve_model_path
 
         path = resolve_model_path(model)
-        self.device = resolve_device(device)
+        self.device = choose_device(device)
         with quiet_transformers():
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()

@@ -98,7 +98,8 @@ def test_run_reports_bad_config_clearly(tmp_path, capsys):
     assert "unknown key 'corpus.seq_length'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config_file", ["configs/demo.yaml", "configs/llama31_8b_instruct.yaml"])
+@pytest.mark.parametrize("config_file", ["configs/demo.yaml", "configs/llama31_8b_instruct.yaml",
+                                         "configs/transluce_llama31_8b.yaml"])
 def test_shipped_configs_are_valid(config_file):
     from neuron_assets.config import REPO_ROOT
 

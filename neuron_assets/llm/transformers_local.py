@@ -133,7 +133,7 @@ def load_shared_causal_lm(settings: LLMSettings):
     def load():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from neuron_assets.simulate.finetuned import quiet_transformers
+        from neuron_assets.runtime import quiet_transformers
 
         local = not settings.allow_download
         try:

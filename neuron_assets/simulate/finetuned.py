@@ -20,7 +20,6 @@ control-token display forms as added tokens), and ``simulator.json`` (:class:`Si
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from neuron_assets.runtime import choose_device, choose_dtype, quiet_transformers
 from neuron_assets.simulate.alignment import (
     DESCRIPTION_HEAD,
     INPUT_HEAD,
@@ -177,7 +177,7 @@ class FinetunedSimulator:
         from neuron_assets.subject import resolve_model_path
 
         path = resolve_model_path(backbone)
-        torch_device = resolve_device(device)
+        torch_device = choose_device(device)
         overrides = {"num_hidden_layers": backbone_layers} if backbone_layers else {}
         if head not in CLASS_HEADS:
             raise SimulatorLoadError(f"unknown head '{head}'; known: {', '.join(CLASS_HEADS)}")
@@ -185,7 +185,7 @@ class FinetunedSimulator:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not allow_download)
                 torch.manual_seed(seed)  # the new head's initialization
-                model = CLASS_HEADS[head].load(path, resolve_dtype(dtype, torch_device), overrides, not allow_download)
+                model = CLASS_HEADS[head].load(path, choose_dtype(dtype, torch_device), overrides, not allow_download)
             except OSError as err:
                 raise SimulatorLoadError(
                     f"cannot load the simulator backbone '{backbone}' ({err}); give a local path, or set "
@@ -206,12 +206,12 @@ class FinetunedSimulator:
 
         directory = Path(directory)
         spec = SimulatorSpec.read(directory)
-        torch_device = resolve_device(device)
+        torch_device = choose_device(device)
         if spec.head not in CLASS_HEADS:
             raise SimulatorLoadError(f"{directory}: unknown head '{spec.head}'; known: {', '.join(CLASS_HEADS)}")
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            model = CLASS_HEADS[spec.head].load(str(directory), resolve_dtype(dtype, torch_device), {}, True)
+            model = CLASS_HEADS[spec.head].load(str(directory), choose_dtype(dtype, torch_device), {}, True)
         return cls(model.to(torch_device).eval(), tokenizer, spec, torch_device, batch_size)
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
@@ -339,35 +339,6 @@ def _embed_added_tokens_by_name(model, tokenizer, added: Sequence[str]) -> None:
             ids = tokenizer(name, add_special_tokens=False)["input_ids"]
             if ids:
                 weight[tokenizer.convert_tokens_to_ids(token)] = weight[ids].mean(0)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' load reports and progress bars off (a new head is expected to be missing)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _pad_id(tokenizer) -> int:

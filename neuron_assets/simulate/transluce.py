@@ -151,21 +151,19 @@ def load_released_simulator(directory: str | Path, device: str = "auto", dtype: 
         FinetunedSimulator,
         SimulatorLoadError,
         SimulatorSpec,
-        quiet_transformers,
-        resolve_device,
-        resolve_dtype,
     )
+    from neuron_assets.runtime import choose_device, choose_dtype, quiet_transformers
 
     directory = Path(directory).expanduser()
     problem = checkpoint_problem(directory)
     if problem:
         raise SimulatorLoadError(f"simulate.finetuned.checkpoint {directory} {problem}; {DOWNLOAD_HINT}")
-    torch_device = resolve_device(device)
+    torch_device = choose_device(device)
     with quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             remap = add_transluce_tokens(tokenizer)
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=resolve_dtype(dtype, torch_device),
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=choose_dtype(dtype, torch_device),
                                                          local_files_only=True)
         except (OSError, TransluceLayoutError) as err:
             raise SimulatorLoadError(f"{directory} is not Transluce's released simulator ({err}); {DOWNLOAD_HINT}") from None
