@@ -316,9 +316,10 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
         pass_seconds += seconds / rates.collect_efficiency
     rows_per_feature = len(polarities) * 3 * _exemplar_rows_per_split(config, corpus.sequences_per_split)
     row_bytes = corpus.seq_len * 2 * rates.activation_compression + ROW_OVERHEAD_BYTES
-    files = 2 * len(neurons) * len(polarities)  # exemplars and neuron_stats per layer x polarity
+    lens = config.exemplars.output_tokens  # the logit lens's output_tokens table (a causal LM's)
+    files = (2 + (lens > 0)) * len(neurons) * len(polarities)  # exemplars, neuron_stats, output_tokens per partition
     exemplar_disk = int(features * rows_per_feature * row_bytes + features * len(polarities) * STATS_ROW_BYTES
-                        + files * PARQUET_FILE_BYTES)
+                        + features * len(polarities) * lens * OUTPUT_TOKEN_ROW_BYTES + files * PARQUET_FILE_BYTES)
     stages = [
         StagePlan("corpus", 0, 0.0, int(sequences * corpus.seq_len * SEQUENCE_BYTES_PER_TOKEN),
                   host_bytes=int(sequences * corpus.seq_len * 4 * 2), note="tokenizing is CPU work"),
@@ -340,6 +341,7 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
 # Sizes on disk (zstd Parquet), measured on the tiny test model's tables (tests/test_plan.py).
 ROW_OVERHEAD_BYTES = 8  # per exemplar row beside its activations: extreme, seq_id, rank, bin, ids
 STATS_ROW_BYTES = 48  # per neuron_stats row
+OUTPUT_TOKEN_ROW_BYTES = 10  # per output_tokens row: token id, logit, the token string
 PARQUET_FILE_BYTES = 4800  # per file: footer, schema, page headers and statistics of every column
 SEQUENCE_BYTES_PER_TOKEN = 9  # int32 id + the token string, compressed
 DESCRIPTION_TOKENS = 40  # a description as the simulator reads it
