@@ -200,11 +200,11 @@ class ExemplarsConfig(Section):
     quantile_reservoir: int = Field(64, ge=1)
     """Activating sequences held per feature and split to draw the quantile samples from."""
     positional_mi: float = Field(0.05, ge=0.0)
-    """neuron_stats flags a feature `positional` when the mutual information (bits) between
+    """neuron_stats flags a feature `is_positional` when the mutual information (bits) between
     whether a sampled train token activates it and the token's position (10 bins) exceeds
     this (Voita et al. use 0.05): such a feature tracks where it is, not what it reads."""
     unigram_tokens: int = Field(20, ge=1)
-    """neuron_stats flags a feature `unigram` when the strongest 80% of its activating sampled
+    """neuron_stats flags a feature `is_unigram` when the strongest 80% of its activating sampled
     train tokens are at most this many distinct tokens (delphi's context-independence filter;
     needs twice as many activating sample tokens to judge, else `unigram_tokens` is null)."""
     output_tokens: int = Field(10, ge=0)
@@ -252,7 +252,7 @@ class ExplainConfig(Section):
     (OpenAI's API or any OpenAI-compatible server via base_url), vllm (offline vLLM engine,
     GPU), transformers (local Hugging Face generate, small instruct models)."""
     flagged_features: Literal["all", "skip", "only"] = "all"
-    """What the explain stage does with features neuron_stats flags `positional` or `unigram`
+    """What the explain stage does with features neuron_stats flags `is_positional` or `is_unigram`
     (exemplars.positional_mi, exemplars.unigram_tokens): all (explain every feature), skip
     (leave them out: a position or a single token needs no LLM), only (explain just them
     first; a later run with `all` adds the rest)."""

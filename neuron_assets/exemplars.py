@@ -711,8 +711,8 @@ class _TokenStats:
         whether a token activates (beyond exemplars.activating_fraction of the train max) and
         its position after the prefix, in POSITION_BINS equal bins; ``unigram_tokens``, the
         distinct token ids among the strongest 80% of the activating sample tokens (null with
-        fewer than 2 x exemplars.unigram_tokens of them); and the flags ``positional``
-        (MI above exemplars.positional_mi) and ``unigram`` (at most exemplars.unigram_tokens)."""
+        fewer than 2 x exemplars.unigram_tokens of them); and the flags ``is_positional``
+        (MI above exemplars.positional_mi) and ``is_unigram`` (at most exemplars.unigram_tokens)."""
         known = (torch.isfinite(self.token_keys) & (self.token_positions >= 0)).cpu().numpy()
         values = self.token_values[:, cols].float().cpu().numpy()[known] * polarity.sign  # (n, F)
         positions = self.token_positions.cpu().numpy()[known]
@@ -730,8 +730,8 @@ class _TokenStats:
                 strongest = firing[np.argsort(-values[firing, f], kind="stable")][: int(np.ceil(0.8 * firing.size))]
                 distinct[f] = np.unique(ids[strongest]).size
         unigram = np.where(np.isnan(distinct), False, distinct <= config.unigram_tokens)
-        return {"positional_mi": mi, "positional": mi > config.positional_mi,
-                "unigram_tokens": _nullable_int(distinct), "unigram": unigram}
+        return {"positional_mi": mi, "is_positional": mi > config.positional_mi,
+                "unigram_tokens": _nullable_int(distinct), "is_unigram": unigram}
 
 
 def positional_information(active: np.ndarray, bins: np.ndarray, n_bins: int) -> np.ndarray:

@@ -212,7 +212,7 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
     return CandidatesWritten(written, everything, missing, f"{explainer.backend} ({explainer.model})")
 
 
-FLAGS = ("positional", "unigram")  # neuron_stats' feature filters
+FLAGS = ("is_positional", "is_unigram")  # neuron_stats' feature filters
 
 
 def _explained(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity, choice: str,

@@ -76,12 +76,12 @@ def test_planted_positional_and_one_token_neurons_are_flagged_and_a_random_one_i
     make_exemplars(config, [(0, Polarity.POS)], "test", progress=False)
     stats = {row["neuron"]: row for row in Store(config.root).read("neuron_stats", 0, "pos").iter_rows(named=True)}
 
-    assert stats[POSITION_NEURON]["positional"] and stats[POSITION_NEURON]["positional_mi"] > 0.2
-    assert not stats[POSITION_NEURON]["unigram"]
-    assert stats[TOKEN_NEURON]["unigram"] and stats[TOKEN_NEURON]["unigram_tokens"] == 1
-    assert not stats[TOKEN_NEURON]["positional"]
+    assert stats[POSITION_NEURON]["is_positional"] and stats[POSITION_NEURON]["positional_mi"] > 0.2
+    assert not stats[POSITION_NEURON]["is_unigram"]
+    assert stats[TOKEN_NEURON]["is_unigram"] and stats[TOKEN_NEURON]["unigram_tokens"] == 1
+    assert not stats[TOKEN_NEURON]["is_positional"]
     random = stats[RANDOM_NEURON]
-    assert not random["positional"] and not random["unigram"], random
+    assert not random["is_positional"] and not random["is_unigram"], random
 
     # the explain stage skips the flagged features, or explains only them
     for choice, described in (("skip", {RANDOM_NEURON}), ("only", {TOKEN_NEURON, POSITION_NEURON})):

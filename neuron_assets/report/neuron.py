@@ -141,7 +141,7 @@ def stats_line(view: PolarityView) -> str:
     quantiles = ", ".join(f"q{q * 100:g} {v:.3g}" for q, v in sorted(stats.quantiles.items()) if v is not None)
     line = (f"max {stats.max:.4g} (the activation scale), mean {stats.mean:.3g}, std {stats.std:.3g}, "
             f"active on {stats.frac_active:.1%} of {view.stats.get('n_tokens', '?')} train tokens; {quantiles}")
-    flags = [flag for flag in ("positional", "unigram") if view.stats.get(flag)]
+    flags = [flag[3:] for flag in ("is_positional", "is_unigram") if view.stats.get(flag)]
     if flags:
         line += (f"; flagged {' and '.join(flags)} (positional MI {view.stats.get('positional_mi', 0):.3f} bits, "
                  f"{view.stats.get('unigram_tokens')} distinct firing tokens)")
