@@ -107,8 +107,17 @@ def _instance_without_compute_logs(home: Path) -> dg.DagsterInstance:
     The run's events, progress included, are still in the run log."""
     from dagster._core.instance.ref import InstanceRef
 
+    import fcntl
+
     no_capture = {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
-    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home), overrides={"compute_logs": no_capture}))
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".instance.lock", "w") as handle:
+        # two runs starting on a fresh home would both create its SQLite storages and one fails
+        # (UNIQUE constraint on alembic_version): the first creates them, the other waits
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home), overrides={"compute_logs": no_capture}))
+        _ = (instance.run_storage, instance.event_log_storage, instance.schedule_storage)
+    return instance
 
 
 def root_cause(error) -> str:
