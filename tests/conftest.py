@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from neuron_assets.cli import main
 from tests.support.tiny_models import make_tiny_gpt2, make_tiny_llama, sample_texts, train_tokenizer
 
 
@@ -78,3 +79,31 @@ def tiny_config(tmp_path, tiny_llama, text_corpus):
         return path
 
     return write
+
+
+STAGES = ("corpus,exemplars,candidate_descriptions,simulator_training_data,simulator_checkpoint,description_scores,"
+          "neuron_descriptions,neuron_report")  # all but scorer_validity, which the report does not read
+
+
+@pytest.fixture(scope="session")
+def described_run(tmp_path_factory, tiny_llama, text_corpus) -> Path:
+    """A tiny run finished through the report (its config's path): what the report and the
+    browser tests read."""
+    folder = tmp_path_factory.mktemp("report")
+    raw = {
+        "name": "report",
+        "storage": {"root": str(folder / "home")},
+        "subject": {"model": str(tiny_llama), "batch_size": 8},
+        "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(text_corpus)}], "seq_len": 16,
+                   "chat_prefix": None, "sequences_per_split": 24},
+        "features": {"layers": [0, 1], "neurons": {"sample": 4, "seed": 0}},
+        "exemplars": {"top_k": 3, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4, "quiet_per_split": 3,
+                      "quantile_reservoir": 8, "stats_token_sample": 64},
+        "explain": {"k": 3},
+        "simulate": {"backend": "lexical", "compare_with": []},
+        "score": {"scorers": ["correlation"]},  # the embedding scorer's MiniLM would triple the run's time
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(path), "run", "--select", STAGES]) == 0
+    return path

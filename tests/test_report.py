@@ -1,4 +1,5 @@
-"""Neuron pages and the HTML report, on one finished tiny run (lexical simulator, correlation);
+"""Neuron pages and the HTML report, on one finished tiny run (conftest's `described_run`: lexical
+simulator, correlation);
 the score table's layout for several scorers and simulators on rows of that shape."""
 
 from __future__ import annotations
@@ -10,38 +11,12 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-import yaml
 
 from neuron_assets.cli import main
 from neuron_assets.config import load_config
 from neuron_assets.report.neuron import load_neuron
 from neuron_assets.store import Store
 from neuron_assets.types import ExemplarKind, Split
-
-STAGES = ("corpus,exemplars,candidate_descriptions,simulator_training_data,simulator_checkpoint,description_scores,"
-          "neuron_descriptions,neuron_report")  # all but scorer_validity, which the report does not read
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_llama, text_corpus) -> Path:
-    folder = tmp_path_factory.mktemp("report")
-    raw = {
-        "name": "report",
-        "storage": {"root": str(folder / "home")},
-        "subject": {"model": str(tiny_llama), "batch_size": 8},
-        "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(text_corpus)}], "seq_len": 16,
-                   "chat_prefix": None, "sequences_per_split": 24},
-        "features": {"layers": [0, 1], "neurons": {"sample": 4, "seed": 0}},
-        "exemplars": {"top_k": 3, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4, "quiet_per_split": 3,
-                      "quantile_reservoir": 8, "stats_token_sample": 64},
-        "explain": {"k": 3},
-        "simulate": {"backend": "lexical", "compare_with": []},
-        "score": {"scorers": ["correlation"]},  # the embedding scorer's MiniLM would triple the run's time
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["--config", str(path), "run", "--select", STAGES]) == 0
-    return path
 
 
 def _store(config_path: Path) -> Store:
@@ -52,14 +27,14 @@ def _a_described_neuron(store: Store, layer: int = 1, polarity: str = "neg") -> 
     return store.read("neuron_descriptions", layer, polarity).sort("neuron").row(0, named=True)
 
 
-def test_show_prints_every_scorers_val_and_test_and_the_control(finished, capsys, monkeypatch):
-    store = _store(finished)
+def test_show_prints_every_scorers_val_and_test_and_the_control(described_run, capsys, monkeypatch):
+    store = _store(described_run)
     row = _a_described_neuron(store)
     scores = store.read("description_scores", 1, "neg").filter(pl.col("neuron") == row["neuron"])
     # show reads only this neuron's rows: no whole-table read
     monkeypatch.setattr(Store, "read", lambda *a, **k: pytest.fail("show read a whole table"))
     monkeypatch.setattr(pl, "read_parquet", lambda *a, **k: pytest.fail("show read a whole file"))
-    assert main(["--config", str(finished), "show", "1", str(row["neuron"]), "--polarity", "neg", "-n", "2"]) == 0
+    assert main(["--config", str(described_run), "show", "1", str(row["neuron"]), "--polarity", "neg", "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert f"description: {row['description']}" in out
     for scorer, simulator, split in scores.select("scorer", "simulator", "split").unique().iter_rows():
@@ -99,11 +74,11 @@ def test_the_score_table_has_a_val_and_test_column_per_scorer_and_simulator():
     assert table[3][1] == "control (neuron 8)" and table[3][2:6] == [-0.05, None, -0.05, -0.05]
 
 
-def test_show_html_writes_one_self_contained_page(finished, tmp_path, capsys):
-    store = _store(finished)
+def test_show_html_writes_one_self_contained_page(described_run, tmp_path, capsys):
+    store = _store(described_run)
     row = _a_described_neuron(store)
     page = tmp_path / "neuron.html"
-    assert main(["--config", str(finished), "show", "1", str(row["neuron"]), "--polarity", "neg", "-n", "3",
+    assert main(["--config", str(described_run), "show", "1", str(row["neuron"]), "--polarity", "neg", "-n", "3",
                  "--html", str(page)]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["neuron.html"], "one file, no temporary left"
     text = page.read_text()
@@ -121,14 +96,14 @@ def test_show_html_writes_one_self_contained_page(finished, tmp_path, capsys):
     assert sum(1 for control, _ in spans if control) == prefix, "the prefix tokens are greyed"
 
 
-def test_the_report_links_every_layer_page_and_existing_neuron_pages(finished, capsys):
-    store = _store(finished)
+def test_the_report_links_every_layer_page_and_existing_neuron_pages(described_run, capsys):
+    store = _store(described_run)
     index = store.root / "report" / "index.html"
     assert index.is_file(), "the run built the report"
     with dg.DagsterInstance.from_config(str(store.root)) as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey("neuron_report"))
         assert event.asset_materialization.metadata["index"].value == str(index)
-    assert main(["--config", str(finished), "report"]) == 0
+    assert main(["--config", str(described_run), "report"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(index) and "built" not in err, "up to date: found, not rebuilt"
     pages = set(re.findall(r'href="(layer-[^"]+\.html)"', index.read_text()))
@@ -144,13 +119,13 @@ def test_the_report_links_every_layer_page_and_existing_neuron_pages(finished, c
     assert not list(store.root.glob(".report*")), "no temporary folder left"
 
 
-def test_a_bad_neuron_or_layer_names_what_was_collected(finished, capsys):
-    store = _store(finished)
+def test_a_bad_neuron_or_layer_names_what_was_collected(described_run, capsys):
+    store = _store(described_run)
     collected = sorted(store.read("neuron_stats", 0, "pos")["neuron"].to_list())
-    assert main(["--config", str(finished), "show", "0", "9999"]) == 1
+    assert main(["--config", str(described_run), "show", "0", "9999"]) == 1
     err = capsys.readouterr().err
     assert "neuron 9999 of layer 0" in err and f"the {len(collected)} collected neurons" in err
     assert all(str(n) in err.split("are ")[1] for n in (collected[0], collected[-1]))
-    assert main(["--config", str(finished), "show", "7", str(collected[0])]) == 1
+    assert main(["--config", str(described_run), "show", "7", str(collected[0])]) == 1
     err = capsys.readouterr().err
     assert "layer 7 was not collected" in err and "collected layers: 0-1" in err

@@ -100,6 +100,25 @@ def test_text_and_semantic_search_agree_on_an_exact_phrase(searchable):
         assert [(h.layer, h.neuron) for h in exact.hits][:3] == [(h.layer, h.neuron) for h in semantic.hits][:3]
 
 
+def test_bm25_from_the_term_tables_equals_the_fts_macro(searchable):
+    """The text search scores only documents holding a query term, from the index's term tables;
+    its scores and order are those of fts's own match_bm25, which scores every row."""
+    _, config = searchable
+    store = Store(config.root)
+    with S.open_search(store) as session:
+        for query in ("closing parentheses and brackets", "words", "French cooking numbers", "zzz nothing"):
+            fast = [(round(h.match, 9), h.layer, h.polarity, h.neuron) for h in session.text(query, 8).hits]
+            session.con.execute(f"USE {S.INDEX_NAME}")
+            macro = session.con.execute(
+                "SELECT match, layer, polarity, neuron FROM (SELECT *, fts_main_descriptions.match_bm25(doc_id, ?, "
+                "fields := 'description') AS match FROM descriptions) WHERE match IS NOT NULL "
+                "ORDER BY match DESC, doc_id LIMIT 8", [query]).fetchall()
+            session.con.execute("USE memory")
+            assert fast == [(round(m, 9), layer, polarity, neuron) for m, layer, polarity, neuron in macro], query
+        filtered = session.text("words", 20, S.Filters(layer=1, polarity="neg")).hits
+        assert filtered and all((h.layer, h.polarity) == (1, "neg") for h in filtered)
+
+
 def test_text_search_falls_back_to_ilike_without_fts(searchable, monkeypatch):
     _, config = searchable
     store = Store(config.root)

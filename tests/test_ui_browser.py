@@ -1,7 +1,9 @@
 """The Dagster UI driven as a user drives it: `dagster dev` on 127.0.0.1 with a temporary
 DAGSTER_HOME, opened in headless Chromium (Debian's `chromium` and `chromium-driver`, driven
 with Selenium; nothing is downloaded). One layer x polarity partition of `exemplars` is
-launched from the asset's page, and the instance must then hold exactly that partition.
+launched from the asset's page, and the instance must then hold exactly that partition. The
+HTML report of a finished tiny run is read the same way: index, a layer page, its sortable
+table, a neuron page with its heat-maps.
 """
 
 from __future__ import annotations
@@ -115,6 +117,42 @@ def test_launch_one_exemplars_partition_from_the_ui(dagster_ui, browser, tmp_pat
     _wait_for(browser, f"//*[contains(normalize-space(.), '{load_config(str(config)).hash}')]")
     _keep_screenshot(browser, tmp_path, "exemplars_partition_metadata.png")
     print(f"UI test: {time.monotonic() - started:.1f} s in the browser; screenshot {shot}")
+
+
+@pytest.mark.browser
+def test_the_html_report_reads_in_the_browser(described_run, browser, tmp_path):
+    """From the report's index to a layer page, sorted by test score with a click, then to the
+    best neuron's page: its description, its heat-map tokens, nothing fetched from elsewhere."""
+    from selenium.webdriver.common.by import By
+
+    store_root = load_config(str(described_run)).root
+    index = Path(store_root) / "report" / "index.html"
+    assert index.is_file(), "the finished run built the report"
+    browser.get(index.as_uri())
+    _wait_for(browser, "//h1")
+    _click(browser, "//a[starts-with(@href, 'layer-1-neg.html')]")
+    _wait_for(browser, "//table[contains(@class,'sortable')]//th[normalize-space(.)='test']")
+
+    def column(name: str) -> list[float]:
+        table = browser.find_element(By.XPATH, "//h2[starts-with(., 'neurons')]/following::table[1]")
+        at = [th.text.strip() for th in table.find_elements(By.TAG_NAME, "th")].index(name)
+        return [float(row.find_elements(By.TAG_NAME, "td")[at].get_attribute("data-v") or "nan")
+                for row in table.find_elements(By.XPATH, "./tbody/tr")]
+
+    _click(browser, "//h2[starts-with(., 'neurons')]/following::table[1]//th[normalize-space(.)='test']")
+    ascending = column("test")
+    _click(browser, "//h2[starts-with(., 'neurons')]/following::table[1]//th[normalize-space(.)='test']")
+    descending = column("test")
+    assert len(descending) == 4 and ascending == sorted(ascending) and descending == sorted(descending, reverse=True)
+    _keep_screenshot(browser, tmp_path, "report_layer_page.png")
+    _click(browser, "//h2[starts-with(., 'neurons')]/following::table[1]/tbody/tr[1]//a[contains(@href, 'neurons/')]")
+    _wait_for(browser, "//p[contains(@class, 'desc')]")
+    tokens = [t for t in browser.find_elements(By.CSS_SELECTOR, "span.t") if t.is_displayed()]
+    assert len(tokens) > 20 and any("background" in (t.get_attribute("style") or "") for t in tokens)
+    assert browser.current_url.startswith(index.parent.as_uri()), "every link stays inside the report"
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert not [r for r in resources if not r.startswith(("file:", "data:"))], resources
+    _keep_screenshot(browser, tmp_path, "report_neuron_page.png")
 
 
 def _dismiss_first_visit_modal(browser, timeout: float = 20) -> None:

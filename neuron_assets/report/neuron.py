@@ -143,8 +143,10 @@ def stats_line(view: PolarityView) -> str:
             f"active on {stats.frac_active:.1%} of {view.stats.get('n_tokens', '?')} train tokens; {quantiles}")
     flags = [flag[3:] for flag in ("is_positional", "is_unigram") if view.stats.get(flag)]
     if flags:
+        distinct = view.stats.get("unigram_tokens")
         line += (f"; flagged {' and '.join(flags)} (positional MI {view.stats.get('positional_mi', 0):.3f} bits, "
-                 f"{view.stats.get('unigram_tokens')} distinct firing tokens)")
+                 + (f"{distinct} distinct firing tokens)" if distinct is not None
+                    else "too few firing tokens to count distinct ones)"))
     if view.output_tokens:
         line += "; promotes (logit lens): " + " ".join(repr(t) for t in view.output_tokens)
     return line
