@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from neuron_assets.config import Config, ExemplarsConfig
+from neuron_assets.simulate import needs_checkpoint
 from neuron_assets.types import Polarity
 
 KEPT_SLOT_BYTES = 4 + 4 + 8  # key (float32), extreme (float32), seq_id (int64) per kept sequence
@@ -404,10 +405,11 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
         checkpointed = batch_tokens * backbone.hidden * backbone.layers * 2 * 2 + backbone.forward_workspace_bytes(
             training.batch_size, DESCRIPTION_TOKENS + seq_len, 2) * 2
         method, memory = ("full fine-tune", full) if full + checkpointed <= spec.memory_gb * gb else ("LoRA", lora)
-        stages.append(StagePlan("simulator training", memory + checkpointed, train_tokens * 6 * params / flops_per_s / 3600,
-                                int(params * 2 if method == "full fine-tune" else params * 0.01 * 2), note=(
-                                    f"{train_pairs:,} pairs over {training.folds} fold simulators; {method} with gradient checkpointing (a full fine-tune "
-                                    f"with fp32 master weights and Adam needs {full / gb:.0f} GB)")))
+        if needs_checkpoint(config):  # no training stage runs when simulate.finetuned.checkpoint is given
+            stages.append(StagePlan("simulator training", memory + checkpointed, train_tokens * 6 * params / flops_per_s / 3600,
+                                    int(params * 2 if method == "full fine-tune" else params * 0.01 * 2), note=(
+                                        f"{train_pairs:,} pairs over {training.folds} fold simulators; {method} with gradient "
+                                        f"checkpointing (a full fine-tune with fp32 master weights and Adam needs {full / gb:.0f} GB)")))
         sim_batch = sim.finetuned.batch_size
         stages.append(StagePlan("simulation (scoring)", params * 2 + backbone.forward_workspace_bytes(
             sim_batch, DESCRIPTION_TOKENS + seq_len, 2), eval_tokens * 2 * params / flops_per_s / 3600,

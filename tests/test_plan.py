@@ -52,6 +52,13 @@ def test_llama_plan_fits_one_80gb_gpu_and_exemplars_in_3_h100_hours(capsys):
     assert "Transluce" in table and "exemplars" in table
 
 
+def test_the_released_simulator_preset_plans_scoring_but_no_training(capsys):
+    preset = LLAMA_CONFIG.with_name("transluce_llama31_8b.yaml")
+    assert main(["--config", str(preset), "plan", "--format", "json"]) == 0
+    stages = [s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert "simulation (scoring)" in stages and "simulator training" not in stages
+
+
 def test_plan_without_a_shape_says_how_to_give_one(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("subject: {model: some-org/not-cached-model}\n")
