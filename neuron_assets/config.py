@@ -256,6 +256,11 @@ class ExplainConfig(Section):
     (exemplars.positional_mi, exemplars.unigram_tokens): all (explain every feature), skip
     (leave them out: a position or a single token needs no LLM), only (explain just them
     first; a later run with `all` adds the rest)."""
+    output_tokens: bool = False
+    """Also show the explainer the tokens each feature's output promotes (the logit lens's
+    `output_tokens` table, exemplars.output_tokens of them), as a hint beside the excerpts:
+    what a feature writes can name what it reads (Choi et al. show output-side context helps
+    on late layers). Off by default: the excerpts alone are Transluce's prompt."""
     model: str | None = None
     """Explainer model: an OpenAI model name, the name a server serves, or a local Hugging
     Face path (vllm, transformers). Required by every backend but statistical."""
@@ -334,6 +339,9 @@ class ExplainConfig(Section):
             raise ValueError("explain.prompt_format: transluce_distilled is the distilled explainer's own prompt, "
                              "with no few-shot example and no reasoning: set explain.few_shot: false and "
                              "explain.cot: false")
+        if self.prompt_format is PromptFormat.TRANSLUCE_DISTILLED and self.output_tokens:
+            raise ValueError("explain.output_tokens adds a line the distilled explainer was never trained on: "
+                             "set explain.output_tokens: false with prompt_format transluce_distilled")
         return self
 
 

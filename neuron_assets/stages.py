@@ -23,7 +23,7 @@ Every score row carries the simulator's version and ``simulator_saw_feature``
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -198,6 +198,8 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
         polarity = Polarity(polarity)
         features = _explained(load_feature_exemplars(store, layer, polarity), store, layer, polarity,
                               config.explain.flagged_features, log)
+        if config.explain.output_tokens:
+            features = _with_output_tokens(features, store, layer, polarity, log)
         with progress.task(f"explain {layer}|{polarity.value}", len(features) * config.explain.k, "candidate") as task:
             frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
                                      explainer=explainer, corpus=corpus, on_candidates=task.advance)
@@ -230,6 +232,21 @@ def _explained(features: list[FeatureExemplars], store: Store, layer: int, polar
     log(f"layer {layer} {polarity.value}: explaining {len(kept)} of {len(features)} features "
         f"({len(flagged)} flagged {'/'.join(present)}; explain.flagged_features: {choice})")
     return kept
+
+
+def _with_output_tokens(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity,
+                        log: Log) -> list[FeatureExemplars]:
+    """Each feature with its logit-lens tokens (explain.output_tokens), strongest first."""
+    from neuron_assets.features.logit_lens import OUTPUT_TOKENS_TABLE
+
+    if not store.exists(OUTPUT_TOKENS_TABLE, layer, polarity.value):
+        log(f"layer {layer} {polarity.value}: explain.output_tokens is on but there is no {OUTPUT_TOKENS_TABLE} "
+            "table (a subject without an unembedding, or exemplars.output_tokens: 0); the prompts go without")
+        return features
+    frame = store.read(OUTPUT_TOKENS_TABLE, layer, polarity.value).sort("neuron", "rank")
+    promoted = {neuron: tuple(group["token"].to_list())
+                for (neuron,), group in frame.group_by("neuron", maintain_order=True)}
+    return [replace(f, output_tokens=promoted.get(f.feature.index, ())) for f in features]
 
 
 # -- reading upstream tables ---------------------------------------------------------------

@@ -109,6 +109,7 @@ class FeatureExemplars:
     feature: FeatureId
     stats: FeatureStats
     exemplars: tuple[Exemplar, ...]
+    output_tokens: tuple[str, ...] = ()  # the logit lens's promoted tokens, strongest first (when read)
 
     def select(self, split: Split, kind: ExemplarKind) -> list[Exemplar]:
         chosen = [e for e in self.exemplars if e.split is split and e.kind is kind]

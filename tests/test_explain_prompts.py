@@ -124,6 +124,25 @@ def test_negative_polarity_uses_the_same_format_on_the_min_side():
     assert as_pairs(messages) == as_pairs(messages_for(PromptFormat.HIGHLIGHT, feature(ROWS)))
 
 
+def test_output_tokens_follow_the_excerpts_when_asked():
+    """explain.output_tokens: the feature's logit-lens tokens end its excerpt list (the few-shot
+    puzzle has none), and the system prompt says what they are; off, the prompt is unchanged."""
+    from dataclasses import replace
+
+    from neuron_assets.explain.formats import OUTPUT_TOKENS_NOTE
+
+    feat = replace(feature(ROWS), output_tokens=(" mat", "\n", " rug"))
+    builder = prompt_builder_for(ExplainConfig(prompt_format=PromptFormat.HIGHLIGHT, output_tokens=True))
+    excerpts = [excerpt_of(e.record, feat.feature.polarity) for e in feat.top(Split.TRAIN)]
+    messages = builder.messages(builder.show(feat, excerpts, TokenDisplay(), random.Random(0)), PUZZLE.solved())
+    assert messages[0].content == HIGHLIGHT_SYSTEM.replace("\\t.\n", "\\t.\n\n" + OUTPUT_TOKENS_NOTE + "\n")
+    assert messages[1].content.startswith("Excerpt 1: A {{red}}") and "Output tokens" not in messages[1].content
+    assert messages[-1].content == HIGHLIGHT_FEATURE + '\n\nOutput tokens the feature promotes: " mat", "\\n", " rug"'
+    assert as_pairs(messages_for(PromptFormat.HIGHLIGHT, feat)) == as_pairs(messages_for(PromptFormat.HIGHLIGHT, feature(ROWS)))
+    with pytest.raises(ValueError, match="output_tokens"):
+        ExplainConfig(prompt_format=PromptFormat.TRANSLUCE_DISTILLED, few_shot=False, cot=False, output_tokens=True)
+
+
 def test_token_activation_prompt_golden():
     messages = messages_for(PromptFormat.TOKEN_ACTIVATION, feature(ROWS))
     assert messages[0].content == (

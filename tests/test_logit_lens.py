@@ -69,3 +69,21 @@ def test_a_tied_gpt2_reads_its_embeddings_and_an_encoder_has_no_lens(tmp_path, t
 
     subject.model.config.architectures = ["BertModel"]  # an encoder: nothing to read
     assert subject_output_tokens(subject, {0: torch.tensor([3])}, [Polarity.POS], 2, str(folder)) == {}
+
+
+def test_the_explain_stage_gives_each_feature_its_promoted_tokens(described_run):
+    """explain.output_tokens: the stage attaches each feature's rows of the output_tokens table,
+    strongest first, to what the prompt builder sees."""
+    from neuron_assets.config import load_config
+    from neuron_assets.exemplars import load_feature_exemplars
+    from neuron_assets.stages import _with_output_tokens
+    from neuron_assets.store import Store
+    from neuron_assets.types import Polarity
+
+    store = Store(load_config(described_run).root)
+    features = load_feature_exemplars(store, 1, Polarity.NEG)
+    attached = _with_output_tokens(features, store, 1, Polarity.NEG, log=lambda _: None)
+    table = store.read("output_tokens", 1, "neg")
+    for feature in attached:
+        rows = table.filter(table["neuron"] == feature.feature.index).sort("rank")
+        assert feature.output_tokens == tuple(rows["token"].to_list()) and len(feature.output_tokens) > 0

@@ -30,7 +30,6 @@ from neuron_assets.explain.excerpts import HIGHLIGHT_LADDER, Excerpt, TokenDispl
 from neuron_assets.explain.formats import (
     ChatMessage,
     PromptBuilder,
-    Shown,
     SolvedPuzzle,
     prompt_builder_for,
 )
@@ -170,7 +169,8 @@ def fit_prompt(
     first = builder.show(feature, [excerpt_of(r, feature.feature.polarity, display) for r in records], display, rng)
     positives, negatives = list(first.positives), list(first.negatives)
     while True:
-        shown = Shown(tuple(positives), tuple(negatives), first.ladder)
+        # everything else the format chose (ladder, scale, output tokens) stays as shown first
+        shown = replace(first, positives=tuple(positives), negatives=tuple(negatives))
         messages = builder.messages(shown, puzzle)
         tokens = count_tokens(messages)
         if tokens <= budget:

@@ -19,7 +19,7 @@ and steps down the ladder 0.8, 0.7, ..., 0.1 until at least 3 token positions ar
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
@@ -52,6 +52,10 @@ DESCRIBE = (
     "text the feature is active on."
 )
 NOTATION = "Special tokens of a chat format are shown as ⟨name⟩, line breaks as \\n and tabs as \\t."
+OUTPUT_TOKENS_NOTE = (
+    "Some excerpt lists end with the tokens the feature's output pushes the model to predict "
+    "(read from its output weights). Take them as a hint; the excerpts decide."
+)
 DIRECT_ANSWER = f"Answer with one line: {ANSWER_TAG} followed by the description."
 REASONED_ANSWER = (
     "First reason step by step: which tokens are most active, what they have in common, what "
@@ -81,6 +85,7 @@ class Shown:
     negatives: tuple[Excerpt, ...] = ()
     ladder: tuple[float, ...] = HIGHLIGHT_LADDER  # fractions of the shown maximum, tried highest first
     scale: float | None = None  # the feature's activation normalizer (FeatureStats.scale); None: the shown max
+    output_tokens: tuple[str, ...] = ()  # the feature's logit-lens tokens, shown after the excerpts
 
     @property
     def threshold(self) -> float:
@@ -119,7 +124,8 @@ class PromptFormatter(Protocol):
 
 def prompt_builder_for(config: ExplainConfig) -> PromptBuilder:
     """The configured format, with reasoning before the answer when ``config.cot``."""
-    return PromptBuilder(FORMATS[config.prompt_format](), ChainOfThought() if config.cot else DirectAnswer())
+    return PromptBuilder(FORMATS[config.prompt_format](), ChainOfThought() if config.cot else DirectAnswer(),
+                         output_tokens=config.output_tokens)
 
 
 def parse_description(answer: str | None) -> str:
@@ -356,6 +362,7 @@ class PromptBuilder:
 
     formatter: PromptFormatter
     answer: DirectAnswer | ChainOfThought
+    output_tokens: bool = False  # show each feature's logit-lens tokens after its excerpts
 
     @property
     def name(self) -> str:
@@ -367,10 +374,14 @@ class PromptBuilder:
         own = getattr(self.formatter, "system_prompt", None)  # a format a model was trained on keeps its own
         if own is not None:
             return own
-        return f"{self.formatter.instructions}\n\n{NOTATION}\n\n{self.answer.instruction}"
+        note = f"\n\n{OUTPUT_TOKENS_NOTE}" if self.output_tokens else ""
+        return f"{self.formatter.instructions}\n\n{NOTATION}{note}\n\n{self.answer.instruction}"
 
     def show(self, feature, positives, display, rng) -> Shown:
-        return self.formatter.show(feature, positives, display, rng)
+        shown = self.formatter.show(feature, positives, display, rng)
+        if self.output_tokens and feature.output_tokens:
+            shown = replace(shown, output_tokens=tuple(display.show(t) for t in feature.output_tokens))
+        return shown
 
     def messages(self, shown: Shown, puzzle: SolvedPuzzle | None) -> list[ChatMessage]:
         messages = [ChatMessage("system", self.system)]
@@ -379,11 +390,17 @@ class PromptBuilder:
                 ChatMessage("user", self.formatter.render(puzzle.shown)),
                 ChatMessage("assistant", self.answer.worked_answer(puzzle)),
             ]
-        messages.append(ChatMessage("user", self.formatter.render(shown)))
+        messages.append(ChatMessage("user", self.formatter.render(shown) + _output_tokens_line(shown)))
         return messages
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _output_tokens_line(shown: Shown) -> str:
+    if not shown.output_tokens:
+        return ""
+    return "\n\nOutput tokens the feature promotes: " + ", ".join(f'"{t}"' for t in shown.output_tokens)
 
 
 def transluce_excerpt(record: ActivationRecord, polarity) -> Excerpt:
