@@ -597,30 +597,44 @@ class SearchConfig(Section):
     candidates: bool = False
     """Also embed every candidate description (k per feature), not only the selected one, so a
     search finds the descriptions best-of-k passed over too (k times the vectors)."""
+DEMO_SAE_LAYERS = [12]  # the embedded demo's SAE: one of its layers, beside that layer's neurons
+
+
 class SaeConfig(Section):
     layers: list[int] = []
-    """Layers whose neuron site gets a sparse autoencoder (asset `sae_checkpoint`, one partition
-    per layer). Empty: no SAE is trained or loaded."""
+    """Layers whose neuron site gets a sparse autoencoder (asset `sae_checkpoint`, stage of
+    `neuron-assets run` before exemplars; trained, or loaded from `path`). Empty: no SAE.
+    Default: [12] in the embedded demo (the builtin SmolLM2 with the demo's features.layers),
+    [] otherwise. With `latents` set, each layer must be among features.layers."""
+    latents: Literal["all"] | list[int] | NeuronSample | None = NeuronSample(sample=8)
+    """Latents of each SAE described as features of kind `sae` beside the layer's neurons
+    (same exemplars, candidates, scores and neuron_descriptions tables, `kind` = 'sae'; pos
+    polarity only, latents are never negative): 'all', a list of indices, or {sample: N, seed: S}.
+    The exemplar pass encodes the site with the SAE in the forward pass that reads the neurons.
+    null: the SAE is trained and measured but its latents are not described."""
     kind: Literal["topk", "l1"] = "topk"
     """topk: the k largest latents per token (Gao et al., 2024); l1: ReLU latents with an L1
     penalty (Bricken et al., 2023)."""
-    expansion: int = Field(8, ge=1)
-    """Latents per site dimension (Bricken et al. use 8x-256x; 1x-32x fits a laptop)."""
-    k: int = Field(32, ge=1)
+    expansion: int = Field(2, ge=1)
+    """Latents per site dimension (Bricken et al. use 8x-256x; 1x-32x fits a laptop; the demo
+    trains 2x to stay within seconds)."""
+    k: int = Field(16, ge=1)
     """Latents on per token for kind topk."""
     l1_coefficient: float = Field(5.0, gt=0)
     """Weight of the L1 penalty for kind l1, on activations scaled to a mean squared norm of
     the site's width."""
-    steps: int = Field(2000, ge=1)
-    """Training steps; tokens seen = steps x batch_tokens (epochs over the train split repeat)."""
-    batch_tokens: int = Field(1024, ge=1)
+    steps: int = Field(60, ge=1)
+    """Training steps; tokens seen = steps x batch_tokens (epochs over the train split repeat).
+    The demo's 60 x 256 is a few seconds on CPU and a rough SAE; a real one takes thousands
+    of steps of thousands of tokens."""
+    batch_tokens: int = Field(256, ge=1)
     """Tokens per training step."""
     learning_rate: float = Field(1e-3, gt=0)
     """Adam learning rate, decayed linearly to zero over the last 20% of the steps."""
     block_sequences: int = Field(128, ge=1)
     """Sequences read per shuffle block: their tokens are shuffled together into batches, so
     the activations held at once are this many sequences' worth."""
-    eval_sequences: int = Field(64, ge=1)
+    eval_sequences: int = Field(8, ge=1)
     """Val sequences the metrics and the reconstruction score are measured on."""
     checkpoint_every: int = Field(200, ge=1)
     """Steps between checkpoints; a killed run resumes from the last one."""
@@ -658,6 +672,21 @@ class Config(Section):
         if not value or any(c in value for c in "/\\ "):
             raise ValueError("name must be non-empty, without spaces or slashes")
         return value
+
+    @model_validator(mode="after")
+    def _sae_layers(self) -> "Config":
+        if ("layers" not in self.sae.model_fields_set and self.subject.model == BUILTIN_SMOLLM2
+                and self.features.layers == FeaturesConfig.model_fields["layers"].default):
+            # the demo describes a sample of one small SAE's latents beside its layer's neurons
+            object.__setattr__(self, "sae", self.sae.model_copy(update={"layers": list(DEMO_SAE_LAYERS)}))
+        if self.sae.latents is not None and self.sae.layers:
+            collected = self.features.layers
+            missing = [] if collected == "all" else sorted(set(self.sae.layers) - set(collected))
+            if missing:
+                raise ValueError(f"sae.layers {missing} are not among features.layers {collected}: an SAE's latents "
+                                 "are described beside its layer's neurons; add the layer to features.layers, or set "
+                                 "sae.latents: null to train the SAE without describing its latents")
+        return self
 
     @property
     def root(self) -> Path:
