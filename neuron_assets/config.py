@@ -615,26 +615,27 @@ class SaeConfig(Section):
     kind: Literal["topk", "l1"] = "topk"
     """topk: the k largest latents per token (Gao et al., 2024); l1: ReLU latents with an L1
     penalty (Bricken et al., 2023)."""
-    expansion: int = Field(2, ge=1)
+    expansion: int = Field(1, ge=1)
     """Latents per site dimension (Bricken et al. use 8x-256x; 1x-32x fits a laptop; the demo
-    trains 2x to stay within seconds)."""
+    trains 1x to stay within seconds: a top-k SAE encodes every latent of every token it reads)."""
     k: int = Field(16, ge=1)
     """Latents on per token for kind topk."""
     l1_coefficient: float = Field(5.0, gt=0)
     """Weight of the L1 penalty for kind l1, on activations scaled to a mean squared norm of
     the site's width."""
-    steps: int = Field(60, ge=1)
+    steps: int = Field(30, ge=1)
     """Training steps; tokens seen = steps x batch_tokens (epochs over the train split repeat).
-    The demo's 60 x 256 is a few seconds on CPU and a rough SAE; a real one takes thousands
-    of steps of thousands of tokens."""
-    batch_tokens: int = Field(256, ge=1)
+    The demo's 30 x 128 tokens (one block of the train split) take seconds on CPU and give a
+    rough SAE, enough to show latents beside neurons; a real one takes thousands of steps of
+    thousands of tokens."""
+    batch_tokens: int = Field(128, ge=1)
     """Tokens per training step."""
     learning_rate: float = Field(1e-3, gt=0)
     """Adam learning rate, decayed linearly to zero over the last 20% of the steps."""
-    block_sequences: int = Field(128, ge=1)
+    block_sequences: int = Field(96, ge=1)
     """Sequences read per shuffle block: their tokens are shuffled together into batches, so
     the activations held at once are this many sequences' worth."""
-    eval_sequences: int = Field(8, ge=1)
+    eval_sequences: int = Field(4, ge=1)
     """Val sequences the metrics and the reconstruction score are measured on."""
     checkpoint_every: int = Field(200, ge=1)
     """Steps between checkpoints; a killed run resumes from the last one."""

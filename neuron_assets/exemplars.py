@@ -175,11 +175,12 @@ def collect_exemplars(
             layer: None if idx == list(range(widths[layer])) else torch.tensor(idx, dtype=torch.long)
             for layer, idx in group.neurons.items()
         }
-        readers = {layer: _site_reader(idx, widths[layer], saes[layer]) for layer, idx in group.neurons.items()
-                   if layer in saes and idx[-1] >= widths[layer]}
+        with_latents = {layer: idx for layer, idx in group.neurons.items() if layer in saes and idx[-1] >= widths[layer]}
         for batch_no in range(start, len(batches)):
             split, rows = batches[batch_no]
             batch = corpus.batch(rows)
+            readers = {layer: _site_reader(idx, widths[layer], saes[layer], batch.counted)
+                       for layer, idx in with_latents.items()}
             per_layer = subject.activations(batch.ids, batch.mask, neuron_index, readers)
             state.update(split, per_layer, batch, _batch_keys(seed, batch_no, len(rows), corpus.seq_len))
             del per_layer
@@ -233,9 +234,11 @@ def feature_axis(neurons: dict[int, list[int]], saes: dict[int, SaeLatents], wid
     return axis
 
 
-def _site_reader(positions: list[int], width: int, latents: SaeLatents):
+def _site_reader(positions: list[int], width: int, latents: SaeLatents, counted: torch.Tensor):
     """The hook's reader of a layer whose group holds SAE latents: the chosen neurons and the
-    chosen latents of the encoded site input, side by side, in the site's dtype."""
+    chosen latents of the encoded site input, side by side, in the site's dtype. Only the
+    counted tokens are encoded (a top-k SAE computes every latent of a token, so the prefix
+    and the padding would cost as much); the others read 0, and nothing reads them."""
     index = torch.tensor(positions, dtype=torch.long)
     neuron_index, latent_index = index[index < width], index[index >= width] - width
     sae = latents.sae
@@ -246,9 +249,11 @@ def _site_reader(positions: list[int], width: int, latents: SaeLatents):
         if neuron_index.numel():
             parts.append(hidden.index_select(-1, neuron_index.to(hidden.device)))
         if latent_index.numel():
-            flat = hidden.reshape(-1, width).to(sae_device, torch.float32)
-            encoded = sae.encode(flat).index_select(-1, latent_index.to(sae_device))
-            parts.append(encoded.reshape(*hidden.shape[:-1], -1).to(hidden.device, hidden.dtype))
+            mask = counted.to(hidden.device)
+            encoded = sae.encode(hidden[mask].to(sae_device, torch.float32)).index_select(-1, latent_index.to(sae_device))
+            full = hidden.new_zeros((*hidden.shape[:-1], latent_index.numel()))
+            full[mask] = encoded.to(hidden.device, hidden.dtype)
+            parts.append(full)
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     return read
