@@ -181,7 +181,8 @@ def collect_exemplars(
             batch = corpus.batch(rows)
             readers = {layer: _site_reader(idx, widths[layer], saes[layer], batch.counted)
                        for layer, idx in with_latents.items()}
-            per_layer = subject.activations(batch.ids, batch.mask, neuron_index, readers)
+            per_layer = (subject.activations(batch.ids, batch.mask, neuron_index, readers) if readers
+                         else subject.activations(batch.ids, batch.mask, neuron_index))
             state.update(split, per_layer, batch, _batch_keys(seed, batch_no, len(rows), corpus.seq_len))
             del per_layer
             report.observe(state)
