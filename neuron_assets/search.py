@@ -189,10 +189,13 @@ def build_index(store: Store, log: Log = _quiet, hnsw: bool = True) -> IndexBuil
             loaded = _load_extensions(con)
             sources = "[" + ", ".join(_sql_string(p.as_posix()) for p, _, _ in files) + "]"
             dim = con.execute(f"SELECT max(len(embedding)) FROM read_parquet({sources})").fetchone()[0] or 0
+            columns = {row[0] for row in con.execute(
+                f"DESCRIBE SELECT * FROM read_parquet({sources}, union_by_name = true)").fetchall()}
+            kind = "coalesce(kind, 'neuron')" if "kind" in columns else "'neuron'"  # older files: neurons only
             con.execute(f"""
                 CREATE TABLE descriptions AS
                 SELECT row_number() OVER () AS doc_id, layer::INTEGER AS layer, polarity,
-                       coalesce(kind, 'neuron') AS kind, neuron::BIGINT AS neuron,
+                       {kind} AS kind, neuron::BIGINT AS neuron,
                        source, candidate::BIGINT AS candidate, description, score, text_hash, embedding_model,
                        embedding::FLOAT[{dim}] AS embedding
                 FROM read_parquet({sources}, union_by_name = true)
