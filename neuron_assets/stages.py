@@ -190,7 +190,7 @@ def sae_latents(config: Config, store: Store, layers: list[int], subject: Subjec
                 raise ValueError(f"sae.latents: latent {bad[0]} is out of range; layer {layer}'s SAE has {sae.d_latent}")
             indices = sorted(set(latents))
         else:
-            draw = random.Random(latents.seed + layer)
+            draw = random.Random(f"sae:{latents.seed}:{layer}")  # not the draw of the layer's neurons
             indices = sorted(draw.sample(range(sae.d_latent), min(latents.sample, sae.d_latent)))
         identity = (folder / SAE_INFO).read_text() + str((folder / SAE_INFO).stat().st_mtime_ns)
         chosen[layer] = SaeLatents(sae, indices, identity)

@@ -88,7 +88,8 @@ def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str 
         neurons = _collected_neurons(store, layer, polarity, kind)
         setting = "features.neurons" if kind == "neuron" else f"{kind}.latents"
         raise NeuronNotFound(f"{kind} {neuron} of layer {layer} ({polarity.value}) was not collected; the "
-                             f"{len(neurons)} collected {kind} features of that layer are {_ranges(neurons)} "
+                             f"{len(neurons)} collected {'neurons' if kind == 'neuron' else kind + ' latents'} of "
+                             f"that layer are {_ranges(neurons)} "
                              f"(set {setting} to collect others)")
     return views[neuron]
 
