@@ -16,7 +16,7 @@ from neuron_assets.store import Store
 from neuron_assets.subject import load_subject
 from neuron_assets.types import Polarity
 
-FAST = {"simulate__compare_with": [], "score__scorers": ["correlation"]}  # no simulator to train
+FAST = {"simulate__backend": "lexical", "simulate__compare_with": [], "score__scorers": ["correlation"]}  # no model to load
 SAE = {"layers": [1], "expansion": 2, "k": 4, "steps": 20, "batch_tokens": 32, "block_sequences": 8,
        "checkpoint_every": 10, "resample_dead_after": 0, "eval_sequences": 4, "latents": {"sample": 3, "seed": 0}}
 
