@@ -738,7 +738,8 @@ def _explain_validation_error(err: ValidationError, origin: str) -> str:
             known = ", ".join(sorted(section.model_fields)) if section else ""
             lines.append(f"unknown key '{key}'" + (f" (known keys here: {known})" if known else ""))
         else:
-            lines.append(f"'{key}': {problem['msg'].removeprefix('Value error, ')}")
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"'{key}': {message}" if key else message)  # a check across sections names its keys
     return f"{origin}: " + "; ".join(lines)
 
 
