@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--polarity", choices=["pos", "neg"], default="pos")
     show.add_argument("--split", choices=["train", "val", "test"], default="train")
     show.add_argument("--kind", choices=[k.value for k in ExemplarKind], default="top")
+    show.add_argument("--feature", default="neuron", metavar="KIND",
+                      help="the feature kind: neuron (default) or sae, an SAE latent of the layer (sae.latents)")
     show.add_argument("-n", type=_at_least_one(), default=10, help="exemplars shown")
     show.add_argument("--html", metavar="PATH", help="also write a self-contained page of the neuron to PATH: every "
                       "polarity side by side, candidates with scores, statistics, top and quantile exemplars as heat-maps")
@@ -388,7 +390,7 @@ def cmd_show(args) -> int:
         if damaged is not None:
             raise LookupError(f"{damaged.path} is damaged ({damaged.problem}); rerun that partition: "
                               f"{rerun_command(damaged, store, args.config)}")
-    view = load_neuron(store, args.layer, args.neuron, Polarity(args.polarity))  # this neuron's rows only
+    view = load_neuron(store, args.layer, args.neuron, Polarity(args.polarity), args.feature)  # its rows only
     if args.html:
         from neuron_assets.report.html import neuron_page
         from neuron_assets.store import atomic_path

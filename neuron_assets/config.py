@@ -607,28 +607,41 @@ class SearchConfig(Section):
     search finds the descriptions best-of-k passed over too (k times the vectors)."""
 class SaeConfig(Section):
     layers: list[int] = []
-    """Layers whose neuron site gets a sparse autoencoder (asset `sae_checkpoint`, one partition
-    per layer). Empty: no SAE is trained or loaded."""
+    """Layers whose neuron site gets a sparse autoencoder (asset `sae_checkpoint`, stage of
+    `neuron-assets run` before exemplars; trained, or loaded from `path`). Empty: no SAE.
+    With `latents` set, each layer must be among features.layers. The demo with
+    `sae: {layers: [12]}` trains one 1x SAE (the defaults below) and describes 8 of its
+    latents beside layer 12's neurons, for about 25 s more on 2 cores."""
+    latents: Literal["all"] | list[int] | NeuronSample | None = NeuronSample(sample=8)
+    """Latents of each SAE described as features of kind `sae` beside the layer's neurons
+    (same exemplars, candidates, scores and neuron_descriptions tables, `kind` = 'sae'; pos
+    polarity only, latents are never negative): 'all', a list of indices, or {sample: N, seed: S}.
+    The exemplar pass encodes the site with the SAE in the forward pass that reads the neurons.
+    null: the SAE is trained and measured but its latents are not described."""
     kind: Literal["topk", "l1"] = "topk"
     """topk: the k largest latents per token (Gao et al., 2024); l1: ReLU latents with an L1
     penalty (Bricken et al., 2023)."""
-    expansion: int = Field(8, ge=1)
-    """Latents per site dimension (Bricken et al. use 8x-256x; 1x-32x fits a laptop)."""
-    k: int = Field(32, ge=1)
+    expansion: int = Field(1, ge=1)
+    """Latents per site dimension (Bricken et al. use 8x-256x; 1x-32x fits a laptop; the demo
+    trains 1x to stay within seconds: a top-k SAE encodes every latent of every token it reads)."""
+    k: int = Field(16, ge=1)
     """Latents on per token for kind topk."""
     l1_coefficient: float = Field(5.0, gt=0)
     """Weight of the L1 penalty for kind l1, on activations scaled to a mean squared norm of
     the site's width."""
-    steps: int = Field(2000, ge=1)
-    """Training steps; tokens seen = steps x batch_tokens (epochs over the train split repeat)."""
-    batch_tokens: int = Field(1024, ge=1)
+    steps: int = Field(30, ge=1)
+    """Training steps; tokens seen = steps x batch_tokens (epochs over the train split repeat).
+    The demo's 30 x 128 tokens (one block of the train split) take seconds on CPU and give a
+    rough SAE, enough to show latents beside neurons; a real one takes thousands of steps of
+    thousands of tokens."""
+    batch_tokens: int = Field(128, ge=1)
     """Tokens per training step."""
     learning_rate: float = Field(1e-3, gt=0)
     """Adam learning rate, decayed linearly to zero over the last 20% of the steps."""
-    block_sequences: int = Field(128, ge=1)
+    block_sequences: int = Field(96, ge=1)
     """Sequences read per shuffle block: their tokens are shuffled together into batches, so
     the activations held at once are this many sequences' worth."""
-    eval_sequences: int = Field(64, ge=1)
+    eval_sequences: int = Field(4, ge=1)
     """Val sequences the metrics and the reconstruction score are measured on."""
     checkpoint_every: int = Field(200, ge=1)
     """Steps between checkpoints; a killed run resumes from the last one."""
@@ -666,6 +679,17 @@ class Config(Section):
         if not value or any(c in value for c in "/\\ "):
             raise ValueError("name must be non-empty, without spaces or slashes")
         return value
+
+    @model_validator(mode="after")
+    def _sae_layers(self) -> "Config":
+        if self.sae.latents is not None and self.sae.layers:
+            collected = self.features.layers
+            missing = [] if collected == "all" else sorted(set(self.sae.layers) - set(collected))
+            if missing:
+                raise ValueError(f"sae.layers {missing} are not among features.layers {collected}: an SAE's latents "
+                                 "are described beside its layer's neurons; add the layer to features.layers, or set "
+                                 "sae.latents: null to train the SAE without describing its latents")
+        return self
 
     @property
     def root(self) -> Path:
@@ -722,7 +746,8 @@ def _explain_validation_error(err: ValidationError, origin: str) -> str:
             known = ", ".join(sorted(section.model_fields)) if section else ""
             lines.append(f"unknown key '{key}'" + (f" (known keys here: {known})" if known else ""))
         else:
-            lines.append(f"'{key}': {problem['msg'].removeprefix('Value error, ')}")
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"'{key}': {message}" if key else message)  # a check across sections names its keys
     return f"{origin}: " + "; ".join(lines)
 
 

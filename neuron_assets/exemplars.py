@@ -116,9 +116,16 @@ def collect_exemplars(
     plan: ExemplarPlan | None = None,
     on_tables=None,
     measured: dict | None = None,
+    saes: dict[int, SaeLatents] | None = None,
 ) -> dict[tuple[int, Polarity], tuple[pl.DataFrame, pl.DataFrame]]:
     """(layer, polarity) -> (exemplars table, neuron_stats table), from one pass over the corpus
     per group of the plan (one group, one pass, unless the state exceeds the device budget).
+
+    ``saes[layer]``, when given, adds latents of an SAE over that layer's site to the layer's
+    feature axis (:func:`feature_axis`): the same hook that reads the neurons encodes the
+    site's input with the SAE, so top-k, samples and statistics treat a latent as a neuron.
+    Rows carry the feature's kind (``feature_kind`` in exemplars, whose ``kind`` is the
+    exemplar's; ``kind`` in the stats) and its index within that kind.
 
     ``sequences`` needs only seq_id, split, token_ids, prefix_len and n_tokens. ``plan`` is
     :func:`plan_exemplar_pass`'s (made here when None). ``checkpoint`` is a folder the run
@@ -133,12 +140,15 @@ def collect_exemplars(
     if sequences.height == 0:
         raise ValueError("the sequences table is empty; build the corpus first (the 'corpus' asset)")
     subject.check_layers(list(neurons))
+    saes = saes or {}
+    widths = {layer: subject.neurons_per_layer(layer) for layer in neurons}
+    axis = feature_axis(neurons, saes, widths.__getitem__)
     corpus = _Corpus(sequences, subject.tokenizer)
     batches = _plan_batches(corpus.splits, batch_size)
     random_ids = _random_sequence_ids(sequences, config.random_per_split, seed)
-    signature = _signature(subject.name, sequences, neurons, polarities, config, batch_size, seed)
+    signature = _signature(subject.name, sequences, axis, polarities, config, batch_size, seed, saes)
     if plan is None:
-        plan = plan_exemplar_pass(neurons, polarities, config, corpus.seq_len, batch_size, subject.device, subject.dtype)
+        plan = plan_exemplar_pass(axis, polarities, config, corpus.seq_len, batch_size, subject.device, subject.dtype)
     resume = _load_checkpoint(checkpoint, signature) if checkpoint is not None else None
     if resume is not None and resume.groups != plan.group_neurons():
         plan = plan.regrouped(resume.groups)  # a resumed run keeps the grouping its checkpoint was made with
@@ -146,7 +156,9 @@ def collect_exemplars(
         _start_checkpoint(checkpoint, signature, plan)
 
     collected: dict = {}
-    layers = _LayerAssembler(neurons, on_tables or (lambda layer, polarity, ex, st: collected.__setitem__((layer, polarity), (ex, st))))
+    emit = on_tables or (lambda layer, polarity, ex, st: collected.__setitem__((layer, polarity), (ex, st)))
+    layers = _LayerAssembler(axis, lambda layer, polarity, ex, st: emit(layer, polarity,
+                                                                           *_label_kinds(ex, st, widths[layer])))
     report = _Measured(measured)
     bar = tqdm(total=len(plan.groups) * len(batches), desc="activations", unit="batch", disable=not progress)
     for group_no, group in enumerate(plan.groups):
@@ -160,13 +172,17 @@ def collect_exemplars(
             start = state.restore(checkpoint, resume, subject.device)
             bar.update(start)
         neuron_index = {  # None reads a whole layer without a copy
-            layer: None if idx == list(range(subject.neurons_per_layer(layer))) else torch.tensor(idx, dtype=torch.long)
+            layer: None if idx == list(range(widths[layer])) else torch.tensor(idx, dtype=torch.long)
             for layer, idx in group.neurons.items()
         }
+        with_latents = {layer: idx for layer, idx in group.neurons.items() if layer in saes and idx[-1] >= widths[layer]}
         for batch_no in range(start, len(batches)):
             split, rows = batches[batch_no]
             batch = corpus.batch(rows)
-            per_layer = subject.activations(batch.ids, batch.mask, neuron_index)
+            readers = {layer: _site_reader(idx, widths[layer], saes[layer], batch.counted)
+                       for layer, idx in with_latents.items()}
+            per_layer = (subject.activations(batch.ids, batch.mask, neuron_index, readers) if readers
+                         else subject.activations(batch.ids, batch.mask, neuron_index))
             state.update(split, per_layer, batch, _batch_keys(seed, batch_no, len(rows), corpus.seq_len))
             del per_layer
             report.observe(state)
@@ -192,6 +208,71 @@ def collect_exemplars(
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return collected
+
+
+SAE_KIND = "sae"
+NEURON_KIND = "neuron"
+
+
+@dataclass(frozen=True)
+class SaeLatents:
+    """The latents of one layer's SAE that the exemplar pass reads beside the layer's neurons."""
+
+    sae: object  # neuron_assets.features.sae.SparseAutoencoder over the layer's neuron site
+    latents: list[int]  # sorted latent indices
+    identity: str  # what tells this SAE from another (its stored metadata), for checkpoints
+
+
+def feature_axis(neurons: dict[int, list[int]], saes: dict[int, SaeLatents], width_of) -> dict[int, list[int]]:
+    """layer -> positions on the layer's feature axis: its neurons (0 .. width-1), then its
+    SAE's latents (latent j at width + j). The pass, its plan and its groups work on these
+    positions; the tables name each feature by kind and index within the kind."""
+    axis = {}
+    for layer, indices in neurons.items():
+        width = width_of(layer)
+        latents = saes[layer].latents if layer in saes else []
+        axis[layer] = list(indices) + [width + j for j in latents]
+    return axis
+
+
+def _site_reader(positions: list[int], width: int, latents: SaeLatents, counted: torch.Tensor):
+    """The hook's reader of a layer whose group holds SAE latents: the chosen neurons and the
+    chosen latents of the encoded site input, side by side, in the site's dtype. Only the
+    counted tokens are encoded (a top-k SAE computes every latent of a token, so the prefix
+    and the padding would cost as much); the others read 0, and nothing reads them."""
+    index = torch.tensor(positions, dtype=torch.long)
+    neuron_index, latent_index = index[index < width], index[index >= width] - width
+    sae = latents.sae
+    sae_device = next(sae.parameters()).device
+
+    def read(hidden: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if neuron_index.numel():
+            parts.append(hidden.index_select(-1, neuron_index.to(hidden.device)))
+        if latent_index.numel():
+            mask = counted.to(hidden.device)
+            encoded = sae.encode(hidden[mask].to(sae_device, torch.float32)).index_select(-1, latent_index.to(sae_device))
+            full = hidden.new_zeros((*hidden.shape[:-1], latent_index.numel()))
+            full[mask] = encoded.to(hidden.device, hidden.dtype)
+            parts.append(full)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    return read
+
+
+def _label_kinds(exemplars: pl.DataFrame, stats: pl.DataFrame, width: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Feature-axis positions -> (kind, index within the kind)."""
+    def labelled(frame: pl.DataFrame, column: str, after: str) -> pl.DataFrame:
+        latent = pl.col("neuron") >= width
+        frame = frame.with_columns(
+            pl.when(latent).then(pl.lit(SAE_KIND)).otherwise(pl.lit(NEURON_KIND)).alias(column),
+            pl.when(latent).then(pl.col("neuron") - width).otherwise(pl.col("neuron")).cast(pl.Int32).alias("neuron"))
+        order = list(frame.columns)
+        order.remove(column)
+        order.insert(order.index(after) + 1, column)
+        return frame.select(order)
+
+    return labelled(exemplars, "feature_kind", "polarity"), labelled(stats, "kind", "polarity")
 
 
 def plan_exemplar_pass(
@@ -363,31 +444,41 @@ def _pack_groups(neurons: dict[int, list[int]], capacity: int) -> list[dict[int,
 
 
 def checkpoint_name(model: str, sequences: pl.DataFrame, neurons: dict[int, list[int]], polarities: list[Polarity],
-                    config: ExemplarsConfig, batch_size: int, seed: int) -> str:
-    """A folder name unique to what a run collects, so runs over other layers never share it."""
-    return f"exemplars-{_signature(model, sequences, neurons, polarities, config, batch_size, seed)[:16]}"
+                    config: ExemplarsConfig, batch_size: int, seed: int, saes: dict[int, SaeLatents] | None = None,
+                    width_of=None) -> str:
+    """A folder name unique to what a run collects, so runs over other layers never share it
+    (``width_of``, layer -> neuron count, is needed with ``saes``)."""
+    axis = feature_axis(neurons, saes, width_of) if saes else neurons
+    return f"exemplars-{_signature(model, sequences, axis, polarities, config, batch_size, seed, saes)[:16]}"
 
 
 SEQUENCE_COLUMNS = ["seq_id", "split", "token_ids", "prefix_len", "n_tokens"]
 """The columns of `sequences` the exemplar pass reads (token strings are never read)."""
 
 
-def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons: list[int] | None = None) -> list[FeatureExemplars]:
+def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons: list[int] | None = None,
+                           kind: str | None = None) -> list[FeatureExemplars]:
     """Every feature's exemplars and stats for one layer x polarity (or only ``neurons``, read
-    with the filter pushed into the Parquet scan), tokens joined in; only the sequences the
-    exemplars use are read, and each sequence's tokens are built once."""
+    with the filter pushed into the Parquet scan; only features of ``kind`` when given),
+    tokens joined in; only the sequences the exemplars use are read, and each sequence's
+    tokens are built once. Neurons come before SAE latents; tables written before features
+    had kinds read as neurons."""
     polarity = Polarity(polarity)
     for table, partition in (("exemplars", (layer, polarity.value)), ("neuron_stats", (layer, polarity.value)), ("sequences", ())):
         if not store.exists(table, *partition):
             store.read(table, *partition)  # raises the error that says how to make the table
 
-    def scan(table: str) -> pl.LazyFrame:
-        frame = pl.scan_parquet(store.path(table, layer, polarity.value))
+    def scan(table: str, kind_column: str) -> pl.LazyFrame:
+        frame = with_feature_kind(pl.scan_parquet(store.path(table, layer, polarity.value)), kind_column)
+        if kind is not None:
+            frame = frame.filter(pl.col(kind_column) == kind)
         return frame if neurons is None else frame.filter(pl.col("neuron").is_in(list(neurons)))
 
-    exemplars = (scan("exemplars").select("neuron", "split", "kind", "rank", "bin", "extreme", "seq_id", "activations")
-                 .sort("neuron", "split", "kind", "rank").collect())
-    stats = scan("neuron_stats").sort("neuron").collect()
+    kind_order = pl.col("feature_kind") != NEURON_KIND  # neurons first
+    exemplars = (scan("exemplars", "feature_kind")
+                 .select("feature_kind", "neuron", "split", "kind", "rank", "bin", "extreme", "seq_id", "activations")
+                 .sort(kind_order, "feature_kind", "neuron", "split", "kind", "rank").collect())
+    stats = scan("neuron_stats", "kind").sort(pl.col("kind") != NEURON_KIND, "kind", "neuron").collect()
     sequences = (
         pl.scan_parquet(store.path("sequences"))
         .select("seq_id", "tokens", "token_ids", "prefix_len")
@@ -409,11 +500,13 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
     rows_seq = [seq_index[s] for s in exemplars["seq_id"].to_list()]
     seq_id_list = exemplars["seq_id"].to_list()
     neuron_col = exemplars["neuron"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, neuron_col[1:] != neuron_col[:-1]]) if len(neuron_col) else np.array([], dtype=int)
+    kind_col = exemplars["feature_kind"].to_numpy()
+    changes = (neuron_col[1:] != neuron_col[:-1]) | (kind_col[1:] != kind_col[:-1])
+    starts = np.flatnonzero(np.r_[True, changes]) if len(neuron_col) else np.array([], dtype=int)
     ends = np.r_[starts[1:], len(neuron_col)].astype(int)
-    by_neuron: dict[int, tuple[Exemplar, ...]] = {}
+    by_neuron: dict[tuple[str, int], tuple[Exemplar, ...]] = {}
     for lo, hi in zip(starts.tolist(), ends.tolist()):
-        by_neuron[int(neuron_col[lo])] = tuple(
+        by_neuron[(str(kind_col[lo]), int(neuron_col[lo]))] = tuple(
             Exemplar(splits[i], kinds[i], ranks[i], extremes[i],
                      ActivationRecord(seq_id_list[i], seq_tokens[rows_seq[i]], seq_ids_tokens[rows_seq[i]],
                                       flat[bounds[i] : bounds[i + 1]], seq_prefix[rows_seq[i]]), bins[i])
@@ -421,11 +514,20 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
         )
     quantile_columns = [stats[_quantile_column(q)].to_list() for q in STAT_QUANTILES]
     features = []
-    for i, (neuron, max_, mean, std, frac) in enumerate(zip(*(stats[c].to_list() for c in ("neuron", "max", "mean", "std", "frac_active")))):
+    columns = ("kind", "neuron", "max", "mean", "std", "frac_active")
+    for i, (feature_kind, neuron, max_, mean, std, frac) in enumerate(zip(*(stats[c].to_list() for c in columns))):
         quantiles = {q: column[i] for q, column in zip(STAT_QUANTILES, quantile_columns)}
-        features.append(FeatureExemplars(FeatureId(layer, neuron, polarity), FeatureStats(max_, mean, std, frac, quantiles),
-                                         by_neuron.get(neuron, ())))
+        features.append(FeatureExemplars(FeatureId(layer, neuron, polarity, feature_kind),
+                                         FeatureStats(max_, mean, std, frac, quantiles),
+                                         by_neuron.get((feature_kind, neuron), ())))
     return features
+
+
+def with_feature_kind(frame, column: str = "kind"):
+    """A per-feature table (frame or lazy frame) with its kind column; tables written before
+    features had kinds hold only neurons."""
+    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+    return frame if column in names else frame.with_columns(pl.lit(NEURON_KIND).alias(column))
 
 
 # -- the streaming state ------------------------------------------------------------------
@@ -1153,13 +1255,15 @@ def _random_sequence_ids(sequences: pl.DataFrame, per_split: int, seed: int) -> 
     return chosen
 
 
-def _signature(model, sequences, neurons, polarities, config, batch_size, seed) -> str:
+def _signature(model, sequences, neurons, polarities, config, batch_size, seed, saes=None) -> str:
     """What makes a run's results: the device budget is left out, since it shapes only how the
     work is grouped (a resumed run keeps its checkpoint's grouping)."""
     digest = hashlib.sha256()
     settings = config.model_dump(exclude={"device_memory_gb", "checkpoint_every"})
     digest.update(repr((model, sorted((k, tuple(v)) for k, v in neurons.items()), [p.value for p in polarities],
                         settings, batch_size, seed, sequences.height)).encode())
+    if saes:  # a run that reads no SAE keeps the signature it always had
+        digest.update(repr(sorted((layer, s.identity) for layer, s in saes.items())).encode())
     digest.update(str(sequences.select("seq_id", "token_ids").hash_rows().sum()).encode())
     return digest.hexdigest()
 

@@ -160,10 +160,12 @@ def _export_neuronpedia(frame: pl.DataFrame, out: Path, model_id: str | None) ->
 
 def _explanation_record(row: dict, model_id: str) -> dict:
     backend = row.get("explainer_backend") or "unknown"
+    kind = row.get("kind") or "neuron"  # an SAE latent is its own Neuronpedia source, <layer>-mlp-sae
+    kind_tag = "" if kind == "neuron" else f"{kind}-"
     return {
-        "id": f"na-{row['config_hash']}-{row['layer']}-{row['polarity']}-{row['neuron']}",
+        "id": f"na-{row['config_hash']}-{row['layer']}-{row['polarity']}-{kind_tag}{row['neuron']}",
         "modelId": model_id,
-        "layer": source_id(int(row["layer"])),
+        "layer": source_id(int(row["layer"])) + ("" if kind == "neuron" else f"-{kind}"),
         "index": str(int(row["neuron"])),
         "description": row["description"],
         "typeName": f"{TYPE_PREFIX}-{backend}-{row['polarity']}",

@@ -42,7 +42,8 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("corpus", ("subject", "corpus"), (), False),
-    Stage("exemplars", ("subject", "corpus", "features", "exemplars"), ("corpus",), True),
+    Stage("sae_checkpoint", ("subject", "corpus", "sae"), ("corpus",), False),
+    Stage("exemplars", ("subject", "corpus", "features", "exemplars", "sae"), ("corpus", "sae_checkpoint"), True),
     Stage("candidate_descriptions", ("subject", "explain"), ("exemplars", "corpus"), True),
     Stage("simulator_training_data", ("simulate",), ("exemplars", "candidate_descriptions"), False),
     Stage("simulator_checkpoint", ("subject", "simulate"), ("simulator_training_data",), False),
@@ -55,6 +56,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("scorer_validity", ("subject", "corpus", "simulate", "score"), ("corpus", "simulator_checkpoint"), False),
     Stage("neuron_report", (), ("exemplars", "candidate_descriptions", "description_scores", "neuron_descriptions"), False),
 )}
+
+
+def stage_active(name: str, config: Config) -> bool:
+    """Whether a config has the stage at all: sae_checkpoint only when it names SAE layers."""
+    return name != "sae_checkpoint" or bool(config.sae.layers)
 
 
 class Markers:
@@ -136,6 +142,8 @@ class Markers:
     def _inputs(self, asset: str, partition: str | None) -> list[tuple[str, str | None]]:
         inputs = []
         for upstream in STAGES[asset].upstream:
+            if not stage_active(upstream, self.config):
+                continue
             if not STAGES[upstream].partitioned:
                 inputs.append((upstream, ALL))
             elif STAGES[asset].partitioned:

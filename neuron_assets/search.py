@@ -103,23 +103,25 @@ def make_description_embeddings(config: Config, layer: int, polarity: Polarity |
 
 
 def descriptions_to_embed(store: Store, layer: int, polarity: str, candidates: bool = False) -> pl.DataFrame:
-    """layer, polarity, neuron, source (selected | candidate), candidate, description, score
+    """layer, polarity, kind, neuron, source (selected | candidate), candidate, description, score
     (the selected description's test score; null for a candidate), text_hash."""
-    selected = store.read(DESCRIPTIONS_TABLE, layer, polarity)
+    from neuron_assets.exemplars import with_feature_kind
+
+    selected = with_feature_kind(store.read(DESCRIPTIONS_TABLE, layer, polarity))
     frames = [selected.select(
-        pl.col("neuron").cast(pl.Int64), pl.lit(SELECTED).alias("source"),
+        "kind", pl.col("neuron").cast(pl.Int64), pl.lit(SELECTED).alias("source"),
         pl.col("candidate").cast(pl.Int64) if "candidate" in selected.columns else pl.lit(None, pl.Int64).alias("candidate"),
         pl.col("description").cast(pl.String), pl.col("test_score").cast(pl.Float64).alias("score"))]
     if candidates and store.exists(CANDIDATES_TABLE, layer, polarity):
-        pool = store.read(CANDIDATES_TABLE, layer, polarity)
+        pool = with_feature_kind(store.read(CANDIDATES_TABLE, layer, polarity))
         frames.append(pool.select(
-            pl.col("neuron").cast(pl.Int64), pl.lit(CANDIDATE).alias("source"), pl.col("candidate").cast(pl.Int64),
+            "kind", pl.col("neuron").cast(pl.Int64), pl.lit(CANDIDATE).alias("source"), pl.col("candidate").cast(pl.Int64),
             pl.col("description").cast(pl.String), pl.lit(None, pl.Float64).alias("score")))
     rows = pl.concat(frames).filter(pl.col("description").is_not_null() & (pl.col("description").str.strip_chars() != ""))
     return rows.with_columns(pl.lit(layer, pl.Int64).alias("layer"), pl.lit(polarity).alias("polarity"),
                              pl.col("description").map_elements(text_hash, return_dtype=pl.String).alias("text_hash")
-                             ).select("layer", "polarity", "neuron", "source", "candidate", "description", "score",
-                                      "text_hash")
+                             ).select("layer", "polarity", "kind", "neuron", "source", "candidate", "description",
+                                      "score", "text_hash")
 
 
 def embeddings_frame(texts: pl.DataFrame, vectors: dict[str, np.ndarray], model: str) -> pl.DataFrame:
@@ -187,9 +189,13 @@ def build_index(store: Store, log: Log = _quiet, hnsw: bool = True) -> IndexBuil
             loaded = _load_extensions(con)
             sources = "[" + ", ".join(_sql_string(p.as_posix()) for p, _, _ in files) + "]"
             dim = con.execute(f"SELECT max(len(embedding)) FROM read_parquet({sources})").fetchone()[0] or 0
+            columns = {row[0] for row in con.execute(
+                f"DESCRIBE SELECT * FROM read_parquet({sources}, union_by_name = true)").fetchall()}
+            kind = "coalesce(kind, 'neuron')" if "kind" in columns else "'neuron'"  # older files: neurons only
             con.execute(f"""
                 CREATE TABLE descriptions AS
-                SELECT row_number() OVER () AS doc_id, layer::INTEGER AS layer, polarity, neuron::BIGINT AS neuron,
+                SELECT row_number() OVER () AS doc_id, layer::INTEGER AS layer, polarity,
+                       {kind} AS kind, neuron::BIGINT AS neuron,
                        source, candidate::BIGINT AS candidate, description, score, text_hash, embedding_model,
                        embedding::FLOAT[{dim}] AS embedding
                 FROM read_parquet({sources}, union_by_name = true)
@@ -272,14 +278,16 @@ class Hit:
     candidate: int | None
     description: str
     score: float | None  # the description's test score (null for a candidate)
+    kind: str = "neuron"  # the feature's kind: neuron, or sae (an SAE latent; neuron is its index)
 
     @property
     def show_command(self) -> str:
-        return f"neuron-assets show {self.layer} {self.neuron} --polarity {self.polarity}"
+        feature = "" if self.kind == "neuron" else f" --feature {self.kind}"
+        return f"neuron-assets show {self.layer} {self.neuron} --polarity {self.polarity}{feature}"
 
     def as_dict(self) -> dict:
         return {"rank": self.rank, "match": self.match, "layer": self.layer, "polarity": self.polarity,
-                "neuron": self.neuron, "source": self.source, "candidate": self.candidate,
+                "kind": self.kind, "neuron": self.neuron, "source": self.source, "candidate": self.candidate,
                 "description": self.description, "score": self.score, "show": self.show_command}
 
 
@@ -426,14 +434,14 @@ class SearchSession:
             # min_by(row, distance, k) is answered by the index alone; ORDER BY ... LIMIT k is
             # too, but DuckDB then joins the k row ids back with a scan of the whole table.
             rows = self.con.execute(
-                f"SELECT 1 - array_cosine_distance(hit.embedding, {literal}), hit.layer, hit.polarity, hit.neuron, "
+                f"SELECT 1 - array_cosine_distance(hit.embedding, {literal}), hit.layer, hit.polarity, hit.neuron, hit.kind, "
                 f"hit.source, hit.candidate, hit.description, hit.score FROM (SELECT unnest(min_by(d, "
                 f"array_cosine_distance(d.embedding, {literal}), {int(top)})) AS hit FROM {self.table} AS d)").fetchall()
             return SearchResult(_hits(rows), method, self.notes)
         # Ordered by similarity, not distance: the optimizer maps only ORDER BY <distance> LIMIT k to
         # the HNSW index, which would apply the filter to its top k and return fewer hits.
         rows = self.con.execute(
-            f"SELECT array_cosine_similarity({embedding}, {literal}) AS match, layer, polarity, neuron, source, "
+            f"SELECT array_cosine_similarity({embedding}, {literal}) AS match, layer, polarity, neuron, kind, source, "
             f"candidate, description, score FROM {self.table} WHERE {where} "
             f"ORDER BY match DESC, layer, polarity, neuron LIMIT {int(top)}", params).fetchall()
         return SearchResult(_hits(rows), method, self.notes)
@@ -451,7 +459,7 @@ class SearchSession:
                           "missing); ranked by ILIKE word matches instead")
         matched = " + ".join("(description ILIKE ? ESCAPE '\\')::INTEGER" for _ in words)
         rows = self.con.execute(
-            f"SELECT match, layer, polarity, neuron, source, candidate, description, score FROM ("
+            f"SELECT match, layer, polarity, neuron, kind, source, candidate, description, score FROM ("
             f"SELECT *, ({matched})::DOUBLE + (description ILIKE ? ESCAPE '\\')::INTEGER AS match FROM {self.table}) "
             f"WHERE match > 0 AND {where} ORDER BY match DESC, score DESC NULLS LAST, layer, neuron LIMIT {int(top)}",
             [*(f"%{_like_escape(w)}%" for w in words), f"%{_like_escape(query.strip())}%", *params]).fetchall()
@@ -459,8 +467,8 @@ class SearchSession:
 
 
 # BM25 straight from the fts index's term tables: only the documents holding a query term are
-# scored, in one grouped pass. fts's own ``match_bm25`` macro is a lookup per description row. The formula, the tokenizer, the Porter stemmer and k = 1.2,
-# b = 0.75 are the macro's, so the scores are equal to it (a test holds them equal). The top k
+# scored, in one grouped pass. fts's own ``match_bm25`` macro is a lookup per description row.
+# The formula, the tokenizer, the Porter stemmer and k = 1.2, b = 0.75 are the macro's, so the scores are equal to it (a test holds them equal). The top k
 # are chosen over the filter columns alone; only their k rows are read whole.
 _BM25_TOP = """
 WITH tokens AS (SELECT DISTINCT stem(unnest({fts}.tokenize(?)), 'porter') AS term),
@@ -475,13 +483,14 @@ WITH tokens AS (SELECT DISTINCT stem(unnest({fts}.tokenize(?)), 'porter') AS ter
                 GROUP BY docs.name),
      best AS (SELECT doc_id, match FROM scores JOIN (SELECT doc_id, layer, polarity, score FROM {table}) USING (doc_id)
               WHERE {where} ORDER BY match DESC, doc_id LIMIT {top})
-SELECT match, layer, polarity, neuron, source, candidate, description, score
+SELECT match, layer, polarity, neuron, kind, source, candidate, description, score
 FROM best JOIN {table} AS descriptions USING (doc_id) ORDER BY match DESC, doc_id"""
 
 
 def _hits(rows) -> list[Hit]:
-    return [Hit(rank, float(match), int(layer), polarity, int(neuron), source, candidate, description, score)
-            for rank, (match, layer, polarity, neuron, source, candidate, description, score) in enumerate(rows, 1)]
+    return [Hit(rank, float(match), int(layer), polarity, int(neuron), source, candidate, description, score, kind)
+            for rank, (match, layer, polarity, neuron, kind, source, candidate, description, score)
+            in enumerate(rows, 1)]
 
 
 def _like_escape(text: str) -> str:

@@ -33,12 +33,17 @@ import polars as pl
 from neuron_assets.config import Config
 from neuron_assets.corpus import build_sequences
 from neuron_assets.exemplars import (
+    NEURON_KIND,
+    SAE_KIND,
     SEQUENCE_COLUMNS,
+    SaeLatents,
     ExemplarPlan,
     checkpoint_name,
     collect_exemplars,
+    feature_axis,
     load_feature_exemplars,
     plan_exemplar_pass,
+    with_feature_kind,
     select_neurons,
 )
 from neuron_assets.progress import Progress
@@ -122,19 +127,24 @@ def make_exemplars(
     polarities = sorted({Polarity(p) for _, p in partitions}, key=lambda p: p.value != "pos")
     selected = select_neurons(config.features.model_copy(update={"layers": layers}), subject.num_layers,
                               subject.neurons_per_layer)
+    saes = sae_latents(config, store, layers, subject) if Polarity.POS in polarities else {}
     store.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     batch_size, seed = config.subject.batch_size, config.corpus.seed
     seq_len = int(sequences["n_tokens"].max())
-    plan = plan_exemplar_pass(selected, polarities, config.exemplars, seq_len, batch_size, subject.device, subject.dtype)
+    axis = feature_axis(selected, saes, subject.neurons_per_layer)
+    plan = plan_exemplar_pass(axis, polarities, config.exemplars, seq_len, batch_size, subject.device, subject.dtype)
     log(plan.describe())
     checkpoint = store.checkpoint_dir / checkpoint_name(subject.name, sequences, selected, polarities, config.exemplars,
-                                                        batch_size, seed)
+                                                        batch_size, seed, saes, subject.neurons_per_layer)
     wanted = {(layer, Polarity(polarity)) for layer, polarity in partitions}
     written = []
 
     def write(layer: int, polarity: Polarity, exemplars: pl.DataFrame, stats: pl.DataFrame) -> None:
         if (layer, polarity) not in wanted:
             return
+        if polarity is not Polarity.POS:  # SAE latents are never negative: no neg description
+            exemplars = exemplars.filter(pl.col("feature_kind") != SAE_KIND)
+            stats = stats.filter(pl.col("kind") != SAE_KIND)
         for table, frame in (("exemplars", exemplars), ("neuron_stats", stats)):
             frame = with_lineage(frame, config.subject.model, config.hash, run_id)
             path = store.write(table, frame, layer, polarity.value)
@@ -143,14 +153,53 @@ def make_exemplars(
     collect_exemplars(
         subject, sequences, selected, polarities, config.exemplars, batch_size=batch_size, seed=seed,
         checkpoint=checkpoint, progress=progress, on_batch=on_batch, plan=plan, on_tables=write, measured=measured,
+        saes=saes,
     )
-    written += _write_output_tokens(config, store, subject, selected, wanted, run_id)
+    written += _write_output_tokens(config, store, subject, selected, wanted, run_id, saes)
     written.sort(key=lambda w: (w.layer, w.polarity, w.table))
     return ExemplarRun(written, plan)
 
 
+def sae_latents(config: Config, store: Store, layers: list[int], subject: SubjectModel) -> dict[int, SaeLatents]:
+    """layer -> the SAE latents the exemplar pass reads there (sae.latents of each sae.layers
+    layer among ``layers``), from the SAE the sae_checkpoint stage wrote."""
+    if config.sae.latents is None:
+        return {}
+    import random
+
+    from neuron_assets.features.sae import SAE_INFO, load_sae
+    from neuron_assets.features.sae_stage import sae_folder
+    from neuron_assets.runtime import choose_device
+
+    chosen = {}
+    for layer in sorted(set(config.sae.layers) & set(layers)):
+        folder = sae_folder(store, layer)
+        if not (folder / SAE_INFO).exists():
+            raise MissingTableError(f"no SAE for layer {layer} under {folder}; materialize sae_checkpoint first "
+                                    "(neuron-assets run does, before exemplars)")
+        sae = load_sae(folder).to(choose_device(config.sae.device)).eval()
+        if sae.d_in != subject.neurons_per_layer(layer):
+            raise ValueError(f"the SAE under {folder} reads {sae.d_in} dimensions but layer {layer}'s site has "
+                             f"{subject.neurons_per_layer(layer)}; re-materialize sae_checkpoint for this model")
+        latents = config.sae.latents
+        if latents == "all":
+            indices = list(range(sae.d_latent))
+        elif isinstance(latents, list):
+            bad = [j for j in latents if not 0 <= j < sae.d_latent]
+            if bad:
+                raise ValueError(f"sae.latents: latent {bad[0]} is out of range; layer {layer}'s SAE has {sae.d_latent}")
+            indices = sorted(set(latents))
+        else:
+            draw = random.Random(f"sae:{latents.seed}:{layer}")  # not the draw of the layer's neurons
+            indices = sorted(draw.sample(range(sae.d_latent), min(latents.sample, sae.d_latent)))
+        identity = (folder / SAE_INFO).read_text() + str((folder / SAE_INFO).stat().st_mtime_ns)
+        chosen[layer] = SaeLatents(sae, indices, identity)
+    return chosen
+
+
 def _write_output_tokens(config: Config, store: Store, subject: SubjectModel, selected: dict[int, list[int]],
-                         wanted: set[tuple[int, Polarity]], run_id: str) -> list[Written]:
+                         wanted: set[tuple[int, Polarity]], run_id: str,
+                         saes: dict[int, SaeLatents] | None = None) -> list[Written]:
     """The logit-lens ``output_tokens`` table of each wanted partition (none for a subject
     without an unembedding, or with exemplars.output_tokens 0)."""
     import torch
@@ -160,8 +209,10 @@ def _write_output_tokens(config: Config, store: Store, subject: SubjectModel, se
 
     layers = {layer: torch.tensor(selected[layer], dtype=torch.long) for layer in sorted({l for l, _ in wanted})}
     polarities = sorted({p for _, p in wanted}, key=lambda p: p.value != "pos")
+    latents = {layer: (s.sae, torch.tensor(s.latents, dtype=torch.long)) for layer, s in (saes or {}).items()
+               if layer in layers}
     frames = subject_output_tokens(subject, layers, polarities, config.exemplars.output_tokens,
-                                   resolve_model_path(config.subject.model))
+                                   resolve_model_path(config.subject.model), latents)
     written = []
     for (layer, polarity), frame in sorted(frames.items(), key=lambda item: (item[0][0], item[0][1].value)):
         if (layer, polarity) in wanted:
@@ -196,45 +247,69 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
     frames, missing, written = [], [], []
     for layer, polarity in partitions:
         polarity = Polarity(polarity)
-        features = _explained(load_feature_exemplars(store, layer, polarity), store, layer, polarity,
-                              config.explain.flagged_features, log)
-        if config.explain.output_tokens:
-            features = _with_output_tokens(features, store, layer, polarity, log)
-        with progress.task(f"explain {layer}|{polarity.value}", len(features) * config.explain.k, "candidate") as task:
-            frame = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
-                                     explainer=explainer, corpus=corpus, on_candidates=task.advance)
+        parts = []
+        for kind, of_kind in features_by_kind(load_feature_exemplars(store, layer, polarity)):
+            features = _explained(of_kind, store, layer, polarity, config.explain.flagged_features, log, kind)
+            if config.explain.output_tokens:
+                features = _with_output_tokens(features, store, layer, polarity, kind, log)
+            label = f"explain {layer}|{polarity.value}" + ("" if kind == NEURON_KIND else f" {kind}")
+            with progress.task(label, len(features) * config.explain.k, "candidate") as task:
+                part = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
+                                        explainer=explainer, corpus=corpus, on_candidates=task.advance)
+            parts.append(with_kind(part, kind))
+            missing += [(layer, polarity.value, n) for n in
+                        incomplete_features(part, [f.feature.index for f in features], config.explain.k)]
+        frame = pl.concat(parts, how="diagonal_relaxed") if len(parts) > 1 else parts[0]
         frame = with_lineage(frame, config.subject.model, config.hash, run_id)
         path = store.write(CANDIDATES_TABLE, frame, layer, polarity.value)
         written.append(Written(CANDIDATES_TABLE, path, frame.height, layer, polarity.value))
-        missing += [(layer, polarity.value, n) for n in
-                    incomplete_features(frame, [f.feature.index for f in features], config.explain.k)]
         frames.append(frame)
-        log(f"layer {layer} {polarity.value}: {frame.height} candidates for {len(features)} features")
+        log(f"layer {layer} {polarity.value}: {frame.height} candidates for "
+            f"{frame.select('kind', 'neuron').n_unique()} features")
     everything = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
     return CandidatesWritten(written, everything, missing, f"{explainer.backend} ({explainer.model})")
+
+
+def features_by_kind(features: list[FeatureExemplars]) -> list[tuple[str, list[FeatureExemplars]]]:
+    """(kind, its features), neurons first: each stage runs its per-partition work once per
+    kind, so a description, a score and a shuffled control stay within a kind. A partition
+    with no feature at all still gives one (empty) neuron group."""
+    kinds: dict[str, list[FeatureExemplars]] = {NEURON_KIND: []}
+    for feature in features:
+        kinds.setdefault(feature.feature.kind, []).append(feature)
+    return [(kind, of_kind) for kind, of_kind in kinds.items() if of_kind or kind == NEURON_KIND]
+
+
+def with_kind(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
+    """A per-feature table's rows of one kind, with the ``kind`` column beside polarity."""
+    frame = frame.with_columns(pl.lit(kind).alias("kind"))
+    order = [c for c in frame.columns if c != "kind"]
+    order.insert(order.index("polarity") + 1 if "polarity" in order else 0, "kind")
+    return frame.select(order)
 
 
 FLAGS = ("is_positional", "is_unigram")  # neuron_stats' feature filters
 
 
 def _explained(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity, choice: str,
-               log: Log) -> list[FeatureExemplars]:
+               log: Log, kind: str = NEURON_KIND) -> list[FeatureExemplars]:
     """The features explain.flagged_features keeps: all, those not flagged, or only those flagged."""
     if choice == "all":
         return features
-    stats = pl.read_parquet(store.path("neuron_stats", layer, polarity.value))
+    stats = with_feature_kind(pl.read_parquet(store.path("neuron_stats", layer, polarity.value)))
+    stats = stats.filter(pl.col("kind") == kind)
     present = [flag for flag in FLAGS if flag in stats.columns]
     if not present:
         raise ValueError(f"explain.flagged_features is '{choice}' but neuron_stats of layer {layer} {polarity.value} "
                          "has no feature flags (written before the filters existed); re-materialize exemplars")
     flagged = set(stats.filter(pl.any_horizontal(*present))["neuron"].to_list())
     kept = [f for f in features if (f.feature.index in flagged) == (choice == "only")]
-    log(f"layer {layer} {polarity.value}: explaining {len(kept)} of {len(features)} features "
+    log(f"layer {layer} {polarity.value}: explaining {len(kept)} of {len(features)} {kind} features "
         f"({len(flagged)} flagged {'/'.join(present)}; explain.flagged_features: {choice})")
     return kept
 
 
-def _with_output_tokens(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity,
+def _with_output_tokens(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity, kind: str,
                         log: Log) -> list[FeatureExemplars]:
     """Each feature with its logit-lens tokens (explain.output_tokens), strongest first."""
     from neuron_assets.features.logit_lens import OUTPUT_TOKENS_TABLE
@@ -243,7 +318,10 @@ def _with_output_tokens(features: list[FeatureExemplars], store: Store, layer: i
         log(f"layer {layer} {polarity.value}: explain.output_tokens is on but there is no {OUTPUT_TOKENS_TABLE} "
             "table (a subject without an unembedding, or exemplars.output_tokens: 0); the prompts go without")
         return features
-    frame = store.read(OUTPUT_TOKENS_TABLE, layer, polarity.value).sort("neuron", "rank")
+    frame = store.read(OUTPUT_TOKENS_TABLE, layer, polarity.value)
+    if "kind" in frame.columns:
+        frame = frame.filter(pl.col("kind") == kind)
+    frame = frame.sort("neuron", "rank")
     promoted = {neuron: tuple(group["token"].to_list())
                 for (neuron,), group in frame.group_by("neuron", maintain_order=True)}
     return [replace(f, output_tokens=promoted.get(f.feature.index, ())) for f in features]
@@ -254,10 +332,11 @@ def _with_output_tokens(features: list[FeatureExemplars], store: Store, layer: i
 
 def read_candidates(store: Store, layer: int, polarity: Polarity) -> dict[FeatureId, list[str | None]]:
     """Feature -> its candidates' descriptions by candidate number (None where one failed)."""
-    frame = store.read(CANDIDATES_TABLE, layer, polarity.value).select("neuron", "candidate", "description")
+    frame = with_feature_kind(store.read(CANDIDATES_TABLE, layer, polarity.value)).select(
+        "kind", "neuron", "candidate", "description")
     out: dict[FeatureId, list[str | None]] = {}
-    for row in frame.sort("neuron", "candidate").iter_rows(named=True):
-        slots = out.setdefault(FeatureId(layer, row["neuron"], polarity), [])
+    for row in frame.sort("kind", "neuron", "candidate").iter_rows(named=True):
+        slots = out.setdefault(FeatureId(layer, row["neuron"], polarity, row["kind"]), [])
         slots += [None] * (row["candidate"] + 1 - len(slots))
         slots[row["candidate"]] = row["description"]
     return out
@@ -301,7 +380,7 @@ def make_simulator_training_data(config: Config, run_id: str, log: Log = _quiet)
     for layer, polarity in partitions:
         wanted = {f.index for f in picked if f.layer == layer and f.polarity == polarity}
         if wanted:
-            features += load_feature_exemplars(store, layer, polarity, sorted(wanted))
+            features += load_feature_exemplars(store, layer, polarity, sorted(wanted), kind=NEURON_KIND)
     frame = plan_training_data(features, candidates, config.simulate.training, roles) if features else \
         pl.DataFrame(schema=TRAINING_DATA_SCHEMA)
     frame = with_lineage(frame, config.subject.model, config.hash, run_id)
@@ -314,15 +393,17 @@ def make_simulator_training_data(config: Config, run_id: str, log: Log = _quiet)
 
 def _usable_features(store: Store, layer: int, polarity: Polarity,
                      described: dict[FeatureId, list[str | None]]) -> list[FeatureId]:
-    """Features with a candidate, a positive max and train top exemplars (read without exemplars' rows)."""
-    with_candidate = {f.index for f, options in described.items() if any(options)}
+    """Neurons with a candidate, a positive max and train top exemplars (read without exemplars'
+    rows). The simulator trains on neurons only: SAE latents are never in its training data."""
+    with_candidate = {f.index for f, options in described.items() if any(options) and f.kind == NEURON_KIND}
     for table in ("neuron_stats", "exemplars"):
         if not store.exists(table, layer, polarity.value):
             store.read(table, layer, polarity.value)  # raises MissingTableError, which says what to materialize
-    positive = set(pl.scan_parquet(store.path("neuron_stats", layer, polarity.value))
-                   .filter(pl.col("max") > 0).select("neuron").collect()["neuron"].to_list())
-    with_top = set(pl.scan_parquet(store.path("exemplars", layer, polarity.value))
-                   .filter((pl.col("split") == Split.TRAIN.value) & (pl.col("kind") == ExemplarKind.TOP.value))
+    positive = set(with_feature_kind(pl.scan_parquet(store.path("neuron_stats", layer, polarity.value)))
+                   .filter((pl.col("max") > 0) & (pl.col("kind") == NEURON_KIND)).select("neuron").collect()["neuron"].to_list())
+    with_top = set(with_feature_kind(pl.scan_parquet(store.path("exemplars", layer, polarity.value)), "feature_kind")
+                   .filter((pl.col("split") == Split.TRAIN.value) & (pl.col("kind") == ExemplarKind.TOP.value)
+                           & (pl.col("feature_kind") == NEURON_KIND))
                    .select(pl.col("neuron").unique()).collect()["neuron"].to_list())
     return [FeatureId(layer, n, polarity) for n in sorted(with_candidate & positive & with_top)]
 
@@ -421,8 +502,28 @@ def make_description_scores(config: Config, layer: int, polarity: Polarity, run_
     store = Store(config.root)
     polarity = Polarity(polarity)
     scoring = scoring or Scoring.build(config, store)
-    features = load_feature_exemplars(store, layer, polarity)
-    candidates = read_candidates(store, layer, polarity)
+    all_candidates = read_candidates(store, layer, polarity)
+    parts, unscored, scored_features = [], [], 0
+    for kind, features in features_by_kind(load_feature_exemplars(store, layer, polarity)):
+        candidates = {f: c for f, c in all_candidates.items() if f.kind == kind}
+        part = _score_kind(config, scoring, features, candidates, on_features)
+        parts.append(with_kind(part, kind))
+        scored = set(part["neuron"].unique().to_list()) if part.height else set()
+        scored_features += len(scored)
+        # features the explain stage left out (explain.flagged_features) have no candidate rows
+        unscored += sorted(f.feature.index for f in features if f.feature in candidates and f.feature.index not in scored)
+    frame = pl.concat(parts, how="diagonal_relaxed") if len(parts) > 1 else parts[0]
+    frame = with_lineage(with_provenance(frame, scoring), config.subject.model, config.hash, run_id)
+    path = store.write(SCORES_TABLE, frame, layer, polarity.value)
+    log(f"layer {layer} {polarity.value}: {frame.height} scores for {scored_features} features "
+        f"({len(unscored)} without candidates)")
+    return ScoresWritten(layer, polarity.value, path, frame.height, scored_features, unscored,
+                         time.perf_counter() - started)
+
+
+def _score_kind(config: Config, scoring: Scoring, features: list[FeatureExemplars],
+                candidates: dict[FeatureId, list[str | None]], on_features) -> pl.DataFrame:
+    """The description_scores rows of one kind's features of a partition."""
     # Judges (detection, fuzzing) see only the selector's best score.judge_candidates per feature.
     judges = [s for s in scoring.scorers if s.name in JUDGE_SCORERS and s is not scoring.selector]
     frame = score_candidates(features, candidates, [s for s in scoring.scorers if s not in judges], Split.VAL,
@@ -430,25 +531,18 @@ def make_description_scores(config: Config, layer: int, polarity: Polarity, run_
     if judges:
         judged = judged_candidates(frame, candidates, scoring.selector, config.score.judge_candidates)
         frame = pl.concat([frame, score_candidates(features, judged, judges, Split.VAL)])
-    # The control is another feature's *selected* description (by val), scored like the
-    # candidates; every candidate is also scored on test by the selector for best_of_k_curve.
+    # The control is another feature's *selected* description (by val), of the same kind,
+    # scored like the candidates; every candidate is also scored on test by the selector for
+    # best_of_k_curve.
     selector = scoring.selector
     selected = selected_by_feature(select_best(frame, selector.name, selector.simulator), features)
     controls = shuffled_controls(features, selected, config.score.control_seed) if config.score.shuffled_control else {}
-    frame = pl.concat([frame, score_candidates(features, {}, scoring.scorers, Split.VAL, controls),
-                       score_candidates(features, candidates, [selector], Split.TEST, controls)])
-    frame = with_lineage(with_provenance(frame, scoring), config.subject.model, config.hash, run_id)
-    path = store.write(SCORES_TABLE, frame, layer, polarity.value)
-    scored = set(frame["neuron"].unique().to_list()) if frame.height else set()
-    # features the explain stage left out (explain.flagged_features) have no candidate rows
-    unscored = sorted(f.feature.index for f in features if f.feature in candidates and f.feature.index not in scored)
-    log(f"layer {layer} {polarity.value}: {frame.height} scores for {len(scored)} features "
-        f"({len(unscored)} without candidates)")
-    return ScoresWritten(layer, polarity.value, path, frame.height, len(scored), unscored, time.perf_counter() - started)
+    return pl.concat([frame, score_candidates(features, {}, scoring.scorers, Split.VAL, controls),
+                      score_candidates(features, candidates, [selector], Split.TEST, controls)])
 
 
 DESCRIPTIONS_SCHEMA = {
-    "layer": pl.Int64, "polarity": pl.String, "neuron": pl.Int64, "candidate": pl.Int64, "description": pl.String,
+    "layer": pl.Int64, "polarity": pl.String, "kind": pl.String, "neuron": pl.Int64, "candidate": pl.Int64, "description": pl.String,
     "scorer": pl.String, "simulator": pl.String, "val_score": pl.Float64, "test_score": pl.Float64,
     "val_flags": pl.List(pl.String), "test_flags": pl.List(pl.String), "control_description": pl.String,
     "control_source_neuron": pl.Int64, "control_val_score": pl.Float64, "control_test_score": pl.Float64,
@@ -474,12 +568,33 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
     started = time.perf_counter()
     store = Store(config.root)
     polarity = Polarity(polarity)
-    scores = store.read(SCORES_TABLE, layer, polarity.value)
+    all_scores = with_feature_kind(store.read(SCORES_TABLE, layer, polarity.value))
     scoring = scoring or Scoring.build(config, store)
     scorer = scoring.selector
-    best = select_best(scores, scorer.name, scorer.simulator)
-    features = {f.feature.index: f for f in load_feature_exemplars(store, layer, polarity)}
     explainers = _explainers(store, layer, polarity)
+    rows = []
+    stale = 0
+    for kind, of_kind in features_by_kind(load_feature_exemplars(store, layer, polarity)):
+        scores = all_scores.filter(pl.col("kind") == kind)
+        kind_rows, kind_stale = _describe_kind(kind, of_kind, scores, scoring, explainers.get(kind, {}), layer,
+                                               polarity, on_features)
+        rows += kind_rows
+        stale += kind_stale
+    if stale:
+        log(f"layer {layer} {polarity.value}: {stale} features' val scores used another simulator version than "
+            "their test scores; re-materialize description_scores to score both with one")
+    frame = with_lineage(pl.DataFrame(rows, schema=DESCRIPTIONS_SCHEMA), config.subject.model, config.hash, run_id)
+    path = store.write(DESCRIPTIONS_TABLE, frame, layer, polarity.value)
+    log(f"layer {layer} {polarity.value}: {frame.height} neuron descriptions")
+    return DescriptionsWritten(layer, polarity.value, path, frame.height, frame, time.perf_counter() - started)
+
+
+def _describe_kind(kind: str, features: list[FeatureExemplars], scores: pl.DataFrame, scoring: Scoring,
+                   explainers: dict, layer: int, polarity: Polarity, on_features) -> tuple[list[dict], int]:
+    """One kind's neuron_descriptions rows of a partition, and how many mixed simulator versions."""
+    scorer = scoring.selector
+    best = select_best(scores, scorer.name, scorer.simulator)
+    features = {f.feature.index: f for f in features}
     val_provenance = _val_provenance(scores, scorer)
     rows = []
     stale = 0
@@ -495,7 +610,7 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
         if on_features is not None:
             on_features(1)
         rows.append({
-            "layer": layer, "polarity": polarity.value, "neuron": row["neuron"], "candidate": row["candidate"],
+            "layer": layer, "polarity": polarity.value, "kind": kind, "neuron": row["neuron"], "candidate": row["candidate"],
             "description": row["description"], "scorer": scorer.name, "simulator": row["simulator"],
             "val_score": row["val_score"], "test_score": test[0].value, "val_flags": row["val_flags"],
             "test_flags": list(test[0].flags), "control_description": row["control_description"],
@@ -505,13 +620,7 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
             "simulator_version": val_version, "test_simulator_version": test_version,
             "simulator_saw_feature": None if val_saw is None or test_saw is None else bool(val_saw or test_saw),
         })
-    if stale:
-        log(f"layer {layer} {polarity.value}: {stale} features' val scores used another simulator version than "
-            "their test scores; re-materialize description_scores to score both with one")
-    frame = with_lineage(pl.DataFrame(rows, schema=DESCRIPTIONS_SCHEMA), config.subject.model, config.hash, run_id)
-    path = store.write(DESCRIPTIONS_TABLE, frame, layer, polarity.value)
-    log(f"layer {layer} {polarity.value}: {frame.height} neuron descriptions")
-    return DescriptionsWritten(layer, polarity.value, path, frame.height, frame, time.perf_counter() - started)
+    return rows, stale
 
 
 def _val_provenance(scores: pl.DataFrame, scorer: Scorer) -> dict[int, tuple[str | None, bool | None]]:
@@ -525,16 +634,17 @@ def _val_provenance(scores: pl.DataFrame, scorer: Scorer) -> dict[int, tuple[str
     return {n: (v, None if unknown else saw) for n, v, saw, unknown in grouped.iter_rows()}
 
 
-def _explainers(store: Store, layer: int, polarity: Polarity) -> dict[tuple[int, int], dict]:
+def _explainers(store: Store, layer: int, polarity: Polarity) -> dict[str, dict[tuple[int, int], dict]]:
+    """kind -> (neuron, candidate) -> the backend and model that wrote the candidate."""
     try:
-        frame = store.read(CANDIDATES_TABLE, layer, polarity.value)
+        frame = with_feature_kind(store.read(CANDIDATES_TABLE, layer, polarity.value))
     except MissingTableError:
         return {}
     columns = [c for c in ("backend", "explainer_model") if c in frame.columns]
-    out = {}
-    for row in frame.select("neuron", "candidate", *columns).iter_rows(named=True):
-        out[(row["neuron"], row["candidate"])] = {"explainer_backend": row.get("backend"),
-                                                 "explainer_model": row.get("explainer_model")}
+    out: dict[str, dict] = {}
+    for row in frame.select("kind", "neuron", "candidate", *columns).iter_rows(named=True):
+        out.setdefault(row["kind"], {})[(row["neuron"], row["candidate"])] = {
+            "explainer_backend": row.get("backend"), "explainer_model": row.get("explainer_model")}
     return out
 
 

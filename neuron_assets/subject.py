@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -156,11 +157,15 @@ class SubjectModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         neurons: dict[int, torch.Tensor | None],
+        readers: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     ) -> dict[int, torch.Tensor]:
         """One forward pass; layer -> activations (batch, tokens, selected neurons).
 
-        ``neurons[layer]`` holds the neuron indices to keep (None keeps all). The pass is cut
-        short after the deepest requested layer, so later layers cost nothing.
+        ``neurons[layer]`` holds the neuron indices to keep (None keeps all). ``readers[layer]``,
+        where given, replaces that selection: it maps the site's whole (batch, tokens, width)
+        input to the features kept (an SAE's latents beside the neurons, say), inside the
+        hook, so nothing site-wide outlives the layer. The pass is cut short after the deepest
+        requested layer, so later layers cost nothing.
         """
         self.check_layers(list(neurons))
         deepest = max(neurons)
@@ -171,10 +176,14 @@ class SubjectModel:
             index = neurons[layer]
             if index is not None:
                 index = index.to(self.device)
+            reader = (readers or {}).get(layer)
 
             def read_site(module, args):
                 hidden = args[0]
-                captured[layer] = hidden if index is None else hidden.index_select(-1, index)
+                if reader is not None:
+                    captured[layer] = reader(hidden)
+                else:
+                    captured[layer] = hidden if index is None else hidden.index_select(-1, index)
                 if layer == deepest and self.stop_after_deepest:
                     raise _StopForward
 

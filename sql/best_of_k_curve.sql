@@ -6,31 +6,32 @@
 -- subsets. Only the selecting scorer scores every candidate on test, so only it has a curve.
 -- Plus the power-law fit mean_best(k) = fit_a * k^fit_b (least squares in log-log space;
 -- null when a mean is <= 0). Rows from a simulator that trained on the neuron are left out.
+-- Neurons and SAE latents (kind) are features alike here.
 CREATE OR REPLACE VIEW best_of_k_curve AS
 WITH candidates AS (
-    SELECT layer, polarity, neuron, candidate, scorer, coalesce(simulator, '') AS simulator, split, score
+    SELECT layer, polarity, kind, neuron, candidate, scorer, coalesce(simulator, '') AS simulator, split, score
     FROM description_scores
     WHERE role = 'candidate' AND simulator_saw_feature IS NOT TRUE
 ),
 paired AS (
-    SELECT v.layer, v.polarity, v.neuron, v.candidate, v.scorer, v.simulator, v.score AS val_score,
+    SELECT v.layer, v.polarity, v.kind, v.neuron, v.candidate, v.scorer, v.simulator, v.score AS val_score,
            t.score AS test_score
     FROM candidates v
-    JOIN candidates t USING (layer, polarity, neuron, candidate, scorer, simulator)
+    JOIN candidates t USING (layer, polarity, kind, neuron, candidate, scorer, simulator)
     WHERE v.split = 'val' AND t.split = 'test'
 ),
 scored AS (
     SELECT *,
-           row_number() OVER (PARTITION BY layer, polarity, neuron, scorer, simulator
+           row_number() OVER (PARTITION BY layer, polarity, kind, neuron, scorer, simulator
                               ORDER BY val_score, candidate DESC) AS i,
-           count(*) OVER (PARTITION BY layer, polarity, neuron, scorer, simulator) AS n
+           count(*) OVER (PARTITION BY layer, polarity, kind, neuron, scorer, simulator) AS n
     FROM paired
 ),
 ks AS (
     SELECT scorer, simulator, unnest(generate_series(1, max(n))) AS k FROM scored GROUP BY scorer, simulator
 ),
 per_neuron AS (
-    SELECT s.layer, s.polarity, s.neuron, s.scorer, s.simulator, ks.k,
+    SELECT s.layer, s.polarity, s.kind, s.neuron, s.scorer, s.simulator, ks.k,
            sum(s.test_score * exp(lgamma(s.i) - lgamma(ks.k) - lgamma(s.i - ks.k + 1)
                                   - (lgamma(s.n + 1) - lgamma(ks.k + 1) - lgamma(s.n - ks.k + 1)))) AS best
     FROM scored s JOIN ks ON ks.scorer = s.scorer AND ks.simulator = s.simulator AND s.n >= ks.k AND s.i >= ks.k

@@ -1,4 +1,4 @@
--- Every candidate description x scorer on E_val (the top-20 val exemplars and 5 random val
+-- Every candidate description (of a neuron or, kind 'sae', an SAE latent) x scorer on E_val (the top-20 val exemplars and 5 random val
 -- sequences), one row each (split = 'val'); the selecting scorer also scores every candidate
 -- on E_test (split = 'test', for best_of_k_curve; val alone selects). role = 'candidate' rows
 -- are the k candidates (candidate 0..k-1); role = 'shuffled_control' rows (candidate -1)

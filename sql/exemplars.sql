@@ -5,5 +5,7 @@
 -- or below exemplars.activating_fraction of the train max), with per-token activations
 -- (signed, half precision; join `sequences` on seq_id for the tokens).
 -- `extreme` is the sequence's most extreme activation in the polarity's orientation.
+-- `feature_kind` is the feature's kind (neuron, or sae for an SAE latent, whose index is in
+-- `neuron`); `kind` here is the exemplar's kind, as above.
 CREATE OR REPLACE VIEW exemplars AS
 SELECT * FROM read_parquet('{data}/exemplars/*/*/*.parquet', union_by_name = true);

@@ -1,9 +1,10 @@
--- Per layer x polarity: how well the selected descriptions predict their neurons. The val
+-- Per layer x polarity x kind (neuron, or sae for SAE latents): how well the selected
+-- descriptions predict their features, neurons and latents of a layer side by side. The val
 -- score picked the description, so the test score is the unbiased one; the shuffled control
 -- is the chance level to compare it with. Rows whose simulator trained on the neuron
 -- (simulator_saw_feature true) are left out and counted in `leaked`.
 CREATE OR REPLACE VIEW layer_summary AS
-SELECT layer, polarity,
+SELECT layer, polarity, coalesce(kind, 'neuron') AS kind,
        any_value(scorer) AS scorer,
        any_value(simulator) AS simulator,
        count(*) AS neurons,
@@ -17,8 +18,9 @@ SELECT layer, polarity,
            FILTER (WHERE control_test_score IS NOT NULL) AS share_above_control,
        count(*) FILTER (WHERE len(val_flags) > 0 OR len(test_flags) > 0) AS flagged,
        any_value(leaked) AS leaked
-FROM (SELECT *, count(*) FILTER (WHERE simulator_saw_feature) OVER (PARTITION BY layer, polarity) AS leaked
+FROM (SELECT *, count(*) FILTER (WHERE simulator_saw_feature)
+                 OVER (PARTITION BY layer, polarity, coalesce(kind, 'neuron')) AS leaked
       FROM neuron_descriptions)
 WHERE simulator_saw_feature IS NOT TRUE
-GROUP BY layer, polarity
-ORDER BY layer, polarity;
+GROUP BY layer, polarity, coalesce(kind, 'neuron')
+ORDER BY layer, polarity, kind DESC;

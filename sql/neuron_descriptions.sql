@@ -1,4 +1,5 @@
--- One row per neuron x polarity: the best of its k candidates by val score (scorer), its
+-- One row per feature x polarity (kind 'neuron', or 'sae' for an SAE latent: neuron is then
+-- the latent's index; latents have only the pos polarity): the best of its k candidates by val score (scorer), its
 -- score on E_test (the top-20 test exemplars and 5 random test sequences), and the shuffled
 -- control's val and test scores (a description of control_source_neuron, scored the same way).
 -- simulator_version / test_simulator_version: the simulator of the val / test score;

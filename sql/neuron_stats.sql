@@ -1,4 +1,4 @@
--- Per neuron x polarity, over the train split: max, mean, std, fraction of active tokens and
+-- Per feature (kind: neuron or sae, an SAE latent of the layer's site) x polarity, over the train split: max, mean, std, fraction of active tokens and
 -- approximate quantiles (q50 ... q999), in the polarity's orientation (sign * activation).
 -- scale is the activation normalizer (the train max): prompts' 0-10 levels, the simulator's
 -- training classes and fuzzing marks all divide by it.

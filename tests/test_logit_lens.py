@@ -82,7 +82,7 @@ def test_the_explain_stage_gives_each_feature_its_promoted_tokens(described_run)
 
     store = Store(load_config(described_run).root)
     features = load_feature_exemplars(store, 1, Polarity.NEG)
-    attached = _with_output_tokens(features, store, 1, Polarity.NEG, log=lambda _: None)
+    attached = _with_output_tokens(features, store, 1, Polarity.NEG, "neuron", log=lambda _: None)
     table = store.read("output_tokens", 1, "neg")
     for feature in attached:
         rows = table.filter(table["neuron"] == feature.feature.index).sort("rank")

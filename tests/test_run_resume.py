@@ -221,12 +221,17 @@ def test_some_failures_end_in_a_loud_warning_with_counts(tiny_config, monkeypatc
 def test_stage_graph_matches_the_dagster_asset_graph(tiny_config):
     from neuron_assets.defs.definitions import build_definitions
 
-    defs = build_definitions(str(tiny_config()))
-    graph = {spec.key.to_user_string(): {dep.asset_key.to_user_string() for dep in spec.deps}
-             for spec in defs.resolve_all_asset_specs()}
+    def graph_of(path):
+        defs = build_definitions(str(path))
+        return defs, {spec.key.to_user_string(): {dep.asset_key.to_user_string() for dep in spec.deps}
+                      for spec in defs.resolve_all_asset_specs()}
+
+    defs, graph = graph_of(tiny_config(sae={"layers": [1]}))  # every stage, the SAE's too
     assert graph == {name: set(stage.upstream) for name, stage in STAGES.items()}
     for name, stage in STAGES.items():
         assert (defs.resolve_assets_def(name).partitions_def is not None) == stage.partitioned
+    _, plain = graph_of(tiny_config())  # without an SAE the stage is not there, nor the edge to it
+    assert "sae_checkpoint" not in plain and plain["exemplars"] == {"corpus"}
 
 
 def test_a_run_that_failed_in_scoring_resumes_without_the_activation_pass(tiny_config, monkeypatch, capsys):

@@ -53,15 +53,18 @@ def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, run:
     )
 
 
-def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsDefinition]:
+def exemplar_assets(partitions: dg.MultiPartitionsDefinition, config=None) -> list[dg.AssetsDefinition]:
+    """``config`` decides whether the exemplar pass reads SAEs (then it follows sae_checkpoint)."""
+    deps = [corpus] + ([dg.AssetKey("sae_checkpoint")] if config is not None and config.sae.layers else [])
+
     @dg.asset(
-        deps=[corpus],
+        deps=deps,
         partitions_def=partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool="gpu",
-        description="Per neuron x polarity x split: top-k, random and activation-decile exemplars with per-token "
-        "activations (table `exemplars`), plus per-neuron statistics (table `neuron_stats`). Materializing many "
-        "partitions is one run and one forward pass over the corpus.",
+        description="Per feature (neuron, or SAE latent: feature_kind) x polarity x split: top-k, random and "
+        "activation-decile exemplars with per-token activations (table `exemplars`), plus per-feature statistics "
+        "(table `neuron_stats`). Materializing many partitions is one run and one forward pass over the corpus.",
         check_specs=[dg.AssetCheckSpec("every_feature_has_exemplars", asset="exemplars")],
         kinds={"pytorch", "parquet"},
     )
@@ -102,7 +105,7 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsD
                 "plan_json": dg.MetadataValue.json(collected.plan.as_dict()),
                 **stage.metadata(),
             },
-            data_version=dg.DataVersion(config.sections_hash("subject", "corpus", "features", "exemplars")),
+            data_version=dg.DataVersion(config.sections_hash("subject", "corpus", "features", "exemplars", "sae")),
             check_results=[dg.AssetCheckResult(check_name="every_feature_has_exemplars", passed=not missing,
                                                metadata={"features_without_top_exemplars": len(missing)})],
         )
@@ -130,10 +133,13 @@ def _features_without_exemplars(store: Store, written: list[Written]) -> list[tu
     for w in written:
         if w.table != "neuron_stats":
             continue
-        stats = pl.read_parquet(w.path, columns=["neuron"])
-        top = pl.read_parquet(store.path("exemplars", w.layer, w.polarity), columns=["neuron", "kind"]).filter(
-            pl.col("kind") == "top").select("neuron").unique()
-        missing += [(w.layer, w.polarity, n) for n in stats.join(top, on="neuron", how="anti")["neuron"].to_list()]
+        from neuron_assets.exemplars import with_feature_kind
+
+        stats = with_feature_kind(pl.read_parquet(w.path)).select(pl.col("kind").alias("feature_kind"), "neuron")
+        top = with_feature_kind(pl.read_parquet(store.path("exemplars", w.layer, w.polarity)), "feature_kind").filter(
+            pl.col("kind") == "top").select("feature_kind", "neuron").unique()
+        missing += [(w.layer, w.polarity, n) for n in
+                    stats.join(top, on=["feature_kind", "neuron"], how="anti")["neuron"].to_list()]
     return missing
 
 

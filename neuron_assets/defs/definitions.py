@@ -23,7 +23,7 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     partitions = layer_polarity_partitions(config)
     scoring = score_definitions(partitions, config)
     return dg.Definitions(
-        assets=[corpus, *exemplar_assets(partitions), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
+        assets=[corpus, *exemplar_assets(partitions, config), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
                 neuron_report, *search_assets(partitions), *sae_assets(config)],
         jobs=scoring["jobs"],
         schedules=scoring["schedules"],

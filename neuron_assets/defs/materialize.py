@@ -52,7 +52,7 @@ def materialize_config(config_path: str | None, select: list[str] | None = None,
     config = load_config(config_path)
     defs = build_definitions(config_path)
     assets = list(defs.assets)
-    names = [a.key.to_user_string() for a in assets if a.key.to_user_string() in STAGES]  # sae_checkpoint: dagster only
+    names = [a.key.to_user_string() for a in assets if a.key.to_user_string() in STAGES]
     if select:
         unknown = set(select) - set(names)
         if unknown:

@@ -1,5 +1,7 @@
 """The sae_checkpoint asset: one sparse autoencoder per configured layer (sae.layers), trained
-on the corpus's train split or loaded from sae.path; the core is neuron_assets.features."""
+on the corpus's train split or loaded from sae.path; the core is neuron_assets.features.sae_stage.
+One unpartitioned step trains them all in turn (each resumes its own checkpoint), so
+`neuron-assets run` runs it before the exemplar pass like any other stage."""
 
 
 import dagster as dg
@@ -12,38 +14,40 @@ from neuron_assets.report.render import markdown_table
 
 
 def sae_assets(config: Config) -> list[dg.AssetsDefinition]:
-    """The asset when sae.layers names a layer, else nothing (the default config trains none)."""
+    """The asset when sae.layers names a layer, else nothing (a config without an SAE)."""
     if not config.sae.layers:
         return []
-    partitions = dg.StaticPartitionsDefinition([str(layer) for layer in sorted(set(config.sae.layers))])
 
     @dg.asset(
         deps=[corpus],
-        partitions_def=partitions,
         pool="gpu",
-        description="A sparse autoencoder over one layer's neuron site (top-k or L1), trained on the train split's "
-        "activations (streamed, resumable) or loaded from sae.path (sparsify or SAELens layout); written under "
-        "checkpoints/sae/layer=L/ with its MSE, FVU, L0, dead fraction, latent frequencies and reconstruction score.",
+        description="A sparse autoencoder over each sae.layers layer's neuron site (top-k or L1), trained on the "
+        "train split's activations (streamed, resumable) or loaded from sae.path (sparsify or SAELens layout); "
+        "written under checkpoints/sae/layer=L/ with its MSE, FVU, L0, dead fraction, latent frequencies and "
+        "reconstruction score. The exemplar pass reads its latents (sae.latents) as features of kind sae.",
         kinds={"pytorch", "safetensors"},
     )
     def sae_checkpoint(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, run: RunSettings) -> dg.MaterializeResult:
-        from neuron_assets import runtime
-        from neuron_assets.features.sae_stage import make_sae
-        from neuron_assets.features.site_activations import load_site_subject
+        from neuron_assets.features.sae_stage import make_saes, sae_files
+        from neuron_assets.store import Store
 
         config = settings.load()
-        layer = int(context.partition_key)
-        key = runtime.cache_key("site_subject", config.subject.model_dump(mode="json"))
-        try:
-            subject, causal = runtime.shared(key, lambda: load_site_subject(config.subject))
-            with run.stage(context, config) as stage, \
-                    stage.progress.task(f"sae layer {layer}", config.sae.steps, "step") as task:
-                result = make_sae(config, layer, subject, causal, log=context.log.info,
-                                  on_step=lambda done: task.advance(done - task.done))
-        finally:
-            runtime.release(key)  # the next GPU stage gets the memory back
-        return dg.MaterializeResult(metadata=sae_metadata(result, config), data_version=dg.DataVersion(
-            config.sections_hash("subject", "corpus", "sae")))
+        layers = sorted(set(config.sae.layers))
+        with run.stage(context, config) as stage:
+            if not stage.todo():
+                return dg.MaterializeResult(metadata={"skipped": "up to date", **stage.metadata()})
+            with stage.progress.task(f"sae layers {layers}", config.sae.steps * len(layers), "step") as task:
+                offsets = {layer: i * config.sae.steps for i, layer in enumerate(layers)}
+                results = make_saes(config, log=context.log.info,
+                                    on_step=lambda layer, done: task.advance(offsets[layer] + done - task.done))
+            store = Store(config.root)
+            stage.complete(None, [f for layer in layers for f in sae_files(store, layer)])
+        if len(results) == 1:
+            metadata = sae_metadata(results[0], config)
+        else:
+            metadata = {f"layer {r.layer} {key}": value for r in results for key, value in sae_metadata(r, config).items()}
+        return dg.MaterializeResult(metadata={**metadata, **stage.metadata()},
+                                    data_version=dg.DataVersion(config.sections_hash("subject", "corpus", "sae")))
 
     return [sae_checkpoint]
 

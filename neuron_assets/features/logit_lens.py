@@ -40,6 +40,15 @@ def output_directions(site: nn.Module, neurons: torch.Tensor) -> torch.Tensor:
     return weight[neurons, :]
 
 
+def latent_output_directions(site: nn.Module, sae, latents: torch.Tensor) -> torch.Tensor:
+    """(len(latents), d_model) output directions of SAE latents over a layer's neuron site:
+    each latent's decoder row (in the site's units: divided by the SAE's input scale) through
+    the down-projection, i.e. the mix of neuron output directions the latent writes."""
+    every = output_directions(site, torch.arange(sae.d_in, device=site.weight.device)).float()  # (d_in, d_model)
+    rows = (sae.W_dec.detach()[latents.to(sae.W_dec.device)] / sae.input_scale).to(every.device)
+    return rows @ every
+
+
 def unembedding(model: nn.Module, folder: str | None) -> torch.Tensor | None:
     """(vocab, d_model) unembedding of a causal LM, or None for a model without one. Tied
     models share the input embeddings; an untied head is read from ``folder``'s safetensors
@@ -101,19 +110,32 @@ def output_tokens_frame(neurons: list[int], values: torch.Tensor, ids: torch.Ten
 
 
 def subject_output_tokens(subject, neurons: dict[int, torch.Tensor], polarities: list[Polarity], top: int,
-                          folder: str | None) -> dict[tuple[int, Polarity], pl.DataFrame]:
+                          folder: str | None, latents: dict | None = None) -> dict[tuple[int, Polarity], pl.DataFrame]:
     """(layer, polarity) -> its ``output_tokens`` rows for the selected ``neurons`` of each
-    layer (a LongTensor of indices per layer); empty when the subject has no unembedding."""
+    layer (a LongTensor of indices per layer), with a ``kind`` column; ``latents[layer]`` =
+    (sae, LongTensor of latent indices) adds those SAE latents (kind 'sae') to the positive
+    polarity's rows. Empty when the subject has no unembedding."""
     unembed = unembedding(subject.model, folder) if top > 0 else None
     if unembed is None:
         return {}
     scale = final_norm_scale(subject.model)
+    latents = latents or {}
     out = {}
     for layer, indices in neurons.items():
-        directions = output_directions(subject.sites[layer], indices.to(subject.sites[layer].weight.device))
+        site = subject.sites[layer]
+        kinds = [("neuron", indices, output_directions(site, indices.to(site.weight.device)))]
+        if layer in latents:
+            sae, chosen = latents[layer]
+            kinds.append(("sae", chosen, latent_output_directions(site, sae, chosen)))
         for polarity in polarities:
-            values, ids = promoted_tokens(directions, unembed, scale, polarity, top)
-            out[(layer, polarity)] = output_tokens_frame(indices.tolist(), values, ids, subject.tokenizer)
+            frames = []
+            for kind, chosen, directions in kinds:
+                if kind == "sae" and polarity is not Polarity.POS:
+                    continue  # latents are never negative
+                values, ids = promoted_tokens(directions, unembed, scale, polarity, top)
+                frames.append(output_tokens_frame(chosen.tolist(), values, ids, subject.tokenizer)
+                              .with_columns(pl.lit(kind).alias("kind")).select("kind", *OUTPUT_TOKENS_SCHEMA))
+            out[(layer, polarity)] = pl.concat(frames)
     return out
 
 

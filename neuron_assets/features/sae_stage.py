@@ -57,6 +57,36 @@ class SaeResult:
     resumed_from: int = 0
 
 
+def make_saes(config: Config, log: Callable[[str], None] = print,
+              on_step: Callable[[int, int], None] | None = None) -> list[SaeResult]:
+    """The sae_checkpoint stage: every layer of sae.layers in turn, each resuming its own
+    checkpoint; ``on_step(layer, done)`` follows training. The subject is loaded once (with
+    its LM head when causal, for the reconstruction score) and dropped after."""
+    from neuron_assets import runtime
+    from neuron_assets.features.site_activations import load_site_subject
+
+    key = runtime.cache_key("site_subject", config.subject.model_dump(mode="json"))
+    try:
+        subject, causal = runtime.shared(key, lambda: load_site_subject(config.subject))
+        results = []
+        for layer in sorted(set(config.sae.layers)):
+            step = None if on_step is None else (lambda done, layer=layer: on_step(layer, done))
+            results.append(make_sae(config, layer, subject, causal, log=log, on_step=step))
+            log(f"sae layer {layer}: {results[-1].source}, FVU {results[-1].metrics.fvu:.3f}, "
+                f"L0 {results[-1].metrics.l0:.1f}, dead {results[-1].metrics.dead_fraction:.1%}")
+        return results
+    finally:
+        runtime.release(key)  # the next GPU stage gets the memory back
+
+
+def sae_files(store: Store, layer: int) -> list[Path]:
+    """The files a finished layer's SAE leaves (what its completion marker records)."""
+    from neuron_assets.features.sae import SAE_INFO, SAE_WEIGHTS
+
+    folder = sae_folder(store, layer)
+    return [folder / SAE_WEIGHTS, folder / SAE_INFO]
+
+
 def sae_folder(store: Store, layer: int) -> Path:
     return store.checkpoint_dir / "sae" / f"layer={layer}"
 

@@ -65,9 +65,11 @@ class NeuronView:
     polarities: dict[Polarity, PolarityView] = field(default_factory=dict)  # in display order
 
 
-def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str = Polarity.POS) -> NeuronView:
-    """One neuron, ``polarity`` first and the other polarity beside it when it was collected;
-    :class:`NeuronNotFound` names the collected layers, polarities or neurons."""
+def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str = Polarity.POS,
+                kind: str = "neuron") -> NeuronView:
+    """One neuron (or another feature ``kind``, e.g. an SAE latent), ``polarity`` first and the
+    other polarity beside it when it was collected; :class:`NeuronNotFound` names the
+    collected layers, polarities or neurons."""
     polarity = Polarity(polarity)
     collected = _collected_partitions(store)
     layers = sorted({l for l, _ in collected})
@@ -81,18 +83,21 @@ def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str 
     if polarity not in polarities:
         raise NeuronNotFound(f"polarity {polarity.value} of layer {layer} was not collected; collected: "
                              f"{', '.join(p.value for p in polarities)} (set features.polarities to collect it)")
-    views = load_neurons(store, layer, [neuron], polarities)
+    views = load_neurons(store, layer, [neuron], polarities, kind)
     if neuron not in views:
-        neurons = _collected_neurons(store, layer, polarity)
-        raise NeuronNotFound(f"neuron {neuron} of layer {layer} ({polarity.value}) was not collected; the "
-                             f"{len(neurons)} collected neurons of that layer are {_ranges(neurons)} "
-                             "(set features.neurons to collect others)")
+        neurons = _collected_neurons(store, layer, polarity, kind)
+        setting = "features.neurons" if kind == "neuron" else f"{kind}.latents"
+        raise NeuronNotFound(f"{kind} {neuron} of layer {layer} ({polarity.value}) was not collected; the "
+                             f"{len(neurons)} collected {'neurons' if kind == 'neuron' else kind + ' latents'} of "
+                             f"that layer are {_ranges(neurons)} "
+                             f"(set {setting} to collect others)")
     return views[neuron]
 
 
-def load_neurons(store: Store, layer: int, neurons: Sequence[int], polarities: Sequence[Polarity]) -> dict[int, NeuronView]:
-    """The views of ``neurons`` of one layer, in each of ``polarities`` that has them; only
-    their rows are read. Neurons that were not collected are left out."""
+def load_neurons(store: Store, layer: int, neurons: Sequence[int], polarities: Sequence[Polarity],
+                 kind: str = "neuron") -> dict[int, NeuronView]:
+    """The views of ``neurons`` (features of ``kind``) of one layer, in each of ``polarities``
+    that has them; only their rows are read. Neurons that were not collected are left out."""
     from neuron_assets.exemplars import load_feature_exemplars  # torch: imported only when a neuron is read
 
     views: dict[int, NeuronView] = {}
@@ -100,12 +105,12 @@ def load_neurons(store: Store, layer: int, neurons: Sequence[int], polarities: S
         polarity = Polarity(polarity)
         if not store.exists("neuron_stats", layer, polarity.value):
             continue
-        features = load_feature_exemplars(store, layer, polarity, neurons=list(neurons))
-        stats = _rows(store, "neuron_stats", layer, polarity, neurons)
-        selected = _rows(store, "neuron_descriptions", layer, polarity, neurons)
-        scores = _frame(store, "description_scores", layer, polarity, neurons)
-        failures = _failures(store, layer, polarity, neurons)
-        lens = _frame(store, "output_tokens", layer, polarity, neurons)
+        features = load_feature_exemplars(store, layer, polarity, neurons=list(neurons), kind=kind)
+        stats = _rows(store, "neuron_stats", layer, polarity, neurons, kind)
+        selected = _rows(store, "neuron_descriptions", layer, polarity, neurons, kind)
+        scores = _frame(store, "description_scores", layer, polarity, neurons, kind)
+        failures = _failures(store, layer, polarity, neurons, kind)
+        lens = _frame(store, "output_tokens", layer, polarity, neurons, kind)
         for feature in features:
             index = feature.feature.index
             view = views.setdefault(index, NeuronView(layer, index))
@@ -212,26 +217,34 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _scan(store: Store, table: str, layer: int, polarity: Polarity, neurons: Sequence[int]) -> pl.LazyFrame | None:
+def _scan(store: Store, table: str, layer: int, polarity: Polarity, neurons: Sequence[int],
+          kind: str = "neuron") -> pl.LazyFrame | None:
+    from neuron_assets.exemplars import with_feature_kind
+
     path = store.path(table, layer, polarity.value)
     if not path.exists():
         return None
-    return pl.scan_parquet(path).filter(pl.col("neuron").is_in([int(n) for n in neurons]))
+    column = "feature_kind" if table == "exemplars" else "kind"
+    return with_feature_kind(pl.scan_parquet(path), column).filter(
+        pl.col("neuron").is_in([int(n) for n in neurons]) & (pl.col(column) == kind))
 
 
-def _frame(store: Store, table: str, layer: int, polarity: Polarity, neurons: Sequence[int]) -> pl.DataFrame:
-    scan = _scan(store, table, layer, polarity, neurons)
+def _frame(store: Store, table: str, layer: int, polarity: Polarity, neurons: Sequence[int],
+           kind: str = "neuron") -> pl.DataFrame:
+    scan = _scan(store, table, layer, polarity, neurons, kind)
     return scan.collect() if scan is not None else pl.DataFrame()
 
 
-def _rows(store: Store, table: str, layer: int, polarity: Polarity, neurons: Sequence[int]) -> dict[int, dict]:
-    frame = _frame(store, table, layer, polarity, neurons)
+def _rows(store: Store, table: str, layer: int, polarity: Polarity, neurons: Sequence[int],
+          kind: str = "neuron") -> dict[int, dict]:
+    frame = _frame(store, table, layer, polarity, neurons, kind)
     return {row["neuron"]: row for row in frame.iter_rows(named=True)} if frame.height else {}
 
 
-def _failures(store: Store, layer: int, polarity: Polarity, neurons: Sequence[int]) -> dict[int, dict[int, tuple]]:
+def _failures(store: Store, layer: int, polarity: Polarity, neurons: Sequence[int],
+              kind: str = "neuron") -> dict[int, dict[int, tuple]]:
     """neuron -> candidate -> (description, failure), from candidate_descriptions."""
-    scan = _scan(store, "candidate_descriptions", layer, polarity, neurons)
+    scan = _scan(store, "candidate_descriptions", layer, polarity, neurons, kind)
     if scan is None:
         return {}
     out: dict[int, dict[int, tuple]] = {}
@@ -271,9 +284,14 @@ def _collected_partitions(store: Store) -> set[tuple[int, str]]:
     return set(store.partitions("neuron_stats"))
 
 
-def _collected_neurons(store: Store, layer: int, polarity: Polarity) -> list[int]:
-    path = store.path("neuron_stats", layer, polarity.value)
-    return sorted(pl.scan_parquet(path).select("neuron").collect()["neuron"].to_list()) if path.exists() else []
+def _collected_neurons(store: Store, layer: int, polarity: Polarity, kind: str = "neuron") -> list[int]:
+    scan = _scan(store, "neuron_stats", layer, polarity, [], kind)
+    if scan is None:
+        return []
+    from neuron_assets.exemplars import with_feature_kind
+
+    frame = with_feature_kind(pl.scan_parquet(store.path("neuron_stats", layer, polarity.value)))
+    return sorted(frame.filter(pl.col("kind") == kind).select("neuron").collect()["neuron"].to_list())
 
 
 def _ranges(values: Sequence[int], shown: int = 20) -> str:

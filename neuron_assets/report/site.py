@@ -112,15 +112,21 @@ _DESCRIPTION_COLUMNS = ("neuron", "candidate", "description", "scorer", "simulat
 
 
 def _partition_summary(store: Store, layer: int, polarity: str) -> _Summary:
-    stats = pl.read_parquet(store.path("neuron_stats", layer, polarity))
+    from neuron_assets.exemplars import with_feature_kind
+
+    # the report's pages are the neurons'; SAE latents are in the database and `show --feature sae`
+    def neurons_only(frame: pl.DataFrame) -> pl.DataFrame:
+        return with_feature_kind(frame).filter(pl.col("kind") == "neuron")
+
+    stats = neurons_only(pl.read_parquet(store.path("neuron_stats", layer, polarity)))
     lineage = {k: stats[k][0] for k in ("model", "config_hash", "run_id") if k in stats.columns and stats.height}
     neurons = stats.select("neuron", "max", "frac_active")
     if store.exists("neuron_descriptions", layer, polarity):
-        described = pl.read_parquet(store.path("neuron_descriptions", layer, polarity))
+        described = neurons_only(pl.read_parquet(store.path("neuron_descriptions", layer, polarity)))
         described = described.select([c for c in _DESCRIPTION_COLUMNS if c in described.columns])
         neurons = neurons.join(described.with_columns(pl.col("neuron").cast(neurons["neuron"].dtype)), on="neuron",
                                how="left")
-    scores = (pl.read_parquet(store.path("description_scores", layer, polarity))
+    scores = (neurons_only(pl.read_parquet(store.path("description_scores", layer, polarity)))
               if store.exists("description_scores", layer, polarity) else pl.DataFrame())
     return _Summary(layer, polarity, neurons.sort("neuron"), scores, lineage)
 

@@ -119,8 +119,10 @@ def with_provenance(frame: pl.DataFrame, scoring: Scoring) -> pl.DataFrame:
     """``frame`` (rows with layer, polarity, neuron, simulator) with each row's
     ``simulator_version`` and ``simulator_saw_feature``."""
     versions, saw = [], []
-    for layer, polarity, neuron, simulator in frame.select("layer", "polarity", "neuron", "simulator").iter_rows():
-        version, seen = scoring.provenance(FeatureId(layer, neuron, Polarity(polarity)), simulator)
+    kinds = frame["kind"] if "kind" in frame.columns else pl.repeat("neuron", frame.height, eager=True)
+    rows = zip(kinds, *(frame[c] for c in ("layer", "polarity", "neuron", "simulator")))
+    for kind, layer, polarity, neuron, simulator in rows:
+        version, seen = scoring.provenance(FeatureId(layer, neuron, Polarity(polarity), kind), simulator)
         versions.append(version)
         saw.append(seen)
     return frame.with_columns(pl.Series("simulator_version", versions, pl.String),

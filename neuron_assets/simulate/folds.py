@@ -22,4 +22,5 @@ def fold_of(feature: FeatureId, folds: int) -> int:
 
 def feature_key(feature: FeatureId) -> str:
     """The text form of a feature id, as a checkpoint lists the features it trained on."""
-    return f"{feature.layer}/{feature.index}/{Polarity(feature.polarity).value}"
+    key = f"{feature.layer}/{feature.index}/{Polarity(feature.polarity).value}"
+    return key if feature.kind == "neuron" else f"{feature.kind}:{key}"  # a latent is not the neuron of its index
