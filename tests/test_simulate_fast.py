@@ -66,7 +66,8 @@ def test_batched_scoring_equals_the_direct_path_on_collected_exemplars(collected
     described = sum(1 for f in features for d in candidates[f.feature] if d)  # empty candidates are not scored
     assert fast.height == former.height == described >= 8
     np.testing.assert_allclose(_scores(fast), _scores(former), atol=1e-5)
-    # per token on test: new records next to the cached val ones, and pairs of many lengths
+    # per token on test: new records next to the cached val ones, in rounds of a few jobs
+    simulator.PAIRS_PER_ROUND = 20
     jobs = [(candidates[f.feature], evaluation_records(f, Split.TEST, 6, 2)) for f in features]
     for fast_job, (descriptions, records) in zip(simulator.simulate_many(jobs), jobs):
         for fast_d, former_d in zip(fast_job, simulator.simulate_pairwise(descriptions, records)):
@@ -136,3 +137,23 @@ def test_semantic_and_lexical_equal_their_former_paths(collected):
         for record in jobs[0][1]:
             [[fast]] = lexical.simulate([description], [record])
             assert (fast == lexical_per_token(named_terms(description), record)).all()
+
+
+def test_prompted_simulator_sends_every_feature_s_prompts_in_one_call(collected):
+    from neuron_assets.simulate.prompted import PromptedSimulator
+
+    class Source:  # a logprob source whose answer depends only on the prompt
+        name, calls = "fake", []
+
+        def value_probabilities(self, prompts):
+            self.calls.append(len(prompts))
+            return [np.random.default_rng(len(p.text)).random((len(p.placeholder_offsets), 11)) for p in prompts]
+
+    simulator = PromptedSimulator(Source())
+    jobs = [(DESCRIPTIONS[:2], evaluation_records(f, Split.VAL, 3, 1)) for f in collected[:3]]
+    together = simulator.simulate_many(jobs)
+    assert Source.calls == [sum(len(d) * len(r) for d, r in jobs)]
+    for (descriptions, records), job in zip(jobs, together):
+        for alone_d, job_d in zip(simulator.simulate(descriptions, records), job):
+            for a, b in zip(alone_d, job_d):
+                assert (a == b).all()

@@ -144,13 +144,15 @@ class FinetunedSimulator:
     the pairs of all features are sorted by length and cut into batches of at most
     ``batch_tokens`` padded tokens (default ``batch_size x max_length``, what ``batch_size``
     pairs of the longest input take), and every batch's predictions are gathered at the read
-    positions on the device, into one buffer that is copied to the host once per call.
+    positions on the device, into one buffer that is copied to the host once per round of
+    jobs (:attr:`PAIRS_PER_ROUND`).
     :meth:`simulate_pairwise` is the direct path (each pair from its whole text, batches of
     ``batch_size`` in record-major order, one host copy per batch): the fast path gives its
     numbers."""
 
     name = "finetuned"
     PART_CACHE = 20_000  # descriptions and records whose encoded parts are kept
+    PAIRS_PER_ROUND = 16_384  # pairs encoded and predicted together (one host copy each round)
 
     def __init__(self, model, tokenizer, spec: SimulatorSpec, device: torch.device, batch_size: int = 32,
                  batch_tokens: int | None = None):
@@ -270,7 +272,21 @@ class FinetunedSimulator:
         return self.simulate_many([(descriptions, records)])[0]
 
     def simulate_many(self, jobs: Sequence[tuple[Sequence[str], Sequence[ActivationRecord]]]) -> list[SimulatedActivations]:
-        """:meth:`simulate` of every (descriptions, records) job, their pairs batched together."""
+        """:meth:`simulate` of every (descriptions, records) job, their pairs batched together
+        in rounds of about :attr:`PAIRS_PER_ROUND` pairs (whole jobs), which bound the host
+        memory the encoded pairs take."""
+        results: list[SimulatedActivations] = []
+        round_: list = []
+        pairs = 0
+        for job in jobs:
+            round_.append(job)
+            pairs += len(job[0]) * len(job[1])
+            if pairs >= self.PAIRS_PER_ROUND:
+                results += self._simulate_round(round_)
+                round_, pairs = [], 0
+        return results + (self._simulate_round(round_) if round_ else [])
+
+    def _simulate_round(self, jobs) -> list[SimulatedActivations]:
         pairs: list[EncodedPair] = []
         for descriptions, records in jobs:
             described = [self._description_part(d) for d in descriptions]
