@@ -4,6 +4,8 @@ simulators' shared work give the former paths' numbers, on the collector's real 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -56,7 +58,7 @@ def _scores(frame):
 
 @pytest.mark.parametrize("head, alignment", [("lm_head_slots", "subject_ids"), ("token_classification", "char_offsets")])
 def test_batched_scoring_equals_the_direct_path_on_collected_exemplars(collected, tiny_llama, head, alignment):
-    features = collected[::2]  # both layers and polarities
+    features = collected[::3]  # both layers and polarities
     simulator = FinetunedSimulator.from_backbone(str(tiny_llama), head=head, alignment=alignment, max_length=48,
                                                  added_tokens=["⟨eot_id⟩"], batch_size=16)
     candidates = {f.feature: [DESCRIPTIONS[(i + c) % len(DESCRIPTIONS)] for c in range(3)] for i, f in enumerate(features)}
@@ -64,7 +66,7 @@ def test_batched_scoring_equals_the_direct_path_on_collected_exemplars(collected
     former = score_candidates(features, candidates, [CorrelationScorer(_Former(simulator.simulate_pairwise), 6, 2)],
                               Split.VAL)
     described = sum(1 for f in features for d in candidates[f.feature] if d)  # empty candidates are not scored
-    assert fast.height == former.height == described >= 8
+    assert fast.height == former.height == described >= 6
     np.testing.assert_allclose(_scores(fast), _scores(former), atol=1e-5)
     # per token on test: new records next to the cached val ones, in rounds of a few jobs
     simulator.PAIRS_PER_ROUND = 20
@@ -98,10 +100,10 @@ def test_vectorized_alignment_equals_the_loop():
     rng = np.random.default_rng(0)
     for _ in range(50):
         cuts = np.sort(rng.choice(np.arange(1, 60), size=12, replace=False))
-        offsets = [(0, 0)] + [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if rng.random() > 0.2] + [(0, 0)]
+        offsets = [(0, 0)] + [(int(a), int(b)) for a, b in itertools.pairwise(cuts) if rng.random() > 0.2] + [(0, 0)]
         special = [1] + [0] * (len(offsets) - 2) + [1]
         edges = np.sort(rng.choice(np.arange(0, 62), size=9, replace=False))
-        spans = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        spans = [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
         expected = []
         usable = [(i, s, e) for i, ((s, e), sp) in enumerate(zip(offsets, special)) if not sp and e > s and s >= 5]
         for a, b in spans:

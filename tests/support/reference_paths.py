@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from neuron_assets.simulate.semantic import RawSimilarities, SemanticSimulator, _description_text, quoted_predictions, unit_layout
+from neuron_assets.simulate.semantic import (
+    RawSimilarities,
+    SemanticSimulator,
+    _description_text,
+    quoted_predictions,
+    unit_layout,
+)
 
 
 def semantic_per_pair(simulator: SemanticSimulator, descriptions, records):
@@ -60,7 +66,7 @@ class FormerLexical:
     """The lexical rule's former path, patched into the semantic simulator's quoted-token step."""
 
     def __enter__(self):
-        import neuron_assets.simulate.semantic as semantic
+        from neuron_assets.simulate import semantic
 
         self._module, self._saved = semantic, semantic.simulate_lexically
         semantic.simulate_lexically = lexical_per_token
