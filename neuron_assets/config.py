@@ -362,8 +362,9 @@ class FinetunedSimulatorConfig(Section):
     max_length: int = Field(256, ge=16)
     """Longest simulator input in backbone tokens; a longer description is cut, never the input."""
     batch_size: int = Field(32, ge=1)
-    """(description, exemplar) pairs per forward pass when simulating: all k candidates of
-    a feature against one exemplar (more exemplars when k is smaller than this)."""
+    """Sets the size of a forward pass when scoring: the pairs (description, exemplar) of many
+    features are sorted by length and batched up to batch_size x max_length padded tokens
+    (what batch_size pairs of the longest input take), so short pairs fill larger batches."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. auto: bfloat16 on GPU, float32 on CPU."""
     device: str = "auto"

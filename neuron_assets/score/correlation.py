@@ -17,7 +17,7 @@ from neuron_assets.score.base import (
     Score,
     evaluation_records,
 )
-from neuron_assets.simulate.base import Simulator
+from neuron_assets.simulate.base import Simulator, simulate_many
 from neuron_assets.types import ActivationRecord, FeatureExemplars, Polarity, Split
 
 
@@ -60,8 +60,18 @@ class CorrelationScorer:
         self.random_count = random_count
 
     def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]:
-        records = evaluation_records(feature, split, self.top, self.random_count)
-        if not records:
-            return [Score(0.0, (NO_EXAMPLES,)) for _ in descriptions]
-        simulated = self.simulator_impl.simulate(list(descriptions), records)
-        return [correlation_score(per_record, records, feature.feature.polarity) for per_record in simulated]
+        return self.score_many([(feature, descriptions)], split)[0]
+
+    def score_many(self, items: Sequence[tuple[FeatureExemplars, Sequence[str]]], split: Split) -> list[list[Score]]:
+        """:meth:`score` of every (feature, descriptions), simulated together (a simulator
+        that batches across features gets all their pairs at once)."""
+        records = [evaluation_records(feature, split, self.top, self.random_count) for feature, _ in items]
+        jobs = [(list(descriptions), rs) for (_, descriptions), rs in zip(items, records) if rs]
+        simulated = iter(simulate_many(self.simulator_impl, jobs))
+        out = []
+        for (feature, descriptions), rs in zip(items, records):
+            if not rs:
+                out.append([Score(0.0, (NO_EXAMPLES,)) for _ in descriptions])
+                continue
+            out.append([correlation_score(per_record, rs, feature.feature.polarity) for per_record in next(simulated)])
+        return out

@@ -114,6 +114,17 @@ class CrossFitScorer:
     def score(self, feature: FeatureExemplars, descriptions, split: Split):
         return self.by_fold[fold_of(feature.feature, len(self.by_fold))].score(feature, descriptions, split)
 
+    def score_many(self, items, split: Split):
+        """:meth:`score` of every (feature, descriptions): each fold's features together."""
+        out = [None] * len(items)
+        by_fold: dict[int, list[int]] = {}
+        for i, (feature, _) in enumerate(items):
+            by_fold.setdefault(fold_of(feature.feature, len(self.by_fold)), []).append(i)
+        for fold, chosen in by_fold.items():
+            for i, scores in zip(chosen, self.by_fold[fold].score_many([items[i] for i in chosen], split)):
+                out[i] = scores
+        return out
+
 
 def with_provenance(frame: pl.DataFrame, scoring: Scoring) -> pl.DataFrame:
     """``frame`` (rows with layer, polarity, neuron, simulator) with each row's

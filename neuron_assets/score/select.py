@@ -30,6 +30,7 @@ from neuron_assets.types import FeatureExemplars, FeatureId, Split
 CANDIDATE = "candidate"
 SHUFFLED_CONTROL = "shuffled_control"
 CONTROL_CANDIDATE = -1
+FEATURES_PER_ROUND = 256  # features scored together (their pairs batched by the simulator)
 
 SCORES_SCHEMA = {
     "layer": pl.Int64, "polarity": pl.String, "neuron": pl.Int64, "candidate": pl.Int64, "role": pl.String,
@@ -88,22 +89,39 @@ def score_candidates(
     controls: Mapping[FeatureId, ShuffledControl] | None = None,
     progress=None,
 ) -> pl.DataFrame:
-    """One row per (feature, scored description, scorer); failed (null) candidates are left out."""
+    """One row per (feature, scored description, scorer); failed (null) candidates are left out.
+
+    Features are scored in rounds of :data:`FEATURES_PER_ROUND`: a scorer with
+    ``score_many`` (the correlation scorer) gets a round's features at once, so its
+    simulator batches their pairs together."""
     rows = []
+    scored = []
     for feature in features:
         options = [(c, d) for c, d in enumerate(candidates.get(feature.feature, ())) if d]
         control = (controls or {}).get(feature.feature)
         entries = [(c, CANDIDATE, d, feature.feature.index) for c, d in options]
         if control is not None:
             entries.append((CONTROL_CANDIDATE, SHUFFLED_CONTROL, control.description, control.source.index))
-        if not entries:
-            continue
-        for scorer in scorers:
-            scores = scorer.score(feature, [e[2] for e in entries], split)
-            rows += [_score_row(feature.feature, entry, scorer, split, score) for entry, score in zip(entries, scores)]
-        if progress is not None:
-            progress(1)
+        if entries:
+            scored.append((feature, entries))
+    for start in range(0, len(scored), FEATURES_PER_ROUND):
+        round_ = scored[start : start + FEATURES_PER_ROUND]
+        items = [(feature, [e[2] for e in entries]) for feature, entries in round_]
+        by_scorer = [_score_all(scorer, items, split) for scorer in scorers]
+        for i, (feature, entries) in enumerate(round_):
+            for scorer, scores in zip(scorers, by_scorer):
+                rows += [_score_row(feature.feature, entry, scorer, split, score)
+                         for entry, score in zip(entries, scores[i])]
+            if progress is not None:
+                progress(1)
     return pl.DataFrame(rows, schema=SCORES_SCHEMA)
+
+
+def _score_all(scorer: Scorer, items, split: Split) -> list[list[Score]]:
+    many = getattr(scorer, "score_many", None)
+    if many is not None:
+        return many(items, split)
+    return [scorer.score(feature, descriptions, split) for feature, descriptions in items]
 
 
 def _score_row(feature: FeatureId, entry, scorer: Scorer, split: Split, score: Score) -> dict:

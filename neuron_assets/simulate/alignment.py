@@ -16,6 +16,14 @@ Control tokens of the subject (``<|eot_id|>``, ``[SEP]``) are written in their d
 ``⟨eot_id⟩`` in both the description and the input, and the simulator's tokenizer carries
 each display form as one added token, so a description that names a special token names
 the same embedding the input holds (Transluce's special-token handling).
+
+Every encoder builds a pair from two parts made once each: the description's part (its
+tokens) and the record's part (the input's tokens and where each subject token is read
+among them), so a feature's exemplars are tokenized and aligned once for all k candidates
+and for every scoring call (:meth:`PairEncoder.join`). ``char_offsets`` tokenizes the two
+texts apart; that gives the tokens of the whole text wherever the backbone's tokenizer
+starts a new piece at `` ## Input:``, which it checks for every description against the
+whole text (a probe record) and falls back to the whole text where it does not.
 """
 
 from __future__ import annotations
@@ -46,9 +54,18 @@ class EncodedPair:
 
 
 class PairEncoder(Protocol):
+    """``encode(d, r) == join(description_part(d), record_part(r), r)``; the parts are what
+    a caller caches (one per description, one per record)."""
+
     name: str
 
     def encode(self, description: str, record: ActivationRecord) -> EncodedPair: ...
+
+    def description_part(self, description: str): ...
+
+    def record_part(self, record: ActivationRecord): ...
+
+    def join(self, described, recorded, record: ActivationRecord) -> EncodedPair: ...
 
 
 def simulator_input_text(description: str, record: ActivationRecord) -> str:
@@ -82,14 +99,21 @@ class CharOffsetEncoder:
     """Any backbone tokenizer (a fast one, for offsets): re-tokenize and align by characters."""
 
     name = "char_offsets"
+    PROBE = "x"  # the record text a description's split is checked with
 
     def __init__(self, tokenizer, max_length: int):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("alignment char_offsets needs a fast (Rust) tokenizer for character offsets")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self._lead, self._trail = _template_specials(tokenizer)
 
     def encode(self, description: str, record: ActivationRecord) -> EncodedPair:
+        return self.join(self.description_part(description), self.record_part(record), record)
+
+    def encode_whole(self, description: str, record: ActivationRecord) -> EncodedPair:
+        """The pair from its whole text tokenized at once: the reference the split parts
+        equal, and the fallback where they cannot."""
         shown = input_tokens(record)
         head = DESCRIPTION_HEAD + description_text(description) + INPUT_HEAD
         ids, offsets, special = self._tokenize(head + "".join(shown))
@@ -103,9 +127,37 @@ class CharOffsetEncoder:
         read_at[read_at >= self.max_length] = NOT_READ  # an input longer than max_length loses its tail
         return EncodedPair(tuple(ids[: self.max_length]), read_at)
 
-    def _tokenize(self, text: str):
+    def description_part(self, description: str) -> _DescribedText:
+        text = DESCRIPTION_HEAD + description_text(description)
+        ids = self._tokenize(text, specials=False)[0]
+        probe = self._tokenize(text + INPUT_HEAD + self.PROBE)[0]
+        tail = self._tokenize(INPUT_HEAD + self.PROBE, specials=False)[0]
+        return _DescribedText(description, ids, probe == self._lead + ids + tail + self._trail)
+
+    def record_part(self, record: ActivationRecord) -> _RecordText:
+        shown = input_tokens(record)
+        text = INPUT_HEAD + "".join(shown)
+        ids, offsets, special = self._tokenize(text, specials=False)
+        read = last_subtoken_positions(token_spans(shown, start=len(INPUT_HEAD)), offsets, special,
+                                       input_start=len(INPUT_HEAD))
+        return _RecordText(ids, read)
+
+    def join(self, described: _DescribedText, recorded: _RecordText, record: ActivationRecord) -> EncodedPair:
+        head = described.ids
+        too_long = len(self._lead) + len(head) + len(recorded.ids) + len(self._trail) > self.max_length
+        if too_long or not described.splits:  # a description to cut (rare), or a tokenizer that merges here
+            return self.encode_whole(described.description, record)
+        ids = self._lead + head + recorded.ids + self._trail
+        shift = len(self._lead) + len(head)
+        read_at = np.full(len(record.tokens), NOT_READ, dtype=np.int64)
+        read_at[record.prefix_len :] = np.where(recorded.read != NOT_READ, recorded.read + shift, NOT_READ)
+        read_at[read_at >= self.max_length] = NOT_READ
+        return EncodedPair(tuple(ids[: self.max_length]), read_at)
+
+    def _tokenize(self, text: str, specials: bool = True):
         encoded = self.tokenizer(
-            text, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False
+            text, add_special_tokens=specials, return_offsets_mapping=True, return_special_tokens_mask=True,
+            verbose=False
         )
         return list(encoded["input_ids"]), list(encoded["offset_mapping"]), list(encoded["special_tokens_mask"])
 
@@ -117,6 +169,29 @@ class CharOffsetEncoder:
         keep = max(0, len(inside) - excess)
         cut = inside[keep] if keep < len(inside) else stop
         return head[:cut].rstrip() + INPUT_HEAD
+
+
+@dataclass(frozen=True, eq=False)
+class _DescribedText:
+    description: str
+    ids: list[int]  # DESCRIPTION_HEAD + the description, without the template's special tokens
+    splits: bool  # whether its tokens followed by a record's are the whole text's tokens
+
+
+@dataclass(frozen=True, eq=False)
+class _RecordText:
+    ids: list[int]  # INPUT_HEAD + the record's text after its prefix
+    read: np.ndarray  # per token after the prefix: its position among ids, or NOT_READ
+
+
+def _template_specials(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text ([CLS] / [SEP], a BOS)."""
+    bare = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("x", add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    return [], []  # never splits: every description's probe fails and the whole text is used
 
 
 class SubjectIdsEncoder:
@@ -131,8 +206,18 @@ class SubjectIdsEncoder:
         self.input_head_ids = list(tokenizer(INPUT_HEAD, add_special_tokens=False)["input_ids"])
 
     def encode(self, description: str, record: ActivationRecord) -> EncodedPair:
-        body = list(record.token_ids[record.prefix_len :])
-        described = self._description_ids(description)
+        return self.join(self.description_part(description), self.record_part(record), record)
+
+    def description_part(self, description: str) -> list[int]:
+        ids = list(self.tokenizer(DESCRIPTION_HEAD + description_text(description), add_special_tokens=True)["input_ids"])
+        while ids and ids[-1] in self._closing:
+            ids.pop()
+        return ids
+
+    def record_part(self, record: ActivationRecord) -> list[int]:
+        return [int(i) for i in record.token_ids[record.prefix_len :]]
+
+    def join(self, described: list[int], body: list[int], record: ActivationRecord) -> EncodedPair:
         room = self.max_length - len(body) - len(self.input_head_ids)
         if len(described) > room:  # cut the description, keeping its first (BOS) token
             described = described[: max(room, min(1, len(described)))]
@@ -142,12 +227,6 @@ class SubjectIdsEncoder:
         positions[positions >= self.max_length] = NOT_READ
         read_at[record.prefix_len :] = positions
         return EncodedPair(tuple((head + body)[: self.max_length]), read_at)
-
-    def _description_ids(self, description: str) -> list[int]:
-        ids = list(self.tokenizer(DESCRIPTION_HEAD + description_text(description), add_special_tokens=True)["input_ids"])
-        while ids and ids[-1] in self._closing:
-            ids.pop()
-        return ids
 
 
 PAIR_ENCODERS = {CharOffsetEncoder.name: CharOffsetEncoder, SubjectIdsEncoder.name: SubjectIdsEncoder}
@@ -173,18 +252,14 @@ def last_subtoken_positions(
     usable = [
         (i, s, e) for i, ((s, e), sp) in enumerate(zip(offsets, special_mask)) if not sp and e > s and s >= input_start
     ]
-    starts = np.array([s for _, s, _ in usable], dtype=np.int64)
-    ends = np.array([e for _, _, e in usable], dtype=np.int64)
-    index = np.array([i for i, _, _ in usable], dtype=np.int64)
     positions = np.full(len(spans), NOT_READ, dtype=np.int64)
-    if not usable:
+    if not usable or not len(spans):
         return positions
-    for j, (a, b) in enumerate(spans):
-        overlapping = np.nonzero((starts < b) & (ends > a))[0]
-        if overlapping.size:
-            positions[j] = index[overlapping[-1]]
-            continue
-        before = np.nonzero(starts < max(b, a + 1))[0]
-        if before.size:
-            positions[j] = index[before[-1]]
-    return positions
+    index, starts, ends = (np.array(column, dtype=np.int64) for column in zip(*usable))
+    a, b = (np.array(column, dtype=np.int64)[:, None] for column in zip(*spans))
+    overlapping = (starts < b) & (ends > a)  # (spans, usable backbone tokens)
+    before = starts < np.maximum(b, a + 1)
+    last = len(usable) - 1
+    positions = np.where(overlapping.any(1), index[last - overlapping[:, ::-1].argmax(1)],
+                         np.where(before.any(1), index[last - before[:, ::-1].argmax(1)], NOT_READ))
+    return positions.astype(np.int64)

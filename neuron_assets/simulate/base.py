@@ -31,6 +31,19 @@ class Simulator(Protocol):
         ...
 
 
+SimulationJob = tuple[Sequence[str], Sequence[ActivationRecord]]
+"""One feature's (descriptions, records), as :meth:`Simulator.simulate` takes them."""
+
+
+def simulate_many(simulator: Simulator, jobs: Sequence[SimulationJob]) -> list[SimulatedActivations]:
+    """``simulator.simulate`` of every job; a simulator with its own ``simulate_many`` (one
+    that batches pairs across features) gets them all at once."""
+    many = getattr(simulator, "simulate_many", None)
+    if many is not None:
+        return many(jobs)
+    return [simulator.simulate(descriptions, records) for descriptions, records in jobs]
+
+
 def expected_value(probabilities: np.ndarray) -> np.ndarray:
     """Expected activation under a distribution over the values 0..10 (last axis).
 

@@ -21,6 +21,7 @@ control-token display forms as added tokens), and ``simulator.json`` (:class:`Si
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -135,13 +136,26 @@ CLASS_HEADS: dict[str, ClassHead] = {head.name: head for head in (TokenClassific
 
 
 class FinetunedSimulator:
-    """Simulator ``finetuned``. Pairs are batched record-major, so all k candidates of a
-    feature share each forward pass with their exemplar (and fill it with more exemplars
-    when k < batch_size); ``batch_size=1`` is one pair per forward."""
+    """Simulator ``finetuned``.
+
+    :meth:`simulate_many` scores the pairs of many features in one go: each description and
+    each exemplar is encoded once (:meth:`PairEncoder.join` makes a pair from the two parts,
+    and parts are cached across calls, so val, test and the controls reuse an exemplar's),
+    the pairs of all features are sorted by length and cut into batches of at most
+    ``batch_tokens`` padded tokens (default ``batch_size x max_length``, what ``batch_size``
+    pairs of the longest input take), and every batch's predictions are gathered at the read
+    positions on the device, into one buffer that is copied to the host once per round of
+    jobs (:attr:`PAIRS_PER_ROUND`).
+    :meth:`simulate_pairwise` is the direct path (each pair from its whole text, batches of
+    ``batch_size`` in record-major order, one host copy per batch): the fast path gives its
+    numbers."""
 
     name = "finetuned"
+    PART_CACHE = 20_000  # descriptions and records whose encoded parts are kept
+    PAIRS_PER_ROUND = 16_384  # pairs encoded and predicted together (one host copy each round)
 
-    def __init__(self, model, tokenizer, spec: SimulatorSpec, device: torch.device, batch_size: int = 32):
+    def __init__(self, model, tokenizer, spec: SimulatorSpec, device: torch.device, batch_size: int = 32,
+                 batch_tokens: int | None = None):
         if spec.head not in CLASS_HEADS:
             raise SimulatorLoadError(f"unknown head '{spec.head}'; known: {', '.join(CLASS_HEADS)}")
         if spec.alignment not in ENCODERS:
@@ -151,9 +165,12 @@ class FinetunedSimulator:
         self.spec = spec
         self.device = device
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.head = CLASS_HEADS[spec.head]
         self.encoder: PairEncoder = ENCODERS[spec.alignment](tokenizer, spec.max_length)
         self.pad_id = _pad_id(tokenizer)
+        self._descriptions: OrderedDict = OrderedDict()
+        self._records: OrderedDict = OrderedDict()
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -252,16 +269,83 @@ class FinetunedSimulator:
 
     # -- simulating -----------------------------------------------------------------------
     def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
+        return self.simulate_many([(descriptions, records)])[0]
+
+    def simulate_many(self, jobs: Sequence[tuple[Sequence[str], Sequence[ActivationRecord]]]) -> list[SimulatedActivations]:
+        """:meth:`simulate` of every (descriptions, records) job, their pairs batched together
+        in rounds of about :attr:`PAIRS_PER_ROUND` pairs (whole jobs), which bound the host
+        memory the encoded pairs take."""
+        results: list[SimulatedActivations] = []
+        round_: list = []
+        pairs = 0
+        for job in jobs:
+            round_.append(job)
+            pairs += len(job[0]) * len(job[1])
+            if pairs >= self.PAIRS_PER_ROUND:
+                results += self._simulate_round(round_)
+                round_, pairs = [], 0
+        return results + (self._simulate_round(round_) if round_ else [])
+
+    def _simulate_round(self, jobs) -> list[SimulatedActivations]:
+        pairs: list[EncodedPair] = []
+        for descriptions, records in jobs:
+            described = [self._description_part(d) for d in descriptions]
+            for record in records:
+                recorded = self._record_part(record)
+                pairs += [self.encoder.join(part, recorded, record) for part in described]
+        flat = self._predict_read(pairs)
+        results, position, p = [], 0, 0
+        for descriptions, records in jobs:
+            result: SimulatedActivations = [[None] * len(records) for _ in descriptions]  # type: ignore[list-item]
+            for r, record in enumerate(records):
+                for d in range(len(descriptions)):
+                    read = pairs[p].read_at != NOT_READ
+                    values = np.zeros(len(record.tokens), dtype=np.float32)
+                    count = int(read.sum())
+                    values[read] = flat[position : position + count]
+                    result[d][r] = values
+                    position += count
+                    p += 1
+            results.append(result)
+        return results
+
+    def _predict_read(self, pairs: Sequence[EncodedPair]) -> np.ndarray:
+        """The expected activation at every read position of every pair, concatenated in
+        pair order: length-bucketed batches, gathered on the device, one copy to the host."""
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        counts = np.array([int((pair.read_at != NOT_READ).sum()) for pair in pairs], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        out = torch.zeros(int(counts.sum()), dtype=torch.float32, device=self.device)
+        lengths = np.array([len(pair.input_ids) for pair in pairs], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")  # longest first: the largest batch comes first
+        budget = self.batch_tokens or self.batch_size * self.spec.max_length
+        self.model.eval()
+        with torch.inference_mode():
+            for chosen in _length_buckets(order, lengths, budget):
+                batch = [pairs[i] for i in chosen]
+                input_ids, attention_mask = self.collate(batch)
+                probabilities = torch.softmax(self.head.class_logits(self.model, input_ids, attention_mask), dim=-1)
+                expected = (probabilities * torch.arange(NUM_CLASSES, device=probabilities.device)).sum(-1)
+                source, target = [], []
+                for row, (i, pair) in enumerate(zip(chosen, batch)):
+                    positions = pair.read_at[pair.read_at != NOT_READ]
+                    source.append(row * expected.shape[1] + positions)
+                    target.append(np.arange(starts[i], starts[i] + counts[i]))
+                out[self._to_device(np.concatenate(target))] = expected.reshape(-1)[self._to_device(np.concatenate(source))]
+        return out.cpu().numpy()
+
+    def simulate_pairwise(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
+        """The direct path (class doc): every pair encoded from its whole text, ``batch_size``
+        pairs per forward in record-major order, each batch's predictions copied to the host."""
+        encode = getattr(self.encoder, "encode_whole", self.encoder.encode)
         pairs = [(d, r) for r in range(len(records)) for d in range(len(descriptions))]
         result: SimulatedActivations = [[None] * len(records) for _ in descriptions]  # type: ignore[list-item]
-        encoded = {}
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
-            batch = [encoded.setdefault(p, self.encoder.encode(descriptions[p[0]], records[p[1]])) for p in chunk]
+            batch = [encode(descriptions[d], records[r]) for d, r in chunk]
             for (d, r), values in zip(chunk, self.predict(batch)):
                 result[d][r] = values
-            for p in chunk:
-                encoded.pop(p, None)
         return result
 
     def predict(self, batch: Sequence[EncodedPair]) -> list[np.ndarray]:
@@ -279,18 +363,32 @@ class FinetunedSimulator:
             out.append(values)
         return out
 
+    def _description_part(self, description: str):
+        return _cached(self._descriptions, description, lambda: self.encoder.description_part(description),
+                       self.PART_CACHE)
+
+    def _record_part(self, record: ActivationRecord):
+        key = (record.seq_id, record.prefix_len, tuple(record.tokens), tuple(record.token_ids))
+        return _cached(self._records, key, lambda: self.encoder.record_part(record), self.PART_CACHE)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":  # pinned, so the copy does not wait for the kernels queued before it
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def class_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head.class_logits(self.model, input_ids, attention_mask)
 
     def collate(self, batch: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded input ids and attention mask on the simulator's device."""
         width = max(len(pair.input_ids) for pair in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(batch), width), dtype=np.int64)
         for i, pair in enumerate(batch):
-            input_ids[i, : len(pair.input_ids)] = torch.tensor(pair.input_ids, dtype=torch.long)
+            input_ids[i, : len(pair.input_ids)] = pair.input_ids
             attention_mask[i, : len(pair.input_ids)] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
+        return self._to_device(input_ids), self._to_device(attention_mask)
 
 
 def load_checkpoint(directory: str | Path, input_format: str = "project", device: str = "auto", dtype: str = "auto",
@@ -317,6 +415,30 @@ CHECKPOINT_FORMATS = {
     "project": _load_project_checkpoint,  # ours: ## Neuron Description: ... ## Input: ..., see alignment.py
     "transluce": load_released_simulator,  # Transluce/llama_8b_simulator with its exact input, see transluce.py
 }
+
+
+def _length_buckets(order: np.ndarray, lengths: np.ndarray, budget: int):
+    """Runs of ``order`` (longest first) whose padded size, count x the first one's length,
+    stays within ``budget`` tokens (one pair alone may exceed it)."""
+    batch: list[int] = []
+    for i in order.tolist():
+        if batch and (len(batch) + 1) * lengths[batch[0]] > budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _cached(cache: OrderedDict, key, make, size: int):
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        while len(cache) > size:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
 
 
 def freeze_token_embeddings(model) -> bool:

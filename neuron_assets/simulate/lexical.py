@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -89,28 +90,44 @@ def named_terms(description: str | None) -> NamedTerms:
 
 def simulate_lexically(terms: NamedTerms, record: ActivationRecord) -> np.ndarray:
     predicted = np.zeros(len(record.tokens), dtype=np.float32)
-    if not terms.all:
+    everything = terms.all
+    if not everything:
         return predicted
-    start = record.prefix_len
-    words = _whole_words(record.tokens, start)
-    for position in range(start, len(record.tokens)):
-        predicted[position] = _token_level(record.tokens[position], words[position], terms)
+    levels: dict[tuple[str, str, str, str], float] = {}  # a token's shape -> its level, once per shape
+    for position, shape in enumerate(token_shapes(tuple(record.tokens), record.prefix_len), record.prefix_len):
+        level = levels.get(shape)
+        if level is None:
+            level = levels[shape] = _token_level(shape, everything, terms.words)
+        predicted[position] = level
     return predicted
 
 
-def _token_level(token: str, word: str, terms: NamedTerms) -> float:
-    folded = token.strip().casefold()
+@lru_cache(maxsize=4096)
+def token_shapes(tokens: tuple[str, ...], start: int) -> tuple[tuple[str, str, str, str], ...]:
+    """Per token from ``start``: what the rule compares with the terms (the token and the
+    whole word it is part of, case-folded and stripped, and their letters and digits), made
+    once per record: the k candidates of a feature and every scoring call share them."""
+    words = _whole_words(tokens, start)
+    shapes = []
+    for position in range(start, len(tokens)):
+        folded = tokens[position].strip().casefold()
+        word = words[position]
+        shapes.append((folded, "".join(WORD.findall(folded)), word.strip().casefold(),
+                       "".join(WORD.findall(word.casefold()))))
+    return tuple(shapes)
+
+
+def _token_level(shape: tuple[str, str, str, str], everything: frozenset[str], words: frozenset[str]) -> float:
+    folded, core, word, word_core = shape
     if not folded:
         return 0.0
-    core = "".join(WORD.findall(folded))
-    if folded in terms.all or (core and core in terms.all):
+    if folded in everything or (core and core in everything):
         return EXACT
     if not core:  # punctuation and symbols count only when quoted exactly
         return 0.0
-    word_core = "".join(WORD.findall(word.casefold()))
-    if word.strip().casefold() in terms.all or word_core in terms.all:
+    if word in everything or word_core in everything:
         return WHOLE_WORD
-    if any(_shares_stem(core, term) for term in terms.words):
+    if any(_shares_stem(core, term) for term in words):
         return STEM
     return 0.0
 

@@ -110,17 +110,25 @@ class PromptedSimulator:
         self.placeholder = placeholder
 
     def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
-        prompts = [all_at_once_prompt(d, r.tokens[r.prefix_len :], self.placeholder) for d in descriptions for r in records]
-        probabilities = self.source.value_probabilities(prompts)
-        result: SimulatedActivations = []
-        for i, _ in enumerate(descriptions):
-            row = []
-            for j, record in enumerate(records):
-                values = np.zeros(len(record.tokens), dtype=np.float32)
-                values[record.prefix_len :] = expected_value(probabilities[i * len(records) + j])
-                row.append(values)
-            result.append(row)
-        return result
+        return self.simulate_many([(descriptions, records)])[0]
+
+    def simulate_many(self, jobs: Sequence[tuple[Sequence[str], Sequence[ActivationRecord]]]) -> list[SimulatedActivations]:
+        """Every job's prompts go to the logprob source in one call (vLLM schedules them all)."""
+        prompts = [all_at_once_prompt(d, r.tokens[r.prefix_len :], self.placeholder)
+                   for descriptions, records in jobs for d in descriptions for r in records]
+        probabilities = iter(self.source.value_probabilities(prompts))
+        results = []
+        for descriptions, records in jobs:
+            result: SimulatedActivations = []
+            for _ in descriptions:
+                row = []
+                for record in records:
+                    values = np.zeros(len(record.tokens), dtype=np.float32)
+                    values[record.prefix_len :] = expected_value(next(probabilities))
+                    row.append(values)
+                result.append(row)
+            results.append(result)
+        return results
 
 
 # -- logprobs through the LLM client layer ----------------------------------------------------

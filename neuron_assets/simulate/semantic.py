@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -91,35 +92,67 @@ class SemanticSimulator:
 
     name = "semantic"
 
+    LAYOUT_CACHE = 20_000  # records whose unit layouts are kept
+
     def __init__(self, model: str = "builtin:all-MiniLM-L6-v2", device: str = "auto", batch_size: int = 64,
                  calibration: SemanticCalibration | None = None):
         self.encoder = sentence_encoder(model, device, batch_size)
         self.calibration = calibration or SemanticCalibration.shipped()
+        self._layouts: OrderedDict = OrderedDict()
 
     def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
         contextual = self.calibration.context_weight > 0
         return self.calibrated(self.similarities(descriptions, records, contextual), self.calibration)
 
+    def simulate_many(self, jobs: Sequence[tuple[Sequence[str], Sequence[ActivationRecord]]]) -> list[SimulatedActivations]:
+        """:meth:`simulate` of every job; the texts of all jobs are embedded first, in full batches."""
+        contextual = self.calibration.context_weight > 0
+        layouts = [self.layout(record) for _, records in jobs for record in records]
+        self._embed_units(layouts)
+        if contextual:
+            self.encoder.encode_records(layouts)
+        self.encoder.sentences([_description_text(d) for descriptions, _ in jobs for d in descriptions])
+        return [self.simulate(descriptions, records) for descriptions, records in jobs]
+
     def similarities(self, descriptions: Sequence[str], records: Sequence[ActivationRecord],
                      contextual: bool = True) -> RawSimilarities:
         """Everything before calibration, so a fit tries many calibrations on one pass.
         Without ``contextual`` the in-context similarities are zeros (not computed)."""
-        layouts = [unit_layout(record) for record in records]
-        units = sorted({u for layout in layouts for u in layout.unit_texts})
-        alone = dict(zip(units, self.encoder.sentences([u.casefold() for u in units]))) if units else {}
+        layouts = [self.layout(record) for record in records]
+        alone = self._embed_units(layouts)
         if contextual:
             self.encoder.encode_records(layouts)
         described = self.encoder.sentences([_description_text(d) for d in descriptions])
-        per_description = []
-        for d, vector in zip(descriptions, described):
-            per_record = []
-            for layout in layouts:
-                iso = np.array([float(alone[u] @ vector) for u in layout.unit_texts], dtype=np.float64)
-                ctx = (self.encoder.unit_states(layout) @ vector).astype(np.float64) if contextual and iso.size \
-                    else np.zeros(iso.size)
-                per_record.append((iso, ctx))
-            per_description.append((per_record, quoted_predictions(d, records)))
+        vectors = np.stack(described) if described else np.zeros((0, 1), dtype=np.float32)
+        per_record = []  # (units, descriptions) similarities of each record, alone and in context
+        for layout in layouts:
+            if not layout.unit_texts:
+                empty = np.zeros((0, len(descriptions)))
+                per_record.append((empty, empty))
+                continue
+            iso = (np.stack([alone[u] for u in layout.unit_texts]) @ vectors.T).astype(np.float64)
+            ctx = (self.encoder.unit_states(layout) @ vectors.T).astype(np.float64) if contextual else np.zeros(iso.shape)
+            per_record.append((iso, ctx))
+        per_description = [([(iso[:, d], ctx[:, d]) for iso, ctx in per_record], quoted_predictions(description, records))
+                           for d, description in enumerate(descriptions)]
         return RawSimilarities(layouts, per_description)
+
+    def layout(self, record: ActivationRecord) -> UnitLayout:
+        """The record's :func:`unit_layout`, kept for the next call that has the record."""
+        key = (record.prefix_len, tuple(record.tokens))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = unit_layout(record)
+            while len(self._layouts) > self.LAYOUT_CACHE:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        return layout
+
+    def _embed_units(self, layouts: Sequence[UnitLayout]) -> dict[str, np.ndarray]:
+        """Unit text -> its vector embedded alone (casefolded), for every unit of ``layouts``."""
+        units = sorted({u for layout in layouts for u in layout.unit_texts})
+        return dict(zip(units, self.encoder.sentences([u.casefold() for u in units]))) if units else {}
 
     @staticmethod
     def calibrated(raw: RawSimilarities, calibration: SemanticCalibration) -> SimulatedActivations:

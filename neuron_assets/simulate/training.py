@@ -56,7 +56,7 @@ from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConf
 from neuron_assets.score import pearson_over_tokens
 from neuron_assets.score.select import derangement
 from neuron_assets.simulate.alignment import NOT_READ
-from neuron_assets.simulate.base import NUM_CLASSES, discretize
+from neuron_assets.simulate.base import NUM_CLASSES, discretize, simulate_many
 from neuron_assets.simulate.finetuned import FinetunedSimulator, freeze_token_embeddings
 from neuron_assets.simulate.folds import fold_of
 from neuron_assets.store import atomic_path, set_aside
@@ -637,11 +637,10 @@ def _targets(pair, labels: np.ndarray) -> np.ndarray:
 def heldout_correlation(simulator, features: Sequence[FeatureRows]) -> HeldoutCorrelation:
     """Mean correlation over features with their own description, and with their control's."""
     described, shuffled = [], []
-    for feature in features:
-        records = [e.record for e in feature.examples]
+    jobs = [([feature.description or ""] + ([feature.control_description] if feature.control_description else []),
+             [e.record for e in feature.examples]) for feature in features]
+    for (_, records), simulated in zip(jobs, simulate_many(simulator, jobs)):  # all features' pairs batched together
         truths = [r.activations[r.prefix_len :] for r in records]
-        descriptions = [feature.description or ""] + ([feature.control_description] if feature.control_description else [])
-        simulated = simulator.simulate(descriptions, records)
         scores = [pearson_over_tokens([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
         described.append(scores[0])
         if len(scores) > 1:
@@ -653,10 +652,9 @@ def heldout_correlation(simulator, features: Sequence[FeatureRows]) -> HeldoutCo
 def rerank_candidates(simulator, features: Sequence[FeatureRows], exemplars: int) -> dict[FeatureId, str]:
     """Each feature's candidate with the highest correlation on its first ``exemplars`` exemplars."""
     best = {}
-    for feature in features:
-        records = [e.record for e in feature.examples[:exemplars]]
+    jobs = [(list(feature.candidates), [e.record for e in feature.examples[:exemplars]]) for feature in features]
+    for feature, (_, records), simulated in zip(features, jobs, simulate_many(simulator, jobs)):
         truths = [r.activations[r.prefix_len :] for r in records]
-        simulated = simulator.simulate(list(feature.candidates), records)
         scores = [pearson_over_tokens([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
         best[feature.feature] = feature.candidates[int(np.argmax(scores))]
     return best

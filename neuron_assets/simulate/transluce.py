@@ -102,8 +102,21 @@ class TransluceEncoder:
         self.first_added = vocab[PAD_TOKEN]  # subject ids at or above it come from another tokenizer
 
     def encode(self, description: str, record: ActivationRecord) -> EncodedPair:
-        body, last = self.body_ids(record)
-        head = self.head_ids(description, room=self.max_length - len(body))
+        return self.join(self.description_part(description), self.record_part(record), record)
+
+    def description_part(self, description: str) -> dict:
+        """The description's head ids by the room left to them (filled as pairs need them)."""
+        return {"description": description}
+
+    def record_part(self, record: ActivationRecord) -> tuple[list[int], np.ndarray]:
+        return self.body_ids(record)
+
+    def join(self, described: dict, recorded: tuple[list[int], np.ndarray], record: ActivationRecord) -> EncodedPair:
+        body, last = recorded
+        room = self.max_length - len(body)
+        head = described.get(room)
+        if head is None:
+            head = described[room] = self.head_ids(described["description"], room=room)
         ids = [self.remap.get(i, i) for i in head + body]
         read_at = np.full(len(record.tokens), NOT_READ, dtype=np.int64)
         own = last[record.prefix_len :]
