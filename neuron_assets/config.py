@@ -266,6 +266,10 @@ class ExplainConfig(Section):
     Face path (vllm, transformers). Required by every backend but statistical."""
     k: int = Field(4, ge=1)
     """Candidate descriptions per feature and polarity (best-of-k)."""
+    features_per_call: int = Field(256, ge=1)
+    """Features whose k prompts go to the explainer in one call (held in memory together). A
+    vLLM engine keeps its batch full within a call and then waits for the call's slowest
+    answer, so on a GPU make it large (the Llama config sends 4,096 features, 40,960 prompts)."""
     prompt_format: PromptFormat = PromptFormat.HIGHLIGHT
     """How exemplars are shown: highlight, token_activation or contrastive; or
     transluce_distilled, the exact prompt of Transluce's distilled explainer

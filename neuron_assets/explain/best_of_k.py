@@ -53,7 +53,6 @@ CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
     "failure": pl.String,  # null when a description was made
     "attempts": pl.Int16,
 }
-FEATURES_PER_ROUND = 256  # features whose prompts are held in memory at once
 MIN_EXCERPT_TOKENS = 8  # an exemplar is never cut shorter than this to fit the context window
 CORPUS_SAMPLE = 20_000  # train sequences read for word frequencies and puzzles
 
@@ -103,10 +102,10 @@ def explain_features(
             if on_candidates is not None:
                 on_candidates(n)
 
-        for start in range(0, len(features), FEATURES_PER_ROUND):
+        for start in range(0, len(features), config.features_per_call):
             planned = [
                 plan_candidate(feature, candidate, config, builder, puzzles, display, explainer)
-                for feature in features[start : start + FEATURES_PER_ROUND]
+                for feature in features[start : start + config.features_per_call]
                 for candidate in range(config.k)
             ]
             requests = [p for p in planned if isinstance(p, ExplainRequest)]
