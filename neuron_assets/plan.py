@@ -410,7 +410,9 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
                                     int(params * 2 if method == "full fine-tune" else params * 0.01 * 2), note=(
                                         f"{train_pairs:,} pairs over {training.folds} fold simulators; {method} with gradient "
                                         f"checkpointing (a full fine-tune with fp32 master weights and Adam needs {full / gb:.0f} GB)")))
-        sim_batch = sim.finetuned.batch_size
+        # pairs are batched up to batch_size x max_length padded tokens (simulate.finetuned.batch_size)
+        pair_tokens = DESCRIPTION_TOKENS + seq_len
+        sim_batch = max(sim.finetuned.batch_size, sim.finetuned.batch_size * sim.finetuned.max_length // pair_tokens)
         stages.append(StagePlan("simulation (scoring)", params * 2 + backbone.forward_workspace_bytes(
             sim_batch, DESCRIPTION_TOKENS + seq_len, 2), eval_tokens * 2 * params / flops_per_s / 3600,
             eval_pairs // max(1, score.top_exemplars + score.random_exemplars) * 64,
