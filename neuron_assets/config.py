@@ -131,6 +131,11 @@ class CorpusConfig(Section):
     """At most this many non-overlapping windows are cut from one document."""
     seed: int = 0
     """Seed for window choice, shuffling and splitting."""
+    tokenize_workers: int = Field(0, ge=0)
+    """Processes that tokenize batches of documents beside the one that cuts windows; 0
+    tokenizes in the building process (a fast tokenizer's batch call already uses every
+    core). Workers pay on many cores, where turning tokens into arrays becomes the limit;
+    the output is the same for any value."""
 
     @model_validator(mode="after")
     def _one_prefix(self) -> "CorpusConfig":

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 DATA_FILE = "data.parquet"
@@ -76,6 +77,17 @@ class Store:
         target = self.path(table, layer, polarity)
         with atomic_path(target) as tmp:
             frame.write_parquet(tmp, compression="zstd", statistics=True)
+        return target
+
+    def write_batches(self, table: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+                      layer: int | None = None, polarity: str | None = None) -> Path:
+        """Write a table from Arrow record batches, one Parquet row group each, without
+        holding the table in memory; atomically, like :meth:`write`."""
+        target = self.path(table, layer, polarity)
+        with atomic_path(target) as tmp:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                for batch in batches:
+                    writer.write_batch(batch, row_group_size=max(batch.num_rows, 1))
         return target
 
     def read(self, table: str, layer: int | None = None, polarity: str | None = None) -> pl.DataFrame:
