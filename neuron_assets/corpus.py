@@ -56,7 +56,7 @@ def build_sequences(config: CorpusConfig, tokenizer) -> pl.DataFrame:
     return pl.from_arrow(pa.Table.from_batches(list(corpus.batches()), schema=corpus.schema()))
 
 
-def plan_corpus(config: CorpusConfig, tokenizer) -> "Corpus":
+def plan_corpus(config: CorpusConfig, tokenizer) -> Corpus:
     """Read and tokenize every source, cut windows, and choose each split's sequences and
     their order; the rows themselves are made in row groups by :meth:`Corpus.batches`."""
     if config.chat_prefix is not None:
@@ -134,7 +134,7 @@ class Corpus:
     """The chosen sequences, held as flat numpy buffers (int32 token ids; each window's text
     as UTF-8 bytes with its tokens' ends), in table order; :meth:`batches` makes the rows."""
 
-    def __init__(self, windows: "_Windows", order: np.ndarray, split_of_row: np.ndarray, sources: list[str],
+    def __init__(self, windows: _Windows, order: np.ndarray, split_of_row: np.ndarray, sources: list[str],
                  prefix_ids: list[int], prefix_tokens: list[str]):
         self.windows, self.order, self.split_of_row = windows, order, split_of_row
         self.sources = np.asarray(sources, dtype=object)
@@ -297,7 +297,7 @@ class _Windows:
     source: np.ndarray  # int16, the source's place in corpus.sources
 
     @staticmethod
-    def concatenate(parts: list["_Windows"]) -> "_Windows":
+    def concatenate(parts: list[_Windows]) -> _Windows:
         def offsets(name: str, sizes: str) -> np.ndarray:
             shift = np.cumsum([0] + [len(getattr(p, sizes)) for p in parts[:-1]])
             return np.concatenate([getattr(p, name)[:-1] + s for p, s in zip(parts, shift)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterable, Iterator
 
 import numpy as np
 

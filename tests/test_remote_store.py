@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+import duckdb
 import fsspec
 import polars as pl
 import pytest
@@ -36,7 +37,7 @@ def test_a_partition_round_trips_on_memory_fs_and_a_view_reads_it(memory_store, 
     with store.connect() as con:
         assert con.execute("select layer, polarity, count(*), max(extreme) from neuron_stats group by all").fetchall() \
             == [(2, "neg", 3, 1.0)]
-        with pytest.raises(Exception):  # the contained connection reads the store and nothing else
+        with pytest.raises(duckdb.Error):  # the contained connection reads the store and nothing else
             con.execute(f"select * from read_parquet('{tmp_path}/x.parquet')")
     assert "neuron_stats" in store.views()
     assert not store.fs.exists(f"{store.root}/catalog.duckdb"), "the views are built in memory, nothing written there"
@@ -60,7 +61,7 @@ def test_a_failed_remote_write_leaves_the_old_table(memory_store):
 
 
 def test_the_writer_lock_is_a_warned_no_op_on_object_storage(memory_store):
-    with pytest.warns(UserWarning, match="file locks cannot work on object storage"):
-        with writer_lock(memory_store.root, "run-1", ["corpus"]) as record:
-            assert record["run_id"] == "run-1"
+    with pytest.warns(UserWarning, match="file locks cannot work on object storage"), \
+            writer_lock(memory_store.root, "run-1", ["corpus"]) as record:
+        assert record["run_id"] == "run-1"
     assert not memory_store.fs.exists(f"{memory_store.root}/locks")
