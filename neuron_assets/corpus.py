@@ -21,6 +21,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ def plan_corpus(config: CorpusConfig, tokenizer) -> Corpus:
         raise CorpusError("corpus.sources names must be unique")
 
     per_split = config.sequences_per_split
-    encoder = make_encoder(tokenizer, config.tokenize_workers)
+    encoder = make_encoder(tokenizer, tokenize_workers(config))
     by_source: dict[str, _SourceWindows] = {}
     for source in config.sources:
         # A margin beyond the exact need lets whole documents fill every split exactly.
@@ -485,6 +486,18 @@ def _chat_text(messages, source, doc_id, tokenizer) -> str:
 
 
 # -- tokenizers: in this process or in a pool of workers -----------------------------------
+
+
+AUTO_WORKERS_FROM = 30_000  # sequences in all: below, starting workers costs more than it saves
+
+
+def tokenize_workers(config: CorpusConfig) -> int:
+    """The worker processes corpus.tokenize_workers asks for (see its docs for auto)."""
+    if config.tokenize_workers != "auto":
+        return int(config.tokenize_workers)
+    if config.sequences_per_split * len(Split) < AUTO_WORKERS_FROM:
+        return 0
+    return min(os.cpu_count() or 1, 8)
 
 
 def make_encoder(tokenizer, workers: int = 0):
