@@ -137,7 +137,8 @@ class CorpusConfig(Section):
     for the tokenizing itself). auto: one per core (at most 8) for a corpus of 30,000
     sequences or more, else 0, since starting workers costs seconds. On 2 cores, 2 workers
     built 100,000 sequences 1.6x faster than 0 (bench/corpus.py). The table is the same for
-    any value."""
+    any value. Workers are spawned: a script of your own that builds a corpus with them needs
+    the usual ``if __name__ == "__main__":`` guard."""
 
     @model_validator(mode="after")
     def _one_prefix(self) -> "CorpusConfig":
