@@ -42,7 +42,19 @@ def writer_lock(root: str | os.PathLike, run_id: str, scopes: Iterable[str], com
     """Hold the writer locks of ``scopes`` (see :func:`scope`) for the block; yields the holder
     record. With ``wait_s``, locks held by another live run are waited for (up to that many
     seconds in all, ``on_wait(message)`` told once) instead of refused: two Dagster runs over
-    the same partition, or over a one-file table, must queue, not fail."""
+    the same partition, or over a one-file table, must queue, not fail.
+
+    On a store on a URL (object storage) no lock file can exclude anyone (no exclusive
+    create, no pid to check): the lock is a no-op with a warning, and Dagster's partitions
+    and run coordination (one run per partition, a run queue) are what keep writers apart."""
+    from neuron_assets.store import is_url
+
+    if is_url(root):
+        warnings.warn(f"no writer locks on {root}: file locks cannot work on object storage; "
+                      "run one writer per partition (Dagster's run queue and partitions keep writers apart)",
+                      stacklevel=3)
+        yield _record(run_id, command)
+        return
     root = Path(root)
     record = _record(run_id, command)
     deadline = time.monotonic() + wait_s

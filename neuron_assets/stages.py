@@ -31,7 +31,7 @@ from typing import Callable
 import polars as pl
 
 from neuron_assets.config import Config
-from neuron_assets.corpus import build_sequences
+from neuron_assets.corpus import plan_corpus
 from neuron_assets.exemplars import (
     NEURON_KIND,
     SAE_KIND,
@@ -91,8 +91,10 @@ class Written:
 def make_corpus(config: Config, run_id: str) -> Written:
     validate_config(config)  # every check that needs no tokenizing, before any
     tokenizer = load_tokenizer(config.subject)
-    frame = with_lineage(build_sequences(config.corpus, tokenizer), config.subject.model, config.hash, run_id)
-    return Written(SEQUENCES_TABLE, Store(config.root).write(SEQUENCES_TABLE, frame), frame.height)
+    corpus = plan_corpus(config.corpus, tokenizer)
+    lineage = {"model": config.subject.model, "config_hash": config.hash, "run_id": run_id}
+    path = Store(config.root).write_batches(SEQUENCES_TABLE, corpus.schema(lineage), corpus.batches(lineage=lineage))
+    return Written(SEQUENCES_TABLE, path, corpus.rows)
 
 
 @dataclass(frozen=True)

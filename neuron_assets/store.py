@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 DATA_FILE = "data.parquet"
@@ -48,14 +49,38 @@ class MissingTableError(LookupError):
 
 
 class Store:
+    """The store under a local folder, or under a URL (``s3://bucket/prefix``, ``memory://...``:
+    any fsspec filesystem; see :func:`is_url`). On a URL the tables are read and written
+    through fsspec, each write to a temporary key moved onto its target (see
+    docs/deploy_k8s.md for what object stores guarantee); there is no catalog.duckdb there:
+    every reader builds the views in memory over the URLs; checkpoints stay on local disk."""
+
     def __init__(self, root: str | os.PathLike):
+        if is_url(root):
+            import fsspec
+
+            self.fs, self._base = fsspec.core.url_to_fs(str(root))
+            self.root = str(root).rstrip("/")
+            self.data_dir = f"{self.root}/data"
+            self.catalog_path = None
+            self.checkpoint_dir = local_scratch(self.root) / "checkpoints"
+            return
+        self.fs = None
         self.root = Path(root)
         self.data_dir = self.root / "data"
         self.catalog_path = self.root / "catalog.duckdb"
         self.checkpoint_dir = self.root / "checkpoints"
 
+    @property
+    def remote(self) -> bool:
+        return self.fs is not None
+
     # -- paths -------------------------------------------------------------------------
     def path(self, table: str, layer: int | None = None, polarity: str | None = None) -> Path:
+        if self.remote:
+            parts = [self.data_dir, table] + ([f"layer={layer}"] if layer is not None else []) \
+                + ([f"polarity={polarity}"] if polarity is not None else []) + [DATA_FILE]
+            return "/".join(parts)
         folder = self.data_dir / table
         if layer is not None:
             folder = folder / f"layer={layer}"
@@ -66,6 +91,11 @@ class Store:
     def partitions(self, table: str) -> list[tuple[int, str]]:
         """(layer, polarity) of every partition file a table has."""
         found = []
+        if self.remote:
+            for path in self.fs.glob(f"{self.data_dir}/{table}/layer=*/polarity=*/{DATA_FILE}"):
+                layer, polarity = path.split("/")[-3:-1]
+                found.append((int(layer.split("=", 1)[1]), polarity.split("=", 1)[1]))
+            return sorted(found)
         for path in sorted((self.data_dir / table).glob(f"layer=*/polarity=*/{DATA_FILE}")):
             layer = int(path.parent.parent.name.split("=", 1)[1])
             found.append((layer, path.parent.name.split("=", 1)[1]))
@@ -74,21 +104,49 @@ class Store:
     # -- reading and writing -------------------------------------------------------------
     def write(self, table: str, frame: pl.DataFrame, layer: int | None = None, polarity: str | None = None) -> Path:
         target = self.path(table, layer, polarity)
+        if self.remote:
+            with remote_atomic_key(self.fs, target) as tmp, self.fs.open(tmp, "wb") as handle:
+                frame.write_parquet(handle, compression="zstd", statistics=True)
+            return target
         with atomic_path(target) as tmp:
             frame.write_parquet(tmp, compression="zstd", statistics=True)
         return target
 
+    def write_batches(self, table: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+                      layer: int | None = None, polarity: str | None = None) -> Path:
+        """Write a table from Arrow record batches, one Parquet row group each, without
+        holding the table in memory; atomically, like :meth:`write`."""
+        target = self.path(table, layer, polarity)
+
+        def write(where) -> None:
+            with pq.ParquetWriter(where, schema, compression="zstd") as writer:
+                for batch in batches:
+                    writer.write_batch(batch, row_group_size=max(batch.num_rows, 1))
+
+        if self.remote:
+            with remote_atomic_key(self.fs, target) as tmp, self.fs.open(tmp, "wb") as handle:
+                write(handle)
+            return target
+        with atomic_path(target) as tmp:
+            write(tmp)
+        return target
+
     def read(self, table: str, layer: int | None = None, polarity: str | None = None) -> pl.DataFrame:
         path = self.path(table, layer, polarity)
-        if not path.exists():
+        if not self.exists(table, layer, polarity):
             where = "" if layer is None else f" for layer {layer}" + ("" if polarity is None else f", polarity {polarity}")
             raise MissingTableError(
                 f"no '{table}' table{where} under {self.data_dir}; materialize it first "
                 f"(neuron-assets run, or the '{table}' asset in the Dagster UI)"
             )
+        if self.remote:
+            with self.fs.open(path, "rb") as handle:
+                return pl.read_parquet(handle)
         return pl.read_parquet(path)
 
     def exists(self, table: str, layer: int | None = None, polarity: str | None = None) -> bool:
+        if self.remote:
+            return self.fs.exists(self.path(table, layer, polarity))
         return self.path(table, layer, polarity).exists()
 
     # -- the DuckDB catalog --------------------------------------------------------------
@@ -102,6 +160,10 @@ class Store:
         still answer. The catalog also records the root it was built for: a copied or moved
         root is rebuilt on its next read instead of answering from the old place.
         """
+        if self.remote:  # nothing is written: readers build the views in memory
+            with duckdb.connect(":memory:") as con:
+                con.register_filesystem(self.fs)
+                return self._create_views(con)
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.catalog_path) as tmp:
             con = duckdb.connect(str(tmp))
@@ -135,7 +197,10 @@ class Store:
                                                  "autoload_known_extensions": False,
                                                  "allow_community_extensions": False})
         try:
-            if self._attached_catalog_stale(con):
+            if self.remote:
+                con.register_filesystem(self.fs)
+                self._create_views(con)
+            elif self._attached_catalog_stale(con):
                 try:
                     self.build_catalog()
                     self._attach_catalog(con)
@@ -143,7 +208,7 @@ class Store:
                     self._create_views(con)
             for name in extensions:
                 con.execute(f"LOAD {_sql_string(pinned_extension_path(name))}")
-            con.execute(f"SET allowed_directories = [{_sql_string(self._data_dir_resolved().as_posix() + '/')}]")
+            con.execute(f"SET allowed_directories = [{_sql_string(self._data_text() + '/')}]")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         except BaseException:
@@ -154,6 +219,8 @@ class Store:
     def catalog_stale(self) -> bool:
         """True when the catalog is missing, was built for another root, or its record of the
         data files (path, size, modification time) differs from the files there now."""
+        if self.remote:
+            return True  # never written: built in memory by every reader
         with duckdb.connect(":memory:") as con:
             return self._attached_catalog_stale(con)
 
@@ -189,20 +256,47 @@ class Store:
         with self.connect() as con:
             rows = con.execute("SELECT table_name, path, layer, polarity, problem FROM store_files "
                                "WHERE problem IS NOT NULL ORDER BY path").fetchall()
-        return [DamagedFile(table, self.root / path, layer, polarity, problem) for table, path, layer, polarity, problem in rows]
+        return [DamagedFile(table, f"{self.root}/{path}" if self.remote else self.root / path, layer, polarity, problem) for table, path, layer, polarity, problem in rows]
 
     def check_readable(self, table: str, layer: int | None = None, polarity: str | None = None) -> DamagedFile | None:
         """The file of a table (partition) as a DamagedFile when its Parquet footer cannot be
         read; None when it reads (or is not written yet)."""
         path = self.path(table, layer, polarity)
-        problem = parquet_problem(path) if path.exists() else None
+        problem = parquet_problem(path, self.fs) if self.exists(table, layer, polarity) else None
         return None if problem is None else DamagedFile(table, path, layer, polarity, problem)
 
     def _data_dir_resolved(self) -> Path:
         return self.data_dir.resolve()
 
+    def _data_text(self) -> str:
+        """The data folder as the views name it: a resolved local path, or the URL."""
+        return self.data_dir if self.remote else self._data_dir_resolved().as_posix()
+
+    def _root_text(self) -> str:
+        return self.root if self.remote else self.root.resolve().as_posix()
+
+    def _remote_data_files(self) -> list[DataFile]:
+        found = []
+        base = self._base.rstrip("/")
+        for key in sorted(self.fs.find(self.data_dir)):
+            if not key.endswith("/" + DATA_FILE):
+                continue
+            relative = key[len(base):].lstrip("/")
+            parts = dict(part.split("=", 1) for part in relative.split("/")[2:-1] if "=" in part)
+            layer = int(parts["layer"]) if parts.get("layer", "").isdigit() else None
+            info = self.fs.info(key)
+            try:
+                modified_ns = int(self.fs.modified(key).timestamp() * 1e9)
+            except (NotImplementedError, AttributeError, OSError):
+                modified_ns = 0
+            found.append(DataFile(f"{self.root}/{relative}", relative, relative.split("/")[1], layer,
+                                  parts.get("polarity"), int(info.get("size") or 0), modified_ns))
+        return found
+
     def data_files(self) -> list[DataFile]:
         """Every data file under data/, with its table, partition, size and modification time."""
+        if self.remote:
+            return self._remote_data_files() if self.fs.exists(self.data_dir) else []
         found = []
         if not self.data_dir.is_dir():
             return found
@@ -220,9 +314,9 @@ class Store:
         """Record the root and the data files (each checked), then create the views over the
         readable files; returns the names of the views created."""
         files = self.data_files()
-        problems = {entry.path: parquet_problem(entry.path) for entry in files}
+        problems = {entry.path: parquet_problem(entry.path, self.fs) for entry in files}
         con.execute("CREATE TABLE store_info (root VARCHAR, built_at TIMESTAMPTZ)")
-        con.execute("INSERT INTO store_info VALUES (?, now())", [self.root.resolve().as_posix()])
+        con.execute("INSERT INTO store_info VALUES (?, now())", [self._root_text()])
         con.execute("CREATE TABLE store_files (table_name VARCHAR, layer INTEGER, polarity VARCHAR, path VARCHAR, "
                     "bytes BIGINT, modified_ns BIGINT, problem VARCHAR)")
         if files:
@@ -233,7 +327,7 @@ class Store:
         damaged_tables = {entry.table for entry in files if problems[entry.path]}
         readable = {table: [entry.path for entry in files if entry.table == table and not problems[entry.path]]
                     for table in damaged_tables}
-        data = self._data_dir_resolved().as_posix()
+        data = self._data_text()
 
         def source(match: re.Match) -> str:
             # The view's glob, except that a table with a damaged file lists its readable files.
@@ -374,10 +468,15 @@ class DataFile:
     modified_ns: int
 
 
-def parquet_problem(path: Path) -> str | None:
-    """Why a Parquet file cannot be read (its footer and schema), or None when it can."""
+def parquet_problem(path: Path | str, fs=None) -> str | None:
+    """Why a Parquet file cannot be read (its footer and schema), or None when it can;
+    ``fs``: the fsspec filesystem of a URL."""
     try:
-        pq.read_metadata(path)
+        if fs is not None:
+            with fs.open(path, "rb") as handle:
+                pq.read_metadata(handle)
+        else:
+            pq.read_metadata(path)
     except Exception as err:  # pyarrow raises several types for a torn or foreign file
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
     return None
@@ -385,6 +484,40 @@ def parquet_problem(path: Path) -> str | None:
 
 def _sql_string(value) -> str:
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def is_url(root) -> bool:
+    """A root on an fsspec filesystem (``s3://``, ``gs://``, ``memory://``, ...) rather than a
+    local folder; ``file://`` and plain paths are local."""
+    text = str(root)
+    return "://" in text and not text.startswith("file://") and not isinstance(root, Path)
+
+
+def local_scratch(url: str) -> Path:
+    """A local folder for what a store on a URL keeps on disk (checkpoints): under
+    $NEURON_ASSETS_SCRATCH, else the system's temporary folder, one per URL."""
+    import hashlib
+
+    base = Path(os.environ.get("NEURON_ASSETS_SCRATCH") or tempfile.gettempdir()) / "neuron_assets-scratch"
+    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def remote_atomic_key(fs, target: str) -> Iterator[str]:
+    """A temporary key beside ``target`` on an fsspec filesystem, moved onto it only if the
+    block succeeds (and removed if it fails). On an object store each object appears whole
+    when its upload completes, and the move is a server-side copy then a delete: a reader
+    sees the old object or the new one, never a part, and a failed write leaves no target."""
+    import uuid
+
+    folder, name = target.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        yield tmp
+        fs.mv(tmp, target)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
 
 
 @contextmanager

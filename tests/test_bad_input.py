@@ -333,7 +333,7 @@ def test_checks_run_before_the_corpus_is_tokenized(tiny_config, tmp_path, monkey
         raise AssertionError("the corpus was tokenized before the config was checked")
 
     monkeypatch.setattr(stages, "load_tokenizer", no_tokenizing)
-    monkeypatch.setattr(stages, "build_sequences", no_tokenizing)
+    monkeypatch.setattr(stages, "plan_corpus", no_tokenizing)
     with pytest.raises(error) as raised:
         make_corpus(load_config(tiny_config(**overrides)), "run-1")
     for word in words:

@@ -36,7 +36,7 @@ def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, run:
         if written is not None:
             stage.complete(None, [written.path])
     store = Store(config.root)
-    sizes = store.read("sequences").group_by("split", "source").len().sort("split", "source")
+    sizes = pl.scan_parquet(store.path("sequences")).group_by("split", "source").len().sort("split", "source").collect()
     per_split = sizes.group_by("split").agg(pl.col("len").sum())["len"].to_list()
     return dg.MaterializeResult(
         metadata={

@@ -6,6 +6,7 @@ import dagster as dg
 
 from neuron_assets.config import load_config
 from neuron_assets.defs.assets import corpus, exemplar_assets
+from neuron_assets.defs.executor import select_executor
 from neuron_assets.defs.explain_assets import ExplainerResource, explain_assets
 from neuron_assets.defs.partitions import layer_polarity_partitions
 from neuron_assets.defs.report_assets import neuron_report
@@ -22,9 +23,11 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     config = load_config(config_path)
     partitions = layer_polarity_partitions(config)
     scoring = score_definitions(partitions, config)
+    assets = [corpus, *exemplar_assets(partitions, config), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
+              neuron_report, *search_assets(partitions), *sae_assets(config)]
     return dg.Definitions(
-        assets=[corpus, *exemplar_assets(partitions, config), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
-                neuron_report, *search_assets(partitions), *sae_assets(config)],
+        assets=assets,
+        executor=select_executor(config, assets),
         jobs=scoring["jobs"],
         schedules=scoring["schedules"],
         sensors=scoring["sensors"],

@@ -1,0 +1,67 @@
+"""A store on a non-local fsspec filesystem (issue 9, part 7): tables round-trip, the DuckDB
+views read them, writes are atomic, and the writer lock says it cannot lock there."""
+
+from __future__ import annotations
+
+import uuid
+
+import duckdb
+import fsspec
+import polars as pl
+import pytest
+
+from neuron_assets.lock import writer_lock
+from neuron_assets.store import Store, is_url
+
+
+@pytest.fixture
+def memory_store():
+    root = f"memory://stores/{uuid.uuid4().hex}"
+    yield Store(root)
+    memory = fsspec.filesystem("memory")
+    if memory.exists(root):
+        memory.rm(root, recursive=True)
+
+
+def test_a_partition_round_trips_on_memory_fs_and_a_view_reads_it(memory_store, tmp_path):
+    store = memory_store
+    assert store.remote and is_url(store.root) and not is_url(tmp_path) and not is_url(str(tmp_path))
+    frame = pl.DataFrame({"neuron": [3, 1, 2], "seq_id": [7, 8, 9], "split": ["train", "val", "test"],
+                          "extreme": [0.5, 0.25, 1.0]})
+    path = store.write("neuron_stats", frame, layer=2, polarity="neg")
+    assert path.startswith("memory://") and path.endswith("/data/neuron_stats/layer=2/polarity=neg/data.parquet")
+    assert store.read("neuron_stats", 2, "neg").equals(frame)
+    assert store.exists("neuron_stats", 2, "neg") and not store.exists("neuron_stats", 3, "neg")
+    assert store.partitions("neuron_stats") == [(2, "neg")]
+    assert not [key for key in store.fs.find(store.root) if key.endswith(".tmp")], "no temporary key is left"
+    with store.connect() as con:
+        assert con.execute("select layer, polarity, count(*), max(extreme) from neuron_stats group by all").fetchall() \
+            == [(2, "neg", 3, 1.0)]
+        with pytest.raises(duckdb.Error):  # the contained connection reads the store and nothing else
+            con.execute(f"select * from read_parquet('{tmp_path}/x.parquet')")
+    assert "neuron_stats" in store.views()
+    assert not store.fs.exists(f"{store.root}/catalog.duckdb"), "the views are built in memory, nothing written there"
+
+
+def test_a_failed_remote_write_leaves_the_old_table(memory_store):
+    store = memory_store
+    store.write("neuron_stats", pl.DataFrame({"neuron": [1]}), 0, "pos")
+
+    def broken():
+        yield from ()
+        raise RuntimeError("the writer died")
+
+    import pyarrow as pa
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        store.write_batches("neuron_stats", pa.schema([("neuron", pa.int64())]), broken(), 0, "pos")
+    assert store.read("neuron_stats", 0, "pos")["neuron"].to_list() == [1]
+    assert [key.rsplit("/", 1)[1] for key in store.fs.find(store.root)] == ["data.parquet"]
+    assert not store.check_readable("neuron_stats", 0, "pos")
+
+
+def test_the_writer_lock_is_a_warned_no_op_on_object_storage(memory_store):
+    with pytest.warns(UserWarning, match="file locks cannot work on object storage"), \
+            writer_lock(memory_store.root, "run-1", ["corpus"]) as record:
+        assert record["run_id"] == "run-1"
+    assert not memory_store.fs.exists(f"{memory_store.root}/locks")
