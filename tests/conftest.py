@@ -1,9 +1,20 @@
-"""Session fixtures: tiny models and corpora built on the fly (nothing is downloaded)."""
+"""Session fixtures: tiny models and corpora built on the fly (nothing is downloaded).
+
+The suite runs in worker processes (pytest-xdist, whole files per worker; `-n 0` runs it in
+one process). Each worker's torch gets one thread: two workers whose OpenMP threads spin for
+the same two cores ran some tests ten times slower than alone.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+MAX_WORKERS = 2  # what CI's two cores take; more would hold more models in memory at once
+
+if os.environ.get("PYTEST_XDIST_WORKER") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, here and in subprocesses
 
 import pytest
 import yaml
@@ -107,3 +118,8 @@ def described_run(tmp_path_factory, tiny_llama, text_corpus) -> Path:
     path.write_text(yaml.safe_dump(raw))
     assert main(["--config", str(path), "run", "--select", STAGES]) == 0
     return path
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (the default in pyproject.toml): one worker per core, at most MAX_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
