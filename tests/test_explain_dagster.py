@@ -43,8 +43,11 @@ def test_candidate_descriptions_asset_fills_every_partition(tiny_config):
     for layer, polarity in store.partitions("candidate_descriptions"):
         frame = store.read("candidate_descriptions", layer, polarity)
         stats = store.read("neuron_stats", layer, polarity)
-        assert frame.schema == pl.Schema(CANDIDATE_SCHEMA | {"model": pl.String, "config_hash": pl.String,
-                                                             "run_id": pl.String})
+        expected = list(CANDIDATE_SCHEMA.items())
+        expected.insert([name for name, _ in expected].index("polarity") + 1, ("kind", pl.String))  # neuron | sae
+        assert frame.schema == pl.Schema(expected + [("model", pl.String), ("config_hash", pl.String),
+                                                     ("run_id", pl.String)])
+        assert frame["kind"].unique().to_list() == ["neuron"]
         assert frame.height == stats.height * K
         assert set(frame["neuron"]) == set(stats["neuron"])
         assert frame["config_hash"].unique().to_list() == [config.hash]
