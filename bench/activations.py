@@ -49,7 +49,6 @@ def main() -> None:
     neurons = select_neurons(neurons_config, subject.num_layers, subject.neurons_per_layer)
     polarities = [Polarity.POS, Polarity.NEG]
     tokens = int(sequences["n_tokens"].sum())
-    seq_len = int(sequences["n_tokens"].max())
     n_features = sum(len(v) for v in neurons.values())
     print(f"{subject.name}: layers {sorted(neurons)} of {subject.num_layers}, {n_features} features, {sequences.height} sequences, "
           f"{tokens} tokens, batch {args.batch_size}, {torch.get_num_threads()} threads")

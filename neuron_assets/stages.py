@@ -572,7 +572,6 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
     polarity = Polarity(polarity)
     all_scores = with_feature_kind(store.read(SCORES_TABLE, layer, polarity.value))
     scoring = scoring or Scoring.build(config, store)
-    scorer = scoring.selector
     explainers = _explainers(store, layer, polarity)
     rows = []
     stale = 0

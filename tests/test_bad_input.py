@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import duckdb

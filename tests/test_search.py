@@ -67,7 +67,7 @@ def test_search_finds_the_planted_neuron_first(searchable, capsys):
     hits = run_cli(capsys, "--config", str(path), "search", "brackets closing in code", "--format", "json")
     layer, polarity, neuron, description = PLANTED
     assert (hits[0]["layer"], hits[0]["polarity"], hits[0]["neuron"]) == (layer, polarity, neuron)
-    assert hits[0]["description"] == description and hits[0]["show"] == f"neuron-assets show 1 3 --polarity neg"
+    assert hits[0]["description"] == description and hits[0]["show"] == "neuron-assets show 1 3 --polarity neg"
     assert len(hits) == 10 and hits[0]["match"] > hits[1]["match"]
 
     # Filters scan exactly and still return --top hits of the chosen layer only.

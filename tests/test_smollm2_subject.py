@@ -12,7 +12,7 @@ import torch
 
 from neuron_assets import builtin_models
 from neuron_assets.builtin_models import BUILTIN_MINILM, BUILTIN_SMOLLM2
-from neuron_assets.config import Config, ConfigError, CorpusConfig, SubjectConfig, config_from_dict
+from neuron_assets.config import Config, ConfigError, CorpusConfig, config_from_dict
 from neuron_assets.corpus import CorpusError, build_sequences, chat_header, tokenize_with_text
 from neuron_assets.simulate.alignment import NOT_READ, CharOffsetEncoder, simulator_input_text, token_spans
 from neuron_assets.runtime import choose_dtype
