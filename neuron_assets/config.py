@@ -619,12 +619,12 @@ class SearchConfig(Section):
     """Also embed every candidate description (k per feature), not only the selected one, so a
     search finds the descriptions best-of-k passed over too (k times the vectors)."""
 class SaeConfig(Section):
-    layers: list[int] = []
+    layers: list[int] = [12]
     """Layers whose neuron site gets a sparse autoencoder (asset `sae_checkpoint`, stage of
     `neuron-assets run` before exemplars; trained, or loaded from `path`). Empty: no SAE.
-    With `latents` set, each layer must be among features.layers. The demo with
-    `sae: {layers: [12]}` trains one 1x SAE (the defaults below) and describes 8 of its
-    latents beside layer 12's neurons, for about 25 s more on 2 cores."""
+    With `latents` set, each layer must be among features.layers. The demo trains one 1x SAE
+    on layer 12 (the defaults below) and describes 8 of its latents beside layer 12's neurons,
+    for about 25 s more on 2 cores; `sae: {layers: []}` turns it off (the GPU configs do)."""
     latents: Literal["all"] | list[int] | NeuronSample | None = NeuronSample(sample=8)
     """Latents of each SAE described as features of kind `sae` beside the layer's neurons
     (same exemplars, candidates, scores and neuron_descriptions tables, `kind` = 'sae'; pos

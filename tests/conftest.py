@@ -75,7 +75,7 @@ def tiny_config(tmp_path, tiny_llama, text_corpus):
                 "chat_prefix": None,  # 16 tokens leave no room for a chat header; tests that want one set it
                 "sequences_per_split": 24,
             },
-            "features": {"layers": "all", "neurons": {"sample": 6, "seed": 0}},
+            "features": {"layers": "all", "neurons": {"sample": 6, "seed": 0}}, "sae": {"layers": []},
             "exemplars": {"top_k": 3, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4, "quiet_per_split": 3,
                           "quantile_reservoir": 8, "stats_token_sample": 64},
         }
@@ -107,7 +107,7 @@ def described_run(tmp_path_factory, tiny_llama, text_corpus) -> Path:
         "subject": {"model": str(tiny_llama), "batch_size": 8},
         "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(text_corpus)}], "seq_len": 16,
                    "chat_prefix": None, "sequences_per_split": 24},
-        "features": {"layers": [0, 1], "neurons": {"sample": 4, "seed": 0}},
+        "features": {"layers": [0, 1], "neurons": {"sample": 4, "seed": 0}}, "sae": {"layers": []},
         "exemplars": {"top_k": 3, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4, "quiet_per_split": 3,
                       "quantile_reservoir": 8, "stats_token_sample": 64},
         "explain": {"k": 3},

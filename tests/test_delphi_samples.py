@@ -56,7 +56,7 @@ def collected(tmp_path_factory, tiny_tokenizer):
         "subject": {"model": str(model), "batch_size": 16},
         "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(text_corpus)}], "seq_len": 32,
                    "chat_prefix": None, "sequences_per_split": 150},
-        "features": {"layers": [0], "neurons": [3, OLD.index, TEACHER.index]},
+        "features": {"layers": [0], "neurons": [3, OLD.index, TEACHER.index]}, "sae": {"layers": []},
         "exemplars": {"top_k": 4, "random_per_split": 3, "quantile_bins": BINS, "per_quantile": 1,
                       "quantile_reservoir": 150, "quiet_per_split": 8, "activating_fraction": FRACTION,
                       "stats_token_sample": 256},

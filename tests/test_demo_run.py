@@ -23,7 +23,7 @@ SPREAD_BY_FEATURE = """
 select layer, polarity, neuron, min(extreme) as weakest, max(extreme) - min(extreme) as extreme_spread,
        stddev_pop(a) as activation_sd
 from (select e.layer, e.polarity, e.neuron, e.extreme, unnest(e.activations[s.prefix_len + 1:]) as a
-      from exemplars e join sequences s using (seq_id) where e.kind = 'top')
+      from exemplars e join sequences s using (seq_id) where e.kind = 'top' and e.feature_kind = 'neuron')
 group by all order by all
 """
 
@@ -53,8 +53,12 @@ def test_default_demo_runs_end_to_end_and_both_polarities_are_real(tmp_path, mon
         neg, pos = (sorted(f["weakest"] for f in by_partition[(layer, p)]) for p in ("neg", "pos"))
         assert neg[len(neg) // 2] > pos[len(pos) // 2] / 3, f"layer {layer}: negative extremes {neg} against positive {pos}"
 
-    assert main(["sql", "select count(*) as n, count(distinct layer) as layers from neuron_descriptions", "--format",
-                 "json"]) == 0
-    described = json.loads(capsys.readouterr().out)[0]
-    assert described["n"] == len(expected) * config.features.neurons.sample
-    assert described["layers"] == len(config.features.layers)
+    assert main(["sql", "select kind, count(*) as n, count(distinct layer) as layers, count(distinct polarity) as "
+                 "polarities, count(description) as described from neuron_descriptions group by kind order by kind",
+                 "--format", "json"]) == 0
+    neurons, latents = json.loads(capsys.readouterr().out)
+    assert neurons["kind"] == "neuron" and neurons["n"] == len(expected) * config.features.neurons.sample
+    assert neurons["layers"] == len(config.features.layers)
+    # the demo's SAE: a sample of its latents described beside its layer's neurons (pos only)
+    assert latents["kind"] == "sae" and (latents["layers"], latents["polarities"]) == (len(config.sae.layers), 1)
+    assert latents["n"] == config.sae.latents.sample * len(config.sae.layers) and latents["described"] > 0

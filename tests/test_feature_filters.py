@@ -68,7 +68,7 @@ def test_planted_positional_and_one_token_neurons_are_flagged_and_a_random_one_i
         "subject": {"model": str(model), "batch_size": 64},
         "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(texts)}], "seq_len": 32,
                    "chat_prefix": None, "sequences_per_split": 100},
-        "features": {"layers": [0], "neurons": [RANDOM_NEURON, TOKEN_NEURON, POSITION_NEURON]},
+        "features": {"layers": [0], "neurons": [RANDOM_NEURON, TOKEN_NEURON, POSITION_NEURON]}, "sae": {"layers": []},
         "exemplars": {"top_k": 2, "random_per_split": 2, "quantile_bins": 2, "per_quantile": 1, "quantile_reservoir": 4,
                       "quiet_per_split": 2, "stats_token_sample": 2048, "unigram_tokens": 3},
     })

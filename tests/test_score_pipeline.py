@@ -43,7 +43,7 @@ def _write_config(folder: Path, model: Path, corpus: Path, **simulate) -> Path:
         "subject": {"model": str(model), "batch_size": 16},
         "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(corpus)}], "seq_len": 32,
                    "sequences_per_split": 60},
-        "features": {"layers": [0, 1], "neurons": NEURONS},
+        "features": {"layers": [0, 1], "neurons": NEURONS}, "sae": {"layers": []},
         "exemplars": {"top_k": 20, "random_per_split": 5, "per_quantile": 1, "quantile_bins": 4,
                       "quantile_reservoir": 16, "stats_token_sample": 256},
         "explain": {"k": 3},

@@ -34,7 +34,7 @@ def collected(tmp_path_factory, tiny_llama, text_corpus):
     raw = {"name": "fast", "storage": {"root": str(folder / "home")}, "subject": {"model": str(tiny_llama), "batch_size": 8},
            "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(text_corpus)}], "seq_len": 24,
                       "chat_prefix": None, "sequences_per_split": 24},
-           "features": {"layers": [0, 1], "neurons": {"sample": 4, "seed": 0}},
+           "features": {"layers": [0, 1], "neurons": {"sample": 4, "seed": 0}}, "sae": {"layers": []},
            "exemplars": {"top_k": 6, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4, "quiet_per_split": 2,
                          "quantile_reservoir": 8, "stats_token_sample": 64}}
     (folder / "config.yaml").write_text(yaml.safe_dump(raw))
