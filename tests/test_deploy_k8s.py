@@ -10,8 +10,6 @@ import pytest
 from neuron_assets.config import ConfigError
 from neuron_assets.defs.definitions import build_definitions
 
-pytest.importorskip("dagster_k8s")
-
 
 def _gpu_limit(step_config: dict) -> int:
     return step_config["container_config"]["resources"]["limits"]["nvidia.com/gpu"]
