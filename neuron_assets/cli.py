@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from neuron_assets.config import ConfigError, load_config
@@ -152,7 +153,7 @@ def cmd_run(args) -> int:
     config.root.mkdir(parents=True, exist_ok=True)
     select = [name.strip() for name in args.select.split(",")] if args.select else None
     print(f"neuron-assets: config '{config.name}' ({config.hash}), model {config.subject.model}, "
-          f"{partition_count(args.config)} partitions (layer x polarity), storage {config.root}", file=sys.stderr)
+          f"{partition_count(args.config)} partitions (layer x polarity), storage {config.store_root}", file=sys.stderr)
     started = time.time()
     run_id = str(uuid.uuid4())
     try:
@@ -166,7 +167,7 @@ def cmd_run(args) -> int:
                 _print_stage_times(outcome, sys.stderr)
                 _print_failure(outcome, args.verbose)
                 return 1
-            store = Store(config.root)
+            store = Store(config.store_root)
             views = store.build_catalog()
     except StoreLocked as err:
         print(f"error: {err}", file=sys.stderr)
@@ -216,10 +217,11 @@ def _print_summary(store, views: list[str], outcome, seconds: float) -> None:
     from neuron_assets.failures import format_reasons
 
     con = store.connect()
+    files_of = Counter(entry.table for entry in store.data_files())
     print(f"\n{'table':<24} {'partitions':>10} {'rows':>10}")
     for view in views:
         rows = con.execute(f"select count(*) from {view}").fetchone()[0]
-        files = len(list((store.data_dir / view).rglob("*.parquet"))) if (store.data_dir / view).exists() else 0
+        files = files_of.get(view, 0)
         print(f"{view:<24} {files or '-':>10} {rows:>10}")
     con.close()
     _print_stage_times(outcome, sys.stdout)
@@ -229,7 +231,7 @@ def _print_summary(store, views: list[str], outcome, seconds: float) -> None:
               f"See: neuron-assets sql \"select failure, count(*) from {asset} where failure is not null group by 1\"",
               file=sys.stderr)
     print(f"\ndone in {seconds:.0f} s. DuckDB catalog: {store.catalog_path}")
-    report = store.root / "report" / "index.html"
+    report = store.local_dir / "report" / "index.html"
     if report.is_file():
         print(f"HTML report: {report} (neuron-assets report --open)")
     print('query it: neuron-assets sql "select layer, polarity, count(*) from exemplars group by all"')
@@ -244,15 +246,15 @@ def cmd_sql(args) -> int:
     from neuron_assets.store import Store, read_only_statements
 
     config = load_config(args.config)
-    store = Store(config.root)
+    store = Store(config.store_root)
     if args.output and args.format == "table":
         raise ValueError("--output writes csv, json or parquet; add --format csv (or json, parquet)")
     if args.format == "parquet" and not args.output and sys.stdout.isatty():
         raise ValueError("parquet is binary; add --output FILE or redirect stdout to a file (> result.parquet)")
     query = _read_query(args.query)
     statements, extensions = read_only_statements(query)
-    if not store.data_dir.exists():
-        raise LookupError(f"no data under {config.root}; run `neuron-assets run` first")
+    if not store.has_data():
+        raise LookupError(f"no data under {config.store_root}; run `neuron-assets run` first")
     with store.connect(extensions=extensions) as con:
         _report_damaged(con, store, args.config)
         try:
@@ -328,14 +330,14 @@ def _report_damaged(con, store, config_path: str | None) -> None:
     from neuron_assets.store import DamagedFile
 
     for table, path, layer, polarity, problem in rows:
-        damaged = DamagedFile(table, store.root / path, layer, polarity, problem)
+        damaged = DamagedFile(table, store.file_at(path), layer, polarity, problem)
         print(f"warning: {damaged.path} is damaged ({problem}); the '{table}' view leaves it out. "
               f"Rerun that partition: {rerun_command(damaged, store, config_path)}", file=sys.stderr)
 
 
 def rerun_command(damaged, store, config_path: str | None) -> str:
     """The command that materializes the asset partition that writes a damaged file again."""
-    env = [f"DAGSTER_HOME={os.environ.get('DAGSTER_HOME') or store.root}"]
+    env = [f"DAGSTER_HOME={os.environ.get('DAGSTER_HOME') or store.local_dir}"]
     if config_path:
         env.append(f"NEURON_ASSETS_CONFIG={Path(config_path).resolve()}")
     partition = f" --partition '{damaged.partition}'" if damaged.partition else ""
@@ -346,7 +348,7 @@ def _sql_error_message(err, store, config_path: str | None) -> str:
     """The first line of a DuckDB error; for a file of the store that fails to read, the file
     and the command that writes it again."""
     first = str(err).splitlines()[0]
-    data = str(store.data_dir.resolve())
+    data = str(store.data_dir) if store.remote else str(store.data_dir.resolve())
     if data in str(err):
         from neuron_assets.store import DamagedFile, parquet_problem
 
@@ -383,7 +385,7 @@ def cmd_show(args) -> int:
     from neuron_assets.types import ExemplarKind, Polarity, Split
 
     config = load_config(args.config)
-    store = Store(config.root)
+    store = Store(config.store_root)
     for table, layer, polarity in (("exemplars", args.layer, args.polarity), ("neuron_stats", args.layer, args.polarity),
                                    ("sequences", None, None)):
         damaged = store.check_readable(table, layer, polarity)
@@ -417,7 +419,7 @@ def cmd_report(args) -> int:
     from neuron_assets.store import Store
 
     config = load_config(args.config)
-    store = Store(config.root)
+    store = Store(config.store_root)
     index = report_index(store)
     # the partitions the store holds (no model read, no Dagster import): the report is of them
     markers = Markers(config, [f"{layer}|{polarity}" for layer, polarity in store.partitions("neuron_stats")])
@@ -450,9 +452,9 @@ def cmd_search(args) -> int:
     from neuron_assets.store import Store
 
     config = load_config(args.config)
-    store = Store(config.root)
-    if not store.data_dir.exists():
-        raise LookupError(f"no data under {config.root}; run `neuron-assets run` first")
+    store = Store(config.store_root)
+    if not store.has_data():
+        raise LookupError(f"no data under {config.store_root}; run `neuron-assets run` first")
     result = search(store, args.text, top=args.top, mode="text" if args.full_text else "semantic",
                     filters=Filters(args.layer, args.polarity, args.min_score),
                     log=lambda line: print(line, file=sys.stderr))
@@ -492,7 +494,7 @@ def cmd_export(args) -> int:
     from neuron_assets.store import Store
 
     config = load_config(args.config)
-    written = export(Store(config.root), args.format, Path(args.out).expanduser(), model_id=args.model_id)
+    written = export(Store(config.store_root), args.format, Path(args.out).expanduser(), model_id=args.model_id)
     print(f"wrote {written.rows} descriptions to {written.path}" + (f" ({written.files} files)" if written.files > 1 else ""),
           file=sys.stderr)
     return 0

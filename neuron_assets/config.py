@@ -37,7 +37,11 @@ class Section(BaseModel):
 class StorageConfig(Section):
     root: str | None = None
     """Storage root for Parquet tables, the DuckDB catalog and checkpoints. Default:
-    $NEURON_ASSETS_HOME, else dagster_home/ in the repository. A local path."""
+    $NEURON_ASSETS_HOME, else dagster_home/ in the repository. A local path, or an fsspec URL
+    (s3://bucket/prefix with s3fs installed, gs://, az://, ...): then the tables live there and
+    what needs a real folder (checkpoints, locks, resume markers, the report, the search index,
+    Dagster's instance) lives under $NEURON_ASSETS_SCRATCH (default: the temporary folder),
+    one folder per URL. See docs/deploy_k8s.md."""
 
 
 class SubjectConfig(Section):
@@ -705,10 +709,22 @@ class Config(Section):
         return self
 
     @property
+    def store_root(self) -> Path | str:
+        """Where the tables live, from the config, $NEURON_ASSETS_HOME or the default: a
+        resolved local folder, or an fsspec URL (open it with ``Store(config.store_root)``)."""
+        from neuron_assets.store import is_url
+
+        chosen = str(self.storage.root or os.environ.get("NEURON_ASSETS_HOME") or DEFAULT_HOME)
+        return chosen.rstrip("/") if is_url(chosen) else Path(chosen).expanduser().resolve()
+
+    @property
     def root(self) -> Path:
-        """The storage root, resolved from the config, $NEURON_ASSETS_HOME or the default."""
-        chosen = self.storage.root or os.environ.get("NEURON_ASSETS_HOME") or DEFAULT_HOME
-        return Path(chosen).expanduser().resolve()
+        """The local folder of this store: the storage root itself, or for a URL root its
+        local scratch folder (checkpoints, locks, resume markers, report, search index)."""
+        from neuron_assets.store import local_scratch
+
+        root = self.store_root
+        return root if isinstance(root, Path) else local_scratch(root)
 
     @property
     def hash(self) -> str:

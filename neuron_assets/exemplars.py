@@ -469,7 +469,7 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
             store.read(table, *partition)  # raises the error that says how to make the table
 
     def scan(table: str, kind_column: str) -> pl.LazyFrame:
-        frame = with_feature_kind(pl.scan_parquet(store.path(table, layer, polarity.value)), kind_column)
+        frame = with_feature_kind(store.scan(table, layer, polarity.value), kind_column)
         if kind is not None:
             frame = frame.filter(pl.col(kind_column) == kind)
         return frame if neurons is None else frame.filter(pl.col("neuron").is_in(list(neurons)))
@@ -480,7 +480,7 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
                  .sort(kind_order, "feature_kind", "neuron", "split", "kind", "rank").collect())
     stats = scan("neuron_stats", "kind").sort(pl.col("kind") != NEURON_KIND, "kind", "neuron").collect()
     sequences = (
-        pl.scan_parquet(store.path("sequences"))
+        store.scan("sequences")
         .select("seq_id", "tokens", "token_ids", "prefix_len")
         .filter(pl.col("seq_id").is_in(exemplars["seq_id"].unique().implode()))
         .collect()

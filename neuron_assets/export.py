@@ -87,7 +87,7 @@ def export(store: Store, format: Format, out: Path, model_id: str | None = None)
 def descriptions_with_provenance(store: Store) -> pl.DataFrame:
     """The ``neuron_descriptions`` view, ordered by layer, polarity and neuron, with an
     ``explainer`` column (the explainer's model, else its backend) beside the other provenance."""
-    if not store.data_dir.exists():
+    if not store.has_data():
         raise LookupError(f"no data under {store.root}; run `neuron-assets run` first")
     with store.connect() as con:
         views = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}

@@ -6,7 +6,7 @@ When a stage has written a partition's tables it writes a marker,
 - ``config``: the hash of the config sections the stage reads (``Config.sections_hash``;
   for the corpus also the size and modification time of the user's source files);
 - ``inputs``: the tokens of the upstream markers it was computed from;
-- ``files``: the files it wrote, relative to the root, with their sizes;
+- ``files``: the files it wrote, relative to the root (URLs on a remote root), with their sizes;
 - ``token``: new for every completion, so a recomputed upstream makes its downstream stale.
 
 A partition is *up to date* when its marker is there, its config hash is the current one,
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from neuron_assets.config import Config
-from neuron_assets.store import atomic_path
+from neuron_assets.store import Store, atomic_path, is_url
 
 MARKERS = "markers"
 ALL = None  # the partition of an unpartitioned asset
@@ -68,7 +68,8 @@ class Markers:
 
     def __init__(self, config: Config, partitions: Sequence[str]):
         self.config = config
-        self.root = config.root
+        self.root = config.root  # markers are local files: on a URL root, its local scratch folder
+        self.store = Store(config.store_root)
         self.partitions = list(partitions)
         self._fresh: dict[tuple[str, str | None], bool] = {}
 
@@ -108,8 +109,8 @@ class Markers:
         """After a partition's files are all written: record what they were made from."""
         listed = {}
         for file in files:
-            file = Path(file)
-            listed[self._relative(file)] = file.stat().st_size if file.is_file() else -1
+            size = self._size(file)
+            listed[self._relative(file)] = -1 if size is None else size
         marker = {
             "asset": asset, "partition": partition, "config": self._config_hash(asset),
             "inputs": {self._input_key(u, q): (self.read(u, q) or {}).get("token")
@@ -127,8 +128,8 @@ class Markers:
         if marker is None or marker.get("config") != self._config_hash(asset):
             return False
         for relative, size in marker.get("files", {}).items():
-            file = self.root / relative
-            if not file.exists() or (size >= 0 and file.stat().st_size != size):
+            found = self._size(relative if is_url(relative) else self.root / relative)
+            if found is None or (size >= 0 and found != size):
                 return False
         recorded = marker.get("inputs", {})
         for upstream, part in self._inputs(asset, partition):
@@ -161,9 +162,22 @@ class Markers:
             digest += "-" + _sources_listing(self.config)
         return digest
 
-    def _relative(self, file: Path) -> str:
+    def _size(self, file: str | os.PathLike) -> int | None:
+        """A file's size, -1 for a folder, None when it is not there (local or on the store's URL)."""
+        if is_url(file):
+            if not self.store.remote or not self.store.fs.exists(file):
+                return None
+            return -1 if self.store.fs.isdir(file) else int(self.store.fs.size(file))
+        file = Path(file)
+        if not file.exists():
+            return None
+        return file.stat().st_size if file.is_file() else -1
+
+    def _relative(self, file: str | os.PathLike) -> str:
+        if is_url(file):
+            return str(file)
         try:
-            return file.resolve().relative_to(self.root.resolve()).as_posix()
+            return Path(file).resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
             return str(file)
 

@@ -76,7 +76,7 @@ def make_description_embeddings(config: Config, layer: int, polarity: Polarity |
     """Embed one partition's selected descriptions (and candidates, with ``search.candidates``),
     reusing the vectors of texts the partition's previous embeddings already hold."""
     started = time.perf_counter()
-    store = Store(config.root)
+    store = Store(config.store_root)
     polarity = Polarity(polarity).value
     texts = descriptions_to_embed(store, layer, polarity, candidates=config.search.candidates)
     model = config.search.embedding_model
@@ -142,11 +142,10 @@ def text_hash(text: str) -> str:
 
 def _previous_vectors(store: Store, layer: int, polarity: str, model: str) -> dict[str, np.ndarray]:
     """text hash -> vector from the partition's current file, if it was made with ``model``."""
-    path = store.path(EMBEDDINGS_TABLE, layer, polarity)
-    if not path.exists():
+    if not store.exists(EMBEDDINGS_TABLE, layer, polarity):
         return {}
     try:
-        old = pl.read_parquet(path, columns=["text_hash", "embedding_model", "embedding"])
+        old = store.read(EMBEDDINGS_TABLE, layer, polarity, columns=["text_hash", "embedding_model", "embedding"])
     except Exception:  # a damaged or older file: embed again
         return {}
     old = old.filter(pl.col("embedding_model") == model).unique("text_hash")
@@ -160,7 +159,7 @@ def _previous_vectors(store: Store, layer: int, polarity: str, model: str) -> di
 
 
 def index_path(store: Store) -> Path:
-    return store.data_dir / INDEX_NAME / "index.duckdb"
+    return store.local_dir / "data" / INDEX_NAME / "index.duckdb"  # DuckDB needs a real file: local on a URL root
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ def build_index(store: Store, log: Log = _quiet, hnsw: bool = True) -> IndexBuil
     started = time.perf_counter()
     files = _embedding_files(store)
     if not files:
-        raise LookupError(f"no description embeddings under {store.data_dir / EMBEDDINGS_TABLE}; materialize "
+        raise LookupError(f"no description embeddings under {store.table_dir(EMBEDDINGS_TABLE)}; materialize "
                           f"them first (neuron-assets run, or the '{EMBEDDINGS_TABLE}' asset in the Dagster UI)")
     target = index_path(store)
     with atomic_path(target) as tmp:
@@ -187,7 +186,9 @@ def build_index(store: Store, log: Log = _quiet, hnsw: bool = True) -> IndexBuil
                                                "autoload_known_extensions": False})
         try:
             loaded = _load_extensions(con)
-            sources = "[" + ", ".join(_sql_string(p.as_posix()) for p, _, _ in files) + "]"
+            if store.remote:
+                con.register_filesystem(store.fs)
+            sources = "[" + ", ".join(_sql_string(path) for path, _, _ in files) + "]"
             dim = con.execute(f"SELECT max(len(embedding)) FROM read_parquet({sources})").fetchone()[0] or 0
             columns = {row[0] for row in con.execute(
                 f"DESCRIBE SELECT * FROM read_parquet({sources}, union_by_name = true)").fetchall()}
@@ -239,16 +240,14 @@ def _listing_path(store: Store) -> Path:
     return index_path(store).with_name("index.files.json")
 
 
-def _embedding_files(store: Store) -> list[tuple[Path, int, int]]:
-    found = []
-    for path in sorted((store.data_dir / EMBEDDINGS_TABLE).resolve().glob("layer=*/polarity=*/data.parquet")):
-        stat = path.stat()
-        found.append((path, stat.st_size, stat.st_mtime_ns))
-    return found
+def _embedding_files(store: Store) -> list[tuple[str, int, int]]:
+    """(path or URL, size, modification time) of every embeddings partition."""
+    return [(Path(entry.path).as_posix() if not store.remote else entry.path, entry.size, entry.modified_ns)
+            for entry in store.data_files() if entry.table == EMBEDDINGS_TABLE and entry.layer is not None]
 
 
-def _listing(files: list[tuple[Path, int, int]]) -> str:
-    return json.dumps([[p.as_posix(), size, mtime] for p, size, mtime in files])
+def _listing(files: list[tuple[str, int, int]]) -> str:
+    return json.dumps([[path, size, mtime] for path, size, mtime in files])
 
 
 def _load_extensions(con: duckdb.DuckDBPyConnection) -> set[str]:
@@ -346,7 +345,7 @@ def open_search(store: Store, log: Log = _quiet, extensions: Sequence[str] = ("v
     """A contained read connection with the search index attached (rebuilt first when stale),
     and those of the pinned ``extensions`` that load."""
     if not _embedding_files(store):
-        raise LookupError(f"no description embeddings under {store.data_dir / EMBEDDINGS_TABLE}; run "
+        raise LookupError(f"no description embeddings under {store.table_dir(EMBEDDINGS_TABLE)}; run "
                           "`neuron-assets run` (or materialize the 'description_embeddings' asset) first")
     notes = []
     current = not index_stale(store)

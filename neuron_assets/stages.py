@@ -93,7 +93,7 @@ def make_corpus(config: Config, run_id: str) -> Written:
     tokenizer = load_tokenizer(config.subject)
     corpus = plan_corpus(config.corpus, tokenizer)
     lineage = {"model": config.subject.model, "config_hash": config.hash, "run_id": run_id}
-    path = Store(config.root).write_batches(SEQUENCES_TABLE, corpus.schema(lineage), corpus.batches(lineage=lineage))
+    path = Store(config.store_root).write_batches(SEQUENCES_TABLE, corpus.schema(lineage), corpus.batches(lineage=lineage))
     return Written(SEQUENCES_TABLE, path, corpus.rows)
 
 
@@ -120,10 +120,10 @@ def make_exemplars(
     device budget), each stopping after its deepest layer. Each layer's tables are written
     as soon as its last pass is done. ``log`` receives the plan before reading starts;
     ``measured`` (a dict) receives the state sizes the run reached."""
-    store = Store(config.root)
+    store = Store(config.store_root)
     if not store.exists(SEQUENCES_TABLE):
         store.read(SEQUENCES_TABLE)  # raises the error that says how to make the table
-    sequences = pl.read_parquet(store.path(SEQUENCES_TABLE), columns=SEQUENCE_COLUMNS)  # token ids only, no strings
+    sequences = store.read(SEQUENCES_TABLE, columns=SEQUENCE_COLUMNS)  # token ids only, no strings
     subject = subject or load_subject(config.subject)
     layers = sorted({layer for layer, _ in partitions})
     polarities = sorted({Polarity(p) for _, p in partitions}, key=lambda p: p.value != "pos")
@@ -241,7 +241,7 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
     done. ``explainer``: a built explainer to reuse (one is made from config.explain otherwise)."""
     from neuron_assets.explain import corpus_from_sequences, explain_features, incomplete_features, make_explainer
 
-    store = Store(config.root)
+    store = Store(config.store_root)
     explainer = explainer or make_explainer(config.explain)
     tokenizer = load_tokenizer(config.subject)
     corpus = corpus_from_sequences(store.read(SEQUENCES_TABLE), seed=config.explain.seed)
@@ -298,7 +298,7 @@ def _explained(features: list[FeatureExemplars], store: Store, layer: int, polar
     """The features explain.flagged_features keeps: all, those not flagged, or only those flagged."""
     if choice == "all":
         return features
-    stats = with_feature_kind(pl.read_parquet(store.path("neuron_stats", layer, polarity.value)))
+    stats = with_feature_kind(store.read("neuron_stats", layer, polarity.value))
     stats = stats.filter(pl.col("kind") == kind)
     present = [flag for flag in FLAGS if flag in stats.columns]
     if not present:
@@ -367,7 +367,7 @@ def make_simulator_training_data(config: Config, run_id: str, log: Log = _quiet)
     then only the picked features' exemplars are loaded (a few hundred, at any model size)."""
     from neuron_assets.simulate.training import TRAINING_DATA_SCHEMA, plan_training_data, training_roles
 
-    store = Store(config.root)
+    store = Store(config.store_root)
     candidates: dict[FeatureId, list[str | None]] = {}
     usable: list[FeatureId] = []
     partitions = candidate_partitions(store, config)
@@ -401,9 +401,9 @@ def _usable_features(store: Store, layer: int, polarity: Polarity,
     for table in ("neuron_stats", "exemplars"):
         if not store.exists(table, layer, polarity.value):
             store.read(table, layer, polarity.value)  # raises MissingTableError, which says what to materialize
-    positive = set(with_feature_kind(pl.scan_parquet(store.path("neuron_stats", layer, polarity.value)))
+    positive = set(with_feature_kind(store.scan("neuron_stats", layer, polarity.value))
                    .filter((pl.col("max") > 0) & (pl.col("kind") == NEURON_KIND)).select("neuron").collect()["neuron"].to_list())
-    with_top = set(with_feature_kind(pl.scan_parquet(store.path("exemplars", layer, polarity.value)), "feature_kind")
+    with_top = set(with_feature_kind(store.scan("exemplars", layer, polarity.value), "feature_kind")
                    .filter((pl.col("split") == Split.TRAIN.value) & (pl.col("kind") == ExemplarKind.TOP.value)
                            & (pl.col("feature_kind") == NEURON_KIND))
                    .select(pl.col("neuron").unique()).collect()["neuron"].to_list())
@@ -440,7 +440,7 @@ def make_simulator_checkpoint(config: Config, run_id: str, log: Log = _quiet, on
     from neuron_assets.simulate.training import STAGE1, STAGE2, train_crossfit
     from neuron_assets.subject import load_tokenizer
 
-    store = Store(config.root)
+    store = Store(config.store_root)
     frame = store.read(TRAINING_TABLE).drop("model", "config_hash", "run_id", strict=False)
     if "fold" not in frame.columns:
         raise ValueError("simulator_training_data was written before cross-fitting (no fold column); "
@@ -501,7 +501,7 @@ def make_description_scores(config: Config, layer: int, polarity: Polarity, run_
                             scoring: Scoring | None = None, log: Log = _quiet, on_features=None) -> ScoresWritten:
     """Every candidate x scorer on val; ``on_features(n)`` as n more features are scored."""
     started = time.perf_counter()
-    store = Store(config.root)
+    store = Store(config.store_root)
     polarity = Polarity(polarity)
     scoring = scoring or Scoring.build(config, store)
     all_candidates = read_candidates(store, layer, polarity)
@@ -568,7 +568,7 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
     """The best candidate by val (score.select_by), then it and its shuffled control on test;
     ``on_features(n)`` as n more features are scored on test."""
     started = time.perf_counter()
-    store = Store(config.root)
+    store = Store(config.store_root)
     polarity = Polarity(polarity)
     all_scores = with_feature_kind(store.read(SCORES_TABLE, layer, polarity.value))
     scoring = scoring or Scoring.build(config, store)

@@ -63,12 +63,14 @@ class Store:
             self.root = str(root).rstrip("/")
             self.data_dir = f"{self.root}/data"
             self.catalog_path = None
-            self.checkpoint_dir = local_scratch(self.root) / "checkpoints"
+            self.local_dir = local_scratch(self.root)
+            self.checkpoint_dir = self.local_dir / "checkpoints"
             return
         self.fs = None
         self.root = Path(root)
         self.data_dir = self.root / "data"
         self.catalog_path = self.root / "catalog.duckdb"
+        self.local_dir = self.root  # what must be a real folder: checkpoints, the report, the search index
         self.checkpoint_dir = self.root / "checkpoints"
 
     @property
@@ -87,6 +89,14 @@ class Store:
         if polarity is not None:
             folder = folder / f"polarity={polarity}"
         return folder / DATA_FILE
+
+    def table_dir(self, table: str) -> Path | str:
+        """A table's folder: a local path, or a URL on a remote root."""
+        return f"{self.data_dir}/{table}" if self.remote else self.data_dir / table
+
+    def has_data(self) -> bool:
+        """Whether any stage has written here."""
+        return self.fs.exists(self.data_dir) if self.remote else self.data_dir.exists()
 
     def partitions(self, table: str) -> list[tuple[int, str]]:
         """(layer, polarity) of every partition file a table has."""
@@ -131,7 +141,8 @@ class Store:
             write(tmp)
         return target
 
-    def read(self, table: str, layer: int | None = None, polarity: str | None = None) -> pl.DataFrame:
+    def read(self, table: str, layer: int | None = None, polarity: str | None = None,
+             columns: list[str] | None = None) -> pl.DataFrame:
         path = self.path(table, layer, polarity)
         if not self.exists(table, layer, polarity):
             where = "" if layer is None else f" for layer {layer}" + ("" if polarity is None else f", polarity {polarity}")
@@ -141,8 +152,17 @@ class Store:
             )
         if self.remote:
             with self.fs.open(path, "rb") as handle:
-                return pl.read_parquet(handle)
-        return pl.read_parquet(path)
+                return pl.read_parquet(handle, columns=columns)
+        return pl.read_parquet(path, columns=columns)
+
+    def scan(self, table: str, layer: int | None = None, polarity: str | None = None) -> pl.LazyFrame:
+        """A lazy frame over a table (partition): locally Polars reads only the row groups and
+        columns a query needs; on a remote root the file is fetched whole through fsspec."""
+        if self.remote:
+            return self.read(table, layer, polarity).lazy()
+        if not self.exists(table, layer, polarity):
+            self.read(table, layer, polarity)  # raises the error that says how to make the table
+        return pl.scan_parquet(self.path(table, layer, polarity))
 
     def exists(self, table: str, layer: int | None = None, polarity: str | None = None) -> bool:
         if self.remote:
@@ -208,7 +228,10 @@ class Store:
                     self._create_views(con)
             for name in extensions:
                 con.execute(f"LOAD {_sql_string(pinned_extension_path(name))}")
-            con.execute(f"SET allowed_directories = [{_sql_string(self._data_text() + '/')}]")
+            allowed = [self._data_text() + "/"]
+            if self.remote:  # the search index, which DuckDB keeps in a local file
+                allowed.append((self.local_dir / "data").as_posix() + "/")
+            con.execute(f"SET allowed_directories = [{', '.join(_sql_string(d) for d in allowed)}]")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         except BaseException:
@@ -256,7 +279,11 @@ class Store:
         with self.connect() as con:
             rows = con.execute("SELECT table_name, path, layer, polarity, problem FROM store_files "
                                "WHERE problem IS NOT NULL ORDER BY path").fetchall()
-        return [DamagedFile(table, f"{self.root}/{path}" if self.remote else self.root / path, layer, polarity, problem) for table, path, layer, polarity, problem in rows]
+        return [DamagedFile(table, self.file_at(path), layer, polarity, problem) for table, path, layer, polarity, problem in rows]
+
+    def file_at(self, relative: str) -> Path | str:
+        """A file of the store from its path relative to the root: a local path or a URL."""
+        return f"{self.root}/{relative}" if self.remote else self.root / relative
 
     def check_readable(self, table: str, layer: int | None = None, polarity: str | None = None) -> DamagedFile | None:
         """The file of a table (partition) as a DamagedFile when its Parquet footer cannot be

@@ -65,3 +65,51 @@ def test_the_writer_lock_is_a_warned_no_op_on_object_storage(memory_store):
             writer_lock(memory_store.root, "run-1", ["corpus"]) as record:
         assert record["run_id"] == "run-1"
     assert not memory_store.fs.exists(f"{memory_store.root}/locks")
+
+
+def test_a_run_on_a_url_root_writes_its_tables_there_and_resumes(tiny_llama, text_corpus, tmp_path, monkeypatch, capsys):
+    """`storage.root: memory://...` (the stand-in for s3://): every table of `neuron-assets run`
+    lands on the fsspec filesystem, nothing but local state (markers, locks, Dagster's
+    instance) in the scratch folder, `sql` and `show` read it, and a rerun skips every stage."""
+    import yaml
+
+    from neuron_assets.cli import main
+    from tests.conftest import STAGES
+
+    root = f"memory://runs/{uuid.uuid4().hex}"
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv("NEURON_ASSETS_SCRATCH", str(scratch))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    raw = {
+        "name": "remote", "storage": {"root": root},
+        "subject": {"model": str(tiny_llama), "batch_size": 8},
+        "corpus": {"sources": [{"name": "texts", "kind": "text", "path": str(text_corpus)}], "seq_len": 16,
+                   "chat_prefix": None, "sequences_per_split": 12},
+        "features": {"layers": [1], "neurons": {"sample": 3, "seed": 0}}, "sae": {"layers": []},
+        "exemplars": {"top_k": 3, "random_per_split": 2, "per_quantile": 1, "quantile_bins": 4, "quiet_per_split": 2,
+                      "quantile_reservoir": 8, "stats_token_sample": 64},
+        "explain": {"k": 2}, "simulate": {"backend": "lexical", "compare_with": []},
+        "score": {"scorers": ["correlation"]},
+    }
+    config = tmp_path / "remote.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    memory = fsspec.filesystem("memory")
+    try:
+        assert main(["--config", str(config), "run", "--select", STAGES]) == 0
+        written = {key.split("/data/", 1)[1].split("/", 1)[0] for key in memory.find(root) if key.endswith(".parquet")}
+        assert {"sequences", "exemplars", "neuron_stats", "candidate_descriptions", "description_scores",
+                "neuron_descriptions"} <= written
+        local = [p.relative_to(scratch).as_posix() for p in scratch.rglob("*.parquet")]
+        assert not [p for p in local if "/data/" in p or p.startswith("data/")], f"tables written locally: {local}"
+        from neuron_assets.config import load_config
+
+        assert load_config(config).root.is_relative_to(scratch)
+        assert (load_config(config).root / "report" / "index.html").is_file(), "the report is built in the scratch folder"
+        capsys.readouterr()
+        assert main(["--config", str(config), "sql", "select count(*) as n from neuron_descriptions", "--format", "csv"]) == 0
+        assert capsys.readouterr().out.splitlines() == ["n", "6"]  # 3 neurons x 2 polarities
+        assert main(["--config", str(config), "run", "--select", STAGES]) == 0
+        assert "everything is up to date" in capsys.readouterr().err
+    finally:
+        if memory.exists(root):
+            memory.rm(root, recursive=True)

@@ -35,8 +35,8 @@ def corpus(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, run:
         written = make_corpus(config, context.run_id) if stage.todo() else None
         if written is not None:
             stage.complete(None, [written.path])
-    store = Store(config.root)
-    sizes = pl.scan_parquet(store.path("sequences")).group_by("split", "source").len().sort("split", "source").collect()
+    store = Store(config.store_root)
+    sizes = store.scan("sequences").group_by("split", "source").len().sort("split", "source").collect()
     per_split = sizes.group_by("split").agg(pl.col("len").sum())["len"].to_list()
     return dg.MaterializeResult(
         metadata={
@@ -75,7 +75,7 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition, config=None) -> li
         if not requested:
             raise dg.Failure("no partitions in the requested range: a layer x polarity range is a rectangle and "
                              "polarity runs pos...neg, e.g. '0|pos...5|neg'")
-        store = Store(config.root)
+        store = Store(config.store_root)
         with run.stage(context, config) as stage:
             requested = stage.todo(requested)
             if not requested:
@@ -99,7 +99,7 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition, config=None) -> li
                 "config_hash": config.hash,
                 "written": dg.MetadataValue.md(_written_table(written)),
                 "preview": dg.MetadataValue.md(_preview(store, *requested[0])),
-                "root": dg.MetadataValue.path(str(store.data_dir / "exemplars")),
+                "root": dg.MetadataValue.path(str(store.table_dir("exemplars"))),
                 "passes": collected.plan.passes,
                 "plan": dg.MetadataValue.md("```\n" + collected.plan.describe() + "\n```"),
                 "plan_json": dg.MetadataValue.json(collected.plan.as_dict()),
@@ -115,7 +115,7 @@ def exemplar_assets(partitions: dg.MultiPartitionsDefinition, config=None) -> li
 
 def _activation_batches(store: Store, config) -> int:
     """Forward passes of the activation pass: each split in batches of subject.batch_size."""
-    per_split = pl.scan_parquet(store.path("sequences")).group_by("split").len().collect()["len"].to_list()
+    per_split = store.scan("sequences").group_by("split").len().collect()["len"].to_list()
     return sum(-(-n // config.subject.batch_size) for n in per_split)
 
 
@@ -135,8 +135,8 @@ def _features_without_exemplars(store: Store, written: list[Written]) -> list[tu
             continue
         from neuron_assets.exemplars import with_feature_kind
 
-        stats = with_feature_kind(pl.read_parquet(w.path)).select(pl.col("kind").alias("feature_kind"), "neuron")
-        top = with_feature_kind(pl.read_parquet(store.path("exemplars", w.layer, w.polarity)), "feature_kind").filter(
+        stats = with_feature_kind(store.read("neuron_stats", w.layer, w.polarity)).select(pl.col("kind").alias("feature_kind"), "neuron")
+        top = with_feature_kind(store.read("exemplars", w.layer, w.polarity), "feature_kind").filter(
             pl.col("kind") == "top").select("feature_kind", "neuron").unique()
         missing += [(w.layer, w.polarity, n) for n in
                     stats.join(top, on=["feature_kind", "neuron"], how="anti")["neuron"].to_list()]
@@ -153,7 +153,7 @@ def _preview(store: Store, layer: int, polarity) -> str:
     from neuron_assets.exemplars import load_feature_exemplars
     from neuron_assets.report.render import highlight_markdown
 
-    first = pl.read_parquet(store.path("neuron_stats", layer, polarity.value), columns=["neuron"])["neuron"].min()
+    first = store.read("neuron_stats", layer, polarity.value, columns=["neuron"])["neuron"].min()
     features = load_feature_exemplars(store, layer, polarity, neurons=[first])
     if not features:
         return "no features"

@@ -61,7 +61,7 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
     def candidate_descriptions(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
                                explainer: ExplainerResource, run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
-        store = Store(config.root)
+        store = Store(config.store_root)
         with run.stage(context, config) as stage:
             requested = stage.todo(requested_partitions(context))
             if not requested:
@@ -95,7 +95,7 @@ def explain_assets(partitions: dg.MultiPartitionsDefinition, config: Config | No
             "examples": dg.MetadataValue.md(summary.examples_markdown),
             "failures": dg.MetadataValue.md(summary.failures_markdown),
             "written": dg.MetadataValue.md(_written_table(written)),
-            "root": dg.MetadataValue.path(str(store.data_dir / TABLE)),
+            "root": dg.MetadataValue.path(str(store.table_dir(TABLE))),
         }
         if summary.cost_usd is not None:
             metadata["cost_usd"] = round(summary.cost_usd, 4)

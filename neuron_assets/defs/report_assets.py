@@ -19,7 +19,7 @@ from neuron_assets.store import Store
 )
 def neuron_report(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig, run: RunSettings) -> dg.MaterializeResult:
     config = settings.load()
-    store = Store(config.root)
+    store = Store(config.store_root)
     with run.stage(context, config) as stage:
         if not stage.todo():
             index = report_index(store)

@@ -40,7 +40,7 @@ def sae_assets(config: Config) -> list[dg.AssetsDefinition]:
                 offsets = {layer: i * config.sae.steps for i, layer in enumerate(layers)}
                 results = make_saes(config, log=context.log.info,
                                     on_step=lambda layer, done: task.advance(offsets[layer] + done - task.done))
-            store = Store(config.root)
+            store = Store(config.store_root)
             stage.complete(None, [f for layer in layers for f in sae_files(store, layer)])
         if len(results) == 1:
             metadata = sae_metadata(results[0], config)

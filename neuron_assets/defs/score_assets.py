@@ -109,7 +109,7 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
                 return _up_to_date(stage)
             written = make_simulator_checkpoint(config, context.run_id, log=context.log.info,
                                                 on_step=_training_progress(stage))
-            stage.complete(None, [*written.paths, Store(config.root).path(CHECKPOINTS_TABLE)] if written.trained else [])
+            stage.complete(None, [*written.paths, Store(config.store_root).path(CHECKPOINTS_TABLE)] if written.trained else [])
         if not written.trained:
             return _skipped(config, written.reason)
         metadata = {
@@ -148,7 +148,7 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
     def description_scores(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
                            run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
-        store = Store(config.root)
+        store = Store(config.store_root)
         with run.stage(context, config) as stage:
             requested = stage.todo(_requested(context))
             if not requested:
@@ -195,7 +195,7 @@ def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None
     def neuron_descriptions(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
                             run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
-        store = Store(config.root)
+        store = Store(config.store_root)
         with run.stage(context, config) as stage:
             requested = stage.todo(_requested(context))
             if not requested:
@@ -304,8 +304,8 @@ def _up_to_date(stage: StageRun) -> dg.MaterializeResult:
 
 def _feature_task(stage: StageRun, store: Store, label: str, layer: int, polarity):
     """A progress task over one partition's features (counted from neuron_stats, cheaply)."""
-    path = store.path("neuron_stats", layer, polarity.value)
-    total = pl.scan_parquet(path).select(pl.len()).collect().item() if path.exists() else None
+    total = (store.scan("neuron_stats", layer, polarity.value).select(pl.len()).collect().item()
+             if store.exists("neuron_stats", layer, polarity.value) else None)
     return stage.progress.task(f"{label} {layer}|{polarity.value}", total, "feature")
 
 
@@ -378,7 +378,7 @@ def _scores_metadata(config: Config, store: Store, frame: pl.DataFrame, scoring:
             score_histograms(by_layer, control_by_layer, f"candidates, {label} (val), per layer"), "histogram")),
         "best_of_k": dg.MetadataValue.md(markdown_image(best_of_k_figure(curve, f"mean test score of the val-best of k, {label}"), "best of k")
                                          + f"\n\nfit: mean_best(k) = {curve.fit_a} * k^{curve.fit_b}"),
-        "root": dg.MetadataValue.path(str(store.data_dir / SCORES_TABLE)),
+        "root": dg.MetadataValue.path(str(store.table_dir(SCORES_TABLE))),
         "seconds": round(sum(w.seconds for w in written), 1),
         "config_hash": config.hash,
     }
@@ -421,7 +421,7 @@ def _descriptions_metadata(config: Config, store: Store, frame: pl.DataFrame, wr
             "val vs test")),
         "per_layer_histogram_all_partitions": dg.MetadataValue.md(markdown_image(
             score_histograms(by_layer, control_by_layer, "selected description, test score, per layer"), "histogram")),
-        "root": dg.MetadataValue.path(str(store.data_dir / DESCRIPTIONS_TABLE)),
+        "root": dg.MetadataValue.path(str(store.table_dir(DESCRIPTIONS_TABLE))),
         "config_hash": config.hash,
     }
 

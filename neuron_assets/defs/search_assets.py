@@ -32,7 +32,7 @@ def search_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsDef
     def description_embeddings(context: dg.AssetExecutionContext, settings: NeuronAssetsConfig,
                                run: RunSettings) -> dg.MaterializeResult:
         config = settings.load()
-        store = Store(config.root)
+        store = Store(config.store_root)
         with run.stage(context, config) as stage:
             requested = stage.todo(requested_partitions(context))
             written = []
@@ -48,7 +48,7 @@ def search_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsDef
                       "index_rows": index.rows, "index_hnsw": index.hnsw, "index_bm25": index.fts,
                       "index_seconds": round(index.seconds, 2), "model": config.search.embedding_model,
                       "index": dg.MetadataValue.path(str(index.path)),
-                      "root": dg.MetadataValue.path(str(store.data_dir / EMBEDDINGS_TABLE)),
+                      "root": dg.MetadataValue.path(str(store.table_dir(EMBEDDINGS_TABLE))),
                       "config_hash": config.hash, **stage.metadata()},
             check_results=[dg.AssetCheckResult(check_name=UNIT_NORM, passed=worst < 1e-3,
                                                metadata={"largest_norm_error": round(worst, 6)})],
@@ -59,9 +59,8 @@ def search_assets(partitions: dg.MultiPartitionsDefinition) -> list[dg.AssetsDef
 
 def _norm_error(store: Store, layer: int, polarity: str) -> float:
     import numpy as np
-    import polars as pl
 
-    frame = pl.read_parquet(store.path(EMBEDDINGS_TABLE, layer, polarity), columns=["embedding"])
+    frame = store.read(EMBEDDINGS_TABLE, layer, polarity, columns=["embedding"])
     if frame.height == 0:
         return 0.0
     matrix = np.asarray(frame["embedding"].to_numpy(), dtype=np.float32).reshape(frame.height, -1)

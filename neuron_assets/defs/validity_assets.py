@@ -36,7 +36,7 @@ def scorer_validity(context: dg.AssetExecutionContext, settings: NeuronAssetsCon
             return dg.MaterializeResult(metadata={"skipped": "up to date", **stage.metadata()})
         report = validate_scorers(config, log=context.log.info)
         frame = with_lineage(report_frame(report), config.subject.model, config.hash, context.run_id)
-        path = Store(config.root).write(VALIDITY_TABLE, frame)
+        path = Store(config.store_root).write(VALIDITY_TABLE, frame)
         stage.complete(None, [path])
     header, rows = report_table(report)
     return dg.MaterializeResult(

@@ -102,10 +102,10 @@ def make_sae(config: Config, layer: int, subject: SubjectModel, causal: bool, lo
              on_step: Callable[[int], None] | None = None, stop_after: int | None = None) -> SaeResult:
     """Train layer's SAE on the train split (resuming its checkpoint), or load the one under
     ``sae.path``; measure it on the val split; write it in this project's format."""
-    store = Store(config.root)
+    store = Store(config.store_root)
     if not store.exists("sequences"):
         store.read("sequences")  # raises the error that says how to make the table
-    sequences = pl.read_parquet(store.path("sequences"), columns=SEQUENCE_COLUMNS)
+    sequences = store.read("sequences", columns=SEQUENCE_COLUMNS)
     subject.check_layers([layer])
     device = choose_device(config.sae.device)
     folder = sae_folder(store, layer)

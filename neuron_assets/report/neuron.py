@@ -221,11 +221,10 @@ def _scan(store: Store, table: str, layer: int, polarity: Polarity, neurons: Seq
           kind: str = "neuron") -> pl.LazyFrame | None:
     from neuron_assets.exemplars import with_feature_kind
 
-    path = store.path(table, layer, polarity.value)
-    if not path.exists():
+    if not store.exists(table, layer, polarity.value):
         return None
     column = "feature_kind" if table == "exemplars" else "kind"
-    return with_feature_kind(pl.scan_parquet(path), column).filter(
+    return with_feature_kind(store.scan(table, layer, polarity.value), column).filter(
         pl.col("neuron").is_in([int(n) for n in neurons]) & (pl.col(column) == kind))
 
 
@@ -290,7 +289,7 @@ def _collected_neurons(store: Store, layer: int, polarity: Polarity, kind: str =
         return []
     from neuron_assets.exemplars import with_feature_kind
 
-    frame = with_feature_kind(pl.scan_parquet(store.path("neuron_stats", layer, polarity.value)))
+    frame = with_feature_kind(store.scan("neuron_stats", layer, polarity.value))
     return sorted(frame.filter(pl.col("kind") == kind).select("neuron").collect()["neuron"].to_list())
 
 

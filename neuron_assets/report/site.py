@@ -42,7 +42,7 @@ class ReportWritten:
 
 
 def report_index(store: Store) -> Path:
-    return store.root / REPORT_DIR / INDEX
+    return store.local_dir / REPORT_DIR / INDEX
 
 
 def build_report(store: Store, neuron_pages: int = NEURON_PAGES) -> ReportWritten:
@@ -51,10 +51,10 @@ def build_report(store: Store, neuron_pages: int = NEURON_PAGES) -> ReportWritte
     partitions = sorted(store.partitions("neuron_stats"), key=lambda p: (p[0], p[1] != "pos"))
     if not partitions:
         raise LookupError(f"no neuron_stats under {store.data_dir}; run `neuron-assets run` first")
-    target = store.root / REPORT_DIR
-    for leftover in [*store.root.glob(f".{REPORT_DIR}-*.tmp"), *store.root.glob(f".{REPORT_DIR}-old-*")]:
+    target = store.local_dir / REPORT_DIR
+    for leftover in [*store.local_dir.glob(f".{REPORT_DIR}-*.tmp"), *store.local_dir.glob(f".{REPORT_DIR}-old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)  # of a build that was killed (builds hold the writer lock)
-    building = store.root / f".{REPORT_DIR}-{uuid.uuid4().hex[:8]}.tmp"
+    building = store.local_dir / f".{REPORT_DIR}-{uuid.uuid4().hex[:8]}.tmp"
     (building / "neurons").mkdir(parents=True)
     try:
         summaries = [_partition_summary(store, layer, polarity) for layer, polarity in partitions]
@@ -118,15 +118,15 @@ def _partition_summary(store: Store, layer: int, polarity: str) -> _Summary:
     def neurons_only(frame: pl.DataFrame) -> pl.DataFrame:
         return with_feature_kind(frame).filter(pl.col("kind") == "neuron")
 
-    stats = neurons_only(pl.read_parquet(store.path("neuron_stats", layer, polarity)))
+    stats = neurons_only(store.read("neuron_stats", layer, polarity))
     lineage = {k: stats[k][0] for k in ("model", "config_hash", "run_id") if k in stats.columns and stats.height}
     neurons = stats.select("neuron", "max", "frac_active")
     if store.exists("neuron_descriptions", layer, polarity):
-        described = neurons_only(pl.read_parquet(store.path("neuron_descriptions", layer, polarity)))
+        described = neurons_only(store.read("neuron_descriptions", layer, polarity))
         described = described.select([c for c in _DESCRIPTION_COLUMNS if c in described.columns])
         neurons = neurons.join(described.with_columns(pl.col("neuron").cast(neurons["neuron"].dtype)), on="neuron",
                                how="left")
-    scores = (neurons_only(pl.read_parquet(store.path("description_scores", layer, polarity)))
+    scores = (neurons_only(store.read("description_scores", layer, polarity))
               if store.exists("description_scores", layer, polarity) else pl.DataFrame())
     return _Summary(layer, polarity, neurons.sort("neuron"), scores, lineage)
 

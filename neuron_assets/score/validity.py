@@ -500,7 +500,7 @@ def _build_simulators(config, skipped: dict[str, str], log) -> dict[str, object]
         from neuron_assets.simulate.checkpoints import latest_checkpoint
         from neuron_assets.store import Store
 
-        found = latest_checkpoint(Store(config.root), config)
+        found = latest_checkpoint(Store(config.store_root), config)
         checkpoint = found[1] if found else None
     wanted = ["lexical", "semantic", config.simulate.backend, *config.simulate.compare_with, "finetuned"]
     if config.simulate.prompted.model:
@@ -521,7 +521,7 @@ def _project_corpus(config) -> list[ActivationRecord]:
     from neuron_assets.explain.best_of_k import corpus_from_sequences
     from neuron_assets.store import Store
 
-    store = Store(config.root)
+    store = Store(config.store_root)
     if store.exists("sequences"):
         sequences = store.read("sequences")
     else:
