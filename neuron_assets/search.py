@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 
 from neuron_assets.config import Config
-from neuron_assets.store import Store, atomic_path, pinned_extension_path, with_lineage
+from neuron_assets.store import Store, atomic_path, pinned_extension_path, sql_string, with_lineage
 from neuron_assets.types import Polarity
 
 EMBEDDINGS_TABLE = "description_embeddings"
@@ -188,7 +188,7 @@ def build_index(store: Store, log: Log = _quiet, hnsw: bool = True) -> IndexBuil
             loaded = _load_extensions(con)
             if store.remote:
                 con.register_filesystem(store.fs)
-            sources = "[" + ", ".join(_sql_string(path) for path, _, _ in files) + "]"
+            sources = "[" + ", ".join(sql_string(path) for path, _, _ in files) + "]"
             dim = con.execute(f"SELECT max(len(embedding)) FROM read_parquet({sources})").fetchone()[0] or 0
             columns = {row[0] for row in con.execute(
                 f"DESCRIBE SELECT * FROM read_parquet({sources}, union_by_name = true)").fetchall()}
@@ -256,7 +256,7 @@ def _load_extensions(con: duckdb.DuckDBPyConnection) -> set[str]:
     loaded = set()
     for name in ("vss", "fts"):
         try:
-            con.execute(f"LOAD {_sql_string(pinned_extension_path(name))}")
+            con.execute(f"LOAD {sql_string(pinned_extension_path(name))}")
         except (ValueError, duckdb.Error):
             continue
         loaded.add(name)
@@ -391,7 +391,7 @@ class SearchSession:
         path = index
         if path is not None:
             try:
-                con.execute(f"ATTACH {_sql_string(path.resolve().as_posix())} AS {INDEX_NAME} (READ_ONLY)")
+                con.execute(f"ATTACH {sql_string(path.resolve().as_posix())} AS {INDEX_NAME} (READ_ONLY)")
                 files, dim, hnsw, fts = con.execute(
                     f"SELECT files, dim, hnsw, fts FROM {INDEX_NAME}.index_info").fetchone()
                 self.info = {"dim": dim, "hnsw": hnsw and self.vss, "fts": fts and self.fts_loaded}
@@ -495,6 +495,3 @@ def _hits(rows) -> list[Hit]:
 def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
-
-def _sql_string(value) -> str:
-    return "'" + str(value).replace("'", "''") + "'"

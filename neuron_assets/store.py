@@ -227,11 +227,11 @@ class Store:
                 except OSError:  # a read-only copy of a store: views in memory, nothing written
                     self._create_views(con)
             for name in extensions:
-                con.execute(f"LOAD {_sql_string(pinned_extension_path(name))}")
+                con.execute(f"LOAD {sql_string(pinned_extension_path(name))}")
             allowed = [self._data_text() + "/"]
             if self.remote:  # the search index, which DuckDB keeps in a local file
                 allowed.append((self.local_dir / "data").as_posix() + "/")
-            con.execute(f"SET allowed_directories = [{', '.join(_sql_string(d) for d in allowed)}]")
+            con.execute(f"SET allowed_directories = [{', '.join(sql_string(d) for d in allowed)}]")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         except BaseException:
@@ -248,7 +248,7 @@ class Store:
             return self._attached_catalog_stale(con)
 
     def _attach_catalog(self, con: duckdb.DuckDBPyConnection) -> None:
-        con.execute(f"ATTACH {_sql_string(self.catalog_path)} AS {CATALOG_NAME} (READ_ONLY)")
+        con.execute(f"ATTACH {sql_string(self.catalog_path)} AS {CATALOG_NAME} (READ_ONLY)")
         con.execute(f"USE {CATALOG_NAME}")
 
     def _attached_catalog_stale(self, con: duckdb.DuckDBPyConnection) -> bool:
@@ -360,8 +360,8 @@ class Store:
             # The view's glob, except that a table with a damaged file lists its readable files.
             table = match.group(1)
             if table in readable:
-                return "[" + ", ".join(_sql_string(path) for path in readable[table]) + "]"
-            return _sql_string(data + match.group(0)[len("'{data}"):-1])
+                return "[" + ", ".join(sql_string(path) for path in readable[table]) + "]"
+            return sql_string(data + match.group(0)[len("'{data}"):-1])
 
         pending = {p.stem: _DATA_GLOB.sub(source, p.read_text()) for p in sorted(sql_dir().glob("*.sql"))}
         created: list[str] = []
@@ -509,7 +509,8 @@ def parquet_problem(path: Path | str, fs=None) -> str | None:
     return None
 
 
-def _sql_string(value) -> str:
+def sql_string(value) -> str:
+    """A SQL string literal (single quotes doubled)."""
     return "'" + str(value).replace("'", "''") + "'"
 
 
