@@ -61,8 +61,13 @@ class PolarityView:
 @dataclass(frozen=True)
 class NeuronView:
     layer: int
-    neuron: int
+    neuron: int  # the feature's index within its kind
     polarities: dict[Polarity, PolarityView] = field(default_factory=dict)  # in display order
+
+    @property
+    def kind(self) -> str:
+        """The feature's kind: neuron, or sae for an SAE latent."""
+        return next((p.feature.feature.kind for p in self.polarities.values()), "neuron")
 
 
 def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str = Polarity.POS,
