@@ -106,7 +106,7 @@ def unigram_candidates(exemplars: pl.DataFrame, stats: pl.DataFrame, sequences: 
     return candidates
 
 
-@dataclass
+@dataclass(eq=False)  # probes are told apart by identity (open probes are removed from a list)
 class _Probe:
     prefix: np.ndarray  # the template's prefix token ids
     length: int  # tokens, prefix included
@@ -125,18 +125,15 @@ def confirm_unigrams(subject, sequences: pl.DataFrame, candidates: list[UnigramC
     schema = {"layer": pl.Int16, "polarity": pl.String, "kind": pl.String, "neuron": pl.Int32, **CONFIRMATION_COLUMNS}
     if not candidates:
         return pl.DataFrame(schema=schema)
-    probes = _probes(sequences, candidates, config.unigram_contexts, subject.tokenizer, seed)
-    planted_tokens, acts = _read_planted(subject, probes, candidates, saes, batch_size)
+    probes = _probes(sequences, candidates, config.unigram_contexts, seed)
+    kept = _mean_planted(subject, probes, candidates, saes, batch_size)  # candidate -> mean activation per top token
     rows = []
-    for candidate in candidates:
+    for number, candidate in enumerate(candidates):
         survival = None
         if candidate.tokens:
-            layer_acts, column = acts[candidate.layer]
-            values = layer_acts[:, column.get((candidate.kind, candidate.index))] * candidate.polarity.sign
-            kept = np.array([values[planted_tokens == token].mean() for token in candidate.tokens])
             mass, typical = np.asarray(candidate.mass), np.asarray(candidate.typical)
             expected = float((mass * typical).sum())
-            survival = float((mass * kept).sum()) / expected if expected > 0 else None
+            survival = float((mass * kept[number]).sum()) / expected if expected > 0 else None
         rows.append({"layer": candidate.layer, "polarity": candidate.polarity.value, "kind": candidate.kind,
                      "neuron": candidate.index, "unigram_survival": survival,
                      "unigram_confirmed": survival is not None and survival >= config.unigram_survival})
@@ -158,8 +155,7 @@ def with_confirmation(stats: pl.DataFrame, confirmed: pl.DataFrame | None) -> pl
     return frame.select(order)
 
 
-def _probes(sequences: pl.DataFrame, candidates: list[UnigramCandidate], contexts: int, tokenizer,
-            seed: int) -> list[_Probe]:
+def _probes(sequences: pl.DataFrame, candidates: list[UnigramCandidate], contexts: int, seed: int) -> list[_Probe]:
     """Probe sequences holding every top token ``contexts`` times, packed first-fit."""
     rng = np.random.default_rng([seed, 0x756E69])
     train = sequences.filter(pl.col("split") == "train").sort("seq_id")
@@ -203,22 +199,51 @@ def _probes(sequences: pl.DataFrame, candidates: list[UnigramCandidate], context
     return probes
 
 
-def _read_planted(subject, probes: list[_Probe], candidates: list[UnigramCandidate], saes: dict,
-                  batch_size: int) -> tuple[np.ndarray, dict]:
-    """The planted token ids (n,) and, per layer, ((n, columns) activations at the planted
-    positions, (kind, index) -> column), from one pass over the probes."""
+def _mean_planted(subject, probes: list[_Probe], candidates: list[UnigramCandidate], saes: dict,
+                  batch_size: int) -> dict[int, np.ndarray]:
+    """candidate number -> its mean activation (times its polarity's sign) where each of its top
+    tokens was planted, from one pass over the probes. Only (planted position, candidate)
+    pairs of the candidate's own tokens are gathered and summed, batch by batch, so host memory
+    is O(candidates x tokens x contexts), not planted positions x candidates."""
     from neuron_assets.exemplars import NEURON_KIND, _site_reader
 
     layers = sorted({c.layer for c in candidates if c.tokens})
-    widths = {layer: subject.neurons_per_layer(layer) for layer in layers}
-    positions = {layer: sorted({c.index if c.kind == NEURON_KIND else widths[layer] + c.index
-                                for c in candidates if c.layer == layer and c.tokens}) for layer in layers}
-    columns = {layer: {(NEURON_KIND, p) if p < widths[layer] else ("sae", p - widths[layer]): i
-                       for i, p in enumerate(positions[layer])} for layer in layers}
     if not layers:
-        return np.zeros(0, dtype=np.int64), {}
+        return {}
+    widths = {layer: subject.neurons_per_layer(layer) for layer in layers}
+
+    def axis_position(c: UnigramCandidate) -> int:  # the collector's feature axis: latents after the neurons
+        return c.index if c.kind == NEURON_KIND else widths[c.layer] + c.index
+
+    positions = {layer: sorted({axis_position(c) for c in candidates if c.layer == layer and c.tokens})
+                 for layer in layers}
+    column = {layer: {p: i for i, p in enumerate(positions[layer])} for layer in layers}
+    # planted positions in the order hidden[planted] reads them: probe by probe, position ascending
+    planted_tokens = np.array([probe.planted[p] for probe in probes for p in sorted(probe.planted)], dtype=np.int64)
+    rows_of: dict[int, np.ndarray] = {}
+    order = np.argsort(planted_tokens, kind="stable")
+    tokens, starts = np.unique(planted_tokens[order], return_index=True)
+    for token, lo, hi in zip(tokens.tolist(), starts.tolist(), [*starts[1:].tolist(), len(order)]):
+        rows_of[token] = order[lo:hi]
+    pairs: list[tuple[int, int]] = []  # pair id -> (candidate number, token slot)
+    gathers: dict[int, list[tuple[np.ndarray, int, int, int]]] = {layer: [] for layer in layers}
+    for number, candidate in enumerate(candidates):
+        for slot, token in enumerate(candidate.tokens):
+            gathers[candidate.layer].append((rows_of[token], column[candidate.layer][axis_position(candidate)],
+                                             len(pairs), candidate.polarity.sign))
+            pairs.append((number, slot))
+    triplets = {}  # layer -> (rows, columns, pair ids, signs), sorted by row
+    for layer, parts in gathers.items():
+        rows = np.concatenate([r for r, _, _, _ in parts])
+        cols = np.concatenate([np.full(len(r), c, dtype=np.int64) for r, c, _, _ in parts])
+        ids = np.concatenate([np.full(len(r), i, dtype=np.int64) for r, _, i, _ in parts])
+        signs = np.concatenate([np.full(len(r), sign, dtype=np.float32) for r, _, _, sign in parts])
+        by_row = np.argsort(rows, kind="stable")
+        triplets[layer] = (rows[by_row], cols[by_row], ids[by_row], signs[by_row])
+    sums = np.zeros(len(pairs))
+    counts = np.zeros(len(pairs))
     pad = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
-    tokens_read, read = [], {layer: [] for layer in layers}
+    first_row = 0
     for start in range(0, len(probes), batch_size):
         batch = probes[start:start + batch_size]
         width = max(p.length for p in batch)
@@ -232,14 +257,26 @@ def _read_planted(subject, probes: list[_Probe], candidates: list[UnigramCandida
                 planted[row, position] = True
             ids[row, :probe.length] = torch.from_numpy(sequence)
             mask[row, :probe.length] = 1
+        last_row = first_row + int(planted.sum())
         readers = {layer: _planted_reader(positions[layer], widths[layer], saes.get(layer), planted, _site_reader)
                    for layer in layers}
         captured = subject.activations(ids, mask, {layer: None for layer in layers}, readers)
-        tokens_read.append(ids[planted].numpy())  # row-major, as hidden[planted] reads them
         for layer in layers:
-            read[layer].append(captured[layer].float().cpu().numpy())
-    planted_tokens = np.concatenate(tokens_read)
-    return planted_tokens, {layer: (np.concatenate(read[layer]), columns[layer]) for layer in layers}
+            rows, cols, pair_ids, signs = triplets[layer]
+            lo, hi = np.searchsorted(rows, [first_row, last_row])
+            if hi == lo:
+                continue
+            device = captured[layer].device
+            values = captured[layer][torch.from_numpy(rows[lo:hi] - first_row).to(device),
+                                     torch.from_numpy(cols[lo:hi]).to(device)]
+            np.add.at(sums, pair_ids[lo:hi], values.float().cpu().numpy() * signs[lo:hi])
+            np.add.at(counts, pair_ids[lo:hi], 1)
+        first_row = last_row
+    means = sums / np.maximum(counts, 1)
+    kept: dict[int, list[float]] = {}
+    for pair, (number, _) in enumerate(pairs):
+        kept.setdefault(number, []).append(float(means[pair]))
+    return {number: np.asarray(values) for number, values in kept.items()}
 
 
 def _planted_reader(positions: list[int], width: int, latents, planted: torch.Tensor, site_reader):
