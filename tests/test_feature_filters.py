@@ -121,3 +121,32 @@ def test_planted_positional_and_one_token_neurons_are_flagged_and_a_context_one_
         chosen = config.model_copy(update={"explain": config.explain.model_copy(update={"flagged_features": choice})})
         made = make_candidate_descriptions(chosen, [(0, Polarity.POS)], "test")
         assert set(made.frame["neuron"].to_list()) == described, choice
+
+
+def test_unigram_probes_plant_each_top_token_in_its_own_scrambled_contexts():
+    """Every candidate's top tokens are planted exactly unigram_contexts times, never two of
+    one candidate in a probe, after the template's prefix and at least FIRST_PLANT random
+    tokens, PLANT_SPACING apart; the same seed gives the same probes."""
+    import polars as pl
+
+    from neuron_assets.features.unigram import FIRST_PLANT, PLANT_SPACING, UnigramCandidate, _probes
+
+    rng = np.random.default_rng(0)
+    prefix = [1, 2, 3]
+    sequences = pl.DataFrame({"seq_id": range(50), "split": ["train"] * 40 + ["val"] * 10,
+                              "token_ids": [prefix + rng.integers(10, 60, size=29).tolist() for _ in range(50)],
+                              "prefix_len": [3] * 50, "n_tokens": [32] * 50})
+    candidates = [UnigramCandidate(i % 2, Polarity.POS, "neuron", i, tuple(int(t) for t in rng.choice(20, 3, replace=False)),
+                                   (1.0,) * 3, (1.0,) * 3) for i in range(12)]
+    probes = _probes(sequences, candidates, 5, seed=7)
+    planted = [token for probe in probes for token in probe.planted.values()]
+    assert {t: planted.count(t) for t in set(planted)} == {t: 5 for c in candidates for t in c.tokens}
+    for probe in probes:
+        assert probe.prefix.tolist() == prefix and len(probe.filler) == probe.length - len(prefix)
+        for candidate in candidates:
+            assert len(set(candidate.tokens) & set(probe.planted.values())) <= 1
+        positions = sorted(probe.planted)
+        assert positions[0] >= len(prefix) + FIRST_PLANT and np.all(np.diff(positions) == PLANT_SPACING)
+        assert probe.length == positions[-1] + 1
+    again = _probes(sequences, candidates, 5, seed=7)
+    assert [(p.planted, p.filler.tolist()) for p in again] == [(p.planted, p.filler.tolist()) for p in probes]
