@@ -118,8 +118,10 @@ def make_exemplars(
 ) -> ExemplarRun:
     """Exemplars and neuron stats of the requested (layer, polarity) partitions, from one
     forward pass over the corpus per group of the plan (one, unless the state exceeds the
-    device budget), each stopping after its deepest layer. Each layer's tables are written
-    as soon as its last pass is done. ``log`` receives the plan before reading starts;
+    device budget), each stopping after its deepest layer. Each layer's exemplars are written
+    as soon as its last pass is done; the neuron_stats tables once one short pass over
+    scrambled-context probes has confirmed the unigram candidates of every layer
+    (:mod:`neuron_assets.features.unigram`). ``log`` receives the plan before reading starts;
     ``measured`` (a dict) receives the state sizes the run reached."""
     store = Store(config.root)
     if not store.exists(SEQUENCES_TABLE):
