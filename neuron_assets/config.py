@@ -216,9 +216,25 @@ class ExemplarsConfig(Section):
     whether a sampled train token activates it and the token's position (10 bins) exceeds
     this (Voita et al. use 0.05): such a feature tracks where it is, not what it reads."""
     unigram_tokens: int = Field(20, ge=1)
-    """neuron_stats flags a feature `is_unigram` when the strongest 80% of its activating sampled
-    train tokens are at most this many distinct tokens (delphi's context-independence filter;
-    needs twice as many activating sample tokens to judge, else `unigram_tokens` is null)."""
+    """A feature is a unigram *candidate* when the strongest 80% of its activating sampled train
+    tokens are at most this many distinct tokens (delphi's context-independence filter; needs
+    twice as many activating sample tokens to judge, else `unigram_tokens` is null).
+    neuron_stats flags it `is_unigram` only once the candidate is confirmed in scrambled
+    context (exemplars.unigram_contexts, exemplars.unigram_survival)."""
+    unigram_contexts: int = Field(8, ge=0)
+    """Scrambled contexts each top token of a unigram candidate is planted in (random train
+    tokens after the corpus's prefix; its top 3 tokens by activation mass in its train
+    exemplars): one short forward pass over these probes, right after the exemplar pass,
+    confirms candidates for every layer at once. The surviving fraction averages over these
+    contexts (a feature that needs some earlier token survives in the contexts that happened to
+    draw it), so few contexts make it noisy. 0 skips the confirmation: `is_unigram` then
+    flags every candidate and `unigram_confirmed` stays null."""
+    unigram_survival: float = Field(0.5, ge=0.0)
+    """A candidate is confirmed (`unigram_confirmed`, hence `is_unigram`) when its activation on
+    its top tokens in scrambled context keeps at least this fraction of its typical activation
+    on them in its real exemplars (neuron_stats `unigram_survival`, weighted by each token's
+    activation mass). A feature that reads a token only in a context the corpus always gives
+    it (a previous token, a topic) falls below."""
     output_tokens: int = Field(10, ge=0)
     """Tokens kept per feature in table `output_tokens`: the next tokens its output direction
     promotes through the logit lens (the unembedding times the final norm's scale times the
@@ -265,7 +281,8 @@ class ExplainConfig(Section):
     GPU), transformers (local Hugging Face generate, small instruct models)."""
     flagged_features: Literal["all", "skip", "only"] = "all"
     """What the explain stage does with features neuron_stats flags `is_positional` or `is_unigram`
-    (exemplars.positional_mi, exemplars.unigram_tokens): all (explain every feature), skip
+    (exemplars.positional_mi; exemplars.unigram_tokens, confirmed in scrambled context by
+    exemplars.unigram_survival): all (explain every feature), skip
     (leave them out: a position or a single token needs no LLM), only (explain just them
     first; a later run with `all` adds the rest)."""
     output_tokens: bool = False

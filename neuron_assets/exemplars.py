@@ -814,7 +814,8 @@ class _TokenStats:
         its position after the prefix, in POSITION_BINS equal bins; ``unigram_tokens``, the
         distinct token ids among the strongest 80% of the activating sample tokens (null with
         fewer than 2 x exemplars.unigram_tokens of them); and the flags ``is_positional``
-        (MI above exemplars.positional_mi) and ``is_unigram`` (at most exemplars.unigram_tokens)."""
+        (MI above exemplars.positional_mi) and ``is_unigram`` (at most exemplars.unigram_tokens: a
+        candidate, which :mod:`neuron_assets.features.unigram` then confirms or clears)."""
         known = (torch.isfinite(self.token_keys) & (self.token_positions >= 0)).cpu().numpy()
         values = self.token_values[:, cols].float().cpu().numpy()[known] * polarity.sign  # (n, F)
         positions = self.token_positions.cpu().numpy()[known]

@@ -214,13 +214,14 @@ class Plan:
     model: str
     shape_source: str
     device: DeviceSpec
-    features: int
+    features: int  # neurons and SAE latents
     polarities: int
     sequences: int
     tokens: int
     exemplar_pass: dict  # the collector's own plan (neuron_assets.exemplars.ExemplarPlan.as_dict)
     stages: tuple[StagePlan, ...]
     reference: dict | None = None  # published costs of the same run, for comparison
+    latents: int = 0  # of the features, SAE latents (described in the pos polarity only)
 
     @property
     def usd(self) -> float:
@@ -236,7 +237,8 @@ class Plan:
     def as_dict(self) -> dict:
         return {
             "model": self.model, "shape_source": self.shape_source, "device": asdict(self.device),
-            "features": self.features, "polarities": self.polarities, "sequences": self.sequences, "tokens": self.tokens,
+            "features": self.features, "latents": self.latents, "polarities": self.polarities,
+            "sequences": self.sequences, "tokens": self.tokens,
             "exemplar_pass": self.exemplar_pass, "stages": [asdict(s) for s in self.stages],
             "usd": self.usd, "usd_per_neuron": self.usd_per_neuron, "fits_one_device": self.fits(),
             "reference": self.reference,
@@ -245,7 +247,9 @@ class Plan:
     def table(self) -> str:
         gb = 1e9
         lines = [
-            f"plan for {self.model} ({self.features:,} features x {self.polarities} polarities, {self.sequences:,} "
+            f"plan for {self.model} ({self.features:,} features"
+            + (f" ({self.features - self.latents:,} neurons, {self.latents:,} SAE latents, pos only)" if self.latents else "")
+            + f" x {self.polarities} polarities, {self.sequences:,} "
             f"sequences, {self.tokens / 1e6:,.1f}M tokens) on one {self.device.name}; shape from {self.shape_source}",
             "",
             f"{'stage':<28} {'peak device GB':>14} {'device-hours':>12} {'disk GB':>9} {'host GB':>8} "
@@ -260,7 +264,7 @@ class Plan:
         lines.append(f"{'total':<28} {'':>14} {total_hours:>12.2f} {sum(s.disk_bytes for s in self.stages) / gb:>9.2f} "
                      f"{'':>8} {sum(s.explainer_prompt_tokens + s.explainer_completion_tokens for s in self.stages) / 1e6:>14.1f} "
                      f"{self.usd:>10.2f}")
-        lines.append(f"\ncost per neuron: ${self.usd_per_neuron:.4f}; every stage fits one {self.device.name}: "
+        lines.append(f"\ncost per feature: ${self.usd_per_neuron:.4f}; every stage fits one {self.device.name}: "
                      f"{'yes' if self.fits() else 'no (marked !)'}")
         passes = self.exemplar_pass
         lines.append(f"exemplar pass: {passes['passes']} pass(es), state {passes['state_bytes'] / gb:.1f} GB in all, "
@@ -293,7 +297,14 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     act_bytes = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
     polarities = [Polarity(p) for p in config.features.polarities]
     neurons = select_neurons(config.features, shape.layers, lambda layer: shape.intermediate)
-    features = sum(len(v) for v in neurons.values())
+    latents = planned_latents(config, neurons, shape)  # layer -> latents described there
+    # the collector's feature axis: a layer's latents follow its neurons and, like them, keep
+    # state for every polarity; only their pos tables are written and described
+    axis = {layer: list(indices) + list(range(shape.intermediate, shape.intermediate + latents.get(layer, 0)))
+            for layer, indices in neurons.items()}
+    n_latents = sum(latents.values())
+    features = sum(len(v) for v in neurons.values()) + n_latents
+    described = (features - n_latents) * len(polarities) + (n_latents if Polarity.POS in polarities else 0)
     corpus = config.corpus
     sequences = 3 * corpus.sequences_per_split
     tokens = sequences * corpus.seq_len  # windows are full length but for short documents and chats: an upper bound
@@ -303,9 +314,14 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     # Exemplars: weights and the forward workspace first, the collector gets what is left.
     weights = shape.params_through(shape.layers - 1) * act_bytes  # AutoModel: the base model, no output head
     workspace = shape.forward_workspace_bytes(batch, corpus.seq_len, act_bytes)
+    sae_latents_total = sae_latent_count(config, shape)
+    # each layer's SAE sits on the device in float32; encoding a batch makes (tokens, latents) temporaries
+    sae_resident = len(latents) * sae_param_count(shape.intermediate, sae_latents_total) * 4
+    sae_encode = (batch * corpus.seq_len * sae_latents_total * 4 * SAE_ENCODE_TEMPORARIES) if latents else 0
+    workspace += sae_resident + sae_encode
     budget = (int(config.exemplars.device_memory_gb * gb) if config.exemplars.device_memory_gb
               else int(spec.memory_gb * gb * 0.9) - weights - workspace)
-    exemplar_plan = plan_exemplar_pass(neurons, polarities, config.exemplars, corpus.seq_len, batch,
+    exemplar_plan = plan_exemplar_pass(axis, polarities, config.exemplars, corpus.seq_len, batch,
                                        "cuda" if on_gpu else "cpu", getattr(torch, dtype_name), budget_bytes=budget)
     flops_per_s = spec.bf16_tflops * 1e12 * rates.mfu
     pass_seconds = 0.0
@@ -314,13 +330,16 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
             seconds = tokens / rates.subject_tokens_per_s * (group.deepest + 1) / shape.layers
         else:
             seconds = tokens * 2 * shape.params_through(group.deepest) / flops_per_s
+        # a top-k SAE computes every latent of every counted token it encodes
+        seconds += sum(tokens * 2 * shape.intermediate * sae_latents_total
+                       for layer in group.neurons if layer in latents) / flops_per_s
         pass_seconds += seconds / rates.collect_efficiency
-    rows_per_feature = len(polarities) * 3 * _exemplar_rows_per_split(config, corpus.sequences_per_split)
+    rows_per_feature = 3 * _exemplar_rows_per_split(config, corpus.sequences_per_split)  # per feature x polarity
     row_bytes = corpus.seq_len * 2 * rates.activation_compression + ROW_OVERHEAD_BYTES
     lens = config.exemplars.output_tokens  # the logit lens's output_tokens table (a causal LM's)
     files = (2 + (lens > 0)) * len(neurons) * len(polarities)  # exemplars, neuron_stats, output_tokens per partition
-    exemplar_disk = int(features * rows_per_feature * row_bytes + features * len(polarities) * STATS_ROW_BYTES
-                        + features * len(polarities) * lens * OUTPUT_TOKEN_ROW_BYTES + files * PARQUET_FILE_BYTES)
+    exemplar_disk = int(described * rows_per_feature * row_bytes + described * STATS_ROW_BYTES
+                        + described * lens * OUTPUT_TOKEN_ROW_BYTES + files * PARQUET_FILE_BYTES)
     stages = [
         StagePlan("corpus", 0, 0.0, int(sequences * corpus.seq_len * SEQUENCE_BYTES_PER_TOKEN),
                   host_bytes=int(sequences * corpus.seq_len * 4 * 2), note="tokenizing is CPU work"),
@@ -330,10 +349,12 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
                        + (f"{rates.subject_tokens_per_s:,.0f} tokens/s measured" if rates.subject_tokens_per_s
                           else f"{rates.mfu:.0%} of bf16 peak") + f", collection at {rates.collect_efficiency:.0%} of the bare pass"),
     ]
-    stages += _explain_and_score_stages(config, shape, explainer_shape, features, len(polarities), spec, rates, act_bytes)
+    if config.sae.layers:
+        stages.insert(1, _sae_stage(config, shape, spec, rates, act_bytes))
+    stages += _explain_and_score_stages(config, shape, explainer_shape, described, spec, rates, act_bytes)
     plan = Plan(model=config.subject.model, shape_source=shape_source, device=spec, features=features,
                 polarities=len(polarities), sequences=sequences, tokens=tokens, exemplar_pass=exemplar_plan.as_dict(),
-                stages=tuple(_priced(s, spec) for s in stages))
+                stages=tuple(_priced(s, spec) for s in stages), latents=n_latents)
     if _is_llama31_8b(shape):
         plan = replace(plan, reference=_transluce_reference(plan))
     return plan
@@ -358,11 +379,12 @@ def _exemplar_rows_per_split(config: Config, per_split: int) -> int:
     return min(ex.top_k, per_split) + quantile + min(ex.quiet_per_split, per_split) + min(ex.random_per_split, per_split)
 
 
-def _explain_and_score_stages(config, shape, explainer_shape, features, polarities, spec, rates, act_bytes) -> list[StagePlan]:
+def _explain_and_score_stages(config, shape, explainer_shape, described, spec, rates, act_bytes) -> list[StagePlan]:
+    """``described``: the feature x polarity pairs that get descriptions (SAE latents: pos only)."""
     gb = 1e9
     explain, sim, score = config.explain, config.simulate, config.score
     seq_len = config.corpus.seq_len
-    prompts = features * polarities * explain.k
+    prompts = described * explain.k
     shown = (explain.exemplars_min + explain.exemplars_max) / 2
     per_prompt = PROMPT_OVERHEAD_TOKENS + shown * seq_len * HIGHLIGHT_MARKUP * (2 if explain.few_shot else 1)
     prompt_tokens = int(prompts * per_prompt)
@@ -393,7 +415,7 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
     train_tokens = training.folds * (training.stage1_features * training.stage1_epochs
                                      + training.stage2_features * training.stage2_epochs) \
         * training.exemplars_per_feature * (DESCRIPTION_TOKENS + seq_len)
-    eval_pairs = features * polarities * (explain.k * (score.top_exemplars + score.random_exemplars)  # val, every candidate
+    eval_pairs = described * (explain.k * (score.top_exemplars + score.random_exemplars)  # val, every candidate
                                           + 2 * (score.top_exemplars + score.random_exemplars))  # test: best + control
     eval_tokens = eval_pairs * (DESCRIPTION_TOKENS + seq_len)
     if "finetuned" in (sim.backend, *sim.compare_with) and backbone is not None:
@@ -418,7 +440,7 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
             eval_pairs // max(1, score.top_exemplars + score.random_exemplars) * 64,
             note=f"{eval_pairs / 1e6:,.1f}M (description, exemplar) pairs, {eval_tokens / 1e9:,.1f}B tokens"))
     else:
-        stages.append(StagePlan("simulation (scoring)", 0, 0.0, features * polarities * explain.k * 64,
+        stages.append(StagePlan("simulation (scoring)", 0, 0.0, described * explain.k * 64,
                                 note=f"{sim.backend} simulator on CPU; {eval_pairs / 1e6:,.2f}M pairs"))
     judges = [s for s in score.scorers if s in ("detection", "fuzzing")]
     if judges and explain.backend != "statistical":
@@ -427,7 +449,7 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
         candidates = explain.k if score.judge_candidates == "all" else min(score.judge_candidates, explain.k)
         examples = score.judge_examples + score.judge_quiet
         per_candidate = -(-examples // score.judge_batch)
-        calls = features * polarities * (candidates + int(score.shuffled_control)) * len(judges) * per_candidate
+        calls = described * (candidates + int(score.shuffled_control)) * len(judges) * per_candidate
         prompt = calls * (min(examples, score.judge_batch) * seq_len + PROMPT_OVERHEAD_TOKENS)
         completion = calls * min(examples, score.judge_batch) * 2
         scale = (explainer_shape.params / 8e9) if explainer_shape else 1.0
@@ -439,6 +461,70 @@ def _explain_and_score_stages(config, shape, explainer_shape, features, polariti
                                 hours, calls * 16, explainer_prompt_tokens=prompt, explainer_completion_tokens=completion,
                                 usd=usd, note=f"{calls / 1e6:,.1f}M judge calls on {candidates} candidate(s) per feature"))
     return stages
+
+
+# -- SAEs ----------------------------------------------------------------------------------
+
+SAE_ENCODE_TEMPORARIES = 3  # (tokens, latents) float32 arrays alive while a batch is encoded: pre-activations, top-k, result
+SAE_TRAIN_TEMPORARIES = 6  # the same in a training step, with their gradients
+SAE_ADAM_BYTES = 16  # per float32 parameter: weight, gradient, two Adam moments
+SAE_FLOPS_PER_TOKEN = 6  # x parameters: forward and backward of the encoder and the dense decoder
+
+
+def sae_latent_count(config: Config, shape: ModelShape) -> int:
+    """Latents of each layer's SAE: sae.expansion x the site's width (the MLP's intermediate size)."""
+    return config.sae.expansion * shape.intermediate
+
+
+def sae_param_count(d_in: int, d_latent: int) -> int:
+    """W_enc, b_enc, W_dec, b_dec."""
+    return 2 * d_in * d_latent + d_in + d_latent
+
+
+def planned_latents(config: Config, neurons: dict[int, list[int]], shape: ModelShape) -> dict[int, int]:
+    """layer -> SAE latents described there (sae.latents of each sae.layers layer the run collects)."""
+    chosen = config.sae.latents
+    if chosen is None or Polarity.POS.value not in config.features.polarities:
+        return {}
+    total = sae_latent_count(config, shape)
+    count = total if chosen == "all" else (len(set(chosen)) if isinstance(chosen, list) else min(chosen.sample, total))
+    return {layer: count for layer in sorted(set(config.sae.layers)) if layer in neurons}
+
+
+def _sae_stage(config: Config, shape: ModelShape, spec: DeviceSpec, rates: Rates, act_bytes: int) -> StagePlan:
+    """sae_checkpoint: per layer of sae.layers, stream the site's activations from the subject
+    (with its LM head for a causal LM, for the reconstruction score) and train the SAE, or
+    load one (sae.path); then measure it on sae.eval_sequences val sequences."""
+    sae, corpus = config.sae, config.corpus
+    layers = sorted(set(sae.layers))
+    d_in, d_latent = shape.intermediate, sae_latent_count(config, shape)
+    params = sae_param_count(d_in, d_latent)
+    trained = not sae.path
+    steps = sae.steps if trained else 0
+    trained_tokens = steps * sae.batch_tokens
+    batch = config.subject.batch_size
+    # the subject: the whole causal LM (head included) for the reconstruction score
+    subject = (shape.params if shape.causal else shape.params_through(shape.layers - 1)) * act_bytes
+    workspace = shape.forward_workspace_bytes(batch, corpus.seq_len, act_bytes)
+    logits = batch * corpus.seq_len * shape.vocab * 4 if shape.causal else 0  # the score's float32 loss
+    block = 2 * min(sae.block_sequences, 3 * corpus.sequences_per_split) * corpus.seq_len * d_in * 4  # shuffled once
+    step = sae.batch_tokens * (d_latent * SAE_TRAIN_TEMPORARIES + 4 * d_in) * 4
+    memory = subject + workspace + max(logits, block + step if trained else 0) + params * (SAE_ADAM_BYTES if trained else 4)
+    flops_per_s = spec.bf16_tflops * 1e12 * rates.mfu
+    deepest = max(layers)
+    eval_tokens = sae.eval_sequences * corpus.seq_len
+    if rates.subject_tokens_per_s:
+        forward = (trained_tokens + eval_tokens) / rates.subject_tokens_per_s * (deepest + 1) / shape.layers \
+            + 2 * eval_tokens / rates.subject_tokens_per_s
+    else:
+        forward = ((trained_tokens + eval_tokens) * 2 * shape.params_through(deepest)
+                   + 2 * eval_tokens * 2 * shape.params) / flops_per_s  # spliced and zero-ablated passes
+    seconds = len(layers) * (forward + trained_tokens * SAE_FLOPS_PER_TOKEN * params / flops_per_s)
+    # sae.safetensors; a trained one also keeps its resumable state (weights and two Adam moments)
+    disk = len(layers) * (params * 4 * (4 if trained else 1) + d_latent * 8 + steps * 20 + 2 * PARQUET_FILE_BYTES)
+    how = (f"trains {len(layers)} SAE(s) of {d_latent:,} latents ({sae.expansion}x, {sae.kind}) on "
+           f"{trained_tokens:,} tokens each" if trained else f"loads {len(layers)} SAE(s) from {sae.path}")
+    return StagePlan("sae_checkpoint", memory, seconds / 3600, disk, note=how)
 
 
 def _priced(stage: StagePlan, spec: DeviceSpec) -> StagePlan:

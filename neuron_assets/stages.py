@@ -46,6 +46,7 @@ from neuron_assets.exemplars import (
     with_feature_kind,
     select_neurons,
 )
+from neuron_assets.features.unigram import UnigramCandidate, confirm_unigrams, unigram_candidates, with_confirmation
 from neuron_assets.progress import Progress
 from neuron_assets.score import JUDGE_SCORERS, Scorer, judged_candidates
 from neuron_assets.score.crossfit import Scoring, with_provenance
@@ -117,8 +118,10 @@ def make_exemplars(
 ) -> ExemplarRun:
     """Exemplars and neuron stats of the requested (layer, polarity) partitions, from one
     forward pass over the corpus per group of the plan (one, unless the state exceeds the
-    device budget), each stopping after its deepest layer. Each layer's tables are written
-    as soon as its last pass is done. ``log`` receives the plan before reading starts;
+    device budget), each stopping after its deepest layer. Each layer's exemplars are written
+    as soon as its last pass is done; the neuron_stats tables once one short pass over
+    scrambled-context probes has confirmed the unigram candidates of every layer
+    (:mod:`neuron_assets.features.unigram`). ``log`` receives the plan before reading starts;
     ``measured`` (a dict) receives the state sizes the run reached."""
     store = Store(config.store_root)
     if not store.exists(SEQUENCES_TABLE):
@@ -140,6 +143,14 @@ def make_exemplars(
                                                         batch_size, seed, saes, subject.neurons_per_layer)
     wanted = {(layer, Polarity(polarity)) for layer, polarity in partitions}
     written = []
+    pending_stats: dict[tuple[int, Polarity], pl.DataFrame] = {}
+    candidates: list[UnigramCandidate] = []
+    confirming = config.exemplars.unigram_contexts > 0
+
+    def write_table(table: str, frame: pl.DataFrame, layer: int, polarity: Polarity) -> None:
+        frame = with_lineage(frame, config.subject.model, config.hash, run_id)
+        path = store.write(table, frame, layer, polarity.value)
+        written.append(Written(table, path, frame.height, layer, polarity.value))
 
     def write(layer: int, polarity: Polarity, exemplars: pl.DataFrame, stats: pl.DataFrame) -> None:
         if (layer, polarity) not in wanted:
@@ -147,16 +158,29 @@ def make_exemplars(
         if polarity is not Polarity.POS:  # SAE latents are never negative: no neg description
             exemplars = exemplars.filter(pl.col("feature_kind") != SAE_KIND)
             stats = stats.filter(pl.col("kind") != SAE_KIND)
-        for table, frame in (("exemplars", exemplars), ("neuron_stats", stats)):
-            frame = with_lineage(frame, config.subject.model, config.hash, run_id)
-            path = store.write(table, frame, layer, polarity.value)
-            written.append(Written(table, path, frame.height, layer, polarity.value))
+        write_table("exemplars", exemplars, layer, polarity)
+        # Stats wait for the unigram confirmation, which probes every layer's candidates at once;
+        # of the exemplars only the candidates' top tokens are kept.
+        pending_stats[(layer, polarity)] = stats
+        if confirming:
+            candidates.extend(unigram_candidates(exemplars, stats, sequences, layer, polarity, config.exemplars))
 
     collect_exemplars(
         subject, sequences, selected, polarities, config.exemplars, batch_size=batch_size, seed=seed,
         checkpoint=checkpoint, progress=progress, on_batch=on_batch, plan=plan, on_tables=write, measured=measured,
         saes=saes,
     )
+    confirmed = None
+    if confirming:
+        started = time.perf_counter()
+        confirmed = confirm_unigrams(subject, sequences, candidates, saes, config.exemplars, batch_size, seed)
+        if candidates:
+            log(f"unigram candidates confirmed in scrambled context: {int(confirmed['unigram_confirmed'].sum())} "
+                f"of {len(candidates)} ({time.perf_counter() - started:.1f} s)")
+    for (layer, polarity), stats in sorted(pending_stats.items(), key=lambda item: (item[0][0], item[0][1].value)):
+        mine = None if confirmed is None else confirmed.filter((pl.col("layer") == layer) &
+                                                               (pl.col("polarity") == polarity.value))
+        write_table("neuron_stats", with_confirmation(stats, mine), layer, polarity)
     written += _write_output_tokens(config, store, subject, selected, wanted, run_id, saes)
     written.sort(key=lambda w: (w.layer, w.polarity, w.table))
     return ExemplarRun(written, plan)

@@ -7,7 +7,9 @@ import json
 
 from neuron_assets.cli import main
 from neuron_assets.config import REPO_ROOT, load_config
+from neuron_assets.features.sae_stage import make_saes
 from neuron_assets.stages import make_corpus, make_exemplars
+from neuron_assets.store import Store
 from neuron_assets.plan import ModelShape, find_model_shape, plan_run
 from neuron_assets.types import Polarity
 
@@ -15,20 +17,31 @@ LLAMA_CONFIG = REPO_ROOT / "configs" / "llama31_8b_instruct.yaml"
 
 
 def test_plan_matches_a_measured_tiny_run(tiny_config, tiny_llama):
-    config = load_config(tiny_config())
+    # an SAE on layer 1 (2x, 192 latents) whose 12 sampled latents are described beside the neurons
+    config = load_config(tiny_config(sae={"layers": [1], "latents": {"sample": 12}, "expansion": 2, "k": 4,
+                                          "steps": 20, "batch_tokens": 32, "block_sequences": 24, "eval_sequences": 2}))
     make_corpus(config, "run-plan")
+    [sae] = make_saes(config, log=lambda text: None)
+    sae_disk = sum(path.stat().st_size for path in sae.folder.iterdir())
     measured: dict = {}
     partitions = [(layer, polarity) for layer in range(3) for polarity in Polarity]
     run = make_exemplars(config, partitions, "run-plan", progress=False, log=lambda text: None, measured=measured)
     disk = sum(w.path.stat().st_size for w in run.written)
+    assert Store(config.root).read("neuron_stats", 1, "pos")["kind"].to_list().count("sae") == 12
 
     plan = plan_run(config, ModelShape.from_config_json(tiny_llama), device="cpu")
-    assert plan.features == 18 and plan.sequences == 72
+    assert plan.features == 18 + 12 and plan.latents == 12 and plan.sequences == 72
     exemplars = next(s for s in plan.stages if s.stage == "exemplars")
     predicted_state = plan.exemplar_pass["state_bytes"]
     assert abs(predicted_state - measured["peak_state_bytes"]) <= 0.2 * measured["peak_state_bytes"], (predicted_state, measured)
     assert abs(exemplars.disk_bytes - disk) <= 0.2 * disk, (exemplars.disk_bytes, disk)
     assert run.plan.passes == measured["passes"] == 1
+    training = next(s for s in plan.stages if s.stage == "sae_checkpoint")
+    assert abs(training.disk_bytes - sae_disk) <= 0.2 * sae_disk, (training.disk_bytes, sae_disk)
+    assert "192 latents" in training.note and training.device_hours > 0
+    # latents are described in the pos polarity only: 18 neurons x 2 + 12 latents
+    candidates = next(s for s in plan.stages if s.stage == "explain")
+    assert candidates.disk_bytes == (18 * 2 + 12) * config.explain.k * 200
 
 
 def test_llama_plan_fits_one_80gb_gpu_and_exemplars_in_3_h100_hours(capsys):

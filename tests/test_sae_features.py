@@ -3,6 +3,8 @@ described, scored and stored like them by `neuron-assets run`."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import torch
@@ -78,3 +80,18 @@ def test_run_with_an_sae_section_describes_latents_beside_neurons(tiny_config, c
     first = latents["neuron"][0]
     assert main(["--config", str(path), "show", "1", str(first), "--feature", "sae"]) == 0
     assert f"sae L1/{first} pos" in capsys.readouterr().out
+
+    # the HTML report lists the latents beside the neurons, with their kind, and links their pages
+    assert main(["--config", str(path), "report"]) == 0
+    capsys.readouterr()
+    report = store.root / "report"
+    index = report.joinpath("index.html").read_text()
+    assert re.search(r'layer-1-pos\.html">layer 1 pos</a></td><td>SAE latent</td><td class="n"[^>]*>3<', index), index
+    layer_page = report.joinpath("layer-1-pos.html").read_text()
+    linked = set(re.findall(r'href="neurons/L1-SAE(\d+)\.html"', layer_page))
+    assert linked == {str(j) for j in latents["neuron"]} and layer_page.count("<td>SAE latent</td>") == 3
+    assert re.findall(r'href="neurons/L1-N\d+\.html"', layer_page), "the layer's neurons beside them"
+    for j in linked:
+        page = report.joinpath(f"neurons/L1-SAE{j}.html").read_text()
+        assert f"<title>SAE latent L1/{j}</title>" in page and "layer 1 pos" in page and "layer 1 neg" not in page
+    assert "SAE" not in report.joinpath("layer-1-neg.html").read_text(), "latents are pos only"

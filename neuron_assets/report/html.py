@@ -46,10 +46,11 @@ r.forEach(function(x){b.appendChild(x);});});});
 
 def neuron_page(view: NeuronView, split: Split = Split.TRAIN, top_n: int = 10, back: str | None = None,
                 polarity_pages: dict[Polarity, str] | None = None) -> str:
-    """A neuron's page: per collected polarity, side by side, the selected description, every
-    candidate with its scores and the shuffled control, statistics, the activation histogram,
-    and the top and quantile exemplars of ``split`` as token heat-maps."""
-    title = f"neuron L{view.layer}/{view.neuron}"
+    """A feature's page (a neuron's, an SAE latent's): per collected polarity, side by side, the
+    selected description, every candidate with its scores and the shuffled control,
+    statistics, the activation histogram, and the top and quantile exemplars of ``split`` as
+    token heat-maps."""
+    title = f"{'neuron' if view.kind == 'neuron' else view.kind.upper() + ' latent'} L{view.layer}/{view.neuron}"
     links = []
     if back:
         links.append(f'<a href="{escape(back)}">report index</a>')

@@ -61,8 +61,13 @@ class PolarityView:
 @dataclass(frozen=True)
 class NeuronView:
     layer: int
-    neuron: int
+    neuron: int  # the feature's index within its kind
     polarities: dict[Polarity, PolarityView] = field(default_factory=dict)  # in display order
+
+    @property
+    def kind(self) -> str:
+        """The feature's kind: neuron, or sae for an SAE latent."""
+        return next((p.feature.feature.kind for p in self.polarities.values()), "neuron")
 
 
 def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str = Polarity.POS,
@@ -149,9 +154,11 @@ def stats_line(view: PolarityView) -> str:
     flags = [flag[3:] for flag in ("is_positional", "is_unigram") if view.stats.get(flag)]
     if flags:
         distinct = view.stats.get("unigram_tokens")
+        survival = view.stats.get("unigram_survival")
         line += (f"; flagged {' and '.join(flags)} (positional MI {view.stats.get('positional_mi', 0):.3f} bits, "
-                 + (f"{distinct} distinct firing tokens)" if distinct is not None
-                    else "too few firing tokens to count distinct ones)"))
+                 + (f"{distinct} distinct firing tokens" if distinct is not None
+                    else "too few firing tokens to count distinct ones")
+                 + (f", {survival:.0%} of its activation survives in scrambled context)" if survival is not None else ")"))
     if view.output_tokens:
         line += "; promotes (logit lens): " + " ".join(repr(t) for t in view.output_tokens)
     return line

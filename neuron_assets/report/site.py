@@ -1,12 +1,15 @@
 """The static HTML report of a store: an index, one page per layer x polarity (score
-histograms, the best-of-k curve, a sortable table of its neurons) and neuron pages.
+histograms, the best-of-k curve, a sortable table of its features) and feature pages.
 
     build_report(Store(root))  ->  <root>/report/index.html
 
 The report is built in a temporary folder beside its place and renamed into it, so a reader
 never sees half a report. Every page stands alone (see :mod:`neuron_assets.report.html`).
-Neuron pages are written for the best ``neuron_pages`` neurons of each layer x polarity by
-test score (every neuron of the demo); the tables list every neuron and link those.
+Features are a layer's neurons and, where an SAE was described, its latents (kind ``sae``,
+pos only): the tables list both with their kind, the index has a row per layer x polarity x
+kind, and the histograms and best-of-k curves pool a partition's features. Feature pages are
+written for the best ``neuron_pages`` features of each kind of each layer x polarity by test
+score (every feature of the demo); the tables link those.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from neuron_assets.types import Polarity
 REPORT_DIR = "report"
 INDEX = "index.html"
 NEURON_PAGES = 200
-"""Neuron pages per layer x polarity (the best by test score): each page renders two figures
-and reads its neuron's exemplars, so a 14,336-neuron layer gets its best pages, not all."""
+"""Feature pages per layer x polarity and kind (the best by test score): each page renders two
+figures and reads its feature's exemplars, so a 14,336-neuron layer gets its best pages, not all."""
+NEURON_KIND = "neuron"
+KIND_LABELS = {NEURON_KIND: "neuron", "sae": "SAE latent"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ def build_report(store: Store, neuron_pages: int = NEURON_PAGES) -> ReportWritte
     try:
         summaries = [_partition_summary(store, layer, polarity) for layer, polarity in partitions]
         paged = _neurons_with_pages(summaries, neuron_pages)
-        pages = {(s.layer, n) for s in summaries for n in paged[(s.layer, s.polarity)]}
+        pages = {(s.layer, kind, n) for s in summaries for kind, n in paged[(s.layer, s.polarity)]}
         for summary in summaries:
             _write(building / summary.filename, _partition_page(summary, pages))
         written = _write_neuron_pages(store, building, summaries, pages)
@@ -71,8 +76,14 @@ def build_report(store: Store, neuron_pages: int = NEURON_PAGES) -> ReportWritte
     return ReportWritten(target / INDEX, len(summaries), written, time.perf_counter() - started)
 
 
-def neuron_filename(layer: int, neuron: int) -> str:
-    return f"neurons/L{layer}-N{neuron}.html"
+def neuron_filename(layer: int, neuron: int, kind: str = NEURON_KIND) -> str:
+    """A feature's page: a neuron's ``neurons/L<layer>-N<index>.html``, an SAE latent's
+    ``neurons/L<layer>-SAE<index>.html`` (one folder, so every page links back the same way)."""
+    return f"neurons/L{layer}-{'N' if kind == NEURON_KIND else kind.upper()}{neuron}.html"
+
+
+def kind_label(kind: str) -> str:
+    return KIND_LABELS.get(kind, kind)
 
 
 def partition_filename(layer: int, polarity: str) -> str:
@@ -86,7 +97,7 @@ def partition_filename(layer: int, polarity: str) -> str:
 class _Summary:
     layer: int
     polarity: str
-    neurons: pl.DataFrame  # one row per collected neuron: stats joined with its selected description
+    neurons: pl.DataFrame  # one row per collected feature (kind, neuron = index): stats joined with its selected description
     scores: pl.DataFrame  # description_scores of the partition (empty before scoring)
     lineage: dict
 
@@ -106,42 +117,53 @@ class _Summary:
             return None
         return float(self.neurons[column].drop_nulls().mean())
 
+    @property
+    def kinds(self) -> list[str]:
+        """The feature kinds of the partition, neurons first."""
+        return sorted(set(self.neurons["kind"].to_list()), key=lambda k: (k != NEURON_KIND, k))
 
-_DESCRIPTION_COLUMNS = ("neuron", "candidate", "description", "scorer", "simulator", "val_score", "test_score",
+    def of_kind(self, kind: str) -> _Summary:
+        return _Summary(self.layer, self.polarity, self.neurons.filter(pl.col("kind") == kind),
+                        self.scores.filter(pl.col("kind") == kind) if "kind" in self.scores.columns else self.scores,
+                        self.lineage)
+
+
+_DESCRIPTION_COLUMNS = ("kind", "neuron", "candidate", "description", "scorer", "simulator", "val_score", "test_score",
                         "control_val_score", "control_test_score", "n_candidates")
 
 
 def _partition_summary(store: Store, layer: int, polarity: str) -> _Summary:
-    from neuron_assets.exemplars import with_feature_kind
+    from neuron_assets.exemplars import with_feature_kind  # tables written before kinds hold neurons
 
-    # the report's pages are the neurons'; SAE latents are in the database and `show --feature sae`
-    def neurons_only(frame: pl.DataFrame) -> pl.DataFrame:
-        return with_feature_kind(frame).filter(pl.col("kind") == "neuron")
-
-    stats = neurons_only(store.read("neuron_stats", layer, polarity))
+    stats = with_feature_kind(store.read("neuron_stats", layer, polarity))
     lineage = {k: stats[k][0] for k in ("model", "config_hash", "run_id") if k in stats.columns and stats.height}
-    neurons = stats.select("neuron", "max", "frac_active")
+    neurons = stats.select("kind", "neuron", "max", "frac_active")
     if store.exists("neuron_descriptions", layer, polarity):
-        described = neurons_only(store.read("neuron_descriptions", layer, polarity))
+        described = with_feature_kind(store.read("neuron_descriptions", layer, polarity))
         described = described.select([c for c in _DESCRIPTION_COLUMNS if c in described.columns])
-        neurons = neurons.join(described.with_columns(pl.col("neuron").cast(neurons["neuron"].dtype)), on="neuron",
-                               how="left")
-    scores = (neurons_only(store.read("description_scores", layer, polarity))
+        neurons = neurons.join(described.with_columns(pl.col("neuron").cast(neurons["neuron"].dtype)),
+                               on=["kind", "neuron"], how="left")
+    scores = (with_feature_kind(store.read("description_scores", layer, polarity))
               if store.exists("description_scores", layer, polarity) else pl.DataFrame())
-    return _Summary(layer, polarity, neurons.sort("neuron"), scores, lineage)
+    neurons = neurons.sort(pl.col("kind") != NEURON_KIND, "kind", "neuron")
+    return _Summary(layer, polarity, neurons, scores, lineage)
 
 
-def _neurons_with_pages(summaries: list[_Summary], limit: int) -> dict[tuple[int, str], list[int]]:
+def _neurons_with_pages(summaries: list[_Summary], limit: int) -> dict[tuple[int, str], list[tuple[str, int]]]:
+    """(layer, polarity) -> the (kind, index) of the features that get a page: the best
+    ``limit`` of each kind by test score."""
     chosen = {}
     for summary in summaries:
         frame = summary.neurons
         if "test_score" in frame.columns:
             frame = frame.sort("test_score", descending=True, nulls_last=True)
-        chosen[(summary.layer, summary.polarity)] = frame["neuron"].head(limit).to_list()
+        chosen[(summary.layer, summary.polarity)] = [
+            (kind, n) for kind in summary.kinds
+            for n in frame.filter(pl.col("kind") == kind)["neuron"].head(limit).to_list()]
     return chosen
 
 
-def _partition_page(summary: _Summary, pages: set[tuple[int, int]]) -> str:
+def _partition_page(summary: _Summary, pages: set[tuple[int, str, int]]) -> str:
     from neuron_assets.report.plots import curve_png, score_histogram_png
 
     title = f"layer {summary.layer} {summary.polarity}"
@@ -154,23 +176,35 @@ def _partition_page(summary: _Summary, pages: set[tuple[int, int]]) -> str:
                      + image(score_histogram_png(tests, controls), "score histogram")
                      + '<p class="muted">x: score from -1 to 1 in bins of 0.1 (dark line: 0); blue: the selected '
                      "descriptions, grey: their shuffled controls; the tallest bar is "
-                     f"{_tallest(tests, controls)} neurons.</p>")
+                     f"{_tallest(tests, controls)} {_noun(summary.kinds)}.</p>")
     curve = _best_of_k(summary)
     if curve is not None:
         fit = (f"; fit mean_best(k) = {curve.fit_a:.3f} k^{curve.fit_b:.3f} (orange)" if curve.fit_a is not None else "")
         parts.append(f"<h2>best of k: {escape(_label(summary.selector))}</h2>" + image(curve_png(curve), "best of k")
                      + f'<p class="muted">the mean test score of the candidate val selects among k (blue){fit}</p>'
-                     + table(["k", "mean test score", "neurons"], [list(r) for r in zip(curve.k, curve.mean_best, curve.features)]))
-    header = ["neuron", "description", "val", "test", "control val", "control test", "max", "active"]
+                     + table(["k", "mean test score", _noun(summary.kinds)],
+                             [list(r) for r in zip(curve.k, curve.mean_best, curve.features)]))
+    header = ["feature", "kind", "description", "val", "test", "control val", "control test", "max", "active"]
     rows = []
     for row in frame.iter_rows(named=True):
-        neuron = row["neuron"]
-        link = (f'<a href="{neuron_filename(summary.layer, neuron)}">{neuron}</a>'
-                if (summary.layer, neuron) in pages else str(neuron))
-        rows.append([link, row.get("description"), row.get("val_score"), row.get("test_score"),
+        kind, neuron = row["kind"], row["neuron"]
+        link = (f'<a href="{neuron_filename(summary.layer, neuron, kind)}">{neuron}</a>'
+                if (summary.layer, kind, neuron) in pages else str(neuron))
+        rows.append([link, kind_label(kind), row.get("description"), row.get("val_score"), row.get("test_score"),
                      row.get("control_val_score"), row.get("control_test_score"), row["max"], row["frac_active"]])
-    parts.append(f"<h2>neurons ({frame.height}; click a column to sort)</h2>" + table(header, rows, sortable=True, raw=(0,)))
+    counts = " + ".join(f"{frame.filter(pl.col('kind') == kind).height} {_noun([kind])}" for kind in summary.kinds)
+    heading = "neurons" if summary.kinds in ([], [NEURON_KIND]) else "neurons and " + ", ".join(
+        _noun([kind]) for kind in summary.kinds if kind != NEURON_KIND)
+    parts.append(f"<h2>{heading} ({counts or 0}; click a column to sort)</h2>"
+                 + table(header, rows, sortable=True, raw=(0,)))
     return page(title, "".join(parts), SORT_SCRIPT)
+
+
+def _noun(kinds: list[str]) -> str:
+    """What a count of features of these kinds is called: neurons, SAE latents, or features."""
+    if len(kinds) == 1:
+        return kind_label(kinds[0]) + "s"
+    return "neurons" if not kinds else "features"
 
 
 def _best_of_k(summary: _Summary):
@@ -198,20 +232,21 @@ def _label(selector) -> str:
 # -- neuron pages ---------------------------------------------------------------------------
 
 
-def _write_neuron_pages(store: Store, folder: Path, summaries: list[_Summary], pages: set[tuple[int, int]]) -> int:
+def _write_neuron_pages(store: Store, folder: Path, summaries: list[_Summary], pages: set[tuple[int, str, int]]) -> int:
     from neuron_assets.report.neuron import load_neurons
 
     written = 0
-    for layer in sorted({layer for layer, _ in pages}):
+    for layer, kind in sorted({(layer, kind) for layer, kind, _ in pages}, key=lambda lk: (lk[0], lk[1] != NEURON_KIND)):
         polarities = [Polarity(s.polarity) for s in summaries if s.layer == layer]
-        neurons = sorted(n for l, n in pages if l == layer)
-        views = load_neurons(store, layer, neurons, polarities)
+        neurons = sorted(n for l, k, n in pages if l == layer and k == kind)
+        views = load_neurons(store, layer, neurons, polarities, kind)
         for neuron in neurons:
             view = views.get(neuron)
             if view is None:
                 continue
             links = {p: "../" + partition_filename(layer, p.value) for p in view.polarities}
-            _write(folder / neuron_filename(layer, neuron), neuron_page(view, back="../" + INDEX, polarity_pages=links))
+            _write(folder / neuron_filename(layer, neuron, kind),
+                   neuron_page(view, back="../" + INDEX, polarity_pages=links))
             written += 1
     return written
 
@@ -240,16 +275,21 @@ def _index_page(summaries: list[_Summary]) -> str:
     curve = _pooled_curve([_best_of_k(s) for s in summaries])
     if curve is not None:
         parts.append(image(best_of_k_figure(curve, "mean test score of the val-best of k, all layers"), "best of k"))
-    header = ["layer x polarity", "neurons", "described", "mean val", "mean test", "mean control test", "selected by"]
+    # a row per layer x polarity x kind: a layer's neurons and SAE latents side by side
+    header = ["layer x polarity", "kind", "features", "described", "mean val", "mean test", "mean control test",
+              "selected by"]
     rows = []
-    for s in summaries:
-        described = int(s.neurons["description"].drop_nulls().len()) if "description" in s.neurons.columns else 0
-        rows.append([f'<a href="{s.filename}">layer {s.layer} {s.polarity}</a>', s.neurons.height, described,
-                     s.mean("val_score"), s.mean("test_score"), s.mean("control_test_score"), _label(s.selector) or None])
+    for whole in summaries:
+        for kind in whole.kinds:
+            s = whole.of_kind(kind)
+            described = int(s.neurons["description"].drop_nulls().len()) if "description" in s.neurons.columns else 0
+            rows.append([f'<a href="{s.filename}">layer {s.layer} {s.polarity}</a>', kind_label(kind), s.neurons.height,
+                         described, s.mean("val_score"), s.mean("test_score"), s.mean("control_test_score"),
+                         _label(s.selector) or None])
     parts.append("<h2>layers</h2>" + table(header, rows, sortable=True, raw=(0,)))
     parts.append('<p class="muted">The val score selected each description; the test score is the unbiased one, '
-                 "and the shuffled control (another neuron's description, scored the same way) is the chance "
-                 "level to compare it with.</p>")
+                 "and the shuffled control (another feature's description, scored the same way) is the chance "
+                 "level to compare it with. SAE latents are described in the pos polarity only.</p>")
     return page("neuron descriptions", "".join(parts), SORT_SCRIPT)
 
 

@@ -198,13 +198,14 @@ def best_of_k_curve(scores: pl.DataFrame, scorer: str, simulator: str | None = N
     """For k = 1..n: the mean over features of the test score of the candidate that val selects
     among k candidates (all k-subsets). Candidates without a test score are left out."""
     chosen = rows_of(scores, scorer, simulator).filter(pl.col("role") == CANDIDATE)
-    keys = ["layer", "polarity", "neuron", "candidate"]
+    feature = ["layer", "polarity", *(["kind"] if "kind" in chosen.columns else []), "neuron"]  # a latent is not a neuron
+    keys = [*feature, "candidate"]
     val = chosen.filter(pl.col("split") == Split.VAL.value).select(*keys, pl.col("score").alias("val"))
     test = chosen.filter(pl.col("split") == Split.TEST.value).select(*keys, pl.col("score").alias("test"))
     paired = val.join(test, on=keys).sort(keys)
     per_feature = [
         (group["val"].to_numpy(), group["test"].to_numpy())
-        for _, group in paired.group_by(["layer", "polarity", "neuron"], maintain_order=True)
+        for _, group in paired.group_by(feature, maintain_order=True)
     ]
     largest = max((v.size for v, _ in per_feature), default=0)
     ks, means, counts = [], [], []
