@@ -250,7 +250,7 @@ class Plan:
             f"plan for {self.model} ({self.features:,} features"
             + (f" ({self.features - self.latents:,} neurons, {self.latents:,} SAE latents, pos only)" if self.latents else "")
             + f" x {self.polarities} polarities, {self.sequences:,} "
-            f"sequences, {self.tokens / 1e6:,.1f}M tokens) on one {self.device.name}; shape from {self.shape_source}",
+            f"sequences, {_count(self.tokens)} tokens) on one {self.device.name}; shape from {self.shape_source}",
             "",
             f"{'stage':<28} {'peak device GB':>14} {'device-hours':>12} {'disk GB':>9} {'host GB':>8} "
             f"{'explainer Mtok':>14} {'cost $':>10}",
@@ -345,7 +345,7 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
                   host_bytes=int(sequences * corpus.seq_len * 4 * 2), note="tokenizing is CPU work"),
         StagePlan("exemplars", weights + workspace + exemplar_plan.peak_device_bytes, pass_seconds / 3600, exemplar_disk,
                   host_bytes=exemplar_plan.peak_host_bytes,
-                  note=f"{exemplar_plan.passes} pass(es) over {tokens / 1e6:,.0f}M tokens at "
+                  note=f"{exemplar_plan.passes} pass(es) over {_count(tokens)} tokens at "
                        + (f"{rates.subject_tokens_per_s:,.0f} tokens/s measured" if rates.subject_tokens_per_s
                           else f"{rates.mfu:.0%} of bf16 peak") + f", collection at {rates.collect_efficiency:.0%} of the bare pass"),
     ]
@@ -550,3 +550,12 @@ def _transluce_reference(plan: Plan) -> dict:
                                       f"{TRANSLUCE['simulation_gpu_hours']:,} GPU-hours"),
         "cost per neuron": (f"${plan.usd_per_neuron:.4f}", f"${TRANSLUCE['usd_per_neuron']}"),
     }
+
+
+def _count(n: float) -> str:
+    """A count as people read it: 30,720, 3.1M, 285M, 1.2B."""
+    if n < 1e6:
+        return f"{n:,.0f}"
+    if n < 1e9:
+        return f"{n / 1e6:,.1f}M" if n < 1e7 else f"{n / 1e6:,.0f}M"
+    return f"{n / 1e9:,.1f}B"
