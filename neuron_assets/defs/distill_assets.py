@@ -40,7 +40,7 @@ def distill_assets() -> list[dg.AssetsDefinition]:
                                     data_version=dg.DataVersion(written.explainer.version))
 
     @dg.asset(
-        deps=[explainer_distilled],
+        deps=[explainer_distilled, "exemplars", "simulator_checkpoint"],
         pool="gpu",
         description="Base vs distilled explainer on the distilled explainer's held-out features (Transluce's Figure 5): "
         "distill.eval_k candidates each from the same prompts, scored by the run's selecting scorer; per k the mean "

@@ -313,10 +313,13 @@ def answer_loss(model, rows: Sequence[EncodedExample], pad: int, device):
         input_ids[row, : len(ids)] = ids
         mask[row, : len(ids)] = 1
         labels[row, example.prompt_tokens : len(ids)] = ids[example.prompt_tokens :]
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-    # position p predicts token p + 1
+    # Position p predicts token p + 1: only the positions from the last prompt token on need
+    # logits (the vocabulary projection of a long prompt costs as much as several layers).
+    keep = width - min(r.prompt_tokens for r in rows) + 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
+    targets = labels[:, width - keep + 1 :]
     return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             labels[:, 1:].to(device).reshape(-1), ignore_index=IGNORED)
+                                             targets.to(device).reshape(-1), ignore_index=IGNORED)
 
 
 def read_distilled(directory: Path) -> DistilledExplainer:
