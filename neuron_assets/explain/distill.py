@@ -416,7 +416,7 @@ def evaluate_explainers(
     """Per explainer (name -> a function that builds it): k = explain.k candidates for every
     feature with the same prompts, then each scored by ``scorer`` on val and test. Returns
     the curves and every candidate's scores (columns of ``description_scores`` plus
-    ``explainer``). ``release()`` runs after each explainer's candidates (frees its model)."""
+    ``explainer``, ``kind`` and ``failure``: why a candidate has no description). ``release()`` runs after each explainer's candidates (frees its model)."""
     from neuron_assets.explain.best_of_k import explain_features
     from neuron_assets.score.select import CANDIDATE, SCORES_SCHEMA, score_candidates
 
@@ -447,13 +447,15 @@ def evaluate_explainers(
             fid = by_key[(row["layer"], row["polarity"], row["neuron"])]
             options.setdefault(fid, [None] * explain.k)[row["candidate"]] = row["description"]
             if row["description"] is None:
-                failed.append((fid, row["candidate"]))
+                failed.append((fid, row["candidate"], row["failure"]))
         parts = [score_candidates(group, options, [scorer], split) for split in (Split.VAL, Split.TEST)]
         nothing = [{"layer": f.layer, "polarity": f.polarity.value, "neuron": f.index, "candidate": c, "role": CANDIDATE,
                     "description": None, "source_neuron": f.index, "scorer": scorer.name, "simulator": scorer.simulator,
-                    "split": split.value, "score": 0.0, "flags": [NO_DESCRIPTION], "n_examples": 0, "n_tokens": 0}
-                   for f, c in failed for split in (Split.VAL, Split.TEST)]
-        part = pl.concat([*parts, pl.DataFrame(nothing, schema=SCORES_SCHEMA)])
+                    "split": split.value, "score": 0.0, "flags": [NO_DESCRIPTION], "n_examples": 0, "n_tokens": 0,
+                    "failure": why}
+                   for f, c, why in failed for split in (Split.VAL, Split.TEST)]
+        part = pl.concat([*(p.with_columns(pl.lit(None, pl.String).alias("failure")) for p in parts),
+                          pl.DataFrame(nothing, schema={**SCORES_SCHEMA, "failure": pl.String})])
         scored.append(part.with_columns(pl.lit(name).alias("explainer"), pl.lit(kind).alias("kind")))
     scores = pl.concat(scored) if scored else pl.DataFrame()
     curves = [_curve(name, models[name], scores.filter(pl.col("explainer") == name)) for name in explainers]
