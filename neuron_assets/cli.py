@@ -9,6 +9,7 @@
     neuron-assets config                       the effective config, every field documented
     neuron-assets plan --device h100           each stage's memory, device-hours, disk and cost, before a run
     neuron-assets validate-scorers             how often each simulator ranks true descriptions first
+    neuron-assets distill                      fine-tune a small explainer on the best descriptions, compare it with its base
     neuron-assets ui                           the Dagster UI on the same storage
 """
 
@@ -129,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
                           "false_explanations}} (repeatable)")
     validate.add_argument("--format", choices=["table", "json"], default="table")
     validate.set_defaults(handler=cmd_validate_scorers)
+
+    distill = commands.add_parser("distill", help="fine-tune distill.base_model into an explainer on the best "
+                                  "descriptions (asset explainer_distilled), then compare it with its base on held-out "
+                                  "features (distilled_explainer_eval); after a run")
+    distill.add_argument("--no-eval", action="store_true", help="train (or find) the checkpoint only")
+    distill.add_argument("--force", action="store_true", help="train and evaluate again even when up to date")
+    distill.add_argument("--verbose", action="store_true", help="print a failed step's full trace")
+    distill.set_defaults(handler=cmd_distill)
 
     ui = commands.add_parser("ui", help="start the Dagster UI (dagster dev) on this config's storage")
     ui.add_argument("--port", type=int, default=3000)
@@ -563,6 +572,33 @@ def cmd_validate_scorers(args) -> int:
     if beats is False:
         print(f"warning: the selecting scorer {report.selecting} does not beat chance clearly on the project's "
               "puzzles; its scores rank descriptions little better than at random", file=sys.stderr)
+    return 0
+
+
+# -- distill ------------------------------------------------------------------------------
+
+
+def cmd_distill(args) -> int:
+    """`run --select explainer_distilled,distilled_explainer_eval`, then the checkpoint and the curves."""
+    from neuron_assets.stages import DISTILL_EVAL_TABLE, DISTILLED_TABLE
+    from neuron_assets.store import Store
+
+    args.select = "explainer_distilled" + ("" if args.no_eval else ",distilled_explainer_eval")
+    status = cmd_run(args)
+    if status:
+        return status
+    store = Store(load_config(args.config).root)
+    latest = store.read(DISTILLED_TABLE).sort("created_at").tail(1).row(0, named=True)
+    print(f"distilled explainer: {latest['path']}\n  {latest['examples']} prompts from {len(latest['train_features'])} "
+          f"features, {latest['epochs']} epochs, {latest['steps']} steps, loss {latest['first_loss']:.3f} -> "
+          f"{latest['last_loss']:.3f}, {latest['seconds']:.0f} s\n  explain with it: explain.backend transformers "
+          f"(or vllm), explain.model {latest['path']}, explain.prompt_format {latest['prompt_format']}, "
+          "explain.few_shot false")
+    if not args.no_eval and store.exists(DISTILL_EVAL_TABLE):
+        curve = store.read(DISTILL_EVAL_TABLE)
+        print(f"mean best-of-k test score on held-out features ({curve['scorer'][0]}, {curve['simulator'][0]}):")
+        for row in curve.sort("k", "explainer").iter_rows(named=True):
+            print(f"  k={row['k']:<3} {row['explainer']:<10} {row['mean_best_test']:.4f}  ({row['features']} features)")
     return 0
 
 

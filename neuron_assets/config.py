@@ -693,6 +693,95 @@ class SaeConfig(Section):
     """Seed of the initialisation, the block order and the resampling."""
 
 
+class DistillConfig(Section):
+    in_run: bool = False
+    """Also materialize the distilled explainer and its evaluation in every `neuron-assets
+    run`. Off: they run on demand (`neuron-assets distill`, `run --select explainer_distilled,
+    distilled_explainer_eval`, or the UI); on CPU they take minutes beyond the demo's run."""
+    base_model: str = BUILTIN_SMOLLM2
+    """The chat model fine-tuned into the distilled explainer (asset `explainer_distilled`,
+    `neuron-assets distill`): builtin:SmolLM2-135M-Instruct (the CPU default), a local model
+    folder, or a Hugging Face name in the local cache (e.g. meta-llama/Llama-3.1-8B-Instruct
+    on a GPU, as Transluce distils into Llama-3.1-8B)."""
+    prompt_format: PromptFormat | None = None
+    """The prompt the explainer is trained on and evaluated with (always without a few-shot
+    example and without reasoning). Default: explain.prompt_format. To explain with the
+    checkpoint later, set explain.backend transformers or vllm, explain.model to its folder,
+    this prompt_format and explain.few_shot: false."""
+    heldout_fraction: float = Field(0.25, gt=0, lt=1)
+    """Share of the described features held out of training (by a stable hash of each
+    feature's id and `seed`): the evaluation asset scores base and distilled explainer on
+    them only. Both lists are stored in the checkpoint's distill.json."""
+    min_train_features: int = Field(8, ge=1)
+    """Fewest training features (with a selected description in neuron_descriptions) the
+    stage accepts; fewer is an error that says how many there are."""
+    max_train_features: int | None = Field(None, ge=1)
+    """Cap on the training features (a seeded sample); None: every one outside the held-out set."""
+    prompts_per_feature: int = Field(1, ge=1)
+    """Training prompts per feature, each with its own random 10-20 train top exemplars
+    (explain.exemplars_min/max), all answered with the feature's best description."""
+    max_length: int = Field(2048, ge=64)
+    """Tokens of one prompt plus its answer, in training and in the evaluation's prompts;
+    exemplars are dropped (then shortened) until a prompt fits."""
+    epochs: int = Field(2, ge=1)
+    """Passes over the training prompts."""
+    batch_size: int = Field(1, ge=1)
+    """Prompts per micro-batch (padded to the longest)."""
+    grad_accum_steps: int = Field(4, ge=1)
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum_steps)."""
+    learning_rate: float = Field(5e-5, gt=0)
+    """AdamW peak learning rate (linear warm-up and decay). About 1e-5 for a full fine-tune of
+    an 8B model, 1e-4 for LoRA; low-precision weights train through fp32 master weights."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_share: float = Field(0.1, ge=0, lt=1)
+    """Share of the steps spent warming the learning rate up."""
+    method: Literal["auto", "full", "lora"] = "auto"
+    """full: every weight trains; lora: peft adapters on lora_target_modules train, merged into
+    the saved weights (the checkpoint is a plain model folder either way); auto: lora for a
+    base model above lora_above_parameters weights, else full."""
+    lora_above_parameters: int = Field(1_000_000_000, ge=1)
+    """With method auto, base models with more weights than this train LoRA adapters."""
+    lora_rank: int = Field(16, ge=1)
+    """LoRA rank r."""
+    lora_alpha: float = Field(32.0, gt=0)
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules that get adapters: all-linear (every linear layer but the output head) or names."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    save_every_steps: int = Field(25, ge=1)
+    """Optimizer steps between resumable training states."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights while training and in the checkpoint: auto is bfloat16 on a GPU (trained
+    through fp32 master weights) and float32 on CPU."""
+    device: str = "auto"
+    """torch device of the training: auto (cuda when available), cpu, cuda, ..."""
+    allow_download: bool = False
+    """Let base_model be downloaded from the Hugging Face hub. Off: a local folder, a builtin
+    model, or the local cache."""
+    eval_k: int = Field(4, ge=1)
+    """Candidates per held-out feature that the evaluation samples from each explainer; the
+    curve is the mean test score of the val-best of k, for k = 1..eval_k."""
+    eval_features: int | None = Field(16, ge=1)
+    """Cap on the held-out features evaluated (the first by their hash); None: all."""
+    eval_backend: Literal["transformers", "vllm"] = "transformers"
+    """The explainer backend both explainers run on in the evaluation (explain.device and
+    explain.engine_kwargs apply)."""
+    eval_max_tokens: int = Field(64, ge=8)
+    """Completion tokens per evaluation answer (a description line is short; the base model
+    may ramble, and an answer cut before its description line ends is a failure)."""
+    eval_max_retries: int = Field(0, ge=0)
+    """Extra samples of an unusable answer in the evaluation. A candidate that stays unusable
+    counts as a score of 0 (a description that predicts nothing), so the curves compare
+    explainers that fail to answer with those that do."""
+    seed: int = 0
+    """Seed of the held-out split, the training prompts' exemplar subsets, the data order and
+    the evaluation's sampling."""
+
+
 class Config(Section):
     name: str = "demo"
     """A name for this configuration, shown in the UI and stored in the catalog."""
@@ -706,6 +795,7 @@ class Config(Section):
     score: ScoreConfig = ScoreConfig()
     search: SearchConfig = SearchConfig()
     sae: SaeConfig = SaeConfig()
+    distill: DistillConfig = DistillConfig()
 
     @field_validator("name")
     @classmethod

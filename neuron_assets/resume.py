@@ -55,12 +55,22 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("neuron_descriptions", "candidate_descriptions"), True),
     Stage("scorer_validity", ("subject", "corpus", "simulate", "score"), ("corpus", "simulator_checkpoint"), False),
     Stage("neuron_report", (), ("exemplars", "candidate_descriptions", "description_scores", "neuron_descriptions"), False),
+    Stage("explainer_distilled", ("subject", "explain", "distill"), ("neuron_descriptions", "exemplars"), False),
+    Stage("distilled_explainer_eval", ("subject", "explain", "simulate", "score", "distill"),
+          ("explainer_distilled", "exemplars", "simulator_checkpoint"), False),
 )}
+ON_DEMAND = ("explainer_distilled", "distilled_explainer_eval")  # in a run only when selected, or with distill.in_run
 
 
 def stage_active(name: str, config: Config) -> bool:
     """Whether a config has the stage at all: sae_checkpoint only when it names SAE layers."""
     return name != "sae_checkpoint" or bool(config.sae.layers)
+
+
+def in_plain_run(name: str, config: Config) -> bool:
+    """Whether `neuron-assets run` without --select materializes the stage: the distilled
+    explainer's stages only with distill.in_run (they take minutes on CPU)."""
+    return name not in ON_DEMAND or config.distill.in_run
 
 
 class Markers:

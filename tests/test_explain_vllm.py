@@ -116,6 +116,21 @@ def test_a_request_the_server_rejects_is_recorded_not_retried(served):
     assert row["prompt_tokens"] == 0, "a rejected request costs nothing"
 
 
+def distilled_folder(base_dir: Path, out_root: Path) -> Path:
+    """A few steps of distillation of ``base_dir`` on hand-written prompts; the checkpoint folder."""
+    from neuron_assets.config import DistillConfig
+    from neuron_assets.explain.distill import DistillExample, distill_explainer
+    from neuron_assets.explain.formats import ChatMessage
+    from neuron_assets.types import FeatureId, Polarity
+
+    examples = [DistillExample(FeatureId(1, i, Polarity.POS), (ChatMessage("system", "Describe the feature."),
+                                                               ChatMessage("user", f"Excerpt 1: the {{{{{word}}}}} sat")),
+                               f"[DESCRIPTION]: the word {word}") for i, word in enumerate(["cat", "dog", "red", "blue"])]
+    settings = DistillConfig(base_model=str(base_dir), epochs=1, batch_size=2, grad_accum_steps=1, learning_rate=1e-3,
+                             max_length=512)
+    return distill_explainer(examples, settings, out_root, log=lambda _: None).path
+
+
 OFFLINE_SCRIPT = r"""
 import json, sys
 from neuron_assets.config import ExplainConfig
@@ -147,8 +162,11 @@ print("LOGPROBS " + json.dumps({"engines": [engines, len(runtime.loaded())], "ta
 
 
 def test_vllm_offline_backend_runs_in_the_vllm_venv(served, tmp_path):
-    """The offline LLM backend, run by the vLLM venv's interpreter (polars borrowed from ours)."""
-    _, _, model_dir, _ = served
+    """The offline LLM backend, run by the vLLM venv's interpreter (polars borrowed from ours),
+    on a distilled explainer's checkpoint folder (the tiny Llama fine-tuned for a few steps by
+    neuron_assets.explain.distill): vLLM loads the folder by path, as explain.model gives it."""
+    _, _, base_dir, _ = served
+    model_dir = distilled_folder(base_dir, tmp_path / "distilled")
     borrowed = tmp_path / "borrowed"
     borrowed.mkdir()
     site = Path(pl.__file__).parent.parent

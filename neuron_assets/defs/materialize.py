@@ -21,7 +21,7 @@ from dagster._core.execution.plan.objects import ErrorSource
 from neuron_assets.config import load_config
 from neuron_assets.defs.definitions import build_definitions
 from neuron_assets.defs.runs import RunSettings
-from neuron_assets.resume import STAGES, Markers
+from neuron_assets.resume import STAGES, Markers, in_plain_run
 
 
 @dataclass
@@ -57,7 +57,7 @@ def materialize_config(config_path: str | None, select: list[str] | None = None,
         unknown = set(select) - set(names)
         if unknown:
             raise ValueError(f"unknown asset(s) {sorted(unknown)}; the assets are {sorted(names)}")
-    wanted = [n for n in names if not select or n in select]
+    wanted = [n for n in names if (n in select if select else in_plain_run(n, config))]
     partitions = next(a.partitions_def for a in assets if a.partitions_def is not None)
     keys = partitions.get_partition_keys()
     outcome = RunOutcome(run_id or str(uuid.uuid4()))

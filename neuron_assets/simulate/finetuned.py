@@ -246,26 +246,19 @@ class FinetunedSimulator:
                  target_modules: Sequence[str] | str = "all-linear") -> tuple[int, int]:
         """Wrap the model in fresh peft LoRA adapters: only they (and a new token
         classification head, trained whole) train. Returns (trainable, total) weights."""
-        from peft import LoraConfig, get_peft_model
+        from neuron_assets.finetune import add_lora
 
         heads = [name for name, child in self.model.named_children() if isinstance(child, torch.nn.Linear)]
         if self.spec.head != TokenClassificationHead.name:
             heads = []  # lm_head_slots: the 11 output rows stay as pretrained
-        output = self.model.get_output_embeddings()
-        if target_modules == "all-linear":  # every linear layer of the body, by its name's last part
-            outside = set(heads) | {name for name, child in self.model.named_children() if child is output}
-            target_modules = sorted({name.rsplit(".", 1)[-1] for name, module in self.model.named_modules()
-                                     if isinstance(module, torch.nn.Linear) and name.split(".")[0] not in outside})
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                            modules_to_save=heads or None)
-        self.model = get_peft_model(self.model, config)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.model.parameters())
+        self.model, trainable, total = add_lora(self.model, rank, alpha, dropout, target_modules, heads or None)
+        return trainable, total
 
     def merge_adapters(self) -> None:
         """Fold LoRA adapters into the weights (a plain transformers model again); no-op without."""
-        if hasattr(self.model, "merge_and_unload"):
-            self.model = self.model.merge_and_unload().eval()
+        from neuron_assets.finetune import merge_lora
+
+        self.model = merge_lora(self.model)
 
     # -- simulating -----------------------------------------------------------------------
     def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:

@@ -53,6 +53,8 @@ import polars as pl
 import torch
 
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
+from neuron_assets.finetune import LOW_PRECISION, MasterWeights, train_steps  # noqa: F401 (re-exported)
+from neuron_assets.finetune import load_training_state as _load_training_state  # noqa: F401 (re-exported)
 from neuron_assets.score import pearson_over_tokens
 from neuron_assets.score.select import derangement
 from neuron_assets.simulate.alignment import NOT_READ
@@ -472,120 +474,24 @@ def fit(
     (:class:`MasterWeights`). The schedule is transformers' linear warm-up and decay. With
     ``resume``, the state is saved every ``save_every`` steps and picked up again.
     ``on_step(step, total, loss)`` follows every step (loss: the mean of the last ten)."""
-    from transformers import get_linear_schedule_with_warmup
-
     encoded = [simulator.encoder.encode(e.description, e.record) for e in examples]
     targets = [_targets(pair, example.labels) for pair, example in zip(encoded, examples)]
-    micro_per_epoch = math.ceil(len(examples) / batch_size)
-    micro_total = epochs * micro_per_epoch
-    total = math.ceil(micro_total / grad_accum_steps)
-    model = simulator.model
-    masters = MasterWeights([p for p in model.parameters() if p.requires_grad])
-    optimizer = torch.optim.AdamW(masters.params, lr=learning_rate, weight_decay=weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(warmup_share * total)), total)
     class_weights = torch.full((NUM_CLASSES,), float(active_weight))
     class_weights[0] = 1.0
-    losses: list[float] = []
-    step = 0
-    state = _load_training_state(resume, simulator.device, log) if resume is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        masters.load(state.get("masters"))
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, losses = state["step"], state["losses"]
-        torch.set_rng_state(state["rng"])
-        log(f"resuming at step {step}/{total} from {resume}")
-    else:
-        torch.manual_seed(seed)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    orders: dict[int, np.ndarray] = {}
-    model.train()
-    while step < total:
-        micro = range(step * grad_accum_steps, min((step + 1) * grad_accum_steps, micro_total))
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for m in micro:
-            epoch, index = divmod(m, micro_per_epoch)
-            order = orders.get(epoch)
-            if order is None:
-                orders.clear()
-                order = orders[epoch] = np.random.default_rng(seed + epoch).permutation(len(examples))
-            chosen = order[index * batch_size : (index + 1) * batch_size]
-            input_ids, attention_mask = simulator.collate([encoded[i] for i in chosen])
-            labels = torch.full(input_ids.shape, IGNORED, dtype=torch.long)
-            for row, i in enumerate(chosen):
-                labels[row, : len(targets[i])] = torch.from_numpy(targets[i])
-            logits = simulator.class_logits(input_ids, attention_mask)
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     labels.to(logits.device).reshape(-1), ignore_index=IGNORED,
-                                                     weight=class_weights.to(logits.device))
-            (loss / len(micro)).backward()
-            step_loss += float(loss.detach()) / len(micro)
-        masters.take_grads()
-        torch.nn.utils.clip_grad_norm_(masters.params, 1.0)
-        optimizer.step()
-        schedule.step()
-        masters.write_back()
-        losses.append(step_loss)
-        step += 1
-        if step % max(1, total // 10) == 0 or step == total:
-            log(f"step {step}/{total} loss {np.mean(losses[-max(1, total // 10):]):.4f}")
-        if on_step is not None:
-            on_step(step, total, float(np.mean(losses[-10:])))
-        if resume is not None and (step % save_every == 0) and step < total:
-            with atomic_path(resume) as temp:
-                torch.save({"model": model.state_dict(), "masters": masters.state(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(), "step": step, "losses": losses,
-                            "rng": torch.get_rng_state()}, temp)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.eval()
-    return losses
 
+    def micro_batch_loss(chosen: np.ndarray) -> torch.Tensor:
+        input_ids, attention_mask = simulator.collate([encoded[i] for i in chosen])
+        labels = torch.full(input_ids.shape, IGNORED, dtype=torch.long)
+        for row, i in enumerate(chosen):
+            labels[row, : len(targets[i])] = torch.from_numpy(targets[i])
+        logits = simulator.class_logits(input_ids, attention_mask)
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                 labels.to(logits.device).reshape(-1), ignore_index=IGNORED,
+                                                 weight=class_weights.to(logits.device))
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-class MasterWeights:
-    """fp32 master copies of trainable weights held in bfloat16 (or float16).
-
-    bf16 keeps 8 mantissa bits: at lr 1e-5 an Adam update (about lr per weight) is far below
-    half the spacing of bf16 numbers near a typical weight (0.03 -> spacing 1.2e-4), so a
-    plain optimizer step on bf16 weights rounds most updates away and the model never moves.
-    Here the optimizer (its moments and update) runs on fp32 copies; after each step the
-    copies are rounded into the model, so updates accumulate in fp32 until they show. fp32
-    weights are trained directly (no copies: the CPU default is unchanged)."""
-
-    def __init__(self, params: Sequence[torch.nn.Parameter]):
-        self.model_params = list(params)
-        self.active = any(p.dtype in LOW_PRECISION for p in self.model_params)
-        self.params = ([torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params] if self.active
-                       else self.model_params)
-
-    def take_grads(self) -> None:
-        """The model's gradients, in fp32, onto the masters (the model's are released)."""
-        if self.active:
-            for master, param in zip(self.params, self.model_params):
-                master.grad = None if param.grad is None else param.grad.float()
-                param.grad = None
-
-    def write_back(self) -> None:
-        if self.active:
-            with torch.no_grad():
-                for master, param in zip(self.params, self.model_params):
-                    param.copy_(master)
-
-    def state(self) -> list[torch.Tensor] | None:
-        return [m.detach().clone() for m in self.params] if self.active else None
-
-    def load(self, saved: Sequence[torch.Tensor] | None) -> None:
-        if self.active and saved is not None:
-            with torch.no_grad():
-                for master, value in zip(self.params, saved):
-                    master.copy_(value)
-            self.write_back()
+    return train_steps(simulator.model, len(examples), micro_batch_loss, epochs, batch_size, learning_rate,
+                       weight_decay, warmup_share, seed, resume, save_every, log, on_step, grad_accum_steps,
+                       gradient_checkpointing, simulator.device)
 
 
 def _load_stage1(stage1_dir: Path, marker: Path, model_config: FinetunedSimulatorConfig, log: Log):
@@ -603,23 +509,6 @@ def _load_stage1(stage1_dir: Path, marker: Path, model_config: FinetunedSimulato
             f"{str(err).splitlines()[0] if str(err) else ''}); set it aside as {', '.join(moved)}, training stage 1 again")
         return None
     return simulator, summary
-
-
-def _load_training_state(resume: Path, device, log: Log) -> dict | None:
-    """A stage's saved training state, or None to train the stage from its start: a state that
-    cannot be read (a torn or foreign file) is set aside, renamed and not deleted, and named."""
-    if not resume.is_file():
-        return None
-    try:
-        state = torch.load(resume, map_location=device, weights_only=False)
-        if not isinstance(state, dict) or not {"model", "optimizer", "schedule", "step", "losses", "rng"} <= state.keys():
-            raise ValueError("not a simulator training state")
-    except Exception as err:  # torch.load raises many types for a damaged file
-        aside = set_aside(resume)
-        log(f"warning: training state {resume} is damaged ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); set it aside as {aside.name}, training this stage from its start")
-        return None
-    return state
 
 
 def _targets(pair, labels: np.ndarray) -> np.ndarray:
