@@ -580,14 +580,14 @@ def cmd_validate_scorers(args) -> int:
 
 def cmd_distill(args) -> int:
     """`run --select explainer_distilled,distilled_explainer_eval`, then the checkpoint and the curves."""
-    from neuron_assets.stages import DISTILL_EVAL_TABLE, DISTILLED_TABLE
+    from neuron_assets.stages import DISTILL_EVAL_TABLE, DISTILLED_TABLE, EVAL_PLOT
     from neuron_assets.store import Store
 
     args.select = "explainer_distilled" + ("" if args.no_eval else ",distilled_explainer_eval")
     status = cmd_run(args)
     if status:
         return status
-    store = Store(load_config(args.config).root)
+    store = Store(load_config(args.config).store_root)
     latest = store.read(DISTILLED_TABLE).sort("created_at").tail(1).row(0, named=True)
     print(f"distilled explainer: {latest['path']}\n  {latest['examples']} prompts from {len(latest['train_features'])} "
           f"features, {latest['epochs']} epochs, {latest['steps']} steps, loss {latest['first_loss']:.3f} -> "
@@ -599,6 +599,9 @@ def cmd_distill(args) -> int:
         print(f"mean best-of-k test score on held-out features ({curve['scorer'][0]}, {curve['simulator'][0]}):")
         for row in curve.sort("k", "explainer").iter_rows(named=True):
             print(f"  k={row['k']:<3} {row['explainer']:<10} {row['mean_best_test']:.4f}  ({row['features']} features)")
+        plot = Path(latest["path"]) / EVAL_PLOT
+        if plot.is_file():
+            print(f"plot: {plot}")
     return 0
 
 

@@ -59,7 +59,7 @@ from neuron_assets.score.select import (
 )
 from neuron_assets.simulate import FINETUNED, needs_checkpoint
 from neuron_assets.simulate.checkpoints import append_checkpoint_rows, simulate_hash
-from neuron_assets.store import MissingTableError, Store, with_lineage
+from neuron_assets.store import MissingTableError, Store, atomic_path, with_lineage
 from neuron_assets.subject import SubjectModel, load_subject, load_tokenizer
 from neuron_assets.types import ExemplarKind, FeatureExemplars, FeatureId, Polarity, Split
 from neuron_assets.validate import validate_config
@@ -710,7 +710,7 @@ def make_explainer_distilled(config: Config, run_id: str, log: Log = _quiet, on_
     from neuron_assets.explain.excerpts import TokenDisplay
     from neuron_assets.llm.tokens import ChatTokenCounter
 
-    store = Store(config.root)
+    store = Store(config.store_root)
     settings = config.distill
     targets = best_descriptions(read_all(store, DESCRIPTIONS_TABLE))
     if not targets:
@@ -759,6 +759,9 @@ def _exemplars_of(store: Store, features: list[FeatureId]) -> list[FeatureExempl
     return out
 
 
+EVAL_PLOT = "eval_best_of_k.png"  # written into the distilled checkpoint's folder by its evaluation
+
+
 @dataclass(frozen=True)
 class DistillEvalWritten:
     curves: list  # neuron_assets.explain.distill.ExplainerCurve, base first
@@ -783,7 +786,7 @@ def make_distilled_evaluation(config: Config, run_id: str, log: Log = _quiet, sc
     from neuron_assets.simulate.folds import feature_key
 
     started = time.perf_counter()
-    store = Store(config.root)
+    store = Store(config.store_root)
     latest = store.read(DISTILLED_TABLE).sort("created_at").tail(1).row(0, named=True)
     checkpoint = Path(latest["path"])
     if not (checkpoint / "distill.json").is_file():
@@ -822,6 +825,10 @@ def make_distilled_evaluation(config: Config, run_id: str, log: Log = _quiet, sc
                          config.subject.model, config.hash, run_id)
     table = store.write(DISTILL_EVAL_TABLE, frame)
     scores_path = store.write(DISTILL_EVAL_SCORES_TABLE, scores)
+    from neuron_assets.report.plots import explainer_curves_figure
+
+    with atomic_path(checkpoint / EVAL_PLOT) as tmp:  # the picture beside the checkpoint it judges
+        tmp.write_bytes(explainer_curves_figure(curves))
     return DistillEvalWritten(curves, table, scores_path, checkpoint,
                               f"{scoring.selector.name} ({scoring.selector.simulator})", len(features),
                               time.perf_counter() - started)

@@ -35,6 +35,7 @@ from neuron_assets.stages import (
     DESCRIPTIONS_TABLE,
     DISTILL_EVAL_TABLE,
     DISTILLED_TABLE,
+    EVAL_PLOT,
     _exemplars_of,
     make_explainer_distilled,
     read_all,
@@ -66,7 +67,7 @@ def distilled_run(described_run, tiny_llama, tmp_path_factory):
 
 def test_distillation_learns_on_disjoint_features_and_reloads(distilled_run):
     config = load_config(distilled_run)
-    store = Store(config.root)
+    store = Store(config.store_root)
     row = store.read(DISTILLED_TABLE).row(0, named=True)
     trained = read_distilled(Path(row["path"]))
     assert trained.method == "full" and trained.dtype == "float32" and trained.examples >= 4
@@ -94,7 +95,7 @@ def test_the_transformers_explainer_generates_from_the_checkpoint_by_path(distil
     from neuron_assets.explain import explain_features, make_explainer
 
     config = load_config(distilled_run)
-    store = Store(config.root)
+    store = Store(config.store_root)
     path = store.read(DISTILLED_TABLE)["path"][0]
     explain = distill_explain_config(config, backend="transformers", model=path).model_copy(update={"k": 1})
     explainer = make_explainer(explain)
@@ -106,7 +107,7 @@ def test_the_transformers_explainer_generates_from_the_checkpoint_by_path(distil
 
 def test_the_evaluation_compares_base_and_distilled_for_every_k(distilled_run):
     config = load_config(distilled_run)
-    store = Store(config.root)
+    store = Store(config.store_root)
     curve = store.read(DISTILL_EVAL_TABLE)
     assert sorted(curve["explainer"].unique().to_list()) == ["base", "distilled"]
     for name in ("base", "distilled"):
@@ -119,11 +120,13 @@ def test_the_evaluation_compares_base_and_distilled_for_every_k(distilled_run):
     scored = {feature_key(f) for f in _ids(scores)}
     assert scored <= heldout  # only held-out features are evaluated
     assert not scores["simulator_saw_feature"].fill_null(False).any()
+    plot = Path(store.read(DISTILLED_TABLE)["path"][0]) / EVAL_PLOT
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the best-of-k picture beside the checkpoint
 
 
 def test_a_stopped_distillation_resumes_to_the_same_weights(distilled_run, tmp_path):
     config = load_config(distilled_run)
-    store = Store(config.root)
+    store = Store(config.store_root)
     settings = config.distill.model_copy(update={"epochs": 2})
     targets = best_descriptions(read_all(store, DESCRIPTIONS_TABLE))
     split = split_features(list(targets), settings.heldout_fraction, settings.seed)
@@ -150,7 +153,7 @@ def test_a_stopped_distillation_resumes_to_the_same_weights(distilled_run, tmp_p
 
 def test_bf16_distillation_moves_through_fp32_master_weights(distilled_run, tmp_path):
     config = load_config(distilled_run)
-    store = Store(config.root)
+    store = Store(config.store_root)
     settings = config.distill.model_copy(update={"epochs": 3, "dtype": "bfloat16", "learning_rate": 1e-5})
     targets = best_descriptions(read_all(store, DESCRIPTIONS_TABLE))
     split = split_features(list(targets), settings.heldout_fraction, settings.seed)

@@ -105,8 +105,7 @@ def distilled_metadata(written, config: Config) -> dict:
 
 
 def evaluation_metadata(written, config: Config) -> dict:
-    from neuron_assets.explain.distill import curves_figure
-    from neuron_assets.report.plots import markdown_image
+    from neuron_assets.report.plots import explainer_curves_figure, markdown_image
 
     rows = [(c.explainer, k, f"{t:.4f}", f"{v:.4f}", n) for c in written.curves
             for k, t, v, n in zip(c.k, c.mean_best_test, c.mean_best_val, c.features)]
@@ -115,7 +114,7 @@ def evaluation_metadata(written, config: Config) -> dict:
         "scorer": written.scorer,
         "heldout_features": written.features,
         "seconds": round(written.seconds, 1),
-        "best_of_k": dg.MetadataValue.md(markdown_image(curves_figure(written.curves), "mean best-of-k score")),
+        "best_of_k": dg.MetadataValue.md(markdown_image(explainer_curves_figure(written.curves), "mean best-of-k score")),
         "table": dg.MetadataValue.md(markdown_table(
             ["explainer", "k", "mean best test", "mean best val (biased)", "features"], rows)),
         "path": dg.MetadataValue.path(str(written.table_path)),

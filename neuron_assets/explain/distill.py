@@ -491,18 +491,3 @@ def curve_frame(curves: Sequence[ExplainerCurve]) -> pl.DataFrame:
     rows = [{"explainer": c.explainer, "model": c.model, "k": k, "mean_best_test": t, "mean_best_val": v, "features": n}
             for c in curves for k, t, v, n in zip(c.k, c.mean_best_test, c.mean_best_val, c.features)]
     return pl.DataFrame(rows, schema=CURVE_SCHEMA)
-
-
-def curves_figure(curves: Sequence[ExplainerCurve], title: str = "held-out features: mean best-of-k test score") -> bytes:
-    """Mean best score vs k, one line per explainer (Transluce's Figure 5), as PNG bytes."""
-    from neuron_assets.report.plots import _figure, _png
-
-    plt, figure = _figure(5.0, 3.4)
-    axis = figure.add_subplot(1, 1, 1)
-    for curve in curves:
-        axis.plot(curve.k, curve.mean_best_test, "o-", label=f"{curve.explainer} ({Path(curve.model).name})")
-    axis.set_xlabel("k (candidates, best by val)")
-    axis.set_ylabel("mean test score")
-    axis.set_title(title, fontsize=10)
-    axis.legend(fontsize=8)
-    return _png(plt, figure)

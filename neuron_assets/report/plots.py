@@ -268,3 +268,19 @@ def sae_loss_figure(losses: Sequence[float], title: str = "SAE reconstruction lo
     axis.set_ylabel("squared error per token (scaled)")
     axis.set_title(title, fontsize=10)
     return _png(plt, figure)
+
+
+def explainer_curves_figure(curves, title: str = "held-out features: mean best-of-k test score") -> bytes:
+    """Mean best score vs k, one line per explainer (Transluce's Figure 5): ``curves`` are
+    neuron_assets.explain.distill.ExplainerCurve (explainer, model, k, mean_best_test)."""
+    from pathlib import Path
+
+    plt, figure = _figure(5.0, 3.4)
+    axis = figure.add_subplot(1, 1, 1)
+    for curve in curves:
+        axis.plot(curve.k, curve.mean_best_test, "o-", label=f"{curve.explainer} ({Path(curve.model).name})")
+    axis.set_xlabel("k (candidates, best by val)")
+    axis.set_ylabel("mean test score")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+    return _png(plt, figure)
