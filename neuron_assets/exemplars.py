@@ -616,15 +616,13 @@ class _KeptSequences:
             setattr(part, name, getattr(self, name)[cols])
         return part
 
-    def ranked(self) -> _KeptSequences:
-        """A copy ordered by key, largest first."""
+    def ranked(self) -> _Block:
+        """The members ordered by key, largest first, as a block whose activations stay where
+        they are (the slot map names each member's slot; only the valid rows are ever copied)."""
         order = self.keys.argsort(dim=1, descending=True, stable=True)
-        ranked = _KeptSequences()
-        ranked.keys = self.keys.gather(1, order)
-        ranked.extremes = self.extremes.gather(1, order)
-        ranked.seq_ids = self.seq_ids.gather(1, order)
-        ranked.acts = self.acts.gather(1, order.unsqueeze(-1).expand_as(self.acts))
-        return ranked
+        keys = self.keys.gather(1, order)
+        return _Block(None, None, self.seq_ids.gather(1, order), self.extremes.gather(1, order), self.acts,
+                      torch.isfinite(keys), None, order)
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.NAMES]
@@ -772,14 +770,14 @@ class _TokenStats:
 
     def _quantiles(self, cols: slice, polarity: Polarity) -> np.ndarray | None:
         """(len(STAT_QUANTILES), F) nearest-rank quantiles of the token sample in the polarity's
-        orientation. One partial sort per layer serves both polarities: the q-quantile of -x is
+        orientation. One sort per layer serves both polarities: the q-quantile of -x is
         minus the value at the mirrored rank of x."""
         if getattr(self, "_ordered_for", None) != (cols.start, cols.stop):
             sample = self.token_values[torch.isfinite(self.token_keys), cols].float().numpy().T  # (F, n)
             n = sample.shape[1]
             ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
             self._ranks = ranks
-            self._ordered = np.partition(sample, sorted({*ranks, *(n - 1 - r for r in ranks)}), axis=1) if n else None
+            self._ordered = np.sort(sample, axis=1) if n else None  # a SIMD sort beats a partition at 8 ranks
             self._ordered_for = (cols.start, cols.stop)
         if self._ordered is None:
             return None
@@ -826,24 +824,48 @@ class _TokenStats:
             active = values > (config.activating_fraction * np.maximum(maxima, 0.0))[None, :]
             bins = np.minimum(positions * POSITION_BINS // max(int(positions.max()) + 1, 1), POSITION_BINS - 1)
             mi = positional_information(active, bins, POSITION_BINS)
-            support = 2 * config.unigram_tokens
-            for f in np.nonzero(active.sum(0) >= support)[0]:
-                firing = np.nonzero(active[:, f])[0]
-                strongest = firing[np.argsort(-values[firing, f], kind="stable")][: int(np.ceil(0.8 * firing.size))]
-                distinct[f] = np.unique(ids[strongest]).size
+            firing = active.sum(0)
+            eligible = np.nonzero(firing >= 2 * config.unigram_tokens)[0]
+            distinct[eligible] = _distinct_strongest(values, active, ids, eligible, firing)
         unigram = np.where(np.isnan(distinct), False, distinct <= config.unigram_tokens)
         return {"positional_mi": mi, "is_positional": mi > config.positional_mi,
                 "unigram_tokens": _nullable_int(distinct), "is_unigram": unigram}
+
+
+def _distinct_strongest(values: np.ndarray, active: np.ndarray, ids: np.ndarray, features: np.ndarray,
+                        firing: np.ndarray, block: int = 256) -> np.ndarray:
+    """Per column f of ``features``: the number of distinct ``ids`` among the strongest
+    ceil(0.8 x firing[f]) of its active tokens (ties in token order), a block of columns at a
+    time with no loop over features: one sort finds each column's cut value v; the tokens
+    above v are in, and of those equal to v the first ones in token order fill the rest."""
+    out = np.zeros(len(features), dtype=np.float64)
+    stride = int(ids.max()) + 1 if ids.size else 1
+    for lo in range(0, len(features), block):
+        cols = features[lo : lo + block]
+        act = active[:, cols].T  # (E, n)
+        vals = values[:, cols].T
+        take = np.ceil(0.8 * firing[cols]).astype(np.int64)
+        cut = -np.sort(np.where(act, -vals, np.float32(np.inf)), axis=1)[np.arange(len(cols)), take - 1]  # (E,)
+        above = act & (vals > cut[:, None])
+        ties = act & (vals == cut[:, None])
+        need = take - above.sum(1)
+        chosen = above | (ties & (np.cumsum(ties, axis=1) <= need[:, None]))
+        col, token = np.nonzero(chosen)
+        pairs = col * stride + ids[token]
+        out[lo : lo + len(cols)] = np.bincount(np.unique(pairs) // stride, minlength=len(cols))
+    return out
 
 
 def positional_information(active: np.ndarray, bins: np.ndarray, n_bins: int) -> np.ndarray:
     """(F,) mutual information in bits between each column of ``active`` (n, F) bool and the
     position bin (n,) of the same tokens."""
     n = active.shape[0]
-    onehot = np.zeros((n, n_bins), dtype=np.float64)
-    onehot[np.arange(n), bins] = 1.0
-    p_bin = onehot.sum(0) / n  # (B,)
-    joint_on = onehot.T @ active.astype(np.float64) / n  # (B, F): p(active, bin)
+    exact = np.float32 if n < 2**24 else np.float64
+    onehot = np.zeros((n_bins, n), dtype=exact)
+    onehot[bins, np.arange(n)] = 1.0
+    p_bin = np.bincount(bins, minlength=n_bins).astype(np.float64) / n  # (B,)
+    # counts of 0/1 terms below 2**24 are exact in float32, so this is the float64 count
+    joint_on = (onehot @ active.astype(exact)).astype(np.float64) / n  # (B, F): p(active, bin)
     joint_off = p_bin[:, None] - joint_on
     p_on = joint_on.sum(0)  # (F,)
     mi = np.zeros(active.shape[1])
@@ -978,9 +1000,7 @@ class _PassState:
                 threshold = _threshold(self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols], config)
                 for split in Split:
                     state = self.splits[split.value]
-                    top = state.top[polarity.value].rows(cols).ranked()
-                    blocks.append(_Block(ExemplarKind.TOP, split, top.seq_ids, top.extremes, top.acts,
-                                         torch.isfinite(top.keys), None))
+                    blocks.append(replace(state.top[polarity.value].rows(cols).ranked(), kind=ExemplarKind.TOP, split=split))
                     reservoir = state.reservoir.get(polarity.value)
                     if reservoir is not None:  # train members at or below the final threshold leave
                         kept = _keeping(reservoir.rows(cols), reservoir.rows(cols).extremes > threshold.unsqueeze(1))
@@ -988,9 +1008,8 @@ class _PassState:
                     quiet = state.quiet.get(polarity.value)
                     if quiet is not None:
                         kept = quiet.rows(cols)
-                        kept = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
-                        blocks.append(_Block(ExemplarKind.QUIET, split, kept.seq_ids, kept.extremes, kept.acts,
-                                             torch.isfinite(kept.keys), None))
+                        ranked = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
+                        blocks.append(replace(ranked, kind=ExemplarKind.QUIET, split=split))
                     blocks.append(_random_block(state, cols, split, polarity, corpus))
                 train_top = self.splits[Split.TRAIN.value].top[polarity.value].rows(cols)
                 stats = self.stats.frame(polarity, cols, train_top, config).with_columns(
@@ -1053,9 +1072,10 @@ class _Block:
     split: Split
     seq_ids: torch.Tensor
     extremes: torch.Tensor
-    acts: torch.Tensor  # (F, j, T)
+    acts: torch.Tensor  # (F, j, T), or (F, K, T) read through slots
     valid: torch.Tensor
     bins: torch.Tensor | None
+    slots: torch.Tensor | None = None  # (F, j): the slot of acts' second axis each member is in
 
 
 def _threshold(train_top_extremes: torch.Tensor, config: ExemplarsConfig) -> torch.Tensor:
@@ -1087,9 +1107,8 @@ def _quantile_block(reservoir: _KeptSequences, split: Split, config: ExemplarsCo
     position = torch.minimum(position, (hi - 1).clamp(min=0))
     valid &= torch.cat([torch.ones_like(position[:, :1], dtype=torch.bool), position[:, 1:] != position[:, :-1]], dim=1)
     members = order.gather(1, position)
-    picked = members.unsqueeze(-1).expand(-1, -1, reservoir.acts.shape[-1])
     return _Block(ExemplarKind.QUANTILE, split, reservoir.seq_ids.gather(1, members), reservoir.extremes.gather(1, members),
-                  reservoir.acts.gather(1, picked), valid, bin_index.expand_as(members))
+                  reservoir.acts, valid, bin_index.expand_as(members), members)
 
 
 def _random_block(state: _SplitState, cols: slice, split: Split, polarity: Polarity, corpus: _Corpus) -> _Block:
@@ -1122,7 +1141,8 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
         seq_ids.append(block.seq_ids.cpu().numpy()[feature, slot])
         extremes.append(block.extremes.float().cpu().numpy()[feature, slot])
         bins.append(block.bins.cpu().numpy()[feature, slot] if block.bins is not None else np.full(feature.size, -1))
-        acts.append(block.acts[torch.as_tensor(feature), torch.as_tensor(slot)].cpu().to(torch.float16).numpy())
+        source = slot if block.slots is None else block.slots.cpu().numpy()[feature, slot]
+        acts.append(block.acts[torch.as_tensor(feature), torch.as_tensor(source)].cpu().to(torch.float16).numpy())
     feature, code, slot = np.concatenate(features), np.concatenate(codes), np.concatenate(slots)
     order = np.lexsort((slot, code, feature))
     feature, code, slot = feature[order], code[order], slot[order]
