@@ -605,9 +605,12 @@ class _KeptSequences:
             return
         local = rows[enter_row]
         target = cols.start + rows[leave_row]
-        self.keys[target, leave_slot] = candidates[enter_row, enter_seq]
-        self.extremes[target, leave_slot] = extremes[enter_seq, local]
-        self.seq_ids[target, leave_slot] = seq_ids[enter_seq]
+        # (sequence, feature) pairs read through flat indices: index_select is several times
+        # faster on CPU than indexing with two index tensors
+        pair = enter_seq * keys.shape[1] + local
+        self.keys[target, leave_slot] = keys.reshape(-1).index_select(0, pair)
+        self.extremes[target, leave_slot] = extremes.reshape(-1).index_select(0, pair)
+        self.seq_ids[target, leave_slot] = seq_ids.index_select(0, enter_seq)
         self.acts[target, leave_slot] = chunk.rows(enter_seq, local).to(self.acts.dtype)
 
     def rows(self, cols: slice) -> _KeptSequences:
@@ -654,7 +657,8 @@ class _Chunk:
             self._by_feature = torch.empty((batch, features, tokens), dtype=self.acts.dtype, device=self.acts.device)
             torch.mul(self.acts.transpose(1, 2), self.counted.unsqueeze(1), out=self._by_feature)
         if self._by_feature is not None:
-            return self._by_feature[seq, feature]
+            batch, features, tokens = self._by_feature.shape
+            return self._by_feature.view(batch * features, tokens).index_select(0, seq * features + feature)
         return self.acts[seq, :, feature] * self.counted[seq]
 
 
@@ -1125,6 +1129,15 @@ def _random_block(state: _SplitState, cols: slice, split: Split, polarity: Polar
                   acts.permute(1, 0, 2), torch.ones(features, len(ids), dtype=torch.bool), None)
 
 
+def _gather_rows(acts: torch.Tensor, first: np.ndarray, second: np.ndarray) -> torch.Tensor:
+    """acts[first, second] for a (F, K, T) tensor: (n, T) rows, by one index_select of a flat
+    view where acts is contiguous (several times faster on CPU than two index tensors)."""
+    if acts.is_contiguous():
+        flat = torch.as_tensor(first * acts.shape[1] + second, device=acts.device)
+        return acts.view(-1, acts.shape[2]).index_select(0, flat)
+    return acts[torch.as_tensor(first), torch.as_tensor(second)]
+
+
 def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarity, n_tokens: np.ndarray) -> pl.DataFrame:
     """The rows of one layer x polarity, ordered by neuron, split, kind and rank without a
     sort of the activation lists: blocks are taken in (split, kind) order and their rows are
@@ -1142,7 +1155,7 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
         extremes.append(block.extremes.float().cpu().numpy()[feature, slot])
         bins.append(block.bins.cpu().numpy()[feature, slot] if block.bins is not None else np.full(feature.size, -1))
         source = slot if block.slots is None else block.slots.cpu().numpy()[feature, slot]
-        acts.append(block.acts[torch.as_tensor(feature), torch.as_tensor(source)].cpu().to(torch.float16).numpy())
+        acts.append(_gather_rows(block.acts, feature, source).cpu().to(torch.float16).numpy())
     feature, code, slot = np.concatenate(features), np.concatenate(codes), np.concatenate(slots)
     order = np.lexsort((slot, code, feature))
     feature, code, slot = feature[order], code[order], slot[order]
