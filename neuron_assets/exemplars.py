@@ -776,19 +776,35 @@ class _TokenStats:
         """(len(STAT_QUANTILES), F) nearest-rank quantiles of the token sample in the polarity's
         orientation. One sort per layer serves both polarities: the q-quantile of -x is
         minus the value at the mirrored rank of x."""
-        if getattr(self, "_ordered_for", None) != (cols.start, cols.stop):
-            sample = self.token_values[torch.isfinite(self.token_keys), cols].float().numpy().T  # (F, n)
-            n = sample.shape[1]
-            ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
-            self._ranks = ranks
-            self._ordered = np.sort(sample, axis=1) if n else None  # a SIMD sort beats a partition at 8 ranks
-            self._ordered_for = (cols.start, cols.stop)
-        if self._ordered is None:
+        sample = self._sample(cols)
+        n = sample.values.shape[1]
+        if not n:
             return None
-        n = self._ordered.shape[1]
+        ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
         if polarity is Polarity.POS:
-            return np.stack([self._ordered[:, r] for r in self._ranks]).astype(np.float32)
-        return np.stack([-self._ordered[:, n - 1 - r] for r in self._ranks]).astype(np.float32)
+            return np.stack([sample.ordered[:, r] for r in ranks]).astype(np.float32)
+        return np.stack([-sample.ordered[:, n - 1 - r] for r in ranks]).astype(np.float32)
+
+    def _sample(self, cols: slice, known_positions: bool = False) -> _SampleTokens:
+        """The token sample of the features ``cols`` (or its tokens whose position is known,
+        for the filters), made once per layer for both polarities and shared by the quantiles
+        and the filters: one transpose and one sort (a SIMD sort, faster than a partition at 8
+        ranks)."""
+        if getattr(self, "_sample_for", None) != (cols.start, cols.stop):
+            finite = torch.isfinite(self.token_keys)
+            values = self.token_values[finite][:, cols].float().T.contiguous().cpu().numpy()  # (F, n)
+            self._samples = {False: _SampleTokens(values, np.sort(values, axis=1), self.token_positions[finite].cpu().numpy(),
+                                                  self.token_ids[finite].cpu().numpy())}
+            self._sample_for = (cols.start, cols.stop)
+        if known_positions and True not in self._samples:
+            whole = self._samples[False]
+            known = whole.positions >= 0  # all of them, unless the sample comes from an older checkpoint
+            if known.all():
+                self._samples[True] = whole
+            else:
+                values = np.ascontiguousarray(whole.values[:, known])
+                self._samples[True] = _SampleTokens(values, np.sort(values, axis=1), whole.positions[known], whole.ids[known])
+        return self._samples[known_positions]
 
     def frame(self, polarity: Polarity, cols: slice, train_top: _KeptSequences, config: ExemplarsConfig) -> pl.DataFrame:
         n = max(float(self.sums["n_tokens"]), 1.0)
@@ -817,46 +833,58 @@ class _TokenStats:
         distinct token ids among the strongest 80% of the activating sample tokens (null with
         fewer than 2 x exemplars.unigram_tokens of them); and the flags ``is_positional``
         (MI above exemplars.positional_mi) and ``is_unigram`` (at most exemplars.unigram_tokens)."""
-        known = (torch.isfinite(self.token_keys) & (self.token_positions >= 0)).cpu().numpy()
-        values = self.token_values[:, cols].float().cpu().numpy()[known] * polarity.sign  # (n, F)
-        positions = self.token_positions.cpu().numpy()[known]
-        ids = self.token_ids.cpu().numpy()[known]
-        features = values.shape[1]
+        sample = self._sample(cols, known_positions=True)
+        values, ordered, positions, ids = sample.values, sample.ordered, sample.positions, sample.ids
+        signed = values * polarity.sign  # (F, n)
+        features, n = values.shape
         mi = np.zeros(features, dtype=np.float32)
         distinct = np.full(features, np.nan, dtype=np.float64)
-        if values.shape[0]:
-            active = values > (config.activating_fraction * np.maximum(maxima, 0.0))[None, :]
+        if n:
+            active = signed > (config.activating_fraction * np.maximum(maxima, 0.0))[:, None]
             bins = np.minimum(positions * POSITION_BINS // max(int(positions.max()) + 1, 1), POSITION_BINS - 1)
-            mi = positional_information(active, bins, POSITION_BINS)
-            firing = active.sum(0)
+            mi = positional_information(active.T, bins, POSITION_BINS)
+            firing = active.sum(1)
             eligible = np.nonzero(firing >= 2 * config.unigram_tokens)[0]
-            distinct[eligible] = _distinct_strongest(values, active, ids, eligible, firing)
+            take = np.ceil(0.8 * firing[eligible]).astype(np.int64)
+            if np.isnan(ordered[:, -1]).any():  # NaN sorts last: find the cut among the active tokens alone
+                cut = -np.sort(np.where(active[eligible], -signed[eligible], np.float32(np.inf)), axis=1)[
+                    np.arange(len(eligible)), take - 1]
+            else:  # the active tokens are the largest, so the take-th largest of all is the cut
+                cut = ordered[eligible, n - take] if polarity is Polarity.POS else -ordered[eligible, take - 1]
+            distinct[eligible] = _distinct_strongest(signed, active, ids, eligible, take, cut)
         unigram = np.where(np.isnan(distinct), False, distinct <= config.unigram_tokens)
         return {"positional_mi": mi, "is_positional": mi > config.positional_mi,
                 "unigram_tokens": _nullable_int(distinct), "is_unigram": unigram}
 
 
+@dataclass
+class _SampleTokens:
+    """A layer's token sample: values (F, n), the same sorted per feature, positions, token ids."""
+
+    values: np.ndarray
+    ordered: np.ndarray
+    positions: np.ndarray
+    ids: np.ndarray
+
+
 def _distinct_strongest(values: np.ndarray, active: np.ndarray, ids: np.ndarray, features: np.ndarray,
-                        firing: np.ndarray, block: int = 256) -> np.ndarray:
-    """Per column f of ``features``: the number of distinct ``ids`` among the strongest
-    ceil(0.8 x firing[f]) of its active tokens (ties in token order), a block of columns at a
-    time with no loop over features: one sort finds each column's cut value v; the tokens
-    above v are in, and of those equal to v the first ones in token order fill the rest."""
+                        take: np.ndarray, cut: np.ndarray, block: int = 256) -> np.ndarray:
+    """Per row f of ``features`` (rows of ``values`` and ``active``, (F, n)): the number of
+    distinct ``ids`` among its ``take`` strongest active tokens (ties in token order), whose
+    weakest value is ``cut``, a block of rows at a time with no loop over features: the
+    tokens above the cut are in, and of those equal to it the first ones fill the rest."""
     out = np.zeros(len(features), dtype=np.float64)
     stride = int(ids.max()) + 1 if ids.size else 1
     for lo in range(0, len(features), block):
-        cols = features[lo : lo + block]
-        act = active[:, cols].T  # (E, n)
-        vals = values[:, cols].T
-        take = np.ceil(0.8 * firing[cols]).astype(np.int64)
-        cut = -np.sort(np.where(act, -vals, np.float32(np.inf)), axis=1)[np.arange(len(cols)), take - 1]  # (E,)
-        above = act & (vals > cut[:, None])
-        ties = act & (vals == cut[:, None])
-        need = take - above.sum(1)
+        rows = features[lo : lo + block]
+        act, vals, edge = active[rows], values[rows], cut[lo : lo + block, None]
+        above = act & (vals > edge)
+        ties = act & (vals == edge)
+        need = take[lo : lo + block] - above.sum(1)
         chosen = above | (ties & (np.cumsum(ties, axis=1) <= need[:, None]))
-        col, token = np.nonzero(chosen)
-        pairs = col * stride + ids[token]
-        out[lo : lo + len(cols)] = np.bincount(np.unique(pairs) // stride, minlength=len(cols))
+        row, token = np.nonzero(chosen)
+        pairs = row * stride + ids[token]
+        out[lo : lo + len(rows)] = np.bincount(np.unique(pairs) // stride, minlength=len(rows))
     return out
 
 
