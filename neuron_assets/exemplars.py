@@ -1183,14 +1183,15 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
         extremes.append(block.extremes.float().cpu().numpy()[feature, slot])
         bins.append(block.bins.cpu().numpy()[feature, slot] if block.bins is not None else np.full(feature.size, -1))
         source = slot if block.slots is None else block.slots.cpu().numpy()[feature, slot]
-        acts.append(_gather_rows(block.acts, feature, source).cpu().to(torch.float16).numpy())
+        acts.append(_gather_rows(block.acts, feature, source).cpu().to(torch.float16))
     feature, code, slot = np.concatenate(features), np.concatenate(codes), np.concatenate(slots)
     order = np.lexsort((slot, code, feature))
     feature, code, slot = feature[order], code[order], slot[order]
     seq_id = np.concatenate(seq_ids)[order].astype(np.int64)
-    rows = np.concatenate(acts)[order]  # (rows, T) float16
+    rows = torch.cat(acts).index_select(0, torch.from_numpy(order)).numpy()  # (rows, T) float16
     lengths = n_tokens[seq_id]
-    keep = np.arange(rows.shape[1])[None, :] < lengths[:, None]
+    full = bool((lengths == rows.shape[1]).all())  # full windows: every token is kept, no masked copy
+    keep = None if full else np.arange(rows.shape[1])[None, :] < lengths[:, None]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     bin_values = np.concatenate(bins)[order]
 
@@ -1207,7 +1208,7 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
         "bin": pa.array(bin_values.astype(np.int16), mask=bin_values < 0),
         "seq_id": pa.array(seq_id),
         "extreme": pa.array(np.concatenate(extremes)[order].astype(np.float32)),
-        "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows[keep])),
+        "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows.reshape(-1) if full else rows[keep])),
     })
     return pl.from_arrow(table)
 
