@@ -792,7 +792,7 @@ class _TokenStats:
         ranks)."""
         if getattr(self, "_sample_for", None) != (cols.start, cols.stop):
             finite = torch.isfinite(self.token_keys)
-            values = self.token_values[finite][:, cols].float().T.contiguous().cpu().numpy()  # (F, n)
+            values = self.token_values[:, cols][finite].float().T.contiguous().cpu().numpy()  # (F, n): only this layer copied
             self._samples = {False: _SampleTokens(values, np.sort(values, axis=1), self.token_positions[finite].cpu().numpy(),
                                                   self.token_ids[finite].cpu().numpy())}
             self._sample_for = (cols.start, cols.stop)
