@@ -7,8 +7,9 @@ On the same batches of the embedded demo corpus, in one run:
 Prints tokens/s of each and the ratios b/a (the one pass's speed against the bare forward
 pass; 1.0 = collection is free) and b/c (speed-up of one pass over one pass per layer).
 Usage: python bench/activations.py [--sequences-per-split 100] [--neurons all]
-[--model builtin:SmolLM2-135M-Instruct] [--layers 0,5,10 | all]. The default subject and
-layers are the demo's; (c) costs one full forward pass per layer, so keep the layers few.
+[--model builtin:SmolLM2-135M-Instruct] [--layers 0,5,10 | all] [--no-per-layer]. The default
+subject and layers are the demo's; (c) costs one full forward pass per layer, so keep the
+layers few or skip it with --no-per-layer.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default=None, help="subject model (default: the demo's)")
     parser.add_argument("--layers", default=None, help="comma-separated layers or 'all' (default: the demo's)")
+    parser.add_argument("--no-per-layer", action="store_true",
+                        help="skip (c), which costs one full forward pass per layer (30 passes for --layers all)")
     args = parser.parse_args()
 
     config = Config()
@@ -79,7 +82,10 @@ def main() -> None:
 
     bare()  # warm-up: first-call allocations and thread start-up
     timings, cpu = {}, {}
-    for name, fn in (("a bare forward", bare), ("b one pass, all layers", one_pass), ("c one pass per layer", per_layer)):
+    runs = [("a bare forward", bare), ("b one pass, all layers", one_pass)]
+    if not args.no_per_layer:
+        runs.append(("c one pass per layer", per_layer))
+    for name, fn in runs:
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         timings[name[0]] = time.perf_counter() - start
@@ -90,8 +96,9 @@ def main() -> None:
     print(f"streaming part / bare     = {timings['a'] / streamed['s']:.2f}x tokens/s")
     print(f"CPU-time one pass / bare  = {cpu['a'] / cpu['b']:.2f}x  (steadier than wall time on a shared machine)")
     print(f"one pass / bare forward   = {timings['a'] / timings['b']:.2f}x tokens/s  (1.0: collection is free; target >= 0.7 on CPU)")
-    print(f"per layer / bare forward  = {timings['a'] / timings['c']:.2f}x tokens/s")
-    print(f"one pass / per layer      = {timings['c'] / timings['b']:.2f}x faster")
+    if "c" in timings:
+        print(f"per layer / bare forward  = {timings['a'] / timings['c']:.2f}x tokens/s")
+        print(f"one pass / per layer      = {timings['c'] / timings['b']:.2f}x faster")
 
 
 if __name__ == "__main__":

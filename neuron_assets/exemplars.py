@@ -605,9 +605,12 @@ class _KeptSequences:
             return
         local = rows[enter_row]
         target = cols.start + rows[leave_row]
-        self.keys[target, leave_slot] = candidates[enter_row, enter_seq]
-        self.extremes[target, leave_slot] = extremes[enter_seq, local]
-        self.seq_ids[target, leave_slot] = seq_ids[enter_seq]
+        # (sequence, feature) pairs read through flat indices: index_select is several times
+        # faster on CPU than indexing with two index tensors
+        pair = enter_seq * keys.shape[1] + local
+        self.keys[target, leave_slot] = keys.reshape(-1).index_select(0, pair)
+        self.extremes[target, leave_slot] = extremes.reshape(-1).index_select(0, pair)
+        self.seq_ids[target, leave_slot] = seq_ids.index_select(0, enter_seq)
         self.acts[target, leave_slot] = chunk.rows(enter_seq, local).to(self.acts.dtype)
 
     def rows(self, cols: slice) -> _KeptSequences:
@@ -616,15 +619,13 @@ class _KeptSequences:
             setattr(part, name, getattr(self, name)[cols])
         return part
 
-    def ranked(self) -> _KeptSequences:
-        """A copy ordered by key, largest first."""
+    def ranked(self) -> _Block:
+        """The members ordered by key, largest first, as a block whose activations stay where
+        they are (the slot map names each member's slot; only the valid rows are ever copied)."""
         order = self.keys.argsort(dim=1, descending=True, stable=True)
-        ranked = _KeptSequences()
-        ranked.keys = self.keys.gather(1, order)
-        ranked.extremes = self.extremes.gather(1, order)
-        ranked.seq_ids = self.seq_ids.gather(1, order)
-        ranked.acts = self.acts.gather(1, order.unsqueeze(-1).expand_as(self.acts))
-        return ranked
+        keys = self.keys.gather(1, order)
+        return _Block(None, None, self.seq_ids.gather(1, order), self.extremes.gather(1, order), self.acts,
+                      torch.isfinite(keys), None, order)
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.NAMES]
@@ -656,7 +657,8 @@ class _Chunk:
             self._by_feature = torch.empty((batch, features, tokens), dtype=self.acts.dtype, device=self.acts.device)
             torch.mul(self.acts.transpose(1, 2), self.counted.unsqueeze(1), out=self._by_feature)
         if self._by_feature is not None:
-            return self._by_feature[seq, feature]
+            batch, features, tokens = self._by_feature.shape
+            return self._by_feature.view(batch * features, tokens).index_select(0, seq * features + feature)
         return self.acts[seq, :, feature] * self.counted[seq]
 
 
@@ -772,21 +774,37 @@ class _TokenStats:
 
     def _quantiles(self, cols: slice, polarity: Polarity) -> np.ndarray | None:
         """(len(STAT_QUANTILES), F) nearest-rank quantiles of the token sample in the polarity's
-        orientation. One partial sort per layer serves both polarities: the q-quantile of -x is
+        orientation. One sort per layer serves both polarities: the q-quantile of -x is
         minus the value at the mirrored rank of x."""
-        if getattr(self, "_ordered_for", None) != (cols.start, cols.stop):
-            sample = self.token_values[torch.isfinite(self.token_keys), cols].float().numpy().T  # (F, n)
-            n = sample.shape[1]
-            ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
-            self._ranks = ranks
-            self._ordered = np.partition(sample, sorted({*ranks, *(n - 1 - r for r in ranks)}), axis=1) if n else None
-            self._ordered_for = (cols.start, cols.stop)
-        if self._ordered is None:
+        sample = self._sample(cols)
+        n = sample.values.shape[1]
+        if not n:
             return None
-        n = self._ordered.shape[1]
+        ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
         if polarity is Polarity.POS:
-            return np.stack([self._ordered[:, r] for r in self._ranks]).astype(np.float32)
-        return np.stack([-self._ordered[:, n - 1 - r] for r in self._ranks]).astype(np.float32)
+            return np.stack([sample.ordered[:, r] for r in ranks]).astype(np.float32)
+        return np.stack([-sample.ordered[:, n - 1 - r] for r in ranks]).astype(np.float32)
+
+    def _sample(self, cols: slice, known_positions: bool = False) -> _SampleTokens:
+        """The token sample of the features ``cols`` (or its tokens whose position is known,
+        for the filters), made once per layer for both polarities and shared by the quantiles
+        and the filters: one transpose and one sort (a SIMD sort, faster than a partition at 8
+        ranks)."""
+        if getattr(self, "_sample_for", None) != (cols.start, cols.stop):
+            finite = torch.isfinite(self.token_keys)
+            values = self.token_values[:, cols][finite].float().T.contiguous().cpu().numpy()  # (F, n): only this layer copied
+            self._samples = {False: _SampleTokens(values, np.sort(values, axis=1), self.token_positions[finite].cpu().numpy(),
+                                                  self.token_ids[finite].cpu().numpy())}
+            self._sample_for = (cols.start, cols.stop)
+        if known_positions and True not in self._samples:
+            whole = self._samples[False]
+            known = whole.positions >= 0  # all of them, unless the sample comes from an older checkpoint
+            if known.all():
+                self._samples[True] = whole
+            else:
+                values = np.ascontiguousarray(whole.values[:, known])
+                self._samples[True] = _SampleTokens(values, np.sort(values, axis=1), whole.positions[known], whole.ids[known])
+        return self._samples[known_positions]
 
     def frame(self, polarity: Polarity, cols: slice, train_top: _KeptSequences, config: ExemplarsConfig) -> pl.DataFrame:
         n = max(float(self.sums["n_tokens"]), 1.0)
@@ -816,35 +834,71 @@ class _TokenStats:
         fewer than 2 x exemplars.unigram_tokens of them); and the flags ``is_positional``
         (MI above exemplars.positional_mi) and ``is_unigram`` (at most exemplars.unigram_tokens: a
         candidate, which :mod:`neuron_assets.features.unigram` then confirms or clears)."""
-        known = (torch.isfinite(self.token_keys) & (self.token_positions >= 0)).cpu().numpy()
-        values = self.token_values[:, cols].float().cpu().numpy()[known] * polarity.sign  # (n, F)
-        positions = self.token_positions.cpu().numpy()[known]
-        ids = self.token_ids.cpu().numpy()[known]
-        features = values.shape[1]
+        sample = self._sample(cols, known_positions=True)
+        values, ordered, positions, ids = sample.values, sample.ordered, sample.positions, sample.ids
+        signed = values * polarity.sign  # (F, n)
+        features, n = values.shape
         mi = np.zeros(features, dtype=np.float32)
         distinct = np.full(features, np.nan, dtype=np.float64)
-        if values.shape[0]:
-            active = values > (config.activating_fraction * np.maximum(maxima, 0.0))[None, :]
+        if n:
+            active = signed > (config.activating_fraction * np.maximum(maxima, 0.0))[:, None]
             bins = np.minimum(positions * POSITION_BINS // max(int(positions.max()) + 1, 1), POSITION_BINS - 1)
-            mi = positional_information(active, bins, POSITION_BINS)
-            support = 2 * config.unigram_tokens
-            for f in np.nonzero(active.sum(0) >= support)[0]:
-                firing = np.nonzero(active[:, f])[0]
-                strongest = firing[np.argsort(-values[firing, f], kind="stable")][: int(np.ceil(0.8 * firing.size))]
-                distinct[f] = np.unique(ids[strongest]).size
+            mi = positional_information(active.T, bins, POSITION_BINS)
+            firing = active.sum(1)
+            eligible = np.nonzero(firing >= 2 * config.unigram_tokens)[0]
+            take = np.ceil(0.8 * firing[eligible]).astype(np.int64)
+            if np.isnan(ordered[:, -1]).any():  # NaN sorts last: find the cut among the active tokens alone
+                cut = -np.sort(np.where(active[eligible], -signed[eligible], np.float32(np.inf)), axis=1)[
+                    np.arange(len(eligible)), take - 1]
+            else:  # the active tokens are the largest, so the take-th largest of all is the cut
+                cut = ordered[eligible, n - take] if polarity is Polarity.POS else -ordered[eligible, take - 1]
+            distinct[eligible] = _distinct_strongest(signed, active, ids, eligible, take, cut)
         unigram = np.where(np.isnan(distinct), False, distinct <= config.unigram_tokens)
         return {"positional_mi": mi, "is_positional": mi > config.positional_mi,
                 "unigram_tokens": _nullable_int(distinct), "is_unigram": unigram}
+
+
+@dataclass
+class _SampleTokens:
+    """A layer's token sample: values (F, n), the same sorted per feature, positions, token ids."""
+
+    values: np.ndarray
+    ordered: np.ndarray
+    positions: np.ndarray
+    ids: np.ndarray
+
+
+def _distinct_strongest(values: np.ndarray, active: np.ndarray, ids: np.ndarray, features: np.ndarray,
+                        take: np.ndarray, cut: np.ndarray, block: int = 256) -> np.ndarray:
+    """Per row f of ``features`` (rows of ``values`` and ``active``, (F, n)): the number of
+    distinct ``ids`` among its ``take`` strongest active tokens (ties in token order), whose
+    weakest value is ``cut``, a block of rows at a time with no loop over features: the
+    tokens above the cut are in, and of those equal to it the first ones fill the rest."""
+    out = np.zeros(len(features), dtype=np.float64)
+    stride = int(ids.max()) + 1 if ids.size else 1
+    for lo in range(0, len(features), block):
+        rows = features[lo : lo + block]
+        act, vals, edge = active[rows], values[rows], cut[lo : lo + block, None]
+        above = act & (vals > edge)
+        ties = act & (vals == edge)
+        need = take[lo : lo + block] - above.sum(1)
+        chosen = above | (ties & (np.cumsum(ties, axis=1) <= need[:, None]))
+        row, token = np.nonzero(chosen)
+        pairs = row * stride + ids[token]
+        out[lo : lo + len(rows)] = np.bincount(np.unique(pairs) // stride, minlength=len(rows))
+    return out
 
 
 def positional_information(active: np.ndarray, bins: np.ndarray, n_bins: int) -> np.ndarray:
     """(F,) mutual information in bits between each column of ``active`` (n, F) bool and the
     position bin (n,) of the same tokens."""
     n = active.shape[0]
-    onehot = np.zeros((n, n_bins), dtype=np.float64)
-    onehot[np.arange(n), bins] = 1.0
-    p_bin = onehot.sum(0) / n  # (B,)
-    joint_on = onehot.T @ active.astype(np.float64) / n  # (B, F): p(active, bin)
+    exact = np.float32 if n < 2**24 else np.float64
+    onehot = np.zeros((n_bins, n), dtype=exact)
+    onehot[bins, np.arange(n)] = 1.0
+    p_bin = np.bincount(bins, minlength=n_bins).astype(np.float64) / n  # (B,)
+    # counts of 0/1 terms below 2**24 are exact in float32, so this is the float64 count
+    joint_on = (onehot @ active.astype(exact)).astype(np.float64) / n  # (B, F): p(active, bin)
     joint_off = p_bin[:, None] - joint_on
     p_on = joint_on.sum(0)  # (F,)
     mi = np.zeros(active.shape[1])
@@ -979,9 +1033,7 @@ class _PassState:
                 threshold = _threshold(self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols], config)
                 for split in Split:
                     state = self.splits[split.value]
-                    top = state.top[polarity.value].rows(cols).ranked()
-                    blocks.append(_Block(ExemplarKind.TOP, split, top.seq_ids, top.extremes, top.acts,
-                                         torch.isfinite(top.keys), None))
+                    blocks.append(replace(state.top[polarity.value].rows(cols).ranked(), kind=ExemplarKind.TOP, split=split))
                     reservoir = state.reservoir.get(polarity.value)
                     if reservoir is not None:  # train members at or below the final threshold leave
                         kept = _keeping(reservoir.rows(cols), reservoir.rows(cols).extremes > threshold.unsqueeze(1))
@@ -989,9 +1041,8 @@ class _PassState:
                     quiet = state.quiet.get(polarity.value)
                     if quiet is not None:
                         kept = quiet.rows(cols)
-                        kept = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
-                        blocks.append(_Block(ExemplarKind.QUIET, split, kept.seq_ids, kept.extremes, kept.acts,
-                                             torch.isfinite(kept.keys), None))
+                        ranked = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
+                        blocks.append(replace(ranked, kind=ExemplarKind.QUIET, split=split))
                     blocks.append(_random_block(state, cols, split, polarity, corpus))
                 train_top = self.splits[Split.TRAIN.value].top[polarity.value].rows(cols)
                 stats = self.stats.frame(polarity, cols, train_top, config).with_columns(
@@ -1054,9 +1105,10 @@ class _Block:
     split: Split
     seq_ids: torch.Tensor
     extremes: torch.Tensor
-    acts: torch.Tensor  # (F, j, T)
+    acts: torch.Tensor  # (F, j, T), or (F, K, T) read through slots
     valid: torch.Tensor
     bins: torch.Tensor | None
+    slots: torch.Tensor | None = None  # (F, j): the slot of acts' second axis each member is in
 
 
 def _threshold(train_top_extremes: torch.Tensor, config: ExemplarsConfig) -> torch.Tensor:
@@ -1088,9 +1140,8 @@ def _quantile_block(reservoir: _KeptSequences, split: Split, config: ExemplarsCo
     position = torch.minimum(position, (hi - 1).clamp(min=0))
     valid &= torch.cat([torch.ones_like(position[:, :1], dtype=torch.bool), position[:, 1:] != position[:, :-1]], dim=1)
     members = order.gather(1, position)
-    picked = members.unsqueeze(-1).expand(-1, -1, reservoir.acts.shape[-1])
     return _Block(ExemplarKind.QUANTILE, split, reservoir.seq_ids.gather(1, members), reservoir.extremes.gather(1, members),
-                  reservoir.acts.gather(1, picked), valid, bin_index.expand_as(members))
+                  reservoir.acts, valid, bin_index.expand_as(members), members)
 
 
 def _random_block(state: _SplitState, cols: slice, split: Split, polarity: Polarity, corpus: _Corpus) -> _Block:
@@ -1105,6 +1156,15 @@ def _random_block(state: _SplitState, cols: slice, split: Split, polarity: Polar
     extremes = signed.masked_fill(~counted.unsqueeze(1), -torch.inf).amax(dim=2) if acts.shape[2] else signed.sum(2)
     return _Block(ExemplarKind.RANDOM, split, ids.unsqueeze(0).expand(features, -1), extremes.T,
                   acts.permute(1, 0, 2), torch.ones(features, len(ids), dtype=torch.bool), None)
+
+
+def _gather_rows(acts: torch.Tensor, first: np.ndarray, second: np.ndarray) -> torch.Tensor:
+    """acts[first, second] for a (F, K, T) tensor: (n, T) rows, by one index_select of a flat
+    view where acts is contiguous (several times faster on CPU than two index tensors)."""
+    if acts.is_contiguous():
+        flat = torch.as_tensor(first * acts.shape[1] + second, device=acts.device)
+        return acts.view(-1, acts.shape[2]).index_select(0, flat)
+    return acts[torch.as_tensor(first), torch.as_tensor(second)]
 
 
 def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarity, n_tokens: np.ndarray) -> pl.DataFrame:
@@ -1123,14 +1183,16 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
         seq_ids.append(block.seq_ids.cpu().numpy()[feature, slot])
         extremes.append(block.extremes.float().cpu().numpy()[feature, slot])
         bins.append(block.bins.cpu().numpy()[feature, slot] if block.bins is not None else np.full(feature.size, -1))
-        acts.append(block.acts[torch.as_tensor(feature), torch.as_tensor(slot)].cpu().to(torch.float16).numpy())
+        source = slot if block.slots is None else block.slots.cpu().numpy()[feature, slot]
+        acts.append(_gather_rows(block.acts, feature, source).cpu().to(torch.float16))
     feature, code, slot = np.concatenate(features), np.concatenate(codes), np.concatenate(slots)
     order = np.lexsort((slot, code, feature))
     feature, code, slot = feature[order], code[order], slot[order]
     seq_id = np.concatenate(seq_ids)[order].astype(np.int64)
-    rows = np.concatenate(acts)[order]  # (rows, T) float16
+    rows = torch.cat(acts).index_select(0, torch.from_numpy(order)).numpy()  # (rows, T) float16
     lengths = n_tokens[seq_id]
-    keep = np.arange(rows.shape[1])[None, :] < lengths[:, None]
+    full = bool((lengths == rows.shape[1]).all())  # full windows: every token is kept, no masked copy
+    keep = None if full else np.arange(rows.shape[1])[None, :] < lengths[:, None]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     bin_values = np.concatenate(bins)[order]
 
@@ -1147,7 +1209,7 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
         "bin": pa.array(bin_values.astype(np.int16), mask=bin_values < 0),
         "seq_id": pa.array(seq_id),
         "extreme": pa.array(np.concatenate(extremes)[order].astype(np.float32)),
-        "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows[keep])),
+        "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows.reshape(-1) if full else rows[keep])),
     })
     return pl.from_arrow(table)
 

@@ -51,7 +51,9 @@ from neuron_assets.progress import Progress
 from neuron_assets.score import JUDGE_SCORERS, Scorer, judged_candidates
 from neuron_assets.score.crossfit import Scoring, with_provenance
 from neuron_assets.score.select import (
+    FEATURES_PER_ROUND,
     rows_of,
+    score_all,
     score_candidates,
     select_best,
     selected_by_feature,
@@ -616,24 +618,28 @@ def make_neuron_descriptions(config: Config, layer: int, polarity: Polarity, run
 
 def _describe_kind(kind: str, features: list[FeatureExemplars], scores: pl.DataFrame, scoring: Scoring,
                    explainers: dict, layer: int, polarity: Polarity, on_features) -> tuple[list[dict], int]:
-    """One kind's neuron_descriptions rows of a partition, and how many mixed simulator versions."""
+    """One kind's neuron_descriptions rows of a partition, and how many mixed simulator versions.
+    The best candidates and their controls are scored on test in rounds of FEATURES_PER_ROUND
+    features through the scorer's ``score_many`` (the simulator batches their pairs together)."""
     scorer = scoring.selector
     best = select_best(scores, scorer.name, scorer.simulator)
     features = {f.feature.index: f for f in features}
+    chosen = [(row, features[row["neuron"]]) for row in best.iter_rows(named=True) if row["neuron"] in features]
+    tests = []
+    for start in range(0, len(chosen), FEATURES_PER_ROUND):
+        round_ = chosen[start : start + FEATURES_PER_ROUND]
+        items = [(feature, [row["description"]] + ([row["control_description"]] if row["control_description"] else []))
+                 for row, feature in round_]
+        tests += score_all(scorer, items, Split.TEST)
+        if on_features is not None:
+            on_features(len(round_))
     val_provenance = _val_provenance(scores, scorer)
     rows = []
     stale = 0
-    for row in best.iter_rows(named=True):
-        feature = features.get(row["neuron"])
-        if feature is None:
-            continue
+    for (row, feature), test in zip(chosen, tests):
         val_version, val_saw = val_provenance.get(row["neuron"], (None, None))
         test_version, test_saw = scoring.provenance(feature.feature, scorer.simulator)
         stale += scorer.simulator == FINETUNED and val_version != test_version
-        described = [row["description"]] + ([row["control_description"]] if row["control_description"] else [])
-        test = scorer.score(feature, described, Split.TEST)
-        if on_features is not None:
-            on_features(1)
         rows.append({
             "layer": layer, "polarity": polarity.value, "kind": kind, "neuron": row["neuron"], "candidate": row["candidate"],
             "description": row["description"], "scorer": scorer.name, "simulator": row["simulator"],

@@ -107,7 +107,7 @@ def score_candidates(
     for start in range(0, len(scored), FEATURES_PER_ROUND):
         round_ = scored[start : start + FEATURES_PER_ROUND]
         items = [(feature, [e[2] for e in entries]) for feature, entries in round_]
-        by_scorer = [_score_all(scorer, items, split) for scorer in scorers]
+        by_scorer = [score_all(scorer, items, split) for scorer in scorers]
         for i, (feature, entries) in enumerate(round_):
             for scorer, scores in zip(scorers, by_scorer):
                 rows += [_score_row(feature.feature, entry, scorer, split, score)
@@ -117,7 +117,9 @@ def score_candidates(
     return pl.DataFrame(rows, schema=SCORES_SCHEMA)
 
 
-def _score_all(scorer: Scorer, items, split: Split) -> list[list[Score]]:
+def score_all(scorer: Scorer, items, split: Split) -> list[list[Score]]:
+    """``scorer.score`` of every (feature, descriptions) in ``items``, through ``score_many``
+    where the scorer has it (one simulator call batches every feature's pairs)."""
     many = getattr(scorer, "score_many", None)
     if many is not None:
         return many(items, split)

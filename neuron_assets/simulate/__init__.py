@@ -45,7 +45,7 @@ def _semantic(config: Config, checkpoint: Path | None) -> Simulator:
 
     settings = config.simulate.semantic
     try:
-        return SemanticSimulator(settings.model, settings.device, settings.batch_size)
+        return SemanticSimulator(settings.model, settings.device, settings.batch_size, batch_tokens=settings.batch_tokens)
     except (OSError, ValueError) as err:
         raise SimulatorUnavailable(f"the semantic simulator cannot load simulate.semantic.model "
                                    f"'{settings.model}': {err}") from None

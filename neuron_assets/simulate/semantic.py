@@ -46,7 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
-from neuron_assets.embedding import sentence_encoder
+from neuron_assets.embedding import BATCH_SIZE, sentence_encoder
 from neuron_assets.simulate.base import MAX_ACTIVATION, SimulatedActivations
 from neuron_assets.simulate.lexical import QUOTED, WORD, NamedTerms, simulate_lexically
 from neuron_assets.types import ActivationRecord
@@ -94,9 +94,9 @@ class SemanticSimulator:
 
     LAYOUT_CACHE = 20_000  # records whose unit layouts are kept
 
-    def __init__(self, model: str = "builtin:all-MiniLM-L6-v2", device: str = "auto", batch_size: int = 64,
-                 calibration: SemanticCalibration | None = None):
-        self.encoder = sentence_encoder(model, device, batch_size)
+    def __init__(self, model: str = "builtin:all-MiniLM-L6-v2", device: str = "auto", batch_size: int = BATCH_SIZE,
+                 calibration: SemanticCalibration | None = None, batch_tokens: int | None = None):
+        self.encoder = sentence_encoder(model, device, batch_size, batch_tokens)
         self.calibration = calibration or SemanticCalibration.shipped()
         self._layouts: OrderedDict = OrderedDict()
 
