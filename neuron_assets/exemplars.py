@@ -662,6 +662,13 @@ class _Chunk:
         return self.acts[seq, :, feature] * self.counted[seq]
 
 
+def kept_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of kept sequences' activations: the subject's where it has 2 bytes, else
+    float16, the precision the exemplar tables store. A float32 subject (CPU) would otherwise
+    write and hold twice the bytes for digits the tables drop."""
+    return dtype if torch.empty((), dtype=dtype).element_size() <= 2 else torch.float16
+
+
 class _SplitState:
     """One split's kept sequences for every polarity, and its random sequences' activations."""
 
@@ -674,10 +681,11 @@ class _SplitState:
 
     @classmethod
     def fresh(cls, features, polarities, config: ExemplarsConfig, seq_len, random_ids, device, dtype) -> _SplitState:
-        top = {p: _KeptSequences.fresh(features, config.top_k, seq_len, device, dtype) for p in polarities}
-        reservoir = ({p: _KeptSequences.fresh(features, config.quantile_reservoir, seq_len, device, dtype) for p in polarities}
+        kept = kept_dtype(dtype)
+        top = {p: _KeptSequences.fresh(features, config.top_k, seq_len, device, kept) for p in polarities}
+        reservoir = ({p: _KeptSequences.fresh(features, config.quantile_reservoir, seq_len, device, kept) for p in polarities}
                      if config.per_quantile else {})
-        quiet = ({p: _KeptSequences.fresh(features, config.quiet_per_split, seq_len, device, dtype) for p in polarities}
+        quiet = ({p: _KeptSequences.fresh(features, config.quiet_per_split, seq_len, device, kept) for p in polarities}
                  if config.quiet_per_split else {})
         acts = torch.zeros((len(random_ids), features, seq_len), dtype=dtype, device=device)
         return cls(top, reservoir, random_ids.cpu(), acts, quiet)

@@ -14,6 +14,7 @@ from neuron_assets.simulate import needs_checkpoint
 from neuron_assets.types import Polarity
 
 KEPT_SLOT_BYTES = 4 + 4 + 8  # key (float32), extreme (float32), seq_id (int64) per kept sequence
+KEPT_ACT_BYTES = 2  # a kept sequence's activations: float16 (or bfloat16), the tables' precision
 SUM_BYTES = 4 * 8  # sum, sum of squares, positive and negative counts (float64) per feature
 
 
@@ -29,7 +30,7 @@ class StateBytes:
 def exemplar_state_bytes(config: ExemplarsConfig, seq_len: int, act_bytes: int, polarities: int) -> StateBytes:
     """The exemplar collector's state, exactly as it allocates it."""
     slots = config.top_k + (config.quantile_reservoir if config.per_quantile else 0) + config.quiet_per_split
-    per_slot = KEPT_SLOT_BYTES + seq_len * act_bytes
+    per_slot = KEPT_SLOT_BYTES + seq_len * min(act_bytes, KEPT_ACT_BYTES)
     split = polarities * slots * per_slot + config.random_per_split * seq_len * act_bytes
     stats = SUM_BYTES + config.stats_token_sample * act_bytes
     return StateBytes(split=split, stats=stats, fixed=config.stats_token_sample * 4)
