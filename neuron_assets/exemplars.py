@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuron_assets.config import ExemplarsConfig, FeaturesConfig
-from neuron_assets.plan import exemplar_state_bytes
+from neuron_assets.plan import KEPT_ACT_BYTES, exemplar_state_bytes
 from neuron_assets.store import Store, atomic_path, set_aside
 from neuron_assets.subject import SubjectError, SubjectModel
 from neuron_assets.types import (
@@ -663,10 +663,11 @@ class _Chunk:
 
 
 def kept_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of kept sequences' activations: the subject's where it has 2 bytes, else
-    float16, the precision the exemplar tables store. A float32 subject (CPU) would otherwise
-    write and hold twice the bytes for digits the tables drop."""
-    return dtype if torch.empty((), dtype=dtype).element_size() <= 2 else torch.float16
+    """The dtype of kept sequences' activations: the subject's where it has KEPT_ACT_BYTES (the
+    plan sizes the state by the same rule), else float16, the precision the exemplar tables
+    store. A float32 subject (CPU) would otherwise write and hold twice the bytes for digits
+    the tables drop."""
+    return dtype if torch.empty((), dtype=dtype).element_size() <= KEPT_ACT_BYTES else torch.float16
 
 
 class _SplitState:
