@@ -882,19 +882,26 @@ def _distinct_strongest(values: np.ndarray, active: np.ndarray, ids: np.ndarray,
     """Per row f of ``features`` (rows of ``values`` and ``active``, (F, n)): the number of
     distinct ``ids`` among its ``take`` strongest active tokens (ties in token order), whose
     weakest value is ``cut``, a block of rows at a time with no loop over features: the
-    tokens above the cut are in, and of those equal to it the first ones fill the rest."""
+    tokens above the cut are in, and of those equal to it the first ones fill the rest. The
+    ids are renumbered once to the few the sample holds, so a block marks them in a small
+    (rows, distinct ids) table instead of hashing (row, id) pairs."""
     out = np.zeros(len(features), dtype=np.float64)
-    stride = int(ids.max()) + 1 if ids.size else 1
+    if not ids.size:
+        return out
+    distinct, compact = np.unique(ids, return_inverse=True)
     for lo in range(0, len(features), block):
         rows = features[lo : lo + block]
         act, vals, edge = active[rows], values[rows], cut[lo : lo + block, None]
-        above = act & (vals > edge)
+        chosen = act & (vals >= edge)
         ties = act & (vals == edge)
-        need = take[lo : lo + block] - above.sum(1)
-        chosen = above | (ties & (np.cumsum(ties, axis=1) <= need[:, None]))
+        need = take[lo : lo + block] - (chosen.sum(1) - ties.sum(1))
+        over = np.nonzero(ties.sum(1) > need)[0]  # rows where not every tie fits: the first ones fill
+        if over.size:
+            chosen[over] &= ~ties[over] | (np.cumsum(ties[over], axis=1) <= need[over, None])
         row, token = np.nonzero(chosen)
-        pairs = row * stride + ids[token]
-        out[lo : lo + len(rows)] = np.bincount(np.unique(pairs) // stride, minlength=len(rows))
+        marks = np.zeros((len(rows), len(distinct)), dtype=bool)
+        marks[row, compact[token]] = True
+        out[lo : lo + len(rows)] = np.count_nonzero(marks, axis=1)
     return out
 
 
@@ -1176,51 +1183,72 @@ def _gather_rows(acts: torch.Tensor, first: np.ndarray, second: np.ndarray) -> t
     return acts[torch.as_tensor(first), torch.as_tensor(second)]
 
 
+FRAME_CHUNK_ROWS = 2**16
+"""Rows per Arrow chunk of an exemplars table being built: its buffers (a few MB) are reused
+from the heap, where one buffer per table (tens of MB) would be fresh pages, faulted in on
+every table."""
+
+
 def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarity, n_tokens: np.ndarray) -> pl.DataFrame:
-    """The rows of one layer x polarity, ordered by neuron, split, kind and rank without a
-    sort of the activation lists: blocks are taken in (split, kind) order and their rows are
-    interleaved by one lexsort of small keys; activations become float16 once."""
+    """The rows of one layer x polarity, ordered by neuron, split, kind and rank, with no sort:
+    blocks are taken in (split, kind) order and each block lists its members feature by
+    feature (np.nonzero's order), so counting the members of every (feature, block) gives
+    each row its place. The table is built in chunks of consecutive features, about
+    FRAME_CHUNK_ROWS rows each; a block's activation rows are gathered once per chunk and
+    written in place as float16."""
     blocks = sorted(blocks, key=lambda b: (b.split.value, b.kind.value))
-    features, codes, slots, seq_ids, extremes, bins, acts = [], [], [], [], [], [], []
-    for code, block in enumerate(blocks):
-        feature, slot = np.nonzero(block.valid.cpu().numpy())
-        if feature.size == 0:
-            continue
-        features.append(feature)
-        codes.append(np.full(feature.size, code, dtype=np.int8))
-        slots.append(slot)
-        seq_ids.append(block.seq_ids.cpu().numpy()[feature, slot])
-        extremes.append(block.extremes.float().cpu().numpy()[feature, slot])
-        bins.append(block.bins.cpu().numpy()[feature, slot] if block.bins is not None else np.full(feature.size, -1))
-        source = slot if block.slots is None else block.slots.cpu().numpy()[feature, slot]
-        acts.append(_gather_rows(block.acts, feature, source).cpu().to(torch.float16))
-    feature, code, slot = np.concatenate(features), np.concatenate(codes), np.concatenate(slots)
-    order = np.lexsort((slot, code, feature))
-    feature, code, slot = feature[order], code[order], slot[order]
-    seq_id = np.concatenate(seq_ids)[order].astype(np.int64)
-    rows = torch.cat(acts).index_select(0, torch.from_numpy(order)).numpy()  # (rows, T) float16
-    lengths = n_tokens[seq_id]
-    full = bool((lengths == rows.shape[1]).all())  # full windows: every token is kept, no masked copy
-    keep = None if full else np.arange(rows.shape[1])[None, :] < lengths[:, None]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    bin_values = np.concatenate(bins)[order]
-
-    def labels(values: list[str]) -> pa.Array:
-        return pa.DictionaryArray.from_arrays(pa.array(code, pa.int8()), pa.array(values)).cast(pa.string())
-
-    table = pa.table({
-        "layer": pa.array(np.full(len(feature), layer, dtype=np.int16)),
-        "polarity": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(feature), np.int8)), pa.array([polarity.value])).cast(pa.string()),
-        "neuron": pa.array(np.asarray(neuron_ids, dtype=np.int32)[feature]),
-        "split": labels([b.split.value for b in blocks]),
-        "kind": labels([b.kind.value for b in blocks]),
-        "rank": pa.array(slot.astype(np.int16)),
-        "bin": pa.array(bin_values.astype(np.int16), mask=bin_values < 0),
-        "seq_id": pa.array(seq_id),
-        "extreme": pa.array(np.concatenate(extremes)[order].astype(np.float32)),
-        "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows.reshape(-1) if full else rows[keep])),
-    })
-    return pl.from_arrow(table)
+    members = [np.nonzero(block.valid.cpu().numpy()) for block in blocks]  # (features, slots), feature-major
+    columns = [(block.seq_ids.cpu().numpy(), block.extremes.float().cpu().numpy(),
+                None if block.bins is None else block.bins.cpu().numpy(),
+                None if block.slots is None else block.slots.cpu().numpy()) for block in blocks]
+    n_features, seq_len = len(neuron_ids), blocks[0].acts.shape[-1]
+    counts = np.stack([np.bincount(feature, minlength=n_features) for feature, _ in members], axis=1)  # (F, blocks)
+    bounds = np.vstack([np.zeros((1, len(blocks)), dtype=np.int64), np.cumsum(counts, axis=0)])  # members before a feature
+    neuron = np.asarray(neuron_ids, dtype=np.int32)
+    split_names, kind_names = pa.array([b.split.value for b in blocks]), pa.array([b.kind.value for b in blocks])
+    step = max(1, FRAME_CHUNK_ROWS * n_features // max(int(counts.sum()), 1))
+    chunks = []
+    for f0 in range(0, n_features, step):
+        f1 = min(f0 + step, n_features)
+        part = counts[f0:f1]
+        first = (np.cumsum(part) - part.reshape(-1)).reshape(part.shape)  # each (feature, block)'s first row
+        total = int(part.sum())
+        code, rank = np.empty(total, dtype=np.int8), np.empty(total, dtype=np.int16)
+        seq_id, extreme = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.float32)
+        bin_values = np.full(total, -1, dtype=np.int16)
+        rows = torch.empty((total, seq_len), dtype=torch.float16)
+        for b, (block, (features, slots), (seq_ids, extremes, bins, sources)) in enumerate(zip(blocks, members, columns)):
+            lo, hi = bounds[f0, b], bounds[f1, b]
+            if hi == lo:
+                continue
+            feature, slot = features[lo:hi], slots[lo:hi]
+            dest = first[feature - f0, b] + (np.arange(lo, hi) - bounds[feature, b])
+            code[dest], rank[dest] = b, slot
+            seq_id[dest], extreme[dest] = seq_ids[feature, slot], extremes[feature, slot]
+            if bins is not None:
+                bin_values[dest] = bins[feature, slot]
+            source = slot if sources is None else sources[feature, slot]
+            rows.index_copy_(0, torch.from_numpy(dest), _gather_rows(block.acts, feature, source).cpu().to(torch.float16))
+        rows = rows.numpy()
+        lengths = n_tokens[seq_id]
+        full = bool((lengths == seq_len).all())  # full windows: every token is kept, no masked copy
+        values = rows.reshape(-1) if full else rows[np.arange(seq_len)[None, :] < lengths[:, None]]
+        codes = pa.array(code, pa.int8())
+        chunks.append(pa.record_batch({
+            "layer": pa.array(np.full(total, layer, dtype=np.int16)),
+            "polarity": pa.DictionaryArray.from_arrays(pa.array(np.zeros(total, np.int8)),
+                                                       pa.array([polarity.value])).cast(pa.string()),
+            "neuron": pa.array(np.repeat(neuron[f0:f1], part.sum(1))),
+            "split": pa.DictionaryArray.from_arrays(codes, split_names).cast(pa.string()),
+            "kind": pa.DictionaryArray.from_arrays(codes, kind_names).cast(pa.string()),
+            "rank": pa.array(rank),
+            "bin": pa.array(bin_values, mask=bin_values < 0),
+            "seq_id": pa.array(seq_id),
+            "extreme": pa.array(extreme),
+            "activations": pa.LargeListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)])),
+                                                         pa.array(values)),
+        }))
+    return pl.from_arrow(pa.Table.from_batches(chunks), rechunk=False)
 
 
 # -- the corpus as the pass reads it ------------------------------------------------------
