@@ -1,7 +1,8 @@
 """Activation collection: bare forward pass vs one-pass exemplars vs one pass per layer.
 
 On the same batches of the embedded demo corpus, in one run:
-  (a) the bare forward pass of the whole model, no hooks;
+  (a) the bare forward pass of the model, no hooks, run between (b)'s batches on the batch
+      (b) just read and timed apart from it, so a shared machine's drift falls on both alike;
   (b) exemplar collection for all layers in one pass (top-k, reservoirs, stats);
   (c) the naive way: one full forward pass per layer, each collecting that layer.
 Prints tokens/s of each and the ratios b/a (the one pass's speed against the bare forward
@@ -57,19 +58,24 @@ def main() -> None:
           f"{tokens} tokens, batch {args.batch_size}, {torch.get_num_threads()} threads")
 
     corpus = _Corpus(sequences, subject.tokenizer)
+    batches = [rows for _, rows in _plan_batches(corpus.splits, args.batch_size)]
 
-    def bare():
+    def bare(batch):
         with torch.inference_mode():
-            for _, rows in _plan_batches(corpus.splits, args.batch_size):
-                batch = corpus.batch(rows)
-                subject.model(input_ids=batch.ids.to(subject.device), attention_mask=batch.mask.to(subject.device))
+            subject.model(input_ids=batch.ids.to(subject.device), attention_mask=batch.mask.to(subject.device))
 
+    # The bare forward runs between the pass's batches, on the batch the pass just read, and
+    # is timed apart from it: both see the same machine at the same moment, so a shared
+    # host's drift does not skew the ratio.
+    bare_time = [0.0, 0.0]  # wall s, CPU s
     streamed = {}
 
-    def one_pass():
-        started = time.perf_counter()
-        collect_exemplars(subject, sequences, neurons, polarities, config.exemplars, args.batch_size, progress=False,
-                          on_batch=lambda done: streamed.__setitem__("s", time.perf_counter() - started))
+    def between_batches(done):
+        wall, cpu = time.perf_counter(), time.process_time()
+        streamed.update(wall=wall - bare_time[0], cpu=cpu - bare_time[1])  # the pass alone, to this batch
+        bare(corpus.batch(batches[done - 1]))
+        bare_time[0] += time.perf_counter() - wall
+        bare_time[1] += time.process_time() - cpu
 
     def per_layer():
         subject.stop_after_deepest = False
@@ -80,21 +86,26 @@ def main() -> None:
         finally:
             subject.stop_after_deepest = True
 
-    bare()  # warm-up: first-call allocations and thread start-up
-    timings, cpu = {}, {}
-    runs = [("a bare forward", bare), ("b one pass, all layers", one_pass)]
+    first = corpus.batch(batches[0])
+    bare(first)  # warm-up: first-call allocations and thread start-up
+    start, start_cpu = time.perf_counter(), time.process_time()
+    collect_exemplars(subject, sequences, neurons, polarities, config.exemplars, args.batch_size, progress=False,
+                      on_batch=between_batches)
+    timings = {"a": bare_time[0], "b": time.perf_counter() - start - bare_time[0]}
+    cpu = {"a": bare_time[1], "b": time.process_time() - start_cpu - bare_time[1]}
+    streaming = {"wall": streamed["wall"] - start, "cpu": streamed["cpu"] - start_cpu}
     if not args.no_per_layer:
-        runs.append(("c one pass per layer", per_layer))
-    for name, fn in runs:
         start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        timings[name[0]] = time.perf_counter() - start
-        cpu[name[0]] = time.process_time() - start_cpu
-        print(f"{name:<26} {timings[name[0]]:8.2f} s {tokens / timings[name[0]]:10.0f} tokens/s  ({cpu[name[0]]:.2f} CPU-s)")
-    print(f"  of b, the streaming pass (to the last batch): {streamed['s']:.2f} s; building the tables: "
-          f"{timings['b'] - streamed['s']:.2f} s (fixed per feature, not per token)")
-    print(f"streaming part / bare     = {timings['a'] / streamed['s']:.2f}x tokens/s")
-    print(f"CPU-time one pass / bare  = {cpu['a'] / cpu['b']:.2f}x  (steadier than wall time on a shared machine)")
+        per_layer()
+        timings["c"], cpu["c"] = time.perf_counter() - start, time.process_time() - start_cpu
+    names = {"a": "a bare forward", "b": "b one pass, all layers", "c": "c one pass per layer"}
+    for label, seconds in timings.items():
+        print(f"{names[label]:<26} {seconds:8.2f} s {tokens / seconds:10.0f} tokens/s  ({cpu[label]:.2f} CPU-s)")
+    print(f"  of b, the streaming pass (to the last batch): {streaming['wall']:.2f} s; building the tables: "
+          f"{timings['b'] - streaming['wall']:.2f} s (fixed per feature, not per token)")
+    print(f"streaming part / bare     = {timings['a'] / streaming['wall']:.2f}x tokens/s "
+          f"({cpu['a'] / streaming['cpu']:.2f}x in CPU time)")
+    print(f"CPU-time one pass / bare  = {cpu['a'] / cpu['b']:.2f}x")
     print(f"one pass / bare forward   = {timings['a'] / timings['b']:.2f}x tokens/s  (1.0: collection is free; target >= 0.7 on CPU)")
     if "c" in timings:
         print(f"per layer / bare forward  = {timings['a'] / timings['c']:.2f}x tokens/s")
