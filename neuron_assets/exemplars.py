@@ -667,7 +667,7 @@ def kept_dtype(dtype: torch.dtype) -> torch.dtype:
     plan sizes the state by the same rule), else float16, the precision the exemplar tables
     store. A float32 subject (CPU) would otherwise write and hold twice the bytes for digits
     the tables drop."""
-    return dtype if torch.empty((), dtype=dtype).element_size() <= KEPT_ACT_BYTES else torch.float16
+    return dtype if dtype.itemsize <= KEPT_ACT_BYTES else torch.float16
 
 
 class _SplitState:
@@ -894,8 +894,9 @@ def _distinct_strongest(values: np.ndarray, active: np.ndarray, ids: np.ndarray,
         act, vals, edge = active[rows], values[rows], cut[lo : lo + block, None]
         chosen = act & (vals >= edge)
         ties = act & (vals == edge)
-        need = take[lo : lo + block] - (chosen.sum(1) - ties.sum(1))
-        over = np.nonzero(ties.sum(1) > need)[0]  # rows where not every tie fits: the first ones fill
+        tie_count = ties.sum(1)
+        need = take[lo : lo + block] - (chosen.sum(1) - tie_count)
+        over = np.nonzero(tie_count > need)[0]  # rows where not every tie fits: the first ones fill
         if over.size:
             chosen[over] &= ~ties[over] | (np.cumsum(ties[over], axis=1) <= need[over, None])
         row, token = np.nonzero(chosen)
