@@ -593,10 +593,9 @@ class _KeptSequences:
         if rows.numel() == 0:
             return
         k = kept.shape[1]
-        candidates = keys[:, rows].T  # (R, B)
-        all_keys = torch.cat([kept[rows], candidates], dim=1)  # (R, k + B)
+        all_keys = torch.cat([kept[rows], keys[:, rows].T], dim=1)  # (R, k + B)
         chosen = torch.zeros_like(all_keys, dtype=torch.bool)
-        chosen.scatter_(1, all_keys.topk(k, dim=1).indices, True)
+        chosen.scatter_(1, all_keys.topk(k, dim=1, sorted=False).indices, True)
         # Row by row, the leaving slots and the entering candidates are equally many, and
         # nonzero() lists both in row-major order, so they pair up.
         leave_row, leave_slot = (~chosen[:, :k]).nonzero(as_tuple=True)
@@ -604,14 +603,14 @@ class _KeptSequences:
         if enter_row.numel() == 0:
             return
         local = rows[enter_row]
-        target = cols.start + rows[leave_row]
-        # (sequence, feature) pairs read through flat indices: index_select is several times
-        # faster on CPU than indexing with two index tensors
+        # Both sides through flat indices: index_select and index_copy_ are several times
+        # faster on CPU than indexing with two index tensors.
+        slot = (cols.start + rows[leave_row]) * k + leave_slot
         pair = enter_seq * keys.shape[1] + local
-        self.keys[target, leave_slot] = keys.reshape(-1).index_select(0, pair)
-        self.extremes[target, leave_slot] = extremes.reshape(-1).index_select(0, pair)
-        self.seq_ids[target, leave_slot] = seq_ids.index_select(0, enter_seq)
-        self.acts[target, leave_slot] = chunk.rows(enter_seq, local).to(self.acts.dtype)
+        self.keys.view(-1).index_copy_(0, slot, keys.reshape(-1).index_select(0, pair))
+        self.extremes.view(-1).index_copy_(0, slot, extremes.reshape(-1).index_select(0, pair))
+        self.seq_ids.view(-1).index_copy_(0, slot, seq_ids.index_select(0, enter_seq))
+        self.acts.view(-1, self.acts.shape[2]).index_copy_(0, slot, chunk.rows(enter_seq, local))
 
     def rows(self, cols: slice) -> _KeptSequences:
         part = _KeptSequences()
@@ -642,24 +641,26 @@ class _KeptSequences:
 
 
 class _Chunk:
-    """One batch's activations of a slice of features, (B, T, Fc), with the counted mask."""
+    """One batch's activations of a slice of features, (B, T, Fc), with the counted mask;
+    rows come out in ``dtype``, the kept sequences' dtype."""
 
-    def __init__(self, acts: torch.Tensor, counted: torch.Tensor):
-        self.acts, self.counted = acts, counted
+    def __init__(self, acts: torch.Tensor, counted: torch.Tensor, dtype: torch.dtype):
+        self.acts, self.counted, self.dtype = acts, counted, dtype
         self._by_feature: torch.Tensor | None = None
 
     def rows(self, seq: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         """(n, T) activations of (sequence, feature) pairs, zero where a token does not count.
-        When many pairs are wanted (early in a pass), one masked transpose to (B, Fc, T) makes
-        every row a contiguous copy; a few are gathered from the strided activations."""
+        When many pairs are wanted (early in a pass), one masked transpose to (B, Fc, T), cast
+        once, makes every row a contiguous copy; a few are gathered from the strided
+        activations."""
         if self._by_feature is None and seq.numel() * 8 >= self.acts.shape[0] * self.acts.shape[2]:
             batch, tokens, features = self.acts.shape
-            self._by_feature = torch.empty((batch, features, tokens), dtype=self.acts.dtype, device=self.acts.device)
+            self._by_feature = torch.empty((batch, features, tokens), dtype=self.dtype, device=self.acts.device)
             torch.mul(self.acts.transpose(1, 2), self.counted.unsqueeze(1), out=self._by_feature)
         if self._by_feature is not None:
             batch, features, tokens = self._by_feature.shape
             return self._by_feature.view(batch * features, tokens).index_select(0, seq * features + feature)
-        return self.acts[seq, :, feature] * self.counted[seq]
+        return (self.acts[seq, :, feature] * self.counted[seq]).to(self.dtype)
 
 
 def kept_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -974,7 +975,7 @@ class _PassState:
                 chunk = acts[..., lo : lo + step]
                 cols = slice(offset + lo, offset + lo + chunk.shape[-1])
                 highest, lowest = ranges.extremes(chunk)
-                offered = _Chunk(chunk, counted)
+                offered = _Chunk(chunk, counted, kept_dtype(self.dtype))
                 for polarity in self.polarities:
                     extremes = highest if polarity is Polarity.POS else -lowest
                     state.top[polarity.value].offer(cols, extremes, extremes, seq_ids, offered)
