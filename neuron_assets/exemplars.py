@@ -747,12 +747,13 @@ class _TokenStats:
 
     def update(self, cols: slice, acts, ranges: _CountedRanges, entering) -> None:
         """Fold one (B, T, Fc) chunk of the features ``cols`` in, reading counted tokens only,
-        reductions accumulated in float32 within the batch and float64 across batches."""
+        sums accumulated in float64 (:func:`_reduce_tokens`)."""
         for view in ranges.views(acts):
-            self.sums["sum"][cols] += view.sum(dim=(0, 1), dtype=torch.float32)
-            self.sums["sumsq"][cols] += torch.linalg.vector_norm(view, dim=(0, 1), dtype=torch.float32).double().square()
-            self.sums["n_pos"][cols] += (view > 0).sum(dim=(0, 1))
-            self.sums["n_neg"][cols] += (view < 0).sum(dim=(0, 1))
+            values = view.float()
+            self.sums["sum"][cols] += _reduce_tokens(values)
+            self.sums["sumsq"][cols] += _reduce_tokens(values * values)
+            self.sums["n_pos"][cols] += _reduce_tokens(view > 0)
+            self.sums["n_neg"][cols] += _reduce_tokens(view < 0)
         if entering is not None:
             leaving, rows, positions, _ = entering
             self.token_values[leaving, cols] = acts[rows, positions].to(self.token_values.dtype)
@@ -866,6 +867,18 @@ class _TokenStats:
         unigram = np.where(np.isnan(distinct), False, distinct <= config.unigram_tokens)
         return {"positional_mi": mi, "is_positional": mi > config.positional_mi,
                 "unigram_tokens": _nullable_int(distinct), "is_unigram": unigram}
+
+
+def _reduce_tokens(values: torch.Tensor) -> torch.Tensor:
+    """(B, T, F) -> (F,): the sum over tokens, then over sequences, accumulated in float64
+    (int32 counts for bool). Two single-axis reductions: on CPU, torch reduces both axes of a
+    strided view in one call several times slower (bench/reductions.py). float64 also keeps a
+    feature's sum independent of how many features share the tensor (a float32 sum over one
+    axis is not: the pass must give the same tables however its groups and chunks cut the
+    layers)."""
+    if values.dtype == torch.bool:
+        return values.sum(dim=1, dtype=torch.int32).sum(dim=0)
+    return values.sum(dim=1, dtype=torch.float64).sum(dim=0)
 
 
 @dataclass
@@ -1320,15 +1333,16 @@ class _CountedRanges:
     def extremes(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sequence and feature, the max and min over counted tokens, (B, F) float32;
         -inf and +inf where a sequence counts no token."""
+        # amax and amin apart: on CPU, torch.aminmax over the token axis is several times
+        # slower than the two (bench/reductions.py)
         if len(self.runs) == 1 and self.runs[0][0] == slice(0, self.batch):
-            lowest, highest = torch.aminmax(next(self.views(acts)), dim=1)
-            return highest.float(), lowest.float()
+            view = next(self.views(acts))
+            return view.amax(dim=1).float(), view.amin(dim=1).float()
         shape = (acts.shape[0], acts.shape[2])
         highest = torch.full(shape, -torch.inf, device=acts.device)
         lowest = torch.full(shape, torch.inf, device=acts.device)
         for (index, _, _), view in zip(self.runs, self.views(acts)):
-            low, high = torch.aminmax(view, dim=1)
-            highest[index], lowest[index] = high.float(), low.float()
+            highest[index], lowest[index] = view.amax(dim=1).float(), view.amin(dim=1).float()
         return highest, lowest
 
 
