@@ -873,9 +873,9 @@ def _reduce_tokens(values: torch.Tensor) -> torch.Tensor:
     """(B, T, F) -> (F,): the sum over tokens, then over sequences, accumulated in float64
     (int32 counts for bool). Two single-axis reductions: on CPU, torch reduces both axes of a
     strided view in one call several times slower (bench/reductions.py). float64 also keeps a
-    feature's sum independent of how many features share the tensor (a float32 sum over one
-    axis is not: the pass must give the same tables however its groups and chunks cut the
-    layers)."""
+    feature's statistics from depending on how many features share the tensor: a float32 sum
+    over one axis changes in its last bits with the tensor's width, and the pass must give the
+    same tables however its groups and chunks cut the layers (test_foundation's budget test)."""
     if values.dtype == torch.bool:
         return values.sum(dim=1, dtype=torch.int32).sum(dim=0)
     return values.sum(dim=1, dtype=torch.float64).sum(dim=0)
