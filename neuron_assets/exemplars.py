@@ -24,7 +24,8 @@ work done) and resume.
 A sequence *activates* a feature x polarity when its extreme exceeds the threshold
 ``activating_fraction * max(train max, 0)``; otherwise it is quiet. The pass reads train
 first, so for val and test the train max is final and both samples are exact uniform
-samples. While train is read the threshold uses the train max so far, which only grows:
+samples (there they keep the first sequences of a split read in a random order, so a full
+sample admits nothing more; see :func:`_batch_keys`). While train is read the threshold uses the train max so far, which only grows:
 the reservoir admits every sequence above the running threshold (a superset of the finally
 activating ones) and drops, at the end, members at or below the final threshold, so the
 quantile samples stay uniform over the finally activating sequences; the quiet sample
@@ -144,7 +145,7 @@ def collect_exemplars(
     widths = {layer: subject.neurons_per_layer(layer) for layer in neurons}
     axis = feature_axis(neurons, saes, widths.__getitem__)
     corpus = _Corpus(sequences, subject.tokenizer)
-    batches = _plan_batches(corpus.splits, batch_size)
+    batches = _plan_batches(corpus.splits, batch_size, seed)
     random_ids = _random_sequence_ids(sequences, config.random_per_split, seed)
     signature = _signature(subject.name, sequences, axis, polarities, config, batch_size, seed, saes)
     if plan is None:
@@ -183,7 +184,7 @@ def collect_exemplars(
                        for layer, idx in with_latents.items()}
             per_layer = (subject.activations(batch.ids, batch.mask, neuron_index, readers) if readers
                          else subject.activations(batch.ids, batch.mask, neuron_index))
-            state.update(split, per_layer, batch, _batch_keys(seed, batch_no, len(rows), corpus.seq_len))
+            state.update(split, per_layer, batch, _batch_keys(seed, batch_no, len(rows), corpus.seq_len, split))
             del per_layer
             report.observe(state)
             bar.update(1)
@@ -1346,20 +1347,34 @@ class _CountedRanges:
         return highest, lowest
 
 
-def _plan_batches(splits: np.ndarray, batch_size: int) -> list[tuple[str, np.ndarray]]:
-    """(split, row indices) per batch; a batch never mixes splits."""
+def _plan_batches(splits: np.ndarray, batch_size: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    """(split, row indices) per batch; a batch never mixes splits, and each split is read in a
+    random order drawn from ``seed`` (what makes val and test's first-come samples uniform,
+    :func:`_batch_keys`)."""
     batches = []
+    order = np.random.default_rng(seed)
     for split in Split:
-        rows = np.flatnonzero(splits == split.value)
+        rows = order.permutation(np.flatnonzero(splits == split.value))
         batches += [(split.value, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     return batches
 
 
-def _batch_keys(seed: int, batch_no: int, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random keys for the reservoirs: a function of (seed, batch) alone, so a resumed run, or
-    a pass over another group of features, draws exactly what one uninterrupted pass would."""
+def _batch_keys(seed: int, batch_no: int, batch: int, seq_len: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys of a batch's sequences (the reservoir and quiet samples) and tokens (the token
+    sample): a function of (seed, batch) alone, so a resumed run, or a pass over another group
+    of features, draws exactly what one uninterrupted pass would.
+
+    Train sequences draw random keys: which of them activate depends on the running
+    threshold, so only keys drawn apart from the order keep the sample uniform. In val and
+    test the threshold is final, and the key falls with the batch number: the samples keep the
+    first sequences read, a uniform sample since each split is read in a random order, and a
+    full sample admits nothing more (the merge then costs one comparison per batch, where
+    random keys would let about k ln(n/k) more sequences in and out)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_no)
-    return torch.rand(batch, generator=generator), torch.rand(batch, seq_len, generator=generator)
+    sequence_keys, token_keys = torch.rand(batch, generator=generator), torch.rand(batch, seq_len, generator=generator)
+    if split != Split.TRAIN.value:
+        sequence_keys = torch.full((batch,), -float(batch_no))  # exact in float32 to 2**24 batches
+    return sequence_keys, token_keys
 
 
 def _random_sequence_ids(sequences: pl.DataFrame, per_split: int, seed: int) -> dict[str, torch.Tensor]:

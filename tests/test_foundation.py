@@ -94,6 +94,36 @@ def test_quantile_and_random_samples_are_well_formed(tiny_config):
     assert (stats["q999"] >= stats["q50"]).all()
 
 
+def test_val_and_test_samples_keep_a_uniform_first_come_sample():
+    """In val and test a sample keeps the first sequences read (keys fall with the batch
+    number) of a split read in a seeded random order: over seeds, every sequence is kept
+    equally often, and once the sample is full a batch changes nothing."""
+    from neuron_assets.exemplars import _batch_keys, _Chunk, _KeptSequences, _plan_batches
+
+    n, k, batch, seq_len, seeds = 40, 8, 8, 4, 1500
+    splits = np.array([Split.TRAIN.value] * 8 + [Split.VAL.value] * n)
+    counted = torch.ones(batch, seq_len, dtype=torch.bool)
+    kept_count = np.zeros(n)
+    for seed in range(seeds):
+        kept = _KeptSequences.fresh(1, k, seq_len, "cpu", torch.float16)
+        for batch_no, (split, rows) in enumerate(_plan_batches(splits, batch, seed)):
+            if split != Split.VAL.value:
+                continue
+            keys, _ = _batch_keys(seed, batch_no, len(rows), seq_len, split)
+            seq_ids = torch.as_tensor(rows - 8)
+            acts = seq_ids.float().view(-1, 1, 1).expand(-1, seq_len, 1).contiguous()  # a row's value is its id
+            before = kept.seq_ids.clone()
+            kept.offer(slice(0, 1), keys.unsqueeze(1), acts[:, 0], seq_ids, _Chunk(acts, counted, torch.float16))
+            if batch_no > k // batch + 1:  # full since an earlier batch: nothing enters
+                assert torch.equal(kept.seq_ids, before)
+        ids = kept.seq_ids[0].numpy()
+        assert len(set(ids.tolist())) == k and (kept.acts[0, :, 0].numpy() == ids).all()
+        kept_count[ids] += 1
+    expected = seeds * k / n  # 300 each
+    chi2 = float(((kept_count - expected) ** 2 / expected).sum())
+    assert chi2 < 80, f"not uniform: chi2 {chi2:.0f} on {n - 1} degrees of freedom"  # p < 1e-4 under uniformity
+
+
 # -- the subject model ----------------------------------------------------------------------
 
 
