@@ -1347,6 +1347,10 @@ class _CountedRanges:
         return highest, lowest
 
 
+READ_ORDER = "each split in a seeded random order; val and test samples first come"
+"""How the pass orders its batches and keys its samples: part of a checkpoint's signature."""
+
+
 def _plan_batches(splits: np.ndarray, batch_size: int, seed: int) -> list[tuple[str, np.ndarray]]:
     """(split, row indices) per batch; a batch never mixes splits, and each split is read in a
     random order drawn from ``seed`` (what makes val and test's first-come samples uniform,
@@ -1393,6 +1397,7 @@ def _signature(model, sequences, neurons, polarities, config, batch_size, seed, 
     settings = config.model_dump(exclude={"device_memory_gb", "checkpoint_every"})
     digest.update(repr((model, sorted((k, tuple(v)) for k, v in neurons.items()), [p.value for p in polarities],
                         settings, batch_size, seed, sequences.height)).encode())
+    digest.update(READ_ORDER.encode())  # a checkpoint read in another order cannot be resumed in this one
     if saes:  # a run that reads no SAE keeps the signature it always had
         digest.update(repr(sorted((layer, s.identity) for layer, s in saes.items())).encode())
     digest.update(str(sequences.select("seq_id", "token_ids").hash_rows().sum()).encode())
