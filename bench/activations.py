@@ -58,7 +58,7 @@ def main() -> None:
           f"{tokens} tokens, batch {args.batch_size}, {torch.get_num_threads()} threads")
 
     corpus = _Corpus(sequences, subject.tokenizer)
-    batches = [rows for _, rows in _plan_batches(corpus.splits, args.batch_size, 0)]
+    batches = [rows for _, rows in _plan_batches(corpus.splits, args.batch_size, seed=0)]
 
     def bare(batch):
         with torch.inference_mode():

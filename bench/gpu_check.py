@@ -294,7 +294,7 @@ def bare_forward_tokens_per_s(subject, sequences, batch: int) -> float:
     from neuron_assets.exemplars import _Corpus, _plan_batches
 
     corpus = _Corpus(sequences, subject.tokenizer)
-    batches = [corpus.batch(rows) for _, rows in _plan_batches(corpus.splits, batch, 0)]
+    batches = [corpus.batch(rows) for _, rows in _plan_batches(corpus.splits, batch, seed=0)]
     with torch.inference_mode():
         subject.model(input_ids=batches[0].ids.to(subject.device), attention_mask=batches[0].mask.to(subject.device))
         started = synchronized(subject.device)

@@ -25,12 +25,12 @@ A sequence *activates* a feature x polarity when its extreme exceeds the thresho
 ``activating_fraction * max(train max, 0)``; otherwise it is quiet. The pass reads train
 first, so for val and test the train max is final and both samples are exact uniform
 samples (there they keep the first sequences of a split read in a random order, so a full
-sample admits nothing more; see :func:`_batch_keys`). While train is read the threshold uses the train max so far, which only grows:
-the reservoir admits every sequence above the running threshold (a superset of the finally
-activating ones) and drops, at the end, members at or below the final threshold, so the
-quantile samples stay uniform over the finally activating sequences; the quiet sample
-admits only sequences at or below the running threshold, so every train quiet sequence is
-quiet by the final threshold too (a conservative sample: it can miss train sequences that
+sample admits nothing more; see :func:`_batch_keys`). While train is read the threshold uses
+the train max so far, which only grows: the reservoir admits every sequence above the
+running threshold (a superset of the finally activating ones) and drops, at the end,
+members at or below the final threshold, so the quantile samples stay uniform over the
+finally activating sequences; the quiet sample admits only sequences at or below the
+running threshold, so every train quiet sequence is quiet by the final threshold too (a conservative sample: it can miss train sequences that
 were read before the max grew past 1/fraction times their extreme).
 """
 
@@ -1375,10 +1375,9 @@ def _batch_keys(seed: int, batch_no: int, batch: int, seq_len: int, split: str) 
     full sample admits nothing more (the merge then costs one comparison per batch, where
     random keys would let about k ln(n/k) more sequences in and out)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_no)
-    sequence_keys, token_keys = torch.rand(batch, generator=generator), torch.rand(batch, seq_len, generator=generator)
-    if split != Split.TRAIN.value:
-        sequence_keys = torch.full((batch,), -float(batch_no))  # exact in float32 to 2**24 batches
-    return sequence_keys, token_keys
+    sequence_keys = (torch.rand(batch, generator=generator) if split == Split.TRAIN.value
+                     else torch.full((batch,), -float(batch_no)))  # exact in float32 to 2**24 batches
+    return sequence_keys, torch.rand(batch, seq_len, generator=generator)
 
 
 def _random_sequence_ids(sequences: pl.DataFrame, per_split: int, seed: int) -> dict[str, torch.Tensor]:
