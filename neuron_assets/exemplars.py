@@ -264,10 +264,13 @@ def _site_reader(positions: list[int], width: int, latents: SaeLatents, counted:
 def _label_kinds(exemplars: pl.DataFrame, stats: pl.DataFrame, width: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Feature-axis positions -> (kind, index within the kind)."""
     def labelled(frame: pl.DataFrame, column: str, after: str) -> pl.DataFrame:
-        latent = pl.col("neuron") >= width
-        frame = frame.with_columns(
-            pl.when(latent).then(pl.lit(SAE_KIND)).otherwise(pl.lit(NEURON_KIND)).alias(column),
-            pl.when(latent).then(pl.col("neuron") - width).otherwise(pl.col("neuron")).cast(pl.Int32).alias("neuron"))
+        if frame.height == 0 or frame["neuron"].max() < width:  # neurons only: no per-row choice
+            frame = frame.with_columns(pl.lit(NEURON_KIND).alias(column), pl.col("neuron").cast(pl.Int32))
+        else:
+            latent = pl.col("neuron") >= width
+            frame = frame.with_columns(
+                pl.when(latent).then(pl.lit(SAE_KIND)).otherwise(pl.lit(NEURON_KIND)).alias(column),
+                pl.when(latent).then(pl.col("neuron") - width).otherwise(pl.col("neuron")).cast(pl.Int32).alias("neuron"))
         order = list(frame.columns)
         order.remove(column)
         order.insert(order.index(after) + 1, column)
@@ -784,90 +787,105 @@ class _TokenStats:
                    saved["token_values"].to(device), saved.get("token_ids", unknown).to(device),
                    saved.get("token_positions", unknown).to(device))
 
-    def _quantiles(self, cols: slice, polarity: Polarity) -> np.ndarray | None:
-        """(len(STAT_QUANTILES), F) nearest-rank quantiles of the token sample in the polarity's
-        orientation. One sort per layer serves both polarities: the q-quantile of -x is
-        minus the value at the mirrored rank of x."""
-        sample = self._sample(cols)
-        n = sample.values.shape[1]
-        if not n:
-            return None
-        ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
-        if polarity is Polarity.POS:
-            return np.stack([sample.ordered[:, r] for r in ranks]).astype(np.float32)
-        return np.stack([-sample.ordered[:, n - 1 - r] for r in ranks]).astype(np.float32)
-
-    def _sample(self, cols: slice, known_positions: bool = False) -> _SampleTokens:
-        """The token sample of the features ``cols`` (or its tokens whose position is known,
-        for the filters), made once per layer for both polarities and shared by the quantiles
-        and the filters: one transpose and one sort (a SIMD sort, faster than a partition at 8
-        ranks)."""
-        if getattr(self, "_sample_for", None) != (cols.start, cols.stop):
-            finite = torch.isfinite(self.token_keys)
-            values = self.token_values[:, cols][finite].float().T.contiguous().cpu().numpy()  # (F, n): only this layer copied
-            self._samples = {False: _SampleTokens(values, np.sort(values, axis=1), self.token_positions[finite].cpu().numpy(),
-                                                  self.token_ids[finite].cpu().numpy())}
-            self._sample_for = (cols.start, cols.stop)
-        if known_positions and True not in self._samples:
-            whole = self._samples[False]
-            known = whole.positions >= 0  # all of them, unless the sample comes from an older checkpoint
-            if known.all():
-                self._samples[True] = whole
-            else:
-                values = np.ascontiguousarray(whole.values[:, known])
-                self._samples[True] = _SampleTokens(values, np.sort(values, axis=1), whole.positions[known], whole.ids[known])
-        return self._samples[known_positions]
-
-    def frame(self, polarity: Polarity, cols: slice, train_top: _KeptSequences, config: ExemplarsConfig) -> pl.DataFrame:
+    def frames(self, cols: slice, maxima: dict[Polarity, np.ndarray], config: ExemplarsConfig) -> dict[Polarity, pl.DataFrame]:
+        """The stats rows of the features ``cols`` for each polarity in ``maxima`` (polarity ->
+        (F,) largest extreme of the train top-k, the table's max and scale): moments from the
+        running sums, quantiles and delphi's filters from the token sample."""
         n = max(float(self.sums["n_tokens"]), 1.0)
         mean = self.sums["sum"][cols] / n
-        variance = (self.sums["sumsq"][cols] / n - mean**2).clamp(min=0)
-        quantiles = self._quantiles(cols, polarity)
-        active = self.sums["n_pos"] if polarity is Polarity.POS else self.sums["n_neg"]
-        columns = {
-            "max": train_top.extremes.amax(dim=1).cpu().numpy(),
-            "mean": (mean * polarity.sign).float().cpu().numpy(),
-            "std": variance.sqrt().float().cpu().numpy(),
-            "frac_active": (active[cols] / n).float().cpu().numpy(),
-        }
-        for i, q in enumerate(STAT_QUANTILES):
-            columns[_quantile_column(q)] = quantiles[i] if quantiles is not None else np.zeros(len(mean), dtype=np.float32)
-        columns["n_tokens"] = np.full(len(mean), int(n), dtype=np.int64)
-        columns["scale"] = columns["max"]  # the one activation normalizer (FeatureStats.scale): the train max
-        columns.update(self._filters(cols, polarity, columns["max"], config))
-        return pl.DataFrame({name: values if isinstance(values, pl.Series) else np.asarray(values)
-                             for name, values in columns.items()})
+        std = (self.sums["sumsq"][cols] / n - mean**2).clamp(min=0).sqrt().float().cpu().numpy()
+        sampled = self._sample_columns(cols, maxima, config)
+        frames = {}
+        for polarity, top in maxima.items():
+            active = self.sums["n_pos"] if polarity is Polarity.POS else self.sums["n_neg"]
+            quantiles, mi, distinct = sampled[polarity]
+            columns = {"max": top, "mean": (mean * polarity.sign).float().cpu().numpy(), "std": std,
+                       "frac_active": (active[cols] / n).float().cpu().numpy()}
+            columns.update({_quantile_column(q): quantiles[i] for i, q in enumerate(STAT_QUANTILES)})
+            columns.update(n_tokens=np.full(len(top), int(n), dtype=np.int64),
+                           scale=top,  # the one activation normalizer (FeatureStats.scale): the train max
+                           positional_mi=mi, is_positional=mi > config.positional_mi,
+                           unigram_tokens=pl.Series(distinct).fill_nan(None).cast(pl.Int32),
+                           is_unigram=np.where(np.isnan(distinct), False, distinct <= config.unigram_tokens))
+            frames[polarity] = pl.DataFrame(columns)
+        return frames
 
-    def _filters(self, cols: slice, polarity: Polarity, maxima: np.ndarray, config: ExemplarsConfig) -> dict:
-        """delphi's feature filters over the token sample: ``positional_mi`` (bits) between
-        whether a token activates (beyond exemplars.activating_fraction of the train max) and
-        its position after the prefix, in POSITION_BINS equal bins; ``unigram_tokens``, the
-        distinct token ids among the strongest 80% of the activating sample tokens (null with
-        fewer than 2 x exemplars.unigram_tokens of them); and the flags ``is_positional``
-        (MI above exemplars.positional_mi) and ``is_unigram`` (at most exemplars.unigram_tokens: a
-        candidate, which :mod:`neuron_assets.features.unigram` then confirms or clears)."""
-        sample = self._sample(cols, known_positions=True)
-        values, ordered, positions, ids = sample.values, sample.ordered, sample.positions, sample.ids
-        signed = values * polarity.sign  # (F, n)
-        features, n = values.shape
-        mi = np.zeros(features, dtype=np.float32)
-        distinct = np.full(features, np.nan, dtype=np.float64)
-        if n:
-            active = signed > (config.activating_fraction * np.maximum(maxima, 0.0))[:, None]
-            bins = np.minimum(positions * POSITION_BINS // max(int(positions.max()) + 1, 1), POSITION_BINS - 1)
-            mi = positional_information(active.T, bins, POSITION_BINS)
-            firing = active.sum(1)
-            eligible = np.nonzero(firing >= 2 * config.unigram_tokens)[0]
-            take = np.ceil(0.8 * firing[eligible]).astype(np.int64)
-            if np.isnan(ordered[:, -1]).any():  # NaN sorts last: find the cut among the active tokens alone
-                cut = -np.sort(np.where(active[eligible], -signed[eligible], np.float32(np.inf)), axis=1)[
-                    np.arange(len(eligible)), take - 1]
-            else:  # the active tokens are the largest, so the take-th largest of all is the cut
-                cut = ordered[eligible, n - take] if polarity is Polarity.POS else -ordered[eligible, take - 1]
-            distinct[eligible] = _distinct_strongest(signed, active, ids, eligible, take, cut)
-        unigram = np.where(np.isnan(distinct), False, distinct <= config.unigram_tokens)
-        return {"positional_mi": mi, "is_positional": mi > config.positional_mi,
-                "unigram_tokens": _nullable_int(distinct), "is_unigram": unigram}
+    def _sample_columns(self, cols: slice, maxima: dict[Polarity, np.ndarray], config: ExemplarsConfig) -> dict:
+        """polarity -> (quantiles (len(STAT_QUANTILES), F), positional_mi (F,), unigram
+        distinct counts (F,), NaN where not counted), from the token sample, STATS_BLOCK
+        features at a time: a block's sample is transposed to (features, tokens) and sorted
+        once for both polarities (the q-quantile of -x is minus x's value at the mirrored
+        rank). Blocks a few MB wide keep the copies in cache and out of fresh pages, where a
+        layer's (F, n) copies are tens of MB each. The filters read the sample's tokens whose
+        position is known: all of them, unless the sample comes from an older checkpoint."""
+        features = cols.stop - cols.start
+        finite = torch.isfinite(self.token_keys)
+        all_finite = bool(finite.all())
+        tokens = _SampleTokens.of(self.token_positions[finite].cpu().numpy(), self.token_ids[finite].cpu().numpy())
+        n = len(tokens.known)
+        ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
+        out = {polarity: (np.zeros((len(STAT_QUANTILES), features), dtype=np.float32),
+                          np.zeros(features, dtype=np.float32), np.full(features, np.nan)) for polarity in maxima}
+        if not n:
+            return out
+        for lo in range(0, features, STATS_BLOCK):
+            hi = min(lo + STATS_BLOCK, features)
+            strip = self.token_values[:, cols.start + lo : cols.start + hi]
+            values = _transposed(strip if all_finite else strip[finite])  # (b, n) float32
+            ordered = np.sort(values, axis=1)  # a SIMD sort: faster than a partition at 8 ranks
+            known, known_ordered = values, ordered
+            if not tokens.all_known:
+                known = np.ascontiguousarray(values[:, tokens.known])
+                known_ordered = np.sort(known, axis=1)
+            for polarity, top in maxima.items():
+                quantiles, mi, distinct = out[polarity]
+                picked = ordered[:, ranks] if polarity is Polarity.POS else -ordered[:, [n - 1 - r for r in ranks]]
+                quantiles[:, lo:hi] = picked.T
+                mi[lo:hi], distinct[lo:hi] = _filters(known, known_ordered, polarity, top[lo:hi], tokens, config)
+        return out
+
+
+STATS_BLOCK = 256
+"""Features per block of the token sample's statistics: (256, 8,192) float32 is 8 MB."""
+
+
+def _transposed(strip: torch.Tensor, rows: int = 64) -> np.ndarray:
+    """(n, b) -> (b, n) float32 on the host, ``rows`` of n at a time: a slab of 64 rows stays
+    in cache while it is scattered into columns, where torch's one-call transpose of a strided
+    view streams the whole strip once per cache line (3x slower on CPU)."""
+    out = torch.empty((strip.shape[1], strip.shape[0]), dtype=torch.float32)
+    for lo in range(0, strip.shape[0], rows):
+        out[:, lo : lo + rows].copy_(strip[lo : lo + rows].T)
+    return out.numpy()
+
+
+def _filters(values: np.ndarray, ordered: np.ndarray, polarity: Polarity, maxima: np.ndarray, tokens: _SampleTokens,
+             config: ExemplarsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """delphi's feature filters over a block of features' token sample (``values`` (F, n),
+    ``ordered`` the same sorted per feature): ``positional_mi`` (bits) between whether a token
+    activates (beyond exemplars.activating_fraction of the train max) and its position after
+    the prefix, in POSITION_BINS equal bins; and the number of distinct token ids among the
+    strongest 80% of the activating sample tokens (NaN with fewer than 2 x
+    exemplars.unigram_tokens of them), from which the stats table flags ``is_positional`` (MI
+    above exemplars.positional_mi) and ``is_unigram`` (at most exemplars.unigram_tokens: a
+    candidate, which :mod:`neuron_assets.features.unigram` then confirms or clears)."""
+    features, n = values.shape
+    mi, distinct = np.zeros(features, dtype=np.float32), np.full(features, np.nan)
+    if not n:
+        return mi, distinct
+    signed = values if polarity is Polarity.POS else -values
+    active = signed > (config.activating_fraction * np.maximum(maxima, 0.0))[:, None]
+    mi = positional_information(active.T, tokens.bins, POSITION_BINS)
+    firing = active.sum(1)
+    eligible = np.nonzero(firing >= 2 * config.unigram_tokens)[0]
+    take = np.ceil(0.8 * firing[eligible]).astype(np.int64)
+    if np.isnan(ordered[:, -1]).any():  # NaN sorts last: find the cut among the active tokens alone
+        cut = -np.sort(np.where(active[eligible], -signed[eligible], np.float32(np.inf)), axis=1)[
+            np.arange(len(eligible)), take - 1]
+    else:  # the active tokens are the largest, so the take-th largest of all is the cut
+        cut = ordered[eligible, n - take] if polarity is Polarity.POS else -ordered[eligible, take - 1]
+    distinct[eligible] = _distinct_strongest(signed, active, tokens, eligible, take, cut)
+    return mi, distinct
 
 
 def _reduce_tokens(values: torch.Tensor) -> torch.Tensor:
@@ -884,26 +902,37 @@ def _reduce_tokens(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _SampleTokens:
-    """A layer's token sample: values (F, n), the same sorted per feature, positions, token ids."""
+    """The token sample's tokens (shared by every feature of a pass): which have a known
+    position, and of those, the position bins and the token ids renumbered to the few the
+    sample holds."""
 
-    values: np.ndarray
-    ordered: np.ndarray
-    positions: np.ndarray
-    ids: np.ndarray
+    known: np.ndarray  # (n,) bool
+    all_known: bool
+    bins: np.ndarray  # (n_known,)
+    compact: np.ndarray  # (n_known,) index into the distinct ids
+    n_ids: int
+
+    @classmethod
+    def of(cls, positions: np.ndarray, ids: np.ndarray) -> _SampleTokens:
+        known = positions >= 0
+        positions, ids = positions[known], ids[known]
+        bins = (np.minimum(positions * POSITION_BINS // max(int(positions.max()) + 1, 1), POSITION_BINS - 1)
+                if positions.size else positions)
+        distinct, compact = np.unique(ids, return_inverse=True)
+        return cls(known, bool(known.all()), bins, compact, len(distinct))
 
 
-def _distinct_strongest(values: np.ndarray, active: np.ndarray, ids: np.ndarray, features: np.ndarray,
+def _distinct_strongest(values: np.ndarray, active: np.ndarray, tokens: _SampleTokens, features: np.ndarray,
                         take: np.ndarray, cut: np.ndarray, block: int = 256) -> np.ndarray:
     """Per row f of ``features`` (rows of ``values`` and ``active``, (F, n)): the number of
-    distinct ``ids`` among its ``take`` strongest active tokens (ties in token order), whose
+    distinct token ids among its ``take`` strongest active tokens (ties in token order), whose
     weakest value is ``cut``, a block of rows at a time with no loop over features: the
     tokens above the cut are in, and of those equal to it the first ones fill the rest. The
-    ids are renumbered once to the few the sample holds, so a block marks them in a small
-    (rows, distinct ids) table instead of hashing (row, id) pairs."""
+    ids come renumbered to the few the sample holds (``tokens.compact``), so a block marks
+    them in a small (rows, distinct ids) table instead of hashing (row, id) pairs."""
     out = np.zeros(len(features), dtype=np.float64)
-    if not ids.size:
+    if not tokens.compact.size:
         return out
-    distinct, compact = np.unique(ids, return_inverse=True)
     for lo in range(0, len(features), block):
         rows = features[lo : lo + block]
         act, vals, edge = active[rows], values[rows], cut[lo : lo + block, None]
@@ -915,8 +944,8 @@ def _distinct_strongest(values: np.ndarray, active: np.ndarray, ids: np.ndarray,
         if over.size:
             chosen[over] &= ~ties[over] | (np.cumsum(ties[over], axis=1) <= need[over, None])
         row, token = np.nonzero(chosen)
-        marks = np.zeros((len(rows), len(distinct)), dtype=bool)
-        marks[row, compact[token]] = True
+        marks = np.zeros((len(rows), tokens.n_ids), dtype=bool)
+        marks[row, tokens.compact[token]] = True
         out[lo : lo + len(rows)] = np.count_nonzero(marks, axis=1)
     return out
 
@@ -940,10 +969,6 @@ def positional_information(active: np.ndarray, bins: np.ndarray, n_bins: int) ->
             terms = np.where(joint > 0, joint * np.log2(joint / expected), 0.0)
         mi += terms.sum(0)
     return np.maximum(mi, 0.0).astype(np.float32)
-
-
-def _nullable_int(values: np.ndarray) -> pl.Series:
-    return pl.Series([None if np.isnan(v) else int(v) for v in values], dtype=pl.Int32)
 
 
 class _PassState:
@@ -1060,6 +1085,9 @@ class _PassState:
                 self.finish_split(split.value)
         for layer in self.layout.layers:
             cols = self.layout.columns(layer)
+            maxima = {polarity: self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols].amax(dim=1).cpu().numpy()
+                      for polarity in self.polarities}
+            stats_frames = self.stats.frames(cols, maxima, config)  # one sort of the token sample for both polarities
             for polarity in self.polarities:
                 blocks = []
                 threshold = _threshold(self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols], config)
@@ -1076,8 +1104,7 @@ class _PassState:
                         ranked = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
                         blocks.append(replace(ranked, kind=ExemplarKind.QUIET, split=split))
                     blocks.append(_random_block(state, cols, split, polarity, corpus))
-                train_top = self.splits[Split.TRAIN.value].top[polarity.value].rows(cols)
-                stats = self.stats.frame(polarity, cols, train_top, config).with_columns(
+                stats = stats_frames[polarity].with_columns(
                     pl.Series("neuron", self.layout.neurons[layer], dtype=pl.Int32),
                     pl.lit(layer, dtype=pl.Int16).alias("layer"),
                     pl.lit(polarity.value).alias("polarity"),
@@ -1190,13 +1217,19 @@ def _random_block(state: _SplitState, cols: slice, split: Split, polarity: Polar
                   acts.permute(1, 0, 2), torch.ones(features, len(ids), dtype=torch.bool), None)
 
 
-def _gather_rows(acts: torch.Tensor, first: np.ndarray, second: np.ndarray) -> torch.Tensor:
-    """acts[first, second] for a (F, K, T) tensor: (n, T) rows, by one index_select of a flat
-    view where acts is contiguous (several times faster on CPU than two index tensors)."""
-    if acts.is_contiguous():
-        flat = torch.as_tensor(first * acts.shape[1] + second, device=acts.device)
-        return acts.view(-1, acts.shape[2]).index_select(0, flat)
-    return acts[torch.as_tensor(first), torch.as_tensor(second)]
+def _gather_rows(acts: torch.Tensor, first: np.ndarray, second: np.ndarray, out: torch.Tensor) -> None:
+    """out[:] = acts[first, second] for a (F, K, T) host tensor and an (n, T) ``out``: where
+    acts is contiguous and of out's dtype, one index_select of a flat view straight into out
+    (on CPU several times faster than two index tensors, or than a gather into a fresh
+    tensor)."""
+    if not acts.is_contiguous():
+        out.copy_(acts[torch.as_tensor(first), torch.as_tensor(second)])
+        return
+    flat = acts.view(-1, acts.shape[2]), 0, torch.as_tensor(first * acts.shape[1] + second)
+    if acts.dtype == out.dtype:
+        torch.index_select(*flat, out=out)
+    else:  # e.g. bfloat16 kept sequences of a GPU run
+        out.copy_(torch.index_select(*flat))
 
 
 FRAME_CHUNK_ROWS = 2**16
@@ -1210,8 +1243,9 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
     blocks are taken in (split, kind) order and each block lists its members feature by
     feature (np.nonzero's order), so counting the members of every (feature, block) gives
     each row its place. The table is built in chunks of consecutive features, about
-    FRAME_CHUNK_ROWS rows each; a block's activation rows are gathered once per chunk and
-    written in place as float16."""
+    FRAME_CHUNK_ROWS rows each: a block's activation rows are gathered once per chunk, side by
+    side in one float16 buffer, which one gather then puts in the table's order (two gathers:
+    on CPU a scatter into place costs several times more)."""
     blocks = sorted(blocks, key=lambda b: (b.split.value, b.kind.value))
     members = [np.nonzero(block.valid.cpu().numpy()) for block in blocks]  # (features, slots), feature-major
     columns = [(block.seq_ids.cpu().numpy(), block.extremes.float().cpu().numpy(),
@@ -1221,10 +1255,11 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
     counts = np.stack([np.bincount(feature, minlength=n_features) for feature, _ in members], axis=1)  # (F, blocks)
     bounds = np.vstack([np.zeros((1, len(blocks)), dtype=np.int64), np.cumsum(counts, axis=0)])  # members before a feature
     neuron = np.asarray(neuron_ids, dtype=np.int32)
-    split_names, kind_names = pa.array([b.split.value for b in blocks]), pa.array([b.kind.value for b in blocks])
     step = max(1, FRAME_CHUNK_ROWS * n_features // max(int(counts.sum()), 1))
+    starts = range(0, n_features, step)
+    scratch = torch.empty((max((int(counts[f0 : f0 + step].sum()) for f0 in starts), default=0), seq_len), dtype=torch.float16)
     chunks = []
-    for f0 in range(0, n_features, step):
+    for f0 in starts:
         f1 = min(f0 + step, n_features)
         part = counts[f0:f1]
         first = (np.cumsum(part) - part.reshape(-1)).reshape(part.shape)  # each (feature, block)'s first row
@@ -1232,7 +1267,9 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
         code, rank = np.empty(total, dtype=np.int8), np.empty(total, dtype=np.int16)
         seq_id, extreme = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.float32)
         bin_values = np.full(total, -1, dtype=np.int16)
-        rows = torch.empty((total, seq_len), dtype=torch.float16)
+        gathered = scratch[:total]  # block by block
+        order = np.empty(total, dtype=np.int64)  # the gathered row of each table row
+        start = 0
         for b, (block, (features, slots), (seq_ids, extremes, bins, sources)) in enumerate(zip(blocks, members, columns)):
             lo, hi = bounds[f0, b], bounds[f1, b]
             if hi == lo:
@@ -1244,19 +1281,17 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
             if bins is not None:
                 bin_values[dest] = bins[feature, slot]
             source = slot if sources is None else sources[feature, slot]
-            rows.index_copy_(0, torch.from_numpy(dest), _gather_rows(block.acts, feature, source).cpu().to(torch.float16))
-        rows = rows.numpy()
+            _gather_rows(block.acts, feature, source, gathered[start : start + hi - lo])
+            order[dest] = np.arange(start, start + hi - lo)
+            start += hi - lo
+        rows = torch.index_select(gathered, 0, torch.from_numpy(order)).numpy()
         lengths = n_tokens[seq_id]
         full = bool((lengths == seq_len).all())  # full windows: every token is kept, no masked copy
         values = rows.reshape(-1) if full else rows[np.arange(seq_len)[None, :] < lengths[:, None]]
-        codes = pa.array(code, pa.int8())
         chunks.append(pa.record_batch({
             "layer": pa.array(np.full(total, layer, dtype=np.int16)),
-            "polarity": pa.DictionaryArray.from_arrays(pa.array(np.zeros(total, np.int8)),
-                                                       pa.array([polarity.value])).cast(pa.string()),
             "neuron": pa.array(np.repeat(neuron[f0:f1], part.sum(1))),
-            "split": pa.DictionaryArray.from_arrays(codes, split_names).cast(pa.string()),
-            "kind": pa.DictionaryArray.from_arrays(codes, kind_names).cast(pa.string()),
+            "block": pa.array(code),
             "rank": pa.array(rank),
             "bin": pa.array(bin_values, mask=bin_values < 0),
             "seq_id": pa.array(seq_id),
@@ -1264,7 +1299,15 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
             "activations": pa.LargeListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)])),
                                                          pa.array(values)),
         }))
-    return pl.from_arrow(pa.Table.from_batches(chunks), rechunk=False)
+    # The text columns are made by polars from the block codes: Arrow strings would be
+    # converted to polars' string views row by row (a few times the cost of the rest).
+    frame = pl.from_arrow(pa.Table.from_batches(chunks), rechunk=False)
+    block = frame["block"]
+    return frame.select(
+        "layer", pl.lit(polarity.value).alias("polarity"), "neuron",
+        pl.Series("split", [b.split.value for b in blocks]).gather(block),
+        pl.Series("kind", [b.kind.value for b in blocks]).gather(block),
+        "rank", "bin", "seq_id", "extreme", "activations")
 
 
 # -- the corpus as the pass reads it ------------------------------------------------------
