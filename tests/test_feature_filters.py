@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from neuron_assets.config import config_from_dict
-from neuron_assets.exemplars import positional_information
+from neuron_assets.config import ExemplarsConfig, config_from_dict
+from neuron_assets.exemplars import STAT_QUANTILES, STATS_BLOCK, _quantile_column, _TokenStats, positional_information
 from neuron_assets.stages import make_candidate_descriptions, make_corpus, make_exemplars
 from neuron_assets.store import Store
 from neuron_assets.types import Polarity
@@ -76,6 +76,45 @@ def _plant(folder, tokenizer):
         block.attn.c_proj.weight[0, context_dim] = 0.125
     model.save_pretrained(folder)
     return folder
+
+
+def _token_sample(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> _TokenStats:
+    stats = _TokenStats.fresh(values.shape[1], values.shape[0], "cpu", torch.float32)
+    stats.token_keys, stats.token_values = torch.rand(values.shape[0]), values
+    stats.token_ids, stats.token_positions = ids, positions
+    stats.sums["n_tokens"] += values.shape[0]
+    return stats
+
+
+def test_sample_statistics_do_not_depend_on_blocks_and_filters_read_only_tokens_of_known_position():
+    """The token sample's quantiles and filters are computed STATS_BLOCK features at a time:
+    a feature's row is the same alone or among others on either side of a block's edge. The
+    quantiles read every sample token; the filters only those whose position is known (all,
+    except in a sample resumed from an older checkpoint)."""
+    generator = torch.Generator().manual_seed(0)
+    n, features = 600, STATS_BLOCK + 44
+    positions = torch.randint(0, 48, (n,), generator=generator)
+    ids = torch.randint(0, 40, (n,), generator=generator)
+    values = torch.randn(n, features, generator=generator)
+    values[:, ::3] += (positions < 8).float().unsqueeze(1) * 4  # positional features
+    values[:, 1::3] += (ids < 2).float().unsqueeze(1) * 4  # few-token features
+    positions[:90] = -1  # not known
+    config = ExemplarsConfig()
+    maxima = {Polarity.POS: values.amax(0).numpy(), Polarity.NEG: (-values).amax(0).numpy()}
+    whole = _token_sample(values, ids, positions).frames(slice(0, features), maxima, config)
+    known = _token_sample(values[90:], ids[90:], positions[90:]).frames(slice(0, features), maxima, config)
+    filters = ["positional_mi", "is_positional", "unigram_tokens", "is_unigram"]
+    for polarity, sign in ((Polarity.POS, 1), (Polarity.NEG, -1)):
+        ordered = np.sort((values * sign).numpy(), axis=0)
+        for q in STAT_QUANTILES:
+            np.testing.assert_array_equal(whole[polarity][_quantile_column(q)].to_numpy(), ordered[round(q * (n - 1))])
+        assert whole[polarity].select(filters).equals(known[polarity].select(filters))
+        assert whole[polarity]["is_positional"].sum() > 0 and whole[polarity]["unigram_tokens"].drop_nulls().len() > 0
+    stats = _token_sample(values, ids, positions)
+    for feature in (0, STATS_BLOCK - 1, STATS_BLOCK, features - 1):
+        alone = stats.frames(slice(feature, feature + 1), {p: m[feature : feature + 1] for p, m in maxima.items()}, config)
+        for polarity in maxima:
+            assert alone[polarity].equals(whole[polarity][feature])
 
 
 def test_planted_positional_and_one_token_neurons_are_flagged_and_a_context_one_and_a_random_one_are_not(tmp_path, tiny_tokenizer):
