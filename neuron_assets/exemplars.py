@@ -30,8 +30,9 @@ the train max so far, which only grows: the reservoir admits every sequence abov
 running threshold (a superset of the finally activating ones) and drops, at the end,
 members at or below the final threshold, so the quantile samples stay uniform over the
 finally activating sequences; the quiet sample admits only sequences at or below the
-running threshold, so every train quiet sequence is quiet by the final threshold too (a conservative sample: it can miss train sequences that
-were read before the max grew past 1/fraction times their extreme).
+running threshold, so every train quiet sequence is quiet by the final threshold too (a
+conservative sample: it can miss train sequences that were read before the max grew past
+1/fraction times their extreme).
 """
 
 from __future__ import annotations
@@ -787,14 +788,21 @@ class _TokenStats:
                    saved["token_values"].to(device), saved.get("token_ids", unknown).to(device),
                    saved.get("token_positions", unknown).to(device))
 
-    def frames(self, cols: slice, maxima: dict[Polarity, np.ndarray], config: ExemplarsConfig) -> dict[Polarity, pl.DataFrame]:
+    def sample_tokens(self) -> _SampleTokens:
+        """The token sample's tokens, the same for every layer: made once when the tables are."""
+        finite = torch.isfinite(self.token_keys)
+        return _SampleTokens.of(finite, self.token_positions[finite].cpu().numpy(), self.token_ids[finite].cpu().numpy())
+
+    def frames(self, cols: slice, maxima: dict[Polarity, np.ndarray], tokens: _SampleTokens,
+               config: ExemplarsConfig) -> dict[Polarity, pl.DataFrame]:
         """The stats rows of the features ``cols`` for each polarity in ``maxima`` (polarity ->
         (F,) largest extreme of the train top-k, the table's max and scale): moments from the
-        running sums, quantiles and delphi's filters from the token sample."""
+        running sums, quantiles and delphi's filters from the token sample (``tokens``, from
+        :meth:`sample_tokens`)."""
         n = max(float(self.sums["n_tokens"]), 1.0)
         mean = self.sums["sum"][cols] / n
         std = (self.sums["sumsq"][cols] / n - mean**2).clamp(min=0).sqrt().float().cpu().numpy()
-        sampled = self._sample_columns(cols, maxima, config)
+        sampled = self._sample_columns(cols, maxima, tokens, config)
         frames = {}
         for polarity, top in maxima.items():
             active = self.sums["n_pos"] if polarity is Polarity.POS else self.sums["n_neg"]
@@ -810,7 +818,8 @@ class _TokenStats:
             frames[polarity] = pl.DataFrame(columns)
         return frames
 
-    def _sample_columns(self, cols: slice, maxima: dict[Polarity, np.ndarray], config: ExemplarsConfig) -> dict:
+    def _sample_columns(self, cols: slice, maxima: dict[Polarity, np.ndarray], tokens: _SampleTokens,
+                        config: ExemplarsConfig) -> dict:
         """polarity -> (quantiles (len(STAT_QUANTILES), F), positional_mi (F,), unigram
         distinct counts (F,), NaN where not counted), from the token sample, STATS_BLOCK
         features at a time: a block's sample is transposed to (features, tokens) and sorted
@@ -819,9 +828,6 @@ class _TokenStats:
         layer's (F, n) copies are tens of MB each. The filters read the sample's tokens whose
         position is known: all of them, unless the sample comes from an older checkpoint."""
         features = cols.stop - cols.start
-        finite = torch.isfinite(self.token_keys)
-        all_finite = bool(finite.all())
-        tokens = _SampleTokens.of(self.token_positions[finite].cpu().numpy(), self.token_ids[finite].cpu().numpy())
         n = len(tokens.known)
         ranks = [round(q * (n - 1)) for q in STAT_QUANTILES]
         out = {polarity: (np.zeros((len(STAT_QUANTILES), features), dtype=np.float32),
@@ -831,7 +837,7 @@ class _TokenStats:
         for lo in range(0, features, STATS_BLOCK):
             hi = min(lo + STATS_BLOCK, features)
             strip = self.token_values[:, cols.start + lo : cols.start + hi]
-            values = _transposed(strip if all_finite else strip[finite])  # (b, n) float32
+            values = _transposed(strip if tokens.all_finite else strip[tokens.finite])  # (b, n) float32
             ordered = np.sort(values, axis=1)  # a SIMD sort: faster than a partition at 8 ranks
             known, known_ordered = values, ordered
             if not tokens.all_known:
@@ -902,10 +908,12 @@ def _reduce_tokens(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _SampleTokens:
-    """The token sample's tokens (shared by every feature of a pass): which have a known
-    position, and of those, the position bins and the token ids renumbered to the few the
-    sample holds."""
+    """The token sample's tokens (shared by every feature of a pass): which sample rows are
+    filled, which of those have a known position, and of those, the position bins and the
+    token ids renumbered to the few the sample holds."""
 
+    finite: torch.Tensor  # (sample size,) bool: filled rows, the n tokens below
+    all_finite: bool
     known: np.ndarray  # (n,) bool
     all_known: bool
     bins: np.ndarray  # (n_known,)
@@ -913,13 +921,13 @@ class _SampleTokens:
     n_ids: int
 
     @classmethod
-    def of(cls, positions: np.ndarray, ids: np.ndarray) -> _SampleTokens:
+    def of(cls, finite: torch.Tensor, positions: np.ndarray, ids: np.ndarray) -> _SampleTokens:
         known = positions >= 0
         positions, ids = positions[known], ids[known]
         bins = (np.minimum(positions * POSITION_BINS // max(int(positions.max()) + 1, 1), POSITION_BINS - 1)
                 if positions.size else positions)
         distinct, compact = np.unique(ids, return_inverse=True)
-        return cls(known, bool(known.all()), bins, compact, len(distinct))
+        return cls(finite, bool(finite.all()), known, bool(known.all()), bins, compact, len(distinct))
 
 
 def _distinct_strongest(values: np.ndarray, active: np.ndarray, tokens: _SampleTokens, features: np.ndarray,
@@ -1083,11 +1091,12 @@ class _PassState:
             if split.value not in self.splits:
                 self.split_state(split.value)
                 self.finish_split(split.value)
+        tokens = self.stats.sample_tokens()
         for layer in self.layout.layers:
             cols = self.layout.columns(layer)
             maxima = {polarity: self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols].amax(dim=1).cpu().numpy()
                       for polarity in self.polarities}
-            stats_frames = self.stats.frames(cols, maxima, config)  # one sort of the token sample for both polarities
+            stats_frames = self.stats.frames(cols, maxima, tokens, config)  # one sort of the token sample for both polarities
             for polarity in self.polarities:
                 blocks = []
                 threshold = _threshold(self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols], config)
@@ -1399,9 +1408,9 @@ def _plan_batches(splits: np.ndarray, batch_size: int, seed: int) -> list[tuple[
     random order drawn from ``seed`` (what makes val and test's first-come samples uniform,
     :func:`_batch_keys`)."""
     batches = []
-    order = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     for split in Split:
-        rows = order.permutation(np.flatnonzero(splits == split.value))
+        rows = rng.permutation(np.flatnonzero(splits == split.value))
         batches += [(split.value, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     return batches
 

@@ -101,8 +101,9 @@ def test_sample_statistics_do_not_depend_on_blocks_and_filters_read_only_tokens_
     positions[:90] = -1  # not known
     config = ExemplarsConfig()
     maxima = {Polarity.POS: values.amax(0).numpy(), Polarity.NEG: (-values).amax(0).numpy()}
-    whole = _token_sample(values, ids, positions).frames(slice(0, features), maxima, config)
-    known = _token_sample(values[90:], ids[90:], positions[90:]).frames(slice(0, features), maxima, config)
+    stats, known_only = _token_sample(values, ids, positions), _token_sample(values[90:], ids[90:], positions[90:])
+    whole = stats.frames(slice(0, features), maxima, stats.sample_tokens(), config)
+    known = known_only.frames(slice(0, features), maxima, known_only.sample_tokens(), config)
     filters = ["positional_mi", "is_positional", "unigram_tokens", "is_unigram"]
     for polarity, sign in ((Polarity.POS, 1), (Polarity.NEG, -1)):
         ordered = np.sort((values * sign).numpy(), axis=0)
@@ -110,9 +111,9 @@ def test_sample_statistics_do_not_depend_on_blocks_and_filters_read_only_tokens_
             np.testing.assert_array_equal(whole[polarity][_quantile_column(q)].to_numpy(), ordered[round(q * (n - 1))])
         assert whole[polarity].select(filters).equals(known[polarity].select(filters))
         assert whole[polarity]["is_positional"].sum() > 0 and whole[polarity]["unigram_tokens"].drop_nulls().len() > 0
-    stats = _token_sample(values, ids, positions)
     for feature in (0, STATS_BLOCK - 1, STATS_BLOCK, features - 1):
-        alone = stats.frames(slice(feature, feature + 1), {p: m[feature : feature + 1] for p, m in maxima.items()}, config)
+        alone = stats.frames(slice(feature, feature + 1), {p: m[feature : feature + 1] for p, m in maxima.items()},
+                             stats.sample_tokens(), config)
         for polarity in maxima:
             assert alone[polarity].equals(whole[polarity][feature])
 
