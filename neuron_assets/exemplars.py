@@ -1309,14 +1309,20 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
                                                          pa.array(values)),
         }))
     # The text columns are made by polars from the block codes: Arrow strings would be
-    # converted to polars' string views row by row (a few times the cost of the rest).
-    frame = pl.from_arrow(pa.Table.from_batches(chunks), rechunk=False)
-    block = frame["block"]
-    return frame.select(
-        "layer", pl.lit(polarity.value).alias("polarity"), "neuron",
-        pl.Series("split", [b.split.value for b in blocks]).gather(block),
-        pl.Series("kind", [b.kind.value for b in blocks]).gather(block),
-        "rank", "bin", "seq_id", "extreme", "activations")
+    # converted to polars' string views row by row (a few times the cost of the rest). They
+    # are made chunk by chunk so that every column has the same chunks: on a frame whose
+    # columns are chunked differently, polars copies the whole table (activations included)
+    # into one chunk at the next with_columns or select.
+    splits = pl.Series("split", [b.split.value for b in blocks])
+    kinds = pl.Series("kind", [b.kind.value for b in blocks])
+
+    def labelled(chunk: pa.RecordBatch) -> pl.DataFrame:
+        frame = pl.from_arrow(chunk)
+        block = frame["block"]
+        return frame.select("layer", pl.lit(polarity.value).alias("polarity"), "neuron", splits.gather(block),
+                            kinds.gather(block), "rank", "bin", "seq_id", "extreme", "activations")
+
+    return pl.concat([labelled(chunk) for chunk in chunks], rechunk=False)
 
 
 # -- the corpus as the pass reads it ------------------------------------------------------

@@ -94,6 +94,28 @@ def test_quantile_and_random_samples_are_well_formed(tiny_config):
     assert (stats["q999"] >= stats["q50"]).all()
 
 
+def test_exemplar_table_built_in_chunks_is_the_same_table_with_aligned_chunks(tiny_config, monkeypatch):
+    """A table built in many small chunks equals the one-chunk table, and all its columns
+    share the same chunks: polars copies a table whose columns are chunked differently into
+    one chunk at the next with_columns or select (the activations included)."""
+    import neuron_assets.exemplars as exemplars_module
+
+    config, subject, sequences = _subject_and_sequences(tiny_config())
+    neurons = {1: list(range(24))}
+
+    def tables():
+        return collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8,
+                                 progress=False)
+
+    whole = tables()
+    monkeypatch.setattr(exemplars_module, "FRAME_CHUNK_ROWS", 50)
+    chunked = tables()
+    for key, (exemplars, stats) in whole.items():
+        assert exemplars.n_chunks() == 1
+        pieces = chunked[key][0].n_chunks("all")
+        assert pieces[0] > 3 and set(pieces) == {pieces[0]}, pieces
+        assert chunked[key][0].equals(exemplars) and chunked[key][1].equals(stats)
+
 def test_val_and_test_samples_keep_a_uniform_first_come_sample():
     """In val and test a sample keeps the first sequences read (keys fall with the batch
     number) of a split read in a seeded random order: over seeds, every sequence is kept
