@@ -118,6 +118,33 @@ def test_sample_statistics_do_not_depend_on_blocks_and_filters_read_only_tokens_
             assert alone[polarity].equals(whole[polarity][feature])
 
 
+
+def test_unigram_count_is_the_distinct_ids_of_the_strongest_active_tokens_with_ties_in_token_order():
+    """The unigram filter's count, against a brute force feature by feature: the ids of the
+    ceil(80%) strongest active sample tokens, ties broken by sample order, on integer
+    activations (many ties at the cut); null for a feature with too few active tokens."""
+    generator = torch.Generator().manual_seed(1)
+    n, features = 300, 40
+    ids = torch.randint(0, 150, (n,), generator=generator)
+    values = torch.randint(-4, 5, (n, features), generator=generator).float()
+    values[:, :4] = torch.where(torch.rand(n, 4, generator=generator) < 0.02, values[:, :4], 0.0)  # too few active
+    config = ExemplarsConfig(unigram_tokens=3)
+    maxima = {Polarity.POS: values.amax(0).numpy(), Polarity.NEG: (-values).amax(0).numpy()}
+    stats = _token_sample(values, ids, torch.zeros(n, dtype=torch.long))
+    frames = stats.frames(slice(0, features), maxima, stats.sample_tokens(), config)
+    for polarity, sign in ((Polarity.POS, 1), (Polarity.NEG, -1)):
+        signed = (values * sign).numpy()
+        expected = []
+        for f in range(features):
+            active = np.nonzero(signed[:, f] > config.activating_fraction * max(maxima[polarity][f], 0.0))[0]
+            if len(active) < 2 * config.unigram_tokens:
+                expected.append(None)
+                continue
+            strongest = active[np.argsort(-signed[active, f], kind="stable")][: int(np.ceil(0.8 * len(active)))]
+            expected.append(len(set(ids[strongest].tolist())))
+        assert frames[polarity]["unigram_tokens"].to_list() == expected
+        assert expected[:4] == [None] * 4 and None not in expected[4:]
+
 def test_planted_positional_and_one_token_neurons_are_flagged_and_a_context_one_and_a_random_one_are_not(tmp_path, tiny_tokenizer):
     texts = tmp_path / "texts"
     texts.mkdir()
