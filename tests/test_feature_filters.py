@@ -118,7 +118,6 @@ def test_sample_statistics_do_not_depend_on_blocks_and_filters_read_only_tokens_
             assert alone[polarity].equals(whole[polarity][feature])
 
 
-
 def test_unigram_count_is_the_distinct_ids_of_the_strongest_active_tokens_with_ties_in_token_order():
     """The unigram filter's count, against a brute force feature by feature: the ids of the
     ceil(80%) strongest active sample tokens, ties broken by sample order, on integer
@@ -144,6 +143,7 @@ def test_unigram_count_is_the_distinct_ids_of_the_strongest_active_tokens_with_t
             expected.append(len(set(ids[strongest].tolist())))
         assert frames[polarity]["unigram_tokens"].to_list() == expected
         assert expected[:4] == [None] * 4 and None not in expected[4:]
+
 
 def test_planted_positional_and_one_token_neurons_are_flagged_and_a_context_one_and_a_random_one_are_not(tmp_path, tiny_tokenizer):
     texts = tmp_path / "texts"

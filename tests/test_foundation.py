@@ -116,6 +116,7 @@ def test_exemplar_table_built_in_chunks_is_the_same_table_with_aligned_chunks(ti
         assert pieces[0] > 3 and set(pieces) == {pieces[0]}, pieces
         assert chunked[key][0].equals(exemplars) and chunked[key][1].equals(stats)
 
+
 def test_val_and_test_samples_keep_a_uniform_first_come_sample():
     """In val and test a sample keeps the first sequences read (keys fall with the batch
     number) of a split read in a seeded random order: over seeds, every sequence is kept
