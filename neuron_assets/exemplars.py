@@ -42,6 +42,8 @@ import json
 import random
 import shutil
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -971,8 +973,12 @@ def positional_information(active: np.ndarray, bins: np.ndarray, n_bins: int) ->
     onehot = np.zeros((n_bins, n), dtype=exact)
     onehot[bins, np.arange(n)] = 1.0
     p_bin = np.bincount(bins, minlength=n_bins).astype(np.float64) / n  # (B,)
-    # counts of 0/1 terms below 2**24 are exact in float32, so this is the float64 count
-    joint_on = (onehot @ active.astype(exact)).astype(np.float64) / n  # (B, F): p(active, bin)
+    # Counts of 0/1 terms below 2**24 are exact in float32, so this is the float64 count. The
+    # product goes through torch, not numpy: OpenBLAS's threads spin for a while after every
+    # call, and one call per block of features kept the other core busy for nothing, where
+    # the tables' second build thread (TABLE_WORKERS) runs (the build took 1.4x as long).
+    counts = torch.mm(torch.from_numpy(onehot), torch.from_numpy(active.astype(exact)))
+    joint_on = counts.numpy().astype(np.float64) / n  # (B, F): p(active, bin)
     joint_off = p_bin[:, None] - joint_on
     p_on = joint_on.sum(0)  # (F,)
     mi = np.zeros(active.shape[1])
@@ -1090,42 +1096,68 @@ class _PassState:
     # -- turning the state into tables ------------------------------------------------------
 
     def tables(self, corpus: _Corpus, config: ExemplarsConfig, seed: int):
-        """((layer, polarity), (exemplars, stats)) of this group's features, one at a time,
-        built on the host, so the end-of-pass sorts are one layer wide."""
+        """((layer, polarity), (exemplars, stats)) of this group's features in layer order, one
+        at a time, built on the host, so the end-of-pass sorts are one layer wide. Up to
+        TABLE_WORKERS layers are built at once in threads (most of the work is numpy and
+        polars, single-threaded and outside the GIL), while the caller writes the one before."""
         for split in Split:  # a split the corpus does not have keeps empty exemplars
             if split.value not in self.splits:
                 self.split_state(split.value)
                 self.finish_split(split.value)
         tokens = self.stats.sample_tokens()
-        for layer in self.layout.layers:
-            cols = self.layout.columns(layer)
-            maxima = {polarity: self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols].amax(dim=1).cpu().numpy()
-                      for polarity in self.polarities}
-            stats_frames = self.stats.frames(cols, maxima, tokens, config)  # one sort of the token sample for both polarities
-            for polarity in self.polarities:
-                blocks = []
-                threshold = _threshold(self.splits[Split.TRAIN.value].top[polarity.value].extremes[cols], config)
-                for split in Split:
-                    state = self.splits[split.value]
-                    blocks.append(replace(state.top[polarity.value].rows(cols).ranked(), kind=ExemplarKind.TOP, split=split))
-                    reservoir = state.reservoir.get(polarity.value)
-                    if reservoir is not None:  # train members at or below the final threshold leave
-                        kept = _keeping(reservoir.rows(cols), reservoir.rows(cols).extremes > threshold.unsqueeze(1))
-                        blocks.append(_quantile_block(kept, split, config, seed))
-                    quiet = state.quiet.get(polarity.value)
-                    if quiet is not None:
-                        kept = quiet.rows(cols)
-                        ranked = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
-                        blocks.append(replace(ranked, kind=ExemplarKind.QUIET, split=split))
-                    blocks.append(_random_block(state, cols, split, polarity, corpus))
-                stats = stats_frames[polarity].with_columns(
-                    pl.Series("neuron", self.layout.neurons[layer], dtype=pl.Int32),
-                    pl.lit(layer, dtype=pl.Int16).alias("layer"),
-                    pl.lit(polarity.value).alias("polarity"),
-                )
-                exemplars = _exemplar_frame(blocks, self.layout.neurons[layer], layer, polarity, corpus.n_tokens_of)
-                yield (layer, polarity), (exemplars, stats.select("layer", "polarity", "neuron",
-                                                                  pl.exclude("layer", "polarity", "neuron")))
+        building = deque()
+        with ThreadPoolExecutor(TABLE_WORKERS, thread_name_prefix="exemplar-tables") as pool:
+            try:
+                for layer in self.layout.layers:
+                    building.append(pool.submit(self._layer_tables, layer, tokens, corpus, config, seed))
+                    if len(building) > TABLE_WORKERS:  # the one queued starts as the first is taken
+                        yield from building.popleft().result()
+                while building:
+                    yield from building.popleft().result()
+            finally:  # an error, or a caller that stops early: layers not started are dropped
+                for future in building:
+                    future.cancel()
+
+    def _layer_tables(self, layer: int, tokens: _SampleTokens, corpus: _Corpus, config: ExemplarsConfig, seed: int):
+        """[((layer, polarity), (exemplars, stats))] of one layer, for every polarity."""
+        cols = self.layout.columns(layer)
+        train = self.splits[Split.TRAIN.value]
+        maxima = {polarity: train.top[polarity.value].extremes[cols].amax(dim=1).cpu().numpy()
+                  for polarity in self.polarities}
+        stats_frames = self.stats.frames(cols, maxima, tokens, config)  # one sort of the token sample for both polarities
+        tables = []
+        for polarity in self.polarities:
+            blocks = []
+            threshold = _threshold(train.top[polarity.value].extremes[cols], config)
+            for split in Split:
+                state = self.splits[split.value]
+                blocks.append(replace(state.top[polarity.value].rows(cols).ranked(), kind=ExemplarKind.TOP, split=split))
+                reservoir = state.reservoir.get(polarity.value)
+                if reservoir is not None:  # train members at or below the final threshold leave
+                    kept = reservoir.rows(cols)
+                    blocks.append(_quantile_block(_keeping(kept, kept.extremes > threshold.unsqueeze(1)), split, config,
+                                                  seed))
+                quiet = state.quiet.get(polarity.value)
+                if quiet is not None:
+                    kept = quiet.rows(cols)
+                    ranked = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
+                    blocks.append(replace(ranked, kind=ExemplarKind.QUIET, split=split))
+                blocks.append(_random_block(state, cols, split, polarity, corpus))
+            stats = stats_frames[polarity].with_columns(
+                pl.Series("neuron", self.layout.neurons[layer], dtype=pl.Int32),
+                pl.lit(layer, dtype=pl.Int16).alias("layer"),
+                pl.lit(polarity.value).alias("polarity"),
+            )
+            exemplars = _exemplar_frame(blocks, self.layout.neurons[layer], layer, polarity, corpus.n_tokens_of)
+            tables.append(((layer, polarity), (exemplars, stats.select("layer", "polarity", "neuron",
+                                                                       pl.exclude("layer", "polarity", "neuron")))))
+        return tables
+
+
+TABLE_WORKERS = 2
+"""Layers whose tables are built at once at the end of a pass. Two keep two cores busy (the
+build is mostly single-threaded numpy) and hold two layers' tables beside the one the caller
+is writing: a few GB at Llama-3.1-8B's width (about 1.6 GB per layer, both polarities)."""
 
 
 class _LayerAssembler:

@@ -117,6 +117,40 @@ def test_exemplar_table_built_in_chunks_is_the_same_table_with_aligned_chunks(ti
         assert chunked[key][0].equals(exemplars) and chunked[key][1].equals(stats)
 
 
+def test_tables_built_in_threads_come_in_layer_order_and_equal_one_thread(tiny_config, monkeypatch):
+    """The end-of-pass tables built several layers at once are the tables one thread builds,
+    handed over in layer order; an error in one layer's build reaches the caller."""
+    import neuron_assets.exemplars as exemplars_module
+
+    config, subject, sequences = _subject_and_sequences(tiny_config())
+    neurons = {layer: list(range(16)) for layer in range(subject.num_layers)}
+    assert len(neurons) > 2
+
+    def tables(workers):
+        monkeypatch.setattr(exemplars_module, "TABLE_WORKERS", workers)
+        order = []
+        collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False,
+                          on_tables=lambda layer, polarity, ex, st: order.append(((layer, polarity), ex, st)))
+        return order
+
+    one, three = tables(1), tables(3)
+    assert [key for key, _, _ in one] == [(layer, p) for layer in sorted(neurons) for p in POLARITIES]
+    assert [key for key, _, _ in three] == [key for key, _, _ in one]
+    for (_, ex1, st1), (_, ex3, st3) in zip(one, three):
+        assert ex1.equals(ex3) and st1.equals(st3)
+
+    build = exemplars_module._PassState._layer_tables
+
+    def failing(self, layer, *args):
+        if layer == 1:
+            raise RuntimeError("layer 1 failed")
+        return build(self, layer, *args)
+
+    monkeypatch.setattr(exemplars_module._PassState, "_layer_tables", failing)
+    with pytest.raises(RuntimeError, match="layer 1 failed"):
+        tables(2)
+
+
 def test_val_and_test_samples_keep_a_uniform_first_come_sample():
     """In val and test a sample keeps the first sequences read (keys fall with the batch
     number) of a split read in a seeded random order: over seeds, every sequence is kept
