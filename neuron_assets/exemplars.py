@@ -1105,18 +1105,16 @@ class _PassState:
                 self.split_state(split.value)
                 self.finish_split(split.value)
         tokens = self.stats.sample_tokens()
-        building = deque()
-        with ThreadPoolExecutor(TABLE_WORKERS, thread_name_prefix="exemplar-tables") as pool:
-            try:
-                for layer in self.layout.layers:
-                    building.append(pool.submit(self._layer_tables, layer, tokens, corpus, config, seed))
-                    if len(building) > TABLE_WORKERS:  # the one queued starts as the first is taken
-                        yield from building.popleft().result()
-                while building:
+        pool, building = ThreadPoolExecutor(TABLE_WORKERS, thread_name_prefix="exemplar-tables"), deque()
+        try:
+            for layer in self.layout.layers:
+                building.append(pool.submit(self._layer_tables, layer, tokens, corpus, config, seed))
+                if len(building) > TABLE_WORKERS:  # the one queued starts as the first is taken
                     yield from building.popleft().result()
-            finally:  # an error, or a caller that stops early: layers not started are dropped
-                for future in building:
-                    future.cancel()
+            while building:
+                yield from building.popleft().result()
+        finally:  # an error, or a caller that stops early: layers not started are dropped
+            pool.shutdown(cancel_futures=True)
 
     def _layer_tables(self, layer: int, tokens: _SampleTokens, corpus: _Corpus, config: ExemplarsConfig, seed: int):
         """[((layer, polarity), (exemplars, stats))] of one layer, for every polarity."""
