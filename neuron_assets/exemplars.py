@@ -54,7 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuron_assets.config import ExemplarsConfig, FeaturesConfig
-from neuron_assets.plan import KEPT_ACT_BYTES, exemplar_state_bytes
+from neuron_assets.plan import KEPT_ACT_BYTES, exemplar_state_bytes, exemplar_table_bytes
 from neuron_assets.store import Store, atomic_path, set_aside
 from neuron_assets.subject import SubjectError, SubjectModel
 from neuron_assets.types import (
@@ -201,6 +201,7 @@ def collect_exemplars(
             if on_batch is not None:
                 on_batch(group_no * len(batches) + done)
         for key, pair in state.tables(corpus, config, seed):  # one layer x polarity at a time: host memory stays bounded
+            report.observe_tables(key[0], pair)
             if checkpoint is not None:
                 _save_group_table(checkpoint, group_no, key, pair)
             layers.add({key: pair})
@@ -329,7 +330,7 @@ def plan_exemplar_pass(
         features=total, polarities=len(polarities), seq_len=seq_len, batch_size=batch_size, device=str(device),
         act_bytes=act_bytes, budget_bytes=budget, budget_source=source, split_state_bytes=sizes.split,
         stats_bytes=sizes.stats, resident_bytes=resident, per_feature_bytes=per_feature, fixed_bytes=fixed,
-        groups=tuple(PassGroup(g) for g in groups),
+        table_bytes=exemplar_table_bytes(config, seq_len, len(polarities)), groups=tuple(PassGroup(g) for g in groups),
     )
 
 
@@ -365,6 +366,7 @@ class ExemplarPlan:
     resident_bytes: int  # per feature on the device: the split being read and the stats (all splits on CPU)
     per_feature_bytes: int  # resident + one batch of captured activations
     fixed_bytes: int  # buffers that do not grow with features: token-sample keys, chunk temporaries
+    table_bytes: int  # per feature: its exemplar and stats rows, every polarity, as built on the host
     groups: tuple[PassGroup, ...]
 
     @property
@@ -383,8 +385,14 @@ class ExemplarPlan:
 
     @property
     def peak_host_bytes(self) -> int:
-        """Host memory for the finished splits of the largest group."""
-        return max(g.features for g in self.groups) * (len(Split) * self.split_state_bytes + self.stats_bytes)
+        """Host memory at the end of a group's pass: its finished splits, and the tables of the
+        layers built at once (TABLE_WORKERS) beside the one the caller is writing."""
+        return max(self.host_bytes(g) for g in self.groups)
+
+    def host_bytes(self, group: PassGroup) -> int:
+        """One group's host peak: finished splits of its features, tables of its widest layers."""
+        in_flight = sorted((len(v) for v in group.neurons.values()), reverse=True)[: TABLE_WORKERS + 1]
+        return group.features * (len(Split) * self.split_state_bytes + self.stats_bytes) + sum(in_flight) * self.table_bytes
 
     def group_neurons(self) -> list[dict[int, list[int]]]:
         return [g.neurons for g in self.groups]
@@ -401,7 +409,8 @@ class ExemplarPlan:
             f"  state per feature: {self.split_state_bytes / 1e3:.1f} kB per split, {self.stats_bytes / 1e3:.1f} kB stats; "
             f"{self.state_bytes / gb:.2f} GB for all features and splits",
             f"  {self.passes} pass{'es' if self.passes > 1 else ''} over the corpus; device peak "
-            f"{self.peak_device_bytes / gb:.2f} GB (state + captured activations), host {self.peak_host_bytes / gb:.2f} GB",
+            f"{self.peak_device_bytes / gb:.2f} GB (state + captured activations), host {self.peak_host_bytes / gb:.2f} GB "
+            "(finished splits + tables being built)",
         ]
         for i, group in enumerate(self.groups):
             layers = sorted(group.neurons)
@@ -1155,7 +1164,8 @@ class _PassState:
 TABLE_WORKERS = 2
 """Layers whose tables are built at once at the end of a pass. Two keep two cores busy (the
 build is mostly single-threaded numpy) and hold two layers' tables beside the one the caller
-is writing: a few GB at Llama-3.1-8B's width (about 1.6 GB per layer, both polarities)."""
+is writing: the plan's host peak counts the three (about 1.3 GB per layer, both polarities,
+for configs/llama31_8b_instruct.yaml)."""
 
 
 class _LayerAssembler:
@@ -1181,11 +1191,12 @@ class _LayerAssembler:
 
 
 class _Measured:
-    """The state sizes a run reached, for holding the plan to account."""
+    """The state and table sizes a run reached, for holding the plan to account."""
 
     def __init__(self, target: dict | None):
         self.target = target
         self.peak_device = self.peak_total = 0
+        self.layer_tables: dict[int, int] = {}  # layer -> bytes of its tables, every polarity
 
     def observe(self, state: _PassState) -> None:
         if self.target is None:
@@ -1194,10 +1205,16 @@ class _Measured:
         self.peak_total = max(self.peak_total, sum(t.nbytes for t in tensors))
         self.peak_device = max(self.peak_device, sum(t.nbytes for t in tensors if t.device == torch.device(state.device)))
 
+    def observe_tables(self, layer: int, pair: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+        """One (layer, polarity)'s exemplars and stats as built, in host memory."""
+        if self.target is None:
+            return
+        self.layer_tables[layer] = self.layer_tables.get(layer, 0) + sum(frame.estimated_size() for frame in pair)
+
     def finish(self, plan: ExemplarPlan) -> None:
         if self.target is not None:
             self.target.update(peak_device_state_bytes=self.peak_device, peak_state_bytes=self.peak_total,
-                               passes=plan.passes)
+                               layer_table_bytes=dict(self.layer_tables), passes=plan.passes)
 
 
 @dataclass

@@ -36,6 +36,27 @@ def exemplar_state_bytes(config: ExemplarsConfig, seq_len: int, act_bytes: int, 
     return StateBytes(split=split, stats=stats, fixed=config.stats_token_sample * 4)
 
 
+# A built table's row in host memory beside its activations (float16 per token), as polars
+# holds it before it is written; measured on the tiny test model's tables (tests/test_plan.py).
+TABLE_ROW_MEMORY_BYTES = 44
+STATS_ROW_MEMORY_BYTES = 64
+
+
+def exemplar_rows_per_split(config: ExemplarsConfig, per_split: int | None = None) -> int:
+    """Exemplar rows of one feature x polarity in one split: top, quantile samples, quiet and
+    random sequences, at most ``per_split`` of each kind where the split is that small."""
+    cap = per_split if per_split is not None else float("inf")
+    quantile = min(config.quantile_bins * config.per_quantile, config.quantile_reservoir) if config.per_quantile else 0
+    return int(sum(min(n, cap) for n in (config.top_k, quantile, config.quiet_per_split, config.random_per_split)))
+
+
+def exemplar_table_bytes(config: ExemplarsConfig, seq_len: int, polarities: int) -> int:
+    """One feature's exemplar and stats rows, every polarity and split, as built in host
+    memory at the end of the pass (an upper bound: short windows hold fewer tokens)."""
+    rows = 3 * exemplar_rows_per_split(config)
+    return polarities * (rows * (seq_len * KEPT_ACT_BYTES + TABLE_ROW_MEMORY_BYTES) + STATS_ROW_MEMORY_BYTES)
+
+
 # -- the model's shape --------------------------------------------------------------------
 
 GATED_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "phi3"}
@@ -335,7 +356,7 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
         seconds += sum(tokens * 2 * shape.intermediate * sae_latents_total
                        for layer in group.neurons if layer in latents) / flops_per_s
         pass_seconds += seconds / rates.collect_efficiency
-    rows_per_feature = 3 * _exemplar_rows_per_split(config, corpus.sequences_per_split)  # per feature x polarity
+    rows_per_feature = 3 * exemplar_rows_per_split(config.exemplars, corpus.sequences_per_split)  # per feature x polarity
     row_bytes = corpus.seq_len * 2 * rates.activation_compression + ROW_OVERHEAD_BYTES
     lens = config.exemplars.output_tokens  # the logit lens's output_tokens table (a causal LM's)
     files = (2 + (lens > 0)) * len(neurons) * len(polarities)  # exemplars, neuron_stats, output_tokens per partition
@@ -372,12 +393,6 @@ PROMPT_OVERHEAD_TOKENS = 450  # instructions and answer format of an explainer p
 COMPLETION_TOKENS = 60  # a description without reasoning
 COT_COMPLETION_TOKENS = 400
 HIGHLIGHT_MARKUP = 1.25  # {{ }} around activating tokens and line breaks, per exemplar token
-
-
-def _exemplar_rows_per_split(config: Config, per_split: int) -> int:
-    ex = config.exemplars
-    quantile = min(ex.quantile_bins * ex.per_quantile, ex.quantile_reservoir, per_split) if ex.per_quantile else 0
-    return min(ex.top_k, per_split) + quantile + min(ex.quiet_per_split, per_split) + min(ex.random_per_split, per_split)
 
 
 def _explain_and_score_stages(config, shape, explainer_shape, described, spec, rates, act_bytes) -> list[StagePlan]:
