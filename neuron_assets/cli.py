@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuron-assets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config (default: $NEURON_ASSETS_CONFIG, else the embedded demo)")
+    config_help = "YAML config (default: $NEURON_ASSETS_CONFIG, else the embedded demo)"
+    parser.add_argument("--config", help=config_help)
     commands = parser.add_subparsers(dest="command")
 
     run = commands.add_parser("run", help="materialize the configured assets in-process, then build the catalog; "
@@ -142,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="start the Dagster UI (dagster dev) on this config's storage")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(handler=cmd_ui)
+    for command in commands.choices.values():  # --config also after the command: `neuron-assets plan --config X`
+        command.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     return parser
 
 

@@ -76,6 +76,16 @@ def test_llama_plan_fits_one_80gb_gpu_and_exemplars_in_3_h100_hours(capsys):
     assert "Transluce" in table and "exemplars" in table
 
 
+def test_config_may_follow_the_command(capsys):
+    assert main(["--config", str(LLAMA_CONFIG), "plan", "--format", "json"]) == 0
+    before = capsys.readouterr().out
+    assert main(["plan", "--config", str(LLAMA_CONFIG), "--format", "json"]) == 0
+    assert capsys.readouterr().out == before and json.loads(before)["features"] == 458_752
+    assert main(["--config", "elsewhere.yaml", "sql", "--config", str(LLAMA_CONFIG), "select 1"]) == 1  # the later one wins
+    err = capsys.readouterr().err
+    assert "elsewhere.yaml" not in err and "no data under" in err
+
+
 def test_the_released_simulator_preset_plans_scoring_but_no_training(capsys):
     preset = LLAMA_CONFIG.with_name("transluce_llama31_8b.yaml")
     assert main(["--config", str(preset), "plan", "--format", "json"]) == 0
