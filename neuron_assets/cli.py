@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--mfu", type=float, default=0.55, help="share of the bf16 peak a forward pass reaches")
     plan.add_argument("--collect-efficiency", type=float, help="collecting pass / bare pass tokens/s, from "
                       "bench/activations.py (default 0.9 on a GPU, 0.7 on CPU)")
+    plan.add_argument("--disk-gb-per-s", type=float, default=1.5, help="write speed of the storage root's disk, for "
+                      "the exemplar pass's checkpoints (default 1.5, a local NVMe disk)")
     plan.add_argument("--format", choices=["table", "json"], default="table")
     plan.set_defaults(handler=cmd_plan)
     validate = commands.add_parser(
@@ -542,7 +544,8 @@ def cmd_plan(args) -> int:
         except ValueError:
             explainer = None  # the explainer's size then defaults to 8B
     efficiency = args.collect_efficiency or (0.7 if device == "cpu" else 0.9)
-    rates = Rates(subject_tokens_per_s=args.tokens_per_s, mfu=args.mfu, collect_efficiency=efficiency)
+    rates = Rates(subject_tokens_per_s=args.tokens_per_s, mfu=args.mfu, collect_efficiency=efficiency,
+                  checkpoint_write_bytes_per_s=args.disk_gb_per_s * 1e9)
     result = plan_run(config, shape, source, device, rates, explainer)
     if args.format == "json":
         json.dump(result.as_dict(), sys.stdout, indent=1)

@@ -195,18 +195,21 @@ def collect_exemplars(
             if done == len(batches) or batches[done][0] != split:
                 state.finish_split(split)  # a finished split's exemplars wait in host memory
                 if checkpoint is not None:
-                    _save_split(checkpoint, signature, group_no, done, split, state)
+                    _save_split(checkpoint, signature, group_no, done, split, state, report.observe_checkpoint)
             elif checkpoint is not None and done % config.checkpoint_every == 0:
-                _save_progress(checkpoint, signature, group_no, done, split, state)
+                _save_progress(checkpoint, signature, group_no, done, split, state, report.observe_checkpoint)
             if on_batch is not None:
                 on_batch(group_no * len(batches) + done)
+        # A finished group's tables are kept for a resumed run, but for the last group's: the
+        # checkpoint goes once they are built, and a run killed before rebuilds them from its splits.
+        keep = checkpoint is not None and group_no < len(plan.groups) - 1
         for key, pair in state.tables(corpus, config, seed):  # one layer x polarity at a time: host memory stays bounded
             report.observe_tables(key[0], pair)
-            if checkpoint is not None:
-                _save_group_table(checkpoint, group_no, key, pair)
+            if keep:
+                _save_group_table(checkpoint, group_no, key, pair, report.observe_checkpoint)
             layers.add({key: pair})
         del state
-        if checkpoint is not None:
+        if keep:
             _finish_group(checkpoint, signature, group_no)
     bar.close()
     report.finish(plan)
@@ -1195,7 +1198,7 @@ class _Measured:
 
     def __init__(self, target: dict | None):
         self.target = target
-        self.peak_device = self.peak_total = 0
+        self.peak_device = self.peak_total = self.peak_checkpoint = self.checkpoint_written = 0
         self.layer_tables: dict[int, int] = {}  # layer -> bytes of its tables, every polarity
 
     def observe(self, state: _PassState) -> None:
@@ -1211,10 +1214,18 @@ class _Measured:
             return
         self.layer_tables[layer] = self.layer_tables.get(layer, 0) + sum(frame.estimated_size() for frame in pair)
 
+    def observe_checkpoint(self, folder: Path, written: Path) -> None:
+        """A file just saved to the checkpoint ``folder``: bytes written, and the folder's size."""
+        if self.target is None:
+            return
+        self.checkpoint_written += written.stat().st_size
+        self.peak_checkpoint = max(self.peak_checkpoint, sum(path.stat().st_size for path in folder.iterdir()))
+
     def finish(self, plan: ExemplarPlan) -> None:
         if self.target is not None:
             self.target.update(peak_device_state_bytes=self.peak_device, peak_state_bytes=self.peak_total,
-                               layer_table_bytes=dict(self.layer_tables), passes=plan.passes)
+                               layer_table_bytes=dict(self.layer_tables), peak_checkpoint_bytes=self.peak_checkpoint,
+                               checkpoint_written_bytes=self.checkpoint_written, passes=plan.passes)
 
 
 @dataclass
@@ -1598,25 +1609,37 @@ def _split_file(group: int, split: str) -> str:
     return f"group-{group}.split-{split}.pt"
 
 
-def _save_split(checkpoint: Path, signature: str, group: int, done: int, split: str, state: _PassState) -> None:
+# Each save calls ``observe(folder, file)`` once its file is written and before it replaces
+# the one it supersedes: the moment the checkpoint is at its largest (_Measured).
+
+
+def _save_split(checkpoint: Path, signature: str, group: int, done: int, split: str, state: _PassState,
+                observe=lambda folder, path: None) -> None:
+    """A finished split's state, written once; the split's progress file goes."""
     stats = state.stats.state() if split == Split.TRAIN.value else None
     with atomic_path(checkpoint / _split_file(group, split)) as tmp:
         torch.save({"signature": signature, "batches_done": done, "state": state.splits[split].state(), "stats": stats}, tmp)
+        observe(checkpoint, tmp)
     (checkpoint / f"group-{group}.progress.pt").unlink(missing_ok=True)
 
 
-def _save_progress(checkpoint: Path, signature: str, group: int, done: int, split: str, state: _PassState) -> None:
+def _save_progress(checkpoint: Path, signature: str, group: int, done: int, split: str, state: _PassState,
+                   observe=lambda folder, path: None) -> None:
+    """The split being read, in place of its last progress file."""
     stats = state.stats.state() if split == Split.TRAIN.value else None
     with atomic_path(checkpoint / f"group-{group}.progress.pt") as tmp:
         torch.save({"signature": signature, "batches_done": done, "split": split,
                     "state": state.splits[split].state(), "stats": stats}, tmp)
+        observe(checkpoint, tmp)
 
 
-def _save_group_table(checkpoint: Path, group: int, key: tuple[int, Polarity], pair) -> None:
+def _save_group_table(checkpoint: Path, group: int, key: tuple[int, Polarity], pair,
+                      observe=lambda folder, path: None) -> None:
     layer, polarity = key
     for name, frame in zip(("exemplars", "stats"), pair):
         with atomic_path(checkpoint / f"group-{group}.{layer}.{polarity.value}.{name}.parquet") as tmp:
             frame.write_parquet(tmp)
+            observe(checkpoint, tmp)
 
 
 def _finish_group(checkpoint: Path, signature: str, group: int) -> None:

@@ -213,6 +213,7 @@ class Rates:
     explain_prefill_tokens_per_s: float = 20000.0  # vLLM prompt tokens/s for an 8B model on one GPU
     explain_decode_tokens_per_s: float = 3000.0  # vLLM generated tokens/s, batched, 8B, one GPU
     activation_compression: float = 0.87  # zstd on float16 activations (measured, tests/test_plan.py)
+    checkpoint_write_bytes_per_s: float = 1.5e9  # torch.save of the pass's state to a local NVMe disk
 
 
 # -- the plan of every stage --------------------------------------------------------------
@@ -240,7 +241,7 @@ class Plan:
     polarities: int
     sequences: int
     tokens: int
-    exemplar_pass: dict  # the collector's own plan (neuron_assets.exemplars.ExemplarPlan.as_dict)
+    exemplar_pass: dict  # the collector's own plan (ExemplarPlan.as_dict), with its checkpoints' peak and written bytes
     stages: tuple[StagePlan, ...]
     reference: dict | None = None  # published costs of the same run, for comparison
     latents: int = 0  # of the features, SAE latents (described in the pos polarity only)
@@ -362,6 +363,17 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     files = (2 + (lens > 0)) * len(neurons) * len(polarities)  # exemplars, neuron_stats, output_tokens per partition
     exemplar_disk = int(described * rows_per_feature * row_bytes + described * STATS_ROW_BYTES
                         + described * lens * OUTPUT_TOKEN_ROW_BYTES + files * PARQUET_FILE_BYTES)
+    # Checkpoints: a progress save every checkpoint_every batches writes the split being read (the
+    # train statistics with it), each finished split is written once, and the tables of every
+    # group but the last once. At their largest they hold a group's finished splits beside the
+    # last progress file's temporary copy, and the tables of the groups done (an upper bound).
+    saves = -(-corpus.sequences_per_split // batch) // config.exemplars.checkpoint_every + 1  # per split
+    largest = max(g.features for g in exemplar_plan.groups)
+    group_state = largest * (3 * exemplar_plan.split_state_bytes + exemplar_plan.stats_bytes)
+    kept_tables = int(exemplar_disk * (1 - exemplar_plan.groups[-1].features / exemplar_plan.features))
+    checkpoint_peak = group_state + largest * exemplar_plan.split_state_bytes + kept_tables
+    checkpoint_written = saves * exemplar_plan.state_bytes + kept_tables
+    pass_seconds += checkpoint_written / rates.checkpoint_write_bytes_per_s
     stages = [
         StagePlan("corpus", 0, 0.0, int(sequences * corpus.seq_len * SEQUENCE_BYTES_PER_TOKEN),
                   host_bytes=int(sequences * corpus.seq_len * 4 * 2), note="tokenizing is CPU work"),
@@ -369,13 +381,18 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
                   host_bytes=exemplar_plan.peak_host_bytes,
                   note=f"{exemplar_plan.passes} pass(es) over {_count(tokens)} tokens at "
                        + (f"{rates.subject_tokens_per_s:,.0f} tokens/s measured" if rates.subject_tokens_per_s
-                          else f"{rates.mfu:.0%} of bf16 peak") + f", collection at {rates.collect_efficiency:.0%} of the bare pass"),
+                          else f"{rates.mfu:.0%} of bf16 peak") + f", collection at {rates.collect_efficiency:.0%} of the bare pass; "
+                       f"checkpoints up to {checkpoint_peak / gb:.1f} GB of scratch disk, {checkpoint_written / gb:,.0f} GB "
+                       f"written in all ({checkpoint_written / rates.checkpoint_write_bytes_per_s / 60:.0f} min at "
+                       f"{rates.checkpoint_write_bytes_per_s / gb:.1f} GB/s; exemplars.checkpoint_every sets how often)"),
     ]
     if config.sae.layers:
         stages.insert(1, _sae_stage(config, shape, spec, rates, act_bytes))
     stages += _explain_and_score_stages(config, shape, explainer_shape, described, spec, rates, act_bytes)
     plan = Plan(model=config.subject.model, shape_source=shape_source, device=spec, features=features,
-                polarities=len(polarities), sequences=sequences, tokens=tokens, exemplar_pass=exemplar_plan.as_dict(),
+                polarities=len(polarities), sequences=sequences, tokens=tokens,
+                exemplar_pass=dict(exemplar_plan.as_dict(), checkpoint_peak_bytes=checkpoint_peak,
+                                   checkpoint_written_bytes=checkpoint_written),
                 stages=tuple(_priced(s, spec) for s in stages), latents=n_latents)
     if _is_llama31_8b(shape):
         plan = replace(plan, reference=_transluce_reference(plan))
