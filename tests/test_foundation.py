@@ -379,7 +379,8 @@ def test_tables_round_trip_through_the_catalog(tiny_config):
 # -- the planned pass -----------------------------------------------------------------------
 
 
-def test_a_budget_that_forces_several_passes_gives_the_same_tables(tiny_config, tmp_path):
+def test_a_budget_that_forces_several_passes_gives_the_same_tables(tiny_config, tmp_path, monkeypatch):
+    from neuron_assets import exemplars
     from neuron_assets.exemplars import plan_exemplar_pass
 
     config, subject, sequences = _subject_and_sequences(tiny_config())
@@ -422,10 +423,15 @@ def test_a_budget_that_forces_several_passes_gives_the_same_tables(tiny_config, 
         collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False,
                           plan=pieces, checkpoint=checkpoint, on_batch=die_in_the_fourth_pass)
     assert len(list(checkpoint.glob("group-*.done"))) == 3
-    seen = []
+    seen, saved = [], []
+    save = exemplars._save_group_table
+    monkeypatch.setattr(exemplars, "_save_group_table",
+                        lambda folder, group, *rest: saved.append(group) or save(folder, group, *rest))
     resumed = collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False,
                                 plan=one, checkpoint=checkpoint, on_batch=seen.append)
     assert seen[0] == 3 * batches + 4, "the resumed run keeps the checkpoint's grouping and redoes no finished split"
+    assert sorted(set(saved)) == [3, 4], "the last group's tables are built after the checkpoint is needed: not kept"
+    assert not checkpoint.exists()
     for key in whole:
         for got, expected in zip(resumed[key], whole[key]):
             assert got.equals(expected), key

@@ -101,19 +101,21 @@ def test_plan_without_a_shape_says_how_to_give_one(tmp_path, capsys):
 
 
 def test_plan_bounds_the_checkpoints_of_a_measured_run(tiny_config, tiny_llama):
-    # every neuron of the three layers, three passes (one per layer), a progress save every 2 batches
-    write = lambda **more: load_config(tiny_config(features={"layers": "all", "neurons": "all"},  # noqa: E731
-                                                   exemplars__checkpoint_every=2, **more))
-    whole = plan_run(write(), ModelShape.from_config_json(tiny_llama), device="cpu").exemplar_pass
+    shape = ModelShape.from_config_json(tiny_llama)
+
+    def config_with(**more):  # every neuron of the three layers, a progress save every 2 batches
+        return load_config(tiny_config(features={"layers": "all", "neurons": "all"}, exemplars__checkpoint_every=2, **more))
+
+    whole = plan_run(config_with(), shape, device="cpu").exemplar_pass
     layer_budget = whole["fixed_bytes"] + 100 * whole["per_feature_bytes"]  # one layer of 96 neurons, not two
-    config = write(exemplars__device_memory_gb=layer_budget / 1e9)
+    config = config_with(exemplars__device_memory_gb=layer_budget / 1e9)
     make_corpus(config, "run-ckpt")
     measured: dict = {}
     partitions = [(layer, polarity) for layer in range(3) for polarity in Polarity]
     run = make_exemplars(config, partitions, "run-ckpt", progress=False, log=lambda text: None, measured=measured)
-    plan = plan_run(config, ModelShape.from_config_json(tiny_llama), device="cpu")
-    assert run.plan.passes == measured["passes"] == plan.exemplar_pass["passes"] == 3
+    planned = plan_run(config, shape, device="cpu").exemplar_pass
+    assert run.plan.passes == measured["passes"] == planned["passes"] == 3
     assert not any(Store(config.root).checkpoint_dir.iterdir()), "the checkpoint is gone once the pass is done"
-    for name in ("checkpoint_peak_bytes", "checkpoint_written_bytes"):
-        predicted, seen = plan.exemplar_pass[name], measured[name.replace("checkpoint_peak", "peak_checkpoint")]
-        assert abs(predicted - seen) <= 0.2 * seen, (name, predicted, seen)
+    for predicted, seen in ((planned["checkpoint_peak_bytes"], measured["peak_checkpoint_bytes"]),
+                            (planned["checkpoint_written_bytes"], measured["checkpoint_written_bytes"])):
+        assert abs(predicted - seen) <= 0.2 * seen, (predicted, seen)
