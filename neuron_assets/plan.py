@@ -371,7 +371,8 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     largest = max(g.features for g in exemplar_plan.groups)
     group_state = largest * (3 * exemplar_plan.split_state_bytes + exemplar_plan.stats_bytes)
     kept_tables = int(exemplar_disk * (1 - exemplar_plan.groups[-1].features / exemplar_plan.features))
-    checkpoint_peak = group_state + largest * exemplar_plan.split_state_bytes + kept_tables
+    progress_copy = largest * exemplar_plan.split_state_bytes if saves > 1 else 0  # no progress save, no copy
+    checkpoint_peak = group_state + progress_copy + kept_tables
     checkpoint_written = saves * exemplar_plan.state_bytes + kept_tables
     pass_seconds += checkpoint_written / rates.checkpoint_write_bytes_per_s
     stages = [
@@ -382,8 +383,8 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
                   note=f"{exemplar_plan.passes} pass(es) over {_count(tokens)} tokens at "
                        + (f"{rates.subject_tokens_per_s:,.0f} tokens/s measured" if rates.subject_tokens_per_s
                           else f"{rates.mfu:.0%} of bf16 peak") + f", collection at {rates.collect_efficiency:.0%} of the bare pass; "
-                       f"checkpoints up to {checkpoint_peak / gb:.1f} GB of scratch disk, {checkpoint_written / gb:,.0f} GB "
-                       f"written in all ({checkpoint_written / rates.checkpoint_write_bytes_per_s / 60:.0f} min at "
+                       f"checkpoints up to {_size(checkpoint_peak)} of scratch disk, {_size(checkpoint_written)} written in "
+                       f"all ({checkpoint_written / rates.checkpoint_write_bytes_per_s / 60:.1f} min at "
                        f"{rates.checkpoint_write_bytes_per_s / gb:.1f} GB/s; exemplars.checkpoint_every sets how often)"),
     ]
     if config.sae.layers:
@@ -592,3 +593,11 @@ def _count(n: float) -> str:
     if n < 1e9:
         return f"{n / 1e6:,.1f}M" if n < 1e7 else f"{n / 1e6:,.0f}M"
     return f"{n / 1e9:,.1f}B"
+
+
+def _size(n: float) -> str:
+    """Bytes as people read them: 740 kB, 12 MB, 84.1 GB, 384 GB, 2.1 TB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 100 * scale else f"{n / scale:,.0f} {unit}"
+    return f"{n / 1e3:,.0f} kB"
