@@ -375,11 +375,12 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     checkpoint_peak = group_state + progress_copy + kept_tables
     checkpoint_written = saves * exemplar_plan.state_bytes + kept_tables
     pass_seconds += checkpoint_written / rates.checkpoint_write_bytes_per_s
+    token_ids = sequences * corpus.seq_len * 4 * 2  # int32 ids in the sequences table, and a padded copy of them
     stages = [
         StagePlan("corpus", 0, 0.0, int(sequences * corpus.seq_len * SEQUENCE_BYTES_PER_TOKEN),
-                  host_bytes=int(sequences * corpus.seq_len * 4 * 2), note="tokenizing is CPU work"),
+                  host_bytes=token_ids, note="tokenizing is CPU work"),
         StagePlan("exemplars", weights + workspace + exemplar_plan.peak_device_bytes, pass_seconds / 3600, exemplar_disk,
-                  host_bytes=exemplar_plan.peak_host_bytes,
+                  host_bytes=exemplar_plan.peak_host_bytes + token_ids,
                   note=f"{exemplar_plan.passes} pass(es) over {_count(tokens)} tokens at "
                        + (f"{rates.subject_tokens_per_s:,.0f} tokens/s measured" if rates.subject_tokens_per_s
                           else f"{rates.mfu:.0%} of bf16 peak") + f", collection at {rates.collect_efficiency:.0%} of the bare pass; "
