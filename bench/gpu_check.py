@@ -6,7 +6,7 @@ with random bf16 weights and feeds it synthetic token ids, so nothing is downloa
   1. the bare forward pass, tokens/s;
   2. the exemplar pass for every neuron of every layer and both polarities (the project's
      collector, planned by the project's planner), tokens/s, and its peak device memory
-     against the plan's prediction;
+     against the plan's prediction, and a layer's tables in host memory against the plan's;
   3. one simulator training step (Transluce's head: the first 11 rows of the LM head) with
      LoRA through peft on all layers, and a full fine-tune (fp32 master weights, AdamW,
      bf16 autocast, gradient checkpointing) on as many layers as fit;
@@ -129,6 +129,10 @@ def check_exemplar_pass(results, subject, sequences, llama, raw, batch, tokens, 
     results.add("collector state (GB)", f"{measured['peak_device_state_bytes'] / GB:.2f} on the device, "
                                         f"{measured['peak_state_bytes'] / GB:.2f} in all; planned "
                                         f"{plan.resident_bytes * plan.features / GB:.2f} resident")
+    widest = max(len(v) for v in neurons.values())
+    tables = max(measured["layer_table_bytes"].values())
+    results.add("a layer's tables on the host (GB)", f"{tables / GB:.3f} measured, {widest * plan.table_bytes / GB:.3f} "
+                                                     "planned (both polarities)")
 
 
 def check_simulator(results, raw, device, dtype, seq_len, batch) -> None:
