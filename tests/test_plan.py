@@ -4,6 +4,9 @@ measured run of the tiny model."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 from neuron_assets.cli import main
 from neuron_assets.config import REPO_ROOT, load_config
@@ -119,3 +122,18 @@ def test_plan_bounds_the_checkpoints_of_a_measured_run(tiny_config, tiny_llama):
     for predicted, seen in ((planned["checkpoint_peak_bytes"], measured["peak_checkpoint_bytes"]),
                             (planned["checkpoint_written_bytes"], measured["checkpoint_written_bytes"])):
         assert abs(predicted - seen) <= 0.2 * seen, (predicted, seen)
+
+
+def test_the_gpu_check_runs_its_whole_path_on_cpu_with_a_tiny_llama(tmp_path):
+    # bench/gpu_check.py is what a session lent a GPU runs once, in minutes: its code must not
+    # wait for that session to be found broken. --tiny is the same code on a 4-layer Llama.
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py"), "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert "512 x 2 polarities in 1 pass(es)" == rows["features collected"]
+    assert "adapters moved: True" in rows["LoRA step (s, peak GB)"] and "weights moved: True" in rows["full step (s, peak GB)"]
+    measured, planned = (float(x) for x in re.findall(r"([\d.]+) (?:measured|planned)", rows["a layer's tables on the host (GB)"]))
+    assert 0 < measured <= planned
+    assert float(rows["simulator pairs/s"].split()[0].replace(",", "")) > 0
