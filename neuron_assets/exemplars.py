@@ -382,9 +382,14 @@ class ExemplarPlan:
         return self.fixed_bytes + max(g.features for g in self.groups) * self.per_feature_bytes
 
     @property
+    def feature_state_bytes(self) -> int:
+        """One feature's whole state: every split and the stats (finished, on the host)."""
+        return len(Split) * self.split_state_bytes + self.stats_bytes
+
+    @property
     def state_bytes(self) -> int:
         """The whole state of all features, all splits: what the pass holds once, over all groups."""
-        return self.features * (len(Split) * self.split_state_bytes + self.stats_bytes)
+        return self.features * self.feature_state_bytes
 
     @property
     def peak_host_bytes(self) -> int:
@@ -395,7 +400,7 @@ class ExemplarPlan:
     def host_bytes(self, group: PassGroup) -> int:
         """One group's host peak: finished splits of its features, tables of its widest layers."""
         in_flight = sorted((len(v) for v in group.neurons.values()), reverse=True)[: TABLE_WORKERS + 1]
-        return group.features * (len(Split) * self.split_state_bytes + self.stats_bytes) + sum(in_flight) * self.table_bytes
+        return group.features * self.feature_state_bytes + sum(in_flight) * self.table_bytes
 
     def group_neurons(self) -> list[dict[int, list[int]]]:
         return [g.neurons for g in self.groups]
@@ -1614,7 +1619,7 @@ def _split_file(group: int, split: str) -> str:
 
 
 def _save_split(checkpoint: Path, signature: str, group: int, done: int, split: str, state: _PassState,
-                observe=lambda folder, path: None) -> None:
+                observe) -> None:
     """A finished split's state, written once; the split's progress file goes."""
     stats = state.stats.state() if split == Split.TRAIN.value else None
     with atomic_path(checkpoint / _split_file(group, split)) as tmp:
@@ -1624,7 +1629,7 @@ def _save_split(checkpoint: Path, signature: str, group: int, done: int, split: 
 
 
 def _save_progress(checkpoint: Path, signature: str, group: int, done: int, split: str, state: _PassState,
-                   observe=lambda folder, path: None) -> None:
+                   observe) -> None:
     """The split being read, in place of its last progress file."""
     stats = state.stats.state() if split == Split.TRAIN.value else None
     with atomic_path(checkpoint / f"group-{group}.progress.pt") as tmp:
@@ -1633,8 +1638,7 @@ def _save_progress(checkpoint: Path, signature: str, group: int, done: int, spli
         observe(checkpoint, tmp)
 
 
-def _save_group_table(checkpoint: Path, group: int, key: tuple[int, Polarity], pair,
-                      observe=lambda folder, path: None) -> None:
+def _save_group_table(checkpoint: Path, group: int, key: tuple[int, Polarity], pair, observe) -> None:
     layer, polarity = key
     for name, frame in zip(("exemplars", "stats"), pair):
         with atomic_path(checkpoint / f"group-{group}.{layer}.{polarity.value}.{name}.parquet") as tmp:

@@ -369,7 +369,7 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     # last progress file's temporary copy, and the tables of the groups done (an upper bound).
     saves = -(-corpus.sequences_per_split // batch) // config.exemplars.checkpoint_every + 1  # per split
     largest = max(g.features for g in exemplar_plan.groups)
-    group_state = largest * (3 * exemplar_plan.split_state_bytes + exemplar_plan.stats_bytes)
+    group_state = largest * exemplar_plan.feature_state_bytes
     kept_tables = int(exemplar_disk * (1 - exemplar_plan.groups[-1].features / exemplar_plan.features))
     progress_copy = largest * exemplar_plan.split_state_bytes if saves > 1 else 0  # no progress save, no copy
     checkpoint_peak = group_state + progress_copy + kept_tables
