@@ -1,7 +1,7 @@
 """Description search: sentence vectors of the descriptions, searched by meaning (cosine
 similarity, an HNSW index) or by words (BM25).
 
-    make_description_embeddings(config, layer, polarity, run_id)   one partition's vectors (Parquet)
+    make_description_embeddings(config, partitions, run_id)   each partition's vectors (Parquet)
     build_index(store)                                             the search index over every partition
     search(store, "closing brackets", top=10, layer=12)            ranked hits, semantic or --text
 
@@ -39,7 +39,7 @@ import polars as pl
 
 from neuron_assets.config import Config
 from neuron_assets.store import Store, atomic_path, pinned_extension_path, sql_string, with_lineage
-from neuron_assets.types import Polarity
+from neuron_assets.types import Partition, Polarity
 
 EMBEDDINGS_TABLE = "description_embeddings"
 DESCRIPTIONS_TABLE = "neuron_descriptions"
@@ -70,11 +70,25 @@ class EmbeddingsWritten:
     seconds: float
 
 
-def make_description_embeddings(config: Config, layer: int, polarity: Polarity | str, run_id: str,
-                                encoder: Callable[[Sequence[str]], np.ndarray] | None = None,
-                                log: Log = _quiet) -> EmbeddingsWritten:
+def make_description_embeddings(config: Config, partitions: list[Partition], run_id: str,
+                                encoder: Callable[[Sequence[str]], np.ndarray] | None = None, log: Log = _quiet,
+                                on_partition=None) -> list[EmbeddingsWritten]:
+    """The description_embeddings stage: each partition embedded and written in turn
+    (``on_partition(partition, files)`` hears of each as it is done)."""
+    written = []
+    for partition in map(Partition.of, partitions):
+        written.append(embed_partition(config, partition, run_id, encoder, log))
+        if on_partition is not None:
+            on_partition(partition, [written[-1].path])
+    return written
+
+
+def embed_partition(config: Config, partition: Partition, run_id: str,
+                    encoder: Callable[[Sequence[str]], np.ndarray] | None = None,
+                    log: Log = _quiet) -> EmbeddingsWritten:
     """Embed one partition's selected descriptions (and candidates, with ``search.candidates``),
     reusing the vectors of texts the partition's previous embeddings already hold."""
+    layer, polarity = partition
     started = time.perf_counter()
     store = Store(config.store_root)
     polarity = Polarity(polarity).value

@@ -53,7 +53,7 @@ def load_tokenizer(config: SubjectConfig):
             path, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise SubjectError(_not_found_message(config, err)) from None
+        raise SubjectError(model_not_found_message(config, err)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -69,7 +69,7 @@ def count_layers(config: SubjectConfig) -> int:
             path, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise SubjectError(_not_found_message(config, err)) from None
+        raise SubjectError(model_not_found_message(config, err)) from None
     text_config = getattr(model_config, "text_config", None) or model_config
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         if getattr(text_config, attr, None) is not None:
@@ -89,7 +89,7 @@ def load_subject(config: SubjectConfig) -> SubjectModel:
                 path, dtype=dtype, local_files_only=not config.allow_download, trust_remote_code=config.trust_remote_code
             )
     except (OSError, ValueError) as err:
-        raise SubjectError(_not_found_message(config, err)) from None
+        raise SubjectError(model_not_found_message(config, err)) from None
     model.to(device).eval()
     return SubjectModel(name=config.model, model=model, tokenizer=load_tokenizer(config),
                         sites=find_sites(model, config.site), device=device, dtype=dtype)
@@ -205,7 +205,7 @@ class _StopForward(Exception):
     """Raised inside the deepest site's hook to end the forward pass early."""
 
 
-def _not_found_message(config: SubjectConfig, err: Exception) -> str:
+def model_not_found_message(config: SubjectConfig, err: Exception) -> str:
     if config.model.startswith(("/", ".", "~")) and not Path(config.model).expanduser().exists():
         return f"subject model path '{config.model}' does not exist. Fix: point subject.model at a folder holding config.json and the weights."
     where = "as a local path" if Path(config.model).exists() else "in the local Hugging Face cache"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,6 +22,33 @@ class Polarity(str, Enum):
     def sign(self) -> int:
         """+1 for pos, -1 for neg: ``sign * activation`` is large where the feature is extreme."""
         return 1 if self is Polarity.POS else -1
+
+
+class Partition(NamedTuple):
+    """One partition of a per-feature asset: a layer and a polarity. Its ``key``, ``"12|pos"``,
+    is the partition's name everywhere (Dagster's multi-partition key, resume markers, locks)."""
+
+    layer: int
+    polarity: Polarity
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}|{Polarity(self.polarity).value}"
+
+    @classmethod
+    def of(cls, value) -> "Partition":
+        """A Partition from its key (``"12|pos"``), a Dagster MultiPartitionKey, or a
+        ``(layer, polarity)`` pair."""
+        if isinstance(value, tuple) and len(value) == 2:
+            return cls(int(value[0]), Polarity(value[1]))
+        by_dimension = getattr(value, "keys_by_dimension", None)
+        if by_dimension is not None:
+            return cls(int(by_dimension["layer"]), Polarity(by_dimension["polarity"]))
+        layer, _, polarity = str(value).partition("|")
+        try:
+            return cls(int(layer), Polarity(polarity))
+        except ValueError:
+            raise ValueError(f"not a partition key: {value!r} (a layer and a polarity, e.g. '12|pos')") from None
 
 
 class Split(str, Enum):

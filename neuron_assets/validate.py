@@ -101,14 +101,14 @@ def _check_sources(config: Config) -> None:
 def _model_config(config: Config):
     from transformers import AutoConfig
 
-    from neuron_assets.subject import SubjectError, _not_found_message, resolve_model_path
+    from neuron_assets.subject import SubjectError, model_not_found_message, resolve_model_path
 
     path = resolve_model_path(config.subject.model)
     try:
         model_config = AutoConfig.from_pretrained(path, local_files_only=not config.subject.allow_download,
                                                   trust_remote_code=config.subject.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise SubjectError(_not_found_message(config.subject, err)) from None
+        raise SubjectError(model_not_found_message(config.subject, err)) from None
     return model_config
 
 

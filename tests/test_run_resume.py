@@ -23,7 +23,7 @@ from neuron_assets.config import load_config
 from neuron_assets.failures import StageFailed, check_candidates, count_reasons, failure_reason
 from neuron_assets.lock import StoreLocked, held_locks, lock_path, writer_lock
 from neuron_assets.progress import LineSink, Progress, TerminalSink
-from neuron_assets.resume import STAGES
+from neuron_assets.stages.graph import STAGES
 from neuron_assets.store import Store
 
 FAST = {"simulate__compare_with": [], "score__scorers": ["correlation"]}  # no simulator to train
@@ -235,24 +235,23 @@ def test_stage_graph_matches_the_dagster_asset_graph(tiny_config):
 
 
 def test_a_run_that_failed_in_scoring_resumes_without_the_activation_pass(tiny_config, monkeypatch, capsys):
-    from neuron_assets import stages
-    from neuron_assets.defs import score_assets
+    from neuron_assets.stages import scoring
     from neuron_assets.subject import SubjectModel
 
     path = str(tiny_config(**FAST))
-    real_scores = stages.make_description_scores
+    real_scores = scoring.score_partition
 
-    def fail_on_layer_1_neg(config, layer, polarity, *args, **kwargs):
-        if (layer, polarity.value) == (1, "neg"):
+    def fail_on_layer_1_neg(config, partition, *args, **kwargs):
+        if partition.key == "1|neg":
             raise RuntimeError("scorer crashed on 1|neg")
-        return real_scores(config, layer, polarity, *args, **kwargs)
+        return real_scores(config, partition, *args, **kwargs)
 
-    monkeypatch.setattr(score_assets, "make_description_scores", fail_on_layer_1_neg)
+    monkeypatch.setattr(scoring, "score_partition", fail_on_layer_1_neg)
     assert main(["--config", path, "run"]) == 1
     err = capsys.readouterr().err
     assert "error in description_scores: RuntimeError: scorer crashed on 1|neg" in err
     assert "activations: 9/9 batches (100%) done" in err and "explain 2|neg: 24/24 candidates" in err
-    monkeypatch.setattr(score_assets, "make_description_scores", real_scores)
+    monkeypatch.setattr(scoring, "score_partition", real_scores)
 
     forward_passes = []
     real_activations = SubjectModel.activations

@@ -18,6 +18,7 @@ from neuron_assets import search as S
 from neuron_assets.cli import main
 from neuron_assets.config import load_config
 from neuron_assets.store import Store
+from neuron_assets.types import Partition, Polarity
 
 PLANTED = (1, "neg", 3, "closing parentheses and brackets at the end of Python function calls")
 DISTRACTORS = [
@@ -152,7 +153,7 @@ def test_embeddings_are_cached_by_text_hash(searchable):
 
         return sentence_encoder(config.search.embedding_model)(texts)
 
-    written = S.make_description_embeddings(config, 0, "pos", "rerun", encoder=counting)
+    written = S.embed_partition(config, Partition(0, Polarity.POS), "rerun", encoder=counting)
     assert seen == ["a changed description"] and (written.embedded, written.reused) == (1, 5)
     vectors = pl.read_parquet(written.path)
     assert vectors.schema["embedding"] == pl.Array(pl.Float32, 384)

@@ -20,57 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from neuron_assets.config import Config
+from neuron_assets.stages.graph import STAGES, stage_active, stage_version
 from neuron_assets.store import Store, atomic_path, is_url
 
 MARKERS = "markers"
 ALL = None  # the partition of an unpartitioned asset
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    sections: tuple[str, ...]  # the config sections the stage reads
-    upstream: tuple[str, ...]
-    partitioned: bool
-
-
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("corpus", ("subject", "corpus"), (), False),
-    Stage("sae_checkpoint", ("subject", "corpus", "sae"), ("corpus",), False),
-    Stage("exemplars", ("subject", "corpus", "features", "exemplars", "sae"), ("corpus", "sae_checkpoint"), True),
-    Stage("candidate_descriptions", ("subject", "explain"), ("exemplars", "corpus"), True),
-    Stage("simulator_training_data", ("simulate",), ("exemplars", "candidate_descriptions"), False),
-    Stage("simulator_checkpoint", ("subject", "simulate"), ("simulator_training_data",), False),
-    Stage("description_scores", ("explain", "simulate", "score"),
-          ("candidate_descriptions", "exemplars", "simulator_checkpoint"), True),
-    Stage("neuron_descriptions", ("explain", "simulate", "score"),
-          ("description_scores", "exemplars", "simulator_checkpoint"), True),
-    Stage("description_embeddings", ("subject", "search"),
-          ("neuron_descriptions", "candidate_descriptions"), True),
-    Stage("scorer_validity", ("subject", "corpus", "simulate", "score"), ("corpus", "simulator_checkpoint"), False),
-    Stage("neuron_report", (), ("exemplars", "candidate_descriptions", "description_scores", "neuron_descriptions"), False),
-    Stage("explainer_distilled", ("subject", "explain", "distill"), ("neuron_descriptions", "exemplars"), False),
-    Stage("distilled_explainer_eval", ("subject", "explain", "simulate", "score", "distill"),
-          ("explainer_distilled", "exemplars", "simulator_checkpoint"), False),
-)}
-ON_DEMAND = ("explainer_distilled", "distilled_explainer_eval")  # in a run only when selected, or with distill.in_run
-
-
-def stage_active(name: str, config: Config) -> bool:
-    """Whether a config has the stage at all: sae_checkpoint only when it names SAE layers."""
-    return name != "sae_checkpoint" or bool(config.sae.layers)
-
-
-def in_plain_run(name: str, config: Config) -> bool:
-    """Whether `neuron-assets run` without --select materializes the stage: the distilled
-    explainer's stages only with distill.in_run (they take minutes on CPU)."""
-    return name not in ON_DEMAND or config.distill.in_run
 
 
 class Markers:
@@ -167,10 +126,7 @@ class Markers:
         return list(self.partitions) if STAGES[asset].partitioned else [ALL]
 
     def _config_hash(self, asset: str) -> str:
-        digest = self.config.sections_hash(*STAGES[asset].sections)
-        if asset == "corpus":
-            digest += "-" + _sources_listing(self.config)
-        return digest
+        return stage_version(self.config, asset)
 
     def _size(self, file: str | os.PathLike) -> int | None:
         """A file's size, -1 for a folder, None when it is not there (local or on the store's URL)."""
@@ -194,23 +150,3 @@ class Markers:
     @staticmethod
     def _input_key(asset: str, partition: str | None) -> str:
         return asset if partition is None else f"{asset}/{partition}"
-
-
-def _sources_listing(config: Config) -> str:
-    """Size and modification time of every file the corpus reads, hashed: an edited source
-    makes the corpus stale even though the config did not change."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for source in config.corpus.sources:
-        if source.kind == "builtin":
-            continue
-        root = Path(source.path).expanduser()
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for file in files:
-            try:
-                stat = file.stat()
-            except FileNotFoundError:
-                continue  # the corpus stage names a missing source
-            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:12]
