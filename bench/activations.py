@@ -22,7 +22,9 @@ import torch
 
 from neuron_assets.config import Config, FeaturesConfig, NeuronSample
 from neuron_assets.corpus import build_sequences
-from neuron_assets.exemplars import _Corpus, _plan_batches, collect_exemplars, select_neurons
+from neuron_assets.exemplars import collect_exemplars
+from neuron_assets.exemplars.batches import Corpus, plan_batches
+from neuron_assets.features.selection import select_neurons
 from neuron_assets.subject import load_subject
 from neuron_assets.types import Polarity
 
@@ -57,8 +59,8 @@ def main() -> None:
     print(f"{subject.name}: layers {sorted(neurons)} of {subject.num_layers}, {n_features} features, {sequences.height} sequences, "
           f"{tokens} tokens, batch {args.batch_size}, {torch.get_num_threads()} threads")
 
-    corpus = _Corpus(sequences, subject.tokenizer)
-    batches = [rows for _, rows in _plan_batches(corpus.splits, args.batch_size, seed=0)]
+    corpus = Corpus(sequences, subject.tokenizer)
+    batches = [rows for _, rows in plan_batches(corpus.splits, args.batch_size, seed=0)]
 
     def bare(batch):
         with torch.inference_mode():

@@ -295,10 +295,10 @@ def synthetic_sequences(per_split: int, seq_len: int, vocab: int) -> pl.DataFram
 
 
 def bare_forward_tokens_per_s(subject, sequences, batch: int) -> float:
-    from neuron_assets.exemplars import _Corpus, _plan_batches
+    from neuron_assets.exemplars.batches import Corpus, plan_batches
 
-    corpus = _Corpus(sequences, subject.tokenizer)
-    batches = [corpus.batch(rows) for _, rows in _plan_batches(corpus.splits, batch, seed=0)]
+    corpus = Corpus(sequences, subject.tokenizer)
+    batches = [corpus.batch(rows) for _, rows in plan_batches(corpus.splits, batch, seed=0)]
     with torch.inference_mode():
         subject.model(input_ids=batches[0].ids.to(subject.device), attention_mask=batches[0].mask.to(subject.device))
         started = synchronized(subject.device)

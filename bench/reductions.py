@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from neuron_assets.exemplars import _CountedRanges, _reduce_tokens
+from neuron_assets.exemplars.batches import CountedRanges
+from neuron_assets.exemplars.stats import reduce_tokens
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -47,13 +48,13 @@ def main() -> None:
     view = acts[:, args.prefix :]
     f32 = torch.float32
     # the pass's own forms, called, so the bench measures what the pass runs
-    ranges = _CountedRanges(np.full(args.batch, args.prefix), np.full(args.batch, args.seq_len), "cpu")
+    ranges = CountedRanges(np.full(args.batch, args.prefix), np.full(args.batch, args.seq_len), "cpu")
     pairs = {
-        "sum": (lambda: view.sum(dim=(0, 1), dtype=f32), lambda: _reduce_tokens(view)),
+        "sum": (lambda: view.sum(dim=(0, 1), dtype=f32), lambda: reduce_tokens(view)),
         "sum of squares": (lambda: torch.linalg.vector_norm(view, dim=(0, 1), dtype=f32).square(),
-                           lambda: _reduce_tokens(view * view)),
+                           lambda: reduce_tokens(view * view)),
         "positive, negative counts": (lambda: ((view > 0).sum(dim=(0, 1)), (view < 0).sum(dim=(0, 1))),
-                                      lambda: (_reduce_tokens(view > 0), _reduce_tokens(view < 0))),
+                                      lambda: (reduce_tokens(view > 0), reduce_tokens(view < 0))),
         "max and min per sequence": (lambda: torch.aminmax(view, dim=1),
                                      lambda: tuple(reversed(ranges.extremes(acts)))),
     }

@@ -9,52 +9,11 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from neuron_assets.config import Config, ExemplarsConfig
+from neuron_assets.config import Config
 from neuron_assets.simulate import needs_checkpoint
 from neuron_assets.types import Polarity
 
-KEPT_SLOT_BYTES = 4 + 4 + 8  # key (float32), extreme (float32), seq_id (int64) per kept sequence
-KEPT_ACT_BYTES = 2  # a kept sequence's activations: float16 (or bfloat16), the tables' precision
-SUM_BYTES = 4 * 8  # sum, sum of squares, positive and negative counts (float64) per feature
-
-
-@dataclass(frozen=True)
-class StateBytes:
-    """Bytes the exemplar pass keeps per feature, and buffers shared by all features."""
-
-    split: int  # one split, every polarity: top-k and reservoir slots, random sequences
-    stats: int  # running sums and the train token sample
-    fixed: int  # the token sample's keys
-
-
-def exemplar_state_bytes(config: ExemplarsConfig, seq_len: int, act_bytes: int, polarities: int) -> StateBytes:
-    """The exemplar collector's state, exactly as it allocates it."""
-    slots = config.top_k + (config.quantile_reservoir if config.per_quantile else 0) + config.quiet_per_split
-    per_slot = KEPT_SLOT_BYTES + seq_len * min(act_bytes, KEPT_ACT_BYTES)
-    split = polarities * slots * per_slot + config.random_per_split * seq_len * act_bytes
-    stats = SUM_BYTES + config.stats_token_sample * act_bytes
-    return StateBytes(split=split, stats=stats, fixed=config.stats_token_sample * 4)
-
-
-# A built table's row in host memory beside its activations (float16 per token), as polars
-# holds it before it is written; measured on the tiny test model's tables (tests/test_plan.py).
-TABLE_ROW_MEMORY_BYTES = 44
-STATS_ROW_MEMORY_BYTES = 64
-
-
-def exemplar_rows_per_split(config: ExemplarsConfig, per_split: int | None = None) -> int:
-    """Exemplar rows of one feature x polarity in one split: top, quantile samples, quiet and
-    random sequences, at most ``per_split`` of each kind where the split is that small."""
-    cap = per_split if per_split is not None else float("inf")
-    quantile = min(config.quantile_bins * config.per_quantile, config.quantile_reservoir) if config.per_quantile else 0
-    return int(sum(min(n, cap) for n in (config.top_k, quantile, config.quiet_per_split, config.random_per_split)))
-
-
-def exemplar_table_bytes(config: ExemplarsConfig, seq_len: int, polarities: int) -> int:
-    """One feature's exemplar and stats rows, every polarity and split, as built in host
-    memory at the end of the pass (an upper bound: short windows hold fewer tokens)."""
-    rows = 3 * exemplar_rows_per_split(config)
-    return polarities * (rows * (seq_len * KEPT_ACT_BYTES + TABLE_ROW_MEMORY_BYTES) + STATS_ROW_MEMORY_BYTES)
+# The exemplar pass's own sizes (its state and tables per feature) are in neuron_assets.exemplars.plan.
 
 
 # -- the model's shape --------------------------------------------------------------------
@@ -305,9 +264,10 @@ class Plan:
 def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", device: str = "h100",
              rates: Rates | None = None, explainer_shape: ModelShape | None = None) -> Plan:
     """Predict every stage of ``config`` on one ``device`` (a key of DEVICES)."""
-    from neuron_assets.exemplars import plan_exemplar_pass, select_neurons  # torch, only for the dtype's size
+    import torch  # torch, only for the dtype's size and the pass's plan
 
-    import torch
+    from neuron_assets.exemplars.plan import exemplar_rows_per_split, plan_exemplar_pass
+    from neuron_assets.features.selection import select_neurons
 
     rates = rates or Rates()
     spec = DEVICES[device]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from neuron_assets.config import ExemplarsConfig, config_from_dict
-from neuron_assets.exemplars import STAT_QUANTILES, STATS_BLOCK, _quantile_column, _TokenStats, positional_information
+from neuron_assets.exemplars.stats import STAT_QUANTILES, STATS_BLOCK, TokenStats, positional_information, quantile_column
 from neuron_assets.stages import make_candidate_descriptions, make_corpus, make_exemplars
 from neuron_assets.store import Store
 from neuron_assets.types import Polarity
@@ -78,8 +78,8 @@ def _plant(folder, tokenizer):
     return folder
 
 
-def _token_sample(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> _TokenStats:
-    stats = _TokenStats.fresh(values.shape[1], values.shape[0], "cpu", torch.float32)
+def _token_sample(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> TokenStats:
+    stats = TokenStats.fresh(values.shape[1], values.shape[0], "cpu", torch.float32)
     stats.token_keys, stats.token_values = torch.rand(values.shape[0]), values
     stats.token_ids, stats.token_positions = ids, positions
     stats.sums["n_tokens"] += values.shape[0]
@@ -108,7 +108,7 @@ def test_sample_statistics_do_not_depend_on_blocks_and_filters_read_only_tokens_
     for polarity, sign in ((Polarity.POS, 1), (Polarity.NEG, -1)):
         ordered = np.sort((values * sign).numpy(), axis=0)
         for q in STAT_QUANTILES:
-            np.testing.assert_array_equal(whole[polarity][_quantile_column(q)].to_numpy(), ordered[round(q * (n - 1))])
+            np.testing.assert_array_equal(whole[polarity][quantile_column(q)].to_numpy(), ordered[round(q * (n - 1))])
         assert whole[polarity].select(filters).equals(known[polarity].select(filters))
         assert whole[polarity]["is_positional"].sum() > 0 and whole[polarity]["unigram_tokens"].drop_nulls().len() > 0
     for feature in (0, STATS_BLOCK - 1, STATS_BLOCK, features - 1):

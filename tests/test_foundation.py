@@ -98,7 +98,7 @@ def test_exemplar_table_built_in_chunks_is_the_same_table_with_aligned_chunks(ti
     """A table built in many small chunks equals the one-chunk table, and all its columns
     share the same chunks: polars copies a table whose columns are chunked differently into
     one chunk at the next with_columns or select (the activations included)."""
-    import neuron_assets.exemplars as exemplars_module
+    from neuron_assets.exemplars import tables as tables_module
 
     config, subject, sequences = _subject_and_sequences(tiny_config())
     neurons = {1: list(range(24))}
@@ -108,7 +108,7 @@ def test_exemplar_table_built_in_chunks_is_the_same_table_with_aligned_chunks(ti
                                  progress=False)
 
     whole = tables()
-    monkeypatch.setattr(exemplars_module, "FRAME_CHUNK_ROWS", 50)
+    monkeypatch.setattr(tables_module, "FRAME_CHUNK_ROWS", 50)
     chunked = tables()
     for key, (exemplars, stats) in whole.items():
         assert exemplars.n_chunks() == 1
@@ -120,14 +120,14 @@ def test_exemplar_table_built_in_chunks_is_the_same_table_with_aligned_chunks(ti
 def test_tables_built_in_threads_come_in_layer_order_and_equal_one_thread(tiny_config, monkeypatch):
     """The end-of-pass tables built several layers at once are the tables one thread builds,
     handed over in layer order; an error in one layer's build reaches the caller."""
-    import neuron_assets.exemplars as exemplars_module
+    from neuron_assets.exemplars import tables as tables_module
 
     config, subject, sequences = _subject_and_sequences(tiny_config())
     neurons = {layer: list(range(16)) for layer in range(subject.num_layers)}
     assert len(neurons) > 2
 
     def tables(workers):
-        monkeypatch.setattr(exemplars_module, "TABLE_WORKERS", workers)
+        monkeypatch.setattr(tables_module, "TABLE_WORKERS", workers)
         order = []
         collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False,
                           on_tables=lambda layer, polarity, ex, st: order.append(((layer, polarity), ex, st)))
@@ -139,14 +139,14 @@ def test_tables_built_in_threads_come_in_layer_order_and_equal_one_thread(tiny_c
     for (_, ex1, st1), (_, ex3, st3) in zip(one, three):
         assert ex1.equals(ex3) and st1.equals(st3)
 
-    build = exemplars_module._PassState._layer_tables
+    build = tables_module.layer_tables
 
     def failing(self, layer, *args):
         if layer == 1:
             raise RuntimeError("layer 1 failed")
         return build(self, layer, *args)
 
-    monkeypatch.setattr(exemplars_module._PassState, "_layer_tables", failing)
+    monkeypatch.setattr(tables_module, "layer_tables", failing)
     with pytest.raises(RuntimeError, match="layer 1 failed"):
         tables(2)
 
@@ -155,22 +155,23 @@ def test_val_and_test_samples_keep_a_uniform_first_come_sample():
     """In val and test a sample keeps the first sequences read (keys fall with the batch
     number) of a split read in a seeded random order: over seeds, every sequence is kept
     equally often, and once the sample is full a batch changes nothing."""
-    from neuron_assets.exemplars import _batch_keys, _Chunk, _KeptSequences, _plan_batches
+    from neuron_assets.exemplars.batches import batch_keys, plan_batches
+    from neuron_assets.exemplars.state import Chunk, KeptSequences
 
     n, k, batch, seq_len, seeds = 40, 8, 8, 4, 1500
     splits = np.array([Split.TRAIN.value] * 8 + [Split.VAL.value] * n)
     counted = torch.ones(batch, seq_len, dtype=torch.bool)
     kept_count = np.zeros(n)
     for seed in range(seeds):
-        kept = _KeptSequences.fresh(1, k, seq_len, "cpu", torch.float16)
-        for batch_no, (split, rows) in enumerate(_plan_batches(splits, batch, seed)):
+        kept = KeptSequences.fresh(1, k, seq_len, "cpu", torch.float16)
+        for batch_no, (split, rows) in enumerate(plan_batches(splits, batch, seed)):
             if split != Split.VAL.value:
                 continue
-            keys, _ = _batch_keys(seed, batch_no, len(rows), seq_len, split)
+            keys, _ = batch_keys(seed, batch_no, len(rows), seq_len, split)
             seq_ids = torch.as_tensor(rows - 8)
             acts = seq_ids.float().view(-1, 1, 1).expand(-1, seq_len, 1).contiguous()  # a row's value is its id
             before = kept.seq_ids.clone()
-            kept.offer(slice(0, 1), keys.unsqueeze(1), acts[:, 0], seq_ids, _Chunk(acts, counted, torch.float16))
+            kept.offer(slice(0, 1), keys.unsqueeze(1), acts[:, 0], seq_ids, Chunk(acts, counted, torch.float16))
             if batch_no > k // batch + 1:  # full since an earlier batch: nothing enters
                 assert torch.equal(kept.seq_ids, before)
         ids = kept.seq_ids[0].numpy()
@@ -380,8 +381,7 @@ def test_tables_round_trip_through_the_catalog(tiny_config):
 
 
 def test_a_budget_that_forces_several_passes_gives_the_same_tables(tiny_config, tmp_path, monkeypatch):
-    from neuron_assets import exemplars
-    from neuron_assets.exemplars import plan_exemplar_pass
+    from neuron_assets.exemplars import collect, plan_exemplar_pass
 
     config, subject, sequences = _subject_and_sequences(tiny_config())
     neurons = {layer: [0, 3, 7, 20, 41, 95] for layer in range(3)}
@@ -424,8 +424,8 @@ def test_a_budget_that_forces_several_passes_gives_the_same_tables(tiny_config, 
                           plan=pieces, checkpoint=checkpoint, on_batch=die_in_the_fourth_pass)
     assert len(list(checkpoint.glob("group-*.done"))) == 3
     seen, saved = [], []
-    save = exemplars._save_group_table
-    monkeypatch.setattr(exemplars, "_save_group_table",
+    save = collect.save_group_table
+    monkeypatch.setattr(collect, "save_group_table",
                         lambda folder, group, *rest: saved.append(group) or save(folder, group, *rest))
     resumed = collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False,
                                 plan=one, checkpoint=checkpoint, on_batch=seen.append)

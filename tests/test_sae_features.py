@@ -11,8 +11,9 @@ import torch
 
 from neuron_assets.cli import main
 from neuron_assets.config import load_config
-from neuron_assets.exemplars import SaeLatents, collect_exemplars
+from neuron_assets.exemplars import collect_exemplars
 from neuron_assets.features.sae import TopK, init_sae
+from neuron_assets.features.selection import SaeLatents
 from neuron_assets.stages import make_corpus
 from neuron_assets.store import Store
 from neuron_assets.subject import load_subject

@@ -37,6 +37,8 @@ import polars as pl
 import torch
 
 from neuron_assets.config import ExemplarsConfig
+from neuron_assets.features.selection import NEURON_KIND
+from neuron_assets.features.sites import site_reader
 from neuron_assets.types import Polarity
 
 TOP_TOKENS = 3  # top tokens planted per candidate
@@ -120,7 +122,7 @@ def confirm_unigrams(subject, sequences: pl.DataFrame, candidates: list[UnigramC
                      config: ExemplarsConfig, batch_size: int, seed: int) -> pl.DataFrame:
     """One row per candidate: layer, polarity, kind, neuron, unigram_survival (null when its
     exemplars show no activating token), unigram_confirmed. ``saes`` is the exemplar pass's
-    layer -> :class:`neuron_assets.exemplars.SaeLatents`; ``sequences`` needs seq_id, split,
+    layer -> :class:`neuron_assets.features.selection.SaeLatents`; ``sequences`` needs seq_id, split,
     token_ids, prefix_len and n_tokens."""
     schema = {"layer": pl.Int16, "polarity": pl.String, "kind": pl.String, "neuron": pl.Int32, **CONFIRMATION_COLUMNS}
     if not candidates:
@@ -205,8 +207,6 @@ def _mean_planted(subject, probes: list[_Probe], candidates: list[UnigramCandida
     tokens was planted, from one pass over the probes. Only (planted position, candidate)
     pairs of the candidate's own tokens are gathered and summed, batch by batch, so host memory
     is O(candidates x tokens x contexts), not planted positions x candidates."""
-    from neuron_assets.exemplars import NEURON_KIND, _site_reader
-
     layers = sorted({c.layer for c in candidates if c.tokens})
     if not layers:
         return {}
@@ -258,7 +258,7 @@ def _mean_planted(subject, probes: list[_Probe], candidates: list[UnigramCandida
             ids[row, :probe.length] = torch.from_numpy(sequence)
             mask[row, :probe.length] = 1
         last_row = first_row + int(planted.sum())
-        readers = {layer: _planted_reader(positions[layer], widths[layer], saes.get(layer), planted, _site_reader)
+        readers = {layer: _planted_reader(positions[layer], widths[layer], saes.get(layer), planted)
                    for layer in layers}
         captured = subject.activations(ids, mask, {layer: None for layer in layers}, readers)
         for layer in layers:
@@ -279,10 +279,10 @@ def _mean_planted(subject, probes: list[_Probe], candidates: list[UnigramCandida
     return {number: np.asarray(values) for number, values in kept.items()}
 
 
-def _planted_reader(positions: list[int], width: int, latents, planted: torch.Tensor, site_reader):
+def _planted_reader(positions: list[int], width: int, latents, planted: torch.Tensor):
     """The site's activations of the candidates at the planted positions only, (n, columns):
-    neurons by index, SAE latents through the exemplar pass's own reader (encoding only the
-    planted tokens)."""
+    neurons by index, SAE latents through the site reader the exemplar pass uses (encoding only
+    the planted tokens)."""
     if latents is not None and positions[-1] >= width:
         inner = site_reader(positions, width, latents, planted)
         return lambda hidden: inner(hidden)[planted.to(hidden.device)]
