@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from neuron_assets.config import ExplainConfig, PromptFormat, SubjectConfig  # noqa: E402
+from neuron_assets.excerpts import TokenDisplay  # noqa: E402
 from neuron_assets.explain import explain_features, plan_candidate, prompt_builder_for, puzzle_pool  # noqa: E402
 from neuron_assets.explain.backends import ChatTokenCounter  # noqa: E402
 from neuron_assets.explain.best_of_k import corpus_sample  # noqa: E402
-from neuron_assets.explain.excerpts import TokenDisplay  # noqa: E402
 from neuron_assets.explain.planted import planted_feature  # noqa: E402
 from neuron_assets.subject import load_tokenizer  # noqa: E402
 from tests.support.tiny_models import make_tiny_llama, sample_texts, train_tokenizer  # noqa: E402

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 
 from neuron_assets.config import load_config
-from neuron_assets.simulate.semantic import CALIBRATION_FILE, SemanticSimulator, fit_calibration
-from neuron_assets.score.validity import _project_corpus, project_puzzles
+from neuron_assets.score.calibration import fit_calibration
+from neuron_assets.score.validity import project_corpus, project_puzzles
+from neuron_assets.simulate.semantic import CALIBRATION_FILE, SemanticSimulator
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     config = load_config(args.config)
-    puzzles = project_puzzles(_project_corpus(config), seed=config.corpus.seed)
+    puzzles = project_puzzles(project_corpus(config), seed=config.corpus.seed)
     simulator = SemanticSimulator(config.simulate.semantic.model, "cpu")
     sources = "+".join(source.name for source in config.corpus.sources)
     calibration = fit_calibration(puzzles, simulator, f"{len(puzzles)} project puzzles ({sources}, "

@@ -10,12 +10,11 @@ once; vectors are cached by text (bounded).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from neuron_assets.simulate.semantic import UnitLayout
 
 CACHE_SIZE = 50_000  # texts whose vectors are kept
 # Padded tokens per forward pass by device type. On CPU, batches of about 2,048 tokens ran
@@ -23,6 +22,35 @@ CACHE_SIZE = 50_000  # texts whose vectors are kept
 # 21 ms against 40): larger ones fall out of cache. A GPU wants large batches.
 BATCH_TOKENS = {"cpu": 2_048, "cuda": 16_384}
 BATCH_SIZE = 1_024  # texts per forward pass at most
+
+
+@dataclass(eq=False)
+class UnitLayout:
+    """A record's text after its prefix, its units, and which units each token overlaps (the
+    semantic simulator cuts the units, :func:`neuron_assets.simulate.semantic.unit_layout`; the
+    encoder gives each unit its contextual vector, :meth:`MiniLMEncoder.unit_states`)."""
+
+    length: int  # tokens in the record
+    text: str
+    unit_texts: tuple[str, ...]
+    unit_spans: tuple[tuple[int, int], ...]
+    token_units: tuple[tuple[int, ...], ...]  # per token: the units it overlaps (none in the prefix)
+
+    def token_values(self, unit_values: np.ndarray) -> np.ndarray:
+        """Each token's highest unit value (0 for tokens with no unit)."""
+        values = np.zeros(self.length, dtype=np.float32)
+        positions, flat, starts = self._flat
+        if positions.size:
+            values[positions] = np.maximum.reduceat(np.asarray(unit_values, dtype=np.float32)[flat], starts)
+        return values
+
+    @cached_property
+    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens that overlap a unit, their units concatenated, where each token's units start)."""
+        positions = [i for i, units in enumerate(self.token_units) if units]
+        flat = [u for i in positions for u in self.token_units[i]]
+        starts = np.cumsum([0] + [len(self.token_units[i]) for i in positions[:-1]]) if positions else []
+        return np.array(positions, dtype=np.int64), np.array(flat, dtype=np.int64), np.array(starts, dtype=np.int64)
 
 
 def sentence_encoder(model: str = "builtin:all-MiniLM-L6-v2", device: str = "auto", batch_size: int = BATCH_SIZE,

@@ -1,5 +1,5 @@
 """The training loop every fine-tune of the project shares: the fine-tuned simulator
-(neuron_assets.simulate.training) and the distilled explainer (neuron_assets.explain.distill).
+(neuron_assets.simulate.training) and the distilled explainer (neuron_assets.distill.train).
 
 :func:`train_steps` owns the mechanics; a caller gives it only the loss of one micro-batch
 of example indices. It runs AdamW on fp32 master copies of low-precision trainable weights

@@ -11,7 +11,7 @@ import random
 import numpy as np
 
 from neuron_assets.config import SimulatorTrainingConfig
-from neuron_assets.explain.excerpts import excerpt_of
+from neuron_assets.excerpts import excerpt_of
 from neuron_assets.explain.formats import TokenActivationFormat
 from neuron_assets.score import activating_threshold, fuzzing_marks
 from neuron_assets.simulate.training import STAGE1, plan_training_data

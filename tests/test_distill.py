@@ -17,7 +17,7 @@ import yaml
 
 from neuron_assets.cli import main
 from neuron_assets.config import load_config
-from neuron_assets.explain.distill import (
+from neuron_assets.distill import (
     DISTILL_INFO,
     DistillError,
     answer_loss,
@@ -199,7 +199,7 @@ def _with(config, **distill):
 
 
 def _examples(config, store, keys):
-    from neuron_assets.explain.excerpts import TokenDisplay
+    from neuron_assets.excerpts import TokenDisplay
     from neuron_assets.llm.tokens import ChatTokenCounter
     from neuron_assets.subject import load_tokenizer
 

@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 from neuron_assets.config import ExplainConfig, PromptFormat
-from neuron_assets.explain import MalformedAnswer, parse_description
-from neuron_assets.explain.backends import ChatTokenCounter
-from neuron_assets.explain.best_of_k import PromptTooLong, fit_prompt, plan_candidate
-from neuron_assets.explain.excerpts import (
+from neuron_assets.excerpts import (
     MIN_HIGHLIGHTED,
     Excerpt,
     TokenDisplay,
@@ -20,6 +17,9 @@ from neuron_assets.explain.excerpts import (
     highlight_threshold,
     highlighted_text,
 )
+from neuron_assets.explain import MalformedAnswer, parse_description
+from neuron_assets.explain.backends import ChatTokenCounter
+from neuron_assets.explain.best_of_k import PromptTooLong, fit_prompt, plan_candidate
 from neuron_assets.explain.formats import ChatMessage, prompt_builder_for
 from neuron_assets.explain.puzzles import Puzzle
 from neuron_assets.types import (

@@ -14,10 +14,10 @@ import polars as pl
 import pytest
 
 from neuron_assets.config import ExplainConfig, PromptFormat
+from neuron_assets.excerpts import TokenDisplay
 from neuron_assets.explain import CANDIDATE_SCHEMA, explain_features, plan_candidate, prompt_builder_for, puzzle_pool
 from neuron_assets.explain.backends import ChatTokenCounter
 from neuron_assets.explain.best_of_k import corpus_sample
-from neuron_assets.explain.excerpts import TokenDisplay
 from neuron_assets.explain.planted import planted_feature, word_tokens
 from neuron_assets.store import Store, with_lineage
 from tests.support.tiny_models import EOT_TOKEN, make_tiny_llama, sample_texts, train_tokenizer
@@ -119,7 +119,7 @@ def test_a_request_the_server_rejects_is_recorded_not_retried(served):
 def distilled_folder(base_dir: Path, out_root: Path) -> Path:
     """A few steps of distillation of ``base_dir`` on hand-written prompts; the checkpoint folder."""
     from neuron_assets.config import DistillConfig
-    from neuron_assets.explain.distill import DistillExample, distill_explainer
+    from neuron_assets.distill import DistillExample, distill_explainer
     from neuron_assets.explain.formats import ChatMessage
     from neuron_assets.types import FeatureId, Polarity
 

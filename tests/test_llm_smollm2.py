@@ -15,9 +15,9 @@ import torch
 from neuron_assets import runtime
 from neuron_assets.builtin_models import BUILTIN_SMOLLM2
 from neuron_assets.config import ExplainConfig, PromptedSimulatorConfig
+from neuron_assets.excerpts import TokenDisplay
 from neuron_assets.explain import explain_features, make_explainer, plan_candidate, prompt_builder_for, puzzle_pool
 from neuron_assets.explain.best_of_k import corpus_sample
-from neuron_assets.explain.excerpts import TokenDisplay
 from neuron_assets.explain.planted import planted_feature
 from neuron_assets.llm.tokens import chat_token_ids
 from neuron_assets.score import DetectionScorer, LLMJudge

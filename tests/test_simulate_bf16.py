@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
+from neuron_assets.finetune import MasterWeights
 from neuron_assets.simulate.finetuned import FinetunedSimulator
 from neuron_assets.simulate.training import (
     HELDOUT,
     STAGE1,
     STAGE2,
-    MasterWeights,
     TrainingExample,
     features_of,
     fit,

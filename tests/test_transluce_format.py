@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from neuron_assets.config import REPO_ROOT, ConfigError, ExplainConfig, PromptFormat, config_from_dict, load_config
+from neuron_assets.excerpts import TokenDisplay
 from neuron_assets.explain.backends import ChatTokenCounter
 from neuron_assets.explain.best_of_k import plan_candidate
-from neuron_assets.explain.excerpts import TokenDisplay
 from neuron_assets.explain.formats import Shown, TransluceDistilledFormat, prompt_builder_for, transluce_excerpt
 from neuron_assets.simulate import SimulatorUnavailable, build_simulator, needs_checkpoint
 from neuron_assets.simulate.alignment import NOT_READ
-from neuron_assets.simulate.transluce import load_released_simulator
+from neuron_assets.simulate.finetuned import load_released_simulator
 from neuron_assets.types import (
     ActivationRecord,
     Exemplar,

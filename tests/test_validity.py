@@ -20,7 +20,7 @@ from neuron_assets.score.validity import (
     FALSE_KINDS,
     PuzzleFileError,
     ValidityReport,
-    _project_corpus,
+    project_corpus as _project_corpus,
     clear_margin,
     correlation_scorer,
     load_openai_puzzles,

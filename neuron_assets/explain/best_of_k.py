@@ -17,6 +17,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from neuron_assets.config import ExplainConfig
+from neuron_assets.excerpts import HIGHLIGHT_LADDER, Excerpt, TokenDisplay, excerpt_of
 from neuron_assets.explain.backends import (
     CorpusSample,
     Explainer,
@@ -26,7 +27,6 @@ from neuron_assets.explain.backends import (
     make_explainer,
 )
 from neuron_assets.explain.backends.base import stable_seed
-from neuron_assets.explain.excerpts import HIGHLIGHT_LADDER, Excerpt, TokenDisplay, excerpt_of
 from neuron_assets.explain.formats import (
     ChatMessage,
     PromptBuilder,

@@ -11,7 +11,7 @@ reasoning before the answer line, with any of them. ``transluce_distilled`` is t
 prompt of Transluce's distilled explainer (``Transluce/llama_8b_explainer``), with its own
 system prompt and no puzzle.
 
-Highlights follow Transluce's per-prompt rule (:func:`~neuron_assets.explain.excerpts.highlight_threshold`):
+Highlights follow Transluce's per-prompt rule (:func:`~neuron_assets.excerpts.highlight_threshold`):
 over the excerpts one prompt shows, the threshold starts at 0.9 of their highest activation
 and steps down the ladder 0.8, 0.7, ..., 0.1 until at least 3 token positions are marked.
 """
@@ -25,7 +25,8 @@ from typing import ClassVar, Protocol, Sequence
 import numpy as np
 
 from neuron_assets.config import ExplainConfig, PromptFormat
-from neuron_assets.explain.excerpts import (
+from neuron_assets.excerpts import (
+    CHAT_TOKEN_STAND_INS,
     HIGHLIGHT_LADDER,
     Excerpt,
     TokenDisplay,
@@ -37,6 +38,7 @@ from neuron_assets.explain.excerpts import (
     plain_text,
     scaled_0_to_10,
     token_key,
+    transluce_text,
 )
 from neuron_assets.types import ActivationRecord, FeatureExemplars, Split
 
@@ -405,8 +407,6 @@ def _output_tokens_line(shown: Shown) -> str:
 
 def transluce_excerpt(record: ActivationRecord, polarity) -> Excerpt:
     """A whole sequence as the distilled explainer saw its exemplars (see TransluceDistilledFormat)."""
-    from neuron_assets.simulate.transluce import transluce_text  # (explain is imported by simulate)
-
     activations = record.polarity_activations(polarity).copy()
     activations[: record.prefix_len] = 0.0
     tokens = tuple(defuse_control_tokens(transluce_text(token)) for token in record.tokens)
@@ -417,8 +417,6 @@ def restore_chat_tokens(description: str) -> str:
     """Llama's chat tokens written as Transluce's stand-ins (``<||eot_id||>``, as the distilled
     explainer writes them) put back as themselves, as observatory's tokenizer wrapper does
     with every answer (``update_output``)."""
-    from neuron_assets.simulate.transluce import CHAT_TOKEN_STAND_INS
-
     for original, stand_in in CHAT_TOKEN_STAND_INS:
         description = description.replace(stand_in, original)
     return description

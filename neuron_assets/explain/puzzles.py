@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from neuron_assets.config import ExplainConfig
-from neuron_assets.explain.excerpts import TokenDisplay, excerpt_of
+from neuron_assets.excerpts import TokenDisplay, excerpt_of
 from neuron_assets.explain.formats import Shown, SolvedPuzzle
 from neuron_assets.types import ActivationRecord, Polarity
 

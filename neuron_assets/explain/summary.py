@@ -9,7 +9,7 @@ from typing import Iterable
 import polars as pl
 
 from neuron_assets.config import ExplainConfig
-from neuron_assets.report.render import markdown_table
+from neuron_assets.markdown import markdown_table
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from neuron_assets.markdown import markdown_table  # noqa: F401 (re-exported: neuron_assets.defs imports it here)
 from neuron_assets.types import ActivationRecord, Polarity
 
 BOLD, DIM, RESET = "\033[1m\033[33m", "\033[2m", "\033[0m"
@@ -45,15 +46,3 @@ def highlight_terminal(record: ActivationRecord, polarity: Polarity, color: bool
         else:
             parts.append(text)
     return "".join(parts)
-
-
-def markdown_table(columns: list[str], rows) -> str:
-    """A markdown table for Dagster metadata; cell text is escaped so a '|' (as in the
-    partition key '0|pos') cannot split a cell."""
-
-    def cell(value) -> str:
-        return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

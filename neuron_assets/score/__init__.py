@@ -26,12 +26,10 @@ best-of-k curve), ``crossfit`` (scoring each feature with a simulator that never
 and ``validity`` (the scorer-validity benchmark).
 """
 
+from neuron_assets.numeric import CONSTANT_ACTIVATION, CONSTANT_PREDICTION, TOO_FEW_TOKENS
 from neuron_assets.score.base import (
-    CONSTANT_ACTIVATION,
-    CONSTANT_PREDICTION,
     NO_EXAMPLES,
     NO_NEGATIVES,
-    TOO_FEW_TOKENS,
     UNANSWERED,
     Score,
     Scorer,

@@ -8,9 +8,8 @@ from typing import Protocol, Sequence
 
 from neuron_assets.types import ActivationRecord, FeatureExemplars, Split
 
-CONSTANT_PREDICTION = "constant_prediction"
-CONSTANT_ACTIVATION = "constant_activation"
-TOO_FEW_TOKENS = "too_few_tokens"
+# (The correlation's own flags, CONSTANT_PREDICTION, CONSTANT_ACTIVATION and TOO_FEW_TOKENS,
+# come with its arithmetic from neuron_assets.numeric.)
 NO_EXAMPLES = "no_examples"
 NO_NEGATIVES = "no_negatives"
 UNANSWERED = "unanswered"
@@ -43,6 +42,6 @@ def evaluation_records(feature: FeatureExemplars, split: Split, top: int = 20, r
 
 def plain_text(record: ActivationRecord) -> str:
     """A record's text after its prefix on one line, control tokens defused (as judges see it)."""
-    from neuron_assets.explain.excerpts import defuse_control_tokens
+    from neuron_assets.excerpts import defuse_control_tokens
 
     return defuse_control_tokens("".join(record.tokens[record.prefix_len :]).replace("\n", " "))

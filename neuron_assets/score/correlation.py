@@ -9,37 +9,18 @@ from typing import Sequence
 
 import numpy as np
 
-from neuron_assets.score.base import (
-    CONSTANT_ACTIVATION,
-    CONSTANT_PREDICTION,
-    NO_EXAMPLES,
-    TOO_FEW_TOKENS,
-    Score,
-    evaluation_records,
-)
+from neuron_assets.numeric import token_correlation
+from neuron_assets.score.base import NO_EXAMPLES, Score, evaluation_records
 from neuron_assets.simulate.base import Simulator, simulate_many
 from neuron_assets.types import ActivationRecord, FeatureExemplars, Polarity, Split
 
 
 def pearson_over_tokens(predicted: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> Score:
-    """Pearson r of two per-record token series, all records concatenated."""
-    if len(predicted) != len(true):
-        raise ValueError(f"{len(predicted)} predicted records for {len(true)} true ones")
-    p = np.concatenate([np.asarray(x, dtype=np.float64) for x in predicted]) if predicted else np.zeros(0)
-    t = np.concatenate([np.asarray(x, dtype=np.float64) for x in true]) if true else np.zeros(0)
-    if p.shape != t.shape:
-        raise ValueError(f"{p.size} predicted tokens for {t.size} true ones")
-    n = int(p.size)
-    if n < 2:
-        return Score(0.0, (TOO_FEW_TOKENS,), len(true), n)
-    p_centered, t_centered = p - p.mean(), t - t.mean()
-    p_norm, t_norm = np.sqrt((p_centered**2).sum()), np.sqrt((t_centered**2).sum())
-    if not p_norm > 1e-12 * max(1.0, np.abs(p).max()):
-        return Score(0.0, (CONSTANT_PREDICTION,), len(true), n)
-    if not t_norm > 0:
-        return Score(0.0, (CONSTANT_ACTIVATION,), len(true), n)
-    r = float((p_centered * t_centered).sum() / (p_norm * t_norm))
-    return Score(float(np.clip(r, -1.0, 1.0)), (), len(true), n)
+    """Pearson r of two per-record token series, all records concatenated
+    (:func:`neuron_assets.numeric.token_correlation`), as a Score."""
+    correlation = token_correlation(predicted, true)
+    flags = (correlation.flag,) if correlation.flag else ()
+    return Score(correlation.value, flags, len(true), correlation.n_tokens)
 
 
 def correlation_score(predicted: Sequence[np.ndarray], records: Sequence[ActivationRecord], polarity: Polarity) -> Score:

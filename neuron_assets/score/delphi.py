@@ -258,7 +258,7 @@ def fuzzing_marks(values: np.ndarray, threshold: float) -> set[int]:
 
 
 def _marked(record: ActivationRecord, positions: set[int]) -> str:
-    from neuron_assets.explain.excerpts import defuse_control_tokens
+    from neuron_assets.excerpts import defuse_control_tokens
 
     parts = []
     for i, token in enumerate(record.tokens[record.prefix_len :]):

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import polars as pl
 
+from neuron_assets.numeric import derangement
 from neuron_assets.score.base import Score, Scorer
 from neuron_assets.types import FeatureExemplars, FeatureId, Split
 
@@ -45,16 +46,6 @@ class ShuffledControl:
     source: FeatureId  # the feature the description was written for
     candidate: int
     description: str
-
-
-def derangement(items: Sequence, rng: random.Random) -> dict:
-    """Each item -> another item: a rotation of a seeded shuffle (empty below two items).
-    The mapping iterates in the shuffled order."""
-    if len(items) < 2:
-        return {}
-    order = list(items)
-    rng.shuffle(order)
-    return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
 
 
 def shuffled_controls(

@@ -471,7 +471,7 @@ def validate_scorers(config, corpus: Sequence[ActivationRecord] | None = None,
     stored ``sequences`` table, else the configured corpus tokenized by the subject's
     tokenizer) and on each file in OpenAI's layout. ``simulators`` replaces the built ones
     (name -> simulator), for tests."""
-    sets = {"project": project_puzzles(corpus if corpus is not None else _project_corpus(config),
+    sets = {"project": project_puzzles(corpus if corpus is not None else project_corpus(config),
                                        seed=config.corpus.seed)}
     for path in puzzle_files:
         sets[Path(path).name] = load_openai_puzzles(path)
@@ -517,7 +517,9 @@ def _build_simulators(config, skipped: dict[str, str], log) -> dict[str, object]
     return built
 
 
-def _project_corpus(config) -> list[ActivationRecord]:
+def project_corpus(config) -> list[ActivationRecord]:
+    """The run's corpus as records (its stored sequences, else built from the config): what
+    :func:`project_puzzles` cuts the project's puzzles from."""
     from neuron_assets.explain.best_of_k import corpus_from_sequences
     from neuron_assets.store import Store
 

@@ -33,7 +33,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from neuron_assets.explain.excerpts import CONTROL_TOKEN, defuse_control_tokens, show_control_token
+from neuron_assets.excerpts import CONTROL_TOKEN, defuse_control_tokens, show_control_token
 from neuron_assets.types import ActivationRecord
 
 DESCRIPTION_HEAD = "## Neuron Description: "

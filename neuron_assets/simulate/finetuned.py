@@ -15,7 +15,8 @@ A checkpoint is a folder: the model (safetensors) and its config, the tokenizer 
 control-token display forms as added tokens), and ``simulator.json`` (:class:`SimulatorSpec`).
 :data:`CHECKPOINT_FORMATS` (``simulate.finetuned.input_format``) says how a folder is read:
 ``project`` (such a folder), or ``transluce`` (Transluce's released simulator, which has no
-``simulator.json``; its exact input is built in :mod:`neuron_assets.simulate.transluce`).
+``simulator.json``: :func:`load_released_simulator`; its exact input is built in
+:mod:`neuron_assets.simulate.transluce`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from neuron_assets.excerpts import CHAT_TOKEN_STAND_INS
 from neuron_assets.runtime import choose_device, choose_dtype, quiet_transformers
 from neuron_assets.simulate.alignment import (
     DESCRIPTION_HEAD,
@@ -39,7 +41,15 @@ from neuron_assets.simulate.alignment import (
     PairEncoder,
 )
 from neuron_assets.simulate.base import NUM_CLASSES, SimulatedActivations
-from neuron_assets.simulate.transluce import TransluceEncoder, load_released_simulator
+from neuron_assets.simulate.transluce import (
+    DOWNLOAD_HINT,
+    INPUT_TEMPLATE,
+    PAD_TOKEN,
+    TransluceEncoder,
+    TransluceLayoutError,
+    add_transluce_tokens,
+    checkpoint_problem,
+)
 from neuron_assets.types import ActivationRecord
 
 # Every way a simulator's input is built: the project's two alignments and Transluce's exact one.
@@ -402,6 +412,37 @@ def _load_project_checkpoint(directory, device, dtype, batch_size, max_length) -
         raise SimulatorLoadError(f"simulate.finetuned.checkpoint {directory} is not a folder; give a trained "
                                  "simulator folder, or unset it to train one (neuron-assets run)")
     return FinetunedSimulator.load(directory, device, dtype, batch_size)
+
+
+def load_released_simulator(directory: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
+                            max_length: int = 512):
+    """The released simulator from a local folder (nothing is downloaded), ready to score."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory).expanduser()
+    problem = checkpoint_problem(directory)
+    if problem:
+        raise SimulatorLoadError(f"simulate.finetuned.checkpoint {directory} {problem}; {DOWNLOAD_HINT}")
+    torch_device = choose_device(device)
+    with quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            remap = add_transluce_tokens(tokenizer)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=choose_dtype(dtype, torch_device),
+                                                         local_files_only=True)
+        except (OSError, TransluceLayoutError) as err:
+            raise SimulatorLoadError(f"{directory} is not Transluce's released simulator ({err}); {DOWNLOAD_HINT}") from None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise SimulatorLoadError(
+            f"{directory}: the model has {rows} token embeddings but the input needs {len(tokenizer)} (the "
+            f"vocabulary, {PAD_TOKEN} and the four chat stand-ins): this is not the released simulator; {DOWNLOAD_HINT}")
+    spec = SimulatorSpec(head="lm_head_slots", alignment=TransluceEncoder.name, max_length=max_length,
+                         backbone=str(directory), added_tokens=(PAD_TOKEN, *(s for _, s in CHAT_TOKEN_STAND_INS)),
+                         template=INPUT_TEMPLATE + "{token_ids}",
+                         extra={"source": "Transluce/llama_8b_simulator", "remap": {str(k): v for k, v in remap.items()}})
+    return FinetunedSimulator(model.to(torch_device).eval(), tokenizer, spec, torch_device, batch_size)
+
 
 
 CHECKPOINT_FORMATS = {

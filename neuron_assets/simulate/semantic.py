@@ -21,8 +21,9 @@ For a description ``d`` and the records of one call:
    call (so a description is judged by which units it singles out, not by its overall
    closeness to the text), then mapped to 0..10 by ``10 * sigmoid(slope * (z - offset))``.
    ``w``, ``slope`` and ``offset`` are fitted on the project's validity puzzles
-   (:func:`fit_calibration`, over :func:`neuron_assets.score.validity.project_puzzles`) and
-   shipped in ``semantic_calibration.json`` next to this module.
+   (:func:`neuron_assets.score.calibration.fit_calibration`, over
+   :func:`neuron_assets.score.validity.project_puzzles`) and shipped in
+   ``semantic_calibration.json`` next to this module.
 4. **Quoted tokens.** A token the description quotes scores 10 by the lexical rule
    (:mod:`neuron_assets.simulate.lexical`, quoted spans only); a quoted token that the
    description places ``after`` / ``following`` (``before`` / ``preceding``) marks the
@@ -40,13 +41,12 @@ import json
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from neuron_assets.embedding import BATCH_SIZE, sentence_encoder
+from neuron_assets.embedding import BATCH_SIZE, UnitLayout, sentence_encoder
 from neuron_assets.simulate.base import MAX_ACTIVATION, SimulatedActivations
 from neuron_assets.simulate.lexical import QUOTED, WORD, NamedTerms, simulate_lexically
 from neuron_assets.types import ActivationRecord
@@ -170,64 +170,7 @@ class SemanticSimulator:
         return out
 
 
-CALIBRATION_GRID = {"context_weight": (0.0, 0.25, 0.5, 0.75, 1.0), "slope": (0.5, 1.0, 2.0, 4.0, 8.0),
-                    "offset": (0.0, 1.0, 1.5, 2.0, 2.5, 3.0)}
-
-
-def fit_calibration(puzzles, simulator: SemanticSimulator, fitted_on: str = "") -> SemanticCalibration:
-    """The calibration of :data:`CALIBRATION_GRID` whose correlation ranks the true description
-    of ``puzzles`` (:class:`neuron_assets.score.validity.ValidityPuzzle`) first most often (ties: the
-    larger mean margin, then the earlier grid point). Fit on the project's puzzles only."""
-    from itertools import product
-
-    from neuron_assets.score import correlation_score
-    from neuron_assets.types import Polarity
-    from neuron_assets.score.validity import true_first_credit
-
-    raws = [simulator.similarities(p.descriptions, p.records) for p in puzzles]
-    best, best_key = None, None
-    for weight, slope, offset in product(*CALIBRATION_GRID.values()):
-        calibration = SemanticCalibration(weight, slope, offset)
-        credits, margins = [], []
-        for puzzle, raw in zip(puzzles, raws):
-            values = np.array([correlation_score(p, puzzle.records, Polarity.POS).value
-                               for p in SemanticSimulator.calibrated(raw, calibration)])
-            credits.append(true_first_credit(values))
-            margins.append(values[0] - values[1:].max())
-        key = (round(float(np.mean(credits)), 6), round(float(np.mean(margins)), 6))
-        if best_key is None or key > best_key:
-            best, best_key = calibration, key
-    return SemanticCalibration(best.context_weight, best.slope, best.offset, fitted_on, best_key[0])
-
-
 # -- units and their alignment to subject tokens ---------------------------------------------
-
-
-@dataclass(eq=False)
-class UnitLayout:
-    """A record's text after its prefix, its units, and which units each token overlaps."""
-
-    length: int  # tokens in the record
-    text: str
-    unit_texts: tuple[str, ...]
-    unit_spans: tuple[tuple[int, int], ...]
-    token_units: tuple[tuple[int, ...], ...]  # per token: the units it overlaps (none in the prefix)
-
-    def token_values(self, unit_values: np.ndarray) -> np.ndarray:
-        """Each token's highest unit value (0 for tokens with no unit)."""
-        values = np.zeros(self.length, dtype=np.float32)
-        positions, flat, starts = self._flat
-        if positions.size:
-            values[positions] = np.maximum.reduceat(np.asarray(unit_values, dtype=np.float32)[flat], starts)
-        return values
-
-    @cached_property
-    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens that overlap a unit, their units concatenated, where each token's units start)."""
-        positions = [i for i, units in enumerate(self.token_units) if units]
-        flat = [u for i in positions for u in self.token_units[i]]
-        starts = np.cumsum([0] + [len(self.token_units[i]) for i in positions[:-1]]) if positions else []
-        return np.array(positions, dtype=np.int64), np.array(flat, dtype=np.int64), np.array(starts, dtype=np.int64)
 
 
 def unit_layout(record: ActivationRecord) -> UnitLayout:

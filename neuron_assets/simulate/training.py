@@ -21,8 +21,8 @@
   feature (the shuffled control): a simulator that reads descriptions beats its control.
 
 Large backbones (Llama-3.1-8B in bfloat16): the optimizer runs on fp32 master copies of the
-trainable weights (:class:`MasterWeights`), so lr 1e-5 updates are not rounded away;
-``method: lora`` trains peft adapters (merged into each saved stage) instead of every
+trainable weights (:class:`neuron_assets.finetune.MasterWeights`), so lr 1e-5 updates are not
+rounded away; ``method: lora`` trains peft adapters (merged into each saved stage) instead of every
 weight; ``gradient_checkpointing`` and ``grad_accum_steps`` trade compute for memory; the
 schedule is transformers' linear warm-up and decay. Several GPUs: this loop is one process
 on one device; to shard a full fine-tune, wrap ``fit``'s model and optimizer with
@@ -53,10 +53,9 @@ import polars as pl
 import torch
 
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
-from neuron_assets.finetune import LOW_PRECISION, MasterWeights, train_steps  # noqa: F401 (re-exported)
-from neuron_assets.finetune import load_training_state as _load_training_state  # noqa: F401 (re-exported)
-from neuron_assets.score import pearson_over_tokens
-from neuron_assets.score.select import derangement
+from neuron_assets.finetune import load_training_state as _load_training_state  # noqa: F401 (tests/test_bad_input.py)
+from neuron_assets.finetune import train_steps
+from neuron_assets.numeric import derangement, token_correlation
 from neuron_assets.simulate.alignment import NOT_READ
 from neuron_assets.simulate.base import NUM_CLASSES, discretize, simulate_many
 from neuron_assets.simulate.finetuned import FinetunedSimulator, freeze_token_embeddings
@@ -471,8 +470,8 @@ def fit(
     """Cross-entropy training over the 11 classes at the input tokens; returns the loss per
     optimizer step (the mean over its ``grad_accum_steps`` micro-batches of ``batch_size``).
     Trainable weights held in bfloat16/float16 train through fp32 master copies
-    (:class:`MasterWeights`). The schedule is transformers' linear warm-up and decay. With
-    ``resume``, the state is saved every ``save_every`` steps and picked up again.
+    (:class:`neuron_assets.finetune.MasterWeights`). The schedule is transformers' linear warm-up
+    and decay. With ``resume``, the state is saved every ``save_every`` steps and picked up again.
     ``on_step(step, total, loss)`` follows every step (loss: the mean of the last ten)."""
     encoded = [simulator.encoder.encode(e.description, e.record) for e in examples]
     targets = [_targets(pair, example.labels) for pair, example in zip(encoded, examples)]
@@ -530,7 +529,7 @@ def heldout_correlation(simulator, features: Sequence[FeatureRows]) -> HeldoutCo
              [e.record for e in feature.examples]) for feature in features]
     for (_, records), simulated in zip(jobs, simulate_many(simulator, jobs)):  # all features' pairs batched together
         truths = [r.activations[r.prefix_len :] for r in records]
-        scores = [pearson_over_tokens([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
+        scores = [token_correlation([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
         described.append(scores[0])
         if len(scores) > 1:
             shuffled.append(scores[1])
@@ -544,6 +543,6 @@ def rerank_candidates(simulator, features: Sequence[FeatureRows], exemplars: int
     jobs = [(list(feature.candidates), [e.record for e in feature.examples[:exemplars]]) for feature in features]
     for feature, (_, records), simulated in zip(features, jobs, simulate_many(simulator, jobs)):
         truths = [r.activations[r.prefix_len :] for r in records]
-        scores = [pearson_over_tokens([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
+        scores = [token_correlation([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
         best[feature.feature] = feature.candidates[int(np.argmax(scores))]
     return best

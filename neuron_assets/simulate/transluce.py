@@ -1,7 +1,9 @@
-"""Transluce's released simulator (Hugging Face ``Transluce/llama_8b_simulator``) as a backend.
+"""Transluce's released simulator (Hugging Face ``Transluce/llama_8b_simulator``): its input.
 
 ``simulate.finetuned.input_format: transluce`` loads that checkpoint from a local folder
-(``simulate.finetuned.checkpoint``) and feeds it exactly the input it was trained on, as
+(``simulate.finetuned.checkpoint``; the loader is
+:func:`neuron_assets.simulate.finetuned.load_released_simulator`, beside the project's own
+checkpoint format) and feeds it exactly the input built here, the one it was trained on, as
 TransluceAI/observatory builds it (``FinetunedSimulator.simulate`` in
 ``lib/explanations/explanations/simulation_utils.py``; the tokenizer in
 ``lib/explanations/explanations/llama_model.py``):
@@ -28,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from neuron_assets.excerpts import CHAT_TOKEN_STAND_INS, transluce_text
 from neuron_assets.simulate.alignment import NOT_READ, EncodedPair
 from neuron_assets.types import ActivationRecord
 
@@ -37,14 +40,9 @@ INPUT_TEMPLATE = "## Neuron Description: {description}\n\n ## Input: "
 
 # observatory, lib/explanations/explanations/llama_model.py: the pad token added first (it
 # takes the first id after Llama's 128,256), then the four tokens that stand in for the chat
-# special tokens (ids 128,257-128,260), in this order.
+# special tokens (ids 128,257-128,260), in this order (CHAT_TOKEN_STAND_INS, kept in
+# neuron_assets.excerpts because the distilled explainer's prompt format writes them too).
 PAD_TOKEN = "<PAD>"
-CHAT_TOKEN_STAND_INS: tuple[tuple[str, str], ...] = (
-    ("<|begin_of_text|>", "<||begin_of_text||>"),
-    ("<|start_header_id|>", "<||start_header_id||>"),
-    ("<|end_header_id|>", "<||end_header_id||>"),
-    ("<|eot_id|>", "<||eot_id||>"),
-)
 # The same mapping as the published ids (llama_model.py, UPD_MAPPING), for Llama-3.1's
 # tokenizer: a tokenizer with Llama's vocabulary must give exactly these.
 LLAMA31_REMAP = {128000: 128257, 128006: 128258, 128007: 128259, 128009: 128260}
@@ -57,14 +55,6 @@ DOWNLOAD_HINT = ("download it once with `hf download Transluce/llama_8b_simulato
 
 class TransluceLayoutError(ValueError):
     """A tokenizer or checkpoint that does not have the released simulator's layout."""
-
-
-def transluce_text(text: str) -> str:
-    """``text`` with each of Llama's four chat special tokens written as its stand-in (the
-    published tokenizer wrapper does this to every string it encodes)."""
-    for original, stand_in in CHAT_TOKEN_STAND_INS:
-        text = text.replace(original, stand_in)
-    return text
 
 
 def add_transluce_tokens(tokenizer) -> dict[int, int]:
@@ -153,43 +143,6 @@ class TransluceEncoder:
                                      "input's header; raise it")
                 return ids
             text = text[: max(0, min(len(text) - 1, len(text) * room // len(ids)))].rstrip()
-
-
-def load_released_simulator(directory: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
-                            max_length: int = 512):
-    """The released simulator from a local folder (nothing is downloaded), ready to score."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from neuron_assets.simulate.finetuned import (
-        FinetunedSimulator,
-        SimulatorLoadError,
-        SimulatorSpec,
-    )
-    from neuron_assets.runtime import choose_device, choose_dtype, quiet_transformers
-
-    directory = Path(directory).expanduser()
-    problem = checkpoint_problem(directory)
-    if problem:
-        raise SimulatorLoadError(f"simulate.finetuned.checkpoint {directory} {problem}; {DOWNLOAD_HINT}")
-    torch_device = choose_device(device)
-    with quiet_transformers():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            remap = add_transluce_tokens(tokenizer)
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=choose_dtype(dtype, torch_device),
-                                                         local_files_only=True)
-        except (OSError, TransluceLayoutError) as err:
-            raise SimulatorLoadError(f"{directory} is not Transluce's released simulator ({err}); {DOWNLOAD_HINT}") from None
-    rows = model.get_input_embeddings().weight.shape[0]
-    if rows < len(tokenizer):
-        raise SimulatorLoadError(
-            f"{directory}: the model has {rows} token embeddings but the input needs {len(tokenizer)} (the "
-            f"vocabulary, {PAD_TOKEN} and the four chat stand-ins): this is not the released simulator; {DOWNLOAD_HINT}")
-    spec = SimulatorSpec(head="lm_head_slots", alignment=TransluceEncoder.name, max_length=max_length,
-                         backbone=str(directory), added_tokens=(PAD_TOKEN, *(s for _, s in CHAT_TOKEN_STAND_INS)),
-                         template=INPUT_TEMPLATE + "{token_ids}",
-                         extra={"source": "Transluce/llama_8b_simulator", "remap": {str(k): v for k, v in remap.items()}})
-    return FinetunedSimulator(model.to(torch_device).eval(), tokenizer, spec, torch_device, batch_size)
 
 
 def checkpoint_problem(directory: Path) -> str | None:

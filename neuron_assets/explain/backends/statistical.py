@@ -6,8 +6,8 @@ import time
 from typing import Sequence
 
 from neuron_assets.config import ExplainConfig
+from neuron_assets.excerpts import excerpt_of, highlight_threshold
 from neuron_assets.explain.backends.base import CorpusSample, ExplainRequest, ExplainResult, Progress
-from neuron_assets.explain.excerpts import excerpt_of, highlight_threshold
 from neuron_assets.explain.statistical import NothingActive, describe_by_lift
 
 # Candidate c uses rule c % 4: the prompt formats' highlight threshold, then shares of the

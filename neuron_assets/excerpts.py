@@ -4,6 +4,9 @@ An :class:`Excerpt` is one exemplar ready to be shown: the fixed prefix dropped 
 same in every sequence and never highlighted), activations in the polarity's orientation
 (never negative), and every token in a display form that cannot break the prompt: special
 tokens of chat templates become ``⟨eot_id⟩``, line breaks and tabs become ``\\n`` and ``\\t``.
+
+It sits on the package's ground floor: the explainer's prompts, the simulators' inputs and
+the scorers' judge texts all show tokens through it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,28 @@ def show_control_token(token: str) -> str:
 def defuse_control_tokens(text: str) -> str:
     """Every control-token shape in ``text`` rewritten by :func:`show_control_token`."""
     return CONTROL_TOKEN.sub(lambda match: show_control_token(match.group(0)), text)
+
+
+# Transluce's stand-ins for Llama's four chat special tokens (observatory,
+# lib/explanations/explanations/llama_model.py): its tokenizer wrapper writes every string it
+# encodes with these, so the released simulator and the distilled explainer never see a chat
+# template's own turn markers inside an input. Shared by the simulator's input
+# (neuron_assets.simulate.transluce) and the distilled explainer's prompt format
+# (neuron_assets.explain.formats).
+CHAT_TOKEN_STAND_INS: tuple[tuple[str, str], ...] = (
+    ("<|begin_of_text|>", "<||begin_of_text||>"),
+    ("<|start_header_id|>", "<||start_header_id||>"),
+    ("<|end_header_id|>", "<||end_header_id||>"),
+    ("<|eot_id|>", "<||eot_id||>"),
+)
+
+
+def transluce_text(text: str) -> str:
+    """``text`` with each of Llama's four chat special tokens written as its stand-in (the
+    published tokenizer wrapper does this to every string it encodes)."""
+    for original, stand_in in CHAT_TOKEN_STAND_INS:
+        text = text.replace(original, stand_in)
+    return text
 
 
 def special_tokens(tokenizer) -> dict[int, str | None]:
