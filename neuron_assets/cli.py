@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from neuron_assets.config import ConfigError, load_config
-from neuron_assets.types import ExemplarKind
+from neuron_assets.types import Sample, Partition
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("neuron", type=int)
     show.add_argument("--polarity", choices=["pos", "neg"], default="pos")
     show.add_argument("--split", choices=["train", "val", "test"], default="train")
-    show.add_argument("--kind", choices=[k.value for k in ExemplarKind], default="top")
+    show.add_argument("--sample", "--kind", dest="sample", choices=[k.value for k in Sample], default="top",
+                      help="which exemplars: top (default), random, quantile or quiet (--kind is the older name)")
     show.add_argument("--feature", default="neuron", metavar="KIND",
                       help="the feature kind: neuron (default) or sae, an SAE latent of the layer (sae.latents)")
     show.add_argument("-n", type=_at_least_one(), default=10, help="exemplars shown")
@@ -396,7 +397,7 @@ def _at_least_one(hint: str = ""):
 def cmd_show(args) -> int:
     from neuron_assets.report.neuron import load_neuron, neuron_text
     from neuron_assets.store import Store
-    from neuron_assets.types import ExemplarKind, Polarity, Split
+    from neuron_assets.types import Sample, Polarity, Split
 
     config = load_config(args.config)
     store = Store(config.store_root)
@@ -417,7 +418,7 @@ def cmd_show(args) -> int:
         with atomic_path(target) as tmp:
             tmp.write_text(neuron_page(view, Split(args.split), args.n), encoding="utf-8")
         print(f"wrote {target}", file=sys.stderr)
-    print(neuron_text(view, Polarity(args.polarity), Split(args.split), ExemplarKind(args.kind), args.n, sys.stdout.isatty()))
+    print(neuron_text(view, Polarity(args.polarity), Split(args.split), Sample(args.sample), args.n, sys.stdout.isatty()))
     return 0
 
 
@@ -429,14 +430,14 @@ def cmd_report(args) -> int:
 
     from neuron_assets.lock import StoreLocked, writer_lock
     from neuron_assets.report.site import build_report, report_index
-    from neuron_assets.resume import Markers
+    from neuron_assets.stages.markers import Markers
     from neuron_assets.store import Store
 
     config = load_config(args.config)
     store = Store(config.store_root)
     index = report_index(store)
     # the partitions the store holds (no model read, no Dagster import): the report is of them
-    markers = Markers(config, [f"{layer}|{polarity}" for layer, polarity in store.partitions("neuron_stats")])
+    markers = Markers(config, [Partition.of(p).key for p in store.partitions("neuron_stats")])
     if args.rebuild or not index.is_file() or not markers.up_to_date("neuron_report"):
         run_id = str(uuid.uuid4())
         try:

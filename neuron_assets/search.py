@@ -119,15 +119,13 @@ def embed_partition(config: Config, partition: Partition, run_id: str,
 def descriptions_to_embed(store: Store, layer: int, polarity: str, candidates: bool = False) -> pl.DataFrame:
     """layer, polarity, kind, neuron, source (selected | candidate), candidate, description, score
     (the selected description's test score; null for a candidate), text_hash."""
-    from neuron_assets.exemplars import with_feature_kind
-
-    selected = with_feature_kind(store.read(DESCRIPTIONS_TABLE, layer, polarity))
+    selected = store.read(DESCRIPTIONS_TABLE, layer, polarity)
     frames = [selected.select(
         "kind", pl.col("neuron").cast(pl.Int64), pl.lit(SELECTED).alias("source"),
         pl.col("candidate").cast(pl.Int64) if "candidate" in selected.columns else pl.lit(None, pl.Int64).alias("candidate"),
         pl.col("description").cast(pl.String), pl.col("test_score").cast(pl.Float64).alias("score"))]
     if candidates and store.exists(CANDIDATES_TABLE, layer, polarity):
-        pool = with_feature_kind(store.read(CANDIDATES_TABLE, layer, polarity))
+        pool = store.read(CANDIDATES_TABLE, layer, polarity)
         frames.append(pool.select(
             "kind", pl.col("neuron").cast(pl.Int64), pl.lit(CANDIDATE).alias("source"), pl.col("candidate").cast(pl.Int64),
             pl.col("description").cast(pl.String), pl.lit(None, pl.Float64).alias("score")))

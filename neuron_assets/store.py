@@ -150,10 +150,12 @@ class Store:
                 f"no '{table}' table{where} under {self.data_dir}; materialize it first "
                 f"(neuron-assets run, or the '{table}' asset in the Dagster UI)"
             )
+        if columns is not None:  # through the lazy scan: an older file's columns are renamed first
+            return self.scan(table, layer, polarity).select(columns).collect()
         if self.remote:
             with self.fs.open(path, "rb") as handle:
-                return pl.read_parquet(handle, columns=columns)
-        return pl.read_parquet(path, columns=columns)
+                return upgrade_legacy_columns(table, pl.read_parquet(handle))
+        return upgrade_legacy_columns(table, pl.read_parquet(path))
 
     def scan(self, table: str, layer: int | None = None, polarity: str | None = None) -> pl.LazyFrame:
         """A lazy frame over a table (partition): locally Polars reads only the row groups and
@@ -162,7 +164,7 @@ class Store:
             return self.read(table, layer, polarity).lazy()
         if not self.exists(table, layer, polarity):
             self.read(table, layer, polarity)  # raises the error that says how to make the table
-        return pl.scan_parquet(self.path(table, layer, polarity))
+        return upgrade_legacy_columns(table, pl.scan_parquet(self.path(table, layer, polarity)))
 
     def exists(self, table: str, layer: int | None = None, polarity: str | None = None) -> bool:
         if self.remote:
@@ -507,6 +509,24 @@ def parquet_problem(path: Path | str, fs=None) -> str | None:
     except Exception as err:  # pyarrow raises several types for a torn or foreign file
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
     return None
+
+
+def upgrade_legacy_columns(table: str, frame: pl.DataFrame | pl.LazyFrame):
+    """A table as this version names its columns, whatever version wrote it, so that no reader
+    has to know: ``kind`` is always the feature kind (neuron, sae). In exemplars written before
+    the rename, ``kind`` was how the row was drawn (now ``sample``) and the feature kind was
+    ``feature_kind`` (and simulator_training_data called it ``exemplar_kind``); per-feature
+    tables written before features had kinds hold only neurons.
+    Applied lazily to a scan, so a reader still reads only the columns it selects."""
+    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+    if table == "exemplars" and "sample" not in names and "kind" in names:
+        frame = frame.rename({"kind": "sample", **({"feature_kind": "kind"} if "feature_kind" in names else {})})
+        names = [{"kind": "sample", "feature_kind": "kind"}.get(n, n) for n in names]
+    if table == "simulator_training_data" and "exemplar_kind" in names:
+        frame = frame.rename({"exemplar_kind": "sample"})
+    if "neuron" in names and "kind" not in names:
+        frame = frame.with_columns(pl.lit("neuron").alias("kind"))
+    return frame
 
 
 def sql_string(value) -> str:

@@ -57,7 +57,9 @@ class Split(str, Enum):
     TEST = "test"
 
 
-class ExemplarKind(str, Enum):
+class Sample(str, Enum):
+    """How an exemplar was drawn (column ``sample`` of the exemplars table)."""
+
     TOP = "top"  # the sequences with the most extreme per-sequence activation
     RANDOM = "random"  # sequences drawn uniformly, the same ones for every feature
     QUANTILE = "quantile"  # activating sequences sampled per decile of their activation
@@ -123,11 +125,11 @@ class FeatureStats:
 @dataclass(frozen=True)
 class Exemplar:
     split: Split
-    kind: ExemplarKind
+    sample: Sample
     rank: int  # 0 = most extreme for TOP; slot for QUANTILE (ascending bins); draw order for RANDOM and QUIET
     extreme: float  # the sequence's most extreme value, sign * activation
     record: ActivationRecord
-    bin: int | None = None  # QUANTILE: the activation-quantile bin, 0 = lowest; None for other kinds
+    bin: int | None = None  # QUANTILE: the activation-quantile bin, 0 = lowest; None for other samples
 
 
 @dataclass(frozen=True)
@@ -139,18 +141,18 @@ class FeatureExemplars:
     exemplars: tuple[Exemplar, ...]
     output_tokens: tuple[str, ...] = ()  # the logit lens's promoted tokens, strongest first (when read)
 
-    def select(self, split: Split, kind: ExemplarKind) -> list[Exemplar]:
-        chosen = [e for e in self.exemplars if e.split is split and e.kind is kind]
+    def select(self, split: Split, sample: Sample) -> list[Exemplar]:
+        chosen = [e for e in self.exemplars if e.split is split and e.sample is sample]
         return sorted(chosen, key=lambda e: e.rank)
 
     def top(self, split: Split) -> list[Exemplar]:
-        return self.select(split, ExemplarKind.TOP)
+        return self.select(split, Sample.TOP)
 
     def random(self, split: Split) -> list[Exemplar]:
-        return self.select(split, ExemplarKind.RANDOM)
+        return self.select(split, Sample.RANDOM)
 
     def quantile(self, split: Split) -> list[Exemplar]:
-        return self.select(split, ExemplarKind.QUANTILE)
+        return self.select(split, Sample.QUANTILE)
 
     def quiet(self, split: Split) -> list[Exemplar]:
-        return self.select(split, ExemplarKind.QUIET)
+        return self.select(split, Sample.QUIET)

@@ -18,7 +18,7 @@ from neuron_assets.simulate.training import STAGE1, plan_training_data
 from neuron_assets.types import (
     ActivationRecord,
     Exemplar,
-    ExemplarKind,
+    Sample,
     FeatureExemplars,
     FeatureId,
     FeatureStats,
@@ -33,8 +33,8 @@ def test_prompt_levels_training_labels_and_fuzzing_marks_share_the_train_max():
     tokens = ("<s>", " a", " b", " c", " d")
     weak = ActivationRecord(1, tokens, (0, 1, 2, 3, 4), -np.array([9.0, 0.0, 3.0, 6.0, 1.0], np.float32), 1)
     strong = ActivationRecord(2, tokens, (0, 1, 2, 3, 4), -np.array([9.0, 10.0, 0.0, 0.0, 0.0], np.float32), 1)
-    exemplars = (Exemplar(Split.TRAIN, ExemplarKind.TOP, 0, 10.0, strong),
-                 Exemplar(Split.TRAIN, ExemplarKind.TOP, 1, 6.0, weak))
+    exemplars = (Exemplar(Split.TRAIN, Sample.TOP, 0, 10.0, strong),
+                 Exemplar(Split.TRAIN, Sample.TOP, 1, 6.0, weak))
     feature = FeatureExemplars(feature_id, FeatureStats(10.0, 0.5, 1.0, 0.3), exemplars)
     assert feature.stats.scale == 10.0
 

@@ -281,7 +281,8 @@ def test_damaged_simulator_training_states_are_set_aside(tmp_path):
     import torch
 
     from neuron_assets.config import FinetunedSimulatorConfig
-    from neuron_assets.simulate.training import _load_stage1, _load_training_state
+    from neuron_assets.finetune import load_training_state as _load_training_state
+    from neuron_assets.simulate.training import load_stage1 as _load_stage1
 
     logged = []
     resume = tmp_path / ".resume-stage1.pt"
@@ -326,13 +327,13 @@ BEFORE_TOKENIZING = [
 
 @pytest.mark.parametrize("overrides,error,words", BEFORE_TOKENIZING, ids=[next(iter(o)) for o, _, _ in BEFORE_TOKENIZING])
 def test_checks_run_before_the_corpus_is_tokenized(tiny_config, tmp_path, monkeypatch, overrides, error, words):
-    import neuron_assets.stages as stages
+    from neuron_assets.stages import foundation
 
     def no_tokenizing(*_):
         raise AssertionError("the corpus was tokenized before the config was checked")
 
-    monkeypatch.setattr(stages, "load_tokenizer", no_tokenizing)
-    monkeypatch.setattr(stages, "plan_corpus", no_tokenizing)
+    monkeypatch.setattr(foundation, "load_tokenizer", no_tokenizing)
+    monkeypatch.setattr(foundation, "plan_corpus", no_tokenizing)
     with pytest.raises(error) as raised:
         make_corpus(load_config(tiny_config(**overrides)), "run-1")
     for word in words:

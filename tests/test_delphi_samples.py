@@ -30,7 +30,7 @@ from neuron_assets.score import (
 )
 from neuron_assets.store import Store
 from neuron_assets.subject import load_subject
-from neuron_assets.types import ExemplarKind, Polarity, Split
+from neuron_assets.types import Partition, Polarity, Sample, Split
 from tests.support.planted_model import PlantedNeuron, plant_neurons
 from tests.support.tiny_models import make_tiny_llama, sample_texts
 
@@ -102,7 +102,7 @@ def test_the_collector_samples_every_exact_decile_and_quiet_sequences_below_the_
         assert exemplar.extreme <= threshold and truth[exemplar.record.seq_id] <= threshold + 1e-3
         assert " old" not in exemplar.record.tokens
     # the table holds the kind; every split has its own quiet sample
-    table = store.read("exemplars", 0, "pos").filter(pl.col("kind") == ExemplarKind.QUIET.value)
+    table = store.read("exemplars", 0, "pos").filter(pl.col("sample") == Sample.QUIET.value)
     assert set(table["split"].unique()) == {"train", "val", "test"}
     for split in Split:  # train is gated against the running max: still below the final threshold
         assert all(e.extreme <= threshold for e in feature.quiet(split))
@@ -117,18 +117,18 @@ def test_detection_and_fuzzing_show_every_decile_and_the_top(collected):
     positives, negatives, threshold = activating_and_quiet(feature, Split.VAL, JudgeSample(BINS + 1, 8, FRACTION),
                                                            random.Random(0))
     top_ids = {e.record.seq_id for e in feature.top(Split.VAL)}
-    assert any(e.kind is ExemplarKind.TOP for e in positives) and top_ids & {e.record.seq_id for e in positives}
-    shown_bins = {e.bin for e in positives if e.kind is ExemplarKind.QUANTILE}
+    assert any(e.sample is Sample.TOP for e in positives) and top_ids & {e.record.seq_id for e in positives}
+    shown_bins = {e.bin for e in positives if e.sample is Sample.QUANTILE}
     # a top exemplar may also be the sample of the top decile: then that decile is shown by it
     top_decile = {e.record.seq_id for e in feature.quantile(Split.VAL) if e.bin == BINS - 1}
     assert shown_bins | ({BINS - 1} if top_decile & top_ids else set()) == set(range(BINS))
     assert all(e.extreme > threshold for e in positives)
     assert negatives and all(e.extreme <= threshold for e in negatives)
-    assert all(e.kind is ExemplarKind.QUIET for e in negatives)
+    assert all(e.sample is Sample.QUIET for e in negatives)
     assert not {e.record.seq_id for e in positives} & {e.record.seq_id for e in negatives}
     # fewer wanted than strata: the top and the strongest deciles first, never only the weakest
     few, _, _ = activating_and_quiet(feature, Split.VAL, JudgeSample(4, 0, FRACTION), random.Random(0))
-    assert few[0].kind is ExemplarKind.TOP and min(e.extreme for e in few) >= sorted(
+    assert few[0].sample is Sample.TOP and min(e.extreme for e in few) >= sorted(
         e.extreme for e in feature.quantile(Split.VAL))[BINS - 4] - 1e-6
 
 
@@ -192,7 +192,7 @@ def test_show_lists_a_features_quiet_sequences(collected, capsys):
 
     config, _, features = collected
     path = config.root.parent / "config.yaml"
-    assert main(["--config", str(path), "show", "0", str(OLD.index), "--split", "val", "--kind", "quiet", "-n", "3"]) == 0
+    assert main(["--config", str(path), "show", "0", str(OLD.index), "--split", "val", "--sample", "quiet", "-n", "3"]) == 0
     out = capsys.readouterr().out
     assert "quiet val exemplars" in out
     shown = [line for line in out.splitlines() if re.match(r"^\s*\d+\s+-?\d+\.\d+\s", line)]
@@ -239,7 +239,8 @@ def test_the_scoring_stage_judges_only_the_best_candidate_and_the_control(collec
     store.write("candidate_descriptions", pl.DataFrame(
         {"neuron": [n for n in sorted(features) for _ in candidates], "candidate": [0, 1, 2] * len(features),
          "description": candidates * len(features)}), 0, "pos")
-    written = make_description_scores(config, 0, Polarity.POS, "test", Scoring.build(config, store, judge=_RuleJudge()))
+    [written] = make_description_scores(config, [Partition(0, Polarity.POS)], "test",
+                                        Scoring.build(config, store, judge=_RuleJudge()))
     frame = store.read("description_scores", 0, "pos").filter(pl.col("split") == "val")
     planted = frame.filter(pl.col("neuron") == OLD.index)
     judged = planted.filter(pl.col("scorer").is_in(["detection", "fuzzing"]))

@@ -23,7 +23,7 @@ SPREAD_BY_FEATURE = """
 select layer, polarity, neuron, min(extreme) as weakest, max(extreme) - min(extreme) as extreme_spread,
        stddev_pop(a) as activation_sd
 from (select e.layer, e.polarity, e.neuron, e.extreme, unnest(e.activations[s.prefix_len + 1:]) as a
-      from exemplars e join sequences s using (seq_id) where e.kind = 'top' and e.feature_kind = 'neuron')
+      from exemplars e join sequences s using (seq_id) where e.sample = 'top' and e.kind = 'neuron')
 group by all order by all
 """
 

@@ -182,7 +182,7 @@ def test_clear_errors_name_the_fix(distilled_run, tmp_path):
 
 
 def test_a_plain_run_leaves_the_distilled_explainer_out(distilled_run):
-    from neuron_assets.resume import in_plain_run
+    from neuron_assets.stages.graph import in_plain_run
 
     config = load_config(distilled_run)
     assert not in_plain_run("explainer_distilled", config) and not in_plain_run("distilled_explainer_eval", config)

@@ -25,7 +25,7 @@ from neuron_assets.explain.puzzles import Puzzle
 from neuron_assets.types import (
     ActivationRecord,
     Exemplar,
-    ExemplarKind,
+    Sample,
     FeatureExemplars,
     FeatureId,
     FeatureStats,
@@ -82,7 +82,7 @@ def record(seq_id: int, pairs, sign: int = 1, prefix_len: int = 0) -> Activation
 def feature(rows, polarity: Polarity = Polarity.POS, quantiles=QUANTILES, extra=()) -> FeatureExemplars:
     """Train top exemplars from ``rows`` (activations given in the polarity's orientation)."""
     records = [record(i, r, polarity.sign) for i, r in enumerate(rows)]
-    exemplars = [Exemplar(Split.TRAIN, ExemplarKind.TOP, i, float(np.max(np.abs(r.activations))), r)
+    exemplars = [Exemplar(Split.TRAIN, Sample.TOP, i, float(np.max(np.abs(r.activations))), r)
                  for i, r in enumerate(records)]
     stats = FeatureStats(max=9.0, mean=0.1, std=1.0, frac_active=0.05, quantiles=dict(quantiles))
     return FeatureExemplars(FeatureId(2, 7, polarity), stats, tuple(exemplars) + tuple(extra))
@@ -180,8 +180,8 @@ def test_contrastive_prompt_golden():
     hard = record(10, [("A", 0), (" mat", 0.0), (" and", 0), (" a", 0), (" rug", 0.1), (" lay", 0), (" there", 0)])
     calm = record(11, [("Nothing", 0), (" to", 0), (" see", 0), (".", 0)])
     active = record(12, [("Some", 0), (" mat", 8.0)])  # active: neither kind of negative
-    extra = [Exemplar(Split.TRAIN, ExemplarKind.RANDOM, i, 0.0, r) for i, r in enumerate((hard, calm, active))]
-    extra.append(Exemplar(Split.VAL, ExemplarKind.RANDOM, 0, 0.0, record(13, [("Val", 0), (" mat", 0)])))
+    extra = [Exemplar(Split.TRAIN, Sample.RANDOM, i, 0.0, r) for i, r in enumerate((hard, calm, active))]
+    extra.append(Exemplar(Split.VAL, Sample.RANDOM, 0, 0.0, record(13, [("Val", 0), (" mat", 0)])))
     messages = messages_for(PromptFormat.CONTRASTIVE, feature(ROWS, extra=extra))
     assert messages[0].content.startswith(
         "We are studying a feature of a neural network language model: a number computed at every token of a text, "

@@ -164,7 +164,7 @@ print("LOGPROBS " + json.dumps({"engines": [engines, len(runtime.loaded())], "ta
 def test_vllm_offline_backend_runs_in_the_vllm_venv(served, tmp_path):
     """The offline LLM backend, run by the vLLM venv's interpreter (polars borrowed from ours),
     on a distilled explainer's checkpoint folder (the tiny Llama fine-tuned for a few steps by
-    neuron_assets.explain.distill): vLLM loads the folder by path, as explain.model gives it."""
+    neuron_assets.distill): vLLM loads the folder by path, as explain.model gives it."""
     _, _, base_dir, _ = served
     model_dir = distilled_folder(base_dir, tmp_path / "distilled")
     borrowed = tmp_path / "borrowed"

@@ -14,7 +14,7 @@ from neuron_assets.exemplars import Interrupted, collect_exemplars, load_feature
 from neuron_assets.stages import make_corpus, make_exemplars
 from neuron_assets.store import Store
 from neuron_assets.subject import SubjectError, find_sites, load_subject
-from neuron_assets.types import ExemplarKind, Polarity, Split
+from neuron_assets.types import Sample, Polarity, Split
 
 POLARITIES = [Polarity.POS, Polarity.NEG]
 
@@ -64,7 +64,7 @@ def test_streaming_topk_equals_brute_force_with_padding(tiny_config, chat_corpus
                     ])
                     order = np.argsort(-extremes, kind="stable")[:k]
                     got = exemplars.filter(
-                        (pl.col("neuron") == neuron) & (pl.col("split") == split.value) & (pl.col("kind") == "top")
+                        (pl.col("neuron") == neuron) & (pl.col("split") == split.value) & (pl.col("sample") == "top")
                     ).sort("rank")
                     np.testing.assert_allclose(got["extreme"].to_numpy(), extremes[order], rtol=1e-5, atol=1e-6)
                     # Ties (repeated sentences) may pick another sequence of equal value: check identity by value.
@@ -83,10 +83,10 @@ def test_quantile_and_random_samples_are_well_formed(tiny_config):
     neurons = {1: list(range(8))}
     tables = collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8, progress=False)
     exemplars, stats = tables[(1, Polarity.POS)]
-    random_rows = exemplars.filter(pl.col("kind") == "random")
+    random_rows = exemplars.filter(pl.col("sample") == "random")
     assert random_rows.group_by("split").agg(pl.col("seq_id").n_unique())["seq_id"].to_list() == [2, 2, 2]
     assert random_rows.group_by("neuron").len()["len"].unique().to_list() == [6]  # same sequences for every neuron
-    quantile = exemplars.filter(pl.col("kind") == "quantile")
+    quantile = exemplars.filter(pl.col("sample") == "quantile")
     assert (quantile["extreme"] > 0).all(), "quantile samples come from activating sequences"
     for (neuron, split), group in quantile.group_by("neuron", "split"):
         assert group.sort("bin")["extreme"].is_sorted()
@@ -374,7 +374,7 @@ def test_tables_round_trip_through_the_catalog(tiny_config):
     assert len(features) == 6
     top = features[0].top(Split.TRAIN)
     assert len(top) == 3 and top[0].extreme >= top[-1].extreme and top[0].record.tokens[0] == "<|begin_of_text|>"
-    assert features[0].select(Split.VAL, ExemplarKind.RANDOM)
+    assert features[0].select(Split.VAL, Sample.RANDOM)
 
 
 # -- the planned pass -----------------------------------------------------------------------

@@ -76,13 +76,13 @@ def test_the_explain_stage_gives_each_feature_its_promoted_tokens(described_run)
     strongest first, to what the prompt builder sees."""
     from neuron_assets.config import load_config
     from neuron_assets.exemplars import load_feature_exemplars
-    from neuron_assets.stages import _with_output_tokens
+    from neuron_assets.stages.descriptions import with_output_tokens
     from neuron_assets.store import Store
     from neuron_assets.types import Polarity
 
     store = Store(load_config(described_run).root)
     features = load_feature_exemplars(store, 1, Polarity.NEG)
-    attached = _with_output_tokens(features, store, 1, Polarity.NEG, "neuron", log=lambda _: None)
+    attached = with_output_tokens(features, store, 1, Polarity.NEG, "neuron", log=lambda _: None)
     table = store.read("output_tokens", 1, "neg")
     for feature in attached:
         rows = table.filter(table["neuron"] == feature.feature.index).sort("rank")

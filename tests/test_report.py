@@ -16,7 +16,7 @@ from neuron_assets.cli import main
 from neuron_assets.config import load_config
 from neuron_assets.report.neuron import load_neuron
 from neuron_assets.store import Store
-from neuron_assets.types import ExemplarKind, Split
+from neuron_assets.types import Sample, Split
 
 
 def _store(config_path: Path) -> Store:
@@ -87,7 +87,7 @@ def test_show_html_writes_one_self_contained_page(described_run, tmp_path, capsy
     view = load_neuron(store, 1, row["neuron"], "neg")
     assert list(view.polarities) == ["neg", "pos"], "both polarities, the asked one first"
     shown = [e for p in view.polarities.values()
-             for e in p.feature.select(Split.TRAIN, ExemplarKind.TOP)[:3] + p.feature.select(Split.TRAIN, ExemplarKind.QUANTILE)]
+             for e in p.feature.select(Split.TRAIN, Sample.TOP)[:3] + p.feature.select(Split.TRAIN, Sample.QUANTILE)]
     tokens = [t for e in shown for t in e.record.tokens]
     spans = re.findall(r'<span class="t( c)?"[^>]*>(.*?)</span>', text, flags=re.DOTALL)
     assert len(spans) == len(tokens), "one heat-map span per shown token"

@@ -42,7 +42,7 @@ def test_collector_latent_exemplars_equal_brute_force(tiny_config):
     alone = collect_exemplars(*args, batch_size=8, progress=False)
     exemplars, stats = with_sae[(1, Polarity.POS)]
     assert stats.select("kind", "neuron").rows() == [("neuron", 2), ("neuron", 7)] + [("sae", j) for j in latents]
-    assert exemplars.filter(pl.col("feature_kind") == "neuron").equals(alone[(1, Polarity.POS)][0])
+    assert exemplars.filter(pl.col("kind") == "neuron").equals(alone[(1, Polarity.POS)][0])
 
     # brute force: every train sequence through the model, the SAE on its site activations
     train = sequences.filter(pl.col("split") == "train").sort("seq_id")
@@ -54,7 +54,7 @@ def test_collector_latent_exemplars_equal_brute_force(tiny_config):
         for j, value in zip(latents, encoded.tolist()):
             if value > best[j][0]:
                 best[j] = (value, row["seq_id"])
-    top = exemplars.filter((pl.col("feature_kind") == "sae") & (pl.col("split") == "train") & (pl.col("kind") == "top")
+    top = exemplars.filter((pl.col("kind") == "sae") & (pl.col("split") == "train") & (pl.col("sample") == "top")
                            & (pl.col("rank") == 0))
     for j in latents:
         got = top.filter(pl.col("neuron") == j).row(0, named=True)

@@ -24,7 +24,7 @@ from neuron_assets.simulate.training import (
     seen_features,
     train_simulator,
 )
-from neuron_assets.types import ExemplarKind, FeatureId, Polarity
+from neuron_assets.types import Sample, FeatureId, Polarity
 from tests.support.planted import planted_candidates, planted_corpus, planted_feature, planted_words
 
 
@@ -59,8 +59,8 @@ def test_training_data_plan(planted):
         values = np.asarray(row["activations"], dtype=np.float32)
         assert row["labels"][0] == 0  # the prefix (activation 3.0 there) is never a label
         np.testing.assert_array_equal(np.asarray(row["labels"][1:]), discretize(values, feature.stats.max)[1:])
-    kinds = frame.filter(pl.col("role") == STAGE1).group_by("neuron").agg(pl.col("exemplar_kind").unique())
-    assert all(ExemplarKind.TOP.value in k and len(k) > 1 for k in kinds["exemplar_kind"])  # top and quiet ones
+    kinds = frame.filter(pl.col("role") == STAGE1).group_by("neuron").agg(pl.col("sample").unique())
+    assert all(Sample.TOP.value in k and len(k) > 1 for k in kinds["sample"])  # top and quiet ones
     # stage 2 re-ranks on val exemplars, and trains on train ones
     val_ids = {e.record.seq_id for f in features for e in f.exemplars if e.split.value == "val"}
     assert set(frame.filter(pl.col("role") == RERANK)["seq_id"]) <= val_ids

@@ -28,7 +28,7 @@ from neuron_assets.simulate.finetuned import load_released_simulator
 from neuron_assets.types import (
     ActivationRecord,
     Exemplar,
-    ExemplarKind,
+    Sample,
     FeatureExemplars,
     FeatureId,
     FeatureStats,
@@ -205,7 +205,7 @@ def test_distilled_prompt_has_its_system_prompt_no_few_shot_and_10_to_20_permute
     top = [chat_record(100 + i, [(" a", 0.0), (f" w{i}", 2.0 + i)]) for i in range(20)]
     feature = FeatureExemplars(
         FeatureId(4, 9, Polarity.POS), FeatureStats(max=30.0, mean=0.1, std=1.0, frac_active=0.1),
-        tuple(Exemplar(Split.TRAIN, ExemplarKind.TOP, i, float(r.activations.max()), r)
+        tuple(Exemplar(Split.TRAIN, Sample.TOP, i, float(r.activations.max()), r)
               for i, r in enumerate(sorted(top, key=lambda r: -r.activations[-1]))))
     config = ExplainConfig(prompt_format="transluce_distilled", few_shot=False, cot=False, k=6,
                            exemplars_min=10, exemplars_max=20)

@@ -18,7 +18,7 @@ from neuron_assets.exemplars.batches import SEQUENCE_COLUMNS
 from neuron_assets.exemplars.checkpoint import checkpoint_name
 from neuron_assets.exemplars.collect import Interrupted, collect_exemplars
 from neuron_assets.exemplars.plan import ExemplarPlan, PassGroup, plan_exemplar_pass
-from neuron_assets.exemplars.read import load_feature_exemplars, with_feature_kind
+from neuron_assets.exemplars.read import load_feature_exemplars
 from neuron_assets.exemplars.stats import STAT_QUANTILES
 from neuron_assets.features.selection import NEURON_KIND, SAE_KIND, SaeLatents, feature_axis, select_neurons
 
@@ -37,5 +37,4 @@ __all__ = [
     "load_feature_exemplars",
     "plan_exemplar_pass",
     "select_neurons",
-    "with_feature_kind",
 ]

@@ -92,8 +92,8 @@ def collect_exemplars(
     ``saes[layer]``, when given, adds latents of an SAE over that layer's site to the layer's
     feature axis (:func:`feature_axis`): the same hook that reads the neurons encodes the
     site's input with the SAE, so top-k, samples and statistics treat a latent as a neuron.
-    Rows carry the feature's kind (``feature_kind`` in exemplars, whose ``kind`` is the
-    exemplar's; ``kind`` in the stats) and its index within that kind.
+    Rows carry the feature's kind (column ``kind``: neuron or sae) and its index within that
+    kind; an exemplar row's ``sample`` says how it was drawn (top, random, quantile, quiet).
 
     ``sequences`` needs only seq_id, split, token_ids, prefix_len and n_tokens. ``plan`` is
     :func:`plan_exemplar_pass`'s (made here when None). ``checkpoint`` is a folder the run

@@ -12,7 +12,7 @@ from neuron_assets.store import Store
 from neuron_assets.types import (
     ActivationRecord,
     Exemplar,
-    ExemplarKind,
+    Sample,
     FeatureExemplars,
     FeatureId,
     FeatureStats,
@@ -26,24 +26,23 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
     """Every feature's exemplars and stats for one layer x polarity (or only ``neurons``, read
     with the filter pushed into the Parquet scan; only features of ``kind`` when given),
     tokens joined in; only the sequences the exemplars use are read, and each sequence's
-    tokens are built once. Neurons come before SAE latents; tables written before features
-    had kinds read as neurons."""
+    tokens are built once. Neurons come before SAE latents."""
     polarity = Polarity(polarity)
     for table, partition in (("exemplars", (layer, polarity.value)), ("neuron_stats", (layer, polarity.value)), ("sequences", ())):
         if not store.exists(table, *partition):
             store.read(table, *partition)  # raises the error that says how to make the table
 
-    def scan(table: str, kind_column: str) -> pl.LazyFrame:
-        frame = with_feature_kind(store.scan(table, layer, polarity.value), kind_column)
+    def scan(table: str) -> pl.LazyFrame:
+        frame = store.scan(table, layer, polarity.value)
         if kind is not None:
-            frame = frame.filter(pl.col(kind_column) == kind)
+            frame = frame.filter(pl.col("kind") == kind)
         return frame if neurons is None else frame.filter(pl.col("neuron").is_in(list(neurons)))
 
-    kind_order = pl.col("feature_kind") != NEURON_KIND  # neurons first
-    exemplars = (scan("exemplars", "feature_kind")
-                 .select("feature_kind", "neuron", "split", "kind", "rank", "bin", "extreme", "seq_id", "activations")
-                 .sort(kind_order, "feature_kind", "neuron", "split", "kind", "rank").collect())
-    stats = scan("neuron_stats", "kind").sort(pl.col("kind") != NEURON_KIND, "kind", "neuron").collect()
+    kind_order = pl.col("kind") != NEURON_KIND  # neurons first
+    exemplars = (scan("exemplars")
+                 .select("kind", "neuron", "split", "sample", "rank", "bin", "extreme", "seq_id", "activations")
+                 .sort(kind_order, "kind", "neuron", "split", "sample", "rank").collect())
+    stats = scan("neuron_stats").sort(kind_order, "kind", "neuron").collect()
     sequences = (
         store.scan("sequences")
         .select("seq_id", "tokens", "token_ids", "prefix_len")
@@ -60,19 +59,19 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
     flat = exemplars["activations"].explode().to_numpy().astype(np.float32)
     bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64).tolist()
     splits = [Split(s) for s in exemplars["split"].to_list()]
-    kinds = [ExemplarKind(k) for k in exemplars["kind"].to_list()]
+    samples = [Sample(k) for k in exemplars["sample"].to_list()]
     ranks, extremes, bins = exemplars["rank"].to_list(), exemplars["extreme"].to_list(), exemplars["bin"].to_list()
     rows_seq = [seq_index[s] for s in exemplars["seq_id"].to_list()]
     seq_id_list = exemplars["seq_id"].to_list()
     neuron_col = exemplars["neuron"].to_numpy()
-    kind_col = exemplars["feature_kind"].to_numpy()
+    kind_col = exemplars["kind"].to_numpy()
     changes = (neuron_col[1:] != neuron_col[:-1]) | (kind_col[1:] != kind_col[:-1])
     starts = np.flatnonzero(np.r_[True, changes]) if len(neuron_col) else np.array([], dtype=int)
     ends = np.r_[starts[1:], len(neuron_col)].astype(int)
     by_neuron: dict[tuple[str, int], tuple[Exemplar, ...]] = {}
     for lo, hi in zip(starts.tolist(), ends.tolist()):
         by_neuron[(str(kind_col[lo]), int(neuron_col[lo]))] = tuple(
-            Exemplar(splits[i], kinds[i], ranks[i], extremes[i],
+            Exemplar(splits[i], samples[i], ranks[i], extremes[i],
                      ActivationRecord(seq_id_list[i], seq_tokens[rows_seq[i]], seq_ids_tokens[rows_seq[i]],
                                       flat[bounds[i] : bounds[i + 1]], seq_prefix[rows_seq[i]]), bins[i])
             for i in range(lo, hi)
@@ -86,10 +85,3 @@ def load_feature_exemplars(store: Store, layer: int, polarity: Polarity, neurons
                                          FeatureStats(max_, mean, std, frac, quantiles),
                                          by_neuron.get((feature_kind, neuron), ())))
     return features
-
-
-def with_feature_kind(frame, column: str = "kind"):
-    """A per-feature table (frame or lazy frame) with its kind column; tables written before
-    features had kinds hold only neurons."""
-    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
-    return frame if column in names else frame.with_columns(pl.lit(NEURON_KIND).alias(column))

@@ -12,7 +12,7 @@ from neuron_assets.config import ExemplarsConfig
 from neuron_assets.exemplars.batches import Batch, CountedRanges
 from neuron_assets.exemplars.plan import CHUNK_BYTES, KEPT_ACT_BYTES
 from neuron_assets.exemplars.stats import TokenStats
-from neuron_assets.types import ExemplarKind, Polarity, Split
+from neuron_assets.types import Sample, Polarity, Split
 
 
 @dataclass
@@ -38,9 +38,9 @@ class FeatureLayout:
 
 @dataclass
 class Block:
-    """(F, j) arrays of one kind of exemplar in one split, ready to flatten into rows."""
+    """(F, j) arrays of one sample of exemplars in one split, ready to flatten into rows."""
 
-    kind: ExemplarKind
+    sample: Sample
     split: Split
     seq_ids: torch.Tensor
     extremes: torch.Tensor

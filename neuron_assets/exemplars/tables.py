@@ -18,7 +18,7 @@ from neuron_assets.exemplars.plan import TABLE_WORKERS
 from neuron_assets.exemplars.state import Block, KeptSequences, PassState, SplitState, activating_threshold
 from neuron_assets.exemplars.stats import SampleTokens
 from neuron_assets.features.selection import NEURON_KIND, SAE_KIND
-from neuron_assets.types import ExemplarKind, Polarity, Split
+from neuron_assets.types import Sample, Polarity, Split
 
 
 def pass_tables(state: PassState, corpus: Corpus, config: ExemplarsConfig, seed: int):
@@ -57,7 +57,7 @@ def layer_tables(state: PassState, layer: int, tokens: SampleTokens, corpus: Cor
         threshold = activating_threshold(train.top[polarity.value].extremes[cols], config)
         for split in Split:
             held = state.splits[split.value]
-            blocks.append(replace(held.top[polarity.value].rows(cols).ranked(), kind=ExemplarKind.TOP, split=split))
+            blocks.append(replace(held.top[polarity.value].rows(cols).ranked(), sample=Sample.TOP, split=split))
             reservoir = held.reservoir.get(polarity.value)
             if reservoir is not None:  # train members at or below the final threshold leave
                 kept = reservoir.rows(cols)
@@ -67,7 +67,7 @@ def layer_tables(state: PassState, layer: int, tokens: SampleTokens, corpus: Cor
             if quiet is not None:
                 kept = quiet.rows(cols)
                 ranked = _keeping(kept, kept.extremes <= threshold.unsqueeze(1)).ranked()  # a no-op check
-                blocks.append(replace(ranked, kind=ExemplarKind.QUIET, split=split))
+                blocks.append(replace(ranked, sample=Sample.QUIET, split=split))
             blocks.append(_random_block(held, cols, split, polarity, corpus))
         stats = stats_frames[polarity].with_columns(
             pl.Series("neuron", state.layout.neurons[layer], dtype=pl.Int32),
@@ -98,7 +98,7 @@ class LayerAssembler:
             if len(parts) == 1:
                 self.emit(layer, polarity, *parts[0])
             else:
-                self.emit(layer, polarity, pl.concat([e for e, _ in parts]).sort("neuron", "split", "kind", "rank"),
+                self.emit(layer, polarity, pl.concat([e for e, _ in parts]).sort("neuron", "split", "sample", "rank"),
                           pl.concat([s for _, s in parts]).sort("neuron"))
 
 
@@ -117,7 +117,7 @@ def label_kinds(exemplars: pl.DataFrame, stats: pl.DataFrame, width: int) -> tup
         order.insert(order.index(after) + 1, column)
         return frame.select(order)
 
-    return labelled(exemplars, "feature_kind", "polarity"), labelled(stats, "kind", "polarity")
+    return labelled(exemplars, "kind", "polarity"), labelled(stats, "kind", "polarity")
 
 
 def _keeping(kept: KeptSequences, keep: torch.Tensor) -> KeptSequences:
@@ -144,7 +144,7 @@ def _quantile_block(reservoir: KeptSequences, split: Split, config: ExemplarsCon
     position = torch.minimum(position, (hi - 1).clamp(min=0))
     valid &= torch.cat([torch.ones_like(position[:, :1], dtype=torch.bool), position[:, 1:] != position[:, :-1]], dim=1)
     members = order.gather(1, position)
-    return Block(ExemplarKind.QUANTILE, split, reservoir.seq_ids.gather(1, members), reservoir.extremes.gather(1, members),
+    return Block(Sample.QUANTILE, split, reservoir.seq_ids.gather(1, members), reservoir.extremes.gather(1, members),
                  reservoir.acts, valid, bin_index.expand_as(members), members)
 
 
@@ -158,7 +158,7 @@ def _random_block(state: SplitState, cols: slice, split: Split, polarity: Polari
     counted = (positions >= prefix.unsqueeze(1)) & (positions < lengths.unsqueeze(1))  # (n, T)
     signed = acts.float() * polarity.sign
     extremes = signed.masked_fill(~counted.unsqueeze(1), -torch.inf).amax(dim=2) if acts.shape[2] else signed.sum(2)
-    return Block(ExemplarKind.RANDOM, split, ids.unsqueeze(0).expand(features, -1), extremes.T,
+    return Block(Sample.RANDOM, split, ids.unsqueeze(0).expand(features, -1), extremes.T,
                  acts.permute(1, 0, 2), torch.ones(features, len(ids), dtype=torch.bool), None)
 
 
@@ -185,13 +185,13 @@ every table."""
 
 def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarity, n_tokens: np.ndarray) -> pl.DataFrame:
     """The rows of one layer x polarity, ordered by neuron, split, kind and rank, with no sort:
-    blocks are taken in (split, kind) order and each block lists its members feature by
+    blocks are taken in (split, sample) order and each block lists its members feature by
     feature (np.nonzero's order), so counting the members of every (feature, block) gives
     each row its place. The table is built in chunks of consecutive features, about
     FRAME_CHUNK_ROWS rows each: a block's activation rows are gathered once per chunk, side by
     side in one float16 buffer, which one gather then puts in the table's order (two gathers:
     on CPU a scatter into place costs several times more)."""
-    blocks = sorted(blocks, key=lambda b: (b.split.value, b.kind.value))
+    blocks = sorted(blocks, key=lambda b: (b.split.value, b.sample.value))
     members = [np.nonzero(block.valid.cpu().numpy()) for block in blocks]  # (features, slots), feature-major
     columns = [(block.seq_ids.cpu().numpy(), block.extremes.float().cpu().numpy(),
                 None if block.bins is None else block.bins.cpu().numpy(),
@@ -250,12 +250,12 @@ def _exemplar_frame(blocks, neuron_ids: list[int], layer: int, polarity: Polarit
     # columns are chunked differently, polars copies the whole table (activations included)
     # into one chunk at the next with_columns or select.
     splits = pl.Series("split", [b.split.value for b in blocks])
-    kinds = pl.Series("kind", [b.kind.value for b in blocks])
+    samples = pl.Series("sample", [b.sample.value for b in blocks])
 
     def labelled(chunk: pa.RecordBatch) -> pl.DataFrame:
         frame = pl.from_arrow(chunk)
         block = frame["block"]
         return frame.select("layer", pl.lit(polarity.value).alias("polarity"), "neuron", splits.gather(block),
-                            kinds.gather(block), "rank", "bin", "seq_id", "extreme", "activations")
+                            samples.gather(block), "rank", "bin", "seq_id", "extreme", "activations")
 
     return pl.concat([labelled(chunk) for chunk in chunks], rechunk=False)

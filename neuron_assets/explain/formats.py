@@ -250,7 +250,7 @@ class ContrastiveFormat:
         pool = {}
         for exemplar in feature.exemplars:
             if exemplar.split is Split.TRAIN:
-                pool.setdefault(exemplar.record.seq_id, (exemplar.kind.value, exemplar.record))
+                pool.setdefault(exemplar.record.seq_id, (exemplar.sample.value, exemplar.record))
         hard, calm = [], []
         for kind, record in pool.values():
             excerpt = excerpt_of(record, feature.feature.polarity, display)

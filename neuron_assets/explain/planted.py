@@ -15,7 +15,7 @@ import numpy as np
 from neuron_assets.types import (
     ActivationRecord,
     Exemplar,
-    ExemplarKind,
+    Sample,
     FeatureExemplars,
     FeatureId,
     FeatureStats,
@@ -72,9 +72,9 @@ def planted_feature(
     for split, chosen in by_split.items():
         extremes = [float(r.polarity_activations(polarity)[r.prefix_len :].max(initial=0.0)) for r in chosen]
         order = np.argsort(extremes, kind="stable")[::-1][:top_k]
-        exemplars += [Exemplar(split, ExemplarKind.TOP, rank, extremes[i], chosen[i]) for rank, i in enumerate(order)]
+        exemplars += [Exemplar(split, Sample.TOP, rank, extremes[i], chosen[i]) for rank, i in enumerate(order)]
         drawn = rng.choice(len(chosen), size=min(random_per_split, len(chosen)), replace=False)
-        exemplars += [Exemplar(split, ExemplarKind.RANDOM, rank, extremes[i], chosen[i])
+        exemplars += [Exemplar(split, Sample.RANDOM, rank, extremes[i], chosen[i])
                       for rank, i in enumerate(drawn)]
     train = np.concatenate([r.polarity_activations(polarity)[r.prefix_len :] for r in by_split[Split.TRAIN]])
     oriented = np.concatenate([polarity.sign * r.activations[r.prefix_len :] for r in by_split[Split.TRAIN]])

@@ -69,36 +69,36 @@ def unigram_candidates(exemplars: pl.DataFrame, stats: pl.DataFrame, sequences: 
                        polarity: Polarity, config: ExemplarsConfig) -> list[UnigramCandidate]:
     """The candidates of one layer x polarity (stats rows with ``is_unigram``), each with its
     top tokens from its train top and quantile exemplars. ``exemplars`` and ``stats`` are the
-    collector's tables (``feature_kind`` / ``kind`` columns); ``sequences`` needs seq_id,
+    collector's tables (``kind`` and ``sample`` columns); ``sequences`` needs seq_id,
     token_ids and prefix_len."""
     polarity = Polarity(polarity)
-    flagged = stats.filter(pl.col("is_unigram")).select(pl.col("kind").alias("feature_kind"), "neuron", "max")
+    flagged = stats.filter(pl.col("is_unigram")).select("kind", "neuron", "max")
     if flagged.height == 0:
         return []
     threshold = config.activating_fraction * pl.col("max").clip(lower_bound=0.0)
     value = pl.col("activations").cast(pl.Float32) * polarity.sign
     tokens = (
         exemplars.lazy()
-        .filter((pl.col("split") == "train") & pl.col("kind").is_in(["top", "quantile"]))
-        .join(flagged.lazy(), on=["feature_kind", "neuron"])
-        .unique(["feature_kind", "neuron", "seq_id"], keep="first", maintain_order=True)  # top and quantile may share one
-        .select("feature_kind", "neuron", "max", "seq_id", "activations")
+        .filter((pl.col("split") == "train") & pl.col("sample").is_in(["top", "quantile"]))
+        .join(flagged.lazy(), on=["kind", "neuron"])
+        .unique(["kind", "neuron", "seq_id"], keep="first", maintain_order=True)  # top and quantile may share one
+        .select("kind", "neuron", "max", "seq_id", "activations")
         .join(sequences.lazy().select("seq_id", "token_ids", "prefix_len"), on="seq_id")
         .with_columns(position=pl.int_ranges(0, pl.col("activations").list.len()))
         .explode("activations", "token_ids", "position")
         .filter((pl.col("position") >= pl.col("prefix_len")) & (value > threshold))
-        .group_by("feature_kind", "neuron", "token_ids")
+        .group_by("kind", "neuron", "token_ids")
         .agg(mass=value.sum(), typical=value.median())
-        .sort("feature_kind", "neuron", "mass", "token_ids", descending=[False, False, True, False])
-        .group_by("feature_kind", "neuron", maintain_order=True)
+        .sort("kind", "neuron", "mass", "token_ids", descending=[False, False, True, False])
+        .group_by("kind", "neuron", maintain_order=True)
         .head(TOP_TOKENS)
-        .group_by("feature_kind", "neuron", maintain_order=True)
+        .group_by("kind", "neuron", maintain_order=True)
         .agg("token_ids", "typical", "mass")
         .collect()
     )
-    found = {(row["feature_kind"], row["neuron"]): row for row in tokens.iter_rows(named=True)}
+    found = {(row["kind"], row["neuron"]): row for row in tokens.iter_rows(named=True)}
     candidates = []
-    for kind, index in flagged.select("feature_kind", "neuron").iter_rows():
+    for kind, index in flagged.select("kind", "neuron").iter_rows():
         row = found.get((kind, index))  # none only when no exemplar shows it activating
         candidates.append(UnigramCandidate(
             layer, polarity, kind, int(index),

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 
 from neuron_assets.report.neuron import NeuronView, PolarityView, exemplars_of, score_table, stats_line
-from neuron_assets.types import ActivationRecord, ExemplarKind, Polarity, Split
+from neuron_assets.types import ActivationRecord, Sample, Polarity, Split
 
 # Heat-map colours per polarity (r, g, b): the background's alpha is activation / scale.
 COLORS = {Polarity.POS: (230, 110, 0), Polarity.NEG: (20, 100, 230)}
@@ -144,9 +144,9 @@ def _polarity_column(view: PolarityView, split: Split, top_n: int) -> str:
     parts.append("<h3>activation histogram (train)</h3>" + image(
         activation_histogram(stats.quantiles, stats.max, stats.mean, COLORS[polarity]),
         f"activation histogram, {polarity.value}") + _histogram_caption(view))
-    top = exemplars_of(view, split, ExemplarKind.TOP, top_n)
+    top = exemplars_of(view, split, Sample.TOP, top_n)
     parts.append(f"<h3>top {split.value} exemplars</h3>" + _exemplars(top, view, "rank"))
-    quantile = exemplars_of(view, split, ExemplarKind.QUANTILE)
+    quantile = exemplars_of(view, split, Sample.QUANTILE)
     if quantile:
         parts.append(f"<h3>{split.value} exemplars by activation decile (lowest first)</h3>" + _exemplars(quantile, view, "bin"))
     parts.append("</div>")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from neuron_assets.store import Store
-from neuron_assets.types import ExemplarKind, FeatureExemplars, Polarity, Split
+from neuron_assets.types import Sample, FeatureExemplars, Polarity, Split
 
 CANDIDATE, SHUFFLED_CONTROL = "candidate", "shuffled_control"  # description_scores.role
 
@@ -164,12 +164,12 @@ def stats_line(view: PolarityView) -> str:
     return line
 
 
-def exemplars_of(view: PolarityView, split: Split, kind: ExemplarKind, n: int | None = None):
-    chosen = view.feature.select(Split(split), ExemplarKind(kind))
+def exemplars_of(view: PolarityView, split: Split, sample: Sample, n: int | None = None):
+    chosen = view.feature.select(Split(split), Sample(sample))
     return chosen if n is None else chosen[:n]
 
 
-def neuron_text(view: NeuronView, polarity: Polarity, split: Split, kind: ExemplarKind, n: int, color: bool) -> str:
+def neuron_text(view: NeuronView, polarity: Polarity, split: Split, sample: Sample, n: int, color: bool) -> str:
     """What `neuron-assets show` prints: statistics, descriptions and every score, exemplars."""
     from neuron_assets.report.render import highlight_terminal
 
@@ -189,8 +189,8 @@ def neuron_text(view: NeuronView, polarity: Polarity, split: Split, kind: Exempl
         lines += ["", "scores of every candidate (* selected) and the shuffled control (a scorer without a test "
                   "column scored val only):", *_aligned(header, rows)]
     others = [p.value for p in view.polarities if p is not Polarity(polarity)]
-    exemplars = exemplars_of(shown, split, kind, n)
-    lines.append(f"\n{kind.value} {split.value} exemplars (tokens at >= half the strongest exemplar's activation "
+    exemplars = exemplars_of(shown, split, sample, n)
+    lines.append(f"\n{sample.value} {split.value} exemplars (tokens at >= half the strongest exemplar's activation "
                  + ("in bold" if color else "in {{ }}") + "):")
     reference = max((e.extreme for e in exemplars), default=0.0)
     for exemplar in exemplars:
@@ -226,13 +226,10 @@ def _fmt(value) -> str:
 
 def _scan(store: Store, table: str, layer: int, polarity: Polarity, neurons: Sequence[int],
           kind: str = "neuron") -> pl.LazyFrame | None:
-    from neuron_assets.exemplars import with_feature_kind
-
     if not store.exists(table, layer, polarity.value):
         return None
-    column = "feature_kind" if table == "exemplars" else "kind"
-    return with_feature_kind(store.scan(table, layer, polarity.value), column).filter(
-        pl.col("neuron").is_in([int(n) for n in neurons]) & (pl.col(column) == kind))
+    return store.scan(table, layer, polarity.value).filter(
+        pl.col("neuron").is_in([int(n) for n in neurons]) & (pl.col("kind") == kind))
 
 
 def _frame(store: Store, table: str, layer: int, polarity: Polarity, neurons: Sequence[int],
@@ -294,9 +291,7 @@ def _collected_neurons(store: Store, layer: int, polarity: Polarity, kind: str =
     scan = _scan(store, "neuron_stats", layer, polarity, [], kind)
     if scan is None:
         return []
-    from neuron_assets.exemplars import with_feature_kind
-
-    frame = with_feature_kind(store.scan("neuron_stats", layer, polarity.value))
+    frame = store.scan("neuron_stats", layer, polarity.value)
     return sorted(frame.filter(pl.col("kind") == kind).select("neuron").collect()["neuron"].to_list())
 
 

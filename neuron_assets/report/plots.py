@@ -272,7 +272,7 @@ def sae_loss_figure(losses: Sequence[float], title: str = "SAE reconstruction lo
 
 def explainer_curves_figure(curves, title: str = "held-out features: mean best-of-k test score") -> bytes:
     """Mean best score vs k, one line per explainer (Transluce's Figure 5): ``curves`` are
-    neuron_assets.explain.distill.ExplainerCurve (explainer, model, k, mean_best_test)."""
+    neuron_assets.distill.ExplainerCurve (explainer, model, k, mean_best_test)."""
     from pathlib import Path
 
     plt, figure = _figure(5.0, 3.4)

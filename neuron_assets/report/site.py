@@ -133,17 +133,15 @@ _DESCRIPTION_COLUMNS = ("kind", "neuron", "candidate", "description", "scorer", 
 
 
 def _partition_summary(store: Store, layer: int, polarity: str) -> _Summary:
-    from neuron_assets.exemplars import with_feature_kind  # tables written before kinds hold neurons
-
-    stats = with_feature_kind(store.read("neuron_stats", layer, polarity))
+    stats = store.read("neuron_stats", layer, polarity)
     lineage = {k: stats[k][0] for k in ("model", "config_hash", "run_id") if k in stats.columns and stats.height}
     neurons = stats.select("kind", "neuron", "max", "frac_active")
     if store.exists("neuron_descriptions", layer, polarity):
-        described = with_feature_kind(store.read("neuron_descriptions", layer, polarity))
+        described = store.read("neuron_descriptions", layer, polarity)
         described = described.select([c for c in _DESCRIPTION_COLUMNS if c in described.columns])
         neurons = neurons.join(described.with_columns(pl.col("neuron").cast(neurons["neuron"].dtype)),
                                on=["kind", "neuron"], how="left")
-    scores = (with_feature_kind(store.read("description_scores", layer, polarity))
+    scores = (store.read("description_scores", layer, polarity)
               if store.exists("description_scores", layer, polarity) else pl.DataFrame())
     neurons = neurons.sort(pl.col("kind") != NEURON_KIND, "kind", "neuron")
     return _Summary(layer, polarity, neurons, scores, lineage)

@@ -43,7 +43,7 @@ import numpy as np
 from neuron_assets.types import (
     ActivationRecord,
     Exemplar,
-    ExemplarKind,
+    Sample,
     FeatureExemplars,
     FeatureId,
     FeatureStats,
@@ -98,10 +98,10 @@ class ValidityPuzzle:
         firing = sorted((r for r in self.records if r.activations.max(initial=0) > 0),
                         key=lambda r: -float(r.activations.max()))
         for rank, record in enumerate(firing):
-            exemplars.append(Exemplar(Split.VAL, ExemplarKind.TOP, rank, float(record.activations.max()), record))
+            exemplars.append(Exemplar(Split.VAL, Sample.TOP, rank, float(record.activations.max()), record))
         quiet = [r for r in self.records if not r.activations.max(initial=0) > 0]
         for rank, record in enumerate(quiet):
-            exemplars.append(Exemplar(Split.VAL, ExemplarKind.RANDOM, rank, 0.0, record))
+            exemplars.append(Exemplar(Split.VAL, Sample.RANDOM, rank, 0.0, record))
         peak = max((float(r.activations.max(initial=0)) for r in self.records), default=0.0)
         return FeatureExemplars(FeatureId(-1, 0, Polarity.POS, kind="puzzle"),
                                 FeatureStats(peak, 0.0, 0.0, 0.0), tuple(exemplars))

@@ -53,7 +53,6 @@ import polars as pl
 import torch
 
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
-from neuron_assets.finetune import load_training_state as _load_training_state  # noqa: F401 (tests/test_bad_input.py)
 from neuron_assets.finetune import train_steps
 from neuron_assets.numeric import derangement, token_correlation
 from neuron_assets.simulate.alignment import NOT_READ
@@ -129,7 +128,7 @@ def _plan_fold(fold: int, usable: Mapping[FeatureId, FeatureExemplars], candidat
                     "candidates": options,
                     "control_description": control,
                     "seq_id": record.seq_id,
-                    "exemplar_kind": exemplar.kind.value,
+                    "sample": exemplar.sample.value,
                     "tokens": list(record.tokens),
                     "token_ids": [int(t) for t in record.token_ids],
                     "prefix_len": record.prefix_len,
@@ -161,7 +160,7 @@ def training_roles(usable: Sequence[FeatureId], config: SimulatorTrainingConfig)
 TRAINING_DATA_SCHEMA = {
     "fold": pl.Int64, "role": pl.String, "layer": pl.Int64, "polarity": pl.String, "neuron": pl.Int64, "description": pl.String,
     "candidates": pl.List(pl.String), "control_description": pl.String, "seq_id": pl.Int64,
-    "exemplar_kind": pl.String, "tokens": pl.List(pl.String), "token_ids": pl.List(pl.Int64),
+    "sample": pl.String, "tokens": pl.List(pl.String), "token_ids": pl.List(pl.Int64),
     "prefix_len": pl.Int64, "activations": pl.List(pl.Float32), "labels": pl.List(pl.Int8),
 }
 
@@ -331,7 +330,7 @@ def train_simulator(
     losses: dict[str, list[float]] = {}
     heldout: dict[str, HeldoutCorrelation] = {}
     stage1_marker = work / "stage1.json"  # written (atomically) only once stage1/ is complete
-    stage1 = _load_stage1(stage1_dir, stage1_marker, model_config, log)
+    stage1 = load_stage1(stage1_dir, stage1_marker, model_config, log)
     if stage1 is not None:
         simulator, summary = stage1
         losses[STAGE1], heldout[STAGE1] = summary["loss"], HeldoutCorrelation(**summary["heldout"])
@@ -493,7 +492,7 @@ def fit(
                        gradient_checkpointing, simulator.device)
 
 
-def _load_stage1(stage1_dir: Path, marker: Path, model_config: FinetunedSimulatorConfig, log: Log):
+def load_stage1(stage1_dir: Path, marker: Path, model_config: FinetunedSimulatorConfig, log: Log):
     """(simulator, summary) of a finished stage 1, or None to train it: a stage 1 that cannot
     be read is set aside (its folder and marker renamed, not deleted) and named."""
     if not (marker.is_file() and (stage1_dir / "simulator.json").is_file()):

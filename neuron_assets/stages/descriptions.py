@@ -10,7 +10,6 @@ from neuron_assets.config import Config
 from neuron_assets.exemplars import (
     NEURON_KIND,
     load_feature_exemplars,
-    with_feature_kind,
 )
 from neuron_assets.progress import Progress
 from neuron_assets.stages.tables import (
@@ -53,7 +52,7 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
         for kind, of_kind in features_by_kind(load_feature_exemplars(store, layer, polarity)):
             features = _explained(of_kind, store, layer, polarity, config.explain.flagged_features, log, kind)
             if config.explain.output_tokens:
-                features = _with_output_tokens(features, store, layer, polarity, kind, log)
+                features = with_output_tokens(features, store, layer, polarity, kind, log)
             label = f"explain {layer}|{polarity.value}" + ("" if kind == NEURON_KIND else f" {kind}")
             with progress.task(label, len(features) * config.explain.k, "candidate") as task:
                 part = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
@@ -80,7 +79,7 @@ def _explained(features: list[FeatureExemplars], store: Store, layer: int, polar
     """The features explain.flagged_features keeps: all, those not flagged, or only those flagged."""
     if choice == "all":
         return features
-    stats = with_feature_kind(store.read("neuron_stats", layer, polarity.value))
+    stats = store.read("neuron_stats", layer, polarity.value)
     stats = stats.filter(pl.col("kind") == kind)
     present = [flag for flag in FLAGS if flag in stats.columns]
     if not present:
@@ -93,7 +92,7 @@ def _explained(features: list[FeatureExemplars], store: Store, layer: int, polar
     return kept
 
 
-def _with_output_tokens(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity, kind: str,
+def with_output_tokens(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity, kind: str,
                         log: Log) -> list[FeatureExemplars]:
     """Each feature with its logit-lens tokens (explain.output_tokens), strongest first."""
     from neuron_assets.features.logit_lens import OUTPUT_TOKENS_TABLE

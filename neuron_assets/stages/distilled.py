@@ -32,7 +32,7 @@ DISTILL_EVAL_SCORES_TABLE = "distilled_explainer_eval_scores"
 
 @dataclass(frozen=True)
 class DistilledWritten:
-    explainer: object  # neuron_assets.explain.distill.DistilledExplainer
+    explainer: object  # neuron_assets.distill.DistilledExplainer
     table_path: Path
     train_features: int
     heldout_features: int
@@ -42,7 +42,7 @@ def make_explainer_distilled(config: Config, run_id: str, log: Log = quiet, on_s
     """Fine-tune distill.base_model on the explainer prompt (no few-shot example) -> each
     training feature's selected description (neuron_descriptions), on features disjoint from
     the held-out ones; one row per trained checkpoint in table ``explainer_distilled``."""
-    from neuron_assets.explain.distill import (
+    from neuron_assets.distill import (
         DistillError,
         best_descriptions,
         build_examples,
@@ -51,7 +51,7 @@ def make_explainer_distilled(config: Config, run_id: str, log: Log = quiet, on_s
         load_base_tokenizer,
         split_features,
     )
-    from neuron_assets.explain.excerpts import TokenDisplay
+    from neuron_assets.excerpts import TokenDisplay
     from neuron_assets.llm.tokens import ChatTokenCounter
 
     store = Store(config.store_root)
@@ -108,7 +108,7 @@ EVAL_PLOT = "eval_best_of_k.png"  # written into the distilled checkpoint's fold
 
 @dataclass(frozen=True)
 class DistillEvalWritten:
-    curves: list  # neuron_assets.explain.distill.ExplainerCurve, base first
+    curves: list  # neuron_assets.distill.ExplainerCurve, base first
     table_path: Path
     scores_path: Path
     checkpoint: Path
@@ -125,7 +125,7 @@ def make_distilled_evaluation(config: Config, run_id: str, log: Log = quiet, sco
     candidate's scores (``distilled_explainer_eval_scores``)."""
     from neuron_assets import runtime
     from neuron_assets.explain import corpus_from_sequences, make_explainer
-    from neuron_assets.explain.distill import (
+    from neuron_assets.distill import (
         BASE,
         DISTILLED,
         DistillError,
@@ -186,12 +186,12 @@ def make_distilled_evaluation(config: Config, run_id: str, log: Log = quiet, sco
 
 
 def _described_features(store: Store) -> list[FeatureId]:
-    from neuron_assets.explain.distill import best_descriptions
+    from neuron_assets.distill import best_descriptions
 
     return list(best_descriptions(read_all(store, DESCRIPTIONS_TABLE)))
 
 
 def _in_hash_order(keys, seed: int, described: dict) -> list[str]:
-    from neuron_assets.explain.distill import heldout_rank
+    from neuron_assets.distill import heldout_rank
 
     return sorted((k for k in keys if k in described), key=lambda k: (heldout_rank(described[k], seed), k))

@@ -96,7 +96,7 @@ def make_exemplars(
         if (layer, polarity) not in wanted:
             return
         if polarity is not Polarity.POS:  # SAE latents are never negative: no neg description
-            exemplars = exemplars.filter(pl.col("feature_kind") != SAE_KIND)
+            exemplars = exemplars.filter(pl.col("kind") != SAE_KIND)
             stats = stats.filter(pl.col("kind") != SAE_KIND)
         write_table("exemplars", exemplars, layer, polarity)
         # Stats wait for the unigram confirmation, which probes every layer's candidates at once;

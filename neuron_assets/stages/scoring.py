@@ -12,7 +12,6 @@ import polars as pl
 from neuron_assets.config import Config
 from neuron_assets.exemplars import (
     load_feature_exemplars,
-    with_feature_kind,
 )
 from neuron_assets.progress import Progress
 from neuron_assets.score import JUDGE_SCORERS, Scorer, judged_candidates
@@ -150,7 +149,7 @@ def describe_partition(config: Config, partition: Partition, run_id: str, scorin
     started = time.perf_counter()
     store = Store(config.store_root)
     polarity = Polarity(polarity)
-    all_scores = with_feature_kind(store.read(SCORES_TABLE, layer, polarity.value))
+    all_scores = store.read(SCORES_TABLE, layer, polarity.value)
     scoring = scoring or Scoring.build(config, store)
     explainers = _explainers(store, layer, polarity)
     rows = []
@@ -222,7 +221,7 @@ def _val_provenance(scores: pl.DataFrame, scorer: Scorer) -> dict[int, tuple[str
 def _explainers(store: Store, layer: int, polarity: Polarity) -> dict[str, dict[tuple[int, int], dict]]:
     """kind -> (neuron, candidate) -> the backend and model that wrote the candidate."""
     try:
-        frame = with_feature_kind(store.read(CANDIDATES_TABLE, layer, polarity.value))
+        frame = store.read(CANDIDATES_TABLE, layer, polarity.value)
     except MissingTableError:
         return {}
     columns = [c for c in ("backend", "explainer_model") if c in frame.columns]

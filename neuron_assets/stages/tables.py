@@ -11,7 +11,6 @@ import polars as pl
 from neuron_assets.config import Config
 from neuron_assets.exemplars import (
     NEURON_KIND,
-    with_feature_kind,
 )
 from neuron_assets.progress import Progress
 from neuron_assets.store import Store
@@ -60,7 +59,7 @@ def with_kind(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
 
 def read_candidates(store: Store, layer: int, polarity: Polarity) -> dict[FeatureId, list[str | None]]:
     """Feature -> its candidates' descriptions by candidate number (None where one failed)."""
-    frame = with_feature_kind(store.read(CANDIDATES_TABLE, layer, polarity.value)).select(
+    frame = store.read(CANDIDATES_TABLE, layer, polarity.value).select(
         "kind", "neuron", "candidate", "description")
     out: dict[FeatureId, list[str | None]] = {}
     for row in frame.sort("kind", "neuron", "candidate").iter_rows(named=True):

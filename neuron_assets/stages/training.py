@@ -12,7 +12,6 @@ from neuron_assets.config import Config
 from neuron_assets.exemplars import (
     NEURON_KIND,
     load_feature_exemplars,
-    with_feature_kind,
 )
 from neuron_assets.simulate import needs_checkpoint
 from neuron_assets.simulate.checkpoints import append_checkpoint_rows, simulate_hash
@@ -25,7 +24,7 @@ from neuron_assets.stages.tables import (
 )
 from neuron_assets.store import Store, with_lineage
 from neuron_assets.subject import load_tokenizer
-from neuron_assets.types import ExemplarKind, FeatureExemplars, FeatureId, Polarity, Split
+from neuron_assets.types import Sample, FeatureExemplars, FeatureId, Polarity, Split
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,11 @@ def _usable_features(store: Store, layer: int, polarity: Polarity,
     for table in ("neuron_stats", "exemplars"):
         if not store.exists(table, layer, polarity.value):
             store.read(table, layer, polarity.value)  # raises MissingTableError, which says what to materialize
-    positive = set(with_feature_kind(store.scan("neuron_stats", layer, polarity.value))
+    positive = set(store.scan("neuron_stats", layer, polarity.value)
                    .filter((pl.col("max") > 0) & (pl.col("kind") == NEURON_KIND)).select("neuron").collect()["neuron"].to_list())
-    with_top = set(with_feature_kind(store.scan("exemplars", layer, polarity.value), "feature_kind")
-                   .filter((pl.col("split") == Split.TRAIN.value) & (pl.col("kind") == ExemplarKind.TOP.value)
-                           & (pl.col("feature_kind") == NEURON_KIND))
+    with_top = set(store.scan("exemplars", layer, polarity.value)
+                   .filter((pl.col("split") == Split.TRAIN.value) & (pl.col("sample") == Sample.TOP.value)
+                           & (pl.col("kind") == NEURON_KIND))
                    .select(pl.col("neuron").unique()).collect()["neuron"].to_list())
     return [FeatureId(layer, n, polarity) for n in sorted(with_candidate & positive & with_top)]
 
@@ -155,6 +154,6 @@ def _weighted_mean(pairs: list[tuple[float, int]]) -> float:
 
 
 def _special_tokens(tokenizer) -> list[str]:
-    from neuron_assets.explain.excerpts import special_tokens
+    from neuron_assets.excerpts import special_tokens
 
     return sorted({text for text in special_tokens(tokenizer).values() if text})

@@ -16,7 +16,7 @@ import numpy as np
 from neuron_assets.types import (
     ActivationRecord,
     Exemplar,
-    ExemplarKind,
+    Sample,
     FeatureExemplars,
     FeatureId,
     FeatureStats,
@@ -87,12 +87,12 @@ def planted_feature(corpus: PlantedCorpus, word: str, index: int, polarity: Pola
                 train_values.append(values[1:])
         extremes = [float(r.polarity_activations(polarity)[1:].max()) for r in records]
         order = sorted(range(len(records)), key=lambda i: -extremes[i])[:top_k]
-        exemplars += [Exemplar(split, ExemplarKind.TOP, rank, extremes[i], records[i]) for rank, i in enumerate(order)]
-        exemplars += [Exemplar(split, ExemplarKind.RANDOM, rank, extremes[i], records[i])
+        exemplars += [Exemplar(split, Sample.TOP, rank, extremes[i], records[i]) for rank, i in enumerate(order)]
+        exemplars += [Exemplar(split, Sample.RANDOM, rank, extremes[i], records[i])
                       for rank, i in enumerate(corpus.random_ids[split])]
         active = [i for i in sorted(range(len(records)), key=lambda i: -extremes[i]) if extremes[i] > 0.5]
         sampled = active[len(active) // 2 :: max(1, len(active) // 4)][:2]  # from the lower deciles, like delphi
-        exemplars += [Exemplar(split, ExemplarKind.QUANTILE, rank, extremes[i], records[i]) for rank, i in enumerate(sampled)]
+        exemplars += [Exemplar(split, Sample.QUANTILE, rank, extremes[i], records[i]) for rank, i in enumerate(sampled)]
     flat = np.concatenate(train_values)
     stats = FeatureStats(float(flat.max()), float(flat.mean()), float(flat.std()), float((flat > 0).mean()), {})
     return FeatureExemplars(FeatureId(layer, index, polarity), stats, tuple(exemplars))
