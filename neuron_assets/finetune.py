@@ -13,6 +13,7 @@ them back in, so a saved checkpoint is always a plain model folder.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,37 +27,45 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 STATE_KEYS = frozenset({"model", "optimizer", "schedule", "step", "losses", "rng"})
 
 
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How :func:`train_steps` trains: the settings the simulator's training and the distilled
+    explainer's share (each builds them from its own config section)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float = 0.01
+    warmup_share: float = 0.1
+    seed: int = 0
+    save_every: int = 50  # steps between two saves of the resume state
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False
+
+
 def train_steps(
     model: torch.nn.Module,
     examples: int,
     micro_batch_loss: Callable[[np.ndarray], torch.Tensor],
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    weight_decay: float = 0.01,
-    warmup_share: float = 0.1,
-    seed: int = 0,
+    settings: TrainingSettings,
     resume: Path | None = None,
-    save_every: int = 50,
     log: Log = print,
     on_step: Callable[[int, int, float], object] | None = None,
-    grad_accum_steps: int = 1,
-    gradient_checkpointing: bool = False,
     device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Train ``model``'s trainable weights over ``examples`` examples for ``epochs`` epochs;
-    returns the loss per optimizer step (the mean over its ``grad_accum_steps`` micro-batches
-    of ``batch_size``). ``micro_batch_loss(indices)`` is the mean loss of those examples.
-    With ``resume``, the state is saved every ``save_every`` steps and picked up again.
-    ``on_step(step, total, loss)`` follows every step (loss: the mean of the last ten)."""
+    """Train ``model``'s trainable weights over ``examples`` examples for ``settings.epochs``
+    epochs; returns the loss per optimizer step (the mean over its ``grad_accum_steps``
+    micro-batches of ``batch_size``). ``micro_batch_loss(indices)`` is the mean loss of those
+    examples. With ``resume``, the state is saved every ``save_every`` steps and picked up
+    again. ``on_step(step, total, loss)`` follows every step (loss: the mean of the last ten)."""
     from transformers import get_linear_schedule_with_warmup
 
-    micro_per_epoch = math.ceil(examples / batch_size)
-    micro_total = epochs * micro_per_epoch
-    total = math.ceil(micro_total / grad_accum_steps)
+    micro_per_epoch = math.ceil(examples / settings.batch_size)
+    micro_total = settings.epochs * micro_per_epoch
+    total = math.ceil(micro_total / settings.grad_accum_steps)
     masters = MasterWeights([p for p in model.parameters() if p.requires_grad])
-    optimizer = torch.optim.AdamW(masters.params, lr=learning_rate, weight_decay=weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(warmup_share * total)), total)
+    optimizer = torch.optim.AdamW(masters.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(settings.warmup_share * total)), total)
     losses: list[float] = []
     step = 0
     state = load_training_state(resume, device, log) if resume is not None else None
@@ -69,13 +78,13 @@ def train_steps(
         torch.set_rng_state(state["rng"])
         log(f"resuming at step {step}/{total} from {resume}")
     else:
-        torch.manual_seed(seed)
-    if gradient_checkpointing:
+        torch.manual_seed(settings.seed)
+    if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     orders: dict[int, np.ndarray] = {}
     model.train()
     while step < total:
-        micro = range(step * grad_accum_steps, min((step + 1) * grad_accum_steps, micro_total))
+        micro = range(step * settings.grad_accum_steps, min((step + 1) * settings.grad_accum_steps, micro_total))
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for m in micro:
@@ -83,8 +92,8 @@ def train_steps(
             order = orders.get(epoch)
             if order is None:
                 orders.clear()
-                order = orders[epoch] = np.random.default_rng(seed + epoch).permutation(examples)
-            loss = micro_batch_loss(order[index * batch_size : (index + 1) * batch_size])
+                order = orders[epoch] = np.random.default_rng(settings.seed + epoch).permutation(examples)
+            loss = micro_batch_loss(order[index * settings.batch_size : (index + 1) * settings.batch_size])
             (loss / len(micro)).backward()
             step_loss += float(loss.detach()) / len(micro)
         masters.take_grads()
@@ -98,12 +107,12 @@ def train_steps(
             log(f"step {step}/{total} loss {np.mean(losses[-max(1, total // 10):]):.4f}")
         if on_step is not None:
             on_step(step, total, float(np.mean(losses[-10:])))
-        if resume is not None and (step % save_every == 0) and step < total:
+        if resume is not None and (step % settings.save_every == 0) and step < total:
             with atomic_path(resume) as temp:
                 torch.save({"model": model.state_dict(), "masters": masters.state(), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "step": step, "losses": losses,
                             "rng": torch.get_rng_state()}, temp)
-    if gradient_checkpointing:
+    if settings.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
     return losses

@@ -36,10 +36,10 @@ from neuron_assets.stages import (
     DISTILL_EVAL_TABLE,
     DISTILLED_TABLE,
     EVAL_PLOT,
-    _exemplars_of,
     make_explainer_distilled,
     read_all,
 )
+from neuron_assets.stages.tables import exemplars_of_features
 from neuron_assets.store import Store
 
 K = 3
@@ -100,7 +100,7 @@ def test_the_transformers_explainer_generates_from_the_checkpoint_by_path(distil
     explain = distill_explain_config(config, backend="transformers", model=path).model_copy(update={"k": 1})
     explainer = make_explainer(explain)
     assert explainer.model == path
-    feature = _exemplars_of(store, list(best_descriptions(read_all(store, DESCRIPTIONS_TABLE)))[:1])
+    feature = exemplars_of_features(store, list(best_descriptions(read_all(store, DESCRIPTIONS_TABLE)))[:1])
     rows = explain_features(feature, explain, explainer=explainer, progress=False)
     assert rows.height == 1 and rows["completion_tokens"][0] > 0 and rows["prompt_tokens"][0] > 0
 
@@ -206,7 +206,7 @@ def _examples(config, store, keys):
     targets = best_descriptions(read_all(store, DESCRIPTIONS_TABLE))
     chosen = [f for f in targets if feature_key(f) in set(keys)]
     tokenizer = load_base_tokenizer(config.distill)
-    return build_examples(_exemplars_of(store, sorted(chosen, key=feature_key)), targets, distill_explain_config(config),
+    return build_examples(exemplars_of_features(store, sorted(chosen, key=feature_key)), targets, distill_explain_config(config),
                           config.distill.prompts_per_feature, ChatTokenCounter(tokenizer),
                           TokenDisplay.for_tokenizer(load_tokenizer(config.subject)), config.distill.seed)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
-from neuron_assets.finetune import MasterWeights
+from neuron_assets.finetune import MasterWeights, TrainingSettings
 from neuron_assets.simulate.finetuned import FinetunedSimulator
 from neuron_assets.simulate.training import (
     HELDOUT,
@@ -81,8 +81,8 @@ def test_a_bf16_backbone_moves_and_learns_at_1e_5_through_master_weights(planted
     assert next(simulator.model.parameters()).dtype == torch.bfloat16
     before = _body(simulator.model)
     examples = _examples(planted, 8)
-    losses = fit(simulator, examples, epochs=12, batch_size=4, learning_rate=1e-5, warmup_share=0.0,
-                 active_weight=5.0, log=lambda _: None, grad_accum_steps=2)
+    settings = TrainingSettings(epochs=12, batch_size=4, learning_rate=1e-5, warmup_share=0.0, grad_accum_steps=2)
+    losses = fit(simulator, examples, settings, active_weight=5.0, log=lambda _: None)
     assert len(losses) == 12  # 2 micro-batches of 4 per step: one step per epoch
     assert next(simulator.model.parameters()).dtype == torch.bfloat16  # the model stays bf16
     # updates accumulate in fp32 until they show in bf16 (measured 22% after 12 steps, 6% naive)

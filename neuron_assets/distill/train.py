@@ -226,7 +226,7 @@ def distill_explainer(
     import torch
 
     from neuron_assets import runtime
-    from neuron_assets.finetune import add_lora, merge_lora, train_steps
+    from neuron_assets.finetune import TrainingSettings, add_lora, merge_lora, train_steps
 
     started = time.perf_counter()
     if not examples:
@@ -266,10 +266,10 @@ def distill_explainer(
     answer_tokens = sum(len(e.input_ids) - e.prompt_tokens for e in encoded)
     log(f"distilling {settings.base_model} ({method}, {dtype}): {len(encoded)} prompts from "
         f"{len({e.feature for e in examples})} features, {answer_tokens} answer tokens an epoch, {settings.epochs} epochs")
-    losses = train_steps(model, len(encoded), micro_batch_loss, settings.epochs, settings.batch_size,
-                         settings.learning_rate, settings.weight_decay, settings.warmup_share, settings.seed, resume,
-                         settings.save_every_steps, log, on_step, settings.grad_accum_steps,
-                         settings.gradient_checkpointing, device)
+    steps = TrainingSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.weight_decay,
+                             settings.warmup_share, settings.seed, settings.save_every_steps, settings.grad_accum_steps,
+                             settings.gradient_checkpointing)
+    losses = train_steps(model, len(encoded), micro_batch_loss, steps, resume, log, on_step, device)
     model = merge_lora(model)
     with torch.no_grad():  # recorded so a reload can be checked against the trained weights
         check_loss = float(answer_loss(model, encoded[:1], pad, device))

@@ -44,7 +44,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -53,7 +53,7 @@ import polars as pl
 import torch
 
 from neuron_assets.config import FinetunedSimulatorConfig, SimulatorTrainingConfig
-from neuron_assets.finetune import train_steps
+from neuron_assets.finetune import TrainingSettings, train_steps
 from neuron_assets.numeric import derangement, token_correlation
 from neuron_assets.simulate.alignment import NOT_READ
 from neuron_assets.simulate.base import NUM_CLASSES, discretize, simulate_many
@@ -322,10 +322,11 @@ def train_simulator(
     if not stage1_rows:
         raise ValueError("the simulator training data has no stage-1 rows: no feature has a candidate description "
                          "and train exemplars; materialize candidate_descriptions and exemplars first")
-    fit_args = dict(batch_size=training.batch_size, learning_rate=training.learning_rate,
-                    weight_decay=training.weight_decay, warmup_share=training.warmup_share,
-                    save_every=training.save_every_steps, active_weight=training.active_class_weight, log=log,
-                    grad_accum_steps=training.grad_accum_steps, gradient_checkpointing=training.gradient_checkpointing)
+    stage1_settings = TrainingSettings(
+        training.stage1_epochs, training.batch_size, training.learning_rate, training.weight_decay,
+        training.warmup_share, training.seed, training.save_every_steps, training.grad_accum_steps,
+        training.gradient_checkpointing)
+    fit_args = dict(active_weight=training.active_class_weight, log=log)
     stage1_dir = work / "stage1"
     losses: dict[str, list[float]] = {}
     heldout: dict[str, HeldoutCorrelation] = {}
@@ -346,8 +347,8 @@ def train_simulator(
         _start_adapters(simulator, training, log)
         examples = [e for f in stage1_rows for e in f.examples]
         log(f"stage 1: {len(examples)} pairs from {len(stage1_rows)} features")
-        losses[STAGE1] = fit(simulator, examples, epochs=training.stage1_epochs, seed=training.seed,
-                             resume=work / ".resume-stage1.pt", on_step=_for_stage(on_step, STAGE1), **fit_args)
+        losses[STAGE1] = fit(simulator, examples, stage1_settings, resume=work / ".resume-stage1.pt",
+                             on_step=_for_stage(on_step, STAGE1), **fit_args)
         simulator.merge_adapters()
         heldout[STAGE1] = heldout_correlation(simulator, heldout_rows)
         log(f"stage 1 held-out correlation {heldout[STAGE1].described:.3f} (shuffled {heldout[STAGE1].shuffled:.3f})")
@@ -363,10 +364,11 @@ def train_simulator(
         changed = sum(1 for f in stage2_rows if f.candidates and best[f.feature] != f.candidates[0])
         examples = [TrainingExample(best[f.feature], e.record, e.labels) for f in stage2_rows for e in f.examples]
         log(f"stage 2: {len(examples)} pairs from {len(stage2_rows)} features ({changed} re-ranked away from candidate 0)")
-        stage2_args = {**fit_args, "learning_rate": training.stage2_learning_rate or training.learning_rate / 3}
+        stage2_settings = replace(stage1_settings, epochs=training.stage2_epochs, seed=training.seed + 1,
+                                  learning_rate=training.stage2_learning_rate or training.learning_rate / 3)
         _start_adapters(simulator, training, log)
-        losses[STAGE2] = fit(simulator, examples, epochs=training.stage2_epochs, seed=training.seed + 1,
-                             resume=work / ".resume-stage2.pt", on_step=_for_stage(on_step, STAGE2), **stage2_args)
+        losses[STAGE2] = fit(simulator, examples, stage2_settings, resume=work / ".resume-stage2.pt",
+                             on_step=_for_stage(on_step, STAGE2), **fit_args)
         simulator.merge_adapters()
         heldout[STAGE2] = heldout_correlation(simulator, heldout_rows)
         log(f"stage 2 held-out correlation {heldout[STAGE2].described:.3f} (shuffled {heldout[STAGE2].shuffled:.3f})")
@@ -452,19 +454,11 @@ def _save_atomically(simulator: FinetunedSimulator, target: Path, extra: dict) -
 def fit(
     simulator: FinetunedSimulator,
     examples: Sequence[TrainingExample],
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    weight_decay: float = 0.01,
-    warmup_share: float = 0.1,
-    seed: int = 0,
+    settings: TrainingSettings,
     resume: Path | None = None,
-    save_every: int = 50,
     active_weight: float = 1.0,
     log: Log = print,
     on_step: Callable[[int, int, float], object] | None = None,
-    grad_accum_steps: int = 1,
-    gradient_checkpointing: bool = False,
 ) -> list[float]:
     """Cross-entropy training over the 11 classes at the input tokens; returns the loss per
     optimizer step (the mean over its ``grad_accum_steps`` micro-batches of ``batch_size``).
@@ -487,9 +481,8 @@ def fit(
                                                  labels.to(logits.device).reshape(-1), ignore_index=IGNORED,
                                                  weight=class_weights.to(logits.device))
 
-    return train_steps(simulator.model, len(examples), micro_batch_loss, epochs, batch_size, learning_rate,
-                       weight_decay, warmup_share, seed, resume, save_every, log, on_step, grad_accum_steps,
-                       gradient_checkpointing, simulator.device)
+    return train_steps(simulator.model, len(examples), micro_batch_loss, settings, resume, log, on_step,
+                       simulator.device)
 
 
 def load_stage1(stage1_dir: Path, marker: Path, model_config: FinetunedSimulatorConfig, log: Log):

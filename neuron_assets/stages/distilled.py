@@ -10,20 +10,18 @@ from pathlib import Path
 import polars as pl
 
 from neuron_assets.config import Config
-from neuron_assets.exemplars import (
-    load_feature_exemplars,
-)
 from neuron_assets.score.crossfit import Scoring, with_provenance
 from neuron_assets.stages.tables import (
     DESCRIPTIONS_TABLE,
     SEQUENCES_TABLE,
     Log,
+    exemplars_of_features,
     quiet,
     read_all,
 )
 from neuron_assets.store import Store, atomic_path, with_lineage
 from neuron_assets.subject import load_tokenizer
-from neuron_assets.types import FeatureExemplars, FeatureId, Polarity, Split
+from neuron_assets.types import FeatureId, Split
 
 DISTILLED_TABLE = "explainer_distilled"
 DISTILL_EVAL_TABLE = "distilled_explainer_eval"
@@ -76,7 +74,7 @@ def make_explainer_distilled(config: Config, run_id: str, log: Log = quiet, on_s
     if not split.heldout:
         raise DistillError(f"no held-out feature: distill.heldout_fraction {settings.heldout_fraction} of "
                            f"{len(targets)} features picked none; raise it so the evaluation has features to score")
-    features = _exemplars_of(store, train)
+    features = exemplars_of_features(store, train)
     tokenizer = load_base_tokenizer(settings)
     explain = distill_explain_config(config)
     examples = build_examples(features, targets, explain, settings.prompts_per_feature, ChatTokenCounter(tokenizer),
@@ -90,17 +88,6 @@ def make_explainer_distilled(config: Config, run_id: str, log: Log = quiet, on_s
     frame = with_lineage(pl.DataFrame([row]), config.subject.model, config.hash, run_id)
     path = store.write(DISTILLED_TABLE, frame)
     return DistilledWritten(trained, path, len(trained.train_features), len(split.heldout))
-
-
-def _exemplars_of(store: Store, features: list[FeatureId]) -> list[FeatureExemplars]:
-    """The exemplars of just these features, read partition by partition and kind by kind."""
-    out: list[FeatureExemplars] = []
-    groups: dict[tuple[int, Polarity, str], list[int]] = {}
-    for feature in features:
-        groups.setdefault((feature.layer, feature.polarity, feature.kind), []).append(feature.index)
-    for (layer, polarity, kind), indices in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1].value, item[0][2])):
-        out += load_feature_exemplars(store, layer, polarity, sorted(indices), kind=kind)
-    return out
 
 
 EVAL_PLOT = "eval_best_of_k.png"  # written into the distilled checkpoint's folder by its evaluation
@@ -124,7 +111,6 @@ def make_distilled_evaluation(config: Config, run_id: str, log: Log = quiet, sco
     score of the val-best among k per k (table ``distilled_explainer_eval``) and every
     candidate's scores (``distilled_explainer_eval_scores``)."""
     from neuron_assets import runtime
-    from neuron_assets.explain import corpus_from_sequences, make_explainer
     from neuron_assets.distill import (
         BASE,
         DISTILLED,
@@ -134,6 +120,7 @@ def make_distilled_evaluation(config: Config, run_id: str, log: Log = quiet, sco
         evaluate_explainers,
         read_distilled,
     )
+    from neuron_assets.explain import corpus_from_sequences, make_explainer
     from neuron_assets.simulate.folds import feature_key
 
     started = time.perf_counter()
@@ -150,7 +137,7 @@ def make_distilled_evaluation(config: Config, run_id: str, log: Log = quiet, sco
     if not heldout:
         raise DistillError("the distilled explainer's held-out features are no longer described in this store: "
                            "re-materialize neuron_descriptions and explainer_distilled")
-    features = [f for f in _exemplars_of(store, heldout) if f.top(Split.TRAIN)]
+    features = [f for f in exemplars_of_features(store, heldout) if f.top(Split.TRAIN)]
     if not features:
         raise DistillError("no held-out feature has train top exemplars to prompt with")
     scoring = scoring or Scoring.build(config, store)

@@ -9,9 +9,7 @@ from typing import Callable
 import polars as pl
 
 from neuron_assets.config import Config
-from neuron_assets.exemplars import (
-    NEURON_KIND,
-)
+from neuron_assets.exemplars import NEURON_KIND, load_feature_exemplars
 from neuron_assets.progress import Progress
 from neuron_assets.store import Store
 from neuron_assets.types import FeatureExemplars, FeatureId, Partition, Polarity
@@ -96,3 +94,14 @@ def for_each_partition(partitions: list, store: Store, progress: Progress | None
         if on_partition is not None:
             on_partition(partition, [written[-1].path])
     return written
+
+
+def exemplars_of_features(store: Store, features: list[FeatureId]) -> list[FeatureExemplars]:
+    """The exemplars of just these features, read partition by partition and kind by kind."""
+    out: list[FeatureExemplars] = []
+    groups: dict[tuple[int, Polarity, str], list[int]] = {}
+    for feature in features:
+        groups.setdefault((feature.layer, feature.polarity, feature.kind), []).append(feature.index)
+    for (layer, polarity, kind), indices in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1].value, item[0][2])):
+        out += load_feature_exemplars(store, layer, polarity, sorted(indices), kind=kind)
+    return out
