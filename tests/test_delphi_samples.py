@@ -30,6 +30,7 @@ from neuron_assets.score import (
 )
 from neuron_assets.store import Store
 from neuron_assets.subject import load_subject
+from tests.support.judges import QuotedWordJudge
 from neuron_assets.types import Partition, Polarity, Sample, Split
 from tests.support.planted_model import PlantedNeuron, plant_neurons
 from tests.support.tiny_models import make_tiny_llama, sample_texts
@@ -132,32 +133,10 @@ def test_detection_and_fuzzing_show_every_decile_and_the_top(collected):
         e.extreme for e in feature.quantile(Split.VAL))[BINS - 4] - 1e-6
 
 
-class _RuleJudge:
-    """A judge that reads the description: it knows only the word quoted in it, and answers
-    1 where that word is in the example (detection) or every marked token is it (fuzzing)."""
-
-    name = "rule"
-
-    def answer(self, conversations):
-        out = []
-        for messages in conversations:
-            user = messages[-1]["content"]
-            word = re.search(r'"(\w+)"', user.splitlines()[0]).group(1)
-            answers = []
-            for line in (x for x in user.splitlines() if x.startswith("Example ")):
-                marked = re.findall(r"<<([^>]*)>>", line)
-                if marked:
-                    answers.append(int(all(m.strip().lower() == word for m in marked)))
-                else:
-                    answers.append(int(re.search(rf"\b{word}\b", line.split(":", 1)[1], re.I) is not None))
-            out.append(str(answers))
-        return out
-
-
 def test_a_true_description_beats_a_shuffled_one(collected):
     _, _, features = collected
     for cls in (DetectionScorer, FuzzingScorer):
-        scorer = cls(_RuleJudge(), examples=50, quiet=50, batch=5, fraction=FRACTION)
+        scorer = cls(QuotedWordJudge(), examples=50, quiet=50, batch=5, fraction=FRACTION)
         true, shuffled = scorer.score(features[OLD.index], ['the word "old"', 'the word "small"'], Split.VAL)
         assert true.value > 0.9 and not true.flags, (cls.name, true)
         assert shuffled.value < true.value - 0.3, (cls.name, shuffled)
@@ -240,7 +219,7 @@ def test_the_scoring_stage_judges_only_the_best_candidate_and_the_control(collec
         {"neuron": [n for n in sorted(features) for _ in candidates], "candidate": [0, 1, 2] * len(features),
          "description": candidates * len(features)}), 0, "pos")
     [written] = make_description_scores(config, [Partition(0, Polarity.POS)], "test",
-                                        Scoring.build(config, store, judge=_RuleJudge()))
+                                        Scoring.build(config, store, judge=QuotedWordJudge()))
     frame = store.read("description_scores", 0, "pos").filter(pl.col("split") == "val")
     planted = frame.filter(pl.col("neuron") == OLD.index)
     judged = planted.filter(pl.col("scorer").is_in(["detection", "fuzzing"]))

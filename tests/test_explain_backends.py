@@ -10,7 +10,6 @@ import re
 import threading
 import time
 import typing
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import polars as pl
@@ -30,6 +29,7 @@ from neuron_assets.explain.best_of_k import corpus_sample
 from neuron_assets.explain.planted import planted_feature, word_tokens
 from neuron_assets.explain.statistical import WordCounts, describe_by_lift, words_of
 from neuron_assets.types import ActivationRecord, Polarity, Split
+from tests.support.openai_endpoint import LocalEndpoint, chat_completion
 from tests.support.tiny_models import sample_texts
 
 TEXTS = sample_texts(600, seed=5)
@@ -123,9 +123,9 @@ def test_describe_by_lift_names_the_over_represented_word_when_every_word_is_wea
 SECRET = "sk-test-Secret-0123456789"
 
 
-class FlakyEndpoint:
-    """An OpenAI-compatible chat endpoint on 127.0.0.1. Each feature's marker word (in the
-    prompt) picks a script of responses, one per attempt; the last one repeats."""
+class FlakyEndpoint(LocalEndpoint):
+    """Each feature's marker word (in the prompt) picks a script of responses, one per attempt;
+    the last one repeats."""
 
     SCRIPTS = {
         "alpha": [429, 500, "garbage", "no-tag", "ok"],
@@ -139,6 +139,7 @@ class FlakyEndpoint:
     }
 
     def __init__(self, delay_s: float = 0.0):
+        super().__init__()
         self.attempts: dict[str, int] = {}
         self.arrivals: dict[str, list[float]] = {}
         self.in_flight = self.max_in_flight = 0
@@ -146,80 +147,50 @@ class FlakyEndpoint:
         self.bodies: list[dict] = []
         self.delay_s = delay_s
         self.lock = threading.Lock()
-        endpoint = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def handle(self, handler, body):
+        with self.lock:
+            self.bodies.append(body)
+            self.auth.add(handler.headers.get("Authorization", ""))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            prompt = body["messages"][-1]["content"]
+            marker = next(m for m in self.SCRIPTS if re.search(rf"\b{m}\b", prompt))
+            self.arrivals.setdefault(marker, []).append(time.monotonic())
+            attempt = self.attempts.get(marker, 0)
+            self.attempts[marker] = attempt + 1
+        script = self.SCRIPTS[marker]
+        counted = [True]
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with endpoint.lock:
-                    endpoint.bodies.append(body)
-                    endpoint.auth.add(self.headers.get("Authorization", ""))
-                    endpoint.in_flight += 1
-                    endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
-                    prompt = body["messages"][-1]["content"]
-                    marker = next(m for m in endpoint.SCRIPTS if re.search(rf"\b{m}\b", prompt))
-                    endpoint.arrivals.setdefault(marker, []).append(time.monotonic())
-                    attempt = endpoint.attempts.get(marker, 0)
-                    endpoint.attempts[marker] = attempt + 1
-                script = endpoint.SCRIPTS[marker]
-                self.counted = True
-                try:
-                    time.sleep(endpoint.delay_s)
-                    self.respond(script[min(attempt, len(script) - 1)], marker)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out first
-                    pass
-                finally:
-                    self.leave()
+        def leave():
+            with self.lock:
+                if counted[0]:
+                    self.in_flight -= 1
+                counted[0] = False
 
-            def leave(self):
-                with endpoint.lock:
-                    if self.counted:
-                        endpoint.in_flight -= 1
-                    self.counted = False
+        try:
+            time.sleep(self.delay_s)
+            self.respond(handler, script[min(attempt, len(script) - 1)], marker, leave)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out first
+            pass
+        finally:
+            leave()
 
-            def respond(self, action, marker):
-                if isinstance(action, int):
-                    message = f"Incorrect API key provided: {SECRET}" if action == 401 else f"error {action}"
-                    wait = {"Retry-After": "0.4"} if action == 429 else {}
-                    return self.send(action, json.dumps({"error": {"message": message, "type": "x"}}), wait)
-                if action == "garbage":
-                    return self.send(200, "<html>this is not json")
-                if action == "slow":  # the client gives up after its 1 s timeout and frees its slot
-                    time.sleep(1.0)
-                    self.leave()
-                    time.sleep(0.5)
-                content = {"ok": f"[DESCRIPTION]: the word {marker}", "no-tag": "I think it is about words.",
-                           "empty": "", "slow": "[DESCRIPTION]: too late"}[action]
-                self.send(200, json.dumps({
-                    "id": "x", "object": "chat.completion", "created": 0, "model": "flaky",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107},
-                }))
-
-            def send(self, status, text, headers=None):
-                data = text.encode()
-                self.send_response(status)
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    @staticmethod
+    def respond(handler, action, marker, leave):
+        if isinstance(action, int):
+            message = f"Incorrect API key provided: {SECRET}" if action == 401 else f"error {action}"
+            wait = {"Retry-After": "0.4"} if action == 429 else {}
+            return handler.send(action, json.dumps({"error": {"message": message, "type": "x"}}), wait)
+        if action == "garbage":
+            return handler.send(200, "<html>this is not json")
+        if action == "slow":  # the client gives up after its 1 s timeout and frees its slot
+            time.sleep(1.0)
+            leave()
+            time.sleep(0.5)
+        content = {"ok": f"[DESCRIPTION]: the word {marker}", "no-tag": "I think it is about words.",
+                   "empty": "", "slow": "[DESCRIPTION]: too late"}[action]
+        handler.send(200, json.dumps(chat_completion(content, "flaky", 100, 7)))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import itertools
 import random
 
@@ -38,6 +37,8 @@ from neuron_assets.score.select import (
 )
 from neuron_assets.simulate import LexicalSimulator
 from neuron_assets.types import ActivationRecord, Polarity, Split
+from tests.support.judges import ConstantJudge, InvertedJudge, QuotedWordJudge
+from tests.support.openai_endpoint import LocalEndpoint, chat_completion
 from tests.support.planted import planted_candidates, planted_corpus, planted_feature, planted_words
 
 
@@ -204,109 +205,45 @@ def test_balanced_accuracy_and_judgement_parsing():
     assert parse_judgements(None, 2) == [None, None]
 
 
-class _WordJudge:
-    """Answers like a perfect reader of 'the word "w"' descriptions: 1 where w is in the text
-    (detection) or where every marked token is w (fuzzing)."""
-
-    name = "oracle"
-
-    def answer(self, conversations):
-        import re
-
-        out = []
-        for messages in conversations:
-            user = messages[-1]["content"]
-            word = re.search(r'"(\w+)"', user.splitlines()[0]).group(1)
-            answers = []
-            for line in user.splitlines():
-                if not line.startswith("Example "):
-                    continue
-                marked = re.findall(r"<<([^>]*)>>", line)
-                if marked:
-                    answers.append(int(all(m.strip().lower() == word for m in marked)))
-                else:
-                    answers.append(int(re.search(rf"\b{word}\b", line, re.I) is not None))
-            out.append(str(answers))
-        return out
-
-
 def test_detection_and_fuzzing_with_an_oracle_judge(corpus):
     feature = planted_feature(corpus, "cat", 0)
-    for scorer in (DetectionScorer(_WordJudge(), examples=6), FuzzingScorer(_WordJudge(), examples=6)):
+    for scorer in (DetectionScorer(QuotedWordJudge(), examples=6), FuzzingScorer(QuotedWordJudge(), examples=6)):
         right, wrong = scorer.score(feature, ['the word "cat"', 'the word "table"'], Split.VAL)
         assert right.value > 0.9, (scorer.name, right)
         assert wrong.value < right.value - 0.3, (scorer.name, wrong)
         assert 0 <= wrong.value <= 1
 
 
-class _InvertedJudge(_WordJudge):
-    def answer(self, conversations):
-        return [str([1 - v for v in ast.literal_eval(a)]) for a in super().answer(conversations)]
-
-
-class _ConstantJudge:
-    name = "constant"
-
-    def __init__(self, value: int):
-        self.value = value
-
-    def answer(self, conversations):
-        return [str([self.value] * sum(line.startswith("Example ") for line in m[-1]["content"].splitlines()))
-                for m in conversations]
-
-
 def test_balanced_accuracy_tells_a_correct_judge_from_a_constant_or_inverted_one(corpus):
     feature = planted_feature(corpus, "cat", 0)
     for cls in (DetectionScorer, FuzzingScorer):
-        [right] = cls(_WordJudge(), examples=6).score(feature, ['the word "cat"'], Split.VAL)
-        [inverted] = cls(_InvertedJudge(), examples=6).score(feature, ['the word "cat"'], Split.VAL)
+        [right] = cls(QuotedWordJudge(), examples=6).score(feature, ['the word "cat"'], Split.VAL)
+        [inverted] = cls(InvertedJudge(), examples=6).score(feature, ['the word "cat"'], Split.VAL)
         assert right.value == pytest.approx(1.0, abs=0.05) and not right.flags, (cls.name, right)
         assert inverted.value == pytest.approx(0.0, abs=0.05), (cls.name, inverted)
         for value in (0, 1):  # always the same answer: chance, however the examples are balanced
-            [constant] = cls(_ConstantJudge(value), examples=6).score(feature, ['the word "cat"'], Split.VAL)
+            [constant] = cls(ConstantJudge(value), examples=6).score(feature, ['the word "cat"'], Split.VAL)
             assert constant.value == pytest.approx(0.5), (cls.name, value, constant)
 
 
-class _JudgeEndpoint:
-    """An OpenAI-compatible chat endpoint on 127.0.0.1: the user turn's first word picks the
-    answer (ok: a list; transient: 503; refused: 401; missing: 404)."""
+class _JudgeEndpoint(LocalEndpoint):
+    """The user turn's first word picks the answer (ok: a list; transient: 503; refused: 401;
+    missing: 404)."""
 
     def __init__(self):
-        import json
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
+        super().__init__()
         self.bodies, self.requests = [], {}
-        endpoint = self
+        self.__enter__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def handle(self, handler, body):
+        import json
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                endpoint.bodies.append(body)
-                word = body["messages"][-1]["content"].split()[0]
-                endpoint.requests[word] = endpoint.requests.get(word, 0) + 1
-                status = {"ok": 200, "transient": 503, "refused": 401, "missing": 404}[word]
-                reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "judge-model",
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": "[1, 0]"}}],
-                         "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}}
-                data = json.dumps(reply if status == 200 else {"error": {"message": f"no: {status}"}}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.bodies.append(body)
+        word = body["messages"][-1]["content"].split()[0]
+        self.requests[word] = self.requests.get(word, 0) + 1
+        status = {"ok": 200, "transient": 503, "refused": 401, "missing": 404}[word]
+        reply = chat_completion("[1, 0]", "judge-model", 11, 5) if status == 200 else {"error": {"message": f"no: {status}"}}
+        handler.send(status, json.dumps(reply))
 
 
 def test_openai_judge_leaves_transient_failures_unanswered_and_raises_on_the_rest(monkeypatch):
