@@ -25,7 +25,7 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     partitions = layer_polarity_partitions(config)
     scoring = score_definitions(partitions, config)
     assets = [corpus, *exemplar_assets(partitions, config), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
-              neuron_report, *search_assets(partitions), *sae_assets(config), *distill_assets()]
+              neuron_report, *search_assets(partitions, config), *sae_assets(config), *distill_assets(config)]
     return dg.Definitions(
         assets=assets,
         executor=select_executor(config, assets),

@@ -1,7 +1,7 @@
 """Materializing a config's assets in-process, as `neuron-assets run` does: the stale layer x
 polarity partitions in one run (range tags), recorded in the Dagster instance the UI reads.
 
-Resume: before the run, the completion markers (neuron_assets.resume) say which asset
+Resume: before the run, the completion markers (neuron_assets.stages.markers) say which asset
 partitions are up to date; only assets with something stale are selected, over the smallest
 partition range that covers what is stale, and the asset bodies skip the up-to-date
 partitions inside that range. ``force`` recomputes everything selected.
@@ -21,7 +21,9 @@ from dagster._core.execution.plan.objects import ErrorSource
 from neuron_assets.config import load_config
 from neuron_assets.defs.definitions import build_definitions
 from neuron_assets.defs.runs import RunSettings
-from neuron_assets.resume import STAGES, Markers, in_plain_run
+from neuron_assets.stages.graph import STAGES, in_plain_run
+from neuron_assets.stages.markers import Markers
+from neuron_assets.types import Partition
 
 
 @dataclass
@@ -155,8 +157,8 @@ def _range_tags(partitions: dg.MultiPartitionsDefinition, stale_keys: list[str])
     chosen = [k for k in keys if k in set(stale_keys)] or keys
     dims = {d.name: d.partitions_def.get_partition_keys() for d in partitions.partitions_defs}
     layers, polarities = dims["layer"], dims["polarity"]
-    layer_ix = [layers.index(k.split("|")[0]) for k in chosen]
-    polarity_ix = [polarities.index(k.split("|")[1]) for k in chosen]
+    layer_ix = [layers.index(str(Partition.of(k).layer)) for k in chosen]
+    polarity_ix = [polarities.index(Partition.of(k).polarity.value) for k in chosen]
     start = f"{layers[min(layer_ix)]}|{polarities[min(polarity_ix)]}"
     end = f"{layers[max(layer_ix)]}|{polarities[max(polarity_ix)]}"
     return {"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end}

@@ -1,33 +1,26 @@
-"""Per-feature assets are partitioned by layer x polarity."""
+"""Per-feature assets are partitioned by layer x polarity: Dagster's view of the core's
+partitions (neuron_assets.stages.graph.partitions_of, neuron_assets.types.Partition)."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from neuron_assets.config import Config
-from neuron_assets.subject import count_layers
-from neuron_assets.types import Polarity
+from neuron_assets.stages.graph import partitions_of
+from neuron_assets.types import Partition
 
 
 def layer_polarity_partitions(config: Config) -> dg.MultiPartitionsDefinition:
-    layers = range(count_layers(config.subject)) if config.features.layers == "all" else sorted(config.features.layers)
+    partitions = partitions_of(config)
     return dg.MultiPartitionsDefinition({
-        "layer": dg.StaticPartitionsDefinition([str(layer) for layer in layers]),
+        "layer": dg.StaticPartitionsDefinition([str(layer) for layer in sorted({p.layer for p in partitions})]),
         "polarity": dg.StaticPartitionsDefinition(list(config.features.polarities)),
     })
 
 
-def parse_partition_keys(keys: list) -> list[tuple[int, Polarity]]:
-    """'3|pos' (or a MultiPartitionKey) -> (3, Polarity.POS)."""
-    parsed = []
-    for key in keys:
-        by_dimension = getattr(key, "keys_by_dimension", None) or dict(zip(("layer", "polarity"), str(key).split("|")))
-        parsed.append((int(by_dimension["layer"]), Polarity(by_dimension["polarity"])))
-    return parsed
-
-
-def partition_key(layer: int, polarity: Polarity | str) -> str:
-    return f"{layer}|{Polarity(polarity).value}"
+def parse_partition_keys(keys: list) -> list[Partition]:
+    """The run's partition keys ('3|pos' or MultiPartitionKeys) as Partitions."""
+    return [Partition.of(key) for key in keys]
 
 
 def all_partitions_tags(partitions: dg.PartitionsDefinition) -> dict[str, str]:
@@ -40,8 +33,7 @@ def all_partitions_tags(partitions: dg.PartitionsDefinition) -> dict[str, str]:
 def layer_range_tags(partitions: dg.MultiPartitionsDefinition, first_layer: int, last_layer: int) -> dict[str, str]:
     """Run tags for layers first..last x every polarity as one run (one forward pass), the tags
     to enter in the Launchpad: the UI's partition dialog would launch one run per polarity."""
-    keys = [key for key in partitions.get_partition_keys()
-            if first_layer <= int(key.keys_by_dimension["layer"]) <= last_layer]
+    keys = [key for key in partitions.get_partition_keys() if first_layer <= Partition.of(key).layer <= last_layer]
     if not keys:
         raise ValueError(f"no partitions for layers {first_layer}..{last_layer}")
     return {"dagster/asset_partition_range_start": str(keys[0]), "dagster/asset_partition_range_end": str(keys[-1])}

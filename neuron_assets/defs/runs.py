@@ -21,10 +21,11 @@ import dagster as dg
 
 from neuron_assets import runtime
 from neuron_assets.config import Config
-from neuron_assets.defs.partitions import layer_polarity_partitions, partition_key
 from neuron_assets.lock import scope, writer_lock
 from neuron_assets.progress import LineSink, Progress, TerminalSink
-from neuron_assets.resume import ALL, STAGES, Markers
+from neuron_assets.stages.graph import STAGES, partitions_of
+from neuron_assets.stages.markers import ALL, Markers
+from neuron_assets.types import Partition
 
 
 class RunSettings(dg.ConfigurableResource):
@@ -112,7 +113,7 @@ def _scopes(context: dg.AssetExecutionContext, asset: str) -> list[str]:
 
 
 def _key(partition) -> str | None:
-    return None if partition is None else partition_key(*partition)
+    return None if partition is None else Partition.of(partition).key
 
 
 def _partition_keys(config: Config) -> tuple[str, ...]:
@@ -121,4 +122,4 @@ def _partition_keys(config: Config) -> tuple[str, ...]:
 
 @lru_cache(maxsize=8)
 def _keys_of(config_json: str) -> tuple[str, ...]:  # the layer count may need the model's config read
-    return tuple(layer_polarity_partitions(Config.model_validate_json(config_json)).get_partition_keys())
+    return tuple(p.key for p in partitions_of(Config.model_validate_json(config_json)))
