@@ -26,8 +26,8 @@ def memory_store():
 def test_a_partition_round_trips_on_memory_fs_and_a_view_reads_it(memory_store, tmp_path):
     store = memory_store
     assert store.remote and is_url(store.root) and not is_url(tmp_path) and not is_url(str(tmp_path))
-    frame = pl.DataFrame({"neuron": [3, 1, 2], "seq_id": [7, 8, 9], "split": ["train", "val", "test"],
-                          "extreme": [0.5, 0.25, 1.0]})
+    frame = pl.DataFrame({"kind": ["neuron"] * 3, "neuron": [3, 1, 2], "seq_id": [7, 8, 9],
+                          "split": ["train", "val", "test"], "extreme": [0.5, 0.25, 1.0]})
     path = store.write("neuron_stats", frame, layer=2, polarity="neg")
     assert path.startswith("memory://") and path.endswith("/data/neuron_stats/layer=2/polarity=neg/data.parquet")
     assert store.read("neuron_stats", 2, "neg").equals(frame)

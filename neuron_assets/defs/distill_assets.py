@@ -7,7 +7,7 @@ UI materialize them, and distill.in_run adds them to every run."""
 import dagster as dg
 
 from neuron_assets.defs.template import Call, Report, stage_asset, step_progress
-from neuron_assets.report.metadata import distilled_metadata, evaluation_metadata
+from neuron_assets.report.metadata import distilled_metadata, evaluation_metadata, write_evaluation_plot
 
 
 def compute_distilled(call: Call):
@@ -27,6 +27,7 @@ def compute_evaluation(call: Call):
     total = (distill.eval_features or 0) * distill.eval_k * 2 or None
     with call.stage.progress.task("distilled explainer evaluation", total, "candidate") as task:
         written = make_distilled_evaluation(call.config, call.run_id, log=call.log, on_candidates=task.advance)
+    write_evaluation_plot(written)
     call.stage.complete(None, [written.table_path, written.scores_path])
     return written
 

@@ -368,3 +368,14 @@ def evaluation_metadata(written, config: Config) -> dict:
     for curve in written.curves:
         metadata[f"{curve.explainer}_failed_candidates"] = f"{curve.failed_candidates} of {curve.candidates}"
     return metadata
+
+
+def write_evaluation_plot(written) -> None:
+    """The best-of-k picture of a distilled explainer's evaluation (stages.DistillEvalWritten),
+    written beside the checkpoint it judges (``EVAL_PLOT``), where `neuron-assets distill` shows it."""
+    from neuron_assets.report.plots import explainer_curves_figure
+    from neuron_assets.stages import EVAL_PLOT
+    from neuron_assets.store import atomic_path
+
+    with atomic_path(written.checkpoint / EVAL_PLOT) as tmp:
+        tmp.write_bytes(explainer_curves_figure(written.curves))

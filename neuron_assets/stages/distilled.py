@@ -19,7 +19,7 @@ from neuron_assets.stages.tables import (
     quiet,
     read_all,
 )
-from neuron_assets.store import Store, atomic_path, with_lineage
+from neuron_assets.store import Store, with_lineage
 from neuron_assets.subject import load_tokenizer
 from neuron_assets.types import FeatureId, Split
 
@@ -163,10 +163,6 @@ def make_distilled_evaluation(config: Config, run_id: str, log: Log = quiet, sco
                          config.subject.model, config.hash, run_id)
     table = store.write(DISTILL_EVAL_TABLE, frame)
     scores_path = store.write(DISTILL_EVAL_SCORES_TABLE, scores)
-    from neuron_assets.report.plots import explainer_curves_figure
-
-    with atomic_path(checkpoint / EVAL_PLOT) as tmp:  # the picture beside the checkpoint it judges
-        tmp.write_bytes(explainer_curves_figure(curves))
     return DistillEvalWritten(curves, table, scores_path, checkpoint,
                               f"{scoring.selector.name} ({scoring.selector.simulator})", len(features),
                               time.perf_counter() - started)
