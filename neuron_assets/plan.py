@@ -5,6 +5,7 @@ before a run, from the config and the model's shape alone (no weights are read).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -406,10 +407,6 @@ def _explain_and_score_stages(config, shape, explainer_shape, described, spec, r
     backbone = shape if sim.finetuned.backbone == config.subject.model else None
     training = sim.training
     # cross-fitting trains one simulator per fold, each on the sizes of simulate.training
-    train_pairs = training.folds * (training.stage1_features + training.stage2_features) * training.exemplars_per_feature
-    train_tokens = training.folds * (training.stage1_features * training.stage1_epochs
-                                     + training.stage2_features * training.stage2_epochs) \
-        * training.exemplars_per_feature * (DESCRIPTION_TOKENS + seq_len)
     eval_pairs = described * (explain.k * (score.top_exemplars + score.random_exemplars)  # val, every candidate
                                           + 2 * (score.top_exemplars + score.random_exemplars))  # test: best + control
     eval_tokens = eval_pairs * (DESCRIPTION_TOKENS + seq_len)
@@ -423,10 +420,11 @@ def _explain_and_score_stages(config, shape, explainer_shape, described, spec, r
             training.batch_size, DESCRIPTION_TOKENS + seq_len, 2) * 2
         method, memory = ("full fine-tune", full) if full + checkpointed <= spec.memory_gb * gb else ("LoRA", lora)
         if needs_checkpoint(config):  # no training stage runs when simulate.finetuned.checkpoint is given
-            stages.append(StagePlan("simulator training", memory + checkpointed, train_tokens * 6 * params / flops_per_s / 3600,
-                                    int(params * 2 if method == "full fine-tune" else params * 0.01 * 2), note=(
-                                        f"{train_pairs:,} pairs over {training.folds} fold simulators; {method} with gradient "
-                                        f"checkpointing (a full fine-tune with fp32 master weights and Adam needs {full / gb:.0f} GB)")))
+            disk = int(params * 2 if method == "full fine-tune" else params * 0.01 * 2)
+            for stage in simulator_training_stages(training, seq_len, params, flops_per_s):
+                stages.append(replace(stage, peak_device_bytes=memory + checkpointed, disk_bytes=disk,
+                                      note=stage.note + f"; {method} with gradient checkpointing (a full fine-tune "
+                                      f"with fp32 master weights and Adam needs {full / gb:.0f} GB)"))
         # pairs are batched up to batch_size x max_length padded tokens (simulate.finetuned.batch_size)
         pair_tokens = DESCRIPTION_TOKENS + seq_len
         sim_batch = max(sim.finetuned.batch_size, sim.finetuned.batch_size * sim.finetuned.max_length // pair_tokens)
@@ -435,6 +433,9 @@ def _explain_and_score_stages(config, shape, explainer_shape, described, spec, r
             eval_pairs // max(1, score.top_exemplars + score.random_exemplars) * 64,
             note=f"{eval_pairs / 1e6:,.1f}M (description, exemplar) pairs, {eval_tokens / 1e9:,.1f}B tokens"))
     else:
+        if "finetuned" in (sim.backend, *sim.compare_with) and needs_checkpoint(config):
+            stages += simulator_training_stages(training, seq_len, _backbone_params(sim.finetuned),
+                                                spec.bf16_tflops * 1e12 * rates.mfu)
         stages.append(StagePlan("simulation (scoring)", 0, 0.0, described * explain.k * 64,
                                 note=f"{sim.backend} simulator on CPU; {eval_pairs / 1e6:,.2f}M pairs"))
     judges = [s for s in score.scorers if s in ("detection", "fuzzing")]
@@ -562,3 +563,38 @@ def _size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}" if n < 100 * scale else f"{n / scale:,.0f} {unit}"
     return f"{n / 1e3:,.0f} kB"
+
+
+def simulator_training_stages(training, seq_len: int, params: float, flops_per_s: float) -> list[StagePlan]:
+    """The fine-tuned simulator's two training stages: pairs and optimizer steps per fold
+    simulator (every fold trains its own on these sizes), and the device-hours of all folds
+    at 6 x weights FLOPs a token."""
+    from neuron_assets.simulate.training import minimum_training_pairs
+
+    out = []
+    batch = training.batch_size * training.grad_accum_steps
+    per_fold = (training.stage1_features + training.stage2_features) * training.exemplars_per_feature
+    minimum = minimum_training_pairs(params)
+    for name, features, epochs in (("stage 1", training.stage1_features, training.stage1_epochs),
+                                   ("stage 2", training.stage2_features, training.stage2_epochs)):
+        pairs = features * training.exemplars_per_feature
+        steps = math.ceil(pairs * epochs / batch) if pairs else 0
+        tokens = training.folds * pairs * epochs * (DESCRIPTION_TOKENS + seq_len)
+        note = (f"{pairs:,} pairs ({features:,} features x {training.exemplars_per_feature} exemplars), {steps:,} steps "
+                f"at batch {batch} per fold simulator, x{training.folds} folds")
+        if name == "stage 1" and per_fold < minimum:
+            note += (f"; below the {minimum:,} pairs per fold a {params / 1e6:,.0f}M-weight backbone needs to select "
+                     "(simulate.training.selection_checks)")
+        out.append(StagePlan(f"simulator training {name}", 0, tokens * 6 * params / flops_per_s / 3600 if flops_per_s
+                             else 0.0, 0, note=note))
+    return out
+
+
+def _backbone_params(finetuned) -> float:
+    """A simulator backbone's weights from its config.json (0 when it cannot be read here)."""
+    from neuron_assets.simulate.training import backbone_parameters
+
+    try:
+        return float(backbone_parameters(finetuned))
+    except (OSError, ValueError):
+        return 0.0

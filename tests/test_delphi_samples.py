@@ -228,3 +228,22 @@ def test_the_scoring_stage_judges_only_the_best_candidate_and_the_control(collec
     assert planted.filter(pl.col("scorer") == "correlation").height == len(candidates) + 1
     assert (judged.filter(pl.col("role") == "candidate")["score"] > 0.9).all()
     assert written.features == len(features)
+
+
+def test_the_selector_scores_a_literal_description_of_a_token_exact_feature_like_the_lexical_rule(collected):
+    """A neuron planted to fire on one token, collected by the real pass: the description that
+    names its trigger scores what the exact rule gives it under the hybrid selector; the
+    semantic simulator, which mixes in similarity everywhere, underrates it."""
+    from neuron_assets.config import Config
+    from neuron_assets.score import CorrelationScorer
+    from neuron_assets.simulate import build_simulator
+
+    _, _, features = collected
+    feature = features[OLD.index]
+    scores = {}
+    for name in ("lexical", "hybrid", "semantic"):
+        scorer = CorrelationScorer(build_simulator(Config(), None, name))
+        scores[name] = scorer.score(feature, ['the word "old"'], Split.VAL)[0].value
+    assert scores["lexical"] > 0.8, scores
+    assert scores["hybrid"] == pytest.approx(scores["lexical"], abs=0.02), scores
+    assert scores["semantic"] < scores["hybrid"], scores

@@ -93,7 +93,19 @@ def test_the_released_simulator_preset_plans_scoring_but_no_training(capsys):
     preset = LLAMA_CONFIG.with_name("transluce_llama31_8b.yaml")
     assert main(["--config", str(preset), "plan", "--format", "json"]) == 0
     stages = [s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]]
-    assert "simulation (scoring)" in stages and "simulator training" not in stages
+    assert "simulation (scoring)" in stages and not any(s.startswith("simulator training") for s in stages)
+
+
+def test_the_llama_preset_trains_its_simulator_at_the_methods_scale(capsys):
+    """Transluce: stage 1 on about 4,200 exemplar sets of 25 sequences (~1,500 steps at batch
+    64), stage 2 on 2,000 fresh neurons; the plan shows pairs and steps of each stage."""
+    assert main(["--config", str(LLAMA_CONFIG), "plan", "--format", "json"]) == 0
+    stages = {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+    one, two = stages["simulator training stage 1"], stages["simulator training stage 2"]
+    assert "105,000 pairs" in one["note"] and "1,641 steps at batch 64" in one["note"]
+    assert "50,000 pairs" in two["note"] and "782 steps" in two["note"]
+    assert "below the" not in one["note"], "enough pairs for an 8B backbone to select"
+    assert 0.1 < one["device_hours"] < 10 and 0 < two["device_hours"] < one["device_hours"]
 
 
 def test_plan_without_a_shape_says_how_to_give_one(tmp_path, capsys):

@@ -119,7 +119,7 @@ def test_finetuned_simulator_trains_and_scores_in_the_run(lexical_run, planted_l
         folder, planted_llama, text_corpus, backend="finetuned", compare_with=["lexical"],
         finetuned={"backbone_layers": 1, "max_length": 96},
         training={"stage1_features": 12, "stage2_features": 4, "heldout_features": 4, "exemplars_per_feature": 3,
-                  "stage1_epochs": 2, "stage2_epochs": 1, "batch_size": 8},
+                  "stage1_epochs": 2, "stage2_epochs": 1, "batch_size": 8, "selection_checks": False},
     )
     raw = yaml.safe_load(config_path.read_text())
     raw["storage"]["root"] = str(folder / "home")  # the lexical run's corpus, exemplars and candidates

@@ -60,11 +60,11 @@ def test_expected_value_and_discretize():
 def test_registry_builds_by_name_and_explains_unknown_names():
     from neuron_assets.simulate.semantic import SemanticSimulator
 
-    assert set(SIMULATORS) == {"lexical", "semantic", "finetuned", "prompted"}
+    assert set(SIMULATORS) == {"lexical", "semantic", "hybrid", "finetuned", "prompted"}
     assert isinstance(build_simulator(config_from_dict({"simulate": {"backend": "lexical"}})), LexicalSimulator)
-    with pytest.raises(ConfigError, match="simulate.backend.*'lexical', 'semantic', 'finetuned' or 'prompted'"):
+    with pytest.raises(ConfigError, match="simulate.backend.*'lexical', 'semantic', 'hybrid', 'finetuned' or 'prompted'"):
         config_from_dict({"simulate": {"backend": "oracle"}})  # unknown names fail when the config loads
-    with pytest.raises(SimulatorUnavailable, match="known: lexical, semantic, finetuned, prompted"):
+    with pytest.raises(SimulatorUnavailable, match="known: lexical, semantic, hybrid, finetuned, prompted"):
         build_simulator(Config(), name="oracle")
     with pytest.raises(SimulatorUnavailable, match="materialize simulator_checkpoint"):
         build_simulator(config_from_dict({"simulate": {"backend": "finetuned"}}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import dagster as dg
 import numpy as np
@@ -14,10 +15,12 @@ from neuron_assets.config import load_config
 from neuron_assets.defs.validity_assets import selecting_check
 from neuron_assets.simulate import build_simulator
 from neuron_assets.simulate.lexical import LexicalSimulator
-from neuron_assets.simulate.semantic import SemanticSimulator
+from neuron_assets.simulate.semantic import HybridSimulator, SemanticSimulator
 from neuron_assets.types import ActivationRecord
 from neuron_assets.score.validity import (
     FALSE_KINDS,
+    FIT,
+    HELDOUT,
     PuzzleFileError,
     ValidityReport,
     project_corpus as _project_corpus,
@@ -95,11 +98,26 @@ def test_project_set_has_rule_and_concept_puzzles_with_every_false_kind(puzzles)
     assert len(ids) == len(set(ids)), "every window has its own sequence id"
 
 
-def test_semantic_beats_chance_clearly_and_constant_is_at_chance(puzzles, semantic):
+def test_the_project_set_is_split_into_a_fit_half_and_a_held_out_half(puzzles):
+    assert len(puzzles) >= 100
+    for family in ("rule", "concept"):
+        halves = Counter(p.split for p in puzzles if p.family == family)
+        assert set(halves) == {FIT, HELDOUT} and abs(halves[FIT] - halves[HELDOUT]) <= 1, (family, halves)
+    rows = measure_validity(puzzles, {"correlation/constant": correlation_scorer(ConstantSimulator())})
+    assert [(r.split, r.puzzles) for r in rows] == [(HELDOUT, sum(p.split == HELDOUT for p in puzzles)),
+                                                     (FIT, sum(p.split == FIT for p in puzzles))]
+
+
+def test_semantic_and_hybrid_beat_chance_clearly_on_held_out_puzzles_and_constant_is_at_chance(puzzles, semantic):
+    hybrid = HybridSimulator(device="cpu")
     rows = {r.scorer: r for r in measure_validity(puzzles, {
         "correlation/semantic": correlation_scorer(semantic),
+        "correlation/hybrid": correlation_scorer(hybrid),
         "correlation/constant": correlation_scorer(ConstantSimulator()),
-    })}
+    }) if r.split == HELDOUT}
+    assert rows["correlation/hybrid"].beats_chance, rows["correlation/hybrid"]
+    # the selector reads concepts no worse than semantic on puzzles nothing was fitted on
+    assert rows["correlation/hybrid"].per_family["concept"] >= rows["correlation/semantic"].per_family["concept"]
     sem, constant = rows["correlation/semantic"], rows["correlation/constant"]
     assert sem.beats_chance and sem.true_first >= clear_margin(sem.chance, sem.puzzles), sem
     assert sem.mean_margin > 0
@@ -195,10 +213,11 @@ def test_validate_scorers_cli(demo_config, openai_file, capsys, monkeypatch):
     assert main(["--config", str(demo_config), "validate-scorers", "--puzzles", str(openai_file),
                  "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    rows = {(r["puzzle_set"], r["scorer"]): r for r in report["rows"]}
-    for scorer in ("correlation/lexical", "correlation/semantic", "embedding"):
-        assert ("project", scorer) in rows and ("puzzles.json", scorer) in rows
-    assert rows[("project", "correlation/semantic")]["puzzles"] == 4
+    rows = {(r["puzzle_set"], r["split"], r["scorer"]): r for r in report["rows"]}
+    for scorer in ("correlation/lexical", "correlation/semantic", "correlation/hybrid", "embedding"):
+        assert ("puzzles.json", "heldout", scorer) in rows, "an outside file is held out whole"
+    assert sum(rows[("project", split, "correlation/semantic")]["puzzles"] for split in ("fit", "heldout")
+               if ("project", split, "correlation/semantic") in rows) == 4
     assert report["selecting"] == f"correlation/{load_config(str(demo_config)).simulate.backend}"
     assert "correlation/finetuned" in report["skipped"], "no checkpoint here: skipped with the reason"
     assert main(["--config", str(demo_config), "validate-scorers", "--puzzles", str(openai_file)]) == 0

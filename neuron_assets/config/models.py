@@ -237,6 +237,13 @@ class SimulatorTrainingConfig(Section):
     """Steps between resumable training states (model, optimizer, schedule, data order)."""
     seed: int = 0
     """Seed of the feature samples, candidate choice, data order and head initialization."""
+    selection_checks: bool = True
+    """Before a fine-tuned simulator selects descriptions (simulate.backend: finetuned), check that
+    each fold trained on at least the pairs its backbone's size needs (10,000 pairs per fold from
+    100M weights, 50,000 from 1B: Transluce's 8B simulator saw about 96,000 in stage 1) and that
+    its held-out correlation beats its shuffled control; a failed check stops the run with the
+    numbers. A simulator that is only compared gets a warning instead. Turn off for tiny test
+    configs only."""
 
 
 class PromptedSimulatorConfig(LLMEndpointConfig):
@@ -274,20 +281,22 @@ class SemanticSimulatorConfig(Section):
     2,048 on CPU (measured fastest there: larger batches fall out of cache), 16,384 on a GPU."""
 
 
-SimulatorName = Literal["lexical", "semantic", "finetuned", "prompted"]  # neuron_assets.simulate.SIMULATORS (a test checks)
+SimulatorName = Literal["lexical", "semantic", "hybrid", "finetuned", "prompted"]  # neuron_assets.simulate.SIMULATORS (a test checks)
 ScorerName = Literal["correlation", "detection", "fuzzing", "embedding"]  # neuron_assets.score.SCORERS
 
 
 class SimulateConfig(Section):
-    backend: SimulatorName = "semantic"
+    backend: SimulatorName = "hybrid"
     """The simulator whose correlation selects each feature's best candidate: lexical
     (offline rule: the tokens and words a description names), semantic (offline, reads
     language: MiniLM similarity of the description to the text, calibrated, plus the quoted
-    tokens), finetuned (Transluce's 11-class per-token model, trained by the
-    simulator_checkpoint asset), prompted (Bills et al.'s all-at-once logprob simulator).
-    Production: finetuned. `neuron-assets validate-scorers` measures how often each one
-    ranks a true description above false ones; the demo selects by semantic because it
-    does so clearly more often than lexical on the project's puzzles."""
+    tokens), hybrid (offline: the lexical rule for a description that names quoted tokens and
+    nothing else, semantic for any other), finetuned (Transluce's 11-class per-token model,
+    trained by the simulator_checkpoint asset), prompted (Bills et al.'s all-at-once logprob
+    simulator). Production: finetuned. `neuron-assets validate-scorers` measures how often
+    each one ranks a true description above false ones on held-out puzzles; the demo selects
+    by hybrid: its explainer writes literal token descriptions, which hybrid scores exactly
+    and semantic underrates, and on held-out concept puzzles it does as well as semantic."""
     compare_with: list[SimulatorName] = ["lexical"]
     """More simulators whose correlation is scored beside the backend's on every candidate,
     for comparison only (not used to select). The demo scores the lexical rule beside the

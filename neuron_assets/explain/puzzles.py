@@ -90,17 +90,20 @@ def puzzles_to_json(puzzles: Sequence[Puzzle]) -> str:
     )
 
 
-def generate_puzzles(corpus: Sequence[ActivationRecord], seed: int = 0, max_sequences: int = 4000) -> list[Puzzle]:
+def generate_puzzles(corpus: Sequence[ActivationRecord], seed: int = 0, max_sequences: int = 4000,
+                     word_sets: int = 4, contexts: int = 3, more_classes: bool = False) -> list[Puzzle]:
     """Puzzles from known rules applied to corpus token sequences (their prefixes dropped).
 
-    Rules: four sets of three words, three "token after a frequent token", three character
-    classes (digits, capitalized words, punctuation) and "the first token"; a rule that
+    Rules: ``word_sets`` sets of three words, ``contexts`` "token after a frequent token",
+    three character classes (digits, capitalized words, punctuation) and "the first token";
+    with ``more_classes`` also "the token before a frequent token" (as many as ``contexts``)
+    and more character classes (all capitals, underscores, closing brackets). A rule that
     fires in fewer than 3 sequences is left out.
     """
     rng = random.Random(seed)
     sequences = _corpus_sequences(corpus, rng, max_sequences)
     puzzles = []
-    for rule in _rules(sequences, rng):
+    for rule in _rules(sequences, rng, word_sets, contexts, more_classes):
         puzzle = _puzzle_from_rule(rule, sequences, rng)
         if puzzle is not None:
             puzzles.append(puzzle)
@@ -118,7 +121,8 @@ class Rule:
     from_start: bool = False  # sentences start at the sequence's first token
 
 
-def _rules(sequences: list[tuple[int, tuple[str, ...], tuple[int, ...]]], rng: random.Random) -> list[Rule]:
+def _rules(sequences: list[tuple[int, tuple[str, ...], tuple[int, ...]]], rng: random.Random, word_sets: int = 4,
+           contexts: int = 3, more_classes: bool = False) -> list[Rule]:
     words = Counter()
     followed = Counter()
     for _, tokens, _ in sequences:
@@ -128,15 +132,28 @@ def _rules(sequences: list[tuple[int, tuple[str, ...], tuple[int, ...]]], rng: r
     frequent = [w for w, _ in words.most_common()]
     candidates = [w for w in frequent[20:] if words[w] >= 2] or frequent
     rng.shuffle(candidates)
-    for i in range(4):
+    for i in range(word_sets):
         chosen = sorted(candidates[3 * i : 3 * i + 3])
         if len(chosen) == 3:
             rules.append(_word_set_rule(chosen))
-    for context, _ in followed.most_common(3):
+    for context, _ in followed.most_common(contexts):
         rules.append(Rule(
             f"after:{context}", f'the token right after "{context}"',
             lambda tokens, i, c=context: i > 0 and _key(tokens[i - 1]) == c and bool(_key(tokens[i])),
         ))
+    if more_classes:
+        for context, _ in followed.most_common(2 * contexts)[contexts:]:
+            rules.append(Rule(
+                f"before:{context}", f'the token right before "{context}"',
+                lambda tokens, i, c=context: i + 1 < len(tokens) and _key(tokens[i + 1]) == c and bool(_key(tokens[i])),
+            ))
+        rules += [
+            Rule("char_class:all_caps", "words written in capital letters only",
+                 lambda tokens, i: _is_whole_word(tokens, i) and len(tokens[i].strip()) >= 2 and tokens[i].strip().isupper()),
+            Rule("char_class:underscore", "tokens that contain an underscore", lambda tokens, i: "_" in tokens[i]),
+            Rule("char_class:closing", "closing brackets and parentheses",
+                 lambda tokens, i: bool(tokens[i].strip()) and set(tokens[i].strip()) <= set(")]}")),
+        ]
     rules += [
         Rule("char_class:digit", "tokens that contain a digit", lambda tokens, i: any(c.isdigit() for c in tokens[i])),
         Rule("char_class:capitalized", "words that start with a capital letter",

@@ -183,6 +183,7 @@ def scores_metadata(config: Config, store: Store, frame: pl.DataFrame, scoring, 
         "partitions": len(written),
         "scorers": ", ".join(_label(s) for s in scoring.scorers),
         "selects": label,
+        "selector_validity": selector_validity(store, selector.name, selector.simulator),
         "simulator_checkpoint": scoring.simulator_version or "none",
         "means": means_table(frame, scoring),
         "flagged_constant_predictions": int(candidates["flags"].list.len().gt(0).sum()) if candidates.height else 0,
@@ -197,6 +198,14 @@ def scores_metadata(config: Config, store: Store, frame: pl.DataFrame, scoring, 
     for name, reason in scoring.skipped.items():
         metadata[f"skipped {name}"] = reason
     return metadata
+
+
+def selector_validity(store: Store, scorer: str, simulator: str | None) -> str:
+    """The selecting scorer's held-out validity, as a sentence (stored by scorer_validity)."""
+    from neuron_assets.score.validity import scorer_key, stored_validity, validity_sentence
+
+    key = scorer_key(scorer, simulator)
+    return validity_sentence(key, stored_validity(store, key))
 
 
 def means_table(frame: pl.DataFrame, scoring) -> Markdown:
@@ -218,6 +227,8 @@ def descriptions_metadata(config: Config, store: Store, frame: pl.DataFrame, wri
     with_control = frame.filter(pl.col("control_test_score").is_not_null() & pl.col("control_val_score").is_not_null())
     return {
         "rows": frame.height,
+        "selector_validity": "; ".join(selector_validity(store, scorer, simulator) for scorer, simulator in
+                                       frame.select("scorer", "simulator").unique().sort("scorer", "simulator").rows()),
         "partitions": len(written),
         "mean_val_score": _mean(frame["val_score"]),
         "mean_test_score": _mean(frame["test_score"]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import polars as pl
 
@@ -63,6 +63,7 @@ class NeuronView:
     layer: int
     neuron: int  # the feature's index within its kind
     polarities: dict[Polarity, PolarityView] = field(default_factory=dict)  # in display order
+    validity: dict[str, str] = field(default_factory=dict)  # selecting scorer -> its held-out validity sentence
 
     @property
     def kind(self) -> str:
@@ -96,7 +97,16 @@ def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str 
                              f"{len(neurons)} collected {'neurons' if kind == 'neuron' else kind + ' latents'} of "
                              f"that layer are {_ranges(neurons)} "
                              f"(set {setting} to collect others)")
-    return views[neuron]
+    return with_validity(store, views[neuron])
+
+
+def with_validity(store: Store, view: NeuronView) -> NeuronView:
+    """The view with the held-out validity of each scorer that selected one of its descriptions."""
+    from neuron_assets.score.validity import scorer_key, stored_validity, validity_sentence
+
+    keys = {scorer_key(p.selected["scorer"], p.selected.get("simulator"))
+            for p in view.polarities.values() if p.selected is not None}
+    return replace(view, validity={key: validity_sentence(key, stored_validity(store, key)) for key in sorted(keys)})
 
 
 def load_neurons(store: Store, layer: int, neurons: Sequence[int], polarities: Sequence[Polarity],
@@ -182,6 +192,11 @@ def neuron_text(view: NeuronView, polarity: Polarity, split: Split, sample: Samp
                      + f" on val among {row.get('n_candidates', '?')} candidates: val {_fmt(row['val_score'])}, "
                      f"test {_fmt(row['test_score'])}; shuffled control val {_fmt(row.get('control_val_score'))}, "
                      f"test {_fmt(row.get('control_test_score'))}")
+        from neuron_assets.score.validity import scorer_key
+
+        sentence = view.validity.get(scorer_key(row["scorer"], row.get("simulator")))
+        if sentence:
+            lines.append(f"  validity: {sentence}")
     else:
         lines.append("description: none selected yet (materialize neuron_descriptions)")
     header, rows = score_table(shown)

@@ -68,7 +68,7 @@ def build_report(store: Store, neuron_pages: int = NEURON_PAGES) -> ReportWritte
         for summary in summaries:
             _write(building / summary.filename, _partition_page(summary, pages))
         written = _write_neuron_pages(store, building, summaries, pages)
-        _write(building / INDEX, _index_page(summaries))
+        _write(building / INDEX, _index_page(summaries, _validity_lines(store, summaries)))
         _swap_into_place(building, target)
     finally:
         if building.exists():
@@ -252,7 +252,19 @@ def _write_neuron_pages(store: Store, folder: Path, summaries: list[_Summary], p
 # -- the index ------------------------------------------------------------------------------
 
 
-def _index_page(summaries: list[_Summary]) -> str:
+def _validity_lines(store: Store, summaries: list[_Summary]) -> list[str]:
+    """The held-out validity of every scorer that selected a description in the report."""
+    from neuron_assets.score.validity import scorer_key, stored_validity, validity_sentence
+
+    keys = set()
+    for s in summaries:
+        if {"scorer", "simulator"} <= set(s.neurons.columns):
+            keys |= {scorer_key(scorer, simulator) for scorer, simulator in
+                     s.neurons.select("scorer", "simulator").drop_nulls("scorer").unique().rows()}
+    return [validity_sentence(key, stored_validity(store, key)) for key in sorted(keys)]
+
+
+def _index_page(summaries: list[_Summary], validity: list[str] = ()) -> str:
     from neuron_assets.report.plots import best_of_k_figure, score_histograms
 
     lineage = next((s.lineage for s in summaries if s.lineage), {})
@@ -260,6 +272,7 @@ def _index_page(summaries: list[_Summary]) -> str:
     parts = ["<h1>neuron descriptions</h1>",
              "<p>" + " · ".join(f"{escape(k)} <code>{escape(str(v))}</code>" for k, v in lineage.items())
              + f" · built {built}</p>"]
+    parts += [f"<p><b>Scores are worth what their scorer is worth:</b> {escape(line)}.</p>" for line in validity]
     by_layer: dict[int, list[float]] = {}
     control_by_layer: dict[int, list[float]] = {}
     for s in summaries:

@@ -13,6 +13,12 @@ For every scorer it reports the share of puzzles whose true description scores h
 (ties share the credit, so a scorer that cannot tell descriptions apart scores exactly
 chance, 1 / (1 + false descriptions)) and the mean margin (true minus the best false).
 
+The project's puzzles are split once, half of each family each way (by a hash of the
+puzzle's name): the ``fit`` half is the only one anything is tuned on (the semantic
+calibration, the choice of the demo's selector), the ``heldout`` half is only reported on,
+and its figures are the ones stored beside every score (``scorer_validity``, shown by
+`show`, the report and the UI). An outside puzzle file is held out whole.
+
 Puzzle sets:
 
 - the project's own (:func:`project_puzzles`): exact-rule puzzles generated from the corpus
@@ -23,12 +29,13 @@ Puzzle sets:
   ``{name: {"explanation": str, "sentences": [[token | [token, activation], ...], ...],
   "false_explanations": [str, ...]}}``, a bare token meaning activation 0.
 
-The semantic simulator's calibration is fitted on the project's set only
-(:mod:`neuron_assets.simulate.semantic`); an outside file is never used for tuning.
+The semantic simulator's calibration is fitted on the project's fit half only
+(:mod:`neuron_assets.score.calibration`); an outside file is never used for tuning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -52,6 +59,7 @@ from neuron_assets.types import (
 )
 
 TOO_BROAD, TOO_NARROW, WRONG_TOKENS, NEIGHBOUR = "too_broad", "too_narrow", "wrong_tokens", "neighbour"
+FIT, HELDOUT = "fit", "heldout"  # the two halves of the project's puzzles
 FALSE_KINDS = (TOO_BROAD, TOO_NARROW, WRONG_TOKENS, NEIGHBOUR)
 ACTIVATION = 10.0
 WINDOW = 32  # tokens per concept-puzzle sentence
@@ -81,6 +89,7 @@ class ValidityPuzzle:
     description: str
     false_descriptions: tuple[FalseDescription, ...]
     records: tuple[ActivationRecord, ...]
+    split: str = HELDOUT  # FIT: may be tuned on; HELDOUT: only reported on
 
     @property
     def descriptions(self) -> list[str]:
@@ -119,6 +128,7 @@ class ValidityRow:
 
     puzzle_set: str
     scorer: str  # "correlation/<simulator>", "embedding", ...
+    split: str  # FIT or HELDOUT
     puzzles: int
     true_first: float  # share of puzzles whose true description scores highest (ties share)
     chance: float  # the share a scorer blind to descriptions gets
@@ -127,30 +137,38 @@ class ValidityRow:
     per_family: Mapping[str, float]  # true_first per puzzle family
 
     def as_dict(self) -> dict:
-        return {"puzzle_set": self.puzzle_set, "scorer": self.scorer, "puzzles": self.puzzles,
+        return {"puzzle_set": self.puzzle_set, "scorer": self.scorer, "split": self.split, "puzzles": self.puzzles,
                 "true_first": self.true_first, "chance": self.chance, "mean_margin": self.mean_margin,
                 "beats_chance": self.beats_chance, "per_family": json.dumps(dict(self.per_family), sort_keys=True)}
 
 
 def measure_validity(puzzles: Sequence[ValidityPuzzle], scorers: Mapping[str, PuzzleScorer],
                      puzzle_set: str = "project") -> list[ValidityRow]:
-    """Every scorer on every puzzle: the true-first share, the chance share and the margin."""
+    """Every scorer on every puzzle: the true-first share, the chance share and the margin, one
+    row per scorer and split of the puzzles (held-out first)."""
     if not puzzles:
         raise ValueError(f"puzzle set '{puzzle_set}' has no puzzles")
     rows = []
+    splits = sorted({p.split for p in puzzles}, key=lambda s: s != HELDOUT)
     for name, scorer in scorers.items():
-        credits, margins, families = [], [], {}
-        for puzzle in puzzles:
-            values = np.asarray(scorer(puzzle), dtype=np.float64)
-            if values.shape != (len(puzzle.descriptions),):
-                raise ValueError(f"scorer {name} gave {values.size} scores for {len(puzzle.descriptions)} "
-                                 f"descriptions of puzzle {puzzle.name}")
-            credit = true_first_credit(values)
-            credits.append(credit)
-            margins.append(float(values[0] - values[1:].max()) if values.size > 1 else 0.0)
-            families.setdefault(puzzle.family, []).append(credit)
-        rows.append(_row(puzzle_set, name, puzzles, credits, margins, families))
+        values_of = {id(puzzle): np.asarray(scorer(puzzle), dtype=np.float64) for puzzle in puzzles}
+        for split in splits:
+            rows.append(_measured(puzzle_set, name, split, [p for p in puzzles if p.split == split], values_of))
     return rows
+
+
+def _measured(puzzle_set: str, name: str, split: str, puzzles, values_of) -> ValidityRow:
+    credits, margins, families = [], [], {}
+    for puzzle in puzzles:
+        values = values_of[id(puzzle)]
+        if values.shape != (len(puzzle.descriptions),):
+            raise ValueError(f"scorer {name} gave {values.size} scores for {len(puzzle.descriptions)} "
+                             f"descriptions of puzzle {puzzle.name}")
+        credit = true_first_credit(values)
+        credits.append(credit)
+        margins.append(float(values[0] - values[1:].max()) if values.size > 1 else 0.0)
+        families.setdefault(puzzle.family, []).append(credit)
+    return _row(puzzle_set, name, split, puzzles, credits, margins, families)
 
 
 def true_first_credit(values: np.ndarray) -> float:
@@ -166,10 +184,10 @@ def clear_margin(chance: float, n: int) -> float:
     return chance + SIGNIFICANCE_Z * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
-def _row(puzzle_set, name, puzzles, credits, margins, families) -> ValidityRow:
+def _row(puzzle_set, name, split, puzzles, credits, margins, families) -> ValidityRow:
     chance = float(np.mean([p.chance for p in puzzles]))
     true_first = float(np.mean(credits))
-    return ValidityRow(puzzle_set, name, len(puzzles), true_first, chance, float(np.mean(margins)),
+    return ValidityRow(puzzle_set, name, split, len(puzzles), true_first, chance, float(np.mean(margins)),
                        true_first >= clear_margin(chance, len(puzzles)),
                        {family: float(np.mean(values)) for family, values in sorted(families.items())})
 
@@ -243,9 +261,101 @@ CONCEPTS: tuple[Concept, ...] = (
              "thread threads threading process processes lock locks queue async await concurrent parallel"),
     _concept("input_output", "verbs for reading and writing data", "verbs",
              "read reads write writes open opens close closes print input output load save"),
+    _concept("strings", "words about text strings and characters", "programming terminology",
+             "string strings character characters text unicode ascii substring"),
+    _concept("arithmetic", "words for arithmetic operations", "words about mathematics",
+             "add addition subtract subtraction multiply multiplication divide division remainder modulo sum product"),
+    _concept("arguments", "words about the arguments a function takes", "programming terminology",
+             "argument arguments parameter parameters keyword keywords default defaults"),
+    _concept("callables", "words for functions and methods", "programming terminology",
+             "function functions method methods callable callables call calls"),
+    _concept("objects", "words about objects and their attributes", "programming terminology",
+             "object objects instance instances attribute attributes"),
+    _concept("inheritance", "words about class inheritance", "words about families",
+             "subclass subclasses superclass inherit inherits inherited inheritance derived"),
+    _concept("iteration", "words about iterating over items", "programming terminology",
+             "iterate iterates iteration iterator iterators loop loops generator generators"),
+    _concept("memory", "words about computer memory", "computer terminology",
+             "memory buffer buffers allocate allocated allocation garbage"),
+    _concept("security", "words about security and secrets", "computer terminology",
+             "password passwords secret secrets secure security encrypt encryption"),
+    _concept("operating_systems", "names of operating systems and platforms", "computer terminology",
+             "windows linux unix posix macos platform platforms"),
+    _concept("databases", "words about databases and queries", "computer terminology",
+             "database databases sql query queries table tables row rows column columns"),
+    _concept("markup", "words about markup languages", "computer terminology",
+             "html xml tag tags element elements markup"),
+    _concept("compression", "words about compressing data", "computer terminology",
+             "compress compressed compression decompress zip gzip archive archives"),
+    _concept("testing", "words about testing code", "programming terminology",
+             "test tests testing assert assertion assertions doctest unittest"),
+    _concept("logging", "words about logging messages", "computer terminology",
+             "log logs logging logger loggers debug"),
+    _concept("encodings", "words about encoding and decoding data", "computer terminology",
+             "encode encodes encoding encodings decode decodes decoding utf codec codecs"),
+    _concept("sorting", "words about putting things in order", "verbs",
+             "sort sorted sorting reverse reversed ascending descending"),
+    _concept("copying", "words about copying", "verbs", "copy copies copied copying deepcopy clone"),
+    _concept("randomness", "words about randomness", "words about measurement",
+             "random randomly seed shuffle shuffled"),
+    _concept("size_words", "adjectives of size", "adjectives",
+             "large larger largest small smaller smallest big bigger huge tiny"),
+    _concept("emptiness", "words meaning empty or absent values", "Python values and constants",
+             "empty none null void blank"),
+    _concept("mutability", "words about changing a value", "verbs",
+             "mutable immutable modify modifies modified change changes changed"),
+    _concept("speed", "words about speed and performance", "adjectives",
+             "fast faster fastest slow slower quick quickly speed performance efficient"),
+    _concept("versions", "words about software versions", "words about time and dates",
+             "version versions release releases deprecated"),
+    _concept("packages", "words about modules and packages", "programming terminology",
+             "module modules package packages library libraries"),
+    _concept("terminals", "words about terminals and screens", "computer terminology",
+             "terminal terminals console screen display keyboard"),
+    _concept("punctuation_names", "names of punctuation marks", "words about text",
+             "comma commas colon semicolon bracket brackets parenthesis parentheses quote quotes"),
+    _concept("text_units", "units of written text", "words about text",
+             "line lines sentence sentences paragraph paragraphs"),
+    _concept("comparison", "words about comparing values", "verbs",
+             "equal equals less greater compare compares comparison comparisons"),
+    _concept("number_bases", "names of number bases", "words about amounts",
+             "hex hexadecimal binary octal decimal"),
+    _concept("regular_expressions", "words about regular expressions", "programming terminology",
+             "regex regular expression expressions match matches matching"),
+    _concept("scope", "words about variable scope and namespaces", "programming terminology",
+             "global globals local locals nonlocal scope scopes namespace namespaces"),
+    _concept("dictionaries", "words about mappings from keys to values", "programming terminology",
+             "key keys value values mapping mappings dictionary dictionaries"),
+    _concept("names", "words about names", "words about text", "name names named rename renamed"),
+    _concept("start_stop", "words about starting and stopping", "verbs",
+             "start starts started stop stops stopped begin begins finish finished"),
+    _concept("users", "words for people who use software", "short common English words",
+             "user users person people programmer programmers developer developers"),
+    _concept("questions", "question words", "short common English words", "what why how who whom whose"),
+    _concept("quantities", "words for vague quantities", "short common English words", "many few several"),
+    _concept("frequency", "adverbs of frequency", "adverbs", "always sometimes often usually rarely"),
+    _concept("permissions", "words about permission", "words about law", "allow allowed allows permission permissions"),
+    _concept("creation", "words about creating things", "verbs", "create creates created creating new"),
+    _concept("deletion", "words about deleting things", "verbs", "delete deletes deleted remove removes removed"),
+    _concept("results", "words for the results of a computation", "nouns", "result results"),
+    _concept("examples", "words for examples", "nouns", "example examples sample samples"),
+    _concept("documentation", "words about documentation and comments", "words about text",
+             "documentation docs docstring docstrings comment comments"),
+    _concept("lengths", "words about sizes and counts", "words about measurement",
+             "length lengths size sizes count counts"),
+    _concept("math_functions", "names of mathematical functions", "words about mathematics",
+             "sin cos tan sqrt exp floor ceil abs round"),
+    _concept("data_formats", "names of data file formats", "computer terminology", "json csv yaml toml pickle"),
+    _concept("addresses", "words about network addresses", "computer terminology", "address addresses ip ipv4 ipv6"),
+    _concept("events", "words about events and their handlers", "programming terminology",
+             "event events callback callbacks handler handlers"),
+    _concept("images", "words about images", "nouns", "image images pixel pixels picture"),
 )
 
+RULE_WORD_SETS, RULE_CONTEXTS = 28, 14  # rule puzzles of each kind tried (those that fire survive)
+
 RULE_BROADER = {
+    "before": "words in the middle of a sentence",
     "word_set": "common English words",
     "after": "words in the middle of a sentence",
     "char_class": "any token of the text",
@@ -260,8 +370,9 @@ def project_puzzles(corpus: Sequence[ActivationRecord], seed: int = 0) -> list[V
     from neuron_assets.explain.puzzles import generate_puzzles
 
     rng = random.Random(seed)
+    rules = generate_puzzles(corpus, seed=seed, word_sets=RULE_WORD_SETS, contexts=RULE_CONTEXTS, more_classes=True)
     drafts = [("rule", p.name, p.description, RULE_BROADER.get(p.name.split(":")[0], "any token of the text"),
-               p.records) for p in generate_puzzles(corpus, seed=seed)]
+               p.records) for p in rules]
     sequences = _sequences(corpus)
     for concept in CONCEPTS:
         records = _concept_records(concept, sequences, rng)
@@ -276,8 +387,18 @@ def project_puzzles(corpus: Sequence[ActivationRecord], seed: int = 0) -> list[V
             FalseDescription(WRONG_TOKENS, _wrong_tokens(records)),
             FalseDescription(NEIGHBOUR, neighbour),
         )
-        puzzles.append(ValidityPuzzle(name, family, description, falses, records))
+        puzzles.append(ValidityPuzzle(name, family, description, falses, records, _split_of(drafts, i)))
     return _renumbered(puzzles)
+
+
+def _split_of(drafts, i: int) -> str:
+    """FIT or HELDOUT: within each family the puzzles ordered by a hash of their name take
+    turns, so each half holds half of every family and a puzzle keeps its half however many
+    others a corpus yields."""
+    family = drafts[i][0]
+    ranked = sorted((j for j in range(len(drafts)) if drafts[j][0] == family),
+                    key=lambda j: hashlib.sha256(drafts[j][1].encode()).hexdigest())
+    return FIT if ranked.index(i) % 2 == 0 else HELDOUT
 
 
 def _sequences(corpus: Sequence[ActivationRecord]) -> list[tuple[str, ...]]:
@@ -368,7 +489,7 @@ def _renumbered(puzzles: Sequence[ValidityPuzzle]) -> list[ValidityPuzzle]:
                                             np.asarray(record.activations, dtype=np.float32)))
             next_id += 1
         out.append(ValidityPuzzle(puzzle.name, puzzle.family, puzzle.description, puzzle.false_descriptions,
-                                  tuple(records)))
+                                  tuple(records), puzzle.split))
     return out
 
 
@@ -452,12 +573,14 @@ class ValidityReport:
     selecting: str  # the scorer whose correlation selects: correlation/<simulate.backend>
     skipped: Mapping[str, str]  # scorer -> why it was not measured here
 
-    def row(self, scorer: str, puzzle_set: str = "project") -> ValidityRow | None:
-        return next((r for r in self.rows if r.scorer == scorer and r.puzzle_set == puzzle_set), None)
+    def row(self, scorer: str, puzzle_set: str = "project", split: str = HELDOUT) -> ValidityRow | None:
+        return next((r for r in self.rows if r.scorer == scorer and r.puzzle_set == puzzle_set and r.split == split),
+                    None)
 
     @property
     def selecting_beats_chance(self) -> bool | None:
-        """Whether the selecting simulator beats chance clearly on the project's set (None: not measured)."""
+        """Whether the selecting simulator beats chance clearly on the project's held-out
+        puzzles (None: not measured)."""
         row = self.row(self.selecting)
         return None if row is None else row.beats_chance
 
@@ -502,7 +625,7 @@ def _build_simulators(config, skipped: dict[str, str], log) -> dict[str, object]
 
         found = latest_checkpoint(Store(config.store_root), config)
         checkpoint = found[1] if found else None
-    wanted = ["lexical", "semantic", config.simulate.backend, *config.simulate.compare_with, "finetuned"]
+    wanted = ["lexical", "semantic", "hybrid", config.simulate.backend, *config.simulate.compare_with, "finetuned"]
     if config.simulate.prompted.model:
         wanted.append("prompted")
     built = {}
@@ -539,7 +662,8 @@ def report_frame(report: ValidityReport):
     import polars as pl
 
     rows = [dict(r.as_dict(), selecting=r.scorer == report.selecting) for r in report.rows]
-    schema = {"puzzle_set": pl.String, "scorer": pl.String, "puzzles": pl.Int32, "true_first": pl.Float64,
+    schema = {"puzzle_set": pl.String, "scorer": pl.String, "split": pl.String, "puzzles": pl.Int32,
+              "true_first": pl.Float64,
               "chance": pl.Float64, "mean_margin": pl.Float64, "beats_chance": pl.Boolean, "per_family": pl.String,
               "selecting": pl.Boolean}
     return pl.DataFrame(rows, schema=schema)
@@ -547,8 +671,41 @@ def report_frame(report: ValidityReport):
 
 def report_table(report: ValidityReport) -> tuple[list[str], list[list]]:
     """Header and rows for people (the CLI's table, the asset's markdown)."""
-    header = ["puzzle set", "scorer", "puzzles", "true first", "chance", "clear margin", "mean margin", "beats chance"]
-    body = [[r.puzzle_set, r.scorer + (" (selects)" if r.scorer == report.selecting else ""), r.puzzles,
+    header = ["puzzle set", "split", "scorer", "puzzles", "true first", "chance", "clear margin", "mean margin",
+              "beats chance"]
+    body = [[r.puzzle_set, r.split, r.scorer + (" (selects)" if r.scorer == report.selecting else ""), r.puzzles,
              f"{r.true_first:.2f}", f"{r.chance:.2f}", f"{clear_margin(r.chance, r.puzzles):.2f}",
              f"{r.mean_margin:+.3f}", "yes" if r.beats_chance else "no"] for r in report.rows]
     return header, body
+
+
+def stored_validity(store, scorer: str, puzzle_set: str = "project") -> dict | None:
+    """``scorer``'s held-out row of the stored ``scorer_validity`` table (``scorer``:
+    ``correlation/<simulator>``, ``embedding``, ...), or None when it was not measured."""
+    import polars as pl
+
+    if not store.exists(VALIDITY_TABLE):
+        return None
+    frame = store.read(VALIDITY_TABLE).filter((pl.col("scorer") == scorer) & (pl.col("puzzle_set") == puzzle_set))
+    if "split" in frame.columns:
+        frame = frame.filter(pl.col("split") == HELDOUT)
+    else:  # written before the puzzles were split: the figures are in-sample
+        frame = frame.with_columns(pl.lit("all").alias("split"))
+    return frame.row(0, named=True) if frame.height else None
+
+
+def validity_sentence(scorer: str, row: dict | None) -> str:
+    """What a score's reader is told about its scorer: how often it ranks a true description
+    first on puzzles nothing was fitted on, against chance."""
+    if row is None:
+        return (f"{scorer}: validity not measured in this store (materialize scorer_validity, or run "
+                "neuron-assets validate-scorers)")
+    which = "held-out" if row["split"] == HELDOUT else "in-sample (not held-out)"
+    verdict = "clearly above chance" if row["beats_chance"] else "not clearly above chance"
+    return (f"{scorer} ranks a true description first on {row['true_first']:.0%} of {row['puzzles']} {which} "
+            f"puzzles (chance {row['chance']:.0%}: {verdict})")
+
+
+def scorer_key(scorer: str, simulator: str | None) -> str:
+    """The scorer_validity name of a score row's scorer: correlation/<simulator>, or the scorer."""
+    return f"{scorer}/{simulator}" if scorer == "correlation" and simulator else scorer

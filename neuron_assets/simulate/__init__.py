@@ -6,6 +6,8 @@ Backends are chosen by name (``simulate.backend``) from :data:`SIMULATORS`:
 - ``semantic``: offline, reads language: MiniLM similarity of the description to each
   piece of the text alone and in context, calibrated on the project's validity puzzles,
   with the lexical rule for the tokens the description quotes;
+- ``hybrid``: ``lexical`` for a description that names quoted tokens and nothing else,
+  ``semantic`` for any other (the demo's selector);
 - ``finetuned``: Transluce's fine-tuned 11-class per-token simulator (a checkpoint that
   :mod:`neuron_assets.simulate.training` trains);
 - ``prompted``: Bills et al.'s all-at-once logprob simulator (a local model or an
@@ -48,6 +50,17 @@ def _semantic(config: Config, checkpoint: Path | None) -> Simulator:
         return SemanticSimulator(settings.model, settings.device, settings.batch_size, batch_tokens=settings.batch_tokens)
     except (OSError, ValueError) as err:
         raise SimulatorUnavailable(f"the semantic simulator cannot load simulate.semantic.model "
+                                   f"'{settings.model}': {err}") from None
+
+
+def _hybrid(config: Config, checkpoint: Path | None) -> Simulator:
+    from neuron_assets.simulate.semantic import HybridSimulator
+
+    settings = config.simulate.semantic
+    try:
+        return HybridSimulator(settings.model, settings.device, settings.batch_size, batch_tokens=settings.batch_tokens)
+    except (OSError, ValueError) as err:
+        raise SimulatorUnavailable(f"the hybrid simulator cannot load simulate.semantic.model "
                                    f"'{settings.model}': {err}") from None
 
 
@@ -94,6 +107,7 @@ class SimulatorBackend:
 SIMULATORS: dict[str, SimulatorBackend] = {
     "lexical": SimulatorBackend(_lexical),
     "semantic": SimulatorBackend(_semantic),
+    "hybrid": SimulatorBackend(_hybrid),
     "finetuned": SimulatorBackend(_finetuned, needs_gpu=True, trained_here=True),
     "prompted": SimulatorBackend(_prompted, needs_gpu=True),
 }

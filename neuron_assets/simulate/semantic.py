@@ -20,10 +20,10 @@ For a description ``d`` and the records of one call:
 3. **Calibration.** Similarities are z-scored per description over every unit of the
    call (so a description is judged by which units it singles out, not by its overall
    closeness to the text), then mapped to 0..10 by ``10 * sigmoid(slope * (z - offset))``.
-   ``w``, ``slope`` and ``offset`` are fitted on the project's validity puzzles
-   (:func:`neuron_assets.score.calibration.fit_calibration`, over
-   :func:`neuron_assets.score.validity.project_puzzles`) and shipped in
-   ``semantic_calibration.json`` next to this module.
+   ``w``, ``slope`` and ``offset`` are fitted on the fit half of the project's validity
+   puzzles (:func:`neuron_assets.score.calibration.fit_calibration`, over
+   :func:`neuron_assets.score.validity.project_puzzles`), for each simulator of this module
+   on its own, and shipped as ``<simulator>_calibration.json`` next to this module.
 4. **Quoted tokens.** A token the description quotes scores 10 by the lexical rule
    (:mod:`neuron_assets.simulate.lexical`, quoted spans only); a quoted token that the
    description places ``after`` / ``following`` (``before`` / ``preceding``) marks the
@@ -48,10 +48,13 @@ import numpy as np
 
 from neuron_assets.embedding import BATCH_SIZE, UnitLayout, sentence_encoder
 from neuron_assets.simulate.base import MAX_ACTIVATION, SimulatedActivations
-from neuron_assets.simulate.lexical import QUOTED, WORD, NamedTerms, simulate_lexically
+from neuron_assets.simulate.lexical import BOILERPLATE, QUOTED, WORD, NamedTerms, simulate_lexically
 from neuron_assets.types import ActivationRecord
 
-CALIBRATION_FILE = Path(__file__).with_name("semantic_calibration.json")
+def calibration_file(simulator: str) -> Path:
+    """Where the shipped calibration of simulator ``semantic`` or ``hybrid`` lives."""
+    return Path(__file__).with_name(f"{simulator}_calibration.json")
+
 UNIT = re.compile(r"[^\W_]+|[^\w\s]|_", re.UNICODE)
 SHIFT_AFTER = re.compile(r"\b(?:after|following|follows|preceded\s+by)\s+(?:an?\s+|the\s+)?(?:token\s+|word\s+)?$",
                          re.IGNORECASE)
@@ -70,8 +73,9 @@ class SemanticCalibration:
     true_first: float | None = None  # the fit's true-first share on that set
 
     @classmethod
-    def shipped(cls) -> SemanticCalibration:
-        return cls.read(CALIBRATION_FILE) if CALIBRATION_FILE.is_file() else cls()
+    def shipped(cls, simulator: str = "semantic") -> SemanticCalibration:
+        path = calibration_file(simulator)
+        return cls.read(path) if path.is_file() else cls()
 
     @classmethod
     def read(cls, path: Path) -> SemanticCalibration:
@@ -97,12 +101,18 @@ class SemanticSimulator:
     def __init__(self, model: str = "builtin:all-MiniLM-L6-v2", device: str = "auto", batch_size: int = BATCH_SIZE,
                  calibration: SemanticCalibration | None = None, batch_tokens: int | None = None):
         self.encoder = sentence_encoder(model, device, batch_size, batch_tokens)
-        self.calibration = calibration or SemanticCalibration.shipped()
+        self.calibration = calibration or SemanticCalibration.shipped(self.name)
         self._layouts: OrderedDict = OrderedDict()
 
     def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
         contextual = self.calibration.context_weight > 0
         return self.calibrated(self.similarities(descriptions, records, contextual), self.calibration)
+
+    def predictions(self, raw: RawSimilarities, calibration: SemanticCalibration, descriptions: Sequence[str],
+                    records: Sequence[ActivationRecord]) -> SimulatedActivations:
+        """What :meth:`simulate` predicts under ``calibration``, from similarities computed once
+        (a calibration fit tries many calibrations on one pass)."""
+        return self.calibrated(raw, calibration)
 
     def simulate_many(self, jobs: Sequence[tuple[Sequence[str], Sequence[ActivationRecord]]]) -> list[SimulatedActivations]:
         """:meth:`simulate` of every job; the texts of all jobs are embedded first, in full batches."""
@@ -168,6 +178,45 @@ class SemanticSimulator:
                 predictions.append(np.maximum(layout.token_values(unit_values), lexical))
             out.append(predictions)
         return out
+
+
+class HybridSimulator(SemanticSimulator):
+    """Simulator ``hybrid``: exact where a description is literal, reading language where it
+    is not. A *literal* description names tokens and nothing else (``the words "in" and
+    "to"``, ``the token "def" after "("``: quoted spans with only filler words around them,
+    :func:`is_literal`); it is predicted by the lexical rule over its quoted spans alone
+    (:func:`quoted_predictions`, which also places spans said to come after or before
+    another), so a description that names a token-exact feature's trigger scores what the
+    lexical rule gives it. Every other description is predicted as ``semantic`` predicts it
+    (the calibrated similarity, with the quoted tokens at 10): the calibration z-scores each
+    description on its own, so the split changes nothing for the others."""
+
+    name = "hybrid"
+
+    def simulate(self, descriptions: Sequence[str], records: Sequence[ActivationRecord]) -> SimulatedActivations:
+        literal = [is_literal(d) for d in descriptions]
+        worded = [d for d, is_lit in zip(descriptions, literal) if not is_lit]
+        read = iter(super().simulate(worded, records) if worded else [])
+        return [quoted_predictions(d, records) if is_lit else next(read) for d, is_lit in zip(descriptions, literal)]
+
+    def predictions(self, raw: RawSimilarities, calibration: SemanticCalibration, descriptions: Sequence[str],
+                    records: Sequence[ActivationRecord]) -> SimulatedActivations:
+        semantic = self.calibrated(raw, calibration)
+        return [quoted_predictions(d, records) if is_literal(d) else predicted
+                for d, predicted in zip(descriptions, semantic)]
+
+
+# Words that may stand around the quoted spans of a literal description: the lexical rule's
+# boilerplate, and a few that narrow or count without naming anything.
+LITERAL_FILLER = BOILERPLATE | frozenset("only just exactly either both each every whenever single alone".split())
+
+
+def is_literal(description: str | None) -> bool:
+    """Whether a description names quoted tokens and nothing else (see :class:`HybridSimulator`)."""
+    text = description or ""
+    if not any(next(g for g in m.groups() if g is not None).strip() for m in QUOTED.finditer(text)):
+        return False
+    return all(word.casefold() in LITERAL_FILLER for word in WORD.findall(QUOTED.sub(" ", text)))
 
 
 # -- units and their alignment to subject tokens ---------------------------------------------

@@ -538,3 +538,41 @@ def rerank_candidates(simulator, features: Sequence[FeatureRows], exemplars: int
         scores = [token_correlation([p[r.prefix_len :] for p, r in zip(s, records)], truths).value for s in simulated]
         best[feature.feature] = feature.candidates[int(np.argmax(scores))]
     return best
+
+
+# -- how much training a selecting simulator needs ---------------------------------------------
+
+# The fewest (description, exemplar) training pairs per fold below which a simulator of a
+# backbone's size is not trusted to select descriptions: Transluce trains its 8B simulator's
+# stage 1 on about 96,000 pairs (4,200 exemplar sets of 25 sequences); a backbone of 100M+
+# weights fits far fewer pairs than it has weights before it stops overfitting.
+MINIMUM_PAIRS = ((1e9, 50_000), (1e8, 10_000), (0.0, 1_000))  # (backbone weights at least, pairs per fold)
+
+
+def minimum_training_pairs(backbone_params: float) -> int:
+    return next(pairs for size, pairs in MINIMUM_PAIRS if backbone_params >= size)
+
+
+def backbone_parameters(model_config: FinetunedSimulatorConfig) -> int:
+    """The simulator backbone's weight count, from its config.json alone (no weights read):
+    12 h^2 per layer (attention and MLP) plus the token embeddings."""
+    from transformers import AutoConfig
+
+    from neuron_assets.subject import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_config.backbone))
+    config = getattr(config, "text_config", None) or config
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+    if model_config.backbone_layers is not None:
+        layers = min(layers, model_config.backbone_layers)
+    return 12 * layers * hidden**2 + int(getattr(config, "vocab_size", 0)) * hidden
+
+
+def training_pairs(frame: pl.DataFrame) -> dict[int, dict[str, int]]:
+    """fold -> stage -> (description, exemplar) pairs of the simulator training rows."""
+    counts = frame.filter(pl.col("role").is_in([STAGE1, STAGE2])).group_by("fold", "role").len()
+    out: dict[int, dict[str, int]] = {}
+    for fold, role, n in counts.iter_rows():
+        out.setdefault(int(fold), {})[role] = int(n)
+    return out

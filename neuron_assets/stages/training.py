@@ -13,7 +13,7 @@ from neuron_assets.exemplars import (
     NEURON_KIND,
     load_feature_exemplars,
 )
-from neuron_assets.simulate import needs_checkpoint
+from neuron_assets.simulate import FINETUNED, needs_checkpoint
 from neuron_assets.simulate.checkpoints import append_checkpoint_rows, simulate_hash
 from neuron_assets.stages.tables import (
     TRAINING_TABLE,
@@ -118,9 +118,21 @@ def make_simulator_checkpoint(config: Config, run_id: str, log: Log = quiet, on_
     if "fold" not in frame.columns:
         raise ValueError("simulator_training_data was written before cross-fitting (no fold column); "
                          "re-materialize simulator_training_data")
+    selects = config.simulate.backend == FINETUNED
+    check_training_size(frame, config, selects, log)
     added = control_token_forms(_special_tokens(load_tokenizer(config.subject)))
     trained = train_crossfit(frame, config.simulate.finetuned, config.simulate.training,
                              store.checkpoint_dir / "simulator", added, log=log, on_step=on_step)
+    if selects and config.simulate.training.selection_checks:
+        for fold in trained:
+            heldout = fold.heldout.get(STAGE2) or fold.heldout[STAGE1]
+            if not heldout.described > heldout.shuffled:
+                raise ValueError(
+                    f"the simulator of fold {fold.fold} ({fold.path}) does not beat its shuffled control on held-out "
+                    f"features (correlation {heldout.described:.3f} against {heldout.shuffled:.3f}), so it may not "
+                    "select descriptions: train it on more features (simulate.training.stage1_features, "
+                    "exemplars_per_feature), select by another simulator (simulate.backend), or set "
+                    "simulate.training.selection_checks: false to select with it anyway")
     rows, last, first = [], [], []
     for fold in trained:
         heldout = fold.heldout.get(STAGE2) or fold.heldout[STAGE1]
@@ -157,3 +169,29 @@ def _special_tokens(tokenizer) -> list[str]:
     from neuron_assets.excerpts import special_tokens
 
     return sorted({text for text in special_tokens(tokenizer).values() if text})
+
+
+class UndersizedTraining(ValueError):
+    """A simulator that would select descriptions, trained on fewer pairs than its backbone needs."""
+
+
+def check_training_size(frame: pl.DataFrame, config: Config, selects: bool, log: Log) -> None:
+    """Refuse (when the simulator selects) or warn loudly (when it is only compared) when a
+    fold trains on fewer pairs than :func:`minimum_training_pairs` asks of its backbone."""
+    from neuron_assets.simulate.training import backbone_parameters, minimum_training_pairs, training_pairs
+
+    params = backbone_parameters(config.simulate.finetuned)
+    minimum = minimum_training_pairs(params)
+    per_fold = training_pairs(frame)
+    smallest = min((sum(stages.values()) for stages in per_fold.values()), default=0)
+    if smallest >= minimum:
+        return
+    message = (f"the fine-tuned simulator ({config.simulate.finetuned.backbone}, {params / 1e6:,.0f}M weights) trains on "
+               f"{smallest:,} pairs in its smallest fold, below the {minimum:,} a backbone of that size needs to be "
+               "trusted (simulate.training: stage1_features, stage2_features, exemplars_per_feature)")
+    if selects and config.simulate.training.selection_checks:
+        raise UndersizedTraining(message + "; it would select every description: raise the training sizes, select "
+                                 "by another simulator (simulate.backend), or set simulate.training.selection_checks: "
+                                 "false to train it anyway")
+    log("WARNING: " + message + ("; it is only compared, not selecting" if not selects else
+                                 "; simulate.training.selection_checks is off, so it selects anyway"))
