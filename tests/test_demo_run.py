@@ -7,7 +7,9 @@ cores. CI runs it with the rest (`pytest` runs every tier).
 from __future__ import annotations
 
 import json
+import shlex
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +64,43 @@ def test_default_demo_runs_end_to_end_and_both_polarities_are_real(tmp_path, mon
     # the demo's SAE: a sample of its latents described beside its layer's neurons (pos only)
     assert latents["kind"] == "sae" and (latents["layers"], latents["polarities"]) == (len(config.sae.layers), 1)
     assert latents["n"] == config.sae.latents.sample * len(config.sae.layers) and latents["described"] > 0
+
+    work = tmp_path / "examples"  # every example of the README and docs/ on this store
+    work.mkdir()
+    monkeypatch.chdir(work)
+    check_documented_examples(work, capsys)
+
+
+def documented_examples() -> list[tuple[str, list[str]]]:
+    """Every `neuron-assets ...` line of a code block in the README and docs/, as (where,
+    arguments); those that need another config, a browser, a server or a whole run are left out."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        inside = False
+        for line in page.read_text().splitlines():
+            if line.startswith("```"):
+                inside = not inside
+            elif inside and line.strip().startswith("neuron-assets "):
+                command = line.strip().split(" > ")[0]  # a shell redirection: the output is checked here
+                if any(word in command for word in ("--config", "neuron-assets run", "neuron-assets ui")):
+                    continue
+                args = shlex.split(command, comments=True)[1:]
+                args = ["report"] if args[0] == "report" else args  # --open would start a browser
+                args = [f"@{root / a[1:]}" if a.startswith("@") else a for a in args]
+                found.append((f"{page.name}: {command}", args))
+    return found
+
+
+def check_documented_examples(work: Path, capsys) -> None:
+    """Each example runs on the demo's store and shows something: output, or the file it writes."""
+    examples = documented_examples()
+    assert len(examples) >= 15
+    for where, args in examples:
+        before = set(work.rglob("*"))
+        assert main(args) == 0, where
+        shown = capsys.readouterr().out.strip()
+        if args[0] == "search" and "--format" in args:
+            assert json.loads(shown), f"{where}: no result on the demo"
+        assert shown or set(work.rglob("*")) - before, f"{where}: printed nothing and wrote nothing"
+        assert "no description matches" not in shown, where

@@ -13,7 +13,7 @@ from neuron_assets.store import with_lineage
 
 
 def compute_validity(call: Call):
-    report = validate_scorers(call.config, log=call.log)
+    report = validate_scorers(call.config, log=call.log, progress=call.stage.progress)
     frame = with_lineage(report_frame(report), call.config.subject.model, call.config.hash, call.run_id)
     path = call.store.write(VALIDITY_TABLE, frame)
     call.stage.complete(None, [path])

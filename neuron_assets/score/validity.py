@@ -143,7 +143,7 @@ class ValidityRow:
 
 
 def measure_validity(puzzles: Sequence[ValidityPuzzle], scorers: Mapping[str, PuzzleScorer],
-                     puzzle_set: str = "project") -> list[ValidityRow]:
+                     puzzle_set: str = "project", on_scored: Callable[[int], object] | None = None) -> list[ValidityRow]:
     """Every scorer on every puzzle: the true-first share, the chance share and the margin, one
     row per scorer and split of the puzzles (held-out first)."""
     if not puzzles:
@@ -151,7 +151,11 @@ def measure_validity(puzzles: Sequence[ValidityPuzzle], scorers: Mapping[str, Pu
     rows = []
     splits = sorted({p.split for p in puzzles}, key=lambda s: s != HELDOUT)
     for name, scorer in scorers.items():
-        values_of = {id(puzzle): np.asarray(scorer(puzzle), dtype=np.float64) for puzzle in puzzles}
+        values_of = {}
+        for puzzle in puzzles:
+            values_of[id(puzzle)] = np.asarray(scorer(puzzle), dtype=np.float64)
+            if on_scored is not None:
+                on_scored(1)
         for split in splits:
             rows.append(_measured(puzzle_set, name, split, [p for p in puzzles if p.split == split], values_of))
     return rows
@@ -587,13 +591,16 @@ class ValidityReport:
 
 def validate_scorers(config, corpus: Sequence[ActivationRecord] | None = None,
                      puzzle_files: Sequence[str | os.PathLike] = (), log: Callable[[str], None] = lambda _: None,
-                     simulators: Mapping[str, object] | None = None) -> ValidityReport:
+                     simulators: Mapping[str, object] | None = None, progress=None) -> ValidityReport:
     """Every simulator that can run here (lexical, semantic, finetuned when a checkpoint
     exists, prompted when configured, and the configured backend) through the correlation
     scorer, and the embedding scorer, on the project's puzzles from ``corpus`` (default: the
     stored ``sequences`` table, else the configured corpus tokenized by the subject's
     tokenizer) and on each file in OpenAI's layout. ``simulators`` replaces the built ones
-    (name -> simulator), for tests."""
+    (name -> simulator), for tests; ``progress`` (a neuron_assets.progress.Progress) counts
+    the puzzles scored."""
+    from neuron_assets.progress import Progress
+
     sets = {"project": project_puzzles(corpus if corpus is not None else project_corpus(config),
                                        seed=config.corpus.seed)}
     for path in puzzle_files:
@@ -606,12 +613,14 @@ def validate_scorers(config, corpus: Sequence[ActivationRecord] | None = None,
 
         scorers["embedding"] = embedding_scorer(sentence_encoder(config.score.embedding_model))
     rows: list[ValidityRow] = []
-    for set_name, puzzles in sets.items():
-        log(f"scorer validity: {len(puzzles)} puzzles in set {set_name}, {len(scorers)} scorers")
-        if not puzzles:  # a corpus too small for any rule or concept to fire in 3 sequences
-            skipped[f"puzzle set {set_name}"] = "no puzzles: the corpus is too small for any puzzle rule"
-            continue
-        rows += measure_validity(puzzles, scorers, set_name)
+    total = sum(len(puzzles) for puzzles in sets.values()) * len(scorers)
+    with (progress or Progress([])).task(f"scorer validity ({len(scorers)} scorers)", total, "puzzle") as task:
+        for set_name, puzzles in sets.items():
+            log(f"scorer validity: {len(puzzles)} puzzles in set {set_name}, {len(scorers)} scorers")
+            if not puzzles:  # a corpus too small for any rule or concept to fire in 3 sequences
+                skipped[f"puzzle set {set_name}"] = "no puzzles: the corpus is too small for any puzzle rule"
+                continue
+            rows += measure_validity(puzzles, scorers, set_name, on_scored=task.advance)
     return ValidityReport(tuple(rows), f"correlation/{config.simulate.backend}", skipped)
 
 
