@@ -51,6 +51,7 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
         parts = []
         for kind, of_kind in features_by_kind(load_feature_exemplars(store, layer, polarity)):
             features = _explained(of_kind, store, layer, polarity, config.explain.flagged_features, log, kind)
+            features = reaching_polarity(features, layer, polarity, kind, log)
             if config.explain.output_tokens:
                 features = with_output_tokens(features, store, layer, polarity, kind, log)
             label = f"explain {layer}|{polarity.value}" + ("" if kind == NEURON_KIND else f" {kind}")
@@ -72,6 +73,18 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
 
 
 FLAGS = ("is_positional", "is_unigram")  # neuron_stats' feature filters
+
+
+def reaching_polarity(features: list[FeatureExemplars], layer: int, polarity: Polarity, kind: str,
+                      log: Log) -> list[FeatureExemplars]:
+    """The features that reach this polarity at all (train max above 0). One that never does (a
+    neuron that is never negative) has no activation of that sign to describe: it is left out
+    and said so, not explained and counted k times as failed."""
+    kept = [f for f in features if f.stats.max > 0]
+    if len(kept) < len(features):
+        log(f"layer {layer} {polarity.value}: {len(features) - len(kept)} {kind} features never reach this polarity "
+            "(their train max is not above 0): no activation of that sign to describe, skipped")
+    return kept
 
 
 def _explained(features: list[FeatureExemplars], store: Store, layer: int, polarity: Polarity, choice: str,
