@@ -149,3 +149,14 @@ def test_the_gpu_check_runs_its_whole_path_on_cpu_with_a_tiny_llama(tmp_path):
     measured, planned = (float(x) for x in re.findall(r"([\d.]+) (?:measured|planned)", rows["a layer's tables on the host (GB)"]))
     assert 0 < measured <= planned
     assert float(rows["simulator pairs/s"].split()[0].replace(",", "")) > 0
+
+
+def test_a_cpu_simulator_training_is_planned_with_its_hours(tmp_path, capsys):
+    """The demo's opt-in fine-tuned simulator (a 2-layer MiniLM backbone) trained on CPU: its two
+    stages are planned with their pairs, steps and hours (they were left out, 0.00 h in all)."""
+    config = tmp_path / "ft.yaml"
+    config.write_text("simulate:\n  compare_with: [lexical, finetuned]\n")
+    assert main(["--config", str(config), "plan", "--device", "cpu", "--format", "json"]) == 0
+    stages = {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+    one = stages["simulator training stage 1"]
+    assert one["device_hours"] > 0 and "192 pairs" in one["note"] and "below the 1,000 pairs" in one["note"]
