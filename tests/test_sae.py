@@ -225,6 +225,9 @@ def test_sae_checkpoint_asset_trains_measures_and_resumes(tiny_config):
     assert 0 < metadata["fvu"].value < 1.5 and metadata["l0"].value <= 4
     assert 0 <= metadata["dead_fraction"].value <= 1
     assert "reconstruction_score" in metadata and "data:image/png;base64" in metadata["latent_frequency"].value
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any(m.startswith("sae layer 1 evaluation: ") and "batches (100%) done" in m for m in messages), \
+        "the evaluation (metrics and reconstruction score) reports its progress"
     config = load_config(path)
     folder = config.root / "checkpoints/sae/layer=1"
     info = json.loads((folder / SAE_INFO).read_text())

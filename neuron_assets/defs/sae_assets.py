@@ -16,7 +16,7 @@ def compute_saes(call: Call):
     steps, layers = call.config.sae.steps, sorted(set(call.config.sae.layers))
     with call.stage.progress.task(f"sae layers {layers}", steps * len(layers), "step") as task:
         offsets = {layer: i * steps for i, layer in enumerate(layers)}
-        results = make_saes(call.config, log=call.log,
+        results = make_saes(call.config, log=call.log, progress=call.stage.progress,
                             on_step=lambda layer, done: task.advance(offsets[layer] + done - task.done))
     call.stage.complete(None, [f for layer in layers for f in sae_files(call.store, layer)])
     return results

@@ -58,10 +58,11 @@ class SaeResult:
 
 
 def make_saes(config: Config, log: Callable[[str], None] = print,
-              on_step: Callable[[int, int], None] | None = None) -> list[SaeResult]:
+              on_step: Callable[[int, int], None] | None = None, progress=None) -> list[SaeResult]:
     """The sae_checkpoint stage: every layer of sae.layers in turn, each resuming its own
-    checkpoint; ``on_step(layer, done)`` follows training. The subject is loaded once (with
-    its LM head when causal, for the reconstruction score) and dropped after."""
+    checkpoint; ``on_step(layer, done)`` follows training, and ``progress`` (a
+    neuron_assets.progress.Progress) gets one task per layer's evaluation. The subject is
+    loaded once (with its LM head when causal, for the reconstruction score) and dropped after."""
     from neuron_assets import runtime
     from neuron_assets.features.site_activations import load_site_subject
 
@@ -71,7 +72,7 @@ def make_saes(config: Config, log: Callable[[str], None] = print,
         results = []
         for layer in sorted(set(config.sae.layers)):
             step = None if on_step is None else (lambda done, layer=layer: on_step(layer, done))
-            results.append(make_sae(config, layer, subject, causal, log=log, on_step=step))
+            results.append(make_sae(config, layer, subject, causal, log=log, on_step=step, progress=progress))
             log(f"sae layer {layer}: {results[-1].source}, FVU {results[-1].metrics.fvu:.3f}, "
                 f"L0 {results[-1].metrics.l0:.1f}, dead {results[-1].metrics.dead_fraction:.1%}")
         return results
@@ -99,7 +100,7 @@ def settings_of(config: Config) -> TrainSettings:
 
 
 def make_sae(config: Config, layer: int, subject: SubjectModel, causal: bool, log: Callable[[str], None] = print,
-             on_step: Callable[[int], None] | None = None, stop_after: int | None = None) -> SaeResult:
+             on_step: Callable[[int], None] | None = None, stop_after: int | None = None, progress=None) -> SaeResult:
     """Train layer's SAE on the train split (resuming its checkpoint), or load the one under
     ``sae.path``; measure it on the val split; write it in this project's format."""
     store = Store(config.store_root)
@@ -129,12 +130,16 @@ def make_sae(config: Config, layer: int, subject: SubjectModel, causal: bool, lo
         extra.update(settings=settings.hash, steps=settings.steps, batch_tokens=config.sae.batch_tokens)
     val = split_table(sequences.filter(pl.col("split") == "val").sort("seq_id").head(config.sae.eval_sequences),
                       "val", subject.tokenizer)
-    metrics = evaluate_sae(sae, site_activations(subject, val, layer, batch, device=device))
-    score = None
-    if causal:
-        with autocast(subject):
-            batches = ((b.ids, b.mask, b.counted) for b in token_batches(val, batch))
-            score = reconstruction_score(subject.model, subject.sites[layer], sae, batches)
+    from neuron_assets.progress import Progress
+
+    passes = -(-len(val) // batch) * (2 if causal else 1)  # the metrics' pass, then the reconstruction score's
+    with (progress or Progress([])).task(f"sae layer {layer} evaluation", passes, "batch") as task:
+        metrics = evaluate_sae(sae, counted(site_activations(subject, val, layer, batch, device=device), task))
+        score = None
+        if causal:
+            with autocast(subject):
+                batches = ((b.ids, b.mask, b.counted) for b in token_batches(val, batch))
+                score = reconstruction_score(subject.model, subject.sites[layer], sae, counted(batches, task))
     extra.update(source=source, metrics=metrics.as_dict(),
                  reconstruction=None if score is None else {**score.__dict__, "score": score.score})
     if stop_after is None or trained is None or len(trained.losses) >= config.sae.steps:
@@ -144,3 +149,10 @@ def make_sae(config: Config, layer: int, subject: SubjectModel, causal: bool, lo
                      dead_fraction_train=trained.dead_fraction if trained else None,
                      resampled=trained.resampled if trained else 0,
                      resumed_from=trained.resumed_from if trained else 0)
+
+
+def counted(items, task):
+    """``items``, advancing ``task`` by one as each is taken."""
+    for item in items:
+        yield item
+        task.advance(1)
