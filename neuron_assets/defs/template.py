@@ -122,8 +122,12 @@ def stage_asset(name: str, compute: Callable[[Call], Any], report: Callable[[Cal
         requested = requested_partitions(context) if stage.partitioned else None
         with context.resources.run.stage(context, config) as run:
             call = Call(name, context, config, run, run.todo(requested))
-            if not call.todo and not always:
-                return dg.MaterializeResult(metadata={"skipped": up_to_date, **run.metadata()})
+            if not call.todo and not always:  # every check needs a result, also when nothing was recomputed
+                kept = [dg.AssetCheckResult(check_name=check, passed=True,
+                                            metadata={"skipped": f"{up_to_date}: checked when it was computed"})
+                        for check in checks or {}]
+                return dg.MaterializeResult(metadata={"skipped": up_to_date, **run.metadata()},
+                                            check_results=kept or None)
             result = compute(call)
         made = report(call, result)
         log_partition_checks(context, made.by_partition or {})
