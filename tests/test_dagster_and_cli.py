@@ -126,3 +126,23 @@ def test_store_writes_atomically(tmp_path):
     assert not store.exists("t") and not list(tmp_path.rglob("*.tmp"))
     store.write("t", frame, 0, "pos")
     assert store.read("t", 0, "pos").equals(frame)
+
+
+def test_a_run_that_finds_its_partition_up_to_date_still_reports_every_check(tiny_config):
+    """What a run meets when another run finished its partition while it waited for the lock:
+    nothing to compute, and still a result for each of the asset's checks (Dagster needs one)."""
+    from neuron_assets.defs.runs import RunSettings
+
+    defs = build_definitions(str(tiny_config()))
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([defs.resolve_assets_def("corpus")], instance=instance).success
+    exemplars = defs.resolve_assets_def("exemplars")
+    assert dg.materialize([exemplars], instance=instance, partition_key="1|pos").success
+    unbound = [a for a in defs.assets if a.key == dg.AssetKey("exemplars")]  # without the resources bound above
+    resuming = dg.Definitions(assets=unbound, jobs=[dg.define_asset_job("again", selection=["exemplars"])],
+                              resources={**defs.resources, "run": RunSettings(skip_up_to_date=True)})
+    again = resuming.resolve_job_def("again").execute_in_process(instance=instance, partition_key="1|pos")
+    assert again.success
+    [check] = again.get_asset_check_evaluations()
+    assert check.passed and "checked when it was computed" in check.metadata["skipped"].value
+    assert again.asset_materializations_for_node("exemplars")[0].metadata["skipped"].value == "every partition is up to date"
