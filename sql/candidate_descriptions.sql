@@ -2,4 +2,6 @@
 -- backend, explainer model, prompt format, exemplar seq_ids and puzzle that made it, token
 -- counts and latency. A failed candidate has a null description and its reason in `failure`.
 CREATE OR REPLACE VIEW candidate_descriptions AS
-SELECT * FROM read_parquet('{data}/candidate_descriptions/*/*/*.parquet', union_by_name = true);
+-- layer and polarity come from the folder names (layer=L/polarity=P), first as ever.
+SELECT layer, polarity, * EXCLUDE (layer, polarity)
+FROM read_parquet('{data}/candidate_descriptions/*/*/*.parquet', union_by_name = true);

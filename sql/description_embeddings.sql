@@ -5,4 +5,6 @@
 --   SELECT neuron, description, array_cosine_similarity(embedding::FLOAT[384], (SELECT embedding::FLOAT[384]
 --   FROM description_embeddings LIMIT 1)) AS sim FROM description_embeddings ORDER BY sim DESC LIMIT 5
 CREATE OR REPLACE VIEW description_embeddings AS
-SELECT * FROM read_parquet('{data}/description_embeddings/*/*/*.parquet', union_by_name = true);
+-- layer and polarity come from the folder names (layer=L/polarity=P), first as ever.
+SELECT layer, polarity, * EXCLUDE (layer, polarity)
+FROM read_parquet('{data}/description_embeddings/*/*/*.parquet', union_by_name = true);

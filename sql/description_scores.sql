@@ -8,4 +8,6 @@
 -- pretrained ones); simulator_saw_feature says whether it trained on the row's neuron:
 -- cross-fitting keeps it false everywhere (null: a given checkpoint, training unknown).
 CREATE OR REPLACE VIEW description_scores AS
-SELECT * FROM read_parquet('{data}/description_scores/*/*/*.parquet', union_by_name = true);
+-- layer and polarity come from the folder names (layer=L/polarity=P), first as ever.
+SELECT layer, polarity, * EXCLUDE (layer, polarity)
+FROM read_parquet('{data}/description_scores/*/*/*.parquet', union_by_name = true);

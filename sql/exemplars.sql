@@ -8,4 +8,6 @@
 -- `sample` says how the row was drawn, as above; `kind` is the feature's kind (neuron, or sae
 -- for an SAE latent, whose index is in `neuron`), as in every other table.
 CREATE OR REPLACE VIEW exemplars AS
-SELECT * FROM read_parquet('{data}/exemplars/*/*/*.parquet', union_by_name = true);
+-- layer and polarity come from the folder names (layer=L/polarity=P), first as ever.
+SELECT layer, polarity, * EXCLUDE (layer, polarity)
+FROM read_parquet('{data}/exemplars/*/*/*.parquet', union_by_name = true);

@@ -5,4 +5,6 @@
 -- simulator_version / test_simulator_version: the simulator of the val / test score;
 -- simulator_saw_feature: whether either trained on this neuron (false under cross-fitting).
 CREATE OR REPLACE VIEW neuron_descriptions AS
-SELECT * FROM read_parquet('{data}/neuron_descriptions/*/*/*.parquet', union_by_name = true);
+-- layer and polarity come from the folder names (layer=L/polarity=P), first as ever.
+SELECT layer, polarity, * EXCLUDE (layer, polarity)
+FROM read_parquet('{data}/neuron_descriptions/*/*/*.parquet', union_by_name = true);

@@ -3,4 +3,6 @@
 -- scale is the activation normalizer (the train max): prompts' 0-10 levels, the simulator's
 -- training classes and fuzzing marks all divide by it.
 CREATE OR REPLACE VIEW neuron_stats AS
-SELECT * FROM read_parquet('{data}/neuron_stats/*/*/*.parquet', union_by_name = true);
+-- layer and polarity come from the folder names (layer=L/polarity=P), first as ever.
+SELECT layer, polarity, * EXCLUDE (layer, polarity)
+FROM read_parquet('{data}/neuron_stats/*/*/*.parquet', union_by_name = true);

@@ -21,9 +21,12 @@ statement of a user's query that is not a read.
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import json
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,13 +38,22 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from neuron_assets.store.checksums import CHECKSUMS_DIR, content_problem, record_checksum  # noqa: F401 (re-exported)
+from neuron_assets.store.partition_columns import (
+    PARTITION_COLUMNS_KEY,
+    schema_without_partition_columns,
+    with_partition_columns,
+    without_partition_columns,
+)
+
 DATA_FILE = "data.parquet"
 
 
 def sql_dir() -> Path:
     """The folder of view definitions: packaged inside the wheel, or the repository's sql/."""
-    packaged = Path(__file__).resolve().parent / "sql"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "sql"
+    package = Path(__file__).resolve().parent.parent  # neuron_assets/
+    packaged = package / "sql"
+    return packaged if packaged.is_dir() else package.parent / "sql"
 
 
 class MissingTableError(LookupError):
@@ -114,12 +126,15 @@ class Store:
     # -- reading and writing -------------------------------------------------------------
     def write(self, table: str, frame: pl.DataFrame, layer: int | None = None, polarity: str | None = None) -> Path:
         target = self.path(table, layer, polarity)
+        frame, metadata = without_partition_columns(frame, layer, polarity)
+        options = {"compression": "zstd", "statistics": True, "metadata": metadata or None}
         if self.remote:
             with remote_atomic_key(self.fs, target) as tmp, self.fs.open(tmp, "wb") as handle:
-                frame.write_parquet(handle, compression="zstd", statistics=True)
+                frame.write_parquet(handle, **options)
             return target
         with atomic_path(target) as tmp:
-            frame.write_parquet(tmp, compression="zstd", statistics=True)
+            frame.write_parquet(tmp, **options)
+            self._record_checksum(target, tmp)
         return target
 
     def write_batches(self, table: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
@@ -127,11 +142,12 @@ class Store:
         """Write a table from Arrow record batches, one Parquet row group each, without
         holding the table in memory; atomically, like :meth:`write`."""
         target = self.path(table, layer, polarity)
+        schema, strip = schema_without_partition_columns(schema, layer, polarity)
 
         def write(where) -> None:
             with pq.ParquetWriter(where, schema, compression="zstd") as writer:
                 for batch in batches:
-                    writer.write_batch(batch, row_group_size=max(batch.num_rows, 1))
+                    writer.write_batch(strip(batch), row_group_size=max(batch.num_rows, 1))
 
         if self.remote:
             with remote_atomic_key(self.fs, target) as tmp, self.fs.open(tmp, "wb") as handle:
@@ -139,6 +155,7 @@ class Store:
             return target
         with atomic_path(target) as tmp:
             write(tmp)
+            self._record_checksum(target, tmp)
         return target
 
     def read(self, table: str, layer: int | None = None, polarity: str | None = None,
@@ -154,8 +171,11 @@ class Store:
             return self.scan(table, layer, polarity).select(columns).collect()
         if self.remote:
             with self.fs.open(path, "rb") as handle:
-                return upgrade_legacy_columns(table, pl.read_parquet(handle))
-        return upgrade_legacy_columns(table, pl.read_parquet(path))
+                frame = pl.read_parquet(handle)
+        else:
+            frame = pl.read_parquet(path)
+        frame = with_partition_columns(frame, self._partition_columns(path, layer, polarity), layer, polarity)
+        return upgrade_legacy_columns(table, frame)
 
     def scan(self, table: str, layer: int | None = None, polarity: str | None = None) -> pl.LazyFrame:
         """A lazy frame over a table (partition): locally Polars reads only the row groups and
@@ -164,7 +184,30 @@ class Store:
             return self.read(table, layer, polarity).lazy()
         if not self.exists(table, layer, polarity):
             self.read(table, layer, polarity)  # raises the error that says how to make the table
-        return upgrade_legacy_columns(table, pl.scan_parquet(self.path(table, layer, polarity)))
+        path = self.path(table, layer, polarity)
+        frame = with_partition_columns(pl.scan_parquet(path), self._partition_columns(path, layer, polarity), layer, polarity)
+        return upgrade_legacy_columns(table, frame)
+
+    def _partition_columns(self, path, layer: int | None, polarity: str | None) -> list[dict]:
+        """The partition columns a file was written without (see :func:`without_partition_columns`)."""
+        if layer is None and polarity is None:
+            return []
+        try:
+            if self.remote:
+                with self.fs.open(path, "rb") as handle:
+                    metadata = pq.read_metadata(handle).metadata
+            else:
+                metadata = pq.read_metadata(path).metadata
+        except Exception:  # a damaged footer: the read itself says so
+            return []
+        raw = (metadata or {}).get(PARTITION_COLUMNS_KEY.encode())
+        return json.loads(raw) if raw else []
+
+    def _record_checksum(self, target: Path, written: Path) -> None:
+        """Before ``written`` is renamed onto ``target``: its checksum record (see :func:`record_checksum`)."""
+        relative = self._relative(target)
+        if relative is not None:  # else a data folder linked from outside the root: the footer check remains
+            record_checksum(self.root, relative, written)
 
     def exists(self, table: str, layer: int | None = None, polarity: str | None = None) -> bool:
         if self.remote:
@@ -215,9 +258,12 @@ class Store:
             raise ValueError(f"extension(s) {sorted(unknown)} are not available; the pinned ones are {list(PINNED_EXTENSIONS)}")
         # A fresh in-memory database per connection: its settings are its own, so locking
         # them never touches another connection of this process.
+        # DuckDB may read its temp directory whatever allowed_directories says, and its default
+        # is `.tmp` of the working directory: it spills to a folder of this process's own instead.
         con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                                  "autoload_known_extensions": False,
-                                                 "allow_community_extensions": False})
+                                                 "allow_community_extensions": False,
+                                                 "temp_directory": private_temp_directory()})
         try:
             if self.remote:
                 con.register_filesystem(self.fs)
@@ -289,10 +335,74 @@ class Store:
 
     def check_readable(self, table: str, layer: int | None = None, polarity: str | None = None) -> DamagedFile | None:
         """The file of a table (partition) as a DamagedFile when its Parquet footer cannot be
-        read; None when it reads (or is not written yet)."""
+        read or its content is not what its writer wrote; None when it reads (or is not written yet)."""
         path = self.path(table, layer, polarity)
-        problem = parquet_problem(path, self.fs) if self.exists(table, layer, polarity) else None
+        if not self.exists(table, layer, polarity):
+            return None
+        problem = parquet_problem(path, self.fs)
+        relative = self._relative(path) if problem is None and not self.remote else None
+        if relative is not None:
+            stat = Path(path).stat()
+            problem, _ = content_problem(self.root, relative, path, stat.st_size, stat.st_mtime_ns)
         return None if problem is None else DamagedFile(table, path, layer, polarity, problem)
+
+    def _relative(self, path: Path) -> str | None:
+        """A local file's path from the root, as the catalog and the checksum records name it."""
+        try:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:  # a data folder linked from outside the root
+            return None
+
+    def missing_files(self) -> list[DamagedFile]:
+        """The data files a completion marker (markers/<asset>/<partition>.json) says a run wrote
+        and that are not there: without this a deleted partition would drop out of its view
+        without a word. The markers are only read."""
+        found: dict[str, DamagedFile] = {}
+        for marker_path in sorted((self.local_dir / "markers").glob("*/*.json")):
+            try:
+                marker = json.loads(marker_path.read_text())
+                listed = list(marker["files"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            for name in listed:
+                relative = self._listed_data_file(str(name))
+                if relative is None or relative in found:
+                    continue
+                path = self.file_at(relative)
+                if (self.fs.exists(path) if self.remote else Path(path).exists()):
+                    continue
+                table, layer, polarity = partition_of(relative)
+                when = f" on {marker['completed_at']}" if marker.get("completed_at") else ""
+                found[relative] = DamagedFile(
+                    table, path, layer, polarity,
+                    f"its completion marker {marker_path} says run {marker.get('run_id', '?')} wrote it{when}",
+                    writer=marker.get("asset"), missing=True)
+        return list(found.values())
+
+    def _listed_data_file(self, name: str) -> str | None:
+        """A marker's file as a path relative to the root, when it is a table's data file."""
+        if self.remote:
+            name = name[len(self.root) + 1:] if name.startswith(self.root + "/") else ""
+        return name if name.startswith("data/") and name.endswith("/" + DATA_FILE) else None
+
+    def verify(self) -> tuple[int, list[DamagedFile]]:
+        """Every data file checked in full: its footer, its whole content against the checksum
+        its writer recorded (decoded page by page where there is no record), and every file a
+        completion marker lists is there. Returns (files checked, the damaged and missing ones)."""
+        problems = []
+        files = self.data_files()
+        for entry in files:
+            problem = parquet_problem(entry.path, self.fs)
+            if problem is None and not self.remote:
+                problem, checksum = content_problem(self.root, entry.relative, entry.path, entry.size,
+                                                    entry.modified_ns, thorough=True)
+                if problem is None and checksum is None:
+                    problem = decode_problem(entry.path)
+            elif problem is None:
+                problem = decode_problem(entry.path, self.fs)
+            if problem is not None:
+                problems.append(DamagedFile(entry.table, entry.path, entry.layer, entry.polarity, problem))
+        return len(files), problems + self.missing_files()
 
     def _data_dir_resolved(self) -> Path:
         return self.data_dir.resolve()
@@ -339,19 +449,41 @@ class Store:
                                    parts.get("polarity"), stat.st_size, stat.st_mtime_ns))
         return found
 
+    def _known_checksums(self) -> dict[tuple[str, int, int], str]:
+        """(path, bytes, modified_ns) -> sha256, as the catalog being replaced recorded them: a file
+        hashed once (a store copied without its modification times, say) is not hashed again."""
+        if not self.catalog_path.exists():
+            return {}
+        try:
+            with duckdb.connect(":memory:") as con:
+                con.execute(f"ATTACH {sql_string(self.catalog_path)} AS previous (READ_ONLY)")
+                rows = con.execute("SELECT path, bytes, modified_ns, sha256 FROM previous.store_files "
+                                   "WHERE sha256 IS NOT NULL").fetchall()
+        except duckdb.Error:  # an older catalog without checksums, or a damaged one
+            return {}
+        return {(path, size, modified): checksum for path, size, modified, checksum in rows}
+
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> list[str]:
         """Record the root and the data files (each checked), then create the views over the
         readable files; returns the names of the views created."""
         files = self.data_files()
         problems = {entry.path: parquet_problem(entry.path, self.fs) for entry in files}
+        checksums: dict = {}
+        if not self.remote:  # content checks: a hash only for a file changed since its writer recorded it
+            known = self._known_checksums()
+            for entry in files:
+                if problems[entry.path] is None:
+                    stat = (entry.relative, entry.size, entry.modified_ns)
+                    problems[entry.path], checksums[entry.path] = content_problem(
+                        self.root, entry.relative, entry.path, entry.size, entry.modified_ns, known.get(stat))
         con.execute("CREATE TABLE store_info (root VARCHAR, built_at TIMESTAMPTZ)")
         con.execute("INSERT INTO store_info VALUES (?, now())", [self._root_text()])
         con.execute("CREATE TABLE store_files (table_name VARCHAR, layer INTEGER, polarity VARCHAR, path VARCHAR, "
-                    "bytes BIGINT, modified_ns BIGINT, problem VARCHAR)")
+                    "bytes BIGINT, modified_ns BIGINT, problem VARCHAR, sha256 VARCHAR)")
         if files:
-            con.executemany("INSERT INTO store_files VALUES (?, ?, ?, ?, ?, ?, ?)", [
+            con.executemany("INSERT INTO store_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
                 [entry.table, entry.layer, entry.polarity, entry.relative, entry.size, entry.modified_ns,
-                 problems[entry.path]] for entry in files
+                 problems[entry.path], checksums.get(entry.path)] for entry in files
             ])
         damaged_tables = {entry.table for entry in files if problems[entry.path]}
         readable = {table: [entry.path for entry in files if entry.table == table and not problems[entry.path]]
@@ -466,17 +598,20 @@ ASSET_OF_TABLE = {
 
 @dataclass(frozen=True)
 class DamagedFile:
-    """A data file that cannot be read, and which asset partition writes it again."""
+    """A data file that cannot be read (or, with ``missing``, is not there although a run wrote
+    it), and which asset partition writes it again."""
 
     table: str
     path: Path
     layer: int | None
     polarity: str | None
     problem: str
+    writer: str | None = None  # the asset that wrote it, where a marker says so
+    missing: bool = False
 
     @property
     def asset(self) -> str:
-        return ASSET_OF_TABLE.get(self.table, self.table)
+        return self.writer or ASSET_OF_TABLE.get(self.table, self.table)
 
     @property
     def partition(self) -> str | None:
@@ -509,6 +644,39 @@ def parquet_problem(path: Path | str, fs=None) -> str | None:
     except Exception as err:  # pyarrow raises several types for a torn or foreign file
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
     return None
+
+
+def decode_problem(path: Path | str, fs=None) -> str | None:
+    """Why a Parquet file's pages do not all decode (and match their page checksums, where the
+    writer wrote any), or None when they do: the check for a file with no checksum record."""
+    try:
+        with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as handle:
+            for _ in pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=65_536):
+                pass
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+    return None
+
+
+def partition_of(relative: str) -> tuple[str, int | None, str | None]:
+    """(table, layer, polarity) of a data file from its path relative to the root."""
+    parts = relative.split("/")
+    keys = dict(part.split("=", 1) for part in parts[2:-1] if "=" in part)
+    layer = int(keys["layer"]) if keys.get("layer", "").isdigit() else None
+    return parts[1], layer, keys.get("polarity")
+
+
+def private_temp_directory() -> str:
+    """A folder of this process's own for DuckDB to spill to, removed when the process ends."""
+    pid = os.getpid()
+    if pid not in _TEMP_DIRECTORIES:
+        folder = tempfile.mkdtemp(prefix="neuron_assets-duckdb-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _TEMP_DIRECTORIES[pid] = folder
+    return _TEMP_DIRECTORIES[pid]
+
+
+_TEMP_DIRECTORIES: dict[int, str] = {}
 
 
 def upgrade_legacy_columns(table: str, frame: pl.DataFrame | pl.LazyFrame):
