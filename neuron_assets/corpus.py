@@ -234,6 +234,8 @@ def read_documents(source: SourceConfig) -> Iterator[str | list[dict]]:
     if source.kind == "text":
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".txt", ".md", ".rst"}) if path.is_dir() else [path]
         for file in files:
+            if _binary_file(file, source, alone=not path.is_dir()):
+                continue
             yield file.read_text(errors="replace")
         return
     field = source.messages_field or source.text_field
@@ -271,6 +273,25 @@ def read_documents(source: SourceConfig) -> Iterator[str | list[dict]]:
                           "set text_field or messages_field")
     for row_no, value in enumerate(frame.get_column(field).to_list()):
         yield _document(value, field, source, f"{path} row {row_no}")
+
+
+def _binary_file(file: Path, source: SourceConfig, alone: bool) -> bool:
+    """Whether a text source's file is binary (a NUL byte, or mostly bytes that are not UTF-8, in
+    its first 8 KB): skipped with a warning in a folder, refused when it is the source's one file.
+    Text that is merely not UTF-8 (latin-1, say) is read as before, undecodable bytes replaced."""
+    with file.open("rb") as handle:
+        head = handle.read(8192)
+    undecodable = head.decode("utf-8", errors="replace").count("\ufffd") / max(len(head), 1)
+    nul = b"\x00" in head
+    if not nul and undecodable <= 0.3:
+        return False
+    why = (f"{file} is a binary file, not text ({'a NUL byte' if nul else 'mostly bytes that are not UTF-8'} "
+           "in its first 8 KB; UTF-16 text must be re-encoded as UTF-8)")
+    if alone:
+        raise CorpusError(f"source '{source.name}': {why}; point corpus.sources[].path at text files (.txt, .md, .rst), "
+                          "or use kind: jsonl or parquet for other formats")
+    warnings.warn(f"source '{source.name}': skipped {why}; move it out of {source.path} to silence this", stacklevel=2)
+    return True
 
 
 # -- tokenizing into windows ------------------------------------------------------------

@@ -208,11 +208,11 @@ class _StopForward(Exception):
 def model_not_found_message(config: SubjectConfig, err: Exception) -> str:
     if config.model.startswith(("/", ".", "~")) and not Path(config.model).expanduser().exists():
         return f"subject model path '{config.model}' does not exist. Fix: point subject.model at a folder holding config.json and the weights."
-    where = "as a local path" if Path(config.model).exists() else "in the local Hugging Face cache"
-    fix = (
-        "check that the folder holds config.json and the weights"
-        if Path(config.model).exists()
-        else "download it first (hf download " + config.model + "), point subject.model at a local folder, "
-        "or set subject.allow_download: true"
-    )
+    from neuron_assets.builtin_models import missing_model_fix
+
+    local = Path(config.model).exists()
+    where = "as a local path" if local else ("from the Hugging Face hub" if config.allow_download
+                                             else "in the local Hugging Face cache")
+    fix = ("check that the folder holds config.json and the weights" if local
+           else missing_model_fix(config.model, "subject", config.allow_download))
     return f"subject model '{config.model}' could not be loaded {where}: {str(err).splitlines()[0]}. Fix: {fix}."

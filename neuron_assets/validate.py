@@ -10,6 +10,8 @@ its module names and layer widths.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,29 @@ def validate_config(config: Config) -> ModelShape:
             f"{shape.max_positions} positions (max_position_embeddings); lower corpus.seq_len to {shape.max_positions} or less"
         )
     return shape
+
+
+def check_storage_root(config: Config) -> Path:
+    """Create the storage root (the local folder of a URL root) if needed and check that this
+    user can write there; return it. Raises ConfigError naming the root and the setting."""
+    root = config.root
+    fix = "set storage.root in the config (or NEURON_ASSETS_HOME) to a folder you can write"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"the storage root {root} is a file, not a folder; {fix}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((parent for parent in root.parents if parent.exists() and not parent.is_dir()), None)
+        why = f"{blocking} is a file" if blocking else (err.strerror or str(err))
+        raise ConfigError(f"the storage root {root} cannot be created ({why}); {fix}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"the storage root {root} is not writable by this user ({err.strerror or err}); {fix}, "
+                          "or make this one writable") from None
+    return root
 
 
 def check_device(name: str, key: str) -> None:

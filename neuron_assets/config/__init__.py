@@ -115,6 +115,10 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if not path:
         return Config()
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+        raise ConfigError(f"config {path} is a directory; name a YAML file with --config (or NEURON_ASSETS_CONFIG)"
+                          + (f", e.g. one of {', '.join(str(path / name) for name in found)}" if found else ""))
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
