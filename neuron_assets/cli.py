@@ -9,6 +9,7 @@
     neuron-assets config                       the effective config, every field documented
     neuron-assets plan --device h100           each stage's memory, device-hours, disk and cost, before a run
     neuron-assets validate-scorers             how often each simulator ranks true descriptions first
+    neuron-assets verify                       check every file of the store; name each damaged or missing one
     neuron-assets distill                      fine-tune a small explainer on the best descriptions, compare it with its base
     neuron-assets ui                           the Dagster UI on the same storage
 """
@@ -21,6 +22,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from neuron_assets.config import ConfigError, load_config
@@ -135,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--format", choices=["table", "json"], default="table")
     validate.set_defaults(handler=cmd_validate_scorers)
 
+    verify = commands.add_parser("verify", help="check every data file of the store in full (readable, unchanged since "
+                                 "it was written, none missing that a run wrote) and name each bad one with the "
+                                 "command that writes it again; exit 1 when any")
+    verify.set_defaults(handler=cmd_verify)
+
     distill = commands.add_parser("distill", help="fine-tune distill.base_model into an explainer on the best "
                                   "descriptions (asset explainer_distilled), then compare it with its base on held-out "
                                   "features (distilled_explainer_eval); after a run")
@@ -161,11 +168,11 @@ def cmd_run(args) -> int:
     from neuron_assets.defs.runs import run_scopes
     from neuron_assets.lock import StoreLocked, writer_lock
     from neuron_assets.store import Store
-    from neuron_assets.validate import validate_config
+    from neuron_assets.validate import check_storage_root, validate_config
 
     config = load_config(args.config)
+    check_storage_root(config)
     validate_config(config)  # before any work, also when the corpus stage is up to date and skipped
-    config.root.mkdir(parents=True, exist_ok=True)
     select = [name.strip() for name in args.select.split(",")] if args.select else None
     print(f"neuron-assets: config '{config.name}' ({config.hash}), model {config.subject.model}, "
           f"{partition_count(args.config)} partitions (layer x polarity), storage {config.store_root}", file=sys.stderr)
@@ -181,14 +188,58 @@ def cmd_run(args) -> int:
             if not outcome.success:
                 _print_stage_times(outcome, sys.stderr)
                 _print_failure(outcome, args.verbose)
+                if outcome.error is not None and _disk_full_text(outcome.error.summary):
+                    print(disk_full_message(config), file=sys.stderr)
                 return 1
             store = Store(config.store_root)
             views = store.build_catalog()
     except StoreLocked as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # Dagster's event log (SQLite through SQLAlchemy) or the catalog on a full disk
+        if not _disk_full(err):
+            raise
+        print(f"error: {disk_full_message(config, err)}", file=sys.stderr)
+        return 1
     _print_summary(store, views, outcome, time.time() - started)
     return 0
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether an exception, or one in its chain (SQLAlchemy keeps sqlite's in ``orig``), says the disk is full."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full_text(str(err)):
+            return True
+        err = getattr(err, "orig", None) or err.__cause__ or err.__context__
+    return False
+
+
+def _disk_full_text(text: str) -> bool:
+    return any(words in text for words in ("No space left on device", "database or disk is full", "Disk quota exceeded"))
+
+
+def disk_full_message(config, err: BaseException | None = None) -> str:
+    """The disk is full: where (the storage root and DAGSTER_HOME, with their free space) and what to do."""
+    import shutil
+
+    home = Path(os.environ.get("DAGSTER_HOME") or config.root)
+    places = ([f"the storage root {config.store_root} (Dagster's event log is there too)"] if home == config.root
+              else [f"the storage root {config.store_root}", f"DAGSTER_HOME {home} (Dagster's event log)"])
+    free = []
+    for place in dict.fromkeys([config.root, home]):
+        try:
+            free.append(f"{place}: {shutil.disk_usage(place).free / 1e9:.1f} GB free")
+        except OSError:
+            pass
+    what = f" ({str(err).splitlines()[0][:200]})" if err is not None and str(err) else ""
+    return (f"the disk is full: the run could not write to {' or '.join(places)}{what}. "
+            + (f"Now {'; '.join(free)}. " if free else "")
+            + "Free space there, or point storage.root (or NEURON_ASSETS_HOME) and DAGSTER_HOME at a disk with room; "
+            "then rerun the same command: finished stages and partitions are kept and skipped")
 
 
 def _print_plan(outcome) -> None:
@@ -319,7 +370,7 @@ def _write_result(frame, format: str, output: str | None) -> None:
 
     def write(handle) -> None:
         if format == "csv":
-            frame.write_csv(handle)
+            _nested_as_json(frame).write_csv(handle)
         elif format == "parquet":
             frame.write_parquet(handle)
         else:
@@ -338,8 +389,19 @@ def _write_result(frame, format: str, output: str | None) -> None:
     print(f"wrote {frame.height} rows to {target}", file=sys.stderr)
 
 
+def _nested_as_json(frame):
+    """CSV has no lists or structs: such a column is written as JSON text, one value a cell."""
+    import polars as pl
+
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    return frame.with_columns(
+        pl.Series(name, [None if v is None else json.dumps(v, default=str) for v in frame.get_column(name).to_list()],
+                  dtype=pl.String) for name in nested)
+
+
 def _report_damaged(con, store, config_path: str | None) -> None:
-    """Warn, on stderr, of data files the views leave out because they cannot be read."""
+    """Warn, on stderr, of data files the views leave out because they cannot be read or are
+    not what their writer wrote, and of files a run wrote that are gone."""
     rows = con.execute("SELECT table_name, path, layer, polarity, problem FROM store_files "
                        "WHERE problem IS NOT NULL ORDER BY path").fetchall()
     from neuron_assets.store import DamagedFile
@@ -348,6 +410,9 @@ def _report_damaged(con, store, config_path: str | None) -> None:
         damaged = DamagedFile(table, store.file_at(path), layer, polarity, problem)
         print(f"warning: {damaged.path} is damaged ({problem}); the '{table}' view leaves it out. "
               f"Rerun that partition: {rerun_command(damaged, store, config_path)}", file=sys.stderr)
+    for missing in store.missing_files():
+        print(f"warning: {missing.path} is missing, though {missing.problem}; the '{missing.table}' view lacks "
+              f"its rows. Rerun that partition: {rerun_command(missing, store, config_path)}", file=sys.stderr)
 
 
 def rerun_command(damaged, store, config_path: str | None) -> str:
@@ -422,6 +487,26 @@ def cmd_show(args) -> int:
     return 0
 
 
+# -- verify -------------------------------------------------------------------------------
+
+
+def cmd_verify(args) -> int:
+    from neuron_assets.store import Store
+
+    config = load_config(args.config)
+    store = Store(config.store_root)
+    if not store.has_data():
+        raise LookupError(f"no data under {config.store_root}; run `neuron-assets run` first")
+    checked, problems = store.verify()
+    for bad in problems:
+        print(f"{'missing' if bad.missing else 'damaged'}: {bad.path}\n  {bad.problem}\n"
+              f"  rerun: {rerun_command(bad, store, args.config)}")
+    print(f"{checked} data files checked under {store.data_dir}: "
+          + (f"{sum(not b.missing for b in problems)} damaged, {sum(b.missing for b in problems)} missing"
+             if problems else "all readable and as written"), file=sys.stderr)
+    return 1 if problems else 0
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -432,8 +517,10 @@ def cmd_report(args) -> int:
     from neuron_assets.report.site import build_report, report_index
     from neuron_assets.stages.markers import Markers
     from neuron_assets.store import Store
+    from neuron_assets.validate import check_storage_root
 
     config = load_config(args.config)
+    check_storage_root(config)
     store = Store(config.store_root)
     index = report_index(store)
     # the partitions the store holds (no model read, no Dagster import): the report is of them
@@ -563,7 +650,9 @@ def cmd_validate_scorers(args) -> int:
     from neuron_assets.score.validity import report_table, validate_scorers
 
     config = load_config(args.config)
-    report = validate_scorers(config, puzzle_files=args.puzzles, log=lambda line: print(line, file=sys.stderr))
+    untrained = _untrained_finetuned(config)
+    report = validate_scorers(config, puzzle_files=args.puzzles, log=lambda line: print(untrained(line), file=sys.stderr))
+    report = replace(report, skipped={scorer: untrained(why) for scorer, why in report.skipped.items()})
     if args.format == "json":
         json.dump({"selecting": report.selecting, "rows": [r.as_dict() for r in report.rows],
                    "skipped": dict(report.skipped)}, sys.stdout, indent=1)
@@ -580,6 +669,20 @@ def cmd_validate_scorers(args) -> int:
         print(f"warning: the selecting scorer {report.selecting} does not beat chance clearly on the project's "
               "puzzles; its scores rank descriptions little better than at random", file=sys.stderr)
     return 0
+
+
+def _untrained_finetuned(config):
+    """A rewrite of the finetuned simulator's "materialize simulator_checkpoint first" for a config
+    that names no finetuned simulator: simulator_checkpoint then trains none, and says so."""
+    from neuron_assets.simulate import FINETUNED, simulator_names
+
+    if FINETUNED in simulator_names(config) or config.simulate.finetuned.checkpoint:
+        return lambda text: text
+    reason = ("no finetuned simulator is configured (simulate.backend and simulate.compare_with do not name "
+              "finetuned), so simulator_checkpoint trains none; to measure it add finetuned to simulate.compare_with "
+              "and run neuron-assets run, or set simulate.finetuned.checkpoint to a trained simulator folder")
+    return lambda text: text.split("the finetuned simulator has no checkpoint")[0] + reason \
+        if "materialize simulator_checkpoint first" in text else text
 
 
 # -- distill ------------------------------------------------------------------------------
@@ -621,6 +724,7 @@ def cmd_ui(args) -> int:
     if args.config:
         env["NEURON_ASSETS_CONFIG"] = str(Path(args.config).resolve())
     dagster = _dagster_executable()
+    _check_port(args.port)
     # dagster dev starts the webserver and code server as commands of its own: they come from
     # the same environment, also when it is not activated.
     env["PATH"] = os.pathsep.join([str(Path(dagster).parent), env.get("PATH", "")]).rstrip(os.pathsep)
@@ -628,6 +732,26 @@ def cmd_ui(args) -> int:
     command = [dagster, "dev", "-p", str(args.port)] + (["-w", str(workspace)] if workspace.exists() else ["-m", "neuron_assets.defs"])
     os.execve(command[0], command, env)
     return 0  # not reached
+
+
+def _check_port(port: int) -> None:
+    """Refuse a port that `dagster dev` could not listen on: it would log the error and keep
+    running with no web server."""
+    import socket
+
+    def bind(number: int) -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server does
+            probe.bind(("127.0.0.1", number))
+            return probe.getsockname()[1]
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a port number; pick one from 1024 to 65535, e.g. --port 3000")
+    try:
+        bind(port)
+    except OSError as err:
+        raise OSError(f"port {port} on 127.0.0.1 is not free ({err.strerror or err}); stop what listens there, "
+                      f"or pick another port: neuron-assets ui --port {bind(0)}") from None
 
 
 def _dagster_executable() -> str:

@@ -454,14 +454,169 @@ def test_ui_without_dagster_says_how_to_install_it(tiny_config, monkeypatch, tmp
 
 
 def test_damage_inside_a_readable_file_names_it_on_query(small_store, capsys):
-    """A footer that reads but a page that does not: the query fails, naming the file and the fix."""
+    """A footer that reads but a page that does not, in a file with no checksum record (as an older
+    version wrote it; with one, the catalog leaves it out: tests/test_store_faults.py): the query
+    fails, naming the file and the fix."""
     import numpy as np
 
     config, store = small_store
     path = store.write("exemplars", pl.DataFrame({"neuron": np.arange(50_000), "extreme": np.random.default_rng(0).random(50_000)}), 0, "pos")
+    shutil.rmtree(store.root / "checksums")
     data = bytearray(path.read_bytes())
     data[len(data) // 3: len(data) // 3 + 2000] = b"\x13" * 2000
     path.write_bytes(bytes(data))
     code, out, err = _sql(capsys, config, "SELECT sum(extreme) FROM exemplars")
     assert code == 1 and out == ""
     assert f"{path} is damaged" in err and "--select exemplars --partition '0|pos'" in err
+
+
+# -- issue 32, part B: a hostile week ---------------------------------------------------------------
+
+
+def test_ui_refuses_a_port_in_use(tiny_config, monkeypatch, tmp_path, capsys):
+    import socket
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "dagster").write_text("#!/bin/sh\n")
+    (bin_dir / "dagster").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("dagster dev started on a port in use"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--config", str(tiny_config()), "ui", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is not free" in err and "neuron-assets ui --port " in err
+    assert main(["--config", str(tiny_config()), "ui", "--port", "70000"]) == 1
+    assert "--port 70000 is not a port number" in capsys.readouterr().err
+
+
+def _disk_full_sqlalchemy():
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("INSERT INTO event_logs ...", {}, sqlite3.OperationalError("database or disk is full"))
+
+
+@pytest.mark.parametrize("raised", [_disk_full_sqlalchemy, lambda: OSError(28, "No space left on device", "/x/data.parquet")],
+                         ids=["event-log", "enospc"])
+def test_a_full_disk_during_run_says_so_and_where(tiny_config, monkeypatch, capsys, raised):
+    from neuron_assets.defs import materialize
+
+    def full(*_, **__):
+        raise raised()
+
+    monkeypatch.setattr(materialize, "materialize_config", full)
+    monkeypatch.setattr(materialize, "partition_count", lambda _: 4)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    path = tiny_config()
+    assert main(["--config", str(path), "run"]) == 1
+    err = capsys.readouterr().err
+    root = load_config(path).root
+    assert f"error: the disk is full: the run could not write to the storage root {root}" in err
+    assert "GB free" in err and "storage.root (or NEURON_ASSETS_HOME) and DAGSTER_HOME" in err
+    assert "rerun the same command" in err and "Traceback" not in err
+
+
+def test_a_full_disk_in_a_step_says_so_too(tiny_config, monkeypatch, capsys):
+    from neuron_assets.defs import materialize
+
+    failed = materialize.RunOutcome("run-1", success=False, error=materialize.StepError(
+        "exemplars", "OSError: [Errno 28] No space left on device: '/x/data.parquet'", "trace"))
+    monkeypatch.setattr(materialize, "materialize_config", lambda *_, **__: failed)
+    monkeypatch.setattr(materialize, "partition_count", lambda _: 4)
+    assert main(["--config", str(tiny_config()), "run"]) == 1
+    err = capsys.readouterr().err
+    assert "error in exemplars: OSError: [Errno 28] No space left on device" in err
+    assert "the disk is full" in err and "point storage.root (or NEURON_ASSETS_HOME)" in err
+
+
+def test_a_storage_root_that_is_a_file_or_unwritable(tiny_config, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    afile = tmp_path / "a-file"
+    afile.write_text("not a folder")
+    for root, words in [(afile, "is a file, not a folder"), (afile / "home", f"cannot be created ({afile} is a file)")]:
+        assert main(["--config", str(tiny_config(storage__root=str(root))), "run"]) == 1
+        err = capsys.readouterr().err
+        assert f"the storage root {root} {words}" in err, err
+        assert "set storage.root in the config (or NEURON_ASSETS_HOME)" in err and "Errno" not in err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = tempfile.mkstemp
+
+    def denied(*args, **kwargs):  # a read-only folder (root writes anywhere, so chmod would not do)
+        if Path(kwargs.get("dir") or "") == locked:
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    assert main(["--config", str(tiny_config(storage__root=str(locked))), "report"]) == 1
+    err = capsys.readouterr().err
+    assert f"the storage root {locked} is not writable by this user (Permission denied)" in err
+    assert "NEURON_ASSETS_HOME" in err and not list(locked.iterdir())
+
+
+def test_config_naming_a_directory(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    assert main(["--config", str(tmp_path), "config"]) == 1
+    err = capsys.readouterr().err
+    assert f"config {tmp_path} is a directory; name a YAML file with --config" in err
+    assert str(tmp_path / "mine.yaml") in err and "does not exist" not in err
+
+
+def test_a_failed_download_does_not_suggest_allowing_downloads():
+    from neuron_assets.config import SubjectConfig
+    from neuron_assets.subject import model_not_found_message
+
+    err = OSError("nobody/no-such-model is not a valid model identifier")
+    on = model_not_found_message(SubjectConfig(model="nobody/no-such-model", allow_download=True), err)
+    assert "allow_download" not in on and "could not be loaded from the Hugging Face hub" in on
+    assert "check the name (https://huggingface.co/nobody/no-such-model), the network" in on
+    off = model_not_found_message(SubjectConfig(model="nobody/no-such-model"), err)
+    assert "in the local Hugging Face cache" in off and "or set subject.allow_download: true" in off
+
+
+def test_binary_files_in_a_text_source(tiny_config, tmp_path):
+    from neuron_assets.corpus import read_documents
+    from neuron_assets.config import SourceConfig
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain text, and caf\u00e9")
+    (folder / "picture.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    (folder / "latin1.md").write_bytes("caf\xe9 au lait, na\xefve".encode("latin-1"))  # not UTF-8, still text
+    source = SourceConfig(name="mixed", kind="text", path=str(folder))
+    with pytest.warns(UserWarning, match=r"source 'mixed': skipped .*picture\.txt is a binary file, not text \(a NUL byte"):
+        documents = list(read_documents(source))
+    assert documents == ["plain text, and caf\u00e9", "caf\ufffd au lait, na\ufffdve"]
+    message = _corpus_error(tiny_config, {"name": "pic", "kind": "text", "path": str(folder / "picture.txt")})
+    assert f"source 'pic': {folder / 'picture.txt'} is a binary file, not text" in message
+    assert "point corpus.sources[].path at text files" in message
+
+
+def test_validate_scorers_says_when_no_finetuned_simulator_is_configured(tiny_config, monkeypatch, capsys):
+    from neuron_assets.score import validity
+    from neuron_assets.simulate import SimulatorUnavailable, build_simulator
+
+    config = load_config(tiny_config())
+    with pytest.raises(SimulatorUnavailable) as raised:  # the simulator's own message, as validate_scorers gets it
+        build_simulator(config, None, "finetuned")
+
+    def measured(config, puzzle_files=(), log=print, **_):
+        log(f"scorer validity: correlation/finetuned skipped: {raised.value}")
+        return validity.ValidityReport((), "correlation/hybrid", {"correlation/finetuned": str(raised.value)})
+
+    monkeypatch.setattr(validity, "validate_scorers", measured)
+    assert main(["--config", str(tiny_config()), "validate-scorers"]) == 0
+    out, err = capsys.readouterr()
+    for text in (out, err):
+        assert "no finetuned simulator is configured" in text and "simulator_checkpoint trains none" in text
+        assert "materialize simulator_checkpoint first" not in text
+    assert "skipped correlation/finetuned: no finetuned simulator" in out
+    # with the finetuned simulator configured, materializing simulator_checkpoint is the fix
+    assert main(["--config", str(tiny_config(simulate__compare_with=["lexical", "finetuned"])), "validate-scorers"]) == 0
+    assert "materialize simulator_checkpoint first" in capsys.readouterr().out
