@@ -70,8 +70,6 @@ def score_partition(config: Config, partition: Partition, run_id: str, scoring: 
     layer, polarity = partition
     started = time.perf_counter()
     store = Store(config.store_root)
-    polarity = Polarity(polarity)
-    scoring = scoring or Scoring.build(config, store)
     all_candidates = read_candidates(store, layer, polarity)
     parts, unscored, scored_features = [], [], 0
     for kind, features in features_by_kind(load_feature_exemplars(store, layer, polarity)):
@@ -148,9 +146,7 @@ def describe_partition(config: Config, partition: Partition, run_id: str, scorin
     layer, polarity = partition
     started = time.perf_counter()
     store = Store(config.store_root)
-    polarity = Polarity(polarity)
     all_scores = store.read(SCORES_TABLE, layer, polarity.value)
-    scoring = scoring or Scoring.build(config, store)
     explainers = _explainers(store, layer, polarity)
     rows = []
     stale = 0
