@@ -96,3 +96,86 @@ def test_the_model_cache_builds_once_and_releases():
     assert runtime.shared(key, lambda: built.append(1) or Model()) is first and built == [1]
     assert key in runtime.loaded() and runtime.release(key) and Model.stopped
     assert key not in runtime.loaded() and not runtime.release(key)
+
+
+# -- Ctrl-C during a round of requests -----------------------------------------------------------
+
+
+class _Interrupted(BaseException):
+    """What Dagster's step handler raises on SIGINT (DagsterExecutionInterruptedError is a
+    BaseException too): asyncio swallows such an exception when it lands in one of its callbacks."""
+
+
+class _BusyEndpoint:
+    """A local OpenAI-compatible server that answers at once with long texts, so the client's
+    event loop is busy in its callbacks when the signal lands; ``hang`` prompts never answer."""
+
+    def __init__(self, hang=()):
+        import json
+        import threading
+
+        from tests.support.openai_endpoint import LocalEndpoint, chat_completion
+
+        hang_event = threading.Event()
+        self.requests = 0
+
+        class Endpoint(LocalEndpoint):
+            def handle(inner, handler, body):
+                self.requests += 1
+                content = body["messages"][-1]["content"]
+                if content in hang:
+                    hang_event.wait(30)
+                    return
+                try:
+                    handler.send(200, json.dumps(chat_completion(f"answer to {content} " + "x" * 4000, "m", 10, 5)))
+                except OSError:  # the client went away
+                    pass
+
+        self.hang_event = hang_event
+        self.endpoint = Endpoint().__enter__()
+        self.base_url = self.endpoint.base_url
+
+    def close(self):
+        self.hang_event.set()
+        self.endpoint.close()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def test_ctrl_c_during_a_round_always_stops_it_at_once(no_proxy, caplog):
+    """Before the round held the signal, 2 of 3 such interrupts were swallowed by asyncio
+    ("Exception in callback ...") and the round ran to its end."""
+    import os
+    import random
+    import signal
+    import threading
+    import time
+
+    def raising(signum, frame):
+        raise _Interrupted()
+
+    server = _BusyEndpoint()
+    previous = signal.signal(signal.SIGINT, raising)
+    try:
+        llm = open_llm(LLMSettings(backend="openai", model="m", base_url=server.base_url, concurrency=8, timeout_s=30))
+        requests = [(Request(messages=({"role": "user", "content": f"q{i}"},)), 1) for i in range(300)]
+        rng = random.Random(0)
+        for trial in range(8):
+            sent = []
+            timer = threading.Timer(rng.uniform(0.05, 0.4),
+                                    lambda: sent.append(time.monotonic()) or os.kill(os.getpid(), signal.SIGINT))
+            timer.start()
+            with pytest.raises(_Interrupted):
+                llm.generate(requests)
+            assert sent and time.monotonic() - sent[0] < 5.0, f"trial {trial}: the round went on after Ctrl-C"
+            timer.join()
+            assert signal.getsignal(signal.SIGINT) is raising, "the handler the round displaced is back"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        server.close()
+    assert "Exception in callback" not in caplog.text

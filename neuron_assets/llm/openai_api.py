@@ -6,7 +6,9 @@ which honours the server's Retry-After and otherwise backs off exponentially fro
 ``backoff_s``; each request's retries come out of its attempt budget. A 400 is recorded and
 not retried; a 401/403/404 (a wrong key, model or URL) stops the run with an error naming
 the setting to fix. The API key is read from the environment when a round starts and kept
-nowhere else; anything that looks like a key is masked in messages.
+nowhere else; anything that looks like a key is masked in messages. A round runs through
+:func:`neuron_assets.llm.interrupts.run_coroutine`: Ctrl-C cancels every request in flight
+and stops the run at once.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import math
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ from neuron_assets.llm.base import (
     Request,
     mask_secrets,
 )
+from neuron_assets.llm.interrupts import run_coroutine
 from neuron_assets.llm.tokens import ChatTokenCounter, load_local_tokenizer, local_model_dir
 
 NO_KEY = "EMPTY"  # what a local server without --api-key accepts
@@ -234,13 +236,3 @@ def _error_message(err: openai.APIStatusError) -> str:
         if message:
             return str(message)
     return err.message
-
-
-def run_coroutine(make):
-    """Run a coroutine to completion, also from code that already runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(lambda: asyncio.run(make())).result()
