@@ -22,7 +22,7 @@ import yaml
 
 from neuron_assets.cli import main
 from neuron_assets.config import load_config
-from neuron_assets.store import Store
+from neuron_assets.store import DamagedTableError, Store
 
 
 def _write_store(root: Path, layers=(0, 1)) -> Store:
@@ -80,6 +80,10 @@ def test_damage_of_unchanged_size_is_left_out_and_named(small_store, capsys):
     assert [d.partition for d in store.damaged()] == ["0|pos"]
     assert main(["--config", config, "show", "0", "1"]) == 1  # show reads that partition: refused, not garbage
     assert f"{path} is damaged (its content changed" in capsys.readouterr().err
+    for read in (lambda: store.read("exemplars", 0, "pos"), lambda: store.scan("exemplars", 0, "pos")):
+        with pytest.raises(DamagedTableError, match=r"is damaged \(its content changed.*--select exemplars "
+                                                    r"--partition '0\|pos'.*or delete the file and rerun neuron-assets run"):
+            read()  # a stage reading it fails, naming the fix, instead of computing on garbage
     # verify names it with the rerun command and exits non-zero
     code, out, err = _run(capsys, config, "verify")
     assert code == 1 and f"damaged: {path}" in out and "--select exemplars --partition '0|pos'" in out

@@ -38,7 +38,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from neuron_assets.store.checksums import CHECKSUMS_DIR, content_problem, record_checksum  # noqa: F401 (re-exported)
+from neuron_assets.store.checksums import CHECKSUMS_DIR, content_problem, decode_problem, record_checksum  # noqa: F401
 from neuron_assets.store.partition_columns import (
     PARTITION_COLUMNS_KEY,
     schema_without_partition_columns,
@@ -58,6 +58,10 @@ def sql_dir() -> Path:
 
 class MissingTableError(LookupError):
     """A table that no run has written yet."""
+
+
+class DamagedTableError(ValueError):
+    """A table file whose bytes are not those its writer wrote: read, it would give garbage."""
 
 
 class Store:
@@ -173,6 +177,7 @@ class Store:
             with self.fs.open(path, "rb") as handle:
                 frame = pl.read_parquet(handle)
         else:
+            self._refuse_changed(table, layer, polarity)
             frame = pl.read_parquet(path)
         frame = with_partition_columns(frame, self._partition_columns(path, layer, polarity), layer, polarity)
         return upgrade_legacy_columns(table, frame)
@@ -184,9 +189,32 @@ class Store:
             return self.read(table, layer, polarity).lazy()
         if not self.exists(table, layer, polarity):
             self.read(table, layer, polarity)  # raises the error that says how to make the table
+        self._refuse_changed(table, layer, polarity)
         path = self.path(table, layer, polarity)
         frame = with_partition_columns(pl.scan_parquet(path), self._partition_columns(path, layer, polarity), layer, polarity)
         return upgrade_legacy_columns(table, frame)
+
+    def _refuse_changed(self, table: str, layer: int | None, polarity: str | None) -> None:
+        """Raise DamagedTableError for a file whose content is not what its writer recorded, so
+        no stage computes on the garbage a damaged page can decode to."""
+        path = self.path(table, layer, polarity)
+        problem = self._changed_since_written(path)
+        if problem is not None:
+            damaged = DamagedFile(table, path, layer, polarity, problem)
+            partition = f" --partition '{damaged.partition}'" if damaged.partition else ""
+            raise DamagedTableError(
+                f"{path} is damaged ({problem}); write it again: dagster asset materialize -m neuron_assets.defs "
+                f"--select {damaged.asset}{partition} (with this store's DAGSTER_HOME), or delete the file and "
+                "rerun neuron-assets run, which then computes that partition again")
+
+    def _changed_since_written(self, path: Path) -> str | None:
+        """Why a local file is not what its writer recorded (a stat and a small JSON read; a hash
+        only when it changed since it was written), or None."""
+        relative = None if self.remote else self._relative(path)
+        if relative is None:
+            return None
+        stat = Path(path).stat()
+        return content_problem(self.root, relative, path, stat.st_size, stat.st_mtime_ns)[0]
 
     def _partition_columns(self, path, layer: int | None, polarity: str | None) -> list[dict]:
         """The partition columns a file was written without (see :func:`without_partition_columns`)."""
@@ -339,11 +367,7 @@ class Store:
         path = self.path(table, layer, polarity)
         if not self.exists(table, layer, polarity):
             return None
-        problem = parquet_problem(path, self.fs)
-        relative = self._relative(path) if problem is None and not self.remote else None
-        if relative is not None:
-            stat = Path(path).stat()
-            problem, _ = content_problem(self.root, relative, path, stat.st_size, stat.st_mtime_ns)
+        problem = parquet_problem(path, self.fs) or self._changed_since_written(path)
         return None if problem is None else DamagedFile(table, path, layer, polarity, problem)
 
     def _relative(self, path: Path) -> str | None:
@@ -642,18 +666,6 @@ def parquet_problem(path: Path | str, fs=None) -> str | None:
         else:
             pq.read_metadata(path)
     except Exception as err:  # pyarrow raises several types for a torn or foreign file
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
-    return None
-
-
-def decode_problem(path: Path | str, fs=None) -> str | None:
-    """Why a Parquet file's pages do not all decode (and match their page checksums, where the
-    writer wrote any), or None when they do: the check for a file with no checksum record."""
-    try:
-        with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as handle:
-            for _ in pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=65_536):
-                pass
-    except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
     return None
 

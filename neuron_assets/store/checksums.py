@@ -22,6 +22,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 CHECKSUMS_DIR = "checksums"
 
 
@@ -69,6 +71,18 @@ def content_problem(root: Path, relative: str, path: Path | str, size: int, modi
         return None, found
     return (f"its content changed after it was written: sha256 {found[:12]}... where its writer recorded "
             f"{entries[0]['sha256'][:12]}... ({checksum_record(root, relative)})"), found
+
+
+def decode_problem(path: Path | str, fs=None) -> str | None:
+    """Why a Parquet file's pages do not all decode (and match their page checksums, where the
+    writer wrote any), or None when they do: the check for a file with no checksum record."""
+    try:
+        with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as handle:
+            for _ in pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=65_536):
+                pass
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+    return None
 
 
 def _write_atomically(target: Path, text: str) -> None:
