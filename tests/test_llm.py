@@ -98,6 +98,65 @@ def test_the_model_cache_builds_once_and_releases():
     assert key not in runtime.loaded() and not runtime.release(key)
 
 
+# -- the answer cache: pay for an answer once --------------------------------------------------
+
+
+def test_cached_answers_cost_nothing_and_failures_are_asked_again(tmp_path):
+    from neuron_assets.llm import AnswerCache, CachedLLM
+
+    def scripted():
+        return ScriptedLLM({
+            "good": [Reply("7", 10, 2, finish_reason="stop")],
+            "late": [Reply("seven", 10, 3), Reply("8", 10, 1)],
+            "down": [Reply(None, failure="HTTP 503: busy", retryable=False)],
+        })
+
+    first = CachedLLM(scripted(), AnswerCache.under(tmp_path))
+    requests = [Request(prompt=p, seed=3) for p in ("good", "late", "down")]
+    paid = ask(first, requests, parse_number, 2)
+    assert [a.value for a in paid] == [7, 8, None] and [a.cached for a in paid] == [0, 0, 0]
+    assert (first.hits, first.misses) == (0, 4) and len(first.cache) == 3, "answers kept, the 503 not"
+    assert (tmp_path / "llm_cache" / "answers.sqlite").is_file()
+
+    backend = scripted()
+    again = CachedLLM(backend, AnswerCache.under(tmp_path))  # a new run on the same root
+    resumed = ask(again, requests, parse_number, 2)
+    assert [a.value for a in resumed] == [7, 8, None]
+    assert [(a.attempts, a.cached, a.prompt_tokens, a.completion_tokens) for a in resumed[:2]] == [
+        (1, 1, 0, 0), (2, 2, 0, 0)], "the same attempts, each from the cache, 0 tokens"
+    assert [p for rnd in backend.rounds for p, _, _ in rnd] == ["down"], "only the failure is asked again"
+    assert (again.hits, again.misses) == (3, 1)
+    assert resumed[2].failure == "HTTP 503: busy (after 1 attempts)"
+
+
+def test_the_cache_key_is_prompt_model_seed_and_sampling(tmp_path):
+    from neuron_assets.llm import AnswerCache, CachedLLM
+
+    llm = CachedLLM(ScriptedLLM({}), AnswerCache.under(tmp_path))
+    base = Request(messages=({"role": "user", "content": "hi"},), seed=1, temperature=1.0, max_tokens=9)
+    keys = {llm.key(base), llm.key(Request(messages=({"role": "user", "content": "ho"},), seed=1, temperature=1.0,
+                                           max_tokens=9)),
+            llm.key(Request(messages=base.messages, seed=2, temperature=1.0, max_tokens=9)),
+            llm.key(Request(messages=base.messages, seed=1, temperature=0.5, max_tokens=9)),
+            llm.key(Request(messages=base.messages, seed=1, temperature=1.0, max_tokens=10))}
+    assert len(keys) == 5
+    other_model = ScriptedLLM({})
+    other_model.model = "another"
+    assert CachedLLM(other_model, llm.cache).key(base) != llm.key(base)
+    assert llm.key(Request(messages=base.messages, seed=1, temperature=1.0, max_tokens=9)) == llm.key(base)
+
+
+def test_a_damaged_cache_file_is_set_aside(tmp_path, caplog):
+    from neuron_assets.llm import AnswerCache
+
+    path = tmp_path / "llm_cache" / "answers.sqlite"
+    path.parent.mkdir()
+    path.write_bytes(b"this is not a database" * 100)
+    cache = AnswerCache(path)
+    assert len(cache) == 0 and "set aside" in caplog.text
+    assert [p.name for p in path.parent.iterdir() if "damaged" in p.name]
+
+
 # -- Ctrl-C during a round of requests -----------------------------------------------------------
 
 
@@ -179,3 +238,31 @@ def test_ctrl_c_during_a_round_always_stops_it_at_once(no_proxy, caplog):
         signal.signal(signal.SIGINT, previous)
         server.close()
     assert "Exception in callback" not in caplog.text
+
+
+def test_an_interrupted_round_keeps_the_answers_that_came(no_proxy, tmp_path):
+    import os
+    import signal
+    import threading
+
+    from neuron_assets.llm import AnswerCache, CachedLLM
+
+    server = _BusyEndpoint(hang={"slow"})
+    try:
+        settings = LLMSettings(backend="openai", model="m", base_url=server.base_url, concurrency=4, timeout_s=30)
+        llm = CachedLLM(open_llm(settings), AnswerCache.under(tmp_path))
+        requests = [(Request(messages=({"role": "user", "content": c},), seed=1), 1) for c in ("a", "b", "slow")]
+        timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):  # Python's own handler, displaced during the round
+            llm.generate(requests)
+        timer.join()
+        assert len(llm.cache) == 2, "each answer is kept as it arrives, before the round ends"
+        server.hang_event.set()
+        asked = server.requests
+        again = CachedLLM(open_llm(settings), AnswerCache.under(tmp_path))
+        replies = again.generate(requests)
+        assert server.requests == asked + 1, "only the answer that never came is asked again"
+        assert [r.cached for r in replies] == [True, True, False] and replies[0].text.startswith("answer to a ")
+    finally:
+        server.close()

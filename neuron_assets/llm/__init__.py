@@ -6,15 +6,19 @@ judges and the prompted simulator all go through it.
   concurrency), ``vllm`` (the offline engine, every prompt of a round submitted at once,
   prefix caching), ``transformers`` (local ``generate``; one forward pass for logprobs).
   vLLM and transformers are imported when their backend is built.
-- Calls: :meth:`LLM.generate` (chat or completion :class:`Request`\\ s, one attempt each) and
+- Calls: :meth:`LLM.generate` (chat or completion :class:`Request`\\ s, one attempt each),
   :meth:`LLM.continuation_logprobs` (the log-probability of given strings at given prompt
-  offsets: Bills et al.'s simulator reads "0".."10").
+  offsets: Bills et al.'s simulator reads "0".."10") and :meth:`LLM.choice_logprobs` (the
+  log-probability of each allowed first token of a chat answer: a judge's "0" or "1").
 - :func:`ask` is the one place where an unusable answer is asked again: it samples with a
   new seed until ``parse`` accepts the answer or the attempts are spent, and returns an
   :class:`Answer` per request: a value, or the failure's reason, with tokens (the server's
   usage where it reports it), latency and attempts summed over every attempt. A
   per-request failure is never an exception; a refused configuration (401, 404, a wrong
   model) raises :class:`LLMConfigurationError` naming the setting to fix.
+- :class:`CachedLLM` (:mod:`neuron_assets.llm.cache`) keeps every answer on disk, keyed by
+  prompt, model, seed and sampling settings, so a resumed run never pays for one twice.
+- A round of requests to a server stops at once on Ctrl-C (:mod:`neuron_assets.llm.interrupts`).
 - Loaded models are shared per process through :mod:`neuron_assets.runtime`.
 """
 
@@ -25,17 +29,20 @@ from typing import Callable
 from neuron_assets.llm.base import (
     LLM,
     Answer,
+    ChoiceRequest,
     LLMConfigurationError,
     LLMSettings,
     LLMUnavailable,
     LogprobReply,
     LogprobRequest,
+    OnReply,
     Parser,
     Reply,
     Request,
     attempt_seed,
     mask_secrets,
 )
+from neuron_assets.llm.cache import AnswerCache, CachedLLM, with_answer_cache
 from neuron_assets.llm.retries import ask
 from neuron_assets.llm.tokens import ChatTokenCounter
 
@@ -101,7 +108,8 @@ def settings_from_endpoint(endpoint, backend: str, setting: str, **extra) -> LLM
 
 
 __all__ = [
-    "BACKENDS", "LLM", "Answer", "ChatTokenCounter", "LLMConfigurationError", "LLMSettings", "LLMUnavailable",
-    "LogprobReply", "LogprobRequest", "Parser", "Reply", "Request", "ask", "attempt_seed", "mask_secrets", "open_llm",
-    "settings_from_endpoint", "settings_from_explain", "settings_from_prompted",
+    "BACKENDS", "LLM", "Answer", "AnswerCache", "CachedLLM", "ChatTokenCounter", "ChoiceRequest",
+    "LLMConfigurationError", "LLMSettings", "LLMUnavailable", "LogprobReply", "LogprobRequest", "OnReply", "Parser",
+    "Reply", "Request", "ask", "attempt_seed", "mask_secrets", "open_llm", "settings_from_endpoint",
+    "settings_from_explain", "settings_from_prompted", "with_answer_cache",
 ]

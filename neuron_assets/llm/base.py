@@ -71,6 +71,7 @@ class Reply:
     finish_reason: str | None = None  # "length": cut at max_tokens
     failure: str | None = None  # set when no text came back
     retryable: bool = True  # False: asking again cannot help (e.g. HTTP 400)
+    cached: bool = False  # True: from the answer cache, paid for by an earlier run (tokens 0 here)
 
     @property
     def truncated(self) -> bool:
@@ -88,6 +89,7 @@ class Answer:
     latency_s: float
     attempts: int
     text: str | None = None  # the last answer's text
+    cached: int = 0  # attempts answered from the answer cache (they cost no tokens)
 
     @property
     def ok(self) -> bool:
@@ -107,14 +109,29 @@ class LogprobRequest:
 
 
 @dataclass(frozen=True)
+class ChoiceRequest:
+    """The log-probability of each string in ``choices`` being the first token of the
+    assistant's answer to the chat ``messages`` (a judge's "0" or "1"): one decision read
+    from the model's distribution, so a model that would not have written a parseable
+    answer still gives one. A choice the model's tokenizer does not spell as one token, or
+    that is outside a server's top logprobs, has log-probability -inf."""
+
+    messages: tuple[Mapping[str, str], ...]
+    choices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class LogprobReply:
-    """(len(offsets), len(continuations)) natural-log probabilities, -inf where unknown, or a failure."""
+    """(len(offsets), len(continuations)) natural-log probabilities, -inf where unknown, or a
+    failure; for a :class:`ChoiceRequest`, (1, len(choices))."""
 
     logprobs: np.ndarray | None
     failure: str | None = None
     prompt_tokens: int = 0
     seconds: float = 0.0
     attempts: int = 1
+    cached: bool = False  # True: from the answer cache (prompt_tokens 0)
+    completion_tokens: int = 0  # a server that generates the token it reports on bills it
 
 
 class LLM(Protocol):
@@ -135,6 +152,17 @@ class LLM(Protocol):
     def continuation_logprobs(self, requests: Sequence[LogprobRequest], max_attempts: int) -> list[LogprobReply]:
         """One reply per request; a failure is a reply, never an exception."""
         ...
+
+    def choice_logprobs(self, requests: Sequence[ChoiceRequest], max_attempts: int) -> list[LogprobReply]:
+        """One reply per request, (1, len(choices)); a failure (a server that gives no
+        logprobs) is a reply, never an exception."""
+        ...
+
+
+OnReply = Callable[[int, Reply], object]
+"""Called as each request of a round is answered (its index in the round, the reply), so
+an answer can be kept before the round ends; a backend's ``generate`` may take it as
+``on_reply``."""
 
 
 Parser = Callable[[Reply], object]  # raises ValueError with the reason when the answer is unusable

@@ -25,11 +25,13 @@ import numpy as np
 import openai
 
 from neuron_assets.llm.base import (
+    ChoiceRequest,
     LLMConfigurationError,
     LLMSettings,
     LLMUnavailable,
     LogprobReply,
     LogprobRequest,
+    OnReply,
     Reply,
     Request,
     mask_secrets,
@@ -39,6 +41,7 @@ from neuron_assets.llm.tokens import ChatTokenCounter, load_local_tokenizer, loc
 
 NO_KEY = "EMPTY"  # what a local server without --api-key accepts
 MAX_BACKOFF_S = 60.0
+MAX_TOP_LOGPROBS = 20  # the most alternatives OpenAI's chat API (and vLLM's server, by default) returns
 REFUSED = {401: "the API key", 403: "the API key", 404: "the model name or the URL"}
 
 
@@ -62,8 +65,9 @@ class OpenAILLM:
 
     # -- chat and completions ------------------------------------------------------------------
 
-    def generate(self, requests: Sequence[tuple[Request, int]]) -> list[Reply]:
-        return run_coroutine(lambda: self._all(self._generate_one, requests))
+    def generate(self, requests: Sequence[tuple[Request, int]], on_reply: OnReply | None = None) -> list[Reply]:
+        """One attempt at every request; ``on_reply(i, reply)`` as each one is answered."""
+        return run_coroutine(lambda: self._all(self._generate_one, requests, on_reply))
 
     async def _generate_one(self, client, request: Request, budget: int) -> Reply:
         started = time.perf_counter()
@@ -127,9 +131,43 @@ class OpenAILLM:
         return LogprobReply(table, None, int(getattr(usage, "prompt_tokens", None) or 0), time.perf_counter() - started,
                             attempts)
 
+    # -- the first answer token's logprobs --------------------------------------------------------
+
+    def choice_logprobs(self, requests: Sequence[ChoiceRequest], max_attempts: int = 1) -> list[LogprobReply]:
+        """``POST /v1/chat/completions`` for one token with ``logprobs=True, top_logprobs=N``
+        (OpenAI's API and vLLM's server both give them): each choice's log-probability is
+        read among the top N alternatives of the answer's first token (alternatives that
+        differ only in surrounding whitespace are added up). A server that gives no logprobs
+        answers with a failure, which the caller can ask again as plain chat."""
+        return run_coroutine(lambda: self._all(self._choice_one, [(r, max_attempts) for r in requests]))
+
+    async def _choice_one(self, client, request: ChoiceRequest, budget: int) -> LogprobReply:
+        started = time.perf_counter()
+        client = client.with_options(max_retries=max(0, budget - 1))
+        try:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=self.model, messages=[dict(m) for m in request.messages], max_completion_tokens=1,
+                temperature=0.0, logprobs=True, top_logprobs=min(self.top_logprobs, MAX_TOP_LOGPROBS),
+                extra_body=dict(self.settings.extra_body) or None)
+        except openai.APIError as err:
+            failed = self._failed(err, started)
+            return LogprobReply(None, failed.failure, 0, failed.seconds, failed.attempts)
+        attempts = getattr(raw, "retries_taken", 0) + 1
+        try:
+            response = raw.parse()
+            table = _first_token_logprobs(response.choices[0].logprobs, request.choices)
+        except (openai.APIError, ValueError, TypeError, AttributeError, IndexError) as err:
+            return LogprobReply(None, f"no logprobs: {mask_secrets(err)}", 0, time.perf_counter() - started, attempts)
+        usage = getattr(response, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        if prompt_tokens is None:
+            prompt_tokens = self.count_chat_tokens(request.messages)
+        return LogprobReply(table, None, int(prompt_tokens), time.perf_counter() - started, attempts,
+                            completion_tokens=int(getattr(usage, "completion_tokens", None) or 0))
+
     # -- the round --------------------------------------------------------------------------------
 
-    async def _all(self, one, items):
+    async def _all(self, one, items, on_reply: OnReply | None = None):
         settings = self.settings
         client = _client_class(settings.backoff_s)(
             api_key=os.environ.get(settings.api_key_env) or NO_KEY, base_url=settings.base_url,
@@ -137,18 +175,21 @@ class OpenAILLM:
         slots = asyncio.Semaphore(settings.concurrency)
         refused: list[LLMConfigurationError] = []
 
-        async def bounded(request, budget):
+        async def bounded(index, request, budget):
             async with slots:
                 if refused:  # every later request would be refused too
                     return None
                 try:
-                    return await one(client, request, budget)
+                    reply = await one(client, request, budget)
                 except LLMConfigurationError as err:
                     refused.append(err)
                     return None
+            if on_reply is not None:
+                on_reply(index, reply)
+            return reply
 
         async with client:
-            results = await asyncio.gather(*(bounded(r, b) for r, b in items))
+            results = await asyncio.gather(*(bounded(i, r, b) for i, (r, b) in enumerate(items)))
         if refused:
             raise refused[0]
         return list(results)
@@ -193,6 +234,24 @@ def _echoed_logprobs(logprobs, request: LogprobRequest) -> np.ndarray:
             value = alternatives.get(lead + text)
             if value is not None and math.isfinite(value):
                 table[row, column] = value
+    return table
+
+
+def _first_token_logprobs(logprobs, choices: Sequence[str]) -> np.ndarray:
+    """(1, len(choices)): each choice's log-probability among the answer's first token's
+    alternatives (the token itself included), -inf where it is not among them."""
+    content = getattr(logprobs, "content", None)
+    if not content:
+        raise ValueError("the response has no logprobs (does the server give logprobs for chat completions?)")
+    first = content[0]
+    alternatives = {first.token: first.logprob}
+    for alternative in first.top_logprobs or ():
+        alternatives.setdefault(alternative.token, alternative.logprob)
+    table = np.full((1, len(choices)), -np.inf)
+    for column, choice in enumerate(choices):
+        found = [v for token, v in alternatives.items() if token.strip() == choice and v is not None and math.isfinite(v)]
+        if found:
+            table[0, column] = float(np.logaddexp.reduce(found))
     return table
 
 

@@ -5,7 +5,8 @@ Transport failures (timeouts, dropped connections, 429, 5xx) are retried inside 
 answer that came back but that ``parse`` rejects, or a response that is not an answer at
 all. Such a request is sampled again with a new seed, in rounds (a round is one batched
 call: every pending request at once), until it parses or its attempts are spent. Every
-attempt's tokens are summed: they were paid for.
+attempt's tokens are summed: they were paid for (an answer from the answer cache,
+:mod:`neuron_assets.llm.cache`, costs 0 and is counted in ``Answer.cached``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class _Totals:
     completion_tokens: int = 0
     seconds: float = 0.0
     attempts: int = 0
+    cached: int = 0
     last_failure: str | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -79,6 +81,8 @@ class _Totals:
         self.completion_tokens += reply.completion_tokens
         self.seconds += reply.seconds
         self.attempts += max(1, reply.attempts)
+        self.cached += int(reply.cached)
 
     def answer(self, value, failure, text) -> Answer:
-        return Answer(value, failure, self.prompt_tokens, self.completion_tokens, self.seconds, self.attempts, text)
+        return Answer(value, failure, self.prompt_tokens, self.completion_tokens, self.seconds, self.attempts, text,
+                      self.cached)

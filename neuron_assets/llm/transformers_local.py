@@ -16,7 +16,16 @@ from typing import Sequence
 import numpy as np
 
 from neuron_assets import runtime
-from neuron_assets.llm.base import LLMSettings, LLMUnavailable, LogprobReply, LogprobRequest, Reply, Request
+from neuron_assets.llm.base import (
+    ChoiceRequest,
+    LLMSettings,
+    LLMUnavailable,
+    LogprobReply,
+    LogprobRequest,
+    OnReply,
+    Reply,
+    Request,
+)
 from neuron_assets.llm.tokens import ChatTokenCounter, chat_token_ids, encode_at_offsets, single_token_ids
 
 
@@ -34,14 +43,31 @@ class TransformersLLM:
         self.count_chat_tokens = ChatTokenCounter(self.tokenizer)
         self.context_window = _context_window(self.lm, self.tokenizer)
 
-    def generate(self, requests: Sequence[tuple[Request, int]]) -> list[Reply]:
-        return [self._generate_one(request) for request, _ in requests]
+    def generate(self, requests: Sequence[tuple[Request, int]], on_reply: OnReply | None = None) -> list[Reply]:
+        replies = []
+        for i, (request, _) in enumerate(requests):
+            replies.append(self._generate_one(request))
+            if on_reply is not None:
+                on_reply(i, replies[-1])
+        return replies
 
     def continuation_logprobs(self, requests: Sequence[LogprobRequest], max_attempts: int = 1) -> list[LogprobReply]:
-        out: list[LogprobReply | None] = [None] * len(requests)
+        encoded = [encode_at_offsets(self.tokenizer, r.prompt, r.offsets) for r in requests]
+        return self._logprob_tables(encoded, [r.continuations for r in requests])
+
+    def choice_logprobs(self, requests: Sequence[ChoiceRequest], max_attempts: int = 1) -> list[LogprobReply]:
+        """The distribution after the chat template's opened assistant turn, read at the choices."""
+        encoded = []
+        for request in requests:
+            ids = chat_token_ids(self.tokenizer, request.messages)
+            encoded.append((ids, [len(ids)]))  # the token after the prompt: logits of its last position
+        return self._logprob_tables(encoded, [r.choices for r in requests])
+
+    def _logprob_tables(self, encoded: list[tuple[list[int], list[int]]],
+                        continuations: list[tuple[str, ...]]) -> list[LogprobReply]:
+        out: list[LogprobReply | None] = [None] * len(encoded)
         fitting = []  # (index, ids, positions) of the prompts that fit the context
-        for i, request in enumerate(requests):
-            ids, positions = encode_at_offsets(self.tokenizer, request.prompt, request.offsets)
+        for i, (ids, positions) in enumerate(encoded):
             if len(ids) > self.context_window:
                 out[i] = LogprobReply(None, f"prompt of {len(ids)} tokens exceeds the model's context of "
                                             f"{self.context_window} tokens", len(ids))
@@ -52,7 +78,7 @@ class TransformersLLM:
             chunk = fitting[start : start + size]
             began = time.perf_counter()
             tables = self._forward_logprobs([(ids, positions) for _, ids, positions in chunk],
-                                            [requests[i].continuations for i, _, _ in chunk])
+                                            [continuations[i] for i, _, _ in chunk])
             share = (time.perf_counter() - began) / len(chunk)
             for (i, ids, _), table in zip(chunk, tables):
                 out[i] = LogprobReply(table, None, len(ids), share)
@@ -60,7 +86,8 @@ class TransformersLLM:
 
     def _forward_logprobs(self, encoded: list[tuple[list[int], list[int]]],
                           continuations: list[tuple[str, ...]]) -> list[np.ndarray]:
-        """One right-padded forward pass; at each position p, the distribution predicted at p - 1."""
+        """One right-padded forward pass; at each position p, the distribution predicted at p - 1
+        (p may be one past the prompt: the token that would follow it)."""
         import torch
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

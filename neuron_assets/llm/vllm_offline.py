@@ -16,8 +16,17 @@ from typing import Sequence
 import numpy as np
 
 from neuron_assets import runtime
-from neuron_assets.llm.base import LLMSettings, LLMUnavailable, LogprobReply, LogprobRequest, Reply, Request
-from neuron_assets.llm.tokens import ChatTokenCounter, encode_at_offsets, single_token_ids
+from neuron_assets.llm.base import (
+    ChoiceRequest,
+    LLMSettings,
+    LLMUnavailable,
+    LogprobReply,
+    LogprobRequest,
+    OnReply,
+    Reply,
+    Request,
+)
+from neuron_assets.llm.tokens import ChatTokenCounter, chat_token_ids, encode_at_offsets, single_token_ids
 
 
 class VLLMOfflineLLM:
@@ -32,7 +41,7 @@ class VLLMOfflineLLM:
         self.tokenizer = self.engine.get_tokenizer()
         self.count_chat_tokens = ChatTokenCounter(self.tokenizer)
 
-    def generate(self, requests: Sequence[tuple[Request, int]]) -> list[Reply]:
+    def generate(self, requests: Sequence[tuple[Request, int]], on_reply: OnReply | None = None) -> list[Reply]:
         from vllm import SamplingParams
 
         if not requests:
@@ -51,23 +60,42 @@ class VLLMOfflineLLM:
                                         use_tqdm=False)
             outputs.update(zip(plain, done))
         share = (time.perf_counter() - started) / len(requests)
-        return [_reply(outputs[i], share) for i in range(len(requests))]
+        replies = [_reply(outputs[i], share) for i in range(len(requests))]
+        for i, reply in enumerate(replies if on_reply is not None else ()):
+            on_reply(i, reply)
+        return replies
 
     def continuation_logprobs(self, requests: Sequence[LogprobRequest], max_attempts: int = 1) -> list[LogprobReply]:
+        encoded = [encode_at_offsets(self.tokenizer, r.prompt, r.offsets) for r in requests]
+        return self._prompt_logprobs(encoded, [r.continuations for r in requests])
+
+    def choice_logprobs(self, requests: Sequence[ChoiceRequest], max_attempts: int = 1) -> list[LogprobReply]:
+        """The chat template's prompt with one choice appended as a placeholder: vLLM's
+        prompt logprobs at the placeholder are the distribution after the prompt (the top
+        ``top_logprobs`` and the placeholder itself, so one choice is always read)."""
+        encoded = []
+        for request in requests:
+            ids = chat_token_ids(self.tokenizer, request.messages)
+            wanted = [t for t in single_token_ids(self.tokenizer, request.choices) if t is not None]
+            placeholder = wanted[0] if wanted else (self.tokenizer.eos_token_id or 0)
+            encoded.append((ids + [placeholder], [len(ids)]))
+        return self._prompt_logprobs(encoded, [r.choices for r in requests])
+
+    def _prompt_logprobs(self, encoded: list[tuple[list[int], list[int]]],
+                         continuations: list[tuple[str, ...]]) -> list[LogprobReply]:
         from vllm import SamplingParams, TokensPrompt
 
-        if not requests:
+        if not encoded:
             return []
-        encoded = [encode_at_offsets(self.tokenizer, r.prompt, r.offsets) for r in requests]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.top_logprobs)
         started = time.perf_counter()
         outputs = self.engine.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded], params,
                                        use_tqdm=False)
-        share = (time.perf_counter() - started) / len(requests)
+        share = (time.perf_counter() - started) / len(encoded)
         replies = []
-        for request, (ids, positions), output in zip(requests, encoded, outputs):
-            wanted = single_token_ids(self.tokenizer, request.continuations)
-            table = np.full((len(positions), len(request.continuations)), -np.inf)
+        for wanted_strings, (ids, positions), output in zip(continuations, encoded, outputs):
+            wanted = single_token_ids(self.tokenizer, wanted_strings)
+            table = np.full((len(positions), len(wanted_strings)), -np.inf)
             per_position = output.prompt_logprobs or []
             for row, position in enumerate(positions):
                 # prompt_logprobs[p]: the distribution of token p given the tokens before it
