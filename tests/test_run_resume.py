@@ -383,3 +383,135 @@ def _wait_for(condition, process, timeout: float = 300) -> None:
         assert process.poll() is None, "the run ended before the condition held"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+# -- an LLM explainer: pay for an answer once, and Ctrl-C against a slow server ------------------
+
+
+class _CountingExplainer:
+    """A local OpenAI-compatible explainer that counts the requests it is sent. It answers the
+    first ``answer_first`` requests at once and holds every later one until ``release()`` (or
+    answers everything at once when ``answer_first`` is None)."""
+
+    def __init__(self, answer_first: int | None = None):
+        import threading
+
+        from tests.support.openai_endpoint import LocalEndpoint, chat_completion
+
+        self.requests = 0
+        self.answer_first = answer_first
+        self.released = threading.Event()
+        self.lock = threading.Lock()
+        outer = self
+
+        class Endpoint(LocalEndpoint):
+            def handle(self, handler, body):
+                with outer.lock:
+                    outer.requests += 1
+                    held = outer.answer_first is not None and outer.requests > outer.answer_first
+                if held:
+                    outer.released.wait(120)
+                seed = body.get("seed")
+                try:
+                    handler.send(200, json.dumps(chat_completion(f"[DESCRIPTION]: the word w{seed % 97}", "m", 50, 7)))
+                except OSError:  # the client went away (interrupted)
+                    pass
+
+        self.endpoint = Endpoint().__enter__()
+        self.base_url = self.endpoint.base_url
+
+    def release(self):
+        self.answer_first = None
+        self.released.set()
+
+    def close(self):
+        self.released.set()
+        self.endpoint.close()
+
+
+def _no_proxy(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+CANDIDATE_KEYS = ["layer", "polarity", "neuron", "candidate"]
+PAID = ("prompt_tokens", "completion_tokens", "latency_s", "run_id")  # what a resumed run did not pay again
+
+
+def test_a_partition_explained_again_after_a_kill_pays_for_no_answer_twice(tiny_config, monkeypatch, capsys):
+    _no_proxy(monkeypatch)
+    server = _CountingExplainer()
+    try:
+        path = str(tiny_config(**FAST, explain={"backend": "openai", "model": "m", "base_url": server.base_url, "k": 2,
+                                                "max_retries": 0, "timeout_s": 30}))
+        select = ["--select", "corpus,exemplars,candidate_descriptions"]
+        assert main(["--config", path, "run", *select]) == 0
+        root = load_config(path).root
+        first = _candidates(root)
+        asked = server.requests
+        assert asked == first.height == 72 and first["description"].null_count() == 0
+        # a kill between writing the partitions and marking them done: answers and files there, no markers
+        for marker in (root / "markers" / "candidate_descriptions").iterdir():
+            marker.unlink()
+        capsys.readouterr()
+        assert main(["--config", path, "run", *select]) == 0
+        err = capsys.readouterr().err
+        assert server.requests == asked, "no answer was asked for again"
+        again = _candidates(root)
+        assert_frame_equal(again.drop(PAID), first.drop(PAID))
+        assert again["prompt_tokens"].sum() == 0 and again["completion_tokens"].sum() == 0, "hits cost 0 tokens"
+        assert first["prompt_tokens"].sum() == 72 * 50
+        assert "layer 0 pos: 12 of 12 explainer answers came from the answer cache" in _run_log(root), err[-2000:]
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_explaining_on_a_slow_server_exits_130_at_once_and_resumes(tiny_config, monkeypatch, tmp_path):
+    _no_proxy(monkeypatch)
+    server = _CountingExplainer(answer_first=5)
+    try:
+        path = str(tiny_config(**FAST, explain={"backend": "openai", "model": "m", "base_url": server.base_url, "k": 2,
+                                                "max_retries": 0, "timeout_s": 120, "concurrency": 16}))
+        root = load_config(path).root
+        assert main(["--config", path, "run", "--select", "corpus,exemplars"]) == 0
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        select = ["--select", "candidate_descriptions"]
+        run = subprocess.Popen([sys.executable, "-m", "neuron_assets.cli", "--config", path, "run", *select], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: server.requests >= 12, run)  # the first partition's requests are all in flight
+        time.sleep(3)
+        interrupted_at = time.monotonic()
+        run.send_signal(signal.SIGINT)  # as Ctrl-C does, while the server holds 7 answers
+        _, err = run.communicate(timeout=120)
+        stopped_after = time.monotonic() - interrupted_at
+        print(f"the run stopped {stopped_after:.1f} s after SIGINT")
+        assert run.returncode == 130, err[-3000:]
+        assert stopped_after < 15, f"the run went on for {stopped_after:.1f} s after Ctrl-C"
+        assert "rerun the same command to resume" in err and "Traceback" not in err
+        assert "Exception ignored" not in err and "Exception in callback" not in err, err[-3000:]
+        assert not held_locks(root)
+        assert not [p for p in root.rglob("*") if ".tmp" in p.name]
+        assert not (root / "markers" / "candidate_descriptions").exists() or not any(
+            (root / "markers" / "candidate_descriptions").iterdir())
+
+        server.release()
+        asked = server.requests
+        assert main(["--config", path, "run", *select]) == 0
+        assert server.requests - asked == 72 - 5, "the 5 answers that came before Ctrl-C were not paid again"
+        assert _candidates(root)["description"].null_count() == 0
+    finally:
+        server.close()
+
+
+def _candidates(root: Path) -> pl.DataFrame:
+    store = Store(root)
+    frame = pl.concat([store.read("candidate_descriptions", *p) for p in store.partitions("candidate_descriptions")])
+    return frame.sort(CANDIDATE_KEYS)
+
+
+def _run_log(root: Path) -> str:
+    with dg.DagsterInstance.from_config(str(root)) as instance:
+        [latest] = instance.get_runs(limit=1)
+        return "\n".join(entry.user_message for entry in instance.all_logs(latest.run_id))

@@ -37,11 +37,15 @@ class CandidatesWritten:
 def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Polarity]], run_id: str,
                                 explainer=None, progress: Progress | None = None, log: Log = quiet) -> CandidatesWritten:
     """k candidate descriptions per feature of each partition, written as each partition is
-    done. ``explainer``: a built explainer to reuse (one is made from config.explain otherwise)."""
+    done. ``explainer``: a built explainer to reuse (one is made from config.explain otherwise).
+
+    An LLM explainer's answers are kept in the store's answer cache (``<root>/llm_cache``):
+    a partition computed again (a run killed after writing it, before marking it done)
+    reads them from there instead of paying for them again."""
     from neuron_assets.explain import corpus_from_sequences, explain_features, incomplete_features, make_explainer
 
     store = Store(config.store_root)
-    explainer = explainer or make_explainer(config.explain)
+    explainer = with_answer_cache(explainer or make_explainer(config.explain), config)
     tokenizer = load_tokenizer(config.subject)
     corpus = corpus_from_sequences(store.read(SEQUENCES_TABLE), seed=config.explain.seed)
     progress = progress or Progress([])
@@ -55,9 +59,11 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
             if config.explain.output_tokens:
                 features = with_output_tokens(features, store, layer, polarity, kind, log)
             label = f"explain {layer}|{polarity.value}" + ("" if kind == NEURON_KIND else f" {kind}")
+            asked_before = _cache_counts(explainer)
             with progress.task(label, len(features) * config.explain.k, "candidate") as task:
                 part = explain_features(features, config.explain, tokenizer_for_display=tokenizer, progress=False,
                                         explainer=explainer, corpus=corpus, on_candidates=task.advance)
+            _log_cache_hits(explainer, asked_before, f"layer {layer} {polarity.value}", log)
             parts.append(with_kind(part, kind))
             missing += [(layer, polarity.value, n) for n in
                         incomplete_features(part, [f.feature.index for f in features], config.explain.k)]
@@ -70,6 +76,29 @@ def make_candidate_descriptions(config: Config, partitions: list[tuple[int, Pola
             f"{frame.select('kind', 'neuron').n_unique()} features")
     everything = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
     return CandidatesWritten(written, everything, missing, f"{explainer.backend} ({explainer.model})")
+
+
+def with_answer_cache(explainer, config: Config):
+    """An LLM explainer with its answers kept in the store's answer cache
+    (``<root>/llm_cache/answers.sqlite``); any other explainer, or any explainer when
+    explain.answer_cache is off, as it is."""
+    if not hasattr(explainer, "with_answer_cache") or not getattr(config.explain, "answer_cache", True):
+        return explainer
+    from neuron_assets.llm import AnswerCache
+
+    return explainer.with_answer_cache(AnswerCache.under(config.root))
+
+
+def _cache_counts(explainer) -> tuple[int, int]:
+    llm = getattr(explainer, "llm", None)
+    return getattr(llm, "hits", 0), getattr(llm, "misses", 0)
+
+
+def _log_cache_hits(explainer, before: tuple[int, int], where: str, log: Log) -> None:
+    hits, misses = (now - then for now, then in zip(_cache_counts(explainer), before))
+    if hits:
+        log(f"{where}: {hits} of {hits + misses} explainer answers came from the answer cache "
+            f"({explainer.llm.cache.path}; 0 tokens paid for them)")
 
 
 FLAGS = ("is_positional", "is_unigram")  # neuron_stats' feature filters

@@ -5,11 +5,14 @@ Each candidate is one chat request with its own seed. An answer without a usable
 description (no ``[DESCRIPTION]:`` line, an empty one, one cut off at ``explain.max_tokens``)
 is sampled again, with a new seed, up to ``explain.max_retries`` more times (the layer's
 one retry loop); then the candidate is a failure row with the reason. Tokens are the
-server's counts where it reports them, summed over every attempt.
+server's counts where it reports them, summed over every attempt. With an answer cache
+(:meth:`LLMExplainer.with_answer_cache`), an answer already paid for is read from it and
+costs 0 tokens.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 from neuron_assets.config import ExplainConfig
@@ -21,7 +24,16 @@ from neuron_assets.explain.backends.base import (
     Progress,
 )
 from neuron_assets.explain.formats import ANSWER_TAG, MalformedAnswer, parse_description, restore_chat_tokens
-from neuron_assets.llm import LLMUnavailable, Reply, Request, ask, open_llm, settings_from_explain
+from neuron_assets.llm import (
+    AnswerCache,
+    LLMUnavailable,
+    Reply,
+    Request,
+    ask,
+    open_llm,
+    settings_from_explain,
+    with_answer_cache,
+)
 
 
 class LLMExplainer:
@@ -41,6 +53,12 @@ class LLMExplainer:
         self.config = config
         self.model = config.model
         self.count_tokens = self.llm.count_chat_tokens
+
+    def with_answer_cache(self, cache: AnswerCache) -> LLMExplainer:
+        """This explainer (the same loaded model) with every answer kept in, and served from, ``cache``."""
+        cached = copy.copy(self)
+        cached.llm = with_answer_cache(self.llm, cache)
+        return cached
 
     def explain(self, requests: Sequence[ExplainRequest], corpus: CorpusSample, done: Progress) -> list[ExplainResult]:
         calls = [Request(messages=tuple(r.prompt.as_dicts()), max_tokens=self.config.max_tokens,
