@@ -19,8 +19,9 @@ from neuron_assets.excerpts import TokenDisplay
 from neuron_assets.explain import explain_features, make_explainer, plan_candidate, prompt_builder_for, puzzle_pool
 from neuron_assets.explain.best_of_k import corpus_sample
 from neuron_assets.explain.planted import planted_feature
+from neuron_assets.llm import ChoiceRequest
 from neuron_assets.llm.tokens import chat_token_ids
-from neuron_assets.score import DetectionScorer, LLMJudge
+from neuron_assets.score import DetectionScorer, FuzzingScorer, JudgedExample, LLMJudge, balanced_accuracy
 from neuron_assets.simulate.base import expected_value
 from neuron_assets.simulate.prompted import PromptedSimulator, TransformersLogprobs, all_at_once_prompt
 from neuron_assets.types import ActivationRecord, Split
@@ -94,18 +95,42 @@ def test_the_judge_the_explainer_and_the_simulator_share_one_model(explainer, fe
     assert len([k for k in runtime.loaded() if k.startswith('["transformers"') and "SmolLM2" in k]) == 1
 
 
-def test_smollm2_detection_judge_answers_or_leaves_unanswered(explainer, features):
+def test_smollm2_judges_decide_every_example_through_logprobs(explainer, features):
+    """A 135M model never writes a parseable list of 0s and 1s (every example was unanswered);
+    read through the logprobs of "0" and "1", it decides every one."""
     judge = LLMJudge(smollm2_config())
+    description = 'the words "cat", "dog", "bird"'
+    for scorer in (DetectionScorer(judge, examples=2, batch=4), FuzzingScorer(judge, examples=2, batch=4)):
+        [judged] = scorer.judgements(features[0], [description], Split.VAL)
+        assert len(judged) == 4 and all(j.by == "logprobs" and 0 <= j.probability <= 1 for j in judged), judged
+        score = balanced_accuracy([j.is_positive for j in judged], [j.answer for j in judged])
+        assert not [f for f in score.flags if f.startswith("unanswered")], "parse-failure rate 0"
+        print(f"SMOLLM2 {scorer.name} balanced accuracy {score.value:.3f}, P(1) "
+              f"{[round(j.probability, 3) for j in judged]} (truth {[j.is_positive for j in judged]})")
+    assert judge.decided_by_logprobs == 8 and judge.prompt_tokens > 0 and judge.unanswered == 0
+
+    # the same numbers as a plain forward pass over the chat template's prompt
+    messages = DetectionScorer(judge)._one_prompt(description, JudgedExample("The cat sat on the mat.", True))
+    [reply] = judge.llm.choice_logprobs([ChoiceRequest(tuple(messages), ("0", "1"))], 1)
+    ids = chat_token_ids(judge.llm.tokenizer, messages)
+    with torch.inference_mode():
+        logits = judge.llm.lm(torch.tensor([ids])).logits[0, -1]
+    expected = torch.log_softmax(logits.float(), -1)[[32, 33]].numpy()  # the ids of "0" and "1"
+    np.testing.assert_allclose(reply.logprobs[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_smollm2_judge_without_logprobs_answers_as_lists_or_leaves_unanswered(explainer, features):
+    judge = LLMJudge(smollm2_config())
+    judge.reads_logprobs = False  # as for a server without logprobs: the chat-list path
     answers, answer = [], judge.answer
     judge.answer = lambda conversations: answers.extend(answer(conversations)) or answers[-len(conversations):]
     [score] = DetectionScorer(judge, examples=2, batch=4).score(features[0], ['the words "cat", "dog", "bird"'],
                                                                   Split.VAL)  # one prompt
     assert 0.0 <= score.value <= 1.0 and score.n_examples == 4
-    unanswered = [f for f in score.flags if f.startswith("unanswered:")]
     assert judge.prompt_tokens > 0 and judge.completion_tokens > 0
     assert judge.unanswered == 0, judge.failures  # an answer always comes back from a local model
     assert len(answers) == 1 and answers[0] is not None
-    print(f"SMOLLM2 detection score {score.value:.3f} flags {score.flags} ({unanswered}); answer {answers[0]!r}")
+    print(f"SMOLLM2 detection as a list: score {score.value:.3f} flags {score.flags}; answer {answers[0]!r}")
 
 
 def test_smollm2_prompted_simulator_reads_the_values_0_to_10():

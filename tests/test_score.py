@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 
 import numpy as np
 import polars as pl
@@ -352,3 +353,118 @@ def test_config_names_match_the_scorer_and_simulator_registries():
                        ({"score": {"scorers": ["correlation"], "select_by": "embedding"}}, "select_by")):
         with pytest.raises(Exception, match=where):
             config_from_dict(bad)
+
+
+# -- judges that read logprobs ----------------------------------------------------------------------
+
+
+class LogprobWordJudge(QuotedWordJudge):
+    """QuotedWordJudge's reading of one-example prompts, as a probability of "1" (0.9 right,
+    0.2 otherwise); None (no logprobs) for the examples ``missing`` picks. Counts list prompts."""
+
+    def __init__(self, missing=lambda text: False):
+        self.missing = missing
+        self.listed = 0
+
+    def probabilities(self, conversations):
+        out = []
+        for messages in conversations:
+            user = messages[-1]["content"]
+            word = re.search(r'"(\w+)"', user.splitlines()[0]).group(1)
+            text = next(line for line in user.splitlines() if line.startswith("Example: "))[len("Example: "):]
+            marked = re.findall(r"<<([^>]*)>>", text)
+            yes = (all(m.strip().lower() == word for m in marked) if marked
+                   else re.search(rf"\b{word}\b", text, re.I) is not None)
+            out.append(None if self.missing(text) else (0.9 if yes else 0.2))
+        return out
+
+    def answer(self, conversations):
+        self.listed += sum(line.startswith("Example ") for m in conversations for line in m[-1]["content"].splitlines())
+        return super().answer(conversations)
+
+
+def test_a_logprob_judge_decides_each_example_and_falls_back_to_lists_per_example(corpus):
+    feature = planted_feature(corpus, "cat", 0)
+    for cls in (DetectionScorer, FuzzingScorer):
+        [listed] = cls(QuotedWordJudge(), examples=6).score(feature, ['the word "cat"'], Split.VAL)
+        judge = LogprobWordJudge()
+        [read] = cls(judge, examples=6).score(feature, ['the word "cat"'], Split.VAL)
+        assert read.value == listed.value == pytest.approx(1.0) and read.flags == () and judge.listed == 0, cls.name
+        [judged] = cls(judge, examples=6).judgements(feature, ['the word "cat"'], Split.VAL)
+        assert {j.by for j in judged} == {"logprobs"} and {j.probability for j in judged} == {0.9, 0.2}
+        # a server without logprobs for some examples: those, and only those, are asked as lists
+        judge = LogprobWordJudge(missing=lambda text: len(text) % 2 == 0)
+        [mixed] = cls(judge, examples=6).score(feature, ['the word "cat"'], Split.VAL)
+        [judged] = cls(judge, examples=6).judgements(feature, ['the word "cat"'], Split.VAL)
+        by_chat = sum(j.by == "chat" for j in judged)
+        assert 0 < by_chat < len(judged) and judge.listed == 2 * by_chat, cls.name
+        assert mixed.value == pytest.approx(1.0) and mixed.flags == (f"chat_answers:{by_chat}",), (cls.name, mixed)
+
+
+def test_a_judge_that_always_says_yes_scores_chance(corpus):
+    class Yes(LogprobWordJudge):
+        def probabilities(self, conversations):
+            return [0.93] * len(conversations)  # SmolLM2-135M's habit
+
+    feature = planted_feature(corpus, "cat", 0)
+    [score] = DetectionScorer(Yes(), examples=6).score(feature, ['the word "cat"'], Split.VAL)
+    assert score.value == 0.5 and score.flags == ()
+
+
+class _ChatLogprobEndpoint(LocalEndpoint):
+    """Chat completions with logprobs of the first answer token (or a 400 when ``refuse``),
+    and plain chat answers as lists."""
+
+    def __init__(self, refuse=False):
+        super().__init__()
+        self.refuse, self.bodies = refuse, []
+        self.__enter__()
+
+    def handle(self, handler, body):
+        import json
+
+        self.bodies.append(body)
+        if body.get("logprobs"):
+            if self.refuse:
+                return handler.send(400, json.dumps({"error": {"message": "logprobs are not supported"}}))
+            reply = chat_completion("1", "judge-model", 30, 1)
+            reply["choices"][0]["logprobs"] = {"content": [{
+                "token": "1", "logprob": -0.1, "bytes": None,
+                "top_logprobs": [{"token": "1", "logprob": -0.1, "bytes": None},
+                                 {"token": "0", "logprob": -2.4, "bytes": None},
+                                 {"token": " 0", "logprob": -3.0, "bytes": None}]}]}
+            return handler.send(200, json.dumps(reply))
+        shown = sum(line.startswith("Example ") for line in body["messages"][-1]["content"].splitlines())
+        handler.send(200, json.dumps(chat_completion(str([1] * shown), "judge-model", 40, 9)))
+
+
+def test_openai_judge_reads_chat_logprobs_or_falls_back_to_lists(corpus, monkeypatch, caplog):
+    from neuron_assets.config import ExplainConfig
+    from neuron_assets.score import LLMJudge
+
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    feature = planted_feature(corpus, "cat", 0)
+    for refuse in (False, True):
+        endpoint = _ChatLogprobEndpoint(refuse)
+        try:
+            config = ExplainConfig(backend="openai", model="judge-model", base_url=endpoint.base_url, max_retries=0,
+                                   timeout_s=5)
+            judge = LLMJudge(config)
+            [judged] = DetectionScorer(judge, examples=3, batch=3).judgements(feature, ['the word "cat"'], Split.VAL)
+            asked = [b for b in endpoint.bodies if b.get("logprobs")]
+            assert len(asked) == len(judged)
+            assert asked[0]["max_completion_tokens"] == 1 and asked[0]["top_logprobs"] == 20
+            if not refuse:
+                p = 1 / (1 + np.exp(np.logaddexp(-2.4, -3.0) + 0.1))  # " 0" counts as "0"
+                assert [j.probability for j in judged] == pytest.approx([p] * len(judged))
+                assert {j.by for j in judged} == {"logprobs"} and judge.reads_logprobs
+                assert judge.prompt_tokens == 30 * len(judged) and judge.completion_tokens == len(judged)
+            else:  # every example asked again as a list, and the judge stops asking for logprobs
+                assert {j.by for j in judged} == {"chat"} and all(j.answer for j in judged)
+                assert not judge.reads_logprobs and "gives no logprobs" in caplog.text
+                before = len(endpoint.bodies)
+                DetectionScorer(judge, examples=3, batch=3).score(feature, ['the word "cat"'], Split.VAL)
+                assert not [b for b in endpoint.bodies[before:] if b.get("logprobs")]
+        finally:
+            endpoint.close()

@@ -7,11 +7,23 @@ exceeds ``exemplars.activating_fraction`` of the feature's one activation scale,
 turn from the top exemplars and every activation decile) and *non-activating* ones (the
 feature's own quiet sequences, below that threshold). Judges see only the best
 ``score.judge_candidates`` candidates by the selecting scorer (:func:`judged_candidates`).
+
+How a judge answers. A judge that reads logprobs (:class:`LLMJudge`: every LLM backend)
+sees one example per prompt (after two solved ones) and is asked for one digit; its
+decision is read from the model's distribution over the allowed first tokens "0" and "1"
+(P("1") / (P("0") + P("1")) > 0.5), so a model that would never write a parseable answer,
+like a 135M one, still decides every example. An example whose logprobs did not come (a server without
+them) is asked again the chat way: examples shown ``batch`` at a time, answered with a
+Python list of 0s and 1s (:func:`parse_judgements`), the only way for a judge that has no
+logprobs. Flags: ``chat_answers:N`` (N examples fell back to the list), ``unanswered:N``
+(N examples neither way decided: the parse-failure count, 0 when logprobs work).
 """
 
 from __future__ import annotations
 
 import ast
+import logging
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -22,6 +34,11 @@ import numpy as np
 from neuron_assets.config import ExplainConfig
 from neuron_assets.score.base import NO_EXAMPLES, NO_NEGATIVES, UNANSWERED, Score, Scorer, ScorerUnavailable, plain_text
 from neuron_assets.types import ActivationRecord, Exemplar, FeatureExemplars, FeatureId, Split
+
+log = logging.getLogger(__name__)
+
+CHAT_ANSWERS = "chat_answers"  # flag: examples decided by a chat list answer, not by logprobs
+ANSWER_CHOICES = ("0", "1")  # the digits a one-example prompt asks for: no, yes
 
 
 @dataclass(frozen=True)
@@ -44,11 +61,24 @@ def balanced_accuracy(truth: Sequence[bool], answers: Sequence[bool | None]) -> 
 
 
 class Judge(Protocol):
-    """An LLM that answers chat prompts (the explain backend's model)."""
+    """An LLM that answers chat prompts (the explain backend's model). A judge that reads
+    logprobs also has ``probabilities(conversations) -> list[float | None]``: per one-example
+    prompt, the probability that the answer is "1", None where no logprobs came back."""
 
     name: str
 
     def answer(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str | None]: ...
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One example as a judge decided it: ``answer`` None when undecided; ``probability`` the
+    judge's P("1") when it came from logprobs; ``by``: logprobs, chat or None."""
+
+    is_positive: bool
+    answer: bool | None
+    probability: float | None = None
+    by: str | None = None
 
 
 DETECTION_SYSTEM = (
@@ -63,6 +93,25 @@ FUZZING_SYSTEM = (
     "the marked tokens are where the feature is (1) or the marks are wrong (0). Answer with a Python list of 0s and "
     "1s, one per example in order, and nothing else."
 )
+# One example per prompt, answered by its first token (read through logprobs)
+DETECTION_ONE_SYSTEM = (
+    "You are an intelligent and meticulous linguistics researcher. You will be given a feature of text, "
+    "such as \"male pronouns\" or \"text with negative sentiment\", and one text example. Decide whether the "
+    "example contains the feature. Answer 1 if it does and 0 if it does not: that one digit and nothing else."
+)
+DETECTION_ONE_QUESTION = "Does the example contain the feature? Answer 1 or 0."
+FUZZING_ONE_SYSTEM = (
+    "You are an intelligent and meticulous linguistics researcher. You will be given a feature of text and one "
+    "text example in which some tokens are marked <<like this>>. Decide whether the marked tokens are where the "
+    "feature is. Answer 1 if they are and 0 if the marks are wrong: that one digit and nothing else."
+)
+FUZZING_ONE_QUESTION = "Are the marked tokens where the feature is? Answer 1 or 0."
+# Two solved examples before the one asked, as earlier turns: with them SmolLM2-135M's P("1")
+# ranks activating above quiet examples (AUC 0.61 pooled on planted features, 0.34 without)
+DETECTION_SHOTS = (('the word "apple"', "She ate an apple after lunch.", "1"),
+                   ('the word "apple"', "The train left the station late.", "0"))
+FUZZING_SHOTS = (('the word "apple"', "She ate an <<apple>> after lunch.", "1"),
+                 ('the word "apple"', "The <<train>> left the station late.", "0"))
 
 
 JUDGE_SCORERS = ("detection", "fuzzing")
@@ -80,16 +129,20 @@ class JudgeSample:
 
 
 class ClassificationScorer:
-    """Detection or fuzzing: examples are shown ``batch`` at a time, in a seeded order."""
+    """Detection or fuzzing, over the examples in a seeded order: one example per prompt read
+    through logprobs where the judge can, the rest ``batch`` at a time as a chat list."""
 
     name: str
     system: str
+    one_system: str
+    one_question: str
+    one_shots: tuple[tuple[str, str, str], ...]  # (description, example, answer) shown before the one asked
     simulator = None
 
     def __init__(self, judge: Judge, examples: int = 50, batch: int = 5, seed: int = 0, quiet: int | None = None,
                  fraction: float = 0.2):
         """``examples`` activating and ``quiet`` (default: as many) non-activating examples per
-        feature, ``batch`` per prompt; ``fraction``: exemplars.activating_fraction."""
+        feature, ``batch`` per chat prompt; ``fraction``: exemplars.activating_fraction."""
         self.judge = judge
         self.sample = JudgeSample(examples, examples if quiet is None else quiet, fraction)
         self.batch = batch
@@ -101,21 +154,55 @@ class ClassificationScorer:
         raise NotImplementedError
 
     def score(self, feature: FeatureExemplars, descriptions: Sequence[str], split: Split) -> list[Score]:
+        judged = self.judgements(feature, descriptions, split)
+        if judged is None:
+            return [Score(0.5, (NO_EXAMPLES,)) for _ in descriptions]
+        scores = []
+        for judgements in judged:
+            score = balanced_accuracy([j.is_positive for j in judgements], [j.answer for j in judgements])
+            by_chat = sum(j.by == "chat" for j in judgements) if self._reads_logprobs else 0
+            flags = ((f"{CHAT_ANSWERS}:{by_chat}",) if by_chat else ()) + score.flags
+            scores.append(Score(score.value, flags, score.n_examples, score.n_tokens))
+        return scores
+
+    def judgements(self, feature: FeatureExemplars, descriptions: Sequence[str],
+                   split: Split) -> list[list[Judgement]] | None:
+        """Per description, every example as the judge decided it (None: no examples)."""
         rng = random.Random(f"{self.seed}:{self.name}:{feature.feature}")
         examples = self.make_examples(feature, split, self.sample, rng)
         if not examples:
-            return [Score(0.5, (NO_EXAMPLES,)) for _ in descriptions]
+            return None
         rng.shuffle(examples)
-        batches = [examples[i : i + self.batch] for i in range(0, len(examples), self.batch)]
-        conversations = [self._prompt(d, b) for d in descriptions for b in batches]
-        answers = self.judge.answer(conversations)
-        scores = []
+        judged: list[list[Judgement]] = [[Judgement(e.is_positive, None) for e in examples] for _ in descriptions]
+        if self._reads_logprobs:
+            prompts = [self._one_prompt(d, e) for d in descriptions for e in examples]
+            probabilities = iter(self.judge.probabilities(prompts))  # type: ignore[attr-defined]
+            for row in judged:
+                for j, example in enumerate(examples):
+                    p = next(probabilities)
+                    if p is not None:
+                        row[j] = Judgement(example.is_positive, p > 0.5, p, "logprobs")
+        self._ask_as_lists(descriptions, examples, judged)
+        return judged
+
+    @property
+    def _reads_logprobs(self) -> bool:
+        return callable(getattr(self.judge, "probabilities", None))
+
+    def _ask_as_lists(self, descriptions: Sequence[str], examples: Sequence[JudgedExample],
+                      judged: list[list[Judgement]]) -> None:
+        """The examples no logprobs decided, ``batch`` per prompt, answered as a chat list."""
+        batches = []  # (description index, example indices)
         for i, _ in enumerate(descriptions):
-            judged: list[bool | None] = []
-            for j, batch in enumerate(batches):
-                judged += parse_judgements(answers[i * len(batches) + j], len(batch))
-            scores.append(balanced_accuracy([e.is_positive for e in examples], judged))
-        return scores
+            pending = [j for j, judgement in enumerate(judged[i]) if judgement.by is None]
+            batches += [(i, pending[k : k + self.batch]) for k in range(0, len(pending), self.batch)]
+        if not batches:
+            return
+        answers = self.judge.answer([self._prompt(descriptions[i], [examples[j] for j in batch])
+                                     for i, batch in batches])
+        for (i, batch), answer in zip(batches, answers):
+            for j, value in zip(batch, parse_judgements(answer, len(batch))):
+                judged[i][j] = Judgement(examples[j].is_positive, value, None, "chat" if value is not None else None)
 
     def _prompt(self, description: str, batch: Sequence[JudgedExample]) -> list[dict[str, str]]:
         shown = "\n".join(f"Example {i}: {e.text}" for i, e in enumerate(batch))
@@ -124,10 +211,25 @@ class ClassificationScorer:
             {"role": "user", "content": f"Feature: {description}\n\n{shown}\n\nAnswer with a list of {len(batch)} numbers."},
         ]
 
+    def _one_prompt(self, description: str, example: JudgedExample) -> list[dict[str, str]]:
+        # what every prompt shares first, the description before the example: a server's prefix
+        # cache computes the system message and the solved examples once
+        messages = [{"role": "system", "content": self.one_system}]
+        for shown, text, answer in self.one_shots:
+            messages += [{"role": "user", "content": self._one_question(shown, text)},
+                         {"role": "assistant", "content": answer}]
+        return messages + [{"role": "user", "content": self._one_question(description, example.text)}]
+
+    def _one_question(self, description: str, text: str) -> str:
+        return f"Feature: {description}\n\nExample: {text}\n\n{self.one_question}"
+
 
 class DetectionScorer(ClassificationScorer):
     name = "detection"
     system = DETECTION_SYSTEM
+    one_system = DETECTION_ONE_SYSTEM
+    one_question = DETECTION_ONE_QUESTION
+    one_shots = DETECTION_SHOTS
 
     @staticmethod
     def make_examples(feature, split, sample, rng):
@@ -137,6 +239,9 @@ class DetectionScorer(ClassificationScorer):
 class FuzzingScorer(ClassificationScorer):
     name = "fuzzing"
     system = FUZZING_SYSTEM
+    one_system = FUZZING_ONE_SYSTEM
+    one_question = FUZZING_ONE_QUESTION
+    one_shots = FUZZING_SHOTS
 
     @staticmethod
     def make_examples(feature, split, sample, rng):
@@ -282,20 +387,27 @@ def _random_positions(record: ActivationRecord, count: int, rng: random.Random) 
 class LLMJudge:
     """The explain section's model (openai, vllm or transformers) through the LLM client
     layer, greedy. The same loaded model as the explainer's in one process (a transformers
-    or vllm model is cached by neuron_assets.runtime). An answer that never came (a timeout
-    or 5xx after the client's retries, a prompt beyond the model's context) is None:
-    unanswered, counted in the flags. A refused configuration (401, 404, a wrong model)
-    raises neuron_assets.llm.LLMConfigurationError naming the setting to fix."""
+    or vllm model is cached by neuron_assets.runtime).
+
+    :meth:`probabilities` reads each one-example prompt's answer from the logprobs of "0"
+    and "1" (every backend: a local forward pass, vLLM's prompt logprobs, a server's chat
+    logprobs); a server that gives none fails those requests, and after a round in which
+    every request failed so, the judge stops asking for logprobs and answers as chat lists
+    (:meth:`answer`). An answer that never came (a timeout or 5xx after the client's
+    retries, a prompt beyond the model's context) is None: unanswered, counted in the
+    flags. A refused configuration (401, 404, a wrong model) raises
+    neuron_assets.llm.LLMConfigurationError naming the setting to fix. With ``cache`` (a
+    neuron_assets.llm.AnswerCache) every answer is kept and a rerun pays for none twice."""
 
     max_tokens = 64  # a list of 0/1 for a batch of examples, with room for a short preamble
 
-    def __init__(self, config: ExplainConfig):
-        from neuron_assets.llm import LLMUnavailable, open_llm, settings_from_explain
+    def __init__(self, config: ExplainConfig, cache=None):
+        from neuron_assets.llm import LLMUnavailable, open_llm, settings_from_explain, with_answer_cache
 
         if not config.model:
             raise ScorerUnavailable("detection and fuzzing need explain.model (the judge model)")
         try:
-            self.llm = open_llm(settings_from_explain(config))
+            self.llm = with_answer_cache(open_llm(settings_from_explain(config)), cache)
         except LLMUnavailable as err:
             raise ScorerUnavailable(f"detection and fuzzing: {err}") from None
         except (ValueError, RuntimeError) as err:  # e.g. too little free GPU memory beside the simulator
@@ -305,7 +417,34 @@ class LLMJudge:
         self.name = config.backend
         self.max_attempts = config.max_retries + 1
         self.prompt_tokens = self.completion_tokens = self.unanswered = 0
+        self.decided_by_logprobs = 0
         self.failures: list[str] = []  # the reasons of unanswered prompts, for the run log
+        self.reads_logprobs = hasattr(self.llm, "choice_logprobs")
+
+    def probabilities(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[float | None]:
+        """Per one-example prompt, P("1") / (P("0") + P("1")) of the answer's first token; None
+        where no logprobs came back (the caller asks those as a chat list)."""
+        if not self.reads_logprobs or not conversations:
+            return [None] * len(conversations)
+        from neuron_assets.llm import ChoiceRequest
+
+        requests = [ChoiceRequest(tuple(dict(m) for m in c), ANSWER_CHOICES) for c in conversations]
+        replies = self.llm.choice_logprobs(requests, self.max_attempts)
+        out: list[float | None] = []
+        missing: list[str] = []
+        for reply in replies:
+            self.prompt_tokens += reply.prompt_tokens
+            self.completion_tokens += reply.completion_tokens
+            p = yes_probability(reply.logprobs[0]) if reply.logprobs is not None else None
+            if p is None:
+                missing.append(reply.failure or 'neither "0" nor "1" among the likely first tokens of the answer')
+            out.append(p)
+        self.decided_by_logprobs += len(out) - len(missing)
+        if missing and len(missing) == len(replies) and all(_no_logprobs_here(m) for m in missing):
+            self.reads_logprobs = False
+            log.warning("the judge %s gives no logprobs (%s); detection and fuzzing ask for chat lists instead",
+                        self.llm.model, missing[0])
+        return out
 
     def answer(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str | None]:
         from neuron_assets.llm import Request, ask
@@ -321,3 +460,21 @@ class LLMJudge:
                 self.unanswered += 1
                 self.failures.append(a.failure)
         return [a.value if a.failure is None else None for a in answers]
+
+
+def yes_probability(logprobs) -> float | None:
+    """P("1") / (P("0") + P("1")) from the log-probabilities of ("0", "1"); None when neither
+    is known (-inf)."""
+    no, yes = (float(v) for v in logprobs[:2])
+    if math.isinf(no) and math.isinf(yes):
+        return None
+    if math.isinf(yes):
+        return 0.0
+    if math.isinf(no):
+        return 1.0
+    return 1.0 / (1.0 + math.exp(no - yes))
+
+
+def _no_logprobs_here(failure: str) -> bool:
+    """A failure that asking again will not change: the server refuses or lacks logprobs."""
+    return failure.startswith(("HTTP 400", "HTTP 422", "no logprobs"))

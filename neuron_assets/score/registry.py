@@ -39,7 +39,7 @@ class ScoringContext:
                     f"detection and fuzzing need an LLM: explain.backend '{explain.backend}' has none "
                     f"(use one of {', '.join(BACKENDS)}; a vLLM server is the openai backend with base_url)"
                 )
-            self.judge = LLMJudge(explain)
+            self.judge = LLMJudge(explain, judge_answer_cache(self.config))
         return self.judge
 
     def make_embedder(self) -> Callable[[list[str]], np.ndarray]:
@@ -48,6 +48,16 @@ class ScoringContext:
 
             self.embedder = sentence_encoder(self.config.score.embedding_model)
         return self.embedder
+
+
+def judge_answer_cache(config: Config):
+    """The store's LLM answer cache (``<root>/llm_cache``), so a scoring stage run again pays
+    for no judge answer twice; None when explain.answer_cache is off."""
+    if not getattr(config.explain, "answer_cache", True):
+        return None
+    from neuron_assets.llm import AnswerCache
+
+    return AnswerCache.under(config.root)
 
 
 ScorerFactory = Callable[[ScoringContext], list[Scorer]]
