@@ -91,6 +91,11 @@ class ExplainConfig(LLMEndpointConfig):
     gpu_memory_utilization) or transformers' from_pretrained."""
     seed: int = 0
     """Seed of exemplar subsets, their order, puzzle choice and sampling."""
+    answer_cache: bool = True
+    """Keep every LLM answer (the explainer's and the judges') in <root>/llm_cache/answers.sqlite
+    and reuse it for the same prompt, model, seed and sampling settings, so a resumed or repeated
+    run never pays for an answer twice (--force reuses them too: change explain.seed, or delete
+    llm_cache/, for fresh samples). false: ask every time."""
 
     @field_validator("exemplars_max")
     @classmethod

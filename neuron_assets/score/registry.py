@@ -53,7 +53,7 @@ class ScoringContext:
 def judge_answer_cache(config: Config):
     """The store's LLM answer cache (``<root>/llm_cache``), so a scoring stage run again pays
     for no judge answer twice; None when explain.answer_cache is off."""
-    if not getattr(config.explain, "answer_cache", True):
+    if not config.explain.answer_cache:
         return None
     from neuron_assets.llm import AnswerCache
 

@@ -82,7 +82,7 @@ def with_answer_cache(explainer, config: Config):
     """An LLM explainer with its answers kept in the store's answer cache
     (``<root>/llm_cache/answers.sqlite``); any other explainer, or any explainer when
     explain.answer_cache is off, as it is."""
-    if not hasattr(explainer, "with_answer_cache") or not getattr(config.explain, "answer_cache", True):
+    if not hasattr(explainer, "with_answer_cache") or not config.explain.answer_cache:
         return explainer
     from neuron_assets.llm import AnswerCache
 
