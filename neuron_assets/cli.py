@@ -651,7 +651,10 @@ def cmd_validate_scorers(args) -> int:
 
     config = load_config(args.config)
     untrained = _untrained_finetuned(config)
-    report = validate_scorers(config, puzzle_files=args.puzzles, log=lambda line: print(untrained(line), file=sys.stderr))
+    from neuron_assets.progress import Progress, TerminalSink
+
+    report = validate_scorers(config, puzzle_files=args.puzzles, log=lambda line: print(untrained(line), file=sys.stderr),
+                              progress=Progress([TerminalSink()]))
     report = replace(report, skipped={scorer: untrained(why) for scorer, why in report.skipped.items()})
     if args.format == "json":
         json.dump({"selecting": report.selecting, "rows": [r.as_dict() for r in report.rows],
