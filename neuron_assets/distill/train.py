@@ -359,9 +359,12 @@ def _base_path(settings: DistillConfig) -> str:
 
 
 def _missing_base(settings: DistillConfig, err: Exception) -> str:
-    return (f"cannot load distill.base_model '{settings.base_model}' from a local folder or the Hugging Face cache "
-            f"({type(err).__name__}: {str(err)[:160]}); point it at a local model folder, download it first, or set "
-            "distill.allow_download: true")
+    from neuron_assets.builtin_models import missing_model_fix
+
+    where = "the Hugging Face hub" if settings.allow_download else "a local folder or the Hugging Face cache"
+    return (f"cannot load distill.base_model '{settings.base_model}' from {where} ({type(err).__name__}: "
+            f"{str(err)[:160]}); " + missing_model_fix(settings.base_model, "distill", settings.allow_download).replace(
+                "distill.model", "distill.base_model"))
 
 
 def peak_rss_mb() -> float | None:

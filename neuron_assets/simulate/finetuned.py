@@ -214,9 +214,12 @@ class FinetunedSimulator:
                 torch.manual_seed(seed)  # the new head's initialization
                 model = CLASS_HEADS[head].load(path, choose_dtype(dtype, torch_device), overrides, not allow_download)
             except OSError as err:
+                from neuron_assets.builtin_models import missing_model_fix
+
                 raise SimulatorLoadError(
-                    f"cannot load the simulator backbone '{backbone}' ({err}); give a local path, or set "
-                    "simulate.finetuned.allow_download: true to fetch it from the Hugging Face hub"
+                    f"cannot load the simulator backbone '{backbone}' ({err}); "
+                    + missing_model_fix(backbone, "simulate.finetuned", allow_download).replace(
+                        "simulate.finetuned.model", "simulate.finetuned.backbone")
                 ) from None
             new = [AddedToken(t, normalized=False, special=False) for t in added_tokens if t not in tokenizer.get_vocab()]
             if new:
