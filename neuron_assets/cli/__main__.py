@@ -1,0 +1,5 @@
+import sys
+
+from neuron_assets.cli import main
+
+sys.exit(main())
