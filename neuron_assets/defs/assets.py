@@ -3,7 +3,7 @@ neuron_assets.defs.template)."""
 
 from neuron_assets.checks import EQUAL_SPLITS, EVERY_FEATURE_HAS_EXEMPLARS, equal_splits, every_feature_has_exemplars
 from neuron_assets.defs.template import Call, Report, stage_asset
-from neuron_assets.report.metadata import corpus_metadata, exemplars_metadata, split_sizes
+from neuron_assets.report.metadata import corpus_metadata, exemplars_metadata, exemplars_partition_metadata, split_sizes
 from neuron_assets.stages import make_corpus, make_exemplars
 from neuron_assets.store import Store
 
@@ -43,7 +43,8 @@ def compute_exemplars(call: Call):
 
 def report_exemplars(call: Call, run) -> Report:
     checks, by_partition = every_feature_has_exemplars(call.store, run.written, call.todo)
-    return Report(exemplars_metadata(call.config, call.store, run, call.todo), checks, by_partition)
+    return Report(exemplars_metadata(call.config, call.store, run, call.todo), checks, by_partition,
+                  partition_metadata=exemplars_partition_metadata(call.store, run, call.todo))
 
 
 def exemplar_assets(partitions, config=None) -> list:

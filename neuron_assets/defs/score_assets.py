@@ -21,6 +21,7 @@ from neuron_assets.defs.template import Call, Report, check_result, on_new_upstr
 from neuron_assets.report.metadata import (
     checkpoint_metadata,
     descriptions_metadata,
+    descriptions_partition_metadata,
     scores_metadata,
     training_data_metadata,
 )
@@ -94,7 +95,8 @@ def report_descriptions(call: Call, result) -> Report:
     frame = pl.concat([w.frame for w in written], how="diagonal_relaxed")
     overall, by_partition = checks.neuron_descriptions_checks(call.store, frame, written)
     return Report(descriptions_metadata(call.config, call.store, frame, written), overall, by_partition,
-                  data_version=f"{call.version}-{frame.height}-{scoring.simulator_version}")
+                  data_version=f"{call.version}-{frame.height}-{scoring.simulator_version}",
+                  partition_metadata=descriptions_partition_metadata(frame, written))
 
 
 def score_assets(partitions: dg.MultiPartitionsDefinition, config: Config | None = None) -> list[dg.AssetsDefinition]:

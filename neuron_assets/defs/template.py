@@ -80,6 +80,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     by_partition: ByPartition | None = None  # partition key -> its checks, recorded in a range run
     data_version: str | None = None  # default: the stage's version
+    partition_metadata: dict[str, dict] | None = None  # partition key -> its own values, observed in a range run
 
 
 def skipped(call: Call, reason: str) -> Report:
@@ -131,7 +132,8 @@ def stage_asset(name: str, compute: Callable[[Call], Any], report: Callable[[Cal
             result = compute(call)
         made = report(call, result)
         log_partition_checks(context, made.by_partition or {})
-        return dg.MaterializeResult(metadata=dagster_metadata({**made.metadata, **run.metadata()}),
+        metadata = {**made.metadata, **log_partition_metadata(context, made.partition_metadata or {}), **run.metadata()}
+        return dg.MaterializeResult(metadata=dagster_metadata(metadata),
                                     data_version=dg.DataVersion(made.data_version or call.version),
                                     check_results=[check_result(check) for check in made.checks] or None)
 
@@ -193,6 +195,21 @@ def dagster_value(value):
 def check_result(check: Check) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=check.name, passed=bool(check.passed), metadata=dagster_metadata(check.metadata),
                                severity=dg.AssetCheckSeverity.WARN if check.warn else dg.AssetCheckSeverity.ERROR)
+
+
+def log_partition_metadata(context: dg.AssetExecutionContext, by_partition: dict[str, dict]) -> dict:
+    """In a range run Dagster copies the one materialization's metadata to every partition, so
+    each partition's own values go into an observation of that partition (its page in the UI
+    lists them under Observations), and the materialization says that its values cover the
+    whole run. A single-partition run returns its values as they are."""
+    if not by_partition or len(context.partition_keys) <= 1:
+        return {}
+    for key, values in by_partition.items():
+        context.log_event(dg.AssetObservation(asset_key=context.asset_key, partition=key,
+                                              metadata=dagster_metadata(values)))
+    keys = sorted(by_partition)
+    return {"scope": f"these values cover the {len(keys)} partitions this run computed ({', '.join(keys)}); "
+                     "each partition's own values are in its observation"}
 
 
 def log_partition_checks(context: dg.AssetExecutionContext, by_partition: ByPartition) -> None:

@@ -83,6 +83,14 @@ def exemplars_metadata(config: Config, store: Store, run, partitions: list[Parti
     }
 
 
+def exemplars_partition_metadata(store: Store, run, partitions: list[Partition]) -> dict[str, dict]:
+    """Partition key -> its own rows and preview (a range run's observations)."""
+    return {partition.key: {
+        "rows": sum(w.rows for w in run.written
+                    if w.table == "exemplars" and (w.layer, w.polarity) == (partition.layer, partition.polarity.value)),
+        "preview": exemplar_preview(store, partition)} for partition in partitions}
+
+
 def written_table(written: list[Written], with_table: bool = True) -> Markdown:
     """One row per file written: (table,) layer, polarity, rows, path."""
     header = ["table", "layer", "polarity", "rows", "path"]
@@ -102,7 +110,7 @@ def exemplar_preview(store: Store, partition: Partition) -> Markdown:
     if not features:
         return Markdown("no features")
     feature = features[0]
-    lines = [f"**{feature.feature}** (max {feature.stats.max:.3f})", ""]
+    lines = [f"partition {partition.key}: **{feature.feature}** (max {feature.stats.max:.3f})", ""]
     for exemplar in feature.top(Split.TRAIN)[:3]:
         lines.append(f"- {exemplar.extreme:.3f}: " + highlight_markdown(exemplar.record, feature.feature.polarity))
     return Markdown("\n".join(lines))
@@ -245,6 +253,22 @@ def descriptions_metadata(config: Config, store: Store, frame: pl.DataFrame, wri
         "root": location(store.table_dir(DESCRIPTIONS_TABLE)),
         "config_hash": config.hash,
     }
+
+
+def descriptions_partition_metadata(frame: pl.DataFrame, written: list) -> dict[str, dict]:
+    """Partition key -> the values of its own neuron_descriptions rows (a range run's observations)."""
+    values = {}
+    for w in written:
+        part = frame.filter((pl.col("layer") == w.layer) & (pl.col("polarity") == w.polarity))
+        with_control = part.filter(pl.col("control_test_score").is_not_null())
+        values[Partition.of((w.layer, w.polarity)).key] = {
+            "rows": part.height,
+            "mean_val_score": _mean(part["val_score"]),
+            "mean_test_score": _mean(part["test_score"]),
+            "above_control_on_test": round(float((with_control["test_score"] > with_control["control_test_score"]).mean()), 4)
+            if with_control.height else None,
+        }
+    return values
 
 
 def _label(scorer) -> str:
