@@ -4,6 +4,7 @@
 -- control's val and test scores (a description of control_source_neuron, scored the same way).
 -- simulator_version / test_simulator_version: the simulator of the val / test score;
 -- simulator_saw_feature: whether either trained on this neuron (false under cross-fitting).
+-- n_candidates: the distinct candidates scored (a repeated text is scored once).
 CREATE OR REPLACE VIEW neuron_descriptions AS
 -- layer and polarity come from the folder names (layer=L/polarity=P), first as ever.
 SELECT layer, polarity, * EXCLUDE (layer, polarity)

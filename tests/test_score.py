@@ -125,6 +125,21 @@ def test_lexical_simulator_scores_planted_features_far_above_the_shuffled_contro
     assert best.height == 12 and best["control_val_score"].null_count() == 0
 
 
+def test_a_repeated_candidate_is_scored_once_and_best_of_k_counts_distinct_texts(corpus):
+    words = planted_words(corpus)[:3]
+    features = [planted_feature(corpus, w, i) for i, w in enumerate(words)]
+    first = {f.feature: planted_candidates(w, k=2) for f, w in zip(features, words)}
+    # the explainer answered the same text again (case and spacing aside), and once not at all
+    repeated = {f: [a, b, "  " + a.upper() + " ", None, b] for f, (a, b) in first.items()}
+    scorer = CorrelationScorer(LexicalSimulator())
+    frame = score_candidates(features, repeated, [scorer], Split.VAL)
+    assert frame.height == 3 * 2
+    assert sorted(set(frame["candidate"].to_list())) == [0, 1]
+    assert frame.equals(score_candidates(features, first, [scorer], Split.VAL))
+    best = select_best(frame, "correlation", "lexical")
+    assert best["n_candidates"].to_list() == [2, 2, 2]
+
+
 def test_select_best_takes_the_highest_val_score_and_breaks_ties_by_candidate():
     frame = pl.DataFrame({
         "neuron": [1, 1, 1, 2, 2, 2], "candidate": [0, 1, -1, 0, 1, -1],

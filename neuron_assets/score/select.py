@@ -80,7 +80,9 @@ def score_candidates(
     controls: Mapping[FeatureId, ShuffledControl] | None = None,
     progress=None,
 ) -> pl.DataFrame:
-    """One row per (feature, scored description, scorer); failed (null) candidates are left out.
+    """One row per (feature, scored description, scorer); failed (null) candidates are left out,
+    and so is a candidate that repeats an earlier one of its feature (:func:`distinct_candidates`):
+    scoring it again would cost as much and tell nothing, and best-of-k counts distinct texts.
 
     Features are scored in rounds of :data:`FEATURES_PER_ROUND`: a scorer with
     ``score_many`` (the correlation scorer) gets a round's features at once, so its
@@ -88,7 +90,7 @@ def score_candidates(
     rows = []
     scored = []
     for feature in features:
-        options = [(c, d) for c, d in enumerate(candidates.get(feature.feature, ())) if d]
+        options = distinct_candidates(candidates.get(feature.feature, ()))
         control = (controls or {}).get(feature.feature)
         entries = [(c, CANDIDATE, d, feature.feature.index) for c, d in options]
         if control is not None:
@@ -106,6 +108,18 @@ def score_candidates(
             if progress is not None:
                 progress(1)
     return pl.DataFrame(rows, schema=SCORES_SCHEMA)
+
+
+def distinct_candidates(descriptions: Sequence[str | None]) -> list[tuple[int, str]]:
+    """(candidate number, text) of each candidate whose text (case and spacing aside) no
+    earlier candidate of the feature has; failed (null or empty) candidates are left out."""
+    seen, kept = set(), []
+    for candidate, text in enumerate(descriptions):
+        key = " ".join(text.split()).casefold() if text else ""
+        if key and key not in seen:
+            seen.add(key)
+            kept.append((candidate, text))
+    return kept
 
 
 def score_all(scorer: Scorer, items, split: Split) -> list[list[Score]]:
