@@ -19,7 +19,7 @@ FLOORS = [
     {"simulate"},
     {"score"},
     {"distill"},
-    {"search"},
+    {"search", "clusters"},
     {"steer"},
     {"stages", "plan", "checks"},
     {"report", "serve", "export"},

@@ -34,6 +34,7 @@ from neuron_assets.config.data import (
     SubjectConfig,
 )
 from neuron_assets.config.models import (
+    ClustersConfig,
     DistillConfig,
     ExplainConfig,
     FinetunedSimulatorConfig,
@@ -59,6 +60,7 @@ class Config(Section):
     simulate: SimulateConfig = SimulateConfig()
     score: ScoreConfig = ScoreConfig()
     search: SearchConfig = SearchConfig()
+    clusters: ClustersConfig = ClustersConfig()
     sae: SaeConfig = SaeConfig()
     distill: DistillConfig = DistillConfig()
 

@@ -381,6 +381,42 @@ class SearchConfig(Section):
     search finds the descriptions best-of-k passed over too (k times the vectors)."""
 
 
+
+class ClustersConfig(Section):
+    """Families of descriptions (asset `description_clusters`, `neuron-assets clusters`):
+    average-linkage agglomerative clustering of the selected descriptions' search vectors on
+    cosine distance, cut at ``distance`` (docs/clusters.md)."""
+
+    in_run: bool = True
+    """Also materialize description_clusters in every `neuron-assets run` (about a second on
+    the demo). Off: on demand only (`run --select description_clusters`, or the UI)."""
+    distance: float = Field(0.6, gt=0, lt=2)
+    """Where the tree is cut: two groups join while the mean cosine distance between their
+    members is at most this (so every cluster's members are, on average, at least 1 - distance
+    similar). Cosine distance runs from 0 (same direction) to 2; with MiniLM, paraphrases are
+    about 0.2-0.3 apart, descriptions of one topic 0.4-0.5, unrelated ones 0.8-1.0."""
+    min_size: int = Field(2, ge=1)
+    """Fewest members a cluster needs to be stored; descriptions in smaller ones are left out
+    (1 keeps every description, singletons too)."""
+    scope: Literal["all", "layer_polarity"] = "all"
+    """all: one clustering over every layer and polarity (families across layers);
+    layer_polarity: each layer x polarity on its own (a cluster then never spans partitions)."""
+    max_points: int = Field(16384, ge=2)
+    """Most descriptions one linkage takes (its distance matrix holds max_points^2 / 2 float64s,
+    1.1 GB at 16384, and SciPy copies it once). A larger group clusters a seeded sample of this
+    size; every other description then joins the cluster it is nearest on average (1 - its dot
+    product with the cluster's mean vector: the average-linkage distance) when that is within
+    `distance`, else it stays alone."""
+    labels: Literal["auto", "centroid", "llm"] = "auto"
+    """Each cluster's label: centroid (the member description nearest the cluster's mean
+    direction), llm (a short name written by the explain section's LLM from the members; falls
+    back to the centroid member where no usable answer comes), auto (llm when explain.backend
+    is an LLM backend, else centroid)."""
+    label_members: int = Field(12, ge=1)
+    """Members (nearest the centroid first) shown to the LLM that names a cluster."""
+    seed: int = 0
+    """Seed of the sample taken when a group has more than max_points descriptions."""
+
 class DistillConfig(Section):
     in_run: bool = False
     """Also materialize the distilled explainer and its evaluation in every `neuron-assets
