@@ -25,6 +25,7 @@ fewer than k hits.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -314,12 +315,18 @@ class Filters:
     layer: int | None = None
     polarity: str | None = None
     min_score: float | None = None
+    kind: str | None = None  # neuron, sae
+    max_score: float | None = None
+    simulator: str | None = None  # the simulator of the feature's selecting scorer (neuron_descriptions.simulator)
 
     @property
     def any(self) -> bool:
-        return self.layer is not None or self.polarity is not None or self.min_score is not None
+        return any(value is not None for value in (self.layer, self.polarity, self.min_score, self.kind,
+                                                   self.max_score, self.simulator))
 
     def where(self) -> tuple[str, list]:
+        """A WHERE clause over the columns layer, polarity, kind, neuron and score; the simulator
+        filter reads the catalog's neuron_descriptions view."""
         clauses, params = ["TRUE"], []
         if self.layer is not None:
             clauses.append("layer = ?")
@@ -327,9 +334,19 @@ class Filters:
         if self.polarity is not None:
             clauses.append("polarity = ?")
             params.append(Polarity(self.polarity).value)
+        if self.kind is not None:
+            clauses.append("kind = ?")
+            params.append(self.kind)
         if self.min_score is not None:
             clauses.append("score >= ?")
             params.append(self.min_score)
+        if self.max_score is not None:
+            clauses.append("score <= ?")
+            params.append(self.max_score)
+        if self.simulator is not None:
+            clauses.append("(layer, polarity, kind, neuron) IN (SELECT layer, polarity, coalesce(kind, 'neuron'), neuron "
+                           "FROM neuron_descriptions WHERE coalesce(simulator, '') = ?)")
+            params.append(self.simulator)
         return " AND ".join(clauses), params
 
 
@@ -353,15 +370,24 @@ def search(store: Store, query: str, top: int = 10, mode: Mode = "semantic", fil
         return session.semantic(vector, top, filters)
 
 
-def open_search(store: Store, log: Log = _quiet, extensions: Sequence[str] = ("vss", "fts")) -> "SearchSession":
+def open_search(store: Store, log: Log = _quiet, extensions: Sequence[str] = ("vss", "fts"),
+                rebuild: bool = True) -> "SearchSession":
     """A contained read connection with the search index attached (rebuilt first when stale),
-    and those of the pinned ``extensions`` that load."""
+    and those of the pinned ``extensions`` that load. ``rebuild=False`` (a server beside a run
+    that writes the store) writes nothing: a stale index is searched as it is, the rows it was
+    built from, until the description_embeddings stage that made it stale rebuilds it."""
     if not _embedding_files(store):
         raise LookupError(f"no description embeddings under {store.table_dir(EMBEDDINGS_TABLE)}; run "
                           "`neuron-assets run` (or materialize the 'description_embeddings' asset) first")
     notes = []
     current = not index_stale(store)
-    if not current:
+    if not current and not rebuild and index_path(store).exists():
+        current = True
+        notes.append("the search index is older than the newest description embeddings; it answers from the "
+                     "descriptions it was built from until the description_embeddings stage rebuilds it")
+    elif not current and not rebuild:
+        notes.append("no search index yet; searching the Parquet files exactly")
+    elif not current:
         try:
             build_index(store, log)
             current = True
@@ -412,6 +438,13 @@ class SearchSession:
                                   "searching the Parquet files exactly")
         # Rows come from the index's table, or straight from the Parquet files through the view.
         self.table = f"{INDEX_NAME}.main.descriptions" if self.info else EMBEDDINGS_TABLE
+
+    def over(self, con: duckdb.DuckDBPyConnection) -> "SearchSession":
+        """This session's index and extensions over another cursor of its connection (a server
+        answers on a cursor per request; a cursor sees the attached index and loaded extensions)."""
+        session = copy.copy(self)
+        session.con, session.notes = con, list(self.notes)
+        return session
 
     def __enter__(self) -> "SearchSession":
         return self
@@ -492,7 +525,7 @@ WITH tokens AS (SELECT DISTINCT stem(unnest({fts}.tokenize(?)), 'porter') AS ter
                 FROM term_tf JOIN {fts}.docs AS docs ON term_tf.docid = docs.docid
                      JOIN {fts}.dict AS d ON term_tf.termid = d.termid, {fts}.stats AS stats
                 GROUP BY docs.name),
-     best AS (SELECT doc_id, match FROM scores JOIN (SELECT doc_id, layer, polarity, score FROM {table}) USING (doc_id)
+     best AS (SELECT doc_id, match FROM scores JOIN (SELECT doc_id, layer, polarity, kind, neuron, score FROM {table}) USING (doc_id)
               WHERE {where} ORDER BY match DESC, doc_id LIMIT {top})
 SELECT match, layer, polarity, neuron, kind, source, candidate, description, score
 FROM best JOIN {table} AS descriptions USING (doc_id) ORDER BY match DESC, doc_id"""
