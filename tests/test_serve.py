@@ -235,3 +235,26 @@ def test_serve_refuses_a_port_in_use(explorer, capsys):
     busy = int(str(client.base_url).rsplit(":", 1)[1])
     assert main(["--config", str(path), "serve", "--port", str(busy)]) == 1
     assert f"port {busy}" in capsys.readouterr().err
+
+
+def test_dagster_metadata_links_to_the_explorer(explorer, monkeypatch):
+    """neuron_descriptions' metadata carries the explorer's layer page and best feature's page
+    as Dagster url values; the base URL comes from NEURON_ASSETS_EXPLORER_URL, and the link
+    opens the feature on a running explorer."""
+    import dagster as dg
+
+    from neuron_assets.defs.template import dagster_metadata
+    from neuron_assets.report.metadata import explorer_links
+
+    client, path, _ = explorer
+    rows = described(path).filter((pl.col("layer") == 1) & (pl.col("polarity") == "neg"))
+    best = rows.sort("test_score", descending=True).row(0, named=True)
+    assert explorer_links(rows) == {"explorer": "http://127.0.0.1:8000/layers/1/neg",
+                                    "explorer_best_feature": f"http://127.0.0.1:8000/features/1/neg/{best['neuron']}"}
+    assert explorer_links(described(path))["explorer"] == "http://127.0.0.1:8000/layers"
+    monkeypatch.setenv("NEURON_ASSETS_EXPLORER_URL", str(client.base_url).rstrip("/") + "/")
+    links = dagster_metadata(explorer_links(rows))
+    assert isinstance(links["explorer_best_feature"], dg.UrlMetadataValue)
+    url = links["explorer_best_feature"].value
+    assert url.startswith(str(client.base_url).rstrip("/") + "/features/1/neg/")
+    assert client.get(url.replace("/features/", "/api/features/")).json()["feature"]["index"] == best["neuron"]

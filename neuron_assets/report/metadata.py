@@ -252,7 +252,30 @@ def descriptions_metadata(config: Config, store: Store, frame: pl.DataFrame, wri
             score_histograms(by_layer, control_by_layer, "selected description, test score, per layer"), "histogram")),
         "root": location(store.table_dir(DESCRIPTIONS_TABLE)),
         "config_hash": config.hash,
+        **explorer_links(frame),
     }
+
+
+def explorer_links(frame: pl.DataFrame) -> dict:
+    """Links into the explorer (`neuron-assets serve`; base URL $NEURON_ASSETS_EXPLORER_URL, else
+    http://127.0.0.1:8000): the layer page of the rows' partition (the layers overview when they
+    span several) and the page of their best feature by test score."""
+    from neuron_assets.serve.links import explorer_url, feature_url, layer_url
+
+    if frame.height == 0:
+        return {}
+    kinds = frame["kind"] if "kind" in frame.columns else pl.Series(["neuron"] * frame.height)
+    partitions = frame.select("layer", "polarity").unique()
+    one_kind = kinds.n_unique() == 1
+    links = {"explorer": Url(layer_url(int(partitions["layer"][0]), str(partitions["polarity"][0]), str(kinds[0]))
+                             if partitions.height == 1 and one_kind else explorer_url() + "/layers")}
+    ranked = frame.with_columns(kinds.alias("kind")).filter(pl.col("test_score").is_not_null()).sort(
+        "test_score", descending=True)
+    if ranked.height:
+        best = ranked.row(0, named=True)
+        links["explorer_best_feature"] = Url(feature_url(int(best["layer"]), str(best["polarity"]), int(best["neuron"]),
+                                                         str(best["kind"] or "neuron")))
+    return links
 
 
 def descriptions_partition_metadata(frame: pl.DataFrame, written: list) -> dict[str, dict]:
@@ -267,6 +290,7 @@ def descriptions_partition_metadata(frame: pl.DataFrame, written: list) -> dict[
             "mean_test_score": _mean(part["test_score"]),
             "above_control_on_test": round(float((with_control["test_score"] > with_control["control_test_score"]).mean()), 4)
             if with_control.height else None,
+            **explorer_links(part),
         }
     return values
 
