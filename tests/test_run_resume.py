@@ -515,3 +515,118 @@ def _run_log(root: Path) -> str:
     with dg.DagsterInstance.from_config(str(root)) as instance:
         [latest] = instance.get_runs(limit=1)
         return "\n".join(entry.user_message for entry in instance.all_logs(latest.run_id))
+
+
+# -- soak: killed at random moments, the same tables in the end --------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_ten_random_moments_ends_with_the_tables_of_an_uninterrupted_one(tiny_config, tmp_path):
+    """SIGKILL (no clean-up at all) at ten moments drawn over an uninterrupted run's length, a
+    resume after each, then a resume to the end: every table equals the uninterrupted run's,
+    value for value (lineage and latency aside)."""
+    import random
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    whole = tiny_config(storage={"root": str(tmp_path / "whole")})
+    started = time.monotonic()
+    assert main(["--config", str(whole), "run"]) == 0
+    length = time.monotonic() - started
+    expected = _tables(load_config(whole).root)
+
+    path = tiny_config(storage={"root": str(tmp_path / "killed")})
+    args = [sys.executable, "-m", "neuron_assets.cli", "--config", str(path), "run"]
+    draw = random.Random(7)
+    finished = False
+    for kill in range(10):
+        run = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            run.wait(timeout=draw.uniform(2.0, length))
+            finished = True  # it finished before this moment: the remaining kills have nothing to stop
+            break
+        except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGKILL)
+            run.wait(timeout=60)
+    print(f"uninterrupted run {length:.0f} s; killed {kill + (not finished)} times")
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = _tables(load_config(path).root)
+    for table in TABLES:
+        assert_frame_equal(got[table], expected[table], check_exact=True, check_row_order=True), table
+
+
+EXPLAINER_PROCESS = """
+import json, sys, time
+from pathlib import Path
+from tests.support.openai_endpoint import LocalEndpoint, chat_completion
+port, count = int(sys.argv[1]), Path(sys.argv[2])
+class Explainer(LocalEndpoint):
+    def handle(self, handler, body):
+        time.sleep(0.05)
+        with count.open("a") as f:
+            f.write("x")
+        handler.send(200, json.dumps(chat_completion(f"[DESCRIPTION]: the word w{body['seed'] % 97}", "m", 50, 7)))
+endpoint = Explainer.__new__(Explainer)
+from http.server import ThreadingHTTPServer
+from tests.support.openai_endpoint import EndpointHandler
+ThreadingHTTPServer.allow_reuse_address = True
+endpoint.server = ThreadingHTTPServer(("127.0.0.1", port), EndpointHandler)
+endpoint.server.endpoint = endpoint
+endpoint.server.serve_forever()
+"""
+
+
+@pytest.mark.slow
+def test_an_explainer_server_killed_and_restarted_twice_mid_explain_changes_no_table(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+    """The OpenAI-compatible server dies (SIGKILL) twice while the run explains and comes back a
+    second later: the client's retries carry the requests over the gap, and every table equals
+    that of a run whose server never died (what each answer cost aside: its attempts, tokens
+    and latency)."""
+    _no_proxy(monkeypatch)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    count = tmp_path / "answered"
+    count.write_text("")
+
+    def start_server():
+        server = subprocess.Popen([sys.executable, "-c", EXPLAINER_PROCESS, str(port), str(count)], env=env)
+        _wait_for(lambda: _listening(port), server, timeout=60)
+        return server
+
+    explain = {"backend": "openai", "model": "m", "base_url": f"http://127.0.0.1:{port}/v1", "k": 2,
+               "max_retries": 4, "timeout_s": 30, "concurrency": 4}
+    select = ["run", "--select", "corpus,exemplars,candidate_descriptions,description_scores,neuron_descriptions"]
+    server = start_server()
+    try:
+        steady = tiny_config(**FAST, explain=explain, storage={"root": str(tmp_path / "steady")})
+        assert main(["--config", str(steady), *select]) == 0
+        expected = _tables(load_config(steady).root)
+        count.write_text("")
+        path = tiny_config(**FAST, explain=explain, storage={"root": str(tmp_path / "killed")})
+        run = subprocess.Popen([sys.executable, "-m", "neuron_assets.cli", "--config", str(path), *select], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for answered in (10, 40):  # of the 72 requests
+            _wait_for(lambda: len(count.read_text()) >= answered, run)
+            server.send_signal(signal.SIGKILL)
+            server.wait(timeout=30)
+            time.sleep(1.0)
+            server = start_server()
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-3000:]
+        assert "failed" not in err.split("done in")[-1], err[-3000:]
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    got = _tables(load_config(path).root)
+    assert got["candidate_descriptions"]["attempts"].max() > 1, "some requests met the dead server"
+    for table in TABLES:
+        drop = [c for c in (*PAID, "attempts") if c in got[table].columns]
+        assert_frame_equal(got[table].drop(drop), expected[table].drop(drop), check_exact=True), table
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
