@@ -116,7 +116,7 @@ async function searchPage() {
 function histogram(data, rgb) {
   const {edges, shares} = data;
   if (!shares.length) return el("p", {class: "muted", text: "no token sample in the statistics"});
-  const width = 360, height = 120, ns = "http://www.w3.org/2000/svg";
+  const width = 480, height = 120, ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("class", "hist"); svg.setAttribute("width", width); svg.setAttribute("height", height + 18);
   svg.style.setProperty("--rgb", rgb.join(","));
@@ -140,7 +140,7 @@ function histogram(data, rgb) {
   }
   const label = document.createElementNS(ns, "text");
   label.setAttribute("x", 0); label.setAttribute("y", height + 14); label.setAttribute("font-size", "11");
-  label.textContent = `${num(lo)} … ${num(hi)} (max); bar height: token density, log scale; line: the mean`;
+  label.textContent = `${num(lo)} … ${num(hi)} (max) · height: token density, log · line: mean`;
   svg.append(label);
   return svg;
 }
