@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 # Each module registers its subcommands; their order is the order of `neuron-assets --help`.
-COMMAND_MODULES = ("run", "database", "pipeline", "clusters", "serve")
+COMMAND_MODULES = ("run", "database", "pipeline", "clusters", "steer", "serve")
 
 
 def _parser() -> argparse.ArgumentParser:

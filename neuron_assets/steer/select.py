@@ -71,13 +71,15 @@ class Candidate:
 
 @dataclass(frozen=True)
 class SearchFilters:
-    """The search filters a steering query takes. The search's SQL sees layer, polarity and
-    score (its BM25 query selects only those); kind and selected-only are applied to the hits.
-    ``any`` is always true, so semantic search scans the matching rows exactly."""
+    """The search filters a steering query takes (several layers at once, unlike
+    :class:`neuron_assets.search.Filters`), as a WHERE clause over layer, polarity, kind and
+    score; candidate descriptions are dropped from the hits. ``any`` is always true, so
+    semantic search scans the matching rows exactly."""
 
     layers: tuple[int, ...] | None = None
     polarity: str | None = None
     min_score: float | None = None
+    kind: str | None = None
 
     @property
     def any(self) -> bool:
@@ -91,6 +93,9 @@ class SearchFilters:
         if self.polarity is not None:
             clauses.append("polarity = ?")
             params.append(Polarity(self.polarity).value)
+        if self.kind is not None:
+            clauses.append("kind = ?")
+            params.append(self.kind)
         if self.min_score is not None:
             clauses.append("score >= ?")
             params.append(self.min_score)
@@ -129,7 +134,7 @@ def search_hits(store: Store, request: SteerRequest, encoder=None) -> list[Candi
     if not store.partitions(DESCRIPTIONS_TABLE):
         raise LookupError(f"the store under {store.root} has no descriptions (table {DESCRIPTIONS_TABLE}); run "
                           "`neuron-assets run` first, or steer explicit features (--feature 12:345:pos)")
-    filters = SearchFilters(request.layers, request.polarity, request.min_score)
+    filters = SearchFilters(request.layers, request.polarity, request.min_score, request.kind)
     fetch = request.top * 4 + 50
     while True:
         result = search(store, request.select, top=fetch, mode=request.select_mode, filters=filters, encoder=encoder)
