@@ -15,6 +15,9 @@ def register(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                        "only; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                       help="threads per torch operation (default 1: the server encodes many short queries at once, "
+                            "and more threads per query only wait on each other; raise it for faster steering on CPU)")
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -29,6 +32,11 @@ def cmd_serve(args) -> int:
     store = Store(config.store_root)
     if not store.has_data():
         raise LookupError(f"no data under {config.store_root}; run `neuron-assets run` first, then serve")
+    if args.torch_threads < 1:
+        raise ValueError(f"--torch-threads must be at least 1, got {args.torch_threads}")
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     app = create_app(config, store)
     host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
     print(f"explorer on http://{host}:{args.port}/ (API docs: /docs) over {config.store_root}; Ctrl-C stops it",

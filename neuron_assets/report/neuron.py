@@ -72,10 +72,10 @@ class NeuronView:
 
 
 def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str = Polarity.POS,
-                kind: str = "neuron") -> NeuronView:
+                kind: str = "neuron", other_polarity: bool = True) -> NeuronView:
     """One neuron (or another feature ``kind``, e.g. an SAE latent), ``polarity`` first and the
-    other polarity beside it when it was collected; :class:`NeuronNotFound` names the
-    collected layers, polarities or neurons."""
+    other polarity beside it when it was collected (and ``other_polarity``); :class:`NeuronNotFound`
+    names the collected layers, polarities or neurons."""
     polarity = Polarity(polarity)
     collected = _collected_partitions(store)
     layers = sorted({l for l, _ in collected})
@@ -89,7 +89,7 @@ def load_neuron(store: Store, layer: int, neuron: int, polarity: Polarity | str 
     if polarity not in polarities:
         raise NeuronNotFound(f"polarity {polarity.value} of layer {layer} was not collected; collected: "
                              f"{', '.join(p.value for p in polarities)} (set features.polarities to collect it)")
-    views = load_neurons(store, layer, [neuron], polarities, kind)
+    views = load_neurons(store, layer, [neuron], polarities if other_polarity else [polarity], kind)
     if neuron not in views:
         neurons = _collected_neurons(store, layer, polarity, kind)
         setting = "features.neurons" if kind == "neuron" else f"{kind}.latents"

@@ -13,9 +13,10 @@ Read-only beside a run that writes the store:
   No writer lock is taken: the store writes every file to a temporary name and renames it into
   place, so a reader sees the old file or the new one, never half of one (a temporary file's
   name matches no view's glob).
-- At most every ``refresh_seconds`` the data files are listed (a stat each); when they changed
-  the connection is opened again, so a new table (description_clusters) or a rebuilt search
-  index is seen. The server never builds the search index (``rebuild=False``): a stale index is
+- At most every ``refresh_seconds`` the data files are listed; when a table appeared or went,
+  or the search index was rebuilt, the connection is opened again, so a new table
+  (description_clusters) or the new index is seen. A file replaced in place needs nothing: the
+  views read their files by glob at every query. The server never builds the search index (``rebuild=False``): a stale index is
   searched as it is until the run's description_embeddings stage rebuilds it.
 - A feature is read with Polars scans filtered to its rows (the same code as `neuron-assets
   show`), retried once when a file was replaced between listing and reading.
@@ -97,7 +98,9 @@ class Explorer:
         listing = index.with_name("index.files.json")
         stamp = (listing.stat().st_mtime_ns if listing.exists() else None,
                  index.stat().st_mtime_ns if index.exists() else None)
-        return tuple((f.relative, f.size, f.modified_ns) for f in self.store.data_files()), stamp
+        # The views read their tables' files by glob at each query: only a table appearing or
+        # going (or a rebuilt index) needs a new connection, not every file a run replaces.
+        return tuple(sorted({f.table for f in self.store.data_files()})), stamp
 
     def _open(self, signature: tuple) -> None:
         try:
@@ -203,8 +206,10 @@ class Explorer:
         """A feature's page: its description, every candidate and score, statistics, histogram,
         exemplars, output tokens, and its effects and cluster (or why they are not there)."""
         polarity = Polarity(polarity)
-        view = _retried(lambda: load_neuron(self.store, layer, index, polarity, kind))
-        data = feature_json(view, polarity)
+        view = _retried(lambda: load_neuron(self.store, layer, index, polarity, kind, other_polarity=False))
+        collected = self.store.partitions("neuron_stats")
+        others = [p for p in Polarity if p is not polarity and (layer, p.value) in collected and kind == "neuron"]
+        data = feature_json(view, polarity, others)
         data["effects"] = self.effects(layer, polarity.value, index, kind)
         data["cluster"] = self.cluster_of(layer, polarity.value, index, kind)
         return data

@@ -11,6 +11,7 @@ the feature's one activation scale), beside the raw tokens and activations.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import polars as pl
 
@@ -30,8 +31,11 @@ STATS_COLUMNS = ("max", "mean", "std", "frac_active", "n_tokens", "scale", "posi
                  "unigram_tokens", "unigram_survival", "is_unigram")
 
 
-def feature_json(view: NeuronView, polarity: Polarity) -> dict:
-    """One feature in one polarity, with links to its other collected polarities."""
+def feature_json(view: NeuronView, polarity: Polarity, other_polarities: Sequence[Polarity] | None = None) -> dict:
+    """One feature in one polarity, with links to its other collected polarities (default: those
+    the view holds)."""
+    if other_polarities is None:
+        other_polarities = [p for p in view.polarities if p is not Polarity(polarity)]
     shown = view.polarities[Polarity(polarity)]
     kind = view.kind
     return {
@@ -39,7 +43,7 @@ def feature_json(view: NeuronView, polarity: Polarity) -> dict:
                     "label": str(shown.feature.feature), "page": feature_path(view.layer, shown.polarity.value,
                                                                               view.neuron, kind)},
         "other_polarities": [{"polarity": p.value, "page": feature_path(view.layer, p.value, view.neuron, kind)}
-                             for p in view.polarities if p is not shown.polarity],
+                             for p in other_polarities],
         "description": _selected(shown),
         "validity": dict(view.validity),
         "scorers": [{"scorer": scorer, "simulator": simulator} for scorer, simulator in shown.scorers],
