@@ -188,7 +188,8 @@ def cluster_members(store: Store, cluster: int, request: SteerRequest) -> list[C
         raise LookupError(f"cluster {cluster} has no member{_filters_text(request)}; loosen the filters")
     has = set(members.columns)
     out = []
-    for row in members.sort("layer", "polarity", "neuron").iter_rows(named=True):
+    order = ["member_rank"] if "member_rank" in has else ["layer", "polarity", "kind", "neuron"]  # nearest the centroid first
+    for row in members.sort(order).iter_rows(named=True):
         out.append(Candidate(SteerFeature(FeatureId(int(row["layer"]), int(row["neuron"]), Polarity(row["polarity"]),
                                                     row["kind"] or "neuron")),
                              row.get("description") if "description" in has else None,

@@ -120,6 +120,10 @@ class Steerer:
             raise ValueError(f"feature {feature_text(feature)}: neuron {feature.index} is out of range: layer "
                              f"{feature.layer} has {width} neurons (0-{width - 1})")
 
+    def forget_baselines(self) -> None:
+        """Drop the kept baselines (the next run generates its baseline again)."""
+        self._baselines.clear()
+
     # -- selecting and running ------------------------------------------------------------
     def select(self, request: SteerRequest | dict) -> list[SelectedFeature]:
         """The features the request steers, each with its value, description and score."""
