@@ -187,3 +187,8 @@ def test_the_asset_and_the_cli_on_a_planted_store(tiny_config, encoder, capsys):
     assert main(["--config", str(path), "sql", "select count(*) as n from description_cluster_summary",
                  "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"n": 2}]
+
+    from neuron_assets.stages.graph import in_plain_run
+
+    assert in_plain_run("description_clusters", config) and not in_plain_run(
+        "description_clusters", config_at(config.root, in_run=False))

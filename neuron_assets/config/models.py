@@ -390,7 +390,7 @@ class ClustersConfig(Section):
     in_run: bool = True
     """Also materialize description_clusters in every `neuron-assets run` (about a second on
     the demo). Off: on demand only (`run --select description_clusters`, or the UI)."""
-    distance: float = Field(0.6, gt=0, lt=2)
+    distance: float = Field(0.55, gt=0, lt=2)
     """Where the tree is cut: two groups join while the mean cosine distance between their
     members is at most this (so every cluster's members are, on average, at least 1 - distance
     similar). Cosine distance runs from 0 (same direction) to 2; with MiniLM, paraphrases are
