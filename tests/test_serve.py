@@ -131,6 +131,26 @@ def test_clusters_when_the_store_has_them(explorer):
         store.path("description_clusters").unlink()
 
 
+def test_effects_when_the_store_has_them(explorer):
+    client, path, _ = explorer
+    if not (Path(__file__).resolve().parents[1] / "sql" / "description_effects.sql").exists():
+        pytest.skip("no description_effects view in this checkout")
+    store = Store(load_config(str(path)).store_root)
+    rows = store.read("neuron_descriptions", 0, "pos")
+    store.write("description_effects", rows.select("kind", "neuron", "description", pl.lit(0.25).alias("ablation_loss_delta"),
+                                                   pl.lit(0.1).alias("agreement")), 0, "pos")
+    try:
+        deadline = time.monotonic() + 10
+        while not (effects := client.get(f"/api/features/0/pos/{rows['neuron'][0]}").json()["effects"])["computed"]:
+            assert time.monotonic() < deadline, "the new table was not seen"
+            time.sleep(0.3)
+        assert effects["rows"][0]["ablation_loss_delta"] == 0.25 and len(effects["rows"]) == 1
+        other = client.get(f"/api/features/0/neg/{rows['neuron'][0]}").json()["effects"]
+        assert other["computed"] is False and "no row for this feature" in other["message"]
+    finally:
+        store.path("description_effects", 0, "pos").unlink()
+
+
 BAD = [
     ("/api/features/0/pos/999", 404, "was not collected"),
     ("/api/features/9/pos/5", 404, "layer 9 was not collected"),

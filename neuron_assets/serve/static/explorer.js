@@ -96,7 +96,7 @@ async function searchPage() {
     if (!found.hits.length) results.append(el("p", {text: "no description matches; loosen the filters or try other words"}));
     for (const hit of found.hits) {
       results.append(el("div", {class: "hit"},
-        el("span", {class: "muted", text: `${hit.rank + (found.page - 1) * found.size}. `}),
+        el("span", {class: "muted", text: `${hit.rank}. `}),
         el("a", {href: hit.page, class: "hit-link", text: hit.description}),
         el("div", {class: "where", text: `${featureLabel(hit.kind, hit.layer, hit.neuron, hit.polarity)} · ` +
           `${hit.source}${hit.candidate !== null && hit.source === "candidate" ? " #" + hit.candidate : ""} · ` +
@@ -198,7 +198,10 @@ function effectsPanel(effects) {
   const panel = rowsPanel("effects", effects, "effects");
   if (effects.computed) {
     const columns = effects.columns.filter(c => !["layer", "polarity", "kind", "neuron", "model", "config_hash", "run_id"].includes(c));
-    panel.append(table(columns, effects.rows.map(r => columns.map(c => typeof r[c] === "object" && r[c] !== null ? JSON.stringify(r[c]) : r[c]))));
+    const shown = v => typeof v === "object" && v !== null ? JSON.stringify(v) : v;
+    // one row a feature: a name / value table reads better than one wide row
+    panel.append(effects.rows.length === 1 ? table(["measure", "value"], columns.map(c => [c, shown(effects.rows[0][c])]))
+      : table(columns, effects.rows.map(r => columns.map(c => shown(r[c])))));
   }
   return panel;
 }
