@@ -322,3 +322,41 @@ def test_smollm2_steered_by_selected_features_changes_is_seeded_and_strength_0_i
     again = smollm2.run(sampled)
     assert again.baseline == first.baseline and again.steered == first.steered
     assert first.baseline.token_ids != steered.baseline.token_ids, "sampled, not greedy"
+
+
+def test_ablating_the_planted_neuron_changes_the_loss_and_an_unwired_one_does_not(planted, tiny_tokenizer):
+    from neuron_assets.steer.effects import ablation_effect
+    from neuron_assets.steer.select import SelectedFeature
+    from neuron_assets.types import ActivationRecord
+
+    steerer, _ = planted
+    texts = ["the cat sees a red ball", "a dog finds the green door quickly"]
+    records = [ActivationRecord(i, (), tuple(tiny_tokenizer(t)["input_ids"]), np.zeros(1), prefix_len=1)
+               for i, t in enumerate(texts)]
+
+    def ablated(index: int, value: float = 0.0):
+        feature = SelectedFeature(FeatureId(1, index, Polarity.POS), value, 1.0, None, "zero")
+        return ablation_effect(steerer.subject, feature, records, steerer.sae_for)
+
+    delta, kl, tokens = ablated(PLANTED, value=-40.0)  # "ablating" to a value far off: TARGET loses its logit share
+    assert tokens == sum(len(r.token_ids) - 2 for r in records) and kl > 0.01 and delta != 0.0
+    assert ablated(UNWIRED, value=-40.0) == (0.0, 0.0, tokens)
+
+
+def test_description_effects_on_a_described_tiny_run(described_run, tmp_path):
+    from neuron_assets.steer.effects import EffectsSettings, make_description_effects
+
+    config = load_config(described_run)
+    store_copy = tmp_path / "home"
+    shutil.copytree(config.root, store_copy)
+    steerer = Steerer(config, Store(store_copy))
+    settings = EffectsSettings(exemplars=2, prompts=("the cat", "a dog"), n_tokens=3, batch_size=3)
+    written = make_description_effects(config, ["1|neg"], "test", settings, encoder=hashed_words, log=lambda _: None,
+                                       steerer=steerer)
+    frame = Store(store_copy).read("description_effects", 1, "neg")
+    described = Store(store_copy).read("neuron_descriptions", 1, "neg")
+    assert written[0].rows == frame.height == described.height > 0
+    assert frame["ablation_tokens"].min() > 0 and frame["ablation_kl"].min() >= 0
+    assert frame["agreement"].is_not_null().all() and frame["changed_share"].is_between(0, 1).all()
+    assert set(frame.columns) >= {"kind", "neuron", "ablation_loss_delta", "agreement", "control_agreement",
+                                  "output_token_similarity", "output_token_overlap", "model", "run_id"}

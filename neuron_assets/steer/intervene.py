@@ -31,18 +31,19 @@ class TokenWindow:
     after a leading BOS), ``generated`` (the tokens the model writes: the first of them is
     still predicted from the unsteered prompt), or ``both``."""
 
-    def __init__(self, tokens: str, prompt_len: int, first: int = 0, rows: tuple[bool, ...] = (True,)):
-        self.tokens, self.prompt_len, self.first = tokens, prompt_len, first
+    def __init__(self, tokens: str, prompt_len: int, first: int | torch.Tensor = 0, rows: tuple[bool, ...] = (True,)):
+        self.tokens, self.prompt_len, self.first = tokens, prompt_len, first  # first: one for all rows, or (B,)
         self.rows = torch.tensor(rows, dtype=torch.bool)
         self.positions: torch.Tensor | None = None  # (T,) absolute positions of the current pass
 
     def mask(self, device) -> torch.Tensor:
         """(B, T) bool."""
-        positions = self.positions.to(device)
-        in_prompt = (positions >= self.first) & (positions < self.prompt_len)
+        positions = self.positions.to(device)[None, :]
+        first = self.first.to(device)[:, None] if isinstance(self.first, torch.Tensor) else self.first
+        in_prompt = (positions >= first) & (positions < self.prompt_len)
         generated = positions >= self.prompt_len
         steps = {"prompt": in_prompt, "generated": generated, "both": in_prompt | generated}[self.tokens]
-        return self.rows.to(device)[:, None] & steps[None, :]
+        return self.rows.to(device)[:, None] & steps
 
 
 def site_hook(mode: str, window: TokenWindow, neurons: torch.Tensor, neuron_values: torch.Tensor,
