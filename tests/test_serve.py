@@ -206,6 +206,26 @@ def test_steering_from_neuronpedia_and_select_requests(explorer):
     assert 400 <= missing.status_code < 500 and missing.json()["detail"]
 
 
+def test_parallel_searches_each_get_their_own_answer(explorer):
+    """Each request searches on a cursor of its own (its query vector its own): 16 searches at
+    once answer as they do one at a time."""
+    client, path, _ = explorer
+    queries = described(path)["description"].unique().sort().to_list()[:16]
+    alone = {q: client.get("/api/search", params={"q": q, "size": 3}).json()["hits"] for q in queries}
+    together: dict[str, list] = {}
+
+    def ask(query: str) -> None:
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+            together[query] = own.get("/api/search", params={"q": query, "size": 3}).json()["hits"]
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in queries]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together == alone
+
+
 def test_reads_keep_answering_while_a_writer_replaces_the_files(explorer):
     """A writer rewrites every partition of three tables (temp file, rename) as fast as it can
     while 8 clients read features and search, beside a half-written temporary file: every
