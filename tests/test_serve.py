@@ -206,6 +206,22 @@ def test_steering_from_neuronpedia_and_select_requests(explorer):
     assert 400 <= missing.status_code < 500 and missing.json()["detail"]
 
 
+def test_a_damaged_file_answers_503_with_its_fix(explorer):
+    client, path, _ = explorer
+    target = Store(load_config(str(path)).store_root).path("neuron_stats", 1, "pos")
+    original = target.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    target.write_bytes(bytes(damaged))
+    try:
+        response = client.get("/api/features/1/pos/8")
+        assert response.status_code == 503 and "damaged" in response.json()["detail"], response.text
+        assert "materialize" in response.json()["detail"]
+    finally:
+        target.write_bytes(original)
+    assert client.get("/api/features/1/pos/8").status_code == 200
+
+
 def test_parallel_searches_each_get_their_own_answer(explorer):
     """Each request searches on a cursor of its own (its query vector its own): 16 searches at
     once answer as they do one at a time."""
