@@ -70,13 +70,16 @@ def check_distance(distance: float) -> float:
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to length 1 (a zero row stays zero)."""
+    """float32 rows scaled to length 1 (a zero row stays zero); rows that are unit already (the
+    stored vectors are) come back without a copy."""
     matrix = np.asarray(vectors, dtype=np.float32)
     if matrix.ndim != 2:
         raise ValueError(f"expected one vector per row (a 2-d array), got shape {matrix.shape}")
     if not np.isfinite(matrix).all():
         raise ValueError("a description vector holds NaN or infinity; re-materialize description_embeddings")
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    if np.allclose(norms, 1.0, atol=1e-4):
+        return matrix
     return matrix / np.where(norms > 0, norms, 1.0)
 
 
@@ -154,25 +157,27 @@ def read_selected_vectors(store: Store) -> tuple[pl.DataFrame, np.ndarray]:
     if not partitions:
         raise LookupError(f"no description embeddings under {store.table_dir(EMBEDDINGS_TABLE)}; run `neuron-assets "
                           "run` (or `neuron-assets run --select description_embeddings`) first")
-    frames = []
-    for layer, polarity in partitions:
+    frames, matrices = [], []
+    for layer, polarity in partitions:  # each partition's vectors taken out on their own: no second copy of all
         frame = store.read(EMBEDDINGS_TABLE, layer, polarity)
         if "kind" not in frame.columns:  # older files: neurons only
             frame = frame.with_columns(pl.lit("neuron").alias("kind"))
-        frames.append(frame.filter(pl.col("source") == SELECTED).select(
+        frame = frame.filter(pl.col("source") == SELECTED).select(
             pl.lit(layer, pl.Int64).alias("layer"), pl.lit(polarity).alias("polarity"),
             pl.col("kind").fill_null("neuron").cast(pl.String), pl.col("neuron").cast(pl.Int64),
             pl.col("description").cast(pl.String), pl.col("score").cast(pl.Float64),
-            pl.col("embedding_model").cast(pl.String), "embedding"))
-    rows = pl.concat(frames, how="vertical_relaxed").sort("layer", "polarity", "kind", "neuron")
+            pl.col("embedding_model").cast(pl.String), "embedding").sort("kind", "neuron")
+        if frame.height:
+            matrices.append(np.asarray(frame["embedding"].to_numpy(), dtype=np.float32).reshape(frame.height, -1))
+        frames.append(frame.drop("embedding"))
+    rows = pl.concat(frames, how="vertical_relaxed")  # in (layer, polarity, kind, neuron) order
     models = rows["embedding_model"].unique().drop_nulls().to_list()
     if len(models) > 1:
         raise ValueError(f"the store's description vectors come from several models ({', '.join(sorted(models))}); "
                          "re-materialize description_embeddings with one search.embedding_model")
     if rows.height == 0:
-        return rows.drop("embedding", "embedding_model"), np.zeros((0, 0), dtype=np.float32)
-    vectors = np.asarray(rows["embedding"].to_numpy(), dtype=np.float32).reshape(rows.height, -1)
-    return rows.drop("embedding", "embedding_model"), vectors
+        return rows.drop("embedding_model"), np.zeros((0, 0), dtype=np.float32)
+    return rows.drop("embedding_model"), np.concatenate(matrices)
 
 
 def cluster_members(rows: pl.DataFrame, vectors: np.ndarray, config: Config) -> tuple[pl.DataFrame, int]:
@@ -189,7 +194,8 @@ def cluster_members(rows: pl.DataFrame, vectors: np.ndarray, config: Config) -> 
     for index, group in enumerate(groups):
         if group.size == 0:
             continue
-        flat = cluster_vectors(unit[group], settings.distance, settings.max_points, settings.seed + index)
+        subset = unit if group.size == rows.height else unit[group]  # the whole matrix is not copied
+        flat = cluster_vectors(subset, settings.distance, settings.max_points, settings.seed + index)
         order = np.argsort(flat, kind="stable")
         bounds = np.flatnonzero(np.diff(flat[order])) + 1
         clusters += [group[members] for members in np.split(order, bounds)]
