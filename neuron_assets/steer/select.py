@@ -73,8 +73,8 @@ class Candidate:
 class SearchFilters:
     """The search filters a steering query takes (several layers at once, unlike
     :class:`neuron_assets.search.Filters`), as a WHERE clause over layer, polarity, kind and
-    score; candidate descriptions are dropped from the hits. ``any`` is always true, so
-    semantic search scans the matching rows exactly."""
+    score; candidate descriptions are dropped from the hits (and more are fetched when that
+    leaves fewer than asked for)."""
 
     layers: tuple[int, ...] | None = None
     polarity: str | None = None
@@ -83,7 +83,8 @@ class SearchFilters:
 
     @property
     def any(self) -> bool:
-        return True
+        """Whether any filter is set: unfiltered semantic search may use the HNSW index."""
+        return any(value is not None for value in (self.layers, self.polarity, self.min_score, self.kind))
 
     def where(self) -> tuple[str, list]:
         clauses, params = ["TRUE"], []
