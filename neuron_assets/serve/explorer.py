@@ -36,7 +36,7 @@ import numpy as np
 import polars as pl
 
 from neuron_assets.report.neuron import load_neuron
-from neuron_assets.search import Filters, SearchSession, open_search
+from neuron_assets.search import Filters, SearchSession, index_path, open_search
 from neuron_assets.serve.feature import feature_json, plain
 from neuron_assets.serve.links import feature_path, layer_path
 from neuron_assets.store import DamagedTableError, Store
@@ -76,9 +76,10 @@ class Explorer:
         self._problem: str | None = None
 
     # -- the warm connection ---------------------------------------------------------------
-    def _current(self) -> SearchSession | None:
-        """The open session, opened again when the data files changed (checked at most every
-        ``refresh_seconds``); None when the store has no description embeddings yet."""
+    def _current(self) -> SearchSession:
+        """The open session, opened again when a table appeared or went or the search index was
+        rebuilt (checked at most every ``refresh_seconds``). Without description embeddings it
+        holds the catalog alone, and ``_problem`` says why search cannot answer."""
         now = time.monotonic()
         if self._session is not None and now - self._checked < self.refresh_seconds:
             return self._session
@@ -92,8 +93,6 @@ class Explorer:
             return self._session
 
     def _files_signature(self) -> tuple:
-        from neuron_assets.search import index_path
-
         index = index_path(self.store)
         listing = index.with_name("index.files.json")
         stamp = (listing.stat().st_mtime_ns if listing.exists() else None,
@@ -166,7 +165,8 @@ class Explorer:
                              "narrow the search with filters (layer, polarity, kind, score) instead")
         if filters.min_score is not None and filters.max_score is not None and filters.min_score > filters.max_score:
             raise BadRequest(f"min_score {filters.min_score} is above max_score {filters.max_score}")
-        if self._current() is not None and self._problem is not None:
+        self._current()
+        if self._problem is not None:
             raise LookupError(self._problem)
         top = page * size + 1  # one more than the page: whether a next page exists
         with self.cursor() as session:
