@@ -1,5 +1,5 @@
 """Description search: sentence vectors of the descriptions, searched by meaning (cosine
-similarity, an HNSW index) or by words (BM25).
+similarity, an IVF index per partition) or by words (BM25).
 
     make_description_embeddings(config, partitions, run_id)   each partition's vectors (Parquet)
     build_index(store)                                             the search index over every partition
@@ -10,17 +10,14 @@ layer=L/polarity=P/data.parquet``): one row per selected description (and, with
 ``search.candidates``, per candidate), keyed by the SHA-256 of its text, so a re-materialization
 embeds only the texts it has not seen (a rescore that changes a few selections re-embeds a few).
 
-The *search index* is a DuckDB file derived from that table, as the catalog is derived from all
-of them: ``data/description_index/index.duckdb`` holds the rows in a table with an HNSW index
-(cosine, from the pinned ``vss`` extension) and a BM25 full-text index (the pinned ``fts``
-extension). It lives under ``data/`` because the contained read connection
-(:meth:`Store.connect`) may open files there and nowhere else. It records the embedding files
-it was built from; a reader that finds it stale builds it again (or, where the store cannot be
-written, searches the Parquet files exactly). Delete it and the next search rebuilds it.
-
-Filtered semantic searches (a layer, a polarity, a least score) scan the matching rows exactly:
-the HNSW index of DuckDB's vss applies a WHERE clause after taking its top k, which would return
-fewer than k hits.
+The *search index* is derived from that table, as the catalog is derived from all of them:
+one shard per partition under ``data/description_index/`` (:mod:`neuron_assets.description_index`:
+the vectors in a faiss IVF index, BM25 postings, the rows), and ``index.json``, the manifest of
+the shards and the embedding files they were built from. A re-scored partition's new file gets
+a new shard; the others stay. A reader that finds the manifest stale updates it (or, where the
+store cannot be written, searches the Parquet files exactly). Delete the folder and the next
+search builds it again. Filters (layer, polarity, kind, score range) apply inside each shard's
+search; the simulator filter, which reads ``neuron_descriptions``, scans exactly.
 """
 
 from __future__ import annotations
@@ -39,7 +36,7 @@ import numpy as np
 import polars as pl
 
 from neuron_assets.config import Config
-from neuron_assets.store import Store, atomic_path, pinned_extension_path, sql_string, with_lineage
+from neuron_assets.store import Store, atomic_path, with_lineage
 from neuron_assets.types import Partition, Polarity
 
 EMBEDDINGS_TABLE = "description_embeddings"
@@ -172,108 +169,99 @@ def _previous_vectors(store: Store, layer: int, polarity: str, model: str) -> di
 
 
 def index_path(store: Store) -> Path:
-    return store.local_dir / "data" / INDEX_NAME / "index.duckdb"  # DuckDB needs a real file: local on a URL root
+    """The index's manifest: the shards it holds (neuron_assets.description_index), written last."""
+    return store.local_dir / "data" / INDEX_NAME / "index.json"  # local also on a URL root
+
+
+def _shards_dir(store: Store) -> Path:
+    return index_path(store).parent / "shards"
 
 
 @dataclass(frozen=True)
 class IndexBuilt:
     path: Path
     rows: int
-    dim: int
-    hnsw: bool
-    fts: bool
+    shards: int
+    built: int  # shards built this time (the others were current)
     seconds: float
 
 
-def build_index(store: Store, log: Log = _quiet, hnsw: bool = True) -> IndexBuilt:
-    """(Re)build the search index over every embeddings partition, atomically; ``hnsw=False``
-    leaves out the HNSW index (semantic search then scans exactly)."""
+def build_index(store: Store, log: Log = _quiet, threads: int | None = None) -> IndexBuilt:
+    """Bring the search index up to date: a shard for every embeddings partition that has none for
+    its current file (a re-scored partition's, a new one's), shards of files gone removed, then the
+    manifest. Each shard is written whole under a temporary name and renamed."""
+    from neuron_assets import description_index as DI
+
     started = time.perf_counter()
     files = _embedding_files(store)
     if not files:
         raise LookupError(f"no description embeddings under {store.table_dir(EMBEDDINGS_TABLE)}; materialize "
                           f"them first (neuron-assets run, or the '{EMBEDDINGS_TABLE}' asset in the Dagster UI)")
-    target = index_path(store)
-    with atomic_path(target) as tmp:
-        con = duckdb.connect(str(tmp), config={"autoinstall_known_extensions": False,
-                                               "autoload_known_extensions": False})
-        try:
-            loaded = _load_extensions(con)
-            if store.remote:
-                con.register_filesystem(store.fs)
-            sources = "[" + ", ".join(sql_string(path) for path, _, _ in files) + "]"
-            dim = con.execute(f"SELECT max(len(embedding)) FROM read_parquet({sources})").fetchone()[0] or 0
-            columns = {row[0] for row in con.execute(
-                f"DESCRIBE SELECT * FROM read_parquet({sources}, union_by_name = true)").fetchall()}
-            kind = "coalesce(kind, 'neuron')" if "kind" in columns else "'neuron'"  # older files: neurons only
-            con.execute(f"""
-                CREATE TABLE descriptions AS
-                SELECT row_number() OVER () AS doc_id, layer::INTEGER AS layer, polarity,
-                       {kind} AS kind, neuron::BIGINT AS neuron,
-                       source, candidate::BIGINT AS candidate, description, score, text_hash, embedding_model,
-                       embedding::FLOAT[{dim}] AS embedding
-                FROM read_parquet({sources}, union_by_name = true)
-                ORDER BY layer, polarity, neuron, source DESC, candidate""")
-            rows = con.execute("SELECT count(*) FROM descriptions").fetchone()[0]
-            hnsw = hnsw and "vss" in loaded and rows > 0
-            if hnsw:
-                con.execute("SET hnsw_enable_experimental_persistence = true")
-                con.execute("CREATE INDEX descriptions_hnsw ON descriptions USING HNSW (embedding) "
-                            "WITH (metric = 'cosine')")
-            fts = "fts" in loaded and rows > 0
-            if fts:
-                con.execute("PRAGMA create_fts_index('descriptions', 'doc_id', 'description', overwrite = 1)")
-            con.execute("CREATE TABLE index_info (files VARCHAR, dim INTEGER, hnsw BOOLEAN, fts BOOLEAN, "
-                        "built_at TIMESTAMPTZ)")
-            con.execute("INSERT INTO index_info VALUES (?, ?, ?, ?, now())", [_listing(files), dim, hnsw, fts])
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-    # Beside the index, what it was built from: a reader checks it without opening the index.
-    with atomic_path(_listing_path(store)) as tmp:
-        tmp.write_text(_listing(files))
-    built = IndexBuilt(target, rows, dim, hnsw, fts, time.perf_counter() - started)
-    log(f"search index: {rows} descriptions, {dim}-d, HNSW {'yes' if hnsw else 'no'}, BM25 {'yes' if fts else 'no'} "
-        f"({built.seconds:.1f} s)")
-    return built
+    folder = _shards_dir(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, built, rows = [], 0, 0
+    for layer, polarity, path, size, modified in files:
+        name = DI.shard_name(layer, polarity, path, size, modified)
+        target = folder / name
+        if not target.exists():
+            frame = store.read(EMBEDDINGS_TABLE, layer, polarity)
+            with atomic_path(target) as tmp:
+                DI.build_shard(frame, tmp, threads)
+            built += 1
+            log(f"search index: layer {layer} {polarity}: {frame.height} descriptions indexed")
+        shards.append({"layer": layer, "polarity": polarity, "shard": name, "file": [path, size, modified]})
+    manifest = json.dumps({"format": DI.FORMAT, "shards": shards}, indent=1)
+    with atomic_path(index_path(store)) as tmp:
+        tmp.write_text(manifest)
+    wanted = {entry["shard"] for entry in shards}
+    for old in folder.glob("*.npz"):
+        if old.name not in wanted:  # a reader holding it open keeps reading it (POSIX)
+            old.unlink(missing_ok=True)
+    index = load_index(store)
+    rows = index.rows if index is not None else 0
+    done = IndexBuilt(index_path(store), rows, len(shards), built, time.perf_counter() - started)
+    log(f"search index: {rows} descriptions in {len(shards)} shards ({built} built, {done.seconds:.1f} s)")
+    return done
+
+
+def load_index(store: Store):
+    """The current shards as one :class:`neuron_assets.description_index.ShardedIndex`, or None
+    when the manifest or a shard it names is missing."""
+    from neuron_assets import description_index as DI
+
+    try:
+        manifest = json.loads(index_path(store).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format") != DI.FORMAT:
+        return None
+    try:
+        shards = [DI.load_shard(_shards_dir(store) / entry["shard"], entry["layer"], entry["polarity"])
+                  for entry in manifest["shards"]]
+    except (OSError, ValueError, KeyError):
+        return None
+    return DI.ShardedIndex(shards)
 
 
 def index_stale(store: Store) -> bool:
-    """True when the index is missing, unreadable, or was built from other embedding files."""
-    if not index_path(store).exists():
-        return True
+    """True when the manifest is missing or was written for other embedding files."""
+    from neuron_assets import description_index as DI
+
     try:
-        recorded = _listing_path(store).read_text()
-    except (OSError, UnicodeDecodeError):
+        manifest = json.loads(index_path(store).read_text())
+    except (OSError, ValueError):
         return True
-    return recorded != _listing(_embedding_files(store))
+    recorded = [tuple(entry["file"]) for entry in manifest.get("shards", [])]
+    current = [(path, size, modified) for _, _, path, size, modified in _embedding_files(store)]
+    return manifest.get("format") != DI.FORMAT or recorded != current
 
 
-def _listing_path(store: Store) -> Path:
-    return index_path(store).with_name("index.files.json")
+def _embedding_files(store: Store) -> list[tuple[int, str, str, int, int]]:
+    """(layer, polarity, path or URL, size, modification time) of every embeddings partition."""
+    return sorted((int(entry.layer), str(entry.polarity), Path(entry.path).as_posix() if not store.remote else entry.path,
+                   entry.size, entry.modified_ns)
+                  for entry in store.data_files() if entry.table == EMBEDDINGS_TABLE and entry.layer is not None)
 
-
-def _embedding_files(store: Store) -> list[tuple[str, int, int]]:
-    """(path or URL, size, modification time) of every embeddings partition."""
-    return [(Path(entry.path).as_posix() if not store.remote else entry.path, entry.size, entry.modified_ns)
-            for entry in store.data_files() if entry.table == EMBEDDINGS_TABLE and entry.layer is not None]
-
-
-def _listing(files: list[tuple[str, int, int]]) -> str:
-    return json.dumps([[path, size, mtime] for path, size, mtime in files])
-
-
-def _load_extensions(con: duckdb.DuckDBPyConnection) -> set[str]:
-    """Load the pinned vss and fts extensions from their packages; those that cannot load are
-    left out (semantic search then scans exactly, text search uses ILIKE)."""
-    loaded = set()
-    for name in ("vss", "fts"):
-        try:
-            con.execute(f"LOAD {sql_string(pinned_extension_path(name))}")
-        except (ValueError, duckdb.Error):
-            continue
-        loaded.add(name)
-    return loaded
 
 
 # -- searching ---------------------------------------------------------------------------------
@@ -306,7 +294,7 @@ class Hit:
 @dataclass
 class SearchResult:
     hits: list[Hit]
-    method: str  # hnsw | exact | bm25 | ilike
+    method: str  # ivf | exact | bm25 | ilike
     notes: list[str] = field(default_factory=list)
 
 
@@ -357,8 +345,7 @@ def search(store: Store, query: str, top: int = 10, mode: Mode = "semantic", fil
         raise ValueError("the search text is empty; give a few words, e.g. neuron-assets search \"closing brackets\"")
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
-    # Each extension costs its load on every connection: only the one the search uses.
-    with open_search(store, log, extensions=("fts",) if mode == "text" else ("vss",)) as session:
+    with open_search(store, log) as session:
         if mode == "text":
             return session.text(query, top, filters)
         model = session.embedding_model()
@@ -370,78 +357,43 @@ def search(store: Store, query: str, top: int = 10, mode: Mode = "semantic", fil
         return session.semantic(vector, top, filters)
 
 
-def open_search(store: Store, log: Log = _quiet, extensions: Sequence[str] = ("vss", "fts"),
-                rebuild: bool = True) -> "SearchSession":
-    """A contained read connection with the search index attached (rebuilt first when stale),
-    and those of the pinned ``extensions`` that load. ``rebuild=False`` (a server beside a run
-    that writes the store) writes nothing: a stale index is searched as it is, the rows it was
-    built from, until the description_embeddings stage that made it stale rebuilds it."""
+def open_search(store: Store, log: Log = _quiet, rebuild: bool = True) -> "SearchSession":
+    """A contained read connection (the catalog's views) and the search index, brought up to date
+    first. ``rebuild=False`` (a server beside a run that writes the store) writes nothing: a
+    stale index answers from the descriptions it was built from until the description_embeddings
+    stage that made it stale brings it up to date."""
     if not _embedding_files(store):
         raise LookupError(f"no description embeddings under {store.table_dir(EMBEDDINGS_TABLE)}; run "
                           "`neuron-assets run` (or materialize the 'description_embeddings' asset) first")
     notes = []
-    current = not index_stale(store)
-    if not current and not rebuild and index_path(store).exists():
-        current = True
-        notes.append("the search index is older than the newest description embeddings; it answers from the "
-                     "descriptions it was built from until the description_embeddings stage rebuilds it")
-    elif not current and not rebuild:
-        notes.append("no search index yet; searching the Parquet files exactly")
-    elif not current:
-        try:
-            build_index(store, log)
-            current = True
-        except OSError as err:  # a read-only copy of a store: exact search over the Parquet files
-            notes.append(f"the search index could not be rebuilt ({err}); searching the Parquet files exactly")
-    loaded = tuple(name for name in _loadable_extensions() if name in extensions)
-    while True:
-        try:
-            con = store.connect(extensions=loaded)
-            break
-        except duckdb.Error as err:  # an extension file that does not load here: go on without it
-            if not loaded:
-                raise
-            notes.append(f"the {loaded[-1]} extension does not load ({str(err).splitlines()[0]})")
-            loaded = loaded[:-1]
-    return SearchSession(con, index_path(store) if current else None, set(loaded), notes)
-
-
-def _loadable_extensions() -> tuple[str, ...]:
-    """The pinned extensions whose packages are installed."""
-    names = []
-    for name in ("vss", "fts"):
-        try:
-            pinned_extension_path(name)
-        except ValueError:
-            continue
-        names.append(name)
-    return tuple(names)
+    if index_stale(store):
+        if not rebuild:
+            notes.append("the search index is older than the newest description embeddings (or missing); it "
+                         "answers from what it was built from until the description_embeddings stage updates it")
+        else:
+            try:
+                build_index(store, log)
+            except OSError as err:  # a read-only copy of a store: exact search over the Parquet files
+                notes.append(f"the search index could not be updated ({err}); searching the Parquet files exactly")
+    index = load_index(store)
+    if index is None and not notes:
+        notes.append("the search index cannot be read; searching the Parquet files exactly")
+    return SearchSession(store.connect(), index, notes)
 
 
 class SearchSession:
-    """Queries over one contained connection: the catalog's views, plus the index when current."""
+    """Queries over one contained connection (the catalog's views) and the search index's
+    shards, when there are any."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, index: Path | None, extensions: set[str], notes: list[str]):
+    def __init__(self, con: duckdb.DuckDBPyConnection, index, notes: list[str]):
         self.con = con
         self.notes = notes
-        self.vss, self.fts_loaded = "vss" in extensions, "fts" in extensions
-        self.info = None
-        path = index
-        if path is not None:
-            try:
-                con.execute(f"ATTACH {sql_string(path.resolve().as_posix())} AS {INDEX_NAME} (READ_ONLY)")
-                files, dim, hnsw, fts = con.execute(
-                    f"SELECT files, dim, hnsw, fts FROM {INDEX_NAME}.index_info").fetchone()
-                self.info = {"dim": dim, "hnsw": hnsw and self.vss, "fts": fts and self.fts_loaded}
-            except duckdb.Error as err:
-                self.notes.append(f"the search index {path} cannot be read ({str(err).splitlines()[0]}); "
-                                  "searching the Parquet files exactly")
-        # Rows come from the index's table, or straight from the Parquet files through the view.
-        self.table = f"{INDEX_NAME}.main.descriptions" if self.info else EMBEDDINGS_TABLE
+        self.index = index  # a description_index.ShardedIndex, or None: exact scans of the Parquet files
+        self.table = EMBEDDINGS_TABLE
 
     def over(self, con: duckdb.DuckDBPyConnection) -> "SearchSession":
-        """This session's index and extensions over another cursor of its connection (a server
-        answers on a cursor per request; a cursor sees the attached index and loaded extensions)."""
+        """This session's index over another cursor of its connection (a server answers on a
+        cursor per request)."""
         session = copy.copy(self)
         session.con, session.notes = con, list(self.notes)
         return session
@@ -453,8 +405,10 @@ class SearchSession:
         self.con.close()
 
     def embedding_model(self) -> str:
-        models = [row[0] for row in self.con.execute(
-            f"SELECT DISTINCT embedding_model FROM {self.table}").fetchall()]
+        if self.index is not None:
+            models = sorted(self.index.embedding_models())
+        else:
+            models = [row[0] for row in self.con.execute(f"SELECT DISTINCT embedding_model FROM {self.table}").fetchall()]
         if len(models) > 1:
             raise ValueError(f"the store's description vectors come from several models ({', '.join(models)}); "
                              "re-materialize description_embeddings with one search.embedding_model")
@@ -462,45 +416,43 @@ class SearchSession:
             raise LookupError("the description embeddings table is empty: no neuron has a description yet")
         return models[0]
 
+    def _want(self, filters: Filters):
+        """The index's form of ``filters``; None where the index cannot apply them (the
+        simulator filter reads neuron_descriptions: such a search scans exactly)."""
+        from neuron_assets.description_index import Want
+
+        if self.index is None or filters.simulator is not None:
+            return None
+        return Want(layers=None if filters.layer is None else (filters.layer,),
+                    polarity=None if filters.polarity is None else Polarity(filters.polarity).value,
+                    kind=filters.kind, min_score=filters.min_score, max_score=filters.max_score)
+
     def semantic(self, vector: np.ndarray, top: int, filters: Filters = Filters(), exact: bool = False) -> SearchResult:
-        """Nearest by cosine similarity: the HNSW index when unfiltered, else (or when ``exact``)
-        a scan of every matching row."""
+        """Nearest by cosine similarity: the index's IVF shards (filters applied inside them),
+        else (or when ``exact``) a scan of every matching row."""
+        want = None if exact else self._want(filters)
+        if want is not None:
+            return SearchResult(_index_hits(self.index.semantic(vector, top, want)), "ivf", self.notes)
         dim = int(vector.shape[0])
-        # The vector goes in once, as a variable: a literal in both places it is used costs its
-        # parsing twice, and a prepared parameter is converted from Python on every execution.
+        # The vector goes in once, as a variable: a prepared parameter is converted from Python on
+        # every execution.
         self.con.execute(f"SET VARIABLE search_vector = [{', '.join(repr(float(x)) for x in vector)}]::FLOAT[{dim}]")
-        literal = "getvariable('search_vector')"
         where, params = filters.where()
-        # The HNSW scan is chosen for ORDER BY <distance to a constant> LIMIT k, with no filter.
-        method = "hnsw" if self.info and self.info["hnsw"] and not filters.any and not exact else "exact"
-        embedding = "embedding" if self.info else f"embedding::FLOAT[{dim}]"
-        if method == "hnsw":
-            # min_by(row, distance, k) is answered by the index alone; ORDER BY ... LIMIT k is
-            # too, but DuckDB then joins the k row ids back with a scan of the whole table.
-            rows = self.con.execute(
-                f"SELECT 1 - array_cosine_distance(hit.embedding, {literal}), hit.layer, hit.polarity, hit.neuron, hit.kind, "
-                f"hit.source, hit.candidate, hit.description, hit.score FROM (SELECT unnest(min_by(d, "
-                f"array_cosine_distance(d.embedding, {literal}), {int(top)})) AS hit FROM {self.table} AS d)").fetchall()
-            return SearchResult(_hits(rows), method, self.notes)
-        # Ordered by similarity, not distance: the optimizer maps only ORDER BY <distance> LIMIT k to
-        # the HNSW index, which would apply the filter to its top k and return fewer hits.
         rows = self.con.execute(
-            f"SELECT array_cosine_similarity({embedding}, {literal}) AS match, layer, polarity, neuron, kind, source, "
-            f"candidate, description, score FROM {self.table} WHERE {where} "
+            f"SELECT array_cosine_similarity(embedding::FLOAT[{dim}], getvariable('search_vector')) AS match, layer, "
+            f"polarity, neuron, kind, source, candidate, description, score FROM {self.table} WHERE {where} "
             f"ORDER BY match DESC, layer, polarity, neuron LIMIT {int(top)}", params).fetchall()
-        return SearchResult(_hits(rows), method, self.notes)
+        return SearchResult(_hits(rows), "exact", self.notes)
 
     def text(self, query: str, top: int, filters: Filters = Filters()) -> SearchResult:
-        """BM25 over the descriptions (the fts index); where it is not there, every word by ILIKE."""
+        """BM25 over the descriptions (the index's postings); without the index, every word by ILIKE."""
+        want = self._want(filters)
+        if want is not None:
+            return SearchResult(_index_hits(self.index.text(query, top, want)), "bm25", self.notes)
         where, params = filters.where()
-        if self.info and self.info["fts"]:
-            rows = self.con.execute(_BM25_TOP.format(fts=f"{INDEX_NAME}.fts_main_descriptions",
-                                                     table=f"{INDEX_NAME}.main.descriptions", where=where,
-                                                     top=int(top)), [query, *params]).fetchall()
-            return SearchResult(_hits(rows), "bm25", self.notes)
         words = [w for w in re.findall(r"\w+", query.lower()) if w] or [query.strip().lower()]
-        self.notes.append("BM25 full-text search is not available here (the fts extension or the search index is "
-                          "missing); ranked by ILIKE word matches instead")
+        if self.index is None:
+            self.notes.append("BM25 needs the search index; ranked by ILIKE word matches instead")
         matched = " + ".join("(description ILIKE ? ESCAPE '\\')::INTEGER" for _ in words)
         rows = self.con.execute(
             f"SELECT match, layer, polarity, neuron, kind, source, candidate, description, score FROM ("
@@ -510,25 +462,10 @@ class SearchSession:
         return SearchResult(_hits(rows), "ilike", self.notes)
 
 
-# BM25 straight from the fts index's term tables: only the documents holding a query term are
-# scored, in one grouped pass. fts's own ``match_bm25`` macro is a lookup per description row.
-# The formula, the tokenizer, the Porter stemmer and k = 1.2, b = 0.75 are the macro's, so the scores are equal to it (a test holds them equal). The top k
-# are chosen over the filter columns alone; only their k rows are read whole.
-_BM25_TOP = """
-WITH tokens AS (SELECT DISTINCT stem(unnest({fts}.tokenize(?)), 'porter') AS term),
-     term_tf AS (SELECT t.termid, t.docid, count(*) AS tf
-                 FROM {fts}.terms AS t JOIN {fts}.dict AS d ON t.termid = d.termid JOIN tokens ON d.term = tokens.term
-                 GROUP BY t.termid, t.docid),
-     scores AS (SELECT docs.name AS doc_id,
-                       sum(log(((stats.num_docs - d.df) + 0.5) / (d.df + 0.5) + 1)
-                           * (tf * (1.2 + 1)) / (tf + 1.2 * (1 - 0.75 + 0.75 * (docs.len / stats.avgdl)))) AS match
-                FROM term_tf JOIN {fts}.docs AS docs ON term_tf.docid = docs.docid
-                     JOIN {fts}.dict AS d ON term_tf.termid = d.termid, {fts}.stats AS stats
-                GROUP BY docs.name),
-     best AS (SELECT doc_id, match FROM scores JOIN (SELECT doc_id, layer, polarity, kind, neuron, score FROM {table}) USING (doc_id)
-              WHERE {where} ORDER BY match DESC, doc_id LIMIT {top})
-SELECT match, layer, polarity, neuron, kind, source, candidate, description, score
-FROM best JOIN {table} AS descriptions USING (doc_id) ORDER BY match DESC, doc_id"""
+def _index_hits(found) -> list[Hit]:
+    return [Hit(rank, hit.match, hit.row["layer"], hit.row["polarity"], hit.row["neuron"], hit.row["source"],
+                hit.row["candidate"], hit.row["description"], hit.row["score"], hit.row["kind"])
+            for rank, hit in enumerate(found, 1)]
 
 
 def _hits(rows) -> list[Hit]:

@@ -19,7 +19,7 @@ FLOORS = [
     {"simulate"},
     {"score"},
     {"distill"},
-    {"search", "clusters"},
+    {"search", "clusters", "description_index"},
     {"steer"},
     {"stages", "plan", "checks"},
     {"report", "serve", "export"},

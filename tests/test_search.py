@@ -88,7 +88,7 @@ def test_text_and_semantic_search_agree_on_an_exact_phrase(searchable):
     phrase = "closing parentheses and brackets"
     bm25 = S.search(store, phrase, top=5, mode="text")
     semantic = S.search(store, phrase, top=5)
-    assert (bm25.method, semantic.method) == ("bm25", "hnsw")
+    assert (bm25.method, semantic.method) == ("bm25", "ivf")
     first = lambda result: (result.hits[0].layer, result.hits[0].polarity, result.hits[0].neuron)  # noqa: E731
     assert first(bm25) == first(semantic) == PLANTED[:3]
     # The index's answer is the exact scan's answer here.
@@ -101,41 +101,53 @@ def test_text_and_semantic_search_agree_on_an_exact_phrase(searchable):
         assert [(h.layer, h.neuron) for h in exact.hits][:3] == [(h.layer, h.neuron) for h in semantic.hits][:3]
 
 
-def test_bm25_from_the_term_tables_equals_the_fts_macro(searchable):
-    """The text search scores only documents holding a query term, from the index's term tables;
-    its scores and order are those of fts's own match_bm25, which scores every row."""
+def test_bm25_scores_only_rows_holding_a_query_term_and_equals_the_formula(searchable):
+    """The text search reads the postings of the query's terms; its scores and order equal BM25
+    (k1 = 1.2, b = 0.75, idf log((N - df + 0.5) / (df + 0.5) + 1)) computed over every row."""
+    from neuron_assets.description_index import words
+
     _, config = searchable
     store = Store(config.root)
+    rows = pl.concat([store.read(S.EMBEDDINGS_TABLE, *p) for p in store.partitions(S.EMBEDDINGS_TABLE)])
+    docs = [words(t) for t in rows["description"].to_list()]
+    average = sum(map(len, docs)) / len(docs)
+
+    def bm25(query: str) -> dict[tuple, float]:
+        terms = set(words(query))
+        scores = {}
+        for row, doc in zip(rows.iter_rows(named=True), docs):
+            total = 0.0
+            for term in terms:
+                tf, df = doc.count(term), sum(term in d for d in docs)
+                if tf:
+                    idf = np.log((len(docs) - df + 0.5) / (df + 0.5) + 1)
+                    total += idf * tf * 2.2 / (tf + 1.2 * (1 - 0.75 + 0.75 * len(doc) / average))
+            if total:
+                scores[(row["layer"], row["polarity"], row["neuron"])] = total
+        return scores
+
     with S.open_search(store) as session:
         for query in ("closing parentheses and brackets", "words", "French cooking numbers", "zzz nothing"):
-            fast = [(round(h.match, 9), h.layer, h.polarity, h.neuron) for h in session.text(query, 8).hits]
-            session.con.execute(f"USE {S.INDEX_NAME}")
-            macro = session.con.execute(
-                "SELECT match, layer, polarity, neuron FROM (SELECT *, fts_main_descriptions.match_bm25(doc_id, ?, "
-                "fields := 'description') AS match FROM descriptions) WHERE match IS NOT NULL "
-                "ORDER BY match DESC, doc_id LIMIT 8", [query]).fetchall()
-            session.con.execute("USE memory")
-            assert fast == [(round(m, 9), layer, polarity, neuron) for m, layer, polarity, neuron in macro], query
+            expected = bm25(query)
+            hits = session.text(query, 8).hits
+            assert [h.match for h in hits] == pytest.approx(sorted(expected.values(), reverse=True)[:8], rel=1e-9), query
+            assert all(h.match == pytest.approx(expected[(h.layer, h.polarity, h.neuron)], rel=1e-9) for h in hits)
         filtered = session.text("words", 20, S.Filters(layer=1, polarity="neg")).hits
         assert filtered and all((h.layer, h.polarity) == (1, "neg") for h in filtered)
 
 
-def test_text_search_falls_back_to_ilike_without_fts(searchable, monkeypatch):
+def test_search_without_a_readable_index_scans_the_parquet_files(searchable):
     _, config = searchable
     store = Store(config.root)
-    real = S.pinned_extension_path
+    for shard in (S.index_path(store).parent / "shards").glob("*.npz"):
+        shard.write_bytes(b"damaged")  # the manifest names them; none loads
+    from neuron_assets import description_index
 
-    def no_fts(name):
-        if name == "fts":
-            raise ValueError("the fts extension is not installed")
-        return real(name)
-
-    monkeypatch.setattr(S, "pinned_extension_path", no_fts)
-    S.index_path(store).unlink()  # rebuilt without its BM25 index
+    description_index._LOADED.clear()
+    with S.open_search(store, rebuild=False) as session:
+        assert session.index is None
     result = S.search(store, "Python function", top=3, mode="text")
-    assert result.method == "ilike" and any("ILIKE" in note for note in result.notes)
-    assert (result.hits[0].layer, result.hits[0].neuron) == (PLANTED[0], PLANTED[2])
-    assert S.search(store, "closing brackets", top=1).method == "hnsw"  # vss still loads
+    assert result.method in ("ilike", "bm25")
 
 
 def test_embeddings_are_cached_by_text_hash(searchable):
@@ -172,7 +184,7 @@ def test_search_errors_name_the_fix(tmp_path):
         S.search(store, "   ")
 
 
-EXTENSIONS_OFFLINE = r"""
+INDEX_OFFLINE = r"""
 import sys
 import polars as pl
 import numpy as np
@@ -180,32 +192,48 @@ from neuron_assets import search as S
 from neuron_assets.store import Store
 store = Store(sys.argv[1])
 rng = np.random.default_rng(0)
-texts = pl.DataFrame({"layer": 0, "polarity": "pos", "neuron": range(50), "source": "selected", "candidate": 0,
-                      "description": [f"term{chr(97 + i // 26)}{chr(97 + i % 26)} shared text" for i in range(50)], "score": 0.5,
-                      "text_hash": [str(i) for i in range(50)]})
-vectors = rng.standard_normal((50, 8)).astype(np.float32)
-vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-store.write(S.EMBEDDINGS_TABLE, S.embeddings_frame(texts, dict(zip(texts["text_hash"], vectors)), "m"), 0, "pos")
+for layer, rows in ((0, 50), (1, 6000)):  # a flat shard and an IVF shard
+    texts = pl.DataFrame({"layer": layer, "polarity": "pos", "neuron": range(rows), "source": "selected",
+                          "candidate": 0, "description": [f"term{chr(97 + i // 26 % 26)}{chr(97 + i % 26)} shared text"
+                                                          for i in range(rows)], "score": 0.5,
+                          "text_hash": [f"{layer}-{i}" for i in range(rows)]})
+    vectors = rng.standard_normal((rows, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.write(S.EMBEDDINGS_TABLE, S.embeddings_frame(texts, dict(zip(texts["text_hash"], vectors)), "m"), layer, "pos")
+    if layer == 0:
+        probe = vectors[7]
 built = S.build_index(store)
-assert built.hnsw and built.fts, built
+assert (built.rows, built.shards, built.built) == (6050, 2, 2), built
 with S.open_search(store) as session:
-    assert session.semantic(vectors[7], 3).hits[0].neuron == 7
-    plan = session.con.execute("EXPLAIN SELECT unnest(min_by(d, array_cosine_distance(d.embedding, ?::FLOAT[8]), 3)) "
-                               "FROM description_index.main.descriptions AS d", [vectors[7].tolist()]).fetchall()[0][1]
-    assert "HNSW_INDEX_SCAN" in plan, plan
+    assert session.semantic(probe, 3).hits[0].neuron == 7
     assert session.text("termah", 3).hits[0].neuron == 7
 print("ok")
 """
 
 
-def test_pinned_extensions_load_offline(tmp_path):
-    """vss and fts load from their packages with autoinstall off, in a process whose home has no
-    DuckDB extension cache and whose proxy settings point nowhere: nothing is fetched."""
+def test_the_search_index_builds_and_answers_offline(tmp_path):
+    """faiss builds and answers with no network and no cache in a fresh home."""
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    done = subprocess.run([sys.executable, "-c", EXTENSIONS_OFFLINE, str(tmp_path / "store")], env=env,
+    done = subprocess.run([sys.executable, "-c", INDEX_OFFLINE, str(tmp_path / "store")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
-    assert not (home / ".duckdb").exists()  # no extension was installed or cached
+
+
+def test_a_rescored_partition_rebuilds_its_shard_and_no_other(searchable):
+    _, config = searchable
+    store = Store(config.root)
+    shards = S.index_path(store).parent / "shards"
+    before = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.npz")}
+    assert len(before) == 6
+    frame = store.read("neuron_descriptions", 2, "neg")
+    store.write("neuron_descriptions", frame.with_columns(pl.lit("a rescored text").alias("description")), 2, "neg")
+    S.embed_partition(config, Partition(2, Polarity.NEG), "rerun")
+    built = S.build_index(store)
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.npz")}
+    assert built.built == 1 and len(after) == 6
+    assert len(set(after) - set(before)) == 1 and next(iter(set(after) - set(before))).startswith("2-neg-")
+    assert all(after[name] == before[name] for name in set(after) & set(before))
+    assert S.search(store, "a rescored text", top=1, mode="text").hits[0].layer == 2

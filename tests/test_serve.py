@@ -39,7 +39,7 @@ def test_search_by_meaning_and_by_words_with_filters_and_pages(explorer):
     rows = described(path)
     wanted = rows.row(0, named=True)
     found = client.get("/api/search", params={"q": wanted["description"]}).json()
-    assert found["method"] == "hnsw" and found["hits"], found
+    assert found["method"] == "ivf" and found["hits"], found
     first = found["hits"][0]
     assert (first["layer"], first["polarity"], first["neuron"]) == (wanted["layer"], wanted["polarity"], wanted["neuron"])
     assert first["page"] == f"/features/{wanted['layer']}/{wanted['polarity']}/{wanted['neuron']}"

@@ -47,7 +47,7 @@ def register(commands) -> None:
                                  "or by words with --text (BM25)")
     search.add_argument("text", help="what to look for, e.g. \"closing brackets in code\"")
     search.add_argument("--text", dest="full_text", action="store_true",
-                        help="full-text search (BM25; ILIKE where the fts extension is missing) instead of semantic")
+                        help="full-text search (BM25; ILIKE where the search index cannot be read) instead of semantic")
     search.add_argument("--top", type=at_least_one(), default=10, help="hits shown")
     search.add_argument("--layer", type=int, help="only this layer")
     search.add_argument("--polarity", choices=["pos", "neg"], help="only this polarity")
@@ -326,7 +326,7 @@ def cmd_search(args) -> int:
         print("no description matches" + (" these filters" if args.layer is not None or args.polarity or
                                           args.min_score is not None else ""))
         return 0
-    match = {"hnsw": "cosine", "exact": "cosine", "bm25": "bm25", "ilike": "words"}[result.method]
+    match = {"ivf": "cosine", "exact": "cosine", "bm25": "bm25", "ilike": "words"}[result.method]
     print(f"{'#':>3} {match:>7} {'score':>6} {'feature':<12} description")
     for hit in result.hits:
         score = "-" if hit.score is None else f"{hit.score:.3f}"

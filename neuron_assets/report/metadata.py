@@ -313,7 +313,7 @@ def embeddings_metadata(config: Config, store: Store, written: list, index) -> d
 
     return {"rows": sum(w.rows for w in written), "embedded": sum(w.embedded for w in written),
             "reused": sum(w.reused for w in written), "partitions": len(written),
-            "index_rows": index.rows, "index_hnsw": index.hnsw, "index_bm25": index.fts,
+            "index_rows": index.rows, "index_shards": index.shards, "index_shards_built": index.built,
             "index_seconds": round(index.seconds, 2), "model": config.search.embedding_model,
             "index": Path(index.path), "root": location(store.table_dir(EMBEDDINGS_TABLE)),
             "config_hash": config.hash}
