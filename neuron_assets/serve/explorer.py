@@ -107,7 +107,7 @@ class Explorer:
         except LookupError as err:  # no embeddings yet: the catalog alone answers the rest
             self._problem = str(err)
             con = self.store.connect()
-            session = SearchSession(con, None, set(), [])
+            session = SearchSession(con, None, [])
         else:
             self._problem = None
         self._database = session.con.execute("SELECT current_database()").fetchone()[0]
