@@ -343,20 +343,21 @@ def test_ablating_the_planted_neuron_changes_the_loss_and_an_unwired_one_does_no
     assert ablated(UNWIRED, value=-40.0) == (0.0, 0.0, tokens)
 
 
-def test_description_effects_on_a_described_tiny_run(described_run, tmp_path):
-    from neuron_assets.steer.effects import EffectsSettings, make_description_effects
-
-    config = load_config(described_run)
-    store_copy = tmp_path / "home"
-    shutil.copytree(config.root, store_copy)
-    steerer = Steerer(config, Store(store_copy))
-    settings = EffectsSettings(exemplars=2, prompts=("the cat", "a dog"), n_tokens=3, batch_size=3)
-    written = make_description_effects(config, ["1|neg"], "test", settings, encoder=hashed_words, log=lambda _: None,
-                                       steerer=steerer)
-    frame = Store(store_copy).read("description_effects", 1, "neg")
-    described = Store(store_copy).read("neuron_descriptions", 1, "neg")
-    assert written[0].rows == frame.height == described.height > 0
-    assert frame["ablation_tokens"].min() > 0 and frame["ablation_kl"].min() >= 0
-    assert frame["agreement"].is_not_null().all() and frame["changed_share"].is_between(0, 1).all()
+def test_description_effects_are_an_asset_of_a_described_tiny_run(described_run, tmp_path):
+    """`run --select description_effects` on a copy of a finished tiny run: one row per selected description."""
+    raw = yaml.safe_load(open(described_run))
+    shutil.copytree(raw["storage"]["root"], tmp_path / "home")
+    raw["storage"]["root"] = str(tmp_path / "home")
+    raw["effects"] = {"exemplars": 2, "prompts": ["the cat", "a dog"], "n_tokens": 3, "batch_size": 3}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(path), "run", "--select", "description_effects"]) == 0
+    store = Store(tmp_path / "home")
+    for layer, polarity in store.partitions("neuron_descriptions"):
+        frame = store.read("description_effects", layer, polarity)
+        assert frame.height == store.read("neuron_descriptions", layer, polarity).height > 0
+        assert frame["ablation_tokens"].min() > 0 and frame["ablation_kl"].min() >= 0
+        assert frame["agreement"].is_not_null().all() and frame["changed_share"].is_between(0, 1).all()
     assert set(frame.columns) >= {"kind", "neuron", "ablation_loss_delta", "agreement", "control_agreement",
                                   "output_token_similarity", "output_token_overlap", "model", "run_id"}
+    assert main(["--config", str(path), "sql", "select count(*) as n from description_effects", "--format", "json"]) == 0

@@ -36,6 +36,7 @@ from neuron_assets.config.data import (
 from neuron_assets.config.models import (
     ClustersConfig,
     DistillConfig,
+    EffectsConfig,
     ExplainConfig,
     FinetunedSimulatorConfig,
     PromptedSimulatorConfig,
@@ -61,6 +62,7 @@ class Config(Section):
     score: ScoreConfig = ScoreConfig()
     search: SearchConfig = SearchConfig()
     clusters: ClustersConfig = ClustersConfig()
+    effects: EffectsConfig = EffectsConfig()
     sae: SaeConfig = SaeConfig()
     distill: DistillConfig = DistillConfig()
 

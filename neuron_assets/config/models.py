@@ -417,6 +417,32 @@ class ClustersConfig(Section):
     seed: int = 0
     """Seed of the sample taken when a group has more than max_points descriptions."""
 
+
+class EffectsConfig(Section):
+    """What each selected description's feature does when it is changed (asset
+    `description_effects`, docs/steering.md#effects-of-a-description): the loss change when it is
+    ablated on its top test exemplars, and whether steering it up moves neutral continuations
+    toward its description (against the control description)."""
+
+    in_run: bool = False
+    """Also materialize description_effects in every `neuron-assets run`. Off by default: on
+    the demo's 2 CPU cores it costs a few seconds per feature (`run --select description_effects`
+    on demand)."""
+    exemplars: int = Field(5, ge=1)
+    """Top test exemplars per feature the ablation effect is measured on (one batch)."""
+    prompts: list[str] = ["Tell me about your day.", "Write one sentence about anything you like.",
+                          "What should I do this weekend?", "Describe a place you know well."]
+    """Neutral prompts the feature is steered on (through the chat template when the subject has one)."""
+    n_tokens: int = Field(16, ge=1)
+    """Tokens generated (greedy) per prompt, for the baseline and for each steered feature."""
+    strength: float = Field(1.0, gt=0)
+    """The steered value is the feature's q99 activation times this."""
+    batch_size: int = Field(8, ge=1)
+    """Features steered side by side in one generation (one a row of the batch)."""
+    output_tokens: int = Field(10, ge=1)
+    """Promoted tokens (table output_tokens) compared with the description."""
+
+
 class DistillConfig(Section):
     in_run: bool = False
     """Also materialize the distilled explainer and its evaluation in every `neuron-assets

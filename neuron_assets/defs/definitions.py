@@ -8,6 +8,7 @@ from neuron_assets.config import load_config
 from neuron_assets.defs.assets import corpus, exemplar_assets
 from neuron_assets.defs.clusters_assets import clusters_assets
 from neuron_assets.defs.distill_assets import distill_assets
+from neuron_assets.defs.effects_assets import effects_assets
 from neuron_assets.defs.executor import select_executor
 from neuron_assets.defs.explain_assets import ExplainerResource, explain_assets
 from neuron_assets.defs.partitions import layer_polarity_partitions
@@ -26,7 +27,8 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     partitions = layer_polarity_partitions(config)
     scoring = score_definitions(partitions, config)
     assets = [corpus, *exemplar_assets(partitions, config), *explain_assets(partitions, config), *scoring["assets"], scorer_validity,
-              neuron_report, *search_assets(partitions, config), *clusters_assets(config), *sae_assets(config),
+              neuron_report, *search_assets(partitions, config), *clusters_assets(config),
+              *effects_assets(partitions, config), *sae_assets(config),
               *distill_assets(config)]
     return dg.Definitions(
         assets=assets,

@@ -35,6 +35,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("description_embeddings", ("subject", "search"),
           ("neuron_descriptions", "candidate_descriptions"), True),
     Stage("description_clusters", ("subject", "search", "clusters", "explain"), ("description_embeddings",), False),
+    Stage("description_effects", ("subject", "search", "effects"),
+          ("neuron_descriptions", "exemplars", "sae_checkpoint"), True),
     Stage("scorer_validity", ("subject", "corpus", "simulate", "score"), ("corpus", "simulator_checkpoint"), False),
     Stage("neuron_report", (), ("exemplars", "candidate_descriptions", "description_scores", "neuron_descriptions"), False),
     Stage("explainer_distilled", ("subject", "explain", "distill"), ("neuron_descriptions", "exemplars"), False),
@@ -52,9 +54,11 @@ def stage_active(name: str, config: Config) -> bool:
 def in_plain_run(name: str, config: Config) -> bool:
     """Whether `neuron-assets run` without --select materializes the stage: the distilled
     explainer's stages only with distill.in_run (they take minutes on CPU), the description clusters
-    with clusters.in_run (on by default)."""
+    with clusters.in_run (on by default), the description effects with effects.in_run (off by default)."""
     if name == "description_clusters":
         return config.clusters.in_run
+    if name == "description_effects":
+        return config.effects.in_run
     return name not in ON_DEMAND or config.distill.in_run
 
 

@@ -54,6 +54,12 @@ class EffectsSettings:
     batch_size: int = 8  # features steered side by side, one a row
     output_tokens: int = 10  # promoted tokens compared with the description
 
+    @classmethod
+    def of(cls, section) -> "EffectsSettings":
+        """From the config's ``effects`` section."""
+        return cls(section.exemplars, tuple(section.prompts), section.n_tokens, section.strength, section.batch_size,
+                   section.output_tokens)
+
 
 @dataclass(frozen=True)
 class FeatureEffect:
@@ -197,6 +203,9 @@ def partition_effects(steerer, partition: Partition, settings: EffectsSettings, 
 
     layer, polarity = partition.layer, Polarity(partition.polarity)
     store = steerer.store
+    if not store.exists("neuron_descriptions", layer, polarity.value):
+        log(f"layer {layer} {polarity.value}: no selected descriptions, no effects")
+        return pl.DataFrame()
     described = store.read("neuron_descriptions", layer, polarity.value)
     if "kind" not in described.columns:
         described = described.with_columns(pl.lit("neuron").alias("kind"))
@@ -290,11 +299,14 @@ class EffectsWritten:
     seconds: float
 
 
-def make_description_effects(config, partitions: list, run_id: str, settings: EffectsSettings = EffectsSettings(),
-                             encoder=None, log: Log = print, steerer=None) -> list[EffectsWritten]:
-    """The description_effects stage: each partition's effects, written in turn."""
+def make_description_effects(config, partitions: list, run_id: str, settings: EffectsSettings | None = None,
+                             encoder=None, log: Log = print, steerer=None, on_partition=None) -> list[EffectsWritten]:
+    """The description_effects stage: each partition's effects, written in turn
+    (``on_partition(partition, files)`` hears of each as it is done); settings from the
+    config's ``effects`` section unless given."""
     from neuron_assets.steer.steerer import Steerer
 
+    settings = settings or EffectsSettings.of(config.effects)
     steerer = steerer or Steerer(config)
     if encoder is None:
         from neuron_assets.embedding import sentence_encoder
@@ -310,4 +322,6 @@ def make_description_effects(config, partitions: list, run_id: str, settings: Ef
             path = steerer.store.write(EFFECTS_TABLE, frame, partition.layer, Polarity(partition.polarity).value)
         written.append(EffectsWritten(partition.layer, Polarity(partition.polarity).value, path, frame.height,
                                       time.perf_counter() - started))
+        if on_partition is not None:
+            on_partition(partition, [path] if path is not None else [])
     return written

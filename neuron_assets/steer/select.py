@@ -69,40 +69,6 @@ class Candidate:
     source: str = "feature"
 
 
-@dataclass(frozen=True)
-class SearchFilters:
-    """The search filters a steering query takes (several layers at once, unlike
-    :class:`neuron_assets.search.Filters`), as a WHERE clause over layer, polarity, kind and
-    score; candidate descriptions are dropped from the hits (and more are fetched when that
-    leaves fewer than asked for)."""
-
-    layers: tuple[int, ...] | None = None
-    polarity: str | None = None
-    min_score: float | None = None
-    kind: str | None = None
-
-    @property
-    def any(self) -> bool:
-        """Whether any filter is set: unfiltered semantic search may use the HNSW index."""
-        return any(value is not None for value in (self.layers, self.polarity, self.min_score, self.kind))
-
-    def where(self) -> tuple[str, list]:
-        clauses, params = ["TRUE"], []
-        if self.layers is not None:
-            clauses.append(f"layer IN ({', '.join('?' for _ in self.layers)})")
-            params += list(self.layers)
-        if self.polarity is not None:
-            clauses.append("polarity = ?")
-            params.append(Polarity(self.polarity).value)
-        if self.kind is not None:
-            clauses.append("kind = ?")
-            params.append(self.kind)
-        if self.min_score is not None:
-            clauses.append("score >= ?")
-            params.append(self.min_score)
-        return " AND ".join(clauses), params
-
-
 def candidates(request: SteerRequest, store: Store, encoder=None) -> list[Candidate]:
     """The request's features: explicit ones, then the cluster's members, then the query's
     hits; a feature (layer, index, kind) chosen twice keeps its first place."""
@@ -129,20 +95,28 @@ def _filters_text(request: SteerRequest) -> str:
 
 
 def search_hits(store: Store, request: SteerRequest, encoder=None) -> list[Candidate]:
-    """The ``top`` selected descriptions nearest the query that pass the filters."""
-    from neuron_assets.search import search
+    """The ``top`` selected descriptions nearest the query that pass the filters: one search
+    (:func:`neuron_assets.search.search`) per requested layer, merged by match (cosine and
+    BM25 scores come from one index, so they compare across layers); candidate descriptions are
+    dropped, and more hits fetched when that leaves fewer than ``top``."""
+    from neuron_assets.search import Filters, search
 
     if not store.partitions(DESCRIPTIONS_TABLE):
         raise LookupError(f"the store under {store.root} has no descriptions (table {DESCRIPTIONS_TABLE}); run "
                           "`neuron-assets run` first, or steer explicit features (--feature 12:345:pos)")
-    filters = SearchFilters(request.layers, request.polarity, request.min_score, request.kind)
-    fetch = request.top * 4 + 50
-    while True:
-        result = search(store, request.select, top=fetch, mode=request.select_mode, filters=filters, encoder=encoder)
-        hits = [h for h in result.hits if h.source == "selected" and (request.kind is None or h.kind == request.kind)]
-        if len(hits) >= request.top or len(result.hits) < fetch:
-            break
-        fetch *= 4
+    hits = []
+    for layer in request.layers if request.layers is not None else (None,):
+        filters = Filters(layer=layer, polarity=request.polarity, min_score=request.min_score, kind=request.kind)
+        fetch = request.top * 4 + 50
+        while True:
+            result = search(store, request.select, top=fetch, mode=request.select_mode, filters=filters,
+                            encoder=encoder)
+            chosen = [h for h in result.hits if h.source == "selected" and (request.kind is None or h.kind == request.kind)]
+            if len(chosen) >= request.top or len(result.hits) < fetch:
+                break
+            fetch *= 4
+        hits += chosen[: request.top]
+    hits.sort(key=lambda h: (-h.match, h.layer, h.polarity, h.neuron))
     if not hits:
         how = "no description holds these words (text search); try other words or semantic search" \
             if request.select_mode == "text" else "no description passes the filters"
