@@ -83,7 +83,8 @@ def documented_examples() -> list[tuple[str, list[str]]]:
                 inside = not inside
             elif inside and line.strip().startswith("neuron-assets "):
                 command = line.strip().split(" > ")[0]  # a shell redirection: the output is checked here
-                if any(word in command for word in ("--config", "neuron-assets run", "neuron-assets ui")):
+                if any(word in command for word in ("--config", "neuron-assets run", "neuron-assets ui",
+                                                    "neuron-assets serve")):
                     continue
                 args = shlex.split(command, comments=True)[1:]
                 args = ["report"] if args[0] == "report" else args  # --open would start a browser
