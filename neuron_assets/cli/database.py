@@ -43,7 +43,7 @@ def register(commands) -> None:
     report.add_argument("--open", action="store_true", help="open the index in a web browser")
     report.add_argument("--rebuild", action="store_true", help="build it again even when it is up to date")
     report.set_defaults(handler=cmd_report)
-    search = commands.add_parser("search", help="descriptions nearest a text in meaning (MiniLM vectors, HNSW), "
+    search = commands.add_parser("search", help="descriptions nearest a text in meaning (MiniLM vectors, an IVF index), "
                                  "or by words with --text (BM25)")
     search.add_argument("text", help="what to look for, e.g. \"closing brackets in code\"")
     search.add_argument("--text", dest="full_text", action="store_true",

@@ -26,8 +26,8 @@ def search_assets(partitions: dg.MultiPartitionsDefinition, config=None) -> list
         automation_condition=on_new_upstream("neuron_descriptions"),  # a rescore re-selects, then this re-embeds
         description="Sentence vectors (search.embedding_model, MiniLM by default) of every selected description, and "
         "with search.candidates of every candidate, keyed by the hash of the text so unchanged texts are not embedded "
-        "again (table `description_embeddings`); then the search index over all partitions (HNSW and BM25, "
-        "data/description_index/index.duckdb) that `neuron-assets search` reads.",
+        "again (table `description_embeddings`); then the search index over all partitions (a faiss IVF index and BM25 postings per "
+        "partition, data/description_index/; a changed partition's shard is rebuilt) that `neuron-assets search` reads.",
         checks={UNIT_NORM: "every vector has length 1 (cosine similarity is a dot product)"},
         kinds={"parquet", "duckdb"},
     )]
