@@ -153,13 +153,14 @@ class DeviceSpec:
     memory_gb: float
     bf16_tflops: float  # dense peak
     usd_per_hour: float
+    memory_gb_per_s: float = 0.0  # weights read per second: the floor of a decoding step of few rows
 
 
 DEVICES = {
-    "h100": DeviceSpec("H100 80GB SXM", 80.0, 989.0, 2.5),
-    "h200": DeviceSpec("H200 141GB", 141.0, 989.0, 3.5),
-    "a100": DeviceSpec("A100 80GB", 80.0, 312.0, 1.5),
-    "cpu": DeviceSpec("CPU", 16.0, 0.1, 0.0),
+    "h100": DeviceSpec("H100 80GB SXM", 80.0, 989.0, 2.5, 3350.0),
+    "h200": DeviceSpec("H200 141GB", 141.0, 989.0, 3.5, 4800.0),
+    "a100": DeviceSpec("A100 80GB", 80.0, 312.0, 1.5, 2039.0),
+    "cpu": DeviceSpec("CPU", 16.0, 0.1, 0.0, 20.0),
 }
 
 
@@ -352,6 +353,8 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     if config.sae.layers:
         stages.insert(1, _sae_stage(config, shape, spec, rates, act_bytes))
     stages += _explain_and_score_stages(config, shape, explainer_shape, described, spec, rates, act_bytes)
+    if config.effects.in_run:
+        stages.append(_effects_stage(config, shape, described, spec, rates, act_bytes))
     plan = Plan(model=config.subject.model, shape_source=shape_source, device=spec, features=features,
                 polarities=len(polarities), sequences=sequences, tokens=tokens,
                 exemplar_pass=dict(exemplar_plan.as_dict(), checkpoint_peak_bytes=checkpoint_peak,
@@ -521,6 +524,42 @@ def _sae_stage(config: Config, shape: ModelShape, spec: DeviceSpec, rates: Rates
     how = (f"trains {len(layers)} SAE(s) of {d_latent:,} latents ({sae.expansion}x, {sae.kind}) on "
            f"{trained_tokens:,} tokens each" if trained else f"loads {len(layers)} SAE(s) from {sae.path}")
     return StagePlan("sae_checkpoint", memory, seconds / 3600, disk, note=how)
+
+
+EFFECTS_PROMPT_TOKENS = 30  # a neutral prompt through a chat template
+EFFECTS_ROW_BYTES = 200  # per description_effects row: the description and a dozen numbers
+
+
+def _effects_stage(config: Config, shape: ModelShape, described: int, spec: DeviceSpec, rates: Rates,
+                   act_bytes: int) -> StagePlan:
+    """description_effects: per feature, 2 forward passes over its effects.exemplars exemplars
+    (intact, ablated); per prompt, a prefill and effects.n_tokens decoding steps for each batch
+    of effects.batch_size features (one a row), and the prompt's baseline once per partition. A
+    decoding step of a few rows reads every weight once: its floor is the weights over the
+    device's memory bandwidth."""
+    effects, seq = config.effects, config.corpus.seq_len
+    prompts = len(effects.prompts)
+    partitions = len(config.features.polarities) * (shape.layers if config.features.layers == "all"
+                                                    else len(set(config.features.layers)))
+    batches = -(-described // effects.batch_size) + partitions  # the baselines: one row a partition
+    ablation_tokens = described * 2 * effects.exemplars * seq
+    steered_tokens = (described + partitions) * prompts * (EFFECTS_PROMPT_TOKENS + effects.n_tokens)
+    if rates.subject_tokens_per_s:
+        compute = (ablation_tokens + steered_tokens) / rates.subject_tokens_per_s
+    else:
+        compute = (ablation_tokens + steered_tokens) * 2 * shape.params / (spec.bf16_tflops * 1e12 * rates.mfu)
+    steps = batches * prompts * effects.n_tokens
+    weights = shape.params * act_bytes
+    floor = steps * weights / (spec.memory_gb_per_s * 1e9) if spec.memory_gb_per_s else 0.0
+    rows = max(effects.exemplars, effects.batch_size)
+    logits = 2 * effects.exemplars * seq * shape.vocab * 4  # intact and ablated log-probabilities, float32
+    memory = weights + shape.forward_workspace_bytes(rows, seq, act_bytes) + logits
+    disk = described * EFFECTS_ROW_BYTES + partitions * PARQUET_FILE_BYTES
+    per_feature = 2 * effects.exemplars + prompts * effects.n_tokens / effects.batch_size
+    return StagePlan("description_effects", memory, (compute + floor) / 3600, disk,
+                     note=f"{described:,} features: {ablation_tokens:,} ablation tokens and {steps:,} decoding steps "
+                          f"({per_feature:.1f} passes a feature: {2 * effects.exemplars} exemplar passes, "
+                          f"{prompts} x {effects.n_tokens} steps shared by {effects.batch_size} features)")
 
 
 def _priced(stage: StagePlan, spec: DeviceSpec) -> StagePlan:

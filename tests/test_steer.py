@@ -361,3 +361,22 @@ def test_description_effects_are_an_asset_of_a_described_tiny_run(described_run,
     assert set(frame.columns) >= {"kind", "neuron", "ablation_loss_delta", "agreement", "control_agreement",
                                   "output_token_similarity", "output_token_overlap", "model", "run_id"}
     assert main(["--config", str(path), "sql", "select count(*) as n from description_effects", "--format", "json"]) == 0
+
+
+def test_the_plan_counts_the_effects_stage_when_it_is_in_the_run(tmp_path, capsys):
+    from neuron_assets.config import REPO_ROOT
+
+    raw = yaml.safe_load((REPO_ROOT / "configs/llama31_8b_instruct.yaml").read_text())
+    path = tmp_path / "llama.yaml"
+    for in_run in (False, True):
+        raw["effects"] = {"in_run": in_run, "exemplars": 5, "prompts": ["a", "b", "c", "d"], "n_tokens": 16,
+                          "batch_size": 8}
+        path.write_text(yaml.safe_dump(raw))
+        assert main(["--config", str(path), "plan", "--format", "json", "--shape",
+                     str(REPO_ROOT / "configs/llama31_8b_instruct.shape.json")]) == 0
+        stages = {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+        assert ("description_effects" in stages) is in_run
+    effects = stages["description_effects"]
+    # 458,752 neurons x 2 polarities: 10 exemplar passes each, and 4 x 16 steps per batch of 8
+    assert "917,504 features" in effects["note"] and "18.0 passes a feature" in effects["note"]
+    assert 10 < effects["device_hours"] < 1000 and effects["peak_device_bytes"] < 80e9
