@@ -274,7 +274,7 @@ def test_neuronpedia_requests_map_to_additive_steering_and_answer_in_its_shape(p
 def test_the_steer_command_prints_both_texts_and_the_features(planted, capsys, monkeypatch):
     _, config_path = planted
     argv = ["--config", config_path, "steer", PROMPT, "--feature", f"1:{PLANTED}", "--strength", "10", "--tokens", "3",
-            "--no-chat"]
+            "--no-chat", "--torch-threads", str(torch.get_num_threads())]
     assert main([*argv, "--format", "json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert set(answer) == {"prompt", "baseline", "steered", "features", "settings"}
