@@ -76,8 +76,8 @@ def write_config(folder, model: str) -> str:
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_tokenizer):
-    """A tiny Llama whose layer-1 neuron PLANTED alone writes e0 to the residual, the only
-    direction TARGET's unembedding reads (10 e0); neuron UNWIRED writes nothing; a top-k SAE over the
+    """A tiny Llama whose layer-1 neuron PLANTED fires at " the" and alone writes e0 to the
+    residual, the only direction TARGET's unembedding reads (10 e0); neuron UNWIRED writes nothing; a top-k SAE over the
     layer whose latent LATENT decodes to neuron PLANTED; a store with stats and descriptions."""
     from transformers import LlamaForCausalLM
 
@@ -92,11 +92,18 @@ def planted(tmp_path_factory, tiny_tokenizer):
         unembed[:, 0] = 0.0
         unembed[TARGET] = 0.0
         unembed[TARGET, 0] = 10.0
-        model.get_input_embeddings().weight[:, 0] = 0.0  # nothing but the planted neuron writes e0
+        embeddings = model.get_input_embeddings().weight
+        embeddings[:, :2] = 0.0  # nothing but the planted neuron writes e0; e1 marks the token " the"
+        marker = tiny_tokenizer(" the", add_special_tokens=False)["input_ids"]
+        assert len(marker) == 1
+        embeddings[marker[0], 1] = 1.0
         for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0, :] = 0.0
-            layer.mlp.down_proj.weight[0, :] = 0.0
-        down = model.model.layers[1].mlp.down_proj.weight  # (hidden, neurons)
+            layer.self_attn.o_proj.weight[:2, :] = 0.0
+            layer.mlp.down_proj.weight[:2, :] = 0.0
+        mlp = model.model.layers[1].mlp
+        mlp.gate_proj.weight[PLANTED, 1] = 4.0  # the planted neuron fires at " the": silu(4) * 4
+        mlp.up_proj.weight[PLANTED, 1] = 4.0
+        down = mlp.down_proj.weight  # (hidden, neurons)
         down[:, PLANTED] = 0.0
         down[0, PLANTED] = 1.0
         down[:, UNWIRED] = 0.0
@@ -334,13 +341,14 @@ def test_ablating_the_planted_neuron_changes_the_loss_and_an_unwired_one_does_no
     records = [ActivationRecord(i, (), tuple(tiny_tokenizer(t)["input_ids"]), np.zeros(1), prefix_len=1)
                for i, t in enumerate(texts)]
 
-    def ablated(index: int, value: float = 0.0):
-        feature = SelectedFeature(FeatureId(1, index, Polarity.POS), value, 1.0, None, "zero")
+    def ablated(index: int):
+        feature = SelectedFeature(FeatureId(1, index, Polarity.POS), 0.0, 1.0, None, "zero")
         return ablation_effect(steerer.subject, feature, records, steerer.sae_for)
 
-    delta, kl, tokens = ablated(PLANTED, value=-40.0)  # "ablating" to a value far off: TARGET loses its logit share
-    assert tokens == sum(len(r.token_ids) - 2 for r in records) and kl > 0.01 and delta != 0.0
-    assert ablated(UNWIRED, value=-40.0) == (0.0, 0.0, tokens)
+    # Intact, the planted neuron makes TARGET follow " the" (not " green"); ablated, it does not.
+    delta, kl, tokens = ablated(PLANTED)
+    assert tokens == sum(len(r.token_ids) - 2 for r in records) and kl > 0.1 and delta < -0.1
+    assert ablated(UNWIRED) == (0.0, 0.0, tokens)
 
 
 def test_description_effects_are_an_asset_of_a_described_tiny_run(described_run, tmp_path):
