@@ -158,6 +158,8 @@ class SubjectModel:
         attention_mask: torch.Tensor,
         neurons: dict[int, torch.Tensor | None],
         readers: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        past: object | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
         """One forward pass; layer -> activations (batch, tokens, selected neurons).
 
@@ -166,6 +168,11 @@ class SubjectModel:
         input to the features kept (an SAE's latents beside the neurons, say), inside the
         hook, so nothing site-wide outlives the layer. The pass is cut short after the deepest
         requested layer, so later layers cost nothing.
+
+        ``past``, where given, is a key/value cache of earlier tokens (a transformers Cache) the
+        tokens of ``input_ids`` continue, at ``position_ids``; ``attention_mask`` then covers the
+        cached tokens and these (:mod:`neuron_assets.features.prefix_cache` runs a shared prefix
+        once this way). The cache grows by the layers the pass reaches.
         """
         self.check_layers(list(neurons))
         deepest = max(neurons)
@@ -191,14 +198,28 @@ class SubjectModel:
 
         for layer in neurons:
             handles.append(self.sites[layer].register_forward_pre_hook(hook_for(layer)))
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        if past is not None:
+            inputs.update({cache_argument(self.model): past, "use_cache": True})
+            if position_ids is not None:
+                inputs["position_ids"] = position_ids.to(self.device)
         try:
-            self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+            self.model(**inputs)
         except _StopForward:
             pass
         finally:
             for handle in handles:
                 handle.remove()
         return captured
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which the model's forward takes a key/value cache of earlier tokens
+    (``cache`` from transformers 5.2x, ``past_key_values`` before), or None if it takes none."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 class _StopForward(Exception):

@@ -233,10 +233,10 @@ def test_one_forward_pass_serves_all_layers_and_stops_early(tiny_config):
     batches = -(-sequences.filter(pl.col("split") == "train").height // 8) * 3
     try:
         collect_exemplars(subject, sequences, {0: [1, 2], 2: [3]}, POLARITIES, config.exemplars, batch_size=8, progress=False)
-        assert calls["embed"] == batches, "one forward pass per batch for layers {0, 2}"
+        assert calls["embed"] == batches + 1, "one forward pass per batch for layers {0, 2}, and one of the shared prefix"
         calls["embed"] = calls["last_mlp"] = 0
         collect_exemplars(subject, sequences, {0: [1, 2]}, POLARITIES, config.exemplars, batch_size=8, progress=False)
-        assert calls["embed"] == batches and calls["last_mlp"] == 0, "the pass stops after the deepest requested layer"
+        assert calls["embed"] == batches + 1 and calls["last_mlp"] == 0, "the pass stops after the deepest requested layer"
     finally:
         embed.remove()
         last.remove()
@@ -397,7 +397,8 @@ def test_a_budget_that_forces_several_passes_gives_the_same_tables(tiny_config, 
     assert "3 passes" in per_layer.describe()
     deepest = []
     original = subject.activations
-    subject.activations = lambda ids, mask, index: deepest.append(max(index)) or original(ids, mask, index)
+    subject.activations = lambda ids, mask, index, *more, **cache: deepest.append(max(index)) or original(ids, mask, index,
+                                                                                                    *more, **cache)
     try:
         grouped = collect_exemplars(subject, sequences, neurons, POLARITIES, config.exemplars, batch_size=8,
                                     progress=False, plan=per_layer)

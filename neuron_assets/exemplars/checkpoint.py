@@ -32,9 +32,10 @@ from neuron_assets.types import Polarity, Split
 
 def run_signature(model, sequences, neurons, polarities, config, batch_size, seed, saes=None) -> str:
     """What makes a run's results: the device budget is left out, since it shapes only how the
-    work is grouped (a resumed run keeps its checkpoint's grouping)."""
+    work is grouped (a resumed run keeps its checkpoint's grouping), and so is the prefix cache,
+    which changes how the header is computed, not the tables."""
     digest = hashlib.sha256()
-    settings = config.model_dump(exclude={"device_memory_gb", "checkpoint_every"})
+    settings = config.model_dump(exclude={"device_memory_gb", "checkpoint_every", "prefix_cache"})
     digest.update(repr((model, sorted((k, tuple(v)) for k, v in neurons.items()), [p.value for p in polarities],
                         settings, batch_size, seed, sequences.height)).encode())
     digest.update(READ_ORDER.encode())  # a checkpoint read in another order cannot be resumed in this one

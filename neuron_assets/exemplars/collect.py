@@ -18,7 +18,9 @@ memory when it is done, so the device holds one split; when even that exceeds th
 budget (``exemplars.device_memory_gb``) the features are split into groups and the corpus is
 read once per group, each pass stopping after the group's deepest layer. Per-batch work runs
 over slices of the feature axis, and top-k merges only the features a batch can change. The
-fixed prefix of each sequence and the padding never count. Long runs checkpoint (a folder
+fixed prefix of each sequence and the padding never count; with ``exemplars.prefix_cache`` the
+prefix shared by a batch's rows (the chat header) is run once and each batch runs only the
+tokens after it (:mod:`neuron_assets.features.prefix_cache`). Long runs checkpoint (a folder
 that grows with the work done) and resume.
 
 A sequence *activates* a feature x polarity when its extreme exceeds the threshold
@@ -60,6 +62,7 @@ from neuron_assets.exemplars.checkpoint import (
 from neuron_assets.exemplars.plan import ExemplarPlan, plan_exemplar_pass
 from neuron_assets.exemplars.state import PassState
 from neuron_assets.exemplars.tables import LayerAssembler, label_kinds, pass_tables
+from neuron_assets.features.prefix_cache import PrefixCache
 from neuron_assets.features.selection import SaeLatents, feature_axis
 from neuron_assets.features.sites import site_reader
 from neuron_assets.subject import SubjectModel
@@ -103,7 +106,8 @@ def collect_exemplars(
     passes (progress reporting; it may raise to stop the run). ``on_tables(layer, polarity,
     exemplars, stats)``, when given, receives each layer's tables as soon as its last group is
     done, and nothing is kept for the return value. ``measured``, when given, is filled with
-    the state sizes the run reached (bytes), to hold against the plan.
+    the state sizes the run reached (bytes), to hold against the plan, and under
+    ``prefix_cache`` a line on what the prefix cache saved (or why it was off).
     """
     if sequences.height == 0:
         raise ValueError("the sequences table is empty; build the corpus first (the 'corpus' asset)")
@@ -128,6 +132,7 @@ def collect_exemplars(
     layers = LayerAssembler(axis, lambda layer, polarity, ex, st: emit(layer, polarity,
                                                                           *label_kinds(ex, st, widths[layer])))
     report = _Measured(measured)
+    prefix = PrefixCache(subject, config.prefix_cache)
     bar = tqdm(total=len(plan.groups) * len(batches), desc="activations", unit="batch", disable=not progress)
     for group_no, group in enumerate(plan.groups):
         if resume is not None and group_no in resume.finished:
@@ -147,10 +152,12 @@ def collect_exemplars(
         for batch_no in range(start, len(batches)):
             split, rows = batches[batch_no]
             batch = corpus.batch(rows)
-            readers = {layer: site_reader(idx, widths[layer], saes[layer], batch.counted)
-                       for layer, idx in with_latents.items()}
-            per_layer = (subject.activations(batch.ids, batch.mask, neuron_index, readers) if readers
-                         else subject.activations(batch.ids, batch.mask, neuron_index))
+            readers_for = None
+            if with_latents:
+                def readers_for(rows, start, counted=batch.counted):  # the rows run from token start on
+                    return {layer: site_reader(idx, widths[layer], saes[layer], counted[rows, start:])
+                            for layer, idx in with_latents.items()}
+            per_layer = prefix.activations(batch.ids, batch.mask, batch.prefix_len, neuron_index, readers_for)
             state.update(split, per_layer, batch, batch_keys(seed, batch_no, len(rows), corpus.seq_len, split))
             del per_layer
             report.observe(state)
@@ -177,6 +184,8 @@ def collect_exemplars(
             finish_group(checkpoint, signature, group_no)
     bar.close()
     report.finish(plan)
+    if measured is not None:
+        measured["prefix_cache"] = prefix.summary()
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return collected

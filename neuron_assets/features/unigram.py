@@ -21,6 +21,8 @@ scrambled context:
 - one forward pass over the probes (in the subject's batch size, stopping after the deepest
   candidate layer) reads every candidate of every layer at the planted positions through the
   site readers the exemplar pass uses (an SAE latent is encoded from the same site input);
+  with ``exemplars.prefix_cache`` the probes' shared prefix runs once, as in the exemplar pass
+  (:mod:`neuron_assets.features.prefix_cache`);
 - ``unigram_survival`` = sum over top tokens of mass x mean probe activation / sum of mass x
   typical activation; the candidate is ``unigram_confirmed`` when it reaches
   ``exemplars.unigram_survival``.
@@ -37,6 +39,7 @@ import polars as pl
 import torch
 
 from neuron_assets.config import ExemplarsConfig
+from neuron_assets.features.prefix_cache import PrefixCache
 from neuron_assets.features.selection import NEURON_KIND
 from neuron_assets.features.sites import site_reader
 from neuron_assets.types import Polarity
@@ -128,7 +131,7 @@ def confirm_unigrams(subject, sequences: pl.DataFrame, candidates: list[UnigramC
     if not candidates:
         return pl.DataFrame(schema=schema)
     probes = _probes(sequences, candidates, config.unigram_contexts, seed)
-    kept = _mean_planted(subject, probes, candidates, saes, batch_size)  # candidate -> mean activation per top token
+    kept = _mean_planted(subject, probes, candidates, saes, batch_size, PrefixCache(subject, config.prefix_cache))  # candidate -> mean activation per top token
     rows = []
     for number, candidate in enumerate(candidates):
         survival = None
@@ -202,7 +205,7 @@ def _probes(sequences: pl.DataFrame, candidates: list[UnigramCandidate], context
 
 
 def _mean_planted(subject, probes: list[_Probe], candidates: list[UnigramCandidate], saes: dict,
-                  batch_size: int) -> dict[int, np.ndarray]:
+                  batch_size: int, prefix: PrefixCache) -> dict[int, np.ndarray]:
     """candidate number -> its mean activation (times its polarity's sign) where each of its top
     tokens was planted, from one pass over the probes. Only (planted position, candidate)
     pairs of the candidate's own tokens are gathered and summed, batch by batch, so host memory
@@ -258,17 +261,22 @@ def _mean_planted(subject, probes: list[_Probe], candidates: list[UnigramCandida
             ids[row, :probe.length] = torch.from_numpy(sequence)
             mask[row, :probe.length] = 1
         last_row = first_row + int(planted.sum())
-        readers = {layer: _planted_reader(positions[layer], widths[layer], saes.get(layer), planted)
-                   for layer in layers}
-        captured = subject.activations(ids, mask, {layer: None for layer in layers}, readers)
+
+        def readers_for(rows, start, planted=planted):  # the batch rows ``rows`` run from token ``start`` on
+            return {layer: _candidate_reader(positions[layer], widths[layer], saes.get(layer), planted[rows, start:])
+                    for layer in layers}
+
+        prefix_len = np.array([len(probe.prefix) for probe in batch])
+        captured = prefix.activations(ids, mask, prefix_len, {layer: None for layer in layers}, readers_for)
         for layer in layers:
             rows, cols, pair_ids, signs = triplets[layer]
             lo, hi = np.searchsorted(rows, [first_row, last_row])
             if hi == lo:
                 continue
-            device = captured[layer].device
-            values = captured[layer][torch.from_numpy(rows[lo:hi] - first_row).to(device),
-                                     torch.from_numpy(cols[lo:hi]).to(device)]
+            at_planted = captured[layer][planted.to(captured[layer].device)]  # (planted tokens, columns), row-major
+            device = at_planted.device
+            values = at_planted[torch.from_numpy(rows[lo:hi] - first_row).to(device),
+                                torch.from_numpy(cols[lo:hi]).to(device)]
             np.add.at(sums, pair_ids[lo:hi], values.float().cpu().numpy() * signs[lo:hi])
             np.add.at(counts, pair_ids[lo:hi], 1)
         first_row = last_row
@@ -279,12 +287,11 @@ def _mean_planted(subject, probes: list[_Probe], candidates: list[UnigramCandida
     return {number: np.asarray(values) for number, values in kept.items()}
 
 
-def _planted_reader(positions: list[int], width: int, latents, planted: torch.Tensor):
-    """The site's activations of the candidates at the planted positions only, (n, columns):
-    neurons by index, SAE latents through the site reader the exemplar pass uses (encoding only
-    the planted tokens)."""
+def _candidate_reader(positions: list[int], width: int, latents, planted: torch.Tensor):
+    """The site's activations of the candidates, (rows, tokens, columns): neurons by index, SAE
+    latents through the site reader the exemplar pass uses (encoding only the planted tokens,
+    ``planted`` being the rows' and tokens' mask; the others read 0)."""
     if latents is not None and positions[-1] >= width:
-        inner = site_reader(positions, width, latents, planted)
-        return lambda hidden: inner(hidden)[planted.to(hidden.device)]
+        return site_reader(positions, width, latents, planted)
     index = torch.tensor(positions, dtype=torch.long)
-    return lambda hidden: hidden[planted.to(hidden.device)].index_select(-1, index.to(hidden.device))
+    return lambda hidden: hidden.index_select(-1, index.to(hidden.device))

@@ -105,11 +105,13 @@ def make_exemplars(
         if confirming:
             candidates.extend(unigram_candidates(exemplars, stats, sequences, layer, polarity, config.exemplars))
 
+    measured = {} if measured is None else measured
     collect_exemplars(
         subject, sequences, selected, polarities, config.exemplars, batch_size=batch_size, seed=seed,
         checkpoint=checkpoint, progress=progress, on_batch=on_batch, plan=plan, on_tables=write, measured=measured,
         saes=saes,
     )
+    log(measured["prefix_cache"])
     confirmed = None
     if confirming:
         started = time.perf_counter()
