@@ -60,11 +60,35 @@ def test_a_failed_remote_write_leaves_the_old_table(memory_store):
     assert not store.check_readable("neuron_stats", 0, "pos")
 
 
-def test_the_writer_lock_is_a_warned_no_op_on_object_storage(memory_store):
-    with pytest.warns(UserWarning, match="file locks cannot work on object storage"), \
-            writer_lock(memory_store.root, "run-1", ["corpus"]) as record:
-        assert record["run_id"] == "run-1"
-    assert not memory_store.fs.exists(f"{memory_store.root}/locks")
+def test_the_writer_lock_lives_in_the_store_on_a_url_root(memory_store, monkeypatch):
+    """On a URL root the locks are files of the store itself (issue 30): an exclusive create
+    through fsspec, the holder named to whoever is refused, a dead machine's lock taken over
+    once its lease has expired."""
+    import json
+    import time
+
+    from neuron_assets.lock import NODE_ENV, StoreLocked, held_locks
+
+    monkeypatch.setenv(NODE_ENV, "node-a")
+    with writer_lock(memory_store.root, "run-1", ["corpus"]) as record:
+        assert record["run_id"] == "run-1" and record["host"] == "node-a"
+        assert held_locks(memory_store.root) == [f"{memory_store.root}/locks/corpus.lock"]
+        monkeypatch.setenv(NODE_ENV, "node-b")  # another machine
+        with pytest.raises(StoreLocked, match="another run is writing to memory://.* on node-a, run run-1.*lease"):
+            with writer_lock(memory_store.root, "run-2", ["corpus"]):
+                pass
+        monkeypatch.setenv(NODE_ENV, "node-a")
+    assert held_locks(memory_store.root) == []
+
+    gone = {"pid": 4242, "host": "node-a", "run_id": "run-3", "started_at": "?", "token": "t3", "lease_s": 5,
+            "renewed_at": time.time() - 60}
+    memory_store.fs.pipe_file(f"{memory_store.root}/locks/corpus.lock", json.dumps(gone).encode())
+    monkeypatch.setenv(NODE_ENV, "node-b")
+    with pytest.warns(UserWarning, match="left by pid 4242 on node-a .*lease of 5 s expired"):
+        with writer_lock(memory_store.root, "run-4", ["corpus"]):
+            held = json.loads(memory_store.fs.cat_file(f"{memory_store.root}/locks/corpus.lock"))
+            assert held["run_id"] == "run-4"
+    assert held_locks(memory_store.root) == []
 
 
 def test_a_run_on_a_url_root_writes_its_tables_there_and_resumes(tiny_llama, text_corpus, tmp_path, monkeypatch, capsys):

@@ -276,7 +276,7 @@ def cmd_report(args) -> int:
     if args.rebuild or not index.is_file() or not markers.up_to_date("neuron_report"):
         run_id = str(uuid.uuid4())
         try:
-            with writer_lock(config.root, run_id, ["neuron_report"], command="neuron-assets report"):
+            with writer_lock(config.store_root, run_id, ["neuron_report"], command="neuron-assets report"):
                 markers.invalidate("neuron_report", None)
                 written = build_report(store)
                 markers.complete("neuron_report", None, [written.index.parent], run_id)

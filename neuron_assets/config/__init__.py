@@ -91,6 +91,8 @@ class Config(Section):
         from neuron_assets.store import is_url
 
         chosen = str(self.storage.root or os.environ.get("NEURON_ASSETS_HOME") or DEFAULT_HOME)
+        if chosen.startswith("file://"):  # a local folder written as a URL
+            chosen = chosen[len("file://"):]
         return chosen.rstrip("/") if is_url(chosen) else Path(chosen).expanduser().resolve()
 
     @property

@@ -46,7 +46,7 @@ class RunSettings(dg.ConfigurableResource):
     @contextmanager
     def stage(self, context: dg.AssetExecutionContext, config: Config) -> Iterator["StageRun"]:
         asset = context.asset_key.to_user_string()
-        with writer_lock(config.root, context.run_id, _scopes(context, asset),
+        with writer_lock(config.store_root, context.run_id, _scopes(context, asset),
                          command=f"dagster run {context.run_id} ({asset})",
                          wait_s=self.lock_wait_s, on_wait=context.log.warning):
             stage = StageRun(context, config, self)

@@ -1,7 +1,9 @@
 """Resume across stages: which asset partitions are up to date, from completion markers.
 
 When a stage has written a partition's tables it writes a marker,
-``<root>/markers/<asset>/<partition>.json``, after the data (atomically, as every file):
+``<root>/markers/<asset>/<partition>.json``, after the data (whole, as every file). The root is
+the store's, a local folder or an fsspec URL alike (:mod:`neuron_assets.store.shared`), so a
+rerun on any machine that sees the store skips what another machine finished:
 
 - ``config``: the hash of the config sections the stage reads (``Config.sections_hash``;
   for the corpus also the size and modification time of the user's source files);
@@ -26,7 +28,8 @@ from typing import Iterable, Sequence
 
 from neuron_assets.config import Config
 from neuron_assets.stages.graph import STAGES, stage_active, stage_version
-from neuron_assets.store import Store, atomic_path, is_url
+from neuron_assets.store import Store, is_url
+from neuron_assets.store.shared import SharedFiles
 
 MARKERS = "markers"
 ALL = None  # the partition of an unpartitioned asset
@@ -37,8 +40,9 @@ class Markers:
 
     def __init__(self, config: Config, partitions: Sequence[str]):
         self.config = config
-        self.root = config.root  # markers are local files: on a URL root, its local scratch folder
+        self.root = config.root  # the local folder: files recorded relative to it (checkpoints on a URL root)
         self.store = Store(config.store_root)
+        self.files = SharedFiles(config.store_root)  # the markers live in the store, local or on its URL
         self.partitions = list(partitions)
         self._fresh: dict[tuple[str, str | None], bool] = {}
 
@@ -59,19 +63,25 @@ class Markers:
         return out
 
     def read(self, asset: str, partition: str | None) -> dict | None:
+        text = self.files.read(self._marker(asset, partition))
         try:
-            return json.loads(self.path(asset, partition).read_text())
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None if text is None else json.loads(text)
+        except json.JSONDecodeError:
             return None
 
-    def path(self, asset: str, partition: str | None) -> Path:
+    def path(self, asset: str, partition: str | None) -> Path | str:
+        """Where a marker lives: under the store's root, a local path or a URL."""
+        return self.files.path(self._marker(asset, partition))
+
+    @staticmethod
+    def _marker(asset: str, partition: str | None) -> str:
         name = "all" if partition is None else partition.replace("|", "-")
-        return self.root / MARKERS / asset / f"{name}.json"
+        return f"{MARKERS}/{asset}/{name}.json"
 
     # -- writing -------------------------------------------------------------------------
     def invalidate(self, asset: str, partition: str | None) -> None:
         """Before a partition is recomputed: until its new marker lands, it is stale."""
-        self.path(asset, partition).unlink(missing_ok=True)
+        self.files.remove(self._marker(asset, partition))
         self._fresh.clear()
 
     def complete(self, asset: str, partition: str | None, files: Iterable[str | os.PathLike], run_id: str) -> None:
@@ -87,8 +97,7 @@ class Markers:
             "files": listed, "run_id": run_id, "token": os.urandom(8).hex(),
             "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        with atomic_path(self.path(asset, partition)) as tmp:
-            tmp.write_text(json.dumps(marker, indent=1, sort_keys=True))
+        self.files.write(self._marker(asset, partition), json.dumps(marker, indent=1, sort_keys=True))
         self._fresh.clear()
 
     # -- helpers -------------------------------------------------------------------------
