@@ -293,6 +293,8 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     corpus = config.corpus
     sequences = 3 * corpus.sequences_per_split
     tokens = sequences * corpus.seq_len  # windows are full length but for short documents and chats: an upper bound
+    header, header_source = header_tokens(config)
+    run_tokens, cache_note = tokens_run(config, shape, sequences, tokens, header, header_source)
     batch = config.subject.batch_size
     gb = 1e9
 
@@ -312,9 +314,9 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     pass_seconds = 0.0
     for group in exemplar_plan.groups:
         if rates.subject_tokens_per_s:
-            seconds = tokens / rates.subject_tokens_per_s * (group.deepest + 1) / shape.layers
+            seconds = run_tokens / rates.subject_tokens_per_s * (group.deepest + 1) / shape.layers
         else:
-            seconds = tokens * 2 * shape.params_through(group.deepest) / flops_per_s
+            seconds = run_tokens * 2 * shape.params_through(group.deepest) / flops_per_s
         # a top-k SAE computes every latent of every counted token it encodes
         seconds += sum(tokens * 2 * shape.intermediate * sae_latents_total
                        for layer in group.neurons if layer in latents) / flops_per_s
@@ -348,7 +350,8 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
                           else f"{rates.mfu:.0%} of bf16 peak") + f", collection at {rates.collect_efficiency:.0%} of the bare pass; "
                        f"checkpoints up to {_size(checkpoint_peak)} of scratch disk, {_size(checkpoint_written)} written in "
                        f"all ({checkpoint_written / rates.checkpoint_write_bytes_per_s / 60:.1f} min at "
-                       f"{rates.checkpoint_write_bytes_per_s / gb:.1f} GB/s; exemplars.checkpoint_every sets how often)"),
+                       f"{rates.checkpoint_write_bytes_per_s / gb:.1f} GB/s; exemplars.checkpoint_every sets how often); "
+                       + cache_note),
     ]
     if config.sae.layers:
         stages.insert(1, _sae_stage(config, shape, spec, rates, act_bytes))
@@ -363,6 +366,53 @@ def plan_run(config: Config, shape: ModelShape, shape_source: str = "given", dev
     if _is_llama31_8b(shape):
         plan = replace(plan, reference=_transluce_reference(plan))
     return plan
+
+
+CHAT_TEMPLATE_TOKENS = 30
+"""A chat template's own tokens in the header, when the subject's tokenizer is not at hand to
+count them (Llama 3.1's, with its knowledge-date system turn and an empty user turn: about 30)."""
+
+
+def header_tokens(config: Config) -> tuple[int, str]:
+    """Tokens of the header before every text window (corpus.chat_prefix, or BOS and
+    corpus.prefix), and where the number comes from: counted with the subject's tokenizer when
+    it is in the local cache (nothing is downloaded), else estimated."""
+    from neuron_assets.corpus import CorpusError, chat_header
+    from neuron_assets.subject import SubjectError, load_tokenizer
+
+    corpus = config.corpus
+    try:
+        tokenizer = load_tokenizer(config.subject.model_copy(update={"allow_download": False}))
+        if corpus.chat_prefix is not None:
+            return len(chat_header(corpus.chat_prefix, tokenizer)[0]), "counted with the subject's tokenizer"
+        text = tokenizer(corpus.prefix, add_special_tokens=False)["input_ids"] if corpus.prefix else []
+        return 1 + len(text), "counted with the subject's tokenizer"
+    except (SubjectError, CorpusError, OSError, ValueError):
+        pass
+    where = "estimated: the subject's tokenizer is not in the local cache"
+    if corpus.chat_prefix is not None:
+        text = (corpus.chat_prefix.system or "") + corpus.chat_prefix.user
+        return CHAT_TEMPLATE_TOKENS + math.ceil(len(text) / 4), f"{where}; {CHAT_TEMPLATE_TOKENS} template tokens and the text at 4 characters a token"
+    return 1 + math.ceil(len(corpus.prefix or "") / 4), f"{where}; BOS and the prefix at 4 characters a token"
+
+
+def tokens_run(config: Config, shape: ModelShape, sequences: int, tokens: int, header: int,
+               header_source: str) -> tuple[int, str]:
+    """The tokens the exemplar pass runs through the model, and a note on the prefix cache:
+    with exemplars.prefix_cache on a causal model, the header of every text window is run once
+    per pass instead (chats keep theirs, all but a couple of leading special tokens, which
+    this counts as run)."""
+    corpus = config.corpus
+    weights = sum(source.weight for source in corpus.sources)
+    text_share = sum(source.weight for source in corpus.sources if not source.messages_field) / weights
+    if not config.exemplars.prefix_cache:
+        return tokens, f"exemplars.prefix_cache off: the {header}-token header ({header_source}) runs in every sequence"
+    if not shape.causal:
+        return tokens, "the full pass: an encoder attends both ways, so its header cannot be run once (no prefix cache)"
+    skipped = int(sequences * text_share * header)
+    return tokens - skipped, (f"prefix cache: the {header}-token header ({header_source}) of the {text_share:.0%} of "
+                              f"sequences that are text windows runs once, so {_count(tokens - skipped)} of the "
+                              f"{_count(tokens)} tokens are run ({skipped / tokens:.0%} fewer)")
 
 
 # Sizes on disk (zstd Parquet), measured on the tiny test model's tables (tests/test_plan.py).

@@ -177,3 +177,28 @@ def test_an_encoder_runs_the_full_pass_and_says_why():
     cache = PrefixCache(minilm)
     assert not cache.enabled and cache.summary() == f"prefix cache off: {reason}"
     assert BUILTIN_SMOLLM2 != BUILTIN_MINILM
+
+
+def test_plan_counts_the_header_once_for_text_windows_and_in_full_for_chats(tiny_llama, text_corpus, chat_corpus):
+    from neuron_assets.plan import ModelShape, header_tokens, plan_run
+
+    shape = ModelShape.from_config_json(tiny_llama)
+    corpus = _corpus(text_corpus, chat_corpus, seq_len=40, per_split=100)
+    config = Config(subject=SubjectConfig(model=str(tiny_llama)), corpus=corpus, features={"layers": "all"},
+                    sae={"layers": []})
+    header, source = header_tokens(config)
+    assert source == "counted with the subject's tokenizer"
+    sequences = build_sequences(corpus.model_copy(update={"sequences_per_split": 4}), load_subject(config.subject).tokenizer)
+    assert header == sequences["prefix_len"].max() > 5, "the text windows' header, as the corpus builds it"
+
+    def exemplar_hours(cache: bool, sources=corpus.sources):
+        changed = config.model_copy(update={"exemplars": config.exemplars.model_copy(update={"prefix_cache": cache}),
+                                            "corpus": corpus.model_copy(update={"sources": sources})})
+        stage = next(s for s in plan_run(changed, shape, device="h100").stages if s.stage == "exemplars")
+        return stage.device_hours, stage.note
+
+    (plain, plain_note), (cached, note) = exemplar_hours(False), exemplar_hours(True)
+    assert "prefix_cache off" in plain_note and f"the {header}-token header" in note and "50% of sequences" in note
+    assert cached < plain
+    text_only, _ = exemplar_hours(True, corpus.sources[:1])
+    assert text_only < cached, "text windows only: every sequence's header is run once"
