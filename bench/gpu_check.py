@@ -7,6 +7,10 @@ with random bf16 weights and feeds it synthetic token ids, so nothing is downloa
   2. the exemplar pass for every neuron of every layer and both polarities (the project's
      collector, planned by the project's planner), tokens/s, and its peak device memory
      against the plan's prediction, and a layer's tables in host memory against the plan's;
+     then the same pass with the prefix cache (every synthetic sequence starts with the same
+     30-token header, as the Llama preset's chat header: run once, each batch's other tokens
+     against its key/value cache), tokens/s of both counting every token, and on one batch
+     the largest difference between the cached and the full pass's activations (bf16);
   3. one simulator training step (Transluce's head: the first 11 rows of the LM head) with
      LoRA through peft on all layers, and a full fine-tune (fp32 master weights, AdamW,
      bf16 autocast, gradient checkpointing) on as many layers as fit;
@@ -36,6 +40,8 @@ import torch
 
 from neuron_assets.config import REPO_ROOT, load_config
 from neuron_assets.exemplars import collect_exemplars, plan_exemplar_pass
+from neuron_assets.exemplars.batches import Corpus
+from neuron_assets.features.prefix_cache import PrefixCache
 from neuron_assets.plan import ModelShape
 from neuron_assets.subject import SubjectModel, find_sites
 from neuron_assets.types import Polarity, Split
@@ -44,6 +50,8 @@ LLAMA = REPO_ROOT / "configs" / "llama31_8b_instruct"
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
                   vocab_size=512, max_position_embeddings=512, head_dim=32, model_type="llama", tie_word_embeddings=False)
 DESCRIPTION_TOKENS = 40
+HEADER_TOKENS = 30  # the Llama preset's chat header (BOS, the knowledge-date system turn, an open user turn)
+TINY_HEADER_TOKENS = 8
 CLASSES = 11
 GB = 1e9
 
@@ -76,11 +84,12 @@ def main() -> None:
     started = time.perf_counter()
     model = build_model(raw, device, dtype, causal_lm=False)
     results.add("build the model (s)", f"{time.perf_counter() - started:.1f}")
-    sequences = synthetic_sequences(per_split, seq_len, raw["vocab_size"])
+    sequences = synthetic_sequences(per_split, seq_len, raw["vocab_size"], TINY_HEADER_TOKENS if args.tiny else HEADER_TOKENS)
     tokens = int(sequences["n_tokens"].sum())
     subject = SubjectModel(name="random-llama-3.1-8b-shape", model=model,
                            tokenizer=SimpleNamespace(pad_token_id=0), sites=find_sites(model), device=device, dtype=dtype)
-    results.add("corpus", f"{sequences.height} synthetic sequences x {seq_len} tokens, batch {batch}")
+    results.add("corpus", f"{sequences.height} synthetic sequences x {seq_len} tokens behind one "
+                          f"{int(sequences['prefix_len'][0])}-token header, batch {batch}")
 
     bare = bare_forward_tokens_per_s(subject, sequences, batch)
     results.add("bare forward (tokens/s)", f"{bare:,.0f}")
@@ -97,7 +106,7 @@ def main() -> None:
 def check_exemplar_pass(results, subject, sequences, llama, raw, batch, tokens, bare) -> None:
     neurons = {layer: list(range(raw["intermediate_size"])) for layer in range(raw["num_hidden_layers"])}
     polarities = [Polarity.POS, Polarity.NEG]
-    config = llama.exemplars
+    config = llama.exemplars.model_copy(update={"prefix_cache": False})
     seq_len = int(sequences["n_tokens"].max())
     plan = plan_exemplar_pass(neurons, polarities, config, seq_len, batch, subject.device, subject.dtype)
     shape = ModelShape.from_config_json_dict(raw)
@@ -118,9 +127,9 @@ def check_exemplar_pass(results, subject, sequences, llama, raw, batch, tokens, 
                       on_batch=lambda done: stamps.append(synchronized(subject.device)), on_tables=count, measured=measured)
     finished = time.perf_counter()
     first = stamps[0] - started  # the first batch allocates the split's state: timed apart
-    steady = tokens * (len(stamps) - 1) / len(stamps) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    steady = steady_tokens_per_s(stamps, tokens)
     results.add("features collected", f"{plan.features:,} x 2 polarities in {plan.passes} pass(es)")
-    results.add("exemplar pass (tokens/s)", f"{steady:,.0f} = {steady / bare:.2f}x the bare forward")
+    results.add("exemplar pass (tokens/s)", f"{steady:,.0f} = {steady / bare:.2f}x the bare forward (header run in every sequence)")
     results.add("  first batch, tables (s)", f"{first:.2f}, {finished - stamps[-1]:.1f} ({rows[0]:,} exemplar rows)")
     peak = peak_memory(subject.device)
     if subject.device.type == "cuda":
@@ -133,6 +142,38 @@ def check_exemplar_pass(results, subject, sequences, llama, raw, batch, tokens, 
     tables = max(measured["layer_table_bytes"].values())
     results.add("a layer's tables on the host (GB)", f"{tables / GB:.3f} measured, {widest * plan.table_bytes / GB:.3f} "
                                                      "planned (both polarities)")
+
+    cached_stamps: list[float] = []
+    cached_measured: dict = {}
+    collect_exemplars(subject, sequences, neurons, polarities, config.model_copy(update={"prefix_cache": True}), batch,
+                      progress=False, plan=plan, on_batch=lambda done: cached_stamps.append(synchronized(subject.device)),
+                      on_tables=lambda *tables: None, measured=cached_measured)
+    cached = steady_tokens_per_s(cached_stamps, tokens)
+    results.add("exemplar pass, prefix cache", f"{cached:,.0f} tokens/s = {cached / steady:.2f}x the full pass "
+                                               f"({cached_measured['prefix_cache']})")
+    worst, scale = prefix_cache_difference(subject, sequences, batch, [0, raw["num_hidden_layers"] // 2,
+                                                                      raw["num_hidden_layers"] - 1])
+    results.add("prefix cache vs full pass", f"largest absolute difference {worst:.3g} on counted tokens of one batch, "
+                                             f"largest absolute activation {scale:.3g} ({worst / scale:.2g} of it)")
+
+
+def steady_tokens_per_s(stamps: list[float], tokens: int) -> float:
+    """Tokens/s after the first batch (which allocates the split's state), every token counted."""
+    return tokens * (len(stamps) - 1) / len(stamps) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+
+
+def prefix_cache_difference(subject, sequences, batch: int, layers: list[int]) -> tuple[float, float]:
+    """On the first batch, the largest |cached - full| activation over counted tokens at
+    ``layers``, and the largest |full| activation there."""
+    corpus = Corpus(sequences, subject.tokenizer)
+    rows = corpus.batch(np.arange(min(batch, len(corpus.lengths))))
+    wanted = {layer: None for layer in sorted(set(layers))}
+    full = subject.activations(rows.ids, rows.mask, wanted)
+    cached = PrefixCache(subject).activations(rows.ids, rows.mask, rows.prefix_len, wanted)
+    counted = rows.counted.to(subject.device)
+    worst = max(float((cached[layer] - full[layer])[counted].float().abs().max()) for layer in wanted)
+    scale = max(float(full[layer][counted].float().abs().max()) for layer in wanted)
+    return worst, scale
 
 
 def check_simulator(results, raw, device, dtype, seq_len, batch) -> None:
@@ -281,15 +322,17 @@ def default_dtype(dtype):
         torch.set_default_dtype(previous)
 
 
-def synthetic_sequences(per_split: int, seq_len: int, vocab: int) -> pl.DataFrame:
+def synthetic_sequences(per_split: int, seq_len: int, vocab: int, header: int) -> pl.DataFrame:
+    """Random token ids behind one shared ``header`` of random ids, which never counts."""
     rng = np.random.default_rng(0)
     n = 3 * per_split
     ids = rng.integers(1, vocab, size=(n, seq_len), dtype=np.int32)
+    ids[:, :header] = ids[0, :header]
     return pl.DataFrame({
         "seq_id": np.arange(n, dtype=np.int64),
         "split": np.repeat([s.value for s in Split], per_split),
         "token_ids": list(ids),
-        "prefix_len": np.ones(n, dtype=np.int16),
+        "prefix_len": np.full(n, header, dtype=np.int16),
         "n_tokens": np.full(n, seq_len, dtype=np.int32),
     }, schema_overrides={"token_ids": pl.List(pl.Int32)})
 
