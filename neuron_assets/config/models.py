@@ -424,20 +424,21 @@ class EffectsConfig(Section):
     ablated on its top test exemplars, and whether steering it up moves neutral continuations
     toward its description (against the control description)."""
 
-    in_run: bool = False
-    """Also materialize description_effects in every `neuron-assets run`. Off by default: on
-    the demo's 2 CPU cores it costs a few seconds per feature (`run --select description_effects`
-    on demand)."""
-    exemplars: int = Field(5, ge=1)
+    in_run: bool = True
+    """Also materialize description_effects in every `neuron-assets run`. The demo's sizes below
+    (1 exemplar, 2 prompts x 6 tokens) cost about a second per feature on 2 CPU cores; the
+    production presets measure 5 exemplars and 4 prompts x 16 tokens (`plan` shows the cost)."""
+    exemplars: int = Field(1, ge=1)
     """Top test exemplars per feature the ablation effect is measured on (one batch)."""
-    prompts: list[str] = ["Tell me about your day.", "Write one sentence about anything you like.",
-                          "What should I do this weekend?", "Describe a place you know well."]
-    """Neutral prompts the feature is steered on (through the chat template when the subject has one)."""
-    n_tokens: int = Field(16, ge=1)
+    prompts: list[str] = ["Tell me about your day.", "Write one sentence about anything you like."]
+    """Neutral prompts the feature is steered on (through the chat template when the subject has
+    one). The production presets add "What should I do this weekend?" and "Describe a place you
+    know well."."""
+    n_tokens: int = Field(6, ge=1)
     """Tokens generated (greedy) per prompt, for the baseline and for each steered feature."""
     strength: float = Field(1.0, gt=0)
     """The steered value is the feature's q99 activation times this."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
     """Features steered side by side in one generation (one a row of the batch)."""
     output_tokens: int = Field(10, ge=1)
     """Promoted tokens (table output_tokens) compared with the description."""

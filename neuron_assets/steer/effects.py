@@ -41,7 +41,7 @@ from neuron_assets.steer.select import SelectedFeature
 
 EFFECTS_TABLE = "description_effects"
 NEUTRAL_PROMPTS = ("Tell me about your day.", "Write one sentence about anything you like.",
-                   "What should I do this weekend?", "Describe a place you know well.")
+                   "What should I do this weekend?", "Describe a place you know well.")  # the production presets
 Log = Callable[[str], None]
 
 
