@@ -58,6 +58,16 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def cache_argument(model) -> str | None:
+    """The name under which a transformers model's forward takes a key/value cache of earlier
+    tokens (``cache`` from transformers 5.2x, ``past_key_values`` before), or None if it takes
+    none (the exemplar pass's shared header and the LLM tiers' shared prompt prefix use it)."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
 def cache_key(kind: str, *parts: object) -> str:
     return json.dumps([kind, *parts], sort_keys=True, default=str)
 

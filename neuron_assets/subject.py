@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from neuron_assets.config import SubjectConfig
-from neuron_assets.runtime import choose_device, choose_dtype, quiet_transformers
+from neuron_assets.runtime import cache_argument, choose_device, choose_dtype, quiet_transformers
 
 # Regular expressions over module names, one group = the layer number, by architecture
 # family. The first that matches a model's modules is used.
@@ -211,15 +211,6 @@ class SubjectModel:
             for handle in handles:
                 handle.remove()
         return captured
-
-
-def cache_argument(model: nn.Module) -> str | None:
-    """The name under which the model's forward takes a key/value cache of earlier tokens
-    (``cache`` from transformers 5.2x, ``past_key_values`` before), or None if it takes none."""
-    import inspect
-
-    parameters = inspect.signature(model.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 class _StopForward(Exception):

@@ -202,3 +202,61 @@ def test_plan_counts_the_header_once_for_text_windows_and_in_full_for_chats(tiny
     assert cached < plain
     text_only, _ = exemplar_hours(True, corpus.sources[:1])
     assert text_only < cached, "text windows only: every sequence's header is run once"
+
+
+# -- the LLM tiers' fixed prompt prefix ------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_transformers_logprobs_reuse_the_prompt_prefix_across_calls(tiny_llama, batch_size):
+    from neuron_assets.llm import ChoiceRequest, LLMSettings, LogprobRequest
+    from neuron_assets.llm.transformers_local import TransformersLLM
+    from neuron_assets.simulate.prompted import VALUE_STRINGS, all_at_once_prompt
+
+    llm = TransformersLLM(LLMSettings(backend="transformers", model=str(tiny_llama), batch_size=batch_size))
+    llm.prefixes.kept.clear()
+    descriptions = ["the word cat", "verbs of motion", "closing quotes"]
+    tokens = [(" the", " cat", " sees", " a", " dog"), (" my", " sister", " reads")]
+    prompts = [all_at_once_prompt(d, t) for d in descriptions for t in tokens]
+    simulated = [LogprobRequest(p.text, p.placeholder_offsets, VALUE_STRINGS) for p in prompts]
+    system = {"role": "system", "content": "Answer 1 if the example shows the feature, else 0. " * 3}
+    judged = [ChoiceRequest((system, {"role": "user", "content": f"Feature: cats. Example: {t}"}), ("0", "1"))
+              for t in ("the cat sat", "a dog ran", "my sister reads a letter")]
+
+    def read():
+        return ([r.logprobs for r in llm.continuation_logprobs(simulated[:2])]  # two calls: the prefix is kept between
+                + [r.logprobs for r in llm.continuation_logprobs(simulated[2:])]
+                + [r.logprobs for r in llm.choice_logprobs(judged)])
+
+    llm.prefix_cache = False
+    plain = read()
+    assert llm.prefixes.tokens_reused == 0
+    llm.prefix_cache = True
+    cached = read()
+    assert llm.prefixes.tokens_reused > 0 and 1 <= len(llm.prefixes.kept) <= 4
+    for got, expected in zip(cached, plain):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    run_once = llm.prefixes.prefix_tokens_run
+    read()
+    assert llm.prefixes.prefix_tokens_run == run_once, "a prefix seen before is not run again"
+
+
+def test_the_vllm_offline_engine_turns_prefix_caching_on(monkeypatch):
+    import sys
+    import types
+
+    from neuron_assets import runtime
+    from neuron_assets.llm import LLMSettings
+    from neuron_assets.llm import vllm_offline
+
+    built = {}
+
+    class FakeLLM:
+        def __init__(self, model, **options):
+            built.update(options, model=model)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
+    monkeypatch.setattr(vllm_offline, "local_model_path", lambda model, *rest: model)
+    monkeypatch.setattr(runtime, "shared", lambda key, build: build())
+    vllm_offline.shared_engine(LLMSettings(backend="vllm", model="/models/m", engine_kwargs={"gpu_memory_utilization": 0.5}))
+    assert built["enable_prefix_caching"] is True and built["gpu_memory_utilization"] == 0.5

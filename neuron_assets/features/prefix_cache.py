@@ -30,7 +30,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from neuron_assets.subject import SubjectModel, cache_argument
+from neuron_assets.runtime import cache_argument
+from neuron_assets.subject import SubjectModel
 
 HEADERS_KEPT = 8
 """Distinct (prefix, deepest layer) caches kept at once (a corpus has one header, chats one more)."""

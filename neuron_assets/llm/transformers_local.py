@@ -2,7 +2,11 @@
 forward pass for prompt logprobs.
 
 Generation runs one request at a time with its own seed, so an answer does not depend on
-what else is in the batch. Logprob prompts are batched (right padding). The model is loaded
+what else is in the batch. Logprob prompts are batched (right padding), and the prefix they
+share (the prompted simulator's instructions and solved example, a judge's system turn and
+solved examples) is run once and its key/value cache kept across calls
+(:mod:`neuron_assets.llm.prompt_prefix`; ``prefix_cache = False`` on the instance runs every
+prompt whole). The model is loaded
 once per process (:mod:`neuron_assets.runtime`), whoever asks: the explainer, the judge and
 the prompted simulator share it. Only local folders, ``builtin:`` models and the local
 Hugging Face cache are read.
@@ -26,6 +30,7 @@ from neuron_assets.llm.base import (
     Reply,
     Request,
 )
+from neuron_assets.llm.prompt_prefix import PromptPrefixes, shared_length
 from neuron_assets.llm.tokens import ChatTokenCounter, chat_token_ids, encode_at_offsets, single_token_ids
 
 
@@ -42,6 +47,8 @@ class TransformersLLM:
         self.lm, self.tokenizer, self.device = load_shared_causal_lm(settings)
         self.count_chat_tokens = ChatTokenCounter(self.tokenizer)
         self.context_window = _context_window(self.lm, self.tokenizer)
+        self.prefix_cache = True
+        self.prefixes = PromptPrefixes(self.lm)
 
     def generate(self, requests: Sequence[tuple[Request, int]], on_reply: OnReply | None = None) -> list[Reply]:
         replies = []
@@ -97,11 +104,15 @@ class TransformersLLM:
         for row, (ids, _) in enumerate(encoded):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
+        shared = shared_length([ids for ids, _ in encoded], [positions for _, positions in encoded]) if self.prefix_cache else 0
         with torch.inference_mode():
-            logits = self.lm(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            if shared:
+                logits, start = self.prefixes.logits(input_ids.to(self.device), mask.to(self.device), shared)
+            else:
+                logits, start = self.lm(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits, 0
         tables = []
         for row, ((_, positions), wanted) in enumerate(zip(encoded, continuations)):
-            logprobs = torch.log_softmax(logits[row, torch.as_tensor(positions) - 1].float(), dim=-1).cpu().numpy()
+            logprobs = torch.log_softmax(logits[row, torch.as_tensor(positions) - 1 - start].float(), dim=-1).cpu().numpy()
             table = np.full((len(positions), len(wanted)), -np.inf)
             for column, token_id in enumerate(single_token_ids(self.tokenizer, wanted)):
                 if token_id is not None:
