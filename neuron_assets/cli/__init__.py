@@ -12,6 +12,9 @@
     neuron-assets verify                       check every file of the store; name each damaged or missing one
     neuron-assets distill                      fine-tune a small explainer on the best descriptions, compare it with its base
     neuron-assets ui                           the Dagster UI on the same storage
+    neuron-assets serve                        the explorer: search, every feature's page, steering (web app + JSON API)
+    neuron-assets steer "PROMPT" --select Q    baseline and steered continuations of features chosen by description
+    neuron-assets clusters                     families of similar descriptions, labelled
 """
 
 from __future__ import annotations
