@@ -247,8 +247,9 @@ class ExemplarsConfig(Section):
     whose tokens never count) and each batch's remaining tokens against its key/value cache,
     instead of the header again in every sequence: the same tables (to float rounding), with
     the header's share of the forward FLOPs saved (about a third at seq_len 64 or 95). Chats
-    share only their template's leading special tokens. The unigram probes do the same. A
-    model without a key/value cache or that attends both ways (MiniLM) runs the full pass."""
+    share only their template's leading special tokens. The unigram probes and the SAE's
+    training and evaluation reads do the same. A model without a key/value cache or that
+    attends both ways (MiniLM) runs the full pass."""
 
 
 class SaeConfig(Section):

@@ -29,6 +29,7 @@ from neuron_assets.features.sae import (
     save_sae,
     train_sae,
 )
+from neuron_assets.features.prefix_cache import PrefixCache
 from neuron_assets.features.site_activations import (
     CorpusSiteStream,
     autocast,
@@ -123,7 +124,8 @@ def make_sae(config: Config, layer: int, subject: SubjectModel, causal: bool, lo
     else:
         settings = settings_of(config)
         stream = CorpusSiteStream(subject, split_table(sequences, "train", subject.tokenizer), layer,
-                                  config.sae.batch_tokens, config.sae.block_sequences, config.sae.seed, device, batch)
+                                  config.sae.batch_tokens, config.sae.block_sequences, config.sae.seed, device, batch,
+                                  config.exemplars.prefix_cache)
         trained = train_sae(stream, settings, checkpoint=folder, device=device, log=log, stop_after=stop_after,
                             on_step=on_step)
         sae, source = trained.sae, "trained"
@@ -134,7 +136,8 @@ def make_sae(config: Config, layer: int, subject: SubjectModel, causal: bool, lo
 
     passes = -(-len(val) // batch) * (2 if causal else 1)  # the metrics' pass, then the reconstruction score's
     with (progress or Progress([])).task(f"sae layer {layer} evaluation", passes, "batch") as task:
-        metrics = evaluate_sae(sae, counted(site_activations(subject, val, layer, batch, device=device), task))
+        metrics = evaluate_sae(sae, counted(site_activations(subject, val, layer, batch, device=device,
+                                                             prefix=PrefixCache(subject, config.exemplars.prefix_cache)), task))
         score = None
         if causal:
             with autocast(subject):

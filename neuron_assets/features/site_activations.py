@@ -1,7 +1,8 @@
 """A neuron site's activations over the corpus, streamed: what an SAE trains and is measured on.
 
 The site is the one the exemplar pass reads (the input of a layer's MLP output projection).
-Only counted tokens enter: after the sequence's chat-header prefix, before its padding. The
+Only counted tokens enter: after the sequence's chat-header prefix, before its padding (the
+header shared by the rows of a pass is run once, :mod:`neuron_assets.features.prefix_cache`). The
 stream never holds the split's activations: it reads a *block* of ``block_sequences``
 sequences at a time (in the subject's batch size, each forward pass stopping after the
 site's layer), shuffles the block's tokens and cuts them into training batches; the tokens
@@ -22,6 +23,7 @@ import polars as pl
 import torch
 
 from neuron_assets.config import SubjectConfig
+from neuron_assets.features.prefix_cache import PrefixCache
 from neuron_assets.features.sae import SaeError
 from neuron_assets.subject import SubjectModel, find_sites, load_subject, load_tokenizer, resolve_model_path
 
@@ -91,11 +93,13 @@ class CorpusSiteStream:
     """Training batches of one layer's site activations over a split (an ActivationStream)."""
 
     def __init__(self, subject: SubjectModel, table: SequenceTable, layer: int, batch_tokens: int,
-                 block_sequences: int, seed: int, device: torch.device, subject_batch: int = 32):
+                 block_sequences: int, seed: int, device: torch.device, subject_batch: int = 32,
+                 prefix_cache: bool = True):
         subject.check_layers([layer])
         self.subject, self.table, self.layer, self.subject_batch = subject, table, layer, subject_batch
         self.batch_tokens, self.block_sequences, self.seed = batch_tokens, block_sequences, seed
         self.device = device
+        self.prefix = PrefixCache(subject, prefix_cache)
         self.d_in = subject.neurons_per_layer(layer)
         per_epoch = sum(self._batches_in(rows) for rows in self._blocks(0))
         if per_epoch == 0:
@@ -125,20 +129,25 @@ class CorpusSiteStream:
         return int(self.table.counted_per_row[rows].sum()) // self.batch_tokens
 
     def _block_tokens(self, rows: np.ndarray, epoch: int, number: int) -> torch.Tensor:
-        tokens = torch.cat(list(site_activations(self.subject, self.table, self.layer, self.subject_batch, rows, self.device)))
+        tokens = torch.cat(list(site_activations(self.subject, self.table, self.layer, self.subject_batch, rows, self.device,
+                                                 self.prefix)))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 10_007 + number)
         return tokens[torch.randperm(tokens.shape[0], generator=generator).to(tokens.device)]
 
 
 def site_activations(subject: SubjectModel, table: SequenceTable, layer: int, batch_size: int,
-                     rows: np.ndarray | None = None, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+                     rows: np.ndarray | None = None, device: torch.device | None = None,
+                     prefix: PrefixCache | None = None) -> Iterator[torch.Tensor]:
     """Per forward pass of the subject's batch size, the counted tokens' activations at the
-    layer's site as (tokens, d_in) float32 on ``device`` (default: the subject's)."""
+    layer's site as (tokens, d_in) float32 on ``device`` (default: the subject's); ``prefix``
+    keeps the shared header's key/value cache between calls (default: one for this call)."""
     rows = np.arange(len(table)) if rows is None else rows
+    prefix = prefix or PrefixCache(subject)
     for start in range(0, len(rows), batch_size):
-        batch = table.batch(rows[start:start + batch_size])
+        chosen = rows[start:start + batch_size]
+        batch = table.batch(chosen)
         with autocast(subject):
-            captured = subject.activations(batch.ids, batch.mask, {layer: None})[layer]
+            captured = prefix.activations(batch.ids, batch.mask, table.prefix[chosen], {layer: None})[layer]
         yield captured[batch.counted.to(captured.device)].to(device or captured.device, torch.float32)
 
 
