@@ -24,6 +24,7 @@ def register(commands) -> None:
 def cmd_run(args) -> int:
     import uuid
 
+    from neuron_assets.defs.executor import executor_name
     from neuron_assets.defs.materialize import materialize_config, partition_count
     from neuron_assets.defs.runs import run_scopes
     from neuron_assets.lock import StoreLocked, writer_lock
@@ -39,8 +40,10 @@ def cmd_run(args) -> int:
     started = time.time()
     run_id = str(uuid.uuid4())
     try:
-        # the locks of this config's partitions: a run over other layers of the same root goes on
-        with writer_lock(config.root, run_id, run_scopes(config, select), command="neuron-assets run"):
+        # the locks of this config's partitions: a run over other layers of the same root goes on.
+        # On the celery executor the workers write, each step holding its own partitions' locks.
+        scopes = [] if executor_name() == "celery" else run_scopes(config, select)
+        with writer_lock(config.store_root, run_id, scopes, command="neuron-assets run"):
             outcome = materialize_config(args.config, select, force=args.force, terminal_progress=True,
                                          run_id=run_id, verbose=args.verbose, on_plan=_print_plan)
             if outcome.interrupted:

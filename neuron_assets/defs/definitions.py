@@ -21,6 +21,12 @@ from neuron_assets.defs.search_assets import search_assets
 from neuron_assets.defs.validity_assets import scorer_validity
 
 
+def environment_definitions() -> dg.Definitions:
+    """The definitions for $NEURON_ASSETS_CONFIG: the code pointer that the steps of a run on
+    other machines (the celery executor's workers) load, each from its own environment."""
+    return build_definitions()
+
+
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
     """Definitions for one config file (default: $NEURON_ASSETS_CONFIG or the embedded demo)."""
     config = load_config(config_path)

@@ -20,6 +20,7 @@ from dagster._core.execution.plan.objects import ErrorSource
 
 from neuron_assets.config import load_config
 from neuron_assets.defs.definitions import build_definitions
+from neuron_assets.defs.executor import executor_name
 from neuron_assets.defs.runs import RunSettings
 from neuron_assets.stages.graph import STAGES, in_plain_run
 from neuron_assets.stages.markers import Markers
@@ -79,12 +80,16 @@ def materialize_config(config_path: str | None, select: list[str] | None = None,
     job_def = dg.Definitions(jobs=[job], assets=assets, resources=resources).resolve_job_def(EPHEMERAL_JOB_NAME)
     # Dagster's console logger prints every error with its whole trace; the CLI prints the cause
     log_level = "ERROR" if verbose else "CRITICAL"
+    tags = _range_tags(partitions, [p for parts in stale.values() for p in parts if p is not None])
     with _instance_without_compute_logs(home) as instance:
-        result = job_def.execute_in_process(
-            instance=instance, run_id=outcome.run_id, raise_on_error=False,
-            tags=_range_tags(partitions, [p for parts in stale.values() for p in parts if p is not None]),
-            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        )
+        if executor_name() == "celery":  # every step a Celery task, on whichever worker takes it
+            result = _execute_on_workers(config_path, instance, list(stale), tags, force, log_level)
+            outcome.run_id = result.run_id
+        else:
+            result = job_def.execute_in_process(
+                instance=instance, run_id=outcome.run_id, raise_on_error=False, tags=tags,
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+            )
         outcome.seconds = _step_seconds(instance, outcome.run_id)
     outcome.success = result.success
     outcome.failures = _failures(result)
@@ -100,6 +105,25 @@ def materialize_config(config_path: str | None, select: list[str] | None = None,
     if not result.success and outcome.error is None:
         outcome.error = StepError("run", "the run failed before any step did; rerun with --verbose", "")
     return outcome
+
+
+def _execute_on_workers(config_path: str | None, instance: dg.DagsterInstance, assets: list[str], tags: dict,
+                        force: bool, log_level: str):
+    """The run on the executor's workers (celery): the job is the code location's asset job,
+    reconstructed by each worker from its own $NEURON_ASSETS_CONFIG; this process only
+    orchestrates. Resume is the run config's (``skip_up_to_date``), as the steps build their
+    own resources."""
+    from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    if config_path:
+        os.environ["NEURON_ASSETS_CONFIG"] = str(Path(config_path).resolve())
+    repository = ReconstructableRepository.for_module("neuron_assets.defs.definitions", "environment_definitions")
+    job = repository.get_reconstructable_job(IMPLICIT_ASSET_JOB_NAME)
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}},
+                  "resources": {"run": {"config": {"skip_up_to_date": not force}}}}
+    return dg.execute_job(job, instance, run_config=run_config, tags=tags,
+                          asset_selection=[dg.AssetKey(name) for name in assets])
 
 
 def _instance_without_compute_logs(home: Path) -> dg.DagsterInstance:

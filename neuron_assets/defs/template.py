@@ -30,6 +30,7 @@ import dagster as dg
 
 from neuron_assets.checks import ByPartition, Check
 from neuron_assets.config import Config
+from neuron_assets.defs.executor import QUEUE_TAG, step_queue
 from neuron_assets.defs.partitions import parse_partition_keys
 from neuron_assets.defs.runs import StageRun
 from neuron_assets.report.metadata import Location, Markdown, Url
@@ -112,6 +113,7 @@ def stage_asset(name: str, compute: Callable[[Call], Any], report: Callable[[Cal
         partitions_def=partitions if stage.partitioned else None,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=pool,
+        op_tags={QUEUE_TAG: step_queue(pool)},  # the celery executor's queue: gpu for the gpu pool, else cpu
         automation_condition=automation_condition,
         description=description,
         check_specs=[dg.AssetCheckSpec(check, asset=name, description=text) for check, text in (checks or {}).items()],
