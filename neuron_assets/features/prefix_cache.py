@@ -162,16 +162,20 @@ def _prefix_groups(ids: torch.Tensor, prefix_len: np.ndarray) -> dict[int, list[
 
 
 def _full_length(parts, batch: int, seq_len: int) -> dict[int, torch.Tensor]:
-    """The parts' activations side by side as (batch, seq_len, features), 0 before each part's start."""
+    """The parts' activations side by side as (batch, seq_len, features), 0 before each part's
+    start. A layer's parts are let go as its full tensor is made, so the copy holds one more
+    layer at a time, not a second batch of captured activations."""
     out = {}
-    for layer in parts[0][2]:
-        first = parts[0][2][layer]
-        if len(parts) == 1:
-            zeros = first.new_zeros((batch, parts[0][1], first.shape[-1]))
+    for layer in list(parts[0][2]):
+        pieces = [(rows, start, captured.pop(layer)) for rows, start, captured in parts]
+        first = pieces[0][2]
+        if len(pieces) == 1:
+            zeros = first.new_zeros((batch, pieces[0][1], first.shape[-1]))
             out[layer] = torch.cat([zeros, first], dim=1)
-            continue
-        full = first.new_zeros((batch, seq_len, first.shape[-1]))
-        for rows, start, captured in parts:
-            full[rows.to(full.device), start:] = captured[layer]
-        out[layer] = full
+        else:
+            full = first.new_zeros((batch, seq_len, first.shape[-1]))
+            for rows, start, piece in pieces:
+                full[rows.to(full.device), start:] = piece
+            out[layer] = full
+        del pieces, first
     return out
