@@ -332,7 +332,7 @@ def test_smollm2_steered_by_selected_features_changes_is_seeded_and_strength_0_i
 
 
 def test_ablating_the_planted_neuron_changes_the_loss_and_an_unwired_one_does_not(planted, tiny_tokenizer):
-    from neuron_assets.steer.effects import ablation_effect
+    from neuron_assets.steer.effects import ablation_effects
     from neuron_assets.steer.select import SelectedFeature
     from neuron_assets.types import ActivationRecord
 
@@ -341,14 +341,19 @@ def test_ablating_the_planted_neuron_changes_the_loss_and_an_unwired_one_does_no
     records = [ActivationRecord(i, (), tuple(tiny_tokenizer(t)["input_ids"]), np.zeros(1), prefix_len=1)
                for i, t in enumerate(texts)]
 
-    def ablated(index: int):
-        feature = SelectedFeature(FeatureId(1, index, Polarity.POS), 0.0, 1.0, None, "zero")
-        return ablation_effect(steerer.subject, feature, records, steerer.sae_for)
+    def ablated(*indices: int, batch_rows: int = 16):
+        features = [SelectedFeature(FeatureId(1, index, Polarity.POS), 0.0, 1.0, None, "zero") for index in indices]
+        return ablation_effects(steerer.subject, features, [records] * len(features), steerer.sae_for, batch_rows)
 
     # Intact, the planted neuron makes TARGET follow " the" (not " green"); ablated, it does not.
-    delta, kl, tokens = ablated(PLANTED)
+    [(delta, kl, tokens)] = ablated(PLANTED)
     assert tokens == sum(len(r.token_ids) - 2 for r in records) and kl > 0.1 and delta < -0.1
-    assert ablated(UNWIRED) == (0.0, 0.0, tokens)
+    assert ablated(UNWIRED) == [(0.0, 0.0, tokens)]
+    # In one batch each row is ablated by its own feature: the same as apart, in any batching.
+    for batch_rows in (1, 3, 16):
+        together = ablated(PLANTED, UNWIRED, batch_rows=batch_rows)
+        assert together[0] == pytest.approx((delta, kl, tokens), rel=1e-4, abs=1e-6)
+        assert together[1] == pytest.approx((0.0, 0.0, tokens), abs=1e-6)
 
 
 def test_description_effects_are_an_asset_of_a_described_tiny_run(described_run, tmp_path):

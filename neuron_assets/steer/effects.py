@@ -113,45 +113,51 @@ def row_hooks(sites: dict, rows: list[SelectedFeature | None], window: TokenWind
 
 
 @torch.inference_mode()
-def ablation_effect(subject, feature: SelectedFeature, records: Sequence, sae_for) -> tuple[float, float, int]:
-    """(mean loss change, mean KL(intact || ablated), tokens) over the counted next-token
-    predictions of ``records`` (ActivationRecords) with the feature set to ``feature.value``
-    (an ablation value) at their counted tokens."""
-    if not records:
-        return float("nan"), float("nan"), 0
-    width = max(len(r.token_ids) for r in records)
-    pad = subject.tokenizer.pad_token_id or 0
-    ids = torch.full((len(records), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(records), width), dtype=torch.long)
-    for i, record in enumerate(records):
-        ids[i, :len(record.token_ids)] = torch.tensor(record.token_ids)
-        mask[i, :len(record.token_ids)] = 1
-    first = torch.tensor([r.prefix_len for r in records])
-    window = TokenWindow("prompt", width, first, rows=(True,) * len(records))
-    window.positions = torch.arange(width)
+def ablation_effects(subject, features: Sequence[SelectedFeature], records: Sequence[Sequence], sae_for,
+                     batch_rows: int = 16) -> list[tuple[float, float, int]]:
+    """Per feature: (mean loss change, mean KL(intact || ablated), tokens) over the counted
+    next-token predictions of its ``records`` (ActivationRecords) with the feature set to its
+    value (an ablation value) at their counted tokens. Every feature's records are rows of
+    shared batches, each row ablated by its own feature (one intact and one ablated pass a
+    batch, not a pair of passes a feature)."""
+    rows = [(i, record) for i, feature_records in enumerate(records) for record in feature_records]
+    sums = [[0.0, 0.0, 0] for _ in features]
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start:start + batch_rows]
+        width = max(len(r.token_ids) for _, r in chunk)
+        pad = subject.tokenizer.pad_token_id or 0
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (_, record) in enumerate(chunk):
+            ids[j, :len(record.token_ids)] = torch.tensor(record.token_ids)
+            mask[j, :len(record.token_ids)] = 1
+        first = torch.tensor([r.prefix_len for _, r in chunk])
+        window = TokenWindow("prompt", width, first, rows=(True,) * len(chunk))
+        window.positions = torch.arange(width)
 
-    def logprobs() -> torch.Tensor:
-        out = subject.model(input_ids=ids.to(subject.device), attention_mask=mask.to(subject.device), use_cache=False)
-        return torch.log_softmax(out.logits[:, :-1].float(), dim=-1).cpu()
+        def logprobs() -> torch.Tensor:
+            out = subject.model(input_ids=ids.to(subject.device), attention_mask=mask.to(subject.device),
+                                use_cache=False)
+            return torch.log_softmax(out.logits[:, :-1].float(), dim=-1).cpu()
 
-    intact = logprobs()
-    handles = row_hooks(subject.sites, [feature] * len(records), window, sae_for, mode="set")
-    try:
-        ablated = logprobs()
-    finally:
-        for handle in handles:
-            handle.remove()
-    targets = ids[:, 1:]
-    positions = torch.arange(width - 1)[None, :]
-    counted = (positions >= first[:, None]) & (mask[:, 1:] == 1)  # predictions of counted tokens' successors
-    counted &= positions + 1 < torch.tensor([len(r.token_ids) for r in records])[:, None]
-    loss_intact = -intact.gather(-1, targets[..., None])[..., 0]
-    loss_ablated = -ablated.gather(-1, targets[..., None])[..., 0]
-    kl = (intact.exp() * (intact - ablated)).sum(-1)
-    n = int(counted.sum())
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    return float((loss_ablated - loss_intact)[counted].mean()), float(kl[counted].mean()), n
+        intact = logprobs()
+        handles = row_hooks(subject.sites, [features[i] for i, _ in chunk], window, sae_for, mode="set")
+        try:
+            ablated = logprobs()
+        finally:
+            for handle in handles:
+                handle.remove()
+        targets = ids[:, 1:]
+        positions = torch.arange(width - 1)[None, :]
+        counted = (positions >= first[:, None]) & (mask[:, 1:] == 1)  # predictions of counted tokens' successors
+        counted &= positions + 1 < torch.tensor([len(r.token_ids) for _, r in chunk])[:, None]
+        loss_change = intact.gather(-1, targets[..., None])[..., 0] - ablated.gather(-1, targets[..., None])[..., 0]
+        kl = (intact.exp() * (intact - ablated)).sum(-1)
+        for j, (i, _) in enumerate(chunk):
+            sums[i][0] += float(loss_change[j][counted[j]].sum())
+            sums[i][1] += float(kl[j][counted[j]].sum())
+            sums[i][2] += int(counted[j].sum())
+    return [(loss / n, kl / n, n) if n else (float("nan"), float("nan"), 0) for loss, kl, n in sums]
 
 
 def steered_continuations(subject, features: list[SelectedFeature], prompts: Sequence[str], settings: EffectsSettings,
@@ -223,8 +229,8 @@ def partition_effects(steerer, partition: Partition, settings: EffectsSettings, 
     for kind in sorted({f.kind for f in features}):
         for fe in load_feature_exemplars(store, layer, polarity, [f.index for f in features if f.kind == kind], kind=kind):
             exemplars[(kind, fe.feature.index)] = [e.record for e in fe.top(Split.TEST)[:settings.exemplars]]
-    ablation = [ablation_effect(subject, a, exemplars.get((a.feature.kind, a.feature.index), []), steerer.sae_for)
-                for a in ablate]
+    ablation = ablation_effects(subject, ablate, [exemplars.get((a.feature.kind, a.feature.index), []) for a in ablate],
+                                steerer.sae_for, settings.batch_size)
     baselines, steered = steered_continuations(subject, up, settings.prompts, settings, steerer.sae_for)
 
     descriptions = [str(r["description"]) for r in rows]
