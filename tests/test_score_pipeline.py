@@ -220,8 +220,13 @@ def test_new_checkpoint_triggers_rescoring_and_the_schedule_covers_every_partiti
     assert defs.resolve_job_def("rescore") is not None
 
 
-def test_a_range_run_records_each_check_once_per_partition(lexical_run):
+def test_a_range_run_records_each_partitions_checks_and_values(lexical_run):
+    """One range run over every partition: each check is recorded once per partition, and as
+    Dagster copies one materialization's metadata to every partition, each partition's own rows
+    and mean scores come as an observation of that partition, the materialization saying that
+    its values cover the run."""
     from neuron_assets.defs.definitions import build_definitions
+    from neuron_assets.stages.tables import DESCRIPTIONS_TABLE
 
     defs = build_definitions(str(lexical_run))
     assets = {a.key.to_user_string(): a for a in defs.assets}
@@ -237,21 +242,6 @@ def test_a_range_run_records_each_check_once_per_partition(lexical_run):
     for (asset, name), partitions in by_check.items():
         assert set(keys) <= partitions, (asset, name, partitions)
 
-
-def test_a_range_run_observes_each_partition_with_its_own_values(lexical_run):
-    """Dagster copies one materialization's metadata to every partition of a range run: each
-    partition's own rows and mean scores come as an observation of that partition, and the
-    materialization says that its values cover the run."""
-    from neuron_assets.defs.definitions import build_definitions
-    from neuron_assets.stages.tables import DESCRIPTIONS_TABLE
-
-    defs = build_definitions(str(lexical_run))
-    assets = {a.key.to_user_string(): a for a in defs.assets}
-    keys = assets["neuron_descriptions"].partitions_def.get_partition_keys()
-    tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
-    result = dg.materialize([assets["description_scores"], assets["neuron_descriptions"]],
-                            instance=dg.DagsterInstance.ephemeral(), resources=defs.resources, tags=tags)
-    assert result.success
     observed = {event.partition: event.asset_observation_data.asset_observation.metadata
                 for event in result.all_events if event.event_type_value == "ASSET_OBSERVATION"
                 and event.asset_key == dg.AssetKey("neuron_descriptions")}
