@@ -42,7 +42,7 @@ SELECT = "corpus,exemplars,candidate_descriptions,simulator_training_data,simula
 TABLES = ("sequences", "exemplars", "neuron_stats", "candidate_descriptions", "description_scores",
           "neuron_descriptions")
 VOLATILE = ("run_id", "latency_s")
-VISIBILITY_S = 15  # an unacknowledged step goes back to its queue after this long (every step here is shorter)
+VISIBILITY_S = 20  # an unacknowledged step goes back to its queue after this long (every step here is shorter)
 LEASE_S = 3
 
 # A worker whose first description_scores step stalls once it has finished one partition, and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,8 +115,11 @@ def _execute_on_workers(config_path: str | None, instance: dg.DagsterInstance, a
     orchestrates. Resume is the run config's (``skip_up_to_date``), as the steps build their
     own resources."""
     from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
+    from celery.exceptions import DuplicateTaskNameWarning
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
+    # dagster-celery registers its one task again for every step it submits: the same task, said each time
+    warnings.filterwarnings("ignore", category=DuplicateTaskNameWarning)
     if config_path:
         os.environ["NEURON_ASSETS_CONFIG"] = str(Path(config_path).resolve())
     repository = ReconstructableRepository.for_module("neuron_assets.defs.definitions", "environment_definitions")
