@@ -65,10 +65,11 @@ def sentence_encoder(model: str = "builtin:all-MiniLM-L6-v2", device: str = "aut
 class MiniLMEncoder:
     """Sentence vectors (mean pooling, L2-normalized) and per-unit contextual vectors.
 
-    Texts are tokenized once, sorted by length (longest first) and cut into batches of at
-    most ``batch_tokens`` padded tokens (default by device: :data:`BATCH_TOKENS`) and
-    ``batch_size`` texts: short texts (descriptions, words) fill large batches, long ones
-    small batches, and little compute goes to padding."""
+    Texts are tokenized once, sorted by length (longest first) and cut into batches of texts
+    of one length, at most ``batch_tokens`` tokens (default by device: :data:`BATCH_TOKENS`)
+    and ``batch_size`` texts: short texts (descriptions, words) fill large batches, long ones
+    small batches, no compute goes to padding, and a text's vector does not depend on the
+    texts beside it."""
 
     def __init__(self, model: str, device: str = "auto", batch_size: int = BATCH_SIZE, batch_tokens: int | None = None):
         import torch
@@ -171,11 +172,14 @@ class MiniLMEncoder:
 
 
 def token_batches(order: np.ndarray, lengths: np.ndarray, budget: int, most: int):
-    """Runs of ``order`` (longest first) of at most ``most`` items whose padded size, count x
-    the first one's length, stays within ``budget`` tokens (one text alone may exceed it)."""
+    """Runs of ``order`` (longest first) of texts of one length, at most ``most`` of them and
+    within ``budget`` tokens (one text alone may exceed it). No text is padded: padding moves a
+    vector in its last bits (6e-8), which would make a text's vector, cached for the process,
+    depend on which texts came first, and a resumed run's scores differ from a whole run's."""
     batch: list[int] = []
     for i in order.tolist():
-        if batch and (len(batch) >= most or (len(batch) + 1) * lengths[batch[0]] > budget):
+        if batch and (len(batch) >= most or lengths[i] != lengths[batch[0]]
+                      or (len(batch) + 1) * lengths[batch[0]] > budget):
             yield batch
             batch = []
         batch.append(i)

@@ -31,7 +31,7 @@ from polars.testing import assert_frame_equal
 
 from neuron_assets.config import load_config
 from neuron_assets.lock import held_locks
-from neuron_assets.store import Store
+from tests.support.tables import TABLES, store_tables
 
 pytestmark = pytest.mark.celery
 
@@ -39,9 +39,6 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = {"simulate__compare_with": [], "score__scorers": ["correlation"]}  # no simulator to train
 SELECT = "corpus,exemplars,candidate_descriptions,simulator_training_data,simulator_checkpoint,description_scores," \
          "neuron_descriptions"
-TABLES = ("sequences", "exemplars", "neuron_stats", "candidate_descriptions", "description_scores",
-          "neuron_descriptions")
-VOLATILE = ("run_id", "latency_s")
 VISIBILITY_S = 20  # an unacknowledged step goes back to its queue after this long (every step here is shorter)
 LEASE_S = 3
 
@@ -75,17 +72,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _tables(root) -> dict[str, pl.DataFrame]:
-    store = Store(root)
-    out = {}
-    for table in TABLES:
-        parts = store.partitions(table) or [(None, None)]
-        frame = pl.concat([store.read(table, *p) for p in parts], how="diagonal_relaxed")
-        frame = frame.drop([c for c in VOLATILE if c in frame.columns])
-        out[table] = frame.sort(frame.columns[:6])
-    return out
 
 
 def _wait_for(condition, what: str, timeout: float = 120) -> None:
@@ -187,22 +173,14 @@ def test_two_celery_workers_run_the_partitions_and_survive_a_killed_worker(tiny_
           f"lease {LEASE_S} s)")
 
     # the same tables as in-process, nothing half-written, no lock left, every marker there
-    expected, got = _tables(tmp_path / "reference"), _tables(shared)
+    expected, got = store_tables(tmp_path / "reference"), store_tables(shared)
     for table in TABLES:
-        if table == "description_scores":
-            # A partition scored alone (the one the killed worker left) differs in the last bits
-            # of a few correlations from one scored after another in the same step: 1.5e-9 on the
-            # tiny config, the same with `neuron-assets run` resuming in one process. Everything
-            # else is compared exactly, and every other table bit for bit.
-            assert_frame_equal(got[table], expected[table], check_exact=False, rtol=0, atol=1e-8)
-            assert_frame_equal(got[table].drop("score"), expected[table].drop("score"), check_exact=True)
-        else:
-            assert_frame_equal(got[table], expected[table], check_exact=True), table
+        assert_frame_equal(got[table], expected[table], check_exact=True), table
     assert not [p for p in shared.rglob("*") if ".tmp" in p.name or ".takeover-" in p.name]
     for file in shared.rglob("*.parquet"):
         pl.read_parquet(file)
     assert held_locks(shared) == []
-    assert "taking over the writer lock" in survivor_log and f"left by pid" in survivor_log \
+    assert "taking over the writer lock" in survivor_log and "left by pid" in survivor_log \
         and f"on {killed}" in survivor_log and "lease" in survivor_log, survivor_log[-3000:]
 
     # the steps went to their queues, and the killed worker's step was run again by the other

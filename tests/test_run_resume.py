@@ -25,11 +25,9 @@ from neuron_assets.lock import StoreLocked, held_locks, lock_path, writer_lock
 from neuron_assets.progress import LineSink, Progress, TerminalSink
 from neuron_assets.stages.graph import STAGES
 from neuron_assets.store import Store
+from tests.support.tables import TABLES, store_tables
 
 FAST = {"simulate__compare_with": [], "score__scorers": ["correlation"]}  # no simulator to train
-TABLES = ("sequences", "exemplars", "neuron_stats", "candidate_descriptions", "description_scores",
-          "neuron_descriptions")
-VOLATILE = ("run_id", "latency_s")  # differ between two runs of the same config
 
 
 # -- progress -----------------------------------------------------------------------------
@@ -263,14 +261,14 @@ def test_a_run_that_failed_in_scoring_resumes_without_the_activation_pass(tiny_c
     assert ("up to date, skipped: corpus, exemplars (6 partitions), candidate_descriptions (6 partitions), "
             "simulator_training_data, simulator_checkpoint, description_scores (3 of 6 partitions)") in err
     assert "description_scores: 3 of 6 partitions to compute (3 up to date, skipped)" in err
-    resumed = _tables(load_config(path).root)
+    resumed = store_tables(load_config(path).root)
 
     assert main(["--config", path, "run"]) == 0
     assert "everything is up to date" in capsys.readouterr().err
 
     assert main(["--config", path, "run", "--force"]) == 0, "--force recomputes everything"
     assert forward_passes, "--force runs the activation pass again"
-    uninterrupted = _tables(load_config(path).root)
+    uninterrupted = store_tables(load_config(path).root)
     for table in TABLES:
         # scores agree to float noise: MiniLM's vectors depend at 1e-7 on which texts share a batch
         assert_frame_equal(resumed[table], uninterrupted[table], rel_tol=1e-5, abs_tol=1e-6)
@@ -302,17 +300,6 @@ def test_ctrl_c_in_a_step_exits_130_and_leaves_no_partial_files(tiny_config, mon
     monkeypatch.undo()
     assert main(["--config", path, "run"]) == 0
     assert "to compute: neuron_descriptions (6 partitions)" in capsys.readouterr().err
-
-
-def _tables(root: Path) -> dict[str, pl.DataFrame]:
-    store = Store(root)
-    out = {}
-    for table in TABLES:
-        parts = store.partitions(table) or [(None, None)]
-        frame = pl.concat([store.read(table, *p) for p in parts], how="diagonal_relaxed")
-        frame = frame.drop([c for c in VOLATILE if c in frame.columns])
-        out[table] = frame.sort(frame.columns[:6])
-    return out
 
 
 # -- two processes on one store, SIGKILL and SIGINT -----------------------------------------
@@ -532,7 +519,7 @@ def test_a_run_killed_at_ten_random_moments_ends_with_the_tables_of_an_uninterru
     started = time.monotonic()
     assert main(["--config", str(whole), "run"]) == 0
     length = time.monotonic() - started
-    expected = _tables(load_config(whole).root)
+    expected = store_tables(load_config(whole).root)
 
     path = tiny_config(storage={"root": str(tmp_path / "killed")})
     args = [sys.executable, "-m", "neuron_assets.cli", "--config", str(path), "run"]
@@ -550,7 +537,7 @@ def test_a_run_killed_at_ten_random_moments_ends_with_the_tables_of_an_uninterru
     print(f"uninterrupted run {length:.0f} s; killed {kill + (not finished)} times")
     resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = _tables(load_config(path).root)
+    got = store_tables(load_config(path).root)
     for table in TABLES:
         assert_frame_equal(got[table], expected[table], check_exact=True, check_row_order=True), table
 
@@ -603,7 +590,7 @@ def test_an_explainer_server_killed_and_restarted_twice_mid_explain_changes_no_t
     try:
         steady = tiny_config(**FAST, explain=explain, storage={"root": str(tmp_path / "steady")})
         assert main(["--config", str(steady), *select]) == 0
-        expected = _tables(load_config(steady).root)
+        expected = store_tables(load_config(steady).root)
         count.write_text("")
         path = tiny_config(**FAST, explain=explain, storage={"root": str(tmp_path / "killed")})
         run = subprocess.Popen([sys.executable, "-m", "neuron_assets.cli", "--config", str(path), *select], env=env,
@@ -620,7 +607,7 @@ def test_an_explainer_server_killed_and_restarted_twice_mid_explain_changes_no_t
     finally:
         server.kill()
         server.wait(timeout=30)
-    got = _tables(load_config(path).root)
+    got = store_tables(load_config(path).root)
     assert got["candidate_descriptions"]["attempts"].max() > 1, "some requests met the dead server"
     for table in TABLES:
         drop = [c for c in (*PAID, "attempts") if c in got[table].columns]

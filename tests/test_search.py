@@ -237,3 +237,15 @@ def test_a_rescored_partition_rebuilds_its_shard_and_no_other(searchable):
     assert len(set(after) - set(before)) == 1 and next(iter(set(after) - set(before))).startswith("2-neg-")
     assert all(after[name] == before[name] for name in set(after) & set(before))
     assert S.search(store, "a rescored text", top=1, mode="text").hits[0].layer == 2
+
+
+def test_a_texts_vector_does_not_depend_on_the_texts_beside_it():
+    """Texts of one length go together, none padded: padding moved a vector by 6e-8, and as a
+    vector is cached for the process, a resumed run's scores differed from a whole run's."""
+    from neuron_assets.embedding import MiniLMEncoder
+
+    text = 'the tokens "(" and "def"'
+    longer = "a much longer description of dates and years in French text, with more words after it"
+    alone = MiniLMEncoder("builtin:all-MiniLM-L6-v2", "cpu")([text])[0]
+    beside = MiniLMEncoder("builtin:all-MiniLM-L6-v2", "cpu")([longer, text, "x", text + " too"])[1]
+    assert np.array_equal(alone, beside)
