@@ -260,3 +260,16 @@ def test_the_vllm_offline_engine_turns_prefix_caching_on(monkeypatch):
     monkeypatch.setattr(runtime, "shared", lambda key, build: build())
     vllm_offline.shared_engine(LLMSettings(backend="vllm", model="/models/m", engine_kwargs={"gpu_memory_utilization": 0.5}))
     assert built["enable_prefix_caching"] is True and built["gpu_memory_utilization"] == 0.5
+
+
+def test_the_prefix_cache_setting_changes_no_stage_version():
+    """It changes how fast the exemplar pass runs, not its tables: turning it off (or a store
+    written before it existed) leaves finished exemplars up to date."""
+    from neuron_assets.config import Config
+    from neuron_assets.stages.graph import STAGES, stage_version
+
+    on = Config()
+    raw = on.model_dump(mode="json")
+    off = Config.model_validate({**raw, "exemplars": {**raw["exemplars"], "prefix_cache": False}})
+    assert on.exemplars.prefix_cache and not off.exemplars.prefix_cache
+    assert all(stage_version(on, name) == stage_version(off, name) for name in STAGES)

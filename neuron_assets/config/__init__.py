@@ -49,6 +49,10 @@ from neuron_assets.config.models import (
 )
 
 
+# (section, field) of settings that change a stage's speed, not its tables: not in any stage's version.
+SPEED_ONLY = {("exemplars", "prefix_cache")}
+
+
 class Config(Section):
     name: str = "demo"
     """A name for this configuration, shown in the UI and stored in the catalog."""
@@ -110,8 +114,12 @@ class Config(Section):
         return self.sections_hash(*(name for name in type(self).model_fields if name != "storage"))
 
     def sections_hash(self, *sections: str) -> str:
-        """Short hash of some sections: a stage's data version changes only with what it reads."""
+        """Short hash of some sections: a stage's data version changes only with what it reads.
+        Settings that change how fast a stage runs and not what it writes (SPEED_ONLY) are left
+        out, so turning one on or off, or a release adding one, leaves finished work up to date."""
         payload = self.model_dump(mode="json", include=set(sections))
+        for section, field in SPEED_ONLY:
+            payload.get(section, {}).pop(field, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
