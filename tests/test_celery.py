@@ -85,10 +85,9 @@ def _wait_for(condition, what: str, timeout: float = 120) -> None:
 @pytest.fixture
 def redis_broker(tmp_path):
     server = shutil.which("redis-server")
-    if server is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed: .ci/install_redis.sh installs it")
-        pytest.skip("redis-server is not installed (bash .ci/install_redis.sh)")
+    if server is None:  # as the vLLM and browser tiers: the README's test command installs it
+        pytest.fail("redis-server is not installed: bash .ci/install_redis.sh installs it (or leave this tier out "
+                    "with -m 'not celery')")
     pytest.importorskip("dagster_celery", reason="pip install -e '.[celery]'")
     port = _free_port()
     folder = tmp_path / "redis"

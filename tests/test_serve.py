@@ -106,8 +106,6 @@ def test_clusters_when_the_store_has_them(explorer):
     client, path, _ = explorer
     assert client.get("/api/clusters").json()["computed"] is False
     assert client.get("/api/clusters/1").status_code == 404
-    if not (Path(__file__).resolve().parents[1] / "sql" / "description_clusters.sql").exists():
-        pytest.skip("no description_clusters view in this checkout")
     rows = described(path).filter(pl.col("polarity") == "pos")
     store = Store(load_config(str(path)).store_root)
     store.write("description_clusters", rows.select(
@@ -133,8 +131,6 @@ def test_clusters_when_the_store_has_them(explorer):
 
 def test_effects_when_the_store_has_them(explorer):
     client, path, _ = explorer
-    if not (Path(__file__).resolve().parents[1] / "sql" / "description_effects.sql").exists():
-        pytest.skip("no description_effects view in this checkout")
     store = Store(load_config(str(path)).store_root)
     rows = store.read("neuron_descriptions", 0, "pos")
     store.write("description_effects", rows.select("kind", "neuron", "description", pl.lit(0.25).alias("ablation_loss_delta"),
