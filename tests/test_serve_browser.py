@@ -13,9 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from tests.support.chromium import headless_chromium
 from tests.support.explorer import running_explorer, searchable_copy
-
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +26,7 @@ def explorer_url(described_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if shutil.which("chromium") is None or not CHROMEDRIVER.exists():
-        pytest.fail("the browser tier needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver = headless_chromium()
     yield driver
     driver.quit()
 

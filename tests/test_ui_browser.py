@@ -21,24 +21,13 @@ import dagster as dg
 import pytest
 
 from neuron_assets.config import load_config
+from tests.support.chromium import headless_chromium
 
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 LAYER, POLARITY = "1", "neg"  # the partition the test launches
 
 @pytest.fixture
 def browser():
-    if shutil.which("chromium") is None or not CHROMEDRIVER.exists():
-        pytest.fail("the browser tier needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    # an explicit driver path: Selenium Manager looks for (and would download) nothing
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.implicitly_wait(0)
+    driver = headless_chromium()
     yield driver
     driver.quit()
 
