@@ -199,26 +199,33 @@ def build_index(store: Store, log: Log = _quiet, threads: int | None = None) -> 
                           f"them first (neuron-assets run, or the '{EMBEDDINGS_TABLE}' asset in the Dagster UI)")
     folder = _shards_dir(store)
     folder.mkdir(parents=True, exist_ok=True)
-    shards, built, rows = [], 0, 0
+    try:  # the rows of shards built before, so the count needs no shard loaded
+        previous = json.loads(index_path(store).read_text())
+        known = {entry["shard"]: entry.get("rows") for entry in previous.get("shards", [])}
+    except (OSError, ValueError):
+        previous, known = None, {}
+    shards, built = [], 0
     for layer, polarity, path, size, modified in files:
         name = DI.shard_name(layer, polarity, path, size, modified)
         target = folder / name
-        if not target.exists():
+        rows = known.get(name) if target.exists() else None
+        if rows is None:
             frame = store.read(EMBEDDINGS_TABLE, layer, polarity)
             with atomic_path(target) as tmp:
-                DI.build_shard(frame, tmp, threads)
+                rows = DI.build_shard(frame, tmp, threads)
             built += 1
-            log(f"search index: layer {layer} {polarity}: {frame.height} descriptions indexed")
-        shards.append({"layer": layer, "polarity": polarity, "shard": name, "file": [path, size, modified]})
-    manifest = json.dumps({"format": DI.FORMAT, "shards": shards}, indent=1)
-    with atomic_path(index_path(store)) as tmp:
-        tmp.write_text(manifest)
+            log(f"search index: layer {layer} {polarity}: {rows} descriptions indexed")
+        shards.append({"layer": layer, "polarity": polarity, "shard": name, "file": [path, size, modified],
+                       "rows": rows})
+    manifest = {"format": DI.FORMAT, "shards": shards}
+    if manifest != previous:  # unchanged: a reader watching the manifest need not reopen
+        with atomic_path(index_path(store)) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
     wanted = {entry["shard"] for entry in shards}
     for old in folder.glob("*.npz"):
         if old.name not in wanted:  # a reader holding it open keeps reading it (POSIX)
             old.unlink(missing_ok=True)
-    index = load_index(store)
-    rows = index.rows if index is not None else 0
+    rows = sum(entry["rows"] for entry in shards)
     done = IndexBuilt(index_path(store), rows, len(shards), built, time.perf_counter() - started)
     log(f"search index: {rows} descriptions in {len(shards)} shards ({built} built, {done.seconds:.1f} s)")
     return done
